@@ -1,0 +1,107 @@
+# cython: language_level=3
+"""BLAS/LAPACK wrappers used by the kernels, with small ``cpdef``-style twins
+(``py_*``) so each wrapper can be tested against NumPy."""
+
+import numpy as np
+from scipy.linalg.cython_blas cimport dgemm, dtrsm
+from scipy.linalg.cython_lapack cimport dpotrf
+
+
+cdef void gemm(char transa, char transb, int m, int n, int k, double alpha,
+               const double* A, int lda, const double* B, int ldb,
+               double beta, double* C, int ldc) noexcept nogil:
+    """C <- alpha op(A) op(B) + beta C with op(A) m x k, op(B) k x n."""
+    cdef int i, j
+    if m == 0 or n == 0:
+        return
+    if k == 0:
+        if beta == 0.0:
+            for j in range(n):
+                for i in range(m):
+                    C[i + j * ldc] = 0.0
+        elif beta != 1.0:
+            for j in range(n):
+                for i in range(m):
+                    C[i + j * ldc] *= beta
+        return
+    if m == 1 and n == 1 and k == 1:
+        C[0] = alpha * A[0] * B[0] + (beta * C[0] if beta != 0.0 else 0.0)
+        return
+    dgemm(&transa, &transb, &m, &n, &k, &alpha, <double*>A, &lda, <double*>B, &ldb,
+          &beta, C, &ldc)
+
+
+cdef void trsm_left_lower(char trans, int m, int n, const double* L, int ldl,
+                          double* B, int ldb) noexcept nogil:
+    """B <- op(L)^{-1} B for lower-triangular L (m x m), B m x n; op = 'N' or 'T'."""
+    cdef char side = b'L'
+    cdef char uplo = b'L'
+    cdef char diag = b'N'
+    cdef double one = 1.0
+    cdef int j
+    if m == 0 or n == 0:
+        return
+    if m == 1:
+        for j in range(n):
+            B[j * ldb] /= L[0]
+        return
+    dtrsm(&side, &uplo, &trans, &diag, &m, &n, &one, <double*>L, &ldl, B, &ldb)
+
+
+cdef int potrf_lower(int n, double* A, int lda) noexcept nogil:
+    """Lower Cholesky factor in place (A = L L'); returns LAPACK info."""
+    cdef char uplo = b'L'
+    cdef int info = 0
+    if n == 1:
+        if not (A[0] > 0.0):
+            return 1
+        A[0] = A[0] ** 0.5
+        return 0
+    dpotrf(&uplo, &n, A, &lda, &info)
+    return info
+
+
+cdef void zero(double* a, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n):
+        a[i] = 0.0
+
+
+cdef void copy(const double* src, double* dst, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n):
+        dst[i] = src[i]
+
+
+def py_gemm(transa, transb, double alpha, A, B, double beta, C):
+    """Test twin of :func:`gemm`; returns the new C (inputs are not modified)."""
+    cdef double[::1, :] a = np.asfortranarray(A, dtype=np.float64)
+    cdef double[::1, :] b = np.asfortranarray(B, dtype=np.float64)
+    out = np.array(C, dtype=np.float64, order="F", copy=True)
+    cdef double[::1, :] c = out
+    cdef char ta = ord(transa)
+    cdef char tb = ord(transb)
+    cdef int m = c.shape[0]
+    cdef int n = c.shape[1]
+    cdef int k = a.shape[1] if transa == "N" else a.shape[0]
+    gemm(ta, tb, m, n, k, alpha, &a[0, 0], max(1, a.shape[0]), &b[0, 0],
+         max(1, b.shape[0]), beta, &c[0, 0], max(1, m))
+    return out
+
+
+def py_trsm_left_lower(trans, L, B):
+    """Test twin of :func:`trsm_left_lower`: returns op(L)^{-1} B."""
+    cdef double[::1, :] l = np.asfortranarray(L, dtype=np.float64)
+    out = np.array(B, dtype=np.float64, order="F", copy=True)
+    cdef double[::1, :] b = out
+    trsm_left_lower(ord(trans), b.shape[0], b.shape[1], &l[0, 0], l.shape[0],
+                    &b[0, 0], b.shape[0])
+    return out
+
+
+def py_potrf_lower(A):
+    """Test twin of :func:`potrf_lower`: returns (L, info), L's upper part zeroed."""
+    out = np.array(A, dtype=np.float64, order="F", copy=True)
+    cdef double[::1, :] a = out
+    info = potrf_lower(a.shape[0], &a[0, 0], a.shape[0])
+    return np.tril(out), info

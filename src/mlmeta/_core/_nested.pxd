@@ -1,0 +1,1 @@
+# Declarations shared by kernels that reuse the nested-tree factorisation.

@@ -1,0 +1,170 @@
+"""The profiled objective of a nested model: deviance(theta), its gradient, EM moments.
+
+With sampling variances known (``Lambda`` fixed) and ``beta`` profiled out by GLS,
+the kernel gives ``log|C|`` and ``S = A'V^-1A`` (``A = [X, y]`` whitened). Writing
+``H = X'V^-1X``, ``beta = H^-1 X'V^-1 y`` and ``rss = r'V^-1 r``:
+
+    -2 ll_ML   = n log 2pi + log|Lambda| + log|C| + rss
+    -2 ll_REML = (n - p) log 2pi + log|Lambda| + log|C| + rss + log|H| - log|X'X|
+
+(the REML convention of Stata and metafor, DESIGN.md section 1). The gradient with
+respect to each level's factor T_l is ``2 G_l`` from the kernel with
+``Phi = gamma gamma' (+ diag(H^-1, 0) for REML)``, ``gamma = (-beta, 1)``,
+and is chained to theta through dT/dtheta.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import linalg
+
+from mlmeta.covstruct import CovStruct
+from mlmeta.design import NestedDesign
+
+__all__ = ["NestedModel", "Evaluation"]
+
+LOG2PI = float(np.log(2.0 * np.pi))
+
+
+class Evaluation:
+    """What one evaluation at theta produced (deviance, beta, cov of beta, ...)."""
+
+    __slots__ = ("theta", "deviance", "beta", "cov_beta", "rss", "grad", "E", "logdet_C")
+
+    def __init__(self, **kw):
+        for k in self.__slots__:
+            setattr(self, k, kw.get(k))
+
+
+class NestedModel:
+    """A nested linear mixed model with known sampling variances.
+
+    Attributes
+    ----------
+    design : NestedDesign (sorted rows, kernel with precomputed blocks).
+    structs : list of CovStruct, one per level (outermost first).
+    method : "reml" or "ml".
+    theta_slices : slice of the flat theta vector belonging to each level.
+    n_theta : total number of covariance parameters.
+    """
+
+    def __init__(self, design: NestedDesign, structs: list[CovStruct], method: str = "reml"):
+        method = str(method).lower()
+        if method not in ("reml", "ml"):
+            raise ValueError(f"method must be 'reml' or 'ml', got {method!r}")
+        if len(structs) != design.n_levels:
+            raise ValueError("one covariance structure is needed per level")
+        for s, q in zip(structs, design.q):
+            if s.q != q:
+                raise ValueError(f"structure {s!r} has {s.q} effects but the level has {q}")
+        self.design = design
+        self.structs = list(structs)
+        self.method = method
+        sizes = [s.n_theta for s in structs]
+        offs = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+        self.theta_slices = [slice(offs[i], offs[i + 1]) for i in range(len(sizes))]
+        self.n_theta = int(offs[-1])
+        self.lower = np.concatenate([s.lower for s in structs]) if structs else np.zeros(0)
+        self.upper = np.concatenate([s.upper for s in structs]) if structs else np.zeros(0)
+        self._dT = None
+
+    # -- theta <-> per-level quantities ---------------------------------------
+    def T_list(self, theta):
+        return [s.T(theta[sl]) for s, sl in zip(self.structs, self.theta_slices)]
+
+    def Sigma_list(self, theta):
+        return [s.Sigma(theta[sl]) for s, sl in zip(self.structs, self.theta_slices)]
+
+    def theta_from_Sigmas(self, Sigmas):
+        return np.concatenate([s.from_Sigma(S) for s, S in zip(self.structs, Sigmas)])
+
+    @property
+    def n_obs(self):
+        return self.design.n_obs
+
+    @property
+    def n_fe(self):
+        return self.design.n_fe
+
+    # -- evaluation -----------------------------------------------------------
+    def evaluate(self, theta, gradient=False, em=False) -> Evaluation:
+        """Deviance (-2 log-likelihood) at theta; optionally its gradient and EM moments."""
+        theta = np.asarray(theta, dtype=np.float64)
+        d = self.design
+        K = d.kernel
+        Tflat = K.pack_T(self.T_list(theta))
+        logdet_C, S, status = K.factor(Tflat)
+        if status:
+            raise FloatingPointError(f"factorisation failed at random-effects node {status - 1}")
+        p = d.n_fe
+        n = d.n_obs
+        if p:
+            H = S[:p, :p]
+            try:
+                cH = linalg.cho_factor(H, lower=True)
+            except linalg.LinAlgError:
+                raise FloatingPointError("X'V^-1X is not positive definite (collinear moderators?)")
+            beta = linalg.cho_solve(cH, S[:p, p])
+            rss = float(S[p, p] - S[p, :p] @ beta)
+            logdet_H = 2.0 * float(np.sum(np.log(np.diag(cH[0]))))
+            cov_beta = linalg.cho_solve(cH, np.eye(p))
+        else:
+            beta = np.zeros(0)
+            rss = float(S[0, 0])
+            logdet_H = 0.0
+            cov_beta = np.zeros((0, 0))
+        dev = n * LOG2PI + d.logdet_Lambda + logdet_C + rss
+        if self.method == "reml":
+            dev += -p * LOG2PI + logdet_H - d.logdet_XtX
+        ev = Evaluation(theta=theta, deviance=float(dev), beta=beta, cov_beta=cov_beta,
+                        rss=rss, logdet_C=float(logdet_C))
+        if gradient or em:
+            Phi = self.phi(beta, cov_beta)
+            G, E = K.gradient_pieces(Tflat, Phi)
+            if gradient:
+                ev.grad = self._chain(2.0 * G, theta)
+            if em:
+                ev.E = E
+        return ev
+
+    def phi(self, beta, cov_beta):
+        """Phi = gamma gamma' (+ [H^-1, 0; 0, 0] for REML), gamma = (-beta, 1)."""
+        gamma = np.append(-beta, 1.0)
+        Phi = np.outer(gamma, gamma)
+        if self.method == "reml":
+            Phi[:-1, :-1] += cov_beta
+        return Phi
+
+    def _chain(self, dT_flat, theta):
+        """d deviance / d theta from d deviance / d T (flat, column-major per level)."""
+        K = self.design.kernel
+        g = np.empty(self.n_theta)
+        for lvl, (s, sl) in enumerate(zip(self.structs, self.theta_slices)):
+            q = s.q
+            dTl = dT_flat[K.t_off[lvl]:K.t_off[lvl + 1]].reshape(q, q, order="F")
+            g[sl] = np.einsum("kij,ij->k", s.dT(theta[sl]), dTl)
+        return g
+
+    def _ll_label(self):
+        return "Log restricted-likelihood" if self.method == "reml" else "Log likelihood"
+
+    def deviance(self, theta):
+        return self.evaluate(theta).deviance
+
+    def gradient(self, theta):
+        return self.evaluate(theta, gradient=True).grad
+
+    def loglik(self, theta):
+        return -0.5 * self.deviance(theta)
+
+    def em_step(self, theta):
+        """One EM update: Sigma_l <- T_l (E_l / N_l) T_l', projected on each structure."""
+        ev = self.evaluate(theta, em=True)
+        K = self.design.kernel
+        Sigmas = []
+        for lvl, (s, T) in enumerate(zip(self.structs, self.T_list(theta))):
+            q = s.q
+            El = ev.E[K.t_off[lvl]:K.t_off[lvl + 1]].reshape(q, q, order="F")
+            Sig = T @ (El / self.design.n_groups[lvl]) @ T.T
+            Sigmas.append(0.5 * (Sig + Sig.T))
+        return self.theta_from_Sigmas(Sigmas), ev

@@ -1,0 +1,175 @@
+"""Variance components in the reporting metric, with delta-method standard errors.
+
+Each structure's parameters are reported as standard deviations and correlations
+(Stata's default). Standard errors come from the observed information of the
+(restricted) log-likelihood in the estimation metric ``eta = (log sd, atanh corr)``:
+
+    Cov(eta) = [ d^2 (-ll) / d eta d eta' ]^-1
+
+computed by central differences of the analytic gradient
+``d ll / d eta = (d theta / d eta)' d ll / d theta``. Then, as Stata reports them,
+
+    sd:   se = sd * se(eta),            CI = exp(eta -+ z se(eta))
+    corr: se = (1 - r^2) * se(eta),     CI = tanh(eta -+ z se(eta))
+    var:  se = 2 sd^2 se(eta),          CI = exp(2 (eta -+ z se(eta)))
+    cov:  delta method from Cov(eta),   CI = cov -+ z se
+
+Parameters on the boundary (sd = 0, |corr| = 1) have no finite eta: they are held
+at their value, flagged, and get no standard error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats
+
+from mlmeta.model import NestedModel
+
+__all__ = ["VarComp", "variance_components"]
+
+BOUNDARY_SD = 1e-8
+BOUNDARY_CORR = 1.0 - 1e-6
+
+
+@dataclass
+class VarComp:
+    """One reported random-effects parameter."""
+
+    level: int           # index of the level (0 = top)
+    group: str           # grouping term
+    kind: str            # "sd" or "corr"
+    effects: tuple       # effect indices (sd) or index pairs (corr)
+    label_sd: str        # e.g. "sd(year_c)" / "corr(year_c,_cons)"
+    label_var: str       # e.g. "var(year_c)" / "cov(year_c,_cons)"
+    value: float         # sd or correlation
+    boundary: bool
+    fixed: bool = False
+
+
+def _theta_of_eta(model: NestedModel, base_values, free_idx, eta):
+    """theta for a full vector of report values where the free ones are given as eta."""
+    vals = [v.copy() for v in base_values]
+    pos = 0
+    for lvl, i in free_idx:
+        kind = model.structs[lvl].report_params()[i][0]
+        vals[lvl][i] = np.exp(eta[pos]) if kind == "sd" else np.tanh(eta[pos])
+        pos += 1
+    return np.concatenate([s.theta_from_report(v) for s, v in zip(model.structs, vals)])
+
+
+def variance_components(model: NestedModel, theta, groups, scale=1.0):
+    """Report values, boundary flags and the covariance of eta for the free ones.
+
+    Returns (components, cov_eta, free_positions) where ``free_positions[i]`` is
+    the row of ``cov_eta`` for component i (or None). ``scale`` is the size of a
+    typical sampling SD: an SD below 1e-8 * scale counts as on the boundary."""
+    comps = []
+    base_values = []
+    free_idx = []
+    free_pos = []
+    for lvl, (s, sl) in enumerate(zip(model.structs, model.theta_slices)):
+        vals = s.report_values(theta[sl])
+        base_values.append(vals)
+        labels_sd = s.labels(variance=False)
+        labels_var = s.labels(variance=True)
+        for i, ((kind, eff), v) in enumerate(zip(s.report_params(), vals)):
+            if kind == "sd":
+                boundary = v <= BOUNDARY_SD * scale
+            else:
+                boundary = abs(v) >= BOUNDARY_CORR
+            fixed = bool(getattr(s, "is_fixed", lambda i: False)(i))
+            comps.append(VarComp(lvl, groups[lvl], kind, eff, labels_sd[i], labels_var[i],
+                                 float(v), bool(boundary), fixed))
+            # a correlation is not identified when one of its SDs is zero
+            if kind == "corr":
+                sds = np.sqrt(np.clip(np.diag(s.Sigma(theta[sl])), 0, None))
+                if any(sds[a] <= BOUNDARY_SD * scale for pair in eff for a in pair):
+                    comps[-1].boundary = True
+            if not comps[-1].boundary and not fixed:
+                free_pos.append(len(free_idx))
+                free_idx.append((lvl, i))
+            else:
+                free_pos.append(None)
+    k = len(free_idx)
+    cov_eta = np.full((k, k), np.nan)
+    if k:
+        eta0 = np.empty(k)
+        for j, (lvl, i) in enumerate(free_idx):
+            v = base_values[lvl][i]
+            eta0[j] = np.log(v) if model.structs[lvl].report_params()[i][0] == "sd" else np.arctanh(v)
+
+        def theta_of(eta):
+            return _theta_of_eta(model, base_values, free_idx, eta)
+
+        def grad_eta(eta):
+            th = theta_of(eta)
+            g = model.evaluate(th, gradient=True).grad
+            J = np.empty((model.n_theta, k))
+            for j in range(k):
+                h = 1e-7 * max(1.0, abs(eta[j]))
+                e = np.zeros(k); e[j] = h
+                J[:, j] = (theta_of(eta + e) - theta_of(eta - e)) / (2 * h)
+            return J.T @ g
+
+        H = np.empty((k, k))
+        for j in range(k):
+            h = 1e-4 * max(1.0, abs(eta0[j]))
+            e = np.zeros(k); e[j] = h
+            H[:, j] = (grad_eta(eta0 + e) - grad_eta(eta0 - e)) / (2 * h)
+        H = 0.25 * (H + H.T)           # deviance -> -ll Hessian, symmetrised
+        try:
+            w = np.linalg.eigvalsh(H)
+            if w.min() > 0:
+                cov_eta = np.linalg.inv(H)
+        except np.linalg.LinAlgError:
+            pass
+    return comps, cov_eta, free_pos
+
+
+def component_table(comps, cov_eta, free_pos, model, theta, level=95.0, variance=False):
+    """Rows (label, estimate, se, lo, hi) in the requested metric."""
+    z = stats.norm.ppf(0.5 + level / 200.0)
+    rows = []
+    sds = {}
+    for c in comps:
+        if c.kind == "sd":
+            for e in c.effects:
+                sds[(c.level, e)] = (c.value, free_pos[comps.index(c)])
+    for idx, c in enumerate(comps):
+        fp = free_pos[idx]
+        se_eta = np.sqrt(cov_eta[fp, fp]) if fp is not None and np.isfinite(cov_eta[fp, fp]) else None
+        if c.kind == "sd":
+            est = c.value ** 2 if variance else c.value
+            if se_eta is None:
+                rows.append((c.label_var if variance else c.label_sd, est, None, None, None))
+                continue
+            eta = np.log(c.value)
+            mult = 2.0 if variance else 1.0
+            se = mult * est * se_eta
+            rows.append((c.label_var if variance else c.label_sd, est, se,
+                         np.exp(mult * (eta - z * se_eta)), np.exp(mult * (eta + z * se_eta))))
+        else:
+            if not variance:
+                if se_eta is None:
+                    rows.append((c.label_sd, c.value, None, None, None))
+                    continue
+                eta = np.arctanh(c.value)
+                rows.append((c.label_sd, c.value, (1 - c.value ** 2) * se_eta,
+                             np.tanh(eta - z * se_eta), np.tanh(eta + z * se_eta)))
+            else:
+                i, j = c.effects[0]
+                sdi, pi = sds[(c.level, i)]
+                sdj, pj = sds[(c.level, j)]
+                cov = c.value * sdi * sdj
+                if se_eta is None or pi is None or pj is None:
+                    rows.append((c.label_var, cov, None, None, None))
+                    continue
+                grad = np.zeros(cov_eta.shape[0])
+                grad[pi] += cov
+                grad[pj] += cov
+                grad[fp] += (1 - c.value ** 2) * sdi * sdj
+                se = float(np.sqrt(grad @ cov_eta @ grad))
+                rows.append((c.label_var, cov, se, cov - z * se, cov + z * se))
+    return rows
