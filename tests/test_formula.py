@@ -428,3 +428,20 @@ def test_row_permutation_invariance(seed, n_missing):
         np.testing.assert_array_equal(b.Z[level], a.Z[level][idx])
         assert b.group_labels[level] == a.group_labels[level]
         np.testing.assert_array_equal(b.groups[level], a.groups[level][idx])
+
+
+def test_positions_not_index_labels(schools):
+    data = schools.set_index(np.arange(100, 136)[::-1])
+    se = pd.Series(np.sqrt(schools.v.to_numpy()), index=np.arange(36))
+    data.iloc[3, data.columns.get_loc("x")] = np.nan
+    with pytest.warns(MissingDataWarning):
+        mf = frame("y ~ x + (1 | district)", data, extra={"se": se})
+    assert not mf.sample[3] and mf.sample.sum() == 35
+    np.testing.assert_array_equal(mf.extra["se"], np.delete(se.to_numpy(), 3))
+    np.testing.assert_array_equal(mf.y, np.delete(schools.y.to_numpy(), 3))
+
+
+def test_quoted_bar_is_not_a_random_term():
+    parsed = parse_formula("y ~ C(f, levels=['a|b', 'c']) + (1 | g)")
+    assert parsed.fixed_rhs == "C(f, levels=['a|b', 'c'])"
+    assert len(parsed.random) == 1

@@ -1,1 +1,28 @@
-"""mlmeta."""
+"""mlmeta: multilevel and multivariate meta-regression with a fast Cython core.
+
+>>> import mlmeta
+>>> df = mlmeta.datasets.load("schoolcal")
+>>> res = mlmeta.meregress("stdmdiff ~ 1 + (1 | district) + (1 | district:school)",
+...                        data=df, variance="var")
+>>> print(res.summary())                                        # doctest: +SKIP
+"""
+
+from mlmeta._errors import BoundaryWarning, ConvergenceWarning, MissingDataWarning
+from mlmeta.api import meregress, multilevel
+from mlmeta.results import MeregressResults
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name):
+    if name == "datasets":
+        import importlib
+
+        return importlib.import_module("mlmeta.datasets")
+    raise AttributeError(f"module 'mlmeta' has no attribute {name!r}")
+
+
+__all__ = [
+    "meregress", "multilevel", "MeregressResults", "datasets",
+    "MissingDataWarning", "ConvergenceWarning", "BoundaryWarning", "__version__",
+]

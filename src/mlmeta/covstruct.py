@@ -184,7 +184,7 @@ class Exchangeable(CovStruct):
         return np.array([a, g])
 
     def report_params(self):
-        pairs = tuple((i, j) for j in range(self.q) for i in range(j + 1, self.q))
+        pairs = tuple((i, j) for i in range(self.q) for j in range(i + 1, self.q))
         out = [("sd", tuple(range(self.q)))]
         if pairs:
             out.append(("corr", pairs))
@@ -233,7 +233,7 @@ class Unstructured(CovStruct):
 
     def report_params(self):
         out = [("sd", (i,)) for i in range(self.q)]
-        out += [("corr", ((i, j),)) for j in range(self.q) for i in range(j + 1, self.q)]
+        out += [("corr", ((i, j),)) for i in range(self.q) for j in range(i + 1, self.q)]
         return out
 
 

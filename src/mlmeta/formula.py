@@ -107,9 +107,7 @@ class ModelFrame:
     re_specs: list
 
 
-# --------------------------------------------------------------------------- #
-# Parsing
-# --------------------------------------------------------------------------- #
+# Parsing ------------------------------------------------------------------
 
 
 def _scan(text: str) -> tuple[list[int], list[int], list[bool]]:
@@ -123,21 +121,16 @@ def _scan(text: str) -> tuple[list[int], list[int], list[bool]]:
     stack: list[int] = []
     quote = None
     for i, ch in enumerate(text):
-        if quote is not None:
-            depth.append(len(stack))
-            opener.append(stack[-1] if stack else -1)
-            quoted.append(True)
-            if ch == quote:
-                quote = None
-            continue
-        if ch in _CLOSE:
+        if quote is None and ch in _CLOSE:
             if not stack or text[stack[-1]] != _OPEN[_CLOSE.index(ch)]:
                 raise ValueError(f"unbalanced parentheses: unexpected {ch!r} at position {i} in {text!r}")
             stack.pop()
         depth.append(len(stack))
         opener.append(stack[-1] if stack else -1)
-        quoted.append(ch in _QUOTES)
-        if ch in _QUOTES:
+        quoted.append(quote is not None or ch in _QUOTES)
+        if quote is not None:
+            quote = None if ch == quote else quote
+        elif ch in _QUOTES:
             quote = ch
         elif ch in _OPEN:
             stack.append(i)
@@ -202,10 +195,15 @@ def _parse_name(piece: str, what: str, context: str) -> str:
     return piece[1:-1] if piece.startswith("`") else piece
 
 
+def _top_bars(text: str) -> list[int]:
+    """Positions of ``|`` outside any bracket or quote."""
+    depth, _, quoted = _scan(text)
+    return [i for i, ch in enumerate(text) if ch == "|" and depth[i] == 0 and not quoted[i]]
+
+
 def _parse_bar(inner: str, chunk: str) -> list[RandomTerm]:
     """Parse the inside of ``(lhs | groups)``; expand ``a/b/c`` into nested terms."""
-    depth, _, quoted = _scan(inner)
-    bars = [i for i, ch in enumerate(inner) if ch == "|" and depth[i] == 0 and not quoted[i]]
+    bars = _top_bars(inner)
     if len(bars) == 2 and bars[1] == bars[0] + 1:
         bars, correlated = bars[:1], False
     else:
@@ -219,8 +217,6 @@ def _parse_bar(inner: str, chunk: str) -> list[RandomTerm]:
         raise ValueError(f"empty left side of the bar in random term {chunk!r}; write (1 | g) for a random intercept")
     if not group_text:
         raise ValueError(f"empty grouping term (right side of the bar) in random term {chunk!r}")
-    if "|" in group_text:
-        raise ValueError(f"random term {chunk!r} must contain exactly one '|' or '||'")
     _parse_rhs(lhs, f"the random-effects formula of {chunk}:")
     lhs = " ".join(lhs.split())
     terms, prefix = [], ()
@@ -273,16 +269,13 @@ def parse_formula(formula: str) -> ParsedFormula:
         inner = _strip_group(chunk)
         while inner is not None and _strip_group(inner) is not None:
             inner = _strip_group(inner)
+        if inner is not None and _top_bars(inner):
+            if op == "-":
+                raise ValueError(f"random term {chunk!r} cannot be subtracted; add it with '+'")
+            random.extend(_parse_bar(inner, chunk))
+            continue
         c_depth, c_opener, c_quoted = _scan(chunk)
-        bars = [i for i, ch in enumerate(chunk) if ch == "|" and not c_quoted[i]]
-        if inner is not None and "|" in inner:
-            i_depth, _, i_quoted = _scan(inner)
-            if any(ch == "|" and i_depth[i] == 0 and not i_quoted[i] for i, ch in enumerate(inner)):
-                if op == "-":
-                    raise ValueError(f"random term {chunk!r} cannot be subtracted; add it with '+'")
-                random.extend(_parse_bar(inner, chunk))
-                continue
-        for i in bars:
+        for i in (i for i, ch in enumerate(chunk) if ch == "|" and not c_quoted[i]):
             if c_depth[i] == 0:
                 raise ValueError(f"'|' outside parentheses in {chunk!r}; random terms are written (x | g)")
             if _is_bare_paren(chunk, c_opener[i]):
@@ -312,9 +305,7 @@ def parse_formula(formula: str) -> ParsedFormula:
     return ParsedFormula(response, fixed_rhs, tuple(random))
 
 
-# --------------------------------------------------------------------------- #
-# Model frame
-# --------------------------------------------------------------------------- #
+# Model frame ------------------------------------------------------------------
 
 
 def _formula_columns(formula: Formula, columns: pd.Index, where: str) -> list[str]:
@@ -364,20 +355,13 @@ def _is_numeric(dtype) -> bool:
 
 def _numeric_values(values, name: str) -> np.ndarray:
     """Float64 copy of a numeric column/array with missing values as NaN."""
-    if isinstance(values, pd.Series):
-        if values.dtype == object:
-            values = values.infer_objects()
-        if not _is_numeric(values.dtype):
-            raise ValueError(f"{name} must be numeric, got dtype {values.dtype}")
-        return values.to_numpy(dtype=np.float64, na_value=np.nan)
+    if not isinstance(values, pd.Series):
+        values = pd.Series(values, copy=False)
     if values.dtype == object:
-        try:
-            return values.astype(np.float64)
-        except (TypeError, ValueError):
-            raise ValueError(f"{name} must be numeric, got non-numeric values") from None
+        values = values.infer_objects()
     if not _is_numeric(values.dtype):
         raise ValueError(f"{name} must be numeric, got dtype {values.dtype}")
-    return values.astype(np.float64)
+    return values.to_numpy(dtype=np.float64, na_value=np.nan)
 
 
 def _extra_values(key: str, spec, frame: pd.DataFrame) -> tuple[str, np.ndarray]:
@@ -391,7 +375,8 @@ def _extra_values(key: str, spec, frame: pd.DataFrame) -> tuple[str, np.ndarray]
         raise ValueError(f"{key} must be one-dimensional, got shape {values.shape}")
     if values.shape[0] != len(frame):
         raise ValueError(f"{key} has length {values.shape[0]} but data has {len(frame)} rows")
-    return key, _numeric_values(values, key)
+    label = f"{key} (array)" if key in frame.columns else key
+    return label, _numeric_values(values, key)
 
 
 def _factorize(values: pd.Series) -> tuple[np.ndarray, int]:
@@ -438,7 +423,7 @@ def _design(formula: Formula, sub: pd.DataFrame, where: str):
 def _intercept_last(M: np.ndarray, names: list[str]) -> tuple[np.ndarray, list[str]]:
     """Rename formulaic's intercept to ``_cons`` and move it to the last column (F order)."""
     order = [j for j, n in enumerate(names) if n != _FORMULAIC_INTERCEPT]
-    order = [j for j, n in enumerate(names) if n == _FORMULAIC_INTERCEPT] + order
+    order += [j for j, n in enumerate(names) if n == _FORMULAIC_INTERCEPT]
     renamed = [INTERCEPT if names[j] == _FORMULAIC_INTERCEPT else names[j] for j in order]
     return np.asfortranarray(M[:, order]), renamed
 
@@ -508,8 +493,8 @@ def _check_slopes(term: RandomTerm, Z: np.ndarray, names: list[str], codes: np.n
     if not slopes:
         return
     Zs = Z[:, slopes]
-    scale = np.abs(Zs).max(axis=0) if Zs.shape[0] else np.zeros(len(slopes))
-    within = np.abs(Zs - Zs[first][codes]).max(axis=0) if Zs.shape[0] else np.zeros(len(slopes))
+    scale = np.abs(Zs).max(axis=0)
+    within = np.abs(Zs - Zs[first][codes]).max(axis=0)
     flat = [names[j] for j, w, s in zip(slopes, within, scale) if w <= 1e-12 * max(s, 1e-300)]
     if flat:
         which = ", ".join(repr(n) for n in flat)
@@ -564,17 +549,15 @@ def build_model_frame(parsed: ParsedFormula, data, extra: Mapping | None = None)
     # Missing values (dropped) and infinities (errors).
     missing = np.zeros(n_rows, dtype=bool)
     counts: dict[str, int] = {}
-    checks = [(name, frame[name]) for name in used] + list(extras.values())
-    for name, values in checks:
-        if name == parsed.response:
-            values = y_all
+    checks = {name: frame[name] for name in used} | dict(extras.values()) | {parsed.response: y_all}
+    for name, values in checks.items():
         na = np.asarray(pd.isna(values), dtype=bool)
         if isinstance(values, pd.Series) and _is_numeric(values.dtype):
             values = values.to_numpy(dtype=np.float64, na_value=np.nan)
         if isinstance(values, np.ndarray) and values.dtype.kind == "f" and np.isinf(values).any():
-            raise ValueError(f"column {name!r} contains infinite values (row {int(np.flatnonzero(np.isinf(values))[0])})")
+            raise ValueError(f"column {name!r} contains infinite values (row {np.flatnonzero(np.isinf(values))[0]})")
         if na.any():
-            counts[name] = counts.get(name, 0) + int(na.sum())
+            counts[name] = int(na.sum())
             missing |= na
     sample = ~missing
     n_dropped = int(missing.sum())

@@ -1,0 +1,150 @@
+"""Public entry points: :func:`meregress` and :func:`multilevel`.
+
+The pipeline is staged (as lme4's ``lmer``): parse the formula -> build the model
+frame (missing rows dropped and reported) -> sort rows and precompute the nested
+design -> build the objective -> optimise -> results.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+
+import numpy as np
+
+from mlmeta._errors import BoundaryWarning, ConvergenceWarning
+from mlmeta.covstruct import make_structure
+from mlmeta.design import build_design
+from mlmeta.formula import build_model_frame, parse_formula
+from mlmeta.model import NestedModel
+from mlmeta.optimize import fit_nested
+from mlmeta.results import MeregressResults
+
+__all__ = ["meregress", "multilevel", "build_model"]
+
+
+def _sampling_variance(frame, se, variance):
+    if (se is None) == (variance is None):
+        raise ValueError("give exactly one of se= (sampling standard errors) or "
+                         "variance= (sampling variances)")
+    if variance is not None:
+        v = np.asarray(frame.extra["variance"], dtype=float)
+        what = "variance"
+    else:
+        s = np.asarray(frame.extra["se"], dtype=float)
+        what = "se"
+        v = s * s
+        bad = ~(s > 0)
+        if bad.any():
+            raise ValueError(f"sampling standard errors must be positive: {int(bad.sum())} "
+                             f"value(s) are <= 0 (first at used row {int(np.flatnonzero(bad)[0])})")
+    bad = ~(v > 0)
+    if bad.any():
+        raise ValueError(f"sampling variances must be positive: {int(bad.sum())} value(s) of "
+                         f"{what!r} are <= 0 (first at used row {int(np.flatnonzero(bad)[0])})")
+    return v
+
+
+def _structures(frame, covariance):
+    covariance = dict(covariance or {})
+    names = [t.group for t in frame.terms]
+    for key in covariance:
+        if key not in names:
+            raise ValueError(f"covariance= names grouping term {key!r}, which is not in the "
+                             f"formula; grouping terms are {names}")
+    return [make_structure(covariance.get(t.group), frame.re_names[i], t.correlated)
+            for i, t in enumerate(frame.terms)]
+
+
+def build_model(formula, data, *, se=None, variance=None, method="reml", covariance=None):
+    """Parse, build the frame and the nested model; return (model, frame, parsed)."""
+    parsed = parse_formula(formula)
+    if not parsed.random:
+        raise ValueError("the formula has no random-effects term such as (1 | study); "
+                         "meregress needs at least one level")
+    extra = {"se": se, "variance": variance}
+    frame = build_model_frame(parsed, data, extra={k: v for k, v in extra.items() if v is not None})
+    v = _sampling_variance(frame, se, variance)
+    structs = _structures(frame, covariance)
+    design = build_design(frame.y, frame.X, frame.Z, frame.groups, v)
+    model = NestedModel(design, structs, method)
+    return model, frame, parsed
+
+
+def meregress(formula, data, *, se=None, variance=None, method="reml", covariance=None,
+              em_iter=20, em_tol=1e-10, em_only=False, maxiter=1000, tol=1e-6,
+              safeguard="auto", verbose=False) -> MeregressResults:
+    """Multilevel meta-regression (Stata's ``meta meregress``, metafor's ``rma.mv``).
+
+    Parameters
+    ----------
+    formula : ``"y ~ x1 + x2 + (1 + x1 || district) + (1 | district:school)"``.
+        Fixed part in formulaic syntax; random terms as lme4 bars, outermost level
+        first: ``|`` correlated (unstructured), ``||`` independent, ``0 +`` no
+        random intercept, ``(1 | a/b)`` = ``(1 | a) + (1 | a:b)``.
+    data : DataFrame (or dict of columns).
+    se, variance : sampling standard errors or variances (column name or array); one of them.
+    method : "reml" (default) or "ml".
+    covariance : dict grouping term -> "independent" | "exchangeable" | "identity" | "unstructured".
+    em_iter, em_tol, em_only : EM iterations before the gradient-based optimiser (Stata's
+        emiterate(20), emtolerance(1e-10), emonly).
+    maxiter, tol : limits of the gradient-based optimiser; ``tol`` bounds the largest
+        free gradient component relative to max(1, |deviance|).
+    safeguard : extra starts that guard against local optima (True, False, "auto").
+    verbose : print the EM and iteration log.
+
+    Rows with a missing value in any variable the model uses are dropped, counted
+    (``res.n_dropped``) and reported with a :class:`mlmeta.MissingDataWarning`.
+    """
+    for name, val in (("em_iter", em_iter), ("maxiter", maxiter)):
+        if not isinstance(val, (int, np.integer)) or val < 0:
+            raise ValueError(f"{name} must be a non-negative integer, got {val!r}")
+    if not (tol > 0 and em_tol > 0):
+        raise ValueError("tol and em_tol must be positive")
+    model, frame, parsed = build_model(formula, data, se=se, variance=variance,
+                                       method=method, covariance=covariance)
+    record = fit_nested(model, em_iter=em_iter, em_tol=em_tol, em_only=em_only,
+                        maxiter=maxiter, tol=tol, safeguard=safeguard, verbose=verbose)
+    res = MeregressResults(model, frame, record, depvar=parsed.response,
+                           sampling="se" if se is not None else "variance",
+                           options={"formula": formula, "em_iter": em_iter, "tol": tol})
+    if not res.converged:
+        warnings.warn("the optimiser did not converge; see res.fit_record.messages",
+                      ConvergenceWarning, stacklevel=2)
+    if res.boundary:
+        warnings.warn("estimates on the boundary of the parameter space: " + "; ".join(res.boundary),
+                      BoundaryWarning, stacklevel=2)
+    return res
+
+
+_NAME = re.compile(r"^[A-Za-z_.][A-Za-z0-9_.]*$")
+
+
+def multilevel(formula, data, *, levels, se=None, variance=None, method="reml", **kwargs):
+    """Random-intercepts multilevel meta-regression (Stata's ``meta multilevel``).
+
+    ``levels=["district", "school"]`` lists the grouping variables from the top down;
+    each is nested in the ones before it, so ids may repeat across outer groups.
+    Equivalent to ``meregress("y ~ x + (1 | district) + (1 | district:school)", ...)``.
+    """
+    if "|" in formula:
+        raise ValueError("multilevel() takes a formula without random-effects terms; "
+                         "give the grouping variables in levels=")
+    if isinstance(levels, str):
+        levels = [levels]
+    levels = list(levels)
+    if not levels:
+        raise ValueError("levels= needs at least one grouping variable")
+    for lv in levels:
+        if not isinstance(lv, str) or not _NAME.match(lv):
+            raise ValueError(f"levels= must be column names, got {lv!r}")
+    if len(set(levels)) != len(levels):
+        raise ValueError(f"levels= repeats a variable: {levels}")
+    terms = [f"(1 | {':'.join(levels[: i + 1])})" for i in range(len(levels))]
+    full = formula.strip()
+    if "~" not in full:
+        raise ValueError(f"formula needs a '~': {formula!r}")
+    lhs, rhs = full.split("~", 1)
+    rhs = rhs.strip() or "1"
+    full = f"{lhs.strip()} ~ {rhs} + " + " + ".join(terms)
+    return meregress(full, data, se=se, variance=variance, method=method, **kwargs)

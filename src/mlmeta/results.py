@@ -1,0 +1,276 @@
+"""Results of a multilevel meta-regression, with statsmodels-style names.
+
+Fixed effects (GLS at the estimated covariance):
+
+    beta = (sum_j X_j' V_j^-1 X_j)^-1 sum_j X_j' V_j^-1 y_j,   Var(beta) = (sum_j X_j' V_j^-1 X_j)^-1
+
+Multilevel residual homogeneity test (Stata's Q_M): with the fixed-effects
+estimator ``beta_f`` (weights Lambda^-1), ``Q_M = sum_j r_j' Lambda_j^-1 r_j``
+on ``n - p`` degrees of freedom. The model Wald test covers every coefficient
+but the constant: ``chi2 = b' Var(b)^-1 b`` on their number of degrees of freedom.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from mlmeta import summary as _summary
+from mlmeta.vcomp import component_table, variance_components
+
+__all__ = ["MeregressResults"]
+
+
+class MeregressResults:
+    """A fitted multilevel meta-regression.
+
+    Attributes
+    ----------
+    params, bse, zvalues, pvalues : pandas.Series over the fixed effects.
+    llf, aic, bic, nobs, method, converged, n_iter : scalars as in statsmodels.
+    sample : bool mask over the rows of the data that were used.
+    re_cov : dict grouping term -> covariance DataFrame labelled by effect names.
+    theta : estimated covariance parameters (estimation metric, see covstruct).
+    Q_M, Q_M_df, Q_M_pvalue : multilevel residual homogeneity test.
+    wald_chi2, wald_df, wald_pvalue : joint Wald test of the moderators.
+    groups : DataFrame of group counts and min/avg/max observations per group.
+    fit_record : how the optimum was reached (starts, evaluations, messages).
+    """
+
+    def __init__(self, model, frame, record, *, depvar, sampling="variance", options=None):
+        self.model = model
+        self.frame = frame
+        self.fit_record = record
+        self.depvar = depvar
+        self.sampling = sampling
+        self.options = dict(options or {})
+        self.method = model.method
+        self.theta = np.asarray(record.theta, dtype=float).copy()
+        ev = model.evaluate(self.theta)
+        self._eval = ev
+        names = list(frame.fe_names)
+        self.fe_names = names
+        self.params = pd.Series(ev.beta, index=names, name="coef")
+        self._cov = pd.DataFrame(ev.cov_beta, index=names, columns=names)
+        self.bse = pd.Series(np.sqrt(np.diag(ev.cov_beta)), index=names, name="std err")
+        self.zvalues = self.params / self.bse
+        self.pvalues = pd.Series(2 * stats.norm.sf(np.abs(self.zvalues)), index=names, name="P>|z|")
+        self.llf = -0.5 * ev.deviance
+        self.nobs = int(model.n_obs)
+        self.converged = bool(record.converged)
+        self.n_iter = int(record.n_iter)
+        self.sample = np.asarray(frame.sample, dtype=bool)
+        self.n_dropped = int(frame.n_dropped)
+        self.group_names = [t.group for t in frame.terms]
+
+    # -- fixed effects ------------------------------------------------------
+    def cov_params(self) -> pd.DataFrame:
+        """Var(beta) = (X' V^-1 X)^-1."""
+        return self._cov.copy()
+
+    def conf_int(self, alpha: float = 0.05) -> pd.DataFrame:
+        """Wald confidence intervals beta -+ z_{1-alpha/2} se."""
+        z = stats.norm.ppf(1 - alpha / 2)
+        return pd.DataFrame({"lower": self.params - z * self.bse, "upper": self.params + z * self.bse})
+
+    @property
+    def n_fe(self) -> int:
+        return len(self.fe_names)
+
+    @property
+    def n_theta(self) -> int:
+        return int(self.model.n_theta)
+
+    @property
+    def df_modelwc(self) -> int:
+        """Number of estimated parameters: fixed effects plus covariance parameters."""
+        return self.n_fe + self.n_theta
+
+    @property
+    def aic(self) -> float:
+        return -2 * self.llf + 2 * self.df_modelwc
+
+    @property
+    def bic(self) -> float:
+        return -2 * self.llf + np.log(self.nobs) * self.df_modelwc
+
+    @cached_property
+    def _wald(self):
+        idx = [i for i, nm in enumerate(self.fe_names) if nm != "_cons"]
+        if not idx:
+            return None, 0, None
+        b = self.params.values[idx]
+        V = self._cov.values[np.ix_(idx, idx)]
+        chi2 = float(b @ np.linalg.solve(V, b))
+        return chi2, len(idx), float(stats.chi2.sf(chi2, len(idx)))
+
+    @property
+    def wald_chi2(self):
+        return self._wald[0]
+
+    @property
+    def wald_df(self) -> int:
+        return self._wald[1]
+
+    @property
+    def wald_pvalue(self):
+        return self._wald[2]
+
+    @cached_property
+    def _qm(self):
+        d = self.model.design
+        w = d.weights
+        Xw = d.X * w[:, None]
+        yw = d.y * w
+        if d.n_fe:
+            beta_f, *_ = np.linalg.lstsq(Xw, yw, rcond=None)
+            r = yw - Xw @ beta_f
+        else:
+            r = yw
+        Q = float(r @ r)
+        df = d.n_obs - d.n_fe
+        return Q, df, float(stats.chi2.sf(Q, df)) if df > 0 else np.nan
+
+    @property
+    def Q_M(self) -> float:
+        return self._qm[0]
+
+    @property
+    def Q_M_df(self) -> int:
+        return self._qm[1]
+
+    @property
+    def Q_M_pvalue(self) -> float:
+        return self._qm[2]
+
+    # -- random effects ---------------------------------------------------------
+    @property
+    def re_cov(self) -> dict:
+        """Grouping term -> estimated covariance matrix Sigma of its random effects."""
+        out = {}
+        for name, s, S in zip(self.group_names, self.model.structs, self.model.Sigma_list(self.theta)):
+            out[name] = pd.DataFrame(S, index=s.effect_names, columns=s.effect_names)
+        return out
+
+    @cached_property
+    def _vc(self):
+        d = self.model.design
+        scale = float(np.sqrt(np.median(d.variance))) if d.variance is not None else 1.0
+        return variance_components(self.model, self.theta, self.group_names, scale=scale)
+
+    def re_params(self, variance: bool = False, level: float = 95.0) -> pd.DataFrame:
+        """Random-effects parameters as SDs/correlations (or variances/covariances)
+        with delta-method standard errors and confidence intervals (Stata's metric)."""
+        comps, cov_eta, free_pos = self._vc
+        rows = component_table(comps, cov_eta, free_pos, self.model, self.theta, level, variance)
+        df = pd.DataFrame(rows, columns=["param", "estimate", "std_err", "lower", "upper"])
+        df.insert(0, "group", [c.group for c in comps])
+        df["boundary"] = [c.boundary for c in comps]
+        df["fixed"] = [c.fixed for c in comps]
+        return df
+
+    @property
+    def boundary(self) -> list:
+        """Descriptions of estimates on the boundary of the parameter space."""
+        comps = self._vc[0]
+        out = []
+        for c in comps:
+            if c.boundary and not c.fixed:
+                what = "is zero" if c.kind == "sd" else f"is {c.value:+.0f}"
+                out.append(f"{c.label_sd} at level {c.group} {what}")
+        return out
+
+    @cached_property
+    def groups(self) -> pd.DataFrame:
+        """Per level: number of groups and min/avg/max observations per group."""
+        d = self.model.design
+        rows = []
+        for name, starts in zip(self.group_names, d.group_start):
+            sizes = np.diff(starts)
+            rows.append((name, len(sizes), int(sizes.min()), float(sizes.mean()), int(sizes.max())))
+        return pd.DataFrame(rows, columns=["group", "n_groups", "min", "avg", "max"]).set_index("group")
+
+    # -- reporting ----------------------------------------------------------------
+    @property
+    def notes(self) -> list:
+        notes = []
+        if not self.converged:
+            notes.append("convergence not achieved: " + "; ".join(self.fit_record.messages or
+                                                                   ["gradient criterion not met"]))
+        elif self.fit_record.better_optimum:
+            notes.extend(m for m in self.fit_record.messages if "local optimum" in m)
+        for b in self.boundary:
+            notes.append(f"{b}: the estimate is on the boundary of the parameter space.")
+        if self.n_dropped:
+            notes.append(f"{self.n_dropped} observation{'s' if self.n_dropped != 1 else ''} "
+                         f"dropped because of missing values.")
+        return notes
+
+    def summary(self, variance: bool = False, level: float = 95.0, header: bool = True,
+                group: bool = True, fixed: bool = True, random: bool = True,
+                homtest: bool = True) -> _summary.Summary:
+        """Stata-like estimation table (``print(res.summary())``; HTML in notebooks).
+
+        ``variance=True`` shows variances/covariances instead of SDs/correlations;
+        the switches drop the header, group table, fixed or random table, or the
+        homogeneity test (Stata's noheader, nogroup, nofetable, noretable, nohomtest)."""
+        z = stats.norm.ppf(0.5 + level / 200.0)
+        fixed_rows = []
+        for nm in self.fe_names:
+            b, se = float(self.params[nm]), float(self.bse[nm])
+            fixed_rows.append(_summary.FixedRow(nm, b, se, b / se, float(self.pvalues[nm]),
+                                                b - z * se, b + z * se))
+        comps = self._vc[0]
+        table = self.re_params(variance=variance, level=level)
+        blocks = []
+        for lvl, (name, s) in enumerate(zip(self.group_names, self.model.structs)):
+            rows = []
+            for c, (_, r) in zip(comps, table.iterrows()):
+                if c.level != lvl:
+                    continue
+                se = None if pd.isna(r.std_err) else float(r.std_err)
+                rows.append(_summary.RandomRow(
+                    r.param, float(r.estimate), se,
+                    None if se is None else float(r.lower), None if se is None else float(r.upper),
+                    fixed=bool(c.fixed), boundary=bool(c.boundary and not c.fixed)))
+            blocks.append(_summary.RandomBlock(name, s.title, rows))
+        g = self.groups
+        group_rows = [_summary.GroupRow(nm, int(r.n_groups), int(r["min"]), float(r.avg), int(r["max"]))
+                      for nm, r in g.iterrows()]
+        kind = "meta-regression" if any(nm != "_cons" for nm in self.fe_names) else "meta-analysis"
+        title = f"Multilevel {'REML' if self.method == 'reml' else 'ML'} {kind}"
+        return _summary.Summary(
+            title=title, depvar=self.depvar, nobs=self.nobs, groups=group_rows,
+            wald_chi2=self.wald_chi2, wald_df=self.wald_df, wald_p=self.wald_pvalue,
+            ll_label=self.model._ll_label(), llf=self.llf, fixed=fixed_rows,
+            Q_M=self.Q_M, Q_M_df=self.Q_M_df, Q_M_p=self.Q_M_pvalue, random=blocks,
+            level=level, notes=self.notes, show_header=header, show_groups=group,
+            show_fixed=fixed, show_random=random, show_homtest=homtest)
+
+    def to_dict(self) -> dict:
+        """Plain-Python view of the main results (for JSON output)."""
+        ci = self.conf_int()
+        re = self.re_params()
+        return {
+            "method": self.method, "nobs": self.nobs, "llf": self.llf, "aic": self.aic,
+            "bic": self.bic, "converged": self.converged, "n_iter": self.n_iter,
+            "params": self.params.to_dict(), "bse": self.bse.to_dict(),
+            "zvalues": self.zvalues.to_dict(), "pvalues": self.pvalues.to_dict(),
+            "conf_int": {k: [float(ci.loc[k, "lower"]), float(ci.loc[k, "upper"])] for k in ci.index},
+            "re_cov": {k: v.values.tolist() for k, v in self.re_cov.items()},
+            "re_names": {k: list(v.index) for k, v in self.re_cov.items()},
+            "re_params": [
+                {k: (None if (isinstance(v, float) and not np.isfinite(v)) else v)
+                 for k, v in row.items()} for row in re.to_dict(orient="records")],
+            "Q_M": self.Q_M, "Q_M_df": self.Q_M_df, "Q_M_pvalue": self.Q_M_pvalue,
+            "wald_chi2": self.wald_chi2, "wald_df": self.wald_df, "wald_pvalue": self.wald_pvalue,
+            "groups": self.groups.reset_index().to_dict(orient="records"),
+            "notes": self.notes,
+        }
+
+    def __repr__(self):
+        return (f"<MeregressResults {self.method.upper()} n={self.nobs} llf={self.llf:.8g} "
+                f"levels={self.group_names}>")
