@@ -1,0 +1,74 @@
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mlmeta.covstruct import make_structure, STRUCTURES
+
+
+def _names(q):
+    return [f"x{i}" for i in range(q - 1)] + ["_cons"]
+
+
+@pytest.mark.parametrize("kind", STRUCTURES)
+@pytest.mark.parametrize("q", [1, 2, 3, 4])
+def test_theta_sigma_roundtrip(kind, q):
+    s = make_structure(kind, _names(q))
+    rng = np.random.default_rng(q)
+    for _ in range(5):
+        theta = rng.uniform(0.1, 1.0, s.n_theta)
+        S = s.Sigma(theta)
+        np.testing.assert_allclose(s.Sigma(s.from_Sigma(S)), S, rtol=1e-10, atol=1e-12)
+        vals = s.report_values(theta)
+        np.testing.assert_allclose(s.Sigma_from_report(vals), S, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", STRUCTURES)
+@settings(max_examples=40, deadline=None)
+@given(data=st.data(), q=st.integers(1, 4))
+def test_sigma_psd_and_structured(kind, data, q):
+    s = make_structure(kind, _names(q))
+    theta = np.array([data.draw(st.floats(lo if np.isfinite(lo) else -5.0, 5.0))
+                      for lo in s.lower])
+    S = s.Sigma(theta)
+    assert np.linalg.eigvalsh(S).min() >= -1e-9 * max(1.0, np.abs(S).max())
+    if s.kind in ("identity", "exchangeable"):
+        np.testing.assert_allclose(np.diag(S), S[0, 0])
+    if s.kind in ("identity", "independent") and q > 1:
+        np.testing.assert_allclose(S - np.diag(np.diag(S)), 0.0, atol=1e-14)
+    if s.kind == "exchangeable" and q > 2:
+        off = S[~np.eye(q, dtype=bool)]
+        np.testing.assert_allclose(off, off[0], atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", STRUCTURES)
+def test_dT_matches_differences(kind):
+    s = make_structure(kind, _names(3))
+    theta = np.random.default_rng(0).uniform(0.1, 1, s.n_theta)
+    h = 1e-6
+    num = np.array([(s.T(theta + h * e) - s.T(theta - h * e)) / (2 * h) for e in np.eye(s.n_theta)])
+    np.testing.assert_allclose(s.dT(theta), num, atol=1e-8)
+
+
+def test_defaults_and_labels():
+    assert make_structure(None, ["x", "_cons"], correlated=True).kind == "unstructured"
+    assert make_structure(None, ["x", "_cons"], correlated=False).kind == "independent"
+    assert make_structure("independent", ["_cons"]).title == "Identity"
+    assert make_structure("un", ["x", "_cons"]).kind == "unstructured"
+    s = make_structure("unstructured", ["year_c", "_cons"])
+    assert s.labels() == ["sd(year_c)", "sd(_cons)", "corr(year_c,_cons)"]
+    assert s.labels(variance=True) == ["var(year_c)", "var(_cons)", "cov(year_c,_cons)"]
+    assert make_structure("identity", ["a", "_cons"]).labels() == ["sd(a _cons)"]
+
+
+def test_unknown_structure():
+    with pytest.raises(ValueError, match="unknown covariance structure"):
+        make_structure("banded", ["x", "_cons"])
+    with pytest.raises(ValueError, match="unknown covariance structure"):
+        make_structure("", ["x", "_cons"])
+
+
+def test_unstructured_from_singular_sigma():
+    s = make_structure("unstructured", ["x", "_cons"])
+    S = np.array([[1.0, 2.0], [2.0, 4.0]])     # correlation 1
+    np.testing.assert_allclose(s.Sigma(s.from_Sigma(S)), S, atol=1e-12)
