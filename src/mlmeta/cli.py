@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -238,6 +239,8 @@ def _fit(args) -> int:
                                method=args.method, covariance=covariance, verbose=args.verbose)
     for w in caught:
         print(f"{PROG}: warning: {w.message}", file=sys.stderr)
+    if args.verbose and not args.json:
+        print()
 
     if args.json:
         out = _results_json(res, formula, args.level, args.variance_components)
@@ -261,10 +264,13 @@ def main(argv=None) -> int:
             return 2
         return _fit(args)
     except UsageError as exc:
-        sub = "fit " if argv is None and "fit" in sys.argv[1:2] or (argv and "fit" in argv[:1]) else ""
-        print(f"usage: {PROG} {sub}... (see '{PROG} {sub}--help')", file=sys.stderr)
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        print(f"{PROG}: error: {exc}\n(see '{PROG} fit --help')", file=sys.stderr)
         return 2
+    except BrokenPipeError:                # e.g. `mlmeta fit ... | head`: not an error
+        with contextlib.suppress(Exception):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        return 0
     except (ValueError, OSError, FloatingPointError, np.linalg.LinAlgError) as exc:
         msg = str(exc).strip() or type(exc).__name__
         print(f"{PROG}: error: {msg}", file=sys.stderr)
@@ -272,10 +278,6 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:                # e.g. `mlmeta fit ... | head`
-        with contextlib.suppress(Exception):
-            sys.stdout = open("/dev/null", "w")   # noqa: SIM115 - silence the final flush
-        return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

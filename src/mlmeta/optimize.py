@@ -1,5 +1,6 @@
-"""Fitting drivers: EM from a moment start, then L-BFGS-B with the analytic gradient,
-a Newton polish on the free parameters, and cheap safeguards against local optima.
+"""Fitting drivers: EM from a moment start, then a projected Newton method (finite-
+difference Hessian of the analytic gradient, bounds handled by an active set), and
+cheap safeguards against local optima and saddle points on the boundary.
 
 Every fit leaves a :class:`FitRecord` (starts, final theta, evaluations,
 messages, the candidate optima found) so a result can say how it was reached.
@@ -11,7 +12,6 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy import optimize as sopt
 
 from mlmeta.model import NestedModel
 
@@ -108,74 +108,113 @@ def _em(model, theta, n_iter, tol, log):
     return theta, k
 
 
-def _free_mask(theta, grad, lower, upper, eps=1e-10):
+def _free_mask(theta, grad, lower, upper, eps=1e-12):
+    """Parameters not held at a bound by a gradient pointing out of the box."""
     at_low = (theta <= lower + eps) & (grad >= 0)
     at_up = (theta >= upper - eps) & (grad <= 0)
     return ~(at_low | at_up)
 
 
-def _fd_hessian(fn_grad, theta, free, h_rel=1e-5):
+def _fd_hessian(cnt, theta, g, free, scale):
+    """Forward differences of the analytic gradient on the free parameters (symmetrised)."""
     idx = np.flatnonzero(free)
-    k = idx.size
-    H = np.zeros((k, k))
+    H = np.empty((idx.size, idx.size))
     for a, i in enumerate(idx):
-        h = h_rel * max(1.0, abs(theta[i]))
-        tp = theta.copy(); tp[i] += h
-        tm = theta.copy(); tm[i] -= h
-        H[:, a] = (fn_grad(tp)[idx] - fn_grad(tm)[idx]) / (2 * h)
+        h = 1e-6 * max(scale, abs(theta[i]))
+        tp = theta.copy()
+        tp[i] += h
+        H[:, a] = (cnt.g(tp)[idx] - g[idx]) / h
     return 0.5 * (H + H.T)
 
 
-def _newton_polish(cnt: _Counter, theta, lower, upper, max_iter=20):
-    """Newton steps on the parameters not held at a bound (FD Hessian of the analytic gradient)."""
+def _kick_saddles(cnt, theta, f, g, lower, scale):
+    """A variance parameter at 0 has zero gradient by symmetry (the deviance depends on
+    its square); if the deviance falls when it grows, 0 is a saddle: move off it."""
+    moved = False
+    for i in np.flatnonzero((lower == 0.0) & (theta <= 0.0) & (np.abs(g) <= 1e-10 * max(1.0, abs(f)))):
+        h = 1e-3 * scale
+        tp = theta.copy()
+        tp[i] = h
+        fp, gp = cnt.fg(tp)
+        if gp[i] < 0 and fp < f:
+            theta, f, g = tp, fp, gp
+            moved = True
+    return theta, f, g, moved
+
+
+def _local(cnt: _Counter, theta0, lower, upper, maxiter, tol, scale=1.0, callback=None):
+    """Projected Newton with a finite-difference Hessian of the analytic gradient.
+
+    Parameters held at a bound by their gradient are fixed for the step; the rest
+    take a Newton step (eigenvalues made positive) with backtracking along the
+    projected path. Converged when the largest free gradient component is at most
+    ``tol * max(1, |deviance|)`` and no variance at 0 is a saddle.
+    Returns (theta, f, g, n_iter, converged, gmax, message).
+    """
+    theta = np.clip(np.asarray(theta0, dtype=float), lower, upper)
     f, g = cnt.fg(theta)
-    for _ in range(max_iter):
+    if not np.isfinite(f):
+        return theta, f, g, 0, False, np.inf, "objective not finite at the start"
+    message = "maximum number of iterations reached"
+    it = 0
+    for it in range(1, maxiter + 1):
         free = _free_mask(theta, g, lower, upper)
-        if not free.any():
-            break
         gf = g[free]
-        if np.max(np.abs(gf)) < 1e-11 * max(1.0, abs(f)):
-            break
-        H = _fd_hessian(cnt.g, theta, free)
+        gmax = float(np.max(np.abs(gf))) if gf.size else 0.0
+        if gmax <= 1e-10 * max(1.0, abs(f)):
+            theta, f, g, moved = _kick_saddles(cnt, theta, f, g, lower, scale)
+            if not moved:
+                message = "gradient criterion met"
+                break
+            continue
+        H = _fd_hessian(cnt, theta, g, free, scale)
         try:
             w, U = np.linalg.eigh(H)
         except np.linalg.LinAlgError:
-            break
-        if w.min() <= 0:
-            break
-        step = -(U @ ((U.T @ gf) / w))
+            w, U = np.ones(gf.size), np.eye(gf.size)
+        wmax = max(float(np.max(np.abs(w))), 1e-300)
+        w_mod = np.maximum(np.abs(w), 1e-10 * wmax)
+        step = -(U @ ((U.T @ gf) / w_mod))
+        # never move a parameter more than a few scales at once
+        big = np.max(np.abs(step)) / (10.0 * max(scale, np.max(np.abs(theta[free])), 1e-12))
+        if big > 1.0:
+            step /= big
         t = 1.0
-        improved = False
-        for _ls in range(30):
+        accepted = False
+        for _ in range(40):
             cand = theta.copy()
             cand[free] = np.clip(theta[free] + t * step, lower[free], upper[free])
             fc, gc = cnt.fg(cand)
-            if fc <= f + 1e-12 * max(1.0, abs(f)):
-                improved = True
+            if np.isfinite(fc) and fc <= f + 1e-4 * float(g @ (cand - theta)) + 1e-14 * max(1.0, abs(f)):
+                accepted = True
                 break
             t *= 0.5
-        if not improved:
+        if not accepted:
+            # fall back to a projected gradient step
+            t = 1.0
+            sd = -gf * (scale ** 2 / max(gmax, 1e-300))
+            for _ in range(60):
+                cand = theta.copy()
+                cand[free] = np.clip(theta[free] + t * sd, lower[free], upper[free])
+                fc, gc = cnt.fg(cand)
+                if np.isfinite(fc) and fc < f:
+                    accepted = True
+                    break
+                t *= 0.5
+        if not accepted:
+            message = "no further decrease along the search directions"
             break
-        done = np.max(np.abs(cand - theta)) < 1e-12 * max(1.0, np.max(np.abs(theta)))
+        small = np.max(np.abs(cand - theta)) <= 1e-14 * max(scale, np.max(np.abs(theta)))
         theta, f, g = cand, fc, gc
-        if done:
+        if callback is not None:
+            callback(theta)
+        if small:
+            message = "step size below tolerance"
             break
-    return theta, f, g
-
-
-def _local(cnt: _Counter, theta0, lower, upper, maxiter, tol, callback=None):
-    bounds = list(zip(lower, np.where(np.isfinite(upper), upper, None)))
-    lb = [(lo, None if hi is None else hi) for lo, hi in bounds]
-    res = sopt.minimize(cnt.fg, theta0, jac=True, method="L-BFGS-B", bounds=lb,
-                        callback=callback,
-                        options={"maxiter": maxiter, "ftol": 1e-15, "gtol": tol * 1e-3,
-                                 "maxcor": 20})
-    theta = np.clip(np.asarray(res.x, dtype=float), lower, upper)
-    theta, f, g = _newton_polish(cnt, theta, lower, upper)
     free = _free_mask(theta, g, lower, upper)
     gmax = float(np.max(np.abs(g[free]))) if free.any() else 0.0
     converged = bool(np.isfinite(f)) and gmax <= tol * max(1.0, abs(f))
-    return theta, f, g, int(res.nit), converged, gmax, str(res.message)
+    return theta, f, g, it, converged, gmax, message
 
 
 def _alternative_starts(model: NestedModel, theta_em, theta_best):
@@ -200,7 +239,7 @@ def _alternative_starts(model: NestedModel, theta_em, theta_best):
 
 def fit_nested(model: NestedModel, *, theta0=None, em_iter=20, em_tol=1e-10, em_only=False,
                maxiter=1000, tol=1e-6, safeguard="auto", verbose=False) -> FitRecord:
-    """Fit a nested model: EM, then L-BFGS-B + Newton polish, then safeguards.
+    """Fit a nested model: EM, then projected Newton, then safeguards.
 
     ``tol`` bounds the largest free gradient component relative to max(1, |deviance|).
     ``safeguard``: True, False or "auto" (extra starts when the model is small
@@ -212,6 +251,8 @@ def fit_nested(model: NestedModel, *, theta0=None, em_iter=20, em_tol=1e-10, em_
     theta = np.clip(theta, model.lower, model.upper)
     rec = FitRecord(theta_start=theta.copy())
     cnt = _Counter(model)
+    v = model.design.variance
+    scale = float(np.sqrt(np.median(v))) if v is not None else 1.0
     if model.n_theta == 0:
         f, g = cnt.fg(theta)
         rec.theta, rec.deviance, rec.converged = theta, f, True
@@ -247,7 +288,7 @@ def fit_nested(model: NestedModel, *, theta0=None, em_iter=20, em_tol=1e-10, em_
             it[0] += 1
 
     theta, f, g, nit, conv, gmax, msg = _local(cnt, theta, model.lower, model.upper,
-                                               maxiter, tol, callback)
+                                               maxiter, tol, scale, callback)
     rec.n_iter = nit
     rec.candidates.append(("EM start", f, theta.copy(), conv))
     if not conv:
@@ -259,7 +300,7 @@ def fit_nested(model: NestedModel, *, theta0=None, em_iter=20, em_tol=1e-10, em_
         for label, t in _alternative_starts(model, rec.theta_em, theta):
             t = np.clip(t, model.lower, model.upper)
             th, fa, ga, nita, conva, gmaxa, _ = _local(cnt, t, model.lower, model.upper,
-                                                       maxiter, tol)
+                                                       maxiter, tol, scale)
             rec.candidates.append((label, fa, th.copy(), conva))
             if conva and fa < best[0] - 1e-7 * max(1.0, abs(best[0])):
                 best = (fa, th, ga, conva, gmaxa)

@@ -1,0 +1,169 @@
+"""meregress / multilevel: options, results API and bad input."""
+
+import json
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import mlmeta
+
+FORMULA = "stdmdiff ~ 1 + (1 | district) + (1 | district:school)"
+
+
+@pytest.fixture(scope="module")
+def schoolcal():
+    return mlmeta.datasets.load("schoolcal")
+
+
+@pytest.fixture(scope="module")
+def fit(schoolcal):
+    return mlmeta.meregress(FORMULA, schoolcal, variance="var")
+
+
+def test_results_api(fit):
+    assert fit.method == "reml" and fit.nobs == 56 and fit.converged
+    assert fit.n_iter >= 0
+    ci = fit.conf_int(alpha=0.1)
+    z = 1.6448536269514722
+    assert ci.loc["_cons", "lower"] == pytest.approx(fit.params["_cons"] - z * fit.bse["_cons"])
+    assert fit.cov_params().loc["_cons", "_cons"] == pytest.approx(fit.bse["_cons"] ** 2)
+    assert fit.aic == pytest.approx(-2 * fit.llf + 2 * 3)
+    assert fit.bic == pytest.approx(-2 * fit.llf + np.log(56) * 3)
+    assert fit.sample.shape == (56,) and fit.sample.all()
+    assert set(fit.re_cov) == {"district", "district:school"}
+    json.dumps(fit.to_dict())
+    assert "Log restricted-likelihood" in str(fit.summary())
+    assert "<table" in fit.summary()._repr_html_()
+
+
+def test_summary_switches_and_variance(fit):
+    s = fit.summary(variance=True, fixed=False, group=False).as_text()
+    assert "var(_cons)" in s and "Coefficient" not in s and "Grouping information" not in s
+    assert "[90% conf. interval]" in fit.summary(level=90).as_text()
+
+
+def test_se_and_variance_agree(schoolcal, fit):
+    res = mlmeta.meregress(FORMULA, schoolcal, se="se")
+    assert res.llf == pytest.approx(fit.llf, rel=1e-10)
+    arr = mlmeta.meregress(FORMULA, schoolcal, variance=schoolcal["var"].to_numpy())
+    assert arr.llf == pytest.approx(fit.llf, rel=1e-12)
+
+
+def test_ml_differs_from_reml(schoolcal, fit):
+    ml = mlmeta.meregress(FORMULA, schoolcal, variance="var", method="ml")
+    assert ml.method == "ml"
+    assert ml.llf == pytest.approx(-8.394935571262973, rel=1e-8)
+    assert "Log likelihood" in ml.summary().as_text()
+
+
+def test_row_order_and_relabelling_do_not_matter(schoolcal, fit):
+    rng = np.random.default_rng(0)
+    shuffled = schoolcal.iloc[rng.permutation(len(schoolcal))].copy()
+    shuffled["district"] = shuffled["district"] * 3 + 1000
+    res = mlmeta.meregress(FORMULA, shuffled, variance="var")
+    assert res.llf == pytest.approx(fit.llf, rel=1e-10)
+    assert res.params["_cons"] == pytest.approx(fit.params["_cons"], rel=1e-8)
+
+
+def test_em_only_and_verbose(schoolcal, capsys):
+    res = mlmeta.meregress(FORMULA, schoolcal, variance="var", em_only=True, verbose=True)
+    out = capsys.readouterr().out
+    assert "Performing EM optimization" in out and "EM iteration 0" in out
+    assert res.llf == pytest.approx(-7.958724033710965, abs=1e-6)
+    mlmeta.meregress(FORMULA, schoolcal, variance="var", verbose=True)
+    out = capsys.readouterr().out
+    assert "Performing gradient-based optimization" in out and "Iteration" in out
+
+
+def test_missing_values_dropped_and_reported(schoolcal, fit):
+    df = schoolcal.copy()
+    df.loc[[3, 10], "var"] = np.nan
+    df.loc[20, "stdmdiff"] = np.nan
+    with pytest.warns(mlmeta.MissingDataWarning, match="3 of 56"):
+        res = mlmeta.meregress(FORMULA, df, variance="var")
+    assert res.nobs == 53 and res.n_dropped == 3
+    assert not res.sample[[3, 10, 20]].any() and res.sample.sum() == 53
+    assert any("3 observations dropped" in n for n in res.notes)
+    assert "3 observations dropped" in res.summary().as_text()
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({}, "exactly one of se="),
+    ({"se": "se", "variance": "var"}, "exactly one of se="),
+    ({"variance": "nosuchcol"}, "nosuchcol"),
+    ({"variance": "var", "method": "mle"}, "method"),
+    ({"variance": "var", "covariance": {"school": "unstructured"}}, "not in the formula"),
+    ({"variance": "var", "covariance": {"district": "banded"}}, "unknown covariance structure"),
+    ({"variance": "var", "em_iter": -1}, "em_iter"),
+    ({"variance": "var", "tol": 0}, "tol"),
+])
+def test_bad_options(schoolcal, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        mlmeta.meregress(FORMULA, schoolcal, **kwargs)
+
+
+@pytest.mark.parametrize("column,value,match", [
+    ("var", 0.0, "sampling variances must be positive"),
+    ("var", -0.1, "sampling variances must be positive"),
+    ("se", 0.0, "sampling standard errors must be positive"),
+    ("var", np.inf, "inf"),
+    ("stdmdiff", -np.inf, "inf"),
+])
+def test_bad_values(schoolcal, column, value, match):
+    df = schoolcal.copy()
+    df.loc[5, column] = value
+    kw = {"se": "se"} if column == "se" else {"variance": "var"}
+    with pytest.raises(ValueError, match=match):
+        mlmeta.meregress(FORMULA, df, **kw)
+
+
+@pytest.mark.parametrize("formula,match", [
+    ("stdmdiff ~ 1", "no random-effects term"),
+    ("stdmdiff ~ nosuch + (1 | district)", "nosuch"),
+    ("stdmdiff ~ (1 | district", "parenthes"),
+    ("stdmdiff 1 + (1 | district)", "~"),
+    ("stdmdiff ~ year_c + year + (1 | district)", "linear combination|collinear"),
+    ("stdmdiff ~ 1 + (1 | district) + (1 | school)", "not nested"),
+    ("stdmdiff ~ 1 + (1 + year_c | district:school)", "no variation within"),
+])
+def test_bad_formulas(schoolcal, formula, match):
+    with pytest.raises(ValueError, match=match):
+        mlmeta.meregress(formula, schoolcal, variance="var")
+
+
+def test_one_group_rejected(schoolcal):
+    df = schoolcal[schoolcal.district == schoolcal.district.iloc[0]]
+    with pytest.raises(ValueError, match="only 1 group"):
+        mlmeta.meregress(FORMULA, df, variance="var")
+
+
+def test_constant_moderator_rejected(schoolcal):
+    df = schoolcal.assign(k=1.0)
+    with pytest.raises(ValueError, match="constant"):
+        mlmeta.meregress("stdmdiff ~ k + (1 | district)", df, variance="var")
+
+
+def test_multilevel_validation(schoolcal):
+    with pytest.raises(ValueError, match="without random-effects terms"):
+        mlmeta.multilevel("stdmdiff ~ (1 | district)", schoolcal, levels=["district"], variance="var")
+    with pytest.raises(ValueError, match="levels="):
+        mlmeta.multilevel("stdmdiff ~ 1", schoolcal, levels=[], variance="var")
+    with pytest.raises(ValueError, match="repeats"):
+        mlmeta.multilevel("stdmdiff ~ 1", schoolcal, levels=["district", "district"], variance="var")
+
+
+def test_boundary_variance_is_reported(schoolcal):
+    """A level with no variation left is estimated at 0 and flagged, not hidden."""
+    rng = np.random.default_rng(1)
+    n = 200
+    g = np.repeat(np.arange(40), 5)
+    df = pd.DataFrame({"y": rng.normal(0, 0.3, n), "v": np.full(n, 0.09), "g": g, "h": np.arange(n)})
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        res = mlmeta.meregress("y ~ 1 + (1 | g) + (1 | g:h)", df, variance="v")
+    rows = res.re_params()
+    assert rows.boundary.any()
+    assert any(issubclass(x.category, mlmeta.BoundaryWarning) for x in w)
+    assert "(b)" in res.summary().as_text()

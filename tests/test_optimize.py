@@ -1,0 +1,65 @@
+"""Optimiser honesty: non-convergence, better optima from other starts, saddles at 0."""
+
+import warnings
+
+import numpy as np
+import pytest
+
+import mlmeta
+from mlmeta.api import build_model
+from mlmeta.optimize import fit_nested
+
+SLOPE = "stdmdiff ~ year_c + (1 + year_c || district) + (1 | district:school)"
+
+
+@pytest.fixture(scope="module")
+def schoolcal():
+    return mlmeta.datasets.load("schoolcal")
+
+
+def test_start_at_local_maximum_reports_better_optimum(schoolcal):
+    model, _, _ = build_model(SLOPE, schoolcal, variance="var")
+    stata = np.array([0.0335302, 0.06437, 0.1808125])
+    rec = fit_nested(model, theta0=stata, em_iter=0, safeguard=True)
+    first = rec.candidates[0]
+    assert -0.5 * first[1] == pytest.approx(-7.2095301, abs=1e-6)    # the local maximum
+    assert rec.better_optimum and rec.converged
+    assert -0.5 * rec.deviance == pytest.approx(-7.181388694081951, abs=1e-8)
+    assert any("local optimum" in m for m in rec.messages)
+
+
+def test_without_safeguard_local_start_stays_local(schoolcal):
+    model, _, _ = build_model(SLOPE, schoolcal, variance="var")
+    rec = fit_nested(model, theta0=np.array([0.0335302, 0.06437, 0.1808125]), em_iter=0,
+                     safeguard=False)
+    assert -0.5 * rec.deviance == pytest.approx(-7.2095301, abs=1e-6)
+    assert not rec.better_optimum
+
+
+def test_nonconvergence_is_reported(schoolcal):
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        res = mlmeta.meregress(SLOPE, schoolcal, variance="var", em_iter=0, maxiter=1,
+                               safeguard=False)
+    assert not res.converged
+    assert any(issubclass(x.category, mlmeta.ConvergenceWarning) for x in w)
+    assert any("convergence not achieved" in n for n in res.notes)
+    assert "convergence not achieved" in res.summary().as_text()
+
+
+def test_saddle_at_zero_is_left(schoolcal):
+    """Starting with a variance exactly at 0 (zero gradient by symmetry) still reaches the optimum."""
+    model, _, _ = build_model("stdmdiff ~ 1 + (1 | district) + (1 | district:school)",
+                              schoolcal, variance="var")
+    rec = fit_nested(model, theta0=np.array([0.0, 0.2]), em_iter=0, safeguard=False)
+    assert rec.converged
+    assert -0.5 * rec.deviance == pytest.approx(-7.958724033710965, abs=1e-9)
+
+
+def test_fit_record_bookkeeping(schoolcal):
+    model, _, _ = build_model("stdmdiff ~ 1 + (1 | district) + (1 | district:school)",
+                              schoolcal, variance="var")
+    rec = fit_nested(model)
+    assert rec.n_em == 20 and rec.n_evals > rec.n_em and rec.seconds > 0
+    assert rec.theta_em is not None and rec.theta_start.shape == (2,)
+    assert rec.candidates and rec.candidates[0][0] == "EM start"
