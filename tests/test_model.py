@@ -88,3 +88,36 @@ def test_em_step_increases_likelihood():
 def test_bad_method():
     with pytest.raises(ValueError, match="method"):
         _model(SPECS[0], "mle")
+
+
+@pytest.mark.parametrize("method", ["reml", "ml"])
+def test_random_effects_match_dense(method):
+    m, rng = _model(SPECS[3], method, seed=4)
+    theta = rng.uniform(0.1, 0.5, m.n_theta)
+    d = m.design
+    from dense import dense_Z
+    blocks = dense_Z(d.Z, d.groups)
+    Zf = np.hstack([B for B, _ in blocks])
+    Gf = np.zeros((Zf.shape[1], Zf.shape[1]))
+    col = 0
+    for (B, G), S in zip(blocks, m.Sigma_list(theta)):
+        q = S.shape[0]
+        Gf[col:col + G * q, col:col + G * q] = np.kron(np.eye(G), S)
+        col += G * q
+    V = Zf @ Gf @ Zf.T + np.diag(d.variance)
+    Vi = np.linalg.inv(V)
+    X = d.X
+    H = X.T @ Vi @ X
+    beta = np.linalg.solve(H, X.T @ Vi @ d.y)
+    P = Vi - Vi @ X @ np.linalg.solve(H, X.T @ Vi)
+    u = Gf @ Zf.T @ Vi @ (d.y - X @ beta)
+    pev = Gf - Gf @ Zf.T @ P @ Zf @ Gf
+    got = m.random_effects(theta)
+    col = 0
+    for (uu, pp), (B, G) in zip(got, blocks):
+        q = uu.shape[1]
+        np.testing.assert_allclose(uu.ravel(), u[col:col + G * q], rtol=1e-9, atol=1e-12)
+        for g in range(G):
+            sl = slice(col + g * q, col + (g + 1) * q)
+            np.testing.assert_allclose(pp[g], pev[sl, sl], rtol=1e-8, atol=1e-12)
+        col += G * q

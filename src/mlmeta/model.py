@@ -157,6 +157,42 @@ class NestedModel:
     def loglik(self, theta):
         return -0.5 * self.deviance(theta)
 
+    def random_effects(self, theta):
+        """Conditional modes (BLUPs) of the random effects and their prediction-error
+        covariances, per level, in the design's group order.
+
+        With ``W_a = C^-1 T' Z~_a' A`` and ``gamma = (-beta, 1)``:
+
+            u_a   = T_l W_a gamma                                   (E[u_a | y] at beta-hat)
+            PEV_a = T_l (Sig_aa + W_aX H^-1 W_aX') T_l'             (Var(u_a - u_a-hat))
+
+        ``Sig_aa`` is the (a, a) block of C^-1 and ``W_aX`` the first p columns of
+        W_a; the second term carries the uncertainty of beta-hat (as metafor's ranef).
+        Returns a list of (u: (G_l, q_l), pev: (G_l, q_l, q_l)).
+        """
+        ev = self.evaluate(theta, em=True)
+        K = self.design.kernel
+        WW, SB = K.node_solution()
+        p = self.design.n_fe
+        nc = p + 1
+        L = self.design.n_levels
+        gamma = np.append(-ev.beta, 1.0)
+        out = []
+        for lvl, T in enumerate(self.T_list(theta)):
+            q = T.shape[0]
+            nodes = self.design.node_of_group[lvl]
+            W = WW[K.za_ptr[nodes][:, None] + np.arange(q * nc)[None, :]]
+            W = W.reshape(-1, nc, q).transpose(0, 2, 1)                    # (G, q, ncol)
+            off = K.boff[lvl * L + lvl]
+            Sig = SB[K.zz_ptr[nodes][:, None] + off + np.arange(q * q)[None, :]]
+            Sig = Sig.reshape(-1, q, q).transpose(0, 2, 1)
+            u = np.einsum("ij,gjk,k->gi", T, W, gamma)
+            WX = W[:, :, :p]
+            inner = Sig + np.einsum("gip,pr,gjr->gij", WX, ev.cov_beta, WX)
+            pev = np.einsum("ij,gjk,lk->gil", T, inner, T)
+            out.append((u, pev))
+        return out
+
     def em_step(self, theta):
         """One EM update: Sigma_l <- T_l (E_l / N_l) T_l', projected on each structure."""
         ev = self.evaluate(theta, em=True)
