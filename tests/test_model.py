@@ -121,3 +121,16 @@ def test_random_effects_match_dense(method):
             sl = slice(col + g * q, col + (g + 1) * q)
             np.testing.assert_allclose(pp[g], pev[sl, sl], rtol=1e-8, atol=1e-12)
         col += G * q
+
+
+def test_marginal_blocks_match_dense():
+    m, rng = _model(SPECS[4], "reml", seed=5)
+    theta = rng.uniform(0.1, 0.5, m.n_theta)
+    d = m.design
+    V = dense_V(d.Z, d.groups, m.Sigma_list(theta), d.variance)
+    covered = 0
+    for a, b, Vj in m.marginal_blocks(theta):
+        np.testing.assert_allclose(Vj, V[a:b, a:b], rtol=1e-12)
+        assert np.all(V[a:b, b:] == 0)
+        covered += b - a
+    assert covered == d.n_obs

@@ -63,3 +63,14 @@ def test_fit_record_bookkeeping(schoolcal):
     assert rec.n_em == 20 and rec.n_evals > rec.n_em and rec.seconds > 0
     assert rec.theta_em is not None and rec.theta_start.shape == (2,)
     assert rec.candidates and rec.candidates[0][0] == "EM start"
+
+
+def test_fixed_parameters_are_held(schoolcal):
+    model, _, _ = build_model("stdmdiff ~ 1 + (1 | district) + (1 | district:school)",
+                              schoolcal, variance="var")
+    rec = fit_nested(model, theta0=np.array([0.1, 0.2]), fixed=[0])
+    assert rec.theta[0] == 0.1 and rec.converged
+    free = fit_nested(model, theta0=np.array([0.1, 0.2]), fixed=[0], em_iter=0, safeguard=False)
+    assert free.theta[1] == pytest.approx(rec.theta[1], rel=1e-6)
+    zero = fit_nested(model, theta0=np.array([0.0, 0.2]), fixed=[0])
+    assert zero.theta[0] == 0.0

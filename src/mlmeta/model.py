@@ -193,6 +193,26 @@ class NestedModel:
             out.append((u, pev))
         return out
 
+    def marginal_blocks(self, theta):
+        """Yield (start, stop, V_j) per top-level cluster j (rows start:stop of the
+        sorted design), with the dense marginal covariance
+
+            V_j = Lambda_j + sum_l Z_lj (I (x) Sigma_l) Z_lj'.
+
+        For per-cluster postestimation (robust variances, diagnostics); O(n_j^2) each."""
+        d = self.design
+        Sigmas = self.Sigma_list(theta)
+        starts = d.group_start[0]
+        lam = d.variance if d.variance is not None else np.ones(d.n_obs)
+        for j in range(d.n_clusters):
+            a, b = int(starts[j]), int(starts[j + 1])
+            V = np.diag(lam[a:b]).astype(float)
+            for Z, g, S in zip(d.Z, d.groups, Sigmas):
+                Zj = Z[a:b]
+                same = g[a:b][:, None] == g[a:b][None, :]
+                V += (Zj @ S @ Zj.T) * same
+            yield a, b, V
+
     def em_step(self, theta):
         """One EM update: Sigma_l <- T_l (E_l / N_l) T_l', projected on each structure."""
         ev = self.evaluate(theta, em=True)

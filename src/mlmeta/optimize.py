@@ -92,12 +92,14 @@ def start_theta(model: NestedModel) -> np.ndarray:
     return model.theta_from_Sigmas(Sigmas)
 
 
-def _em(model, theta, n_iter, tol, log):
+def _em(model, theta, n_iter, tol, log, fixed=None):
     dev_old = np.inf
     ev = None
     k = 0
     for k in range(1, n_iter + 1):
         theta_new, ev = model.em_step(theta)
+        if fixed is not None:
+            theta_new[fixed] = theta[fixed]
         if log:
             log(f"EM iteration {k - 1}:  {model._ll_label()} = {-0.5 * ev.deviance:.8g}")
         if abs(dev_old - ev.deviance) <= tol * (abs(ev.deviance) + tol):
@@ -127,11 +129,12 @@ def _fd_hessian(cnt, theta, g, free, scale):
     return 0.5 * (H + H.T)
 
 
-def _kick_saddles(cnt, theta, f, g, lower, scale):
+def _kick_saddles(cnt, theta, f, g, lower, upper, scale):
     """A variance parameter at 0 has zero gradient by symmetry (the deviance depends on
     its square); if the deviance falls when it grows, 0 is a saddle: move off it."""
     moved = False
-    for i in np.flatnonzero((lower == 0.0) & (theta <= 0.0) & (np.abs(g) <= 1e-10 * max(1.0, abs(f)))):
+    for i in np.flatnonzero((lower == 0.0) & (upper > 0.0) & (theta <= 0.0)
+                            & (np.abs(g) <= 1e-10 * max(1.0, abs(f)))):
         h = 1e-3 * scale
         tp = theta.copy()
         tp[i] = h
@@ -162,7 +165,7 @@ def _local(cnt: _Counter, theta0, lower, upper, maxiter, tol, scale=1.0, callbac
         gf = g[free]
         gmax = float(np.max(np.abs(gf))) if gf.size else 0.0
         if gmax <= 1e-10 * max(1.0, abs(f)):
-            theta, f, g, moved = _kick_saddles(cnt, theta, f, g, lower, scale)
+            theta, f, g, moved = _kick_saddles(cnt, theta, f, g, lower, upper, scale)
             if not moved:
                 message = "gradient criterion met"
                 break
@@ -238,17 +241,27 @@ def _alternative_starts(model: NestedModel, theta_em, theta_best):
 
 
 def fit_nested(model: NestedModel, *, theta0=None, em_iter=20, em_tol=1e-10, em_only=False,
-               maxiter=1000, tol=1e-6, safeguard="auto", verbose=False) -> FitRecord:
+               maxiter=1000, tol=1e-6, safeguard="auto", verbose=False, fixed=None) -> FitRecord:
     """Fit a nested model: EM, then projected Newton, then safeguards.
 
     ``tol`` bounds the largest free gradient component relative to max(1, |deviance|).
     ``safeguard``: True, False or "auto" (extra starts when the model is small
     enough that they cost little: n_obs <= 50,000).
+    ``fixed``: boolean mask (or indices) of theta elements held at their ``theta0``
+    values (profiling, sensitivity analyses).
     """
     t0 = time.perf_counter()
     log = print if verbose else None
     theta = start_theta(model) if theta0 is None else np.asarray(theta0, dtype=float)
-    theta = np.clip(theta, model.lower, model.upper)
+    lower, upper = model.lower.copy(), model.upper.copy()
+    if fixed is not None:
+        mask = np.zeros(model.n_theta, dtype=bool)
+        mask[np.asarray(fixed)] = True
+        if theta0 is None:
+            raise ValueError("fixed= needs theta0 with the values to hold")
+        fixed = mask
+        lower[fixed] = upper[fixed] = theta[fixed]
+    theta = np.clip(theta, lower, upper)
     rec = FitRecord(theta_start=theta.copy())
     cnt = _Counter(model)
     v = model.design.variance
@@ -262,12 +275,12 @@ def fit_nested(model: NestedModel, *, theta0=None, em_iter=20, em_tol=1e-10, em_
         if log:
             log("Performing EM optimization ...")
         n_em = (10 * maxiter if em_only else em_iter)
-        theta, rec.n_em = _em(model, theta, n_em, em_tol, log)
+        theta, rec.n_em = _em(model, theta, n_em, em_tol, log, fixed)
         cnt.n += rec.n_em
     rec.theta_em = theta.copy()
     if em_only:
         f, g = cnt.fg(theta)
-        free = _free_mask(theta, g, model.lower, model.upper)
+        free = _free_mask(theta, g, lower, upper)
         rec.grad_max = float(np.max(np.abs(g[free]))) if free.any() else 0.0
         rec.theta, rec.deviance = theta, f
         rec.converged = rec.n_em < n_em
@@ -287,7 +300,7 @@ def fit_nested(model: NestedModel, *, theta0=None, em_iter=20, em_tol=1e-10, em_
             log(f"Iteration {it[0]}:  {model._ll_label()} = {-0.5 * cnt.f(xk):.8g}")
             it[0] += 1
 
-    theta, f, g, nit, conv, gmax, msg = _local(cnt, theta, model.lower, model.upper,
+    theta, f, g, nit, conv, gmax, msg = _local(cnt, theta, lower, upper,
                                                maxiter, tol, scale, callback)
     rec.n_iter = nit
     rec.candidates.append(("EM start", f, theta.copy(), conv))
@@ -298,8 +311,8 @@ def fit_nested(model: NestedModel, *, theta0=None, em_iter=20, em_tol=1e-10, em_
     best = (f, theta, g, conv, gmax)
     if use_safeguard:
         for label, t in _alternative_starts(model, rec.theta_em, theta):
-            t = np.clip(t, model.lower, model.upper)
-            th, fa, ga, nita, conva, gmaxa, _ = _local(cnt, t, model.lower, model.upper,
+            t = np.clip(t, lower, upper)
+            th, fa, ga, nita, conva, gmaxa, _ = _local(cnt, t, lower, upper,
                                                        maxiter, tol, scale)
             rec.candidates.append((label, fa, th.copy(), conva))
             if conva and fa < best[0] - 1e-7 * max(1.0, abs(best[0])):
