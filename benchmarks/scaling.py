@@ -8,7 +8,8 @@ Prints one table, all measured in this run:
 
 with, per row: the end-to-end ``mlmeta.meregress`` time (median of ``--repeat``
 runs; a single run from 10^6 on), its ratio to the previous row (10x the data),
-the number of objective evaluations the fit used, the time to build the model
+the number of objective evaluations the fit used, the same with
+``safeguard=False`` (no extra starts against local optima), the time to build the model
 (formula, frame, sorted design, precomputed blocks), the time of one objective
 evaluation and of one evaluation with the gradient at the optimum, and memory:
 the peak of traced allocations during one fit (tracemalloc, in a separate
@@ -35,10 +36,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import mlmeta  # noqa: E402
-from mlmeta.api import build_model  # noqa: E402
 from synthetic import formula as synthetic_formula  # noqa: E402
 from synthetic import load_schoolcal, make_three_level  # noqa: E402
+
+import mlmeta  # noqa: E402
+from mlmeta.api import build_model  # noqa: E402
 
 SCHOOLCAL = "stdmdiff ~ 1 + (1 | district) + (1 | district:school)"
 SCHOOLCAL_SLOPE = "stdmdiff ~ year_c + (1 + year_c || district) + (1 | district:school)"
@@ -49,18 +51,23 @@ def _maxrss_mb() -> float:
     return r / 1024.0 ** 2 if sys.platform == "darwin" else r / 1024.0   # bytes on macOS
 
 
-def _median_time(fn, repeat: int, min_total: float = 0.0, max_reps: int = 1000):
-    """Median wall time of ``fn()`` over at least ``repeat`` calls (more, up to
-    ``max_reps``, until ``min_total`` seconds have been spent)."""
-    times = []
-    spent = 0.0
-    while len(times) < repeat or (spent < min_total and len(times) < max_reps):
-        gc.collect()
+def _median_time(fn, repeat: int, batch: float = 0.0):
+    """Median wall time of one ``fn()`` call over ``repeat`` samples. With ``batch`` > 0,
+    each sample times a loop of calls lasting about ``batch`` seconds (as timeit does),
+    so microsecond calls are timed with warm caches and without timer noise."""
+    number = 1
+    if batch > 0:
         t0 = time.perf_counter()
         out = fn()
-        dt = time.perf_counter() - t0
-        times.append(dt)
-        spent += dt
+        one = time.perf_counter() - t0
+        number = max(1, int(batch / max(one, 1e-9)))
+    times = []
+    for _ in range(repeat):
+        gc.collect()
+        t0 = time.perf_counter()
+        for _ in range(number):
+            out = fn()
+        times.append((time.perf_counter() - t0) / number)
     return statistics.median(times), out
 
 
@@ -80,18 +87,20 @@ def measure(label, n, data, formula, variance, repeat, memory=True):
         return mlmeta.meregress(formula, data, variance=variance)
 
     fit_t, res = _median_time(fit, repeat)
+    nosg_t, res_nosg = _median_time(
+        lambda: mlmeta.meregress(formula, data, variance=variance, safeguard=False), repeat)
     build_t, (model, _, _) = _median_time(
         lambda: build_model(formula, data, variance=variance), max(1, min(repeat, 3)))
     theta = res.theta
-    eval_t, _ = _median_time(lambda: model.evaluate(theta), 5, min_total=0.3)
-    grad_t, _ = _median_time(lambda: model.evaluate(theta, gradient=True), 5, min_total=0.3)
+    eval_t, _ = _median_time(lambda: model.evaluate(theta), 5, batch=0.05)
+    grad_t, _ = _median_time(lambda: model.evaluate(theta, gradient=True), 5, batch=0.05)
     peak = _traced_peak_mb(fit) if memory else float("nan")
-    del model
-    gc.collect()
     return {
         "label": label, "n": n, "fit": fit_t, "evals": res.fit_record.n_evals,
+        "nosg": nosg_t, "evals_nosg": res_nosg.fit_record.n_evals,
         "converged": res.converged, "llf": res.llf, "build": build_t, "eval": eval_t,
-        "grad": grad_t, "peak": peak, "rss": _maxrss_mb(), "data_mb": data.memory_usage(deep=True).sum() / 1024 ** 2,
+        "grad": grad_t, "peak": peak, "rss": _maxrss_mb(),
+        "data_mb": data.memory_usage(deep=True).sum() / 1024 ** 2,
     }
 
 
@@ -104,8 +113,9 @@ def _fmt_time(t: float) -> str:
 
 
 def print_table(rows):
-    head = (f"{'data':<22}{'n':>9}  {'fit':>10} {'x10n':>6} {'evals':>6}  {'build':>10}  "
-            f"{'objective':>10} {'x10n':>6}  {'obj+grad':>10} {'x10n':>6}  "
+    head = (f"{'data':<18}{'n':>10}  {'fit':>10} {'x10n':>5} {'evals':>5}  "
+            f"{'no-safeg.':>10} {'x10n':>5} {'evals':>5}  {'build':>10}  "
+            f"{'objective':>10} {'x10n':>5}  {'obj+grad':>10} {'x10n':>5}  "
             f"{'peak MB':>8} {'data MB':>8} {'maxrss MB':>9}")
     print(head)
     print("-" * len(head))
@@ -113,14 +123,14 @@ def print_table(rows):
     for r in rows:
         synth = r["label"].startswith("synthetic")
         if synth and prev is not None and r["n"] == 10 * prev["n"]:
-            rf = f"{r['fit'] / prev['fit']:6.1f}"
-            re_ = f"{r['eval'] / prev['eval']:6.1f}"
-            rg = f"{r['grad'] / prev['grad']:6.1f}"
+            rf, rs, re_, rg = (f"{r[k] / prev[k]:5.1f}" for k in ("fit", "nosg", "eval", "grad"))
         else:
-            rf = re_ = rg = f"{'':>6}"
+            rf = rs = re_ = rg = f"{'':>5}"
         flag = "" if r["converged"] else " (not converged)"
-        print(f"{r['label']:<22}{r['n']:>9,}  {_fmt_time(r['fit'])} {rf} {r['evals']:>6}  "
-              f"{_fmt_time(r['build'])}  {_fmt_time(r['eval'])} {re_}  {_fmt_time(r['grad'])} {rg}  "
+        print(f"{r['label']:<18}{r['n']:>10,}  {_fmt_time(r['fit'])} {rf} {r['evals']:>5}  "
+              f"{_fmt_time(r['nosg'])} {rs} {r['evals_nosg']:>5}  "
+              f"{_fmt_time(r['build'])}  {_fmt_time(r['eval'])} {re_}  "
+              f"{_fmt_time(r['grad'])} {rg}  "
               f"{r['peak']:8.1f} {r['data_mb']:8.1f} {r['rss']:9.0f}{flag}")
         prev = r if synth else None
 
@@ -131,7 +141,7 @@ def main(argv=None):
     ap.add_argument("--repeat", type=int, default=5,
                     help="fits per row for the median (default 5; one fit from n = 1e6 on)")
     ap.add_argument("--slope", action="store_true",
-                    help="also time the random-slope models (schoolcal year_c, synthetic slope on x)")
+                    help="also time the random-slope models (year_c in schoolcal, x in synthetic)")
     ap.add_argument("--no-memory", action="store_true", help="skip the tracemalloc run")
     ap.add_argument("--seed", type=int, default=1)
     args = ap.parse_args(argv)
@@ -139,8 +149,11 @@ def main(argv=None):
 
     print(f"mlmeta {mlmeta.__version__}, Python {platform.python_version()}, "
           f"numpy {np.__version__}, {platform.machine()} {platform.system()}")
-    print(f"fit = median of {args.repeat} end-to-end meregress() calls (1 call from n = 1e6); "
-          f"objective = one deviance evaluation at the optimum\n")
+    print(f"fit = end-to-end meregress(), median of {args.repeat} calls (1 call from n = 1e6); "
+          f"no-safeg. = the same with safeguard=False (no extra starts);\n"
+          f"build = formula + design; objective = one deviance evaluation at the optimum "
+          f"(obj+grad: with the gradient);\npeak MB = traced peak of one fit; "
+          f"maxrss MB = process high-water mark so far; x10n = time / time of the row above\n")
     rows = []
     warnings.simplefilter("ignore")     # boundary / convergence notes are in the table
 
@@ -156,7 +169,7 @@ def main(argv=None):
         n = 1000
         while n <= max_n:
             data = make_three_level(n, seed=args.seed, slope=slope)
-            label = "synthetic 3-level" + (" slope" if slope else "")
+            label = "synthetic" + (" slope" if slope else "")
             repeat = args.repeat if n < 1_000_000 else 1
             rows.append(measure(label, n, data, synthetic_formula(slope), "v", repeat,
                                 not args.no_memory))

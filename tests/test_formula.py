@@ -360,21 +360,38 @@ def test_transform_of_column_with_missing_is_dropped(schools):
 
 def test_collinear_moderators(schools):
     data = schools.assign(x2=2 * schools.x - schools.year)
+    mf = frame("y ~ x + year + x2 + (1 | district)", data)
+    assert mf.fe_names == ["x", "year", "_cons"] and mf.omitted == ["x2"]
+    assert mf.X.shape[1] == 3
+    assert "x2 omitted because of collinearity" in mf.notes[0]
     with pytest.raises(ValueError, match=r"rank deficient.*'x2' is a linear combination of earlier columns"):
-        frame("y ~ x + year + x2 + (1 | district)", data)
+        build_model_frame(parse_formula("y ~ x + year + x2 + (1 | district)"), data,
+                          collinear_fixed="error")
 
 
 def test_constant_moderator(schools):
+    mf = frame("y ~ x + c + (1 | district)", schools.assign(c=3.0))
+    assert mf.omitted == ["c"] and "constant" in mf.notes[0]
     with pytest.raises(ValueError, match=r"rank deficient.*'c' is constant"):
-        frame("y ~ x + c + (1 | district)", schools.assign(c=3.0))
+        build_model_frame(parse_formula("y ~ x + c + (1 | district)"), schools.assign(c=3.0),
+                          collinear_fixed="error")
     mf = frame("y ~ 0 + x + c + (1 | district)", schools.assign(c=3.0))
     assert mf.fe_names == ["x", "c"]
 
 
 def test_more_columns_than_rows(schools):
     data = schools.iloc[:3].assign(district=[1, 2, 2], x2=[1.0, 5.0, 2.0], x3=[0.0, 1.0, 7.0])
-    with pytest.raises(ValueError, match=r"rank deficient"):
-        frame("y ~ x + x2 + x3 + (1 | district)", data)
+    mf = frame("y ~ x + x2 + x3 + (1 | district)", data)
+    assert len(mf.omitted) == 1 and mf.X.shape[1] == 3
+
+
+def test_collinear_random_columns(schools):
+    data = schools.assign(x2=2 * schools.x)
+    with pytest.raises(ValueError, match=r"random-effects columns .* collinear.*collinear=True"):
+        frame("y ~ x + (1 + x + x2 | district)", data)
+    mf = build_model_frame(parse_formula("y ~ x + (1 + x + x2 | district)"), data,
+                           collinear_random=True)
+    assert mf.re_names[0] == ["x", "x2", "_cons"]
 
 
 def test_warning_classes():

@@ -8,7 +8,7 @@
 """
 
 from mlmeta._errors import BoundaryWarning, ConvergenceWarning, MissingDataWarning
-from mlmeta.api import meregress, multilevel
+from mlmeta.api import meregress, multilevel, sensitivity
 from mlmeta.results import MeregressResults
 
 __version__ = "0.1.0"
@@ -23,6 +23,6 @@ def __getattr__(name):
 
 
 __all__ = [
-    "meregress", "multilevel", "MeregressResults", "datasets",
+    "meregress", "multilevel", "sensitivity", "MeregressResults", "datasets",
     "MissingDataWarning", "ConvergenceWarning", "BoundaryWarning", "__version__",
 ]

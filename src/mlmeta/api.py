@@ -13,6 +13,7 @@ import warnings
 import numpy as np
 
 from mlmeta._errors import BoundaryWarning, ConvergenceWarning
+from mlmeta.constraints import parse_constraints
 from mlmeta.covstruct import make_structure
 from mlmeta.design import build_design
 from mlmeta.formula import build_model_frame, parse_formula
@@ -20,7 +21,7 @@ from mlmeta.model import NestedModel
 from mlmeta.optimize import fit_nested
 from mlmeta.results import MeregressResults
 
-__all__ = ["meregress", "multilevel", "build_model"]
+__all__ = ["meregress", "multilevel", "build_model", "sensitivity"]
 
 
 def _sampling_variance(frame, se, variance):
@@ -56,23 +57,38 @@ def _structures(frame, covariance):
             for i, t in enumerate(frame.terms)]
 
 
-def build_model(formula, data, *, se=None, variance=None, method="reml", covariance=None):
-    """Parse, build the frame and the nested model; return (model, frame, parsed)."""
+def build_model(formula, data, *, se=None, variance=None, method="reml", covariance=None,
+                constraints=None, collinear=False):
+    """Parse, build the frame and the nested model; return (model, frame, parsed).
+
+    With ``constraints`` the model is fitted on the constrained design
+    (see :mod:`mlmeta.constraints`); ``model.fe_constraints`` maps back."""
     parsed = parse_formula(formula)
     if not parsed.random:
         raise ValueError("the formula has no random-effects term such as (1 | study); "
                          "meregress needs at least one level")
     extra = {"se": se, "variance": variance}
-    frame = build_model_frame(parsed, data, extra={k: v for k, v in extra.items() if v is not None})
+    frame = build_model_frame(parsed, data, extra={k: v for k, v in extra.items() if v is not None},
+                              collinear_random=bool(collinear))
     v = _sampling_variance(frame, se, variance)
     structs = _structures(frame, covariance)
-    design = build_design(frame.y, frame.X, frame.Z, frame.groups, v)
+    y, X = frame.y, frame.X
+    fc = None
+    if constraints is not None and not (isinstance(constraints, (list, tuple)) and len(constraints) == 0):
+        fc = parse_constraints(constraints, frame.fe_names)
+        y = y - X @ fc.beta0
+        X = np.asfortranarray(X @ fc.N)
+    if frame.y.shape[0] <= X.shape[1]:
+        raise ValueError(f"{frame.y.shape[0]} observations for {X.shape[1]} fixed effects: at "
+                         f"least one more observation than fixed effects is needed")
+    design = build_design(y, X, frame.Z, frame.groups, v)
     model = NestedModel(design, structs, method)
+    model.fe_constraints = fc
     return model, frame, parsed
 
 
 def meregress(formula, data, *, se=None, variance=None, method="reml", covariance=None,
-              em_iter=20, em_tol=1e-10, em_only=False, maxiter=1000, tol=1e-6,
+              constraints=None, collinear=False, em_iter=20, em_tol=1e-10, em_only=False, maxiter=1000, tol=1e-6,
               safeguard="auto", verbose=False) -> MeregressResults:
     """Multilevel meta-regression (Stata's ``meta meregress``, metafor's ``rma.mv``).
 
@@ -85,7 +101,15 @@ def meregress(formula, data, *, se=None, variance=None, method="reml", covarianc
     data : DataFrame (or dict of columns).
     se, variance : sampling standard errors or variances (column name or array); one of them.
     method : "reml" (default) or "ml".
-    covariance : dict grouping term -> "independent" | "exchangeable" | "identity" | "unstructured".
+    covariance : dict grouping term -> "independent" | "exchangeable" | "identity" |
+        "unstructured", or a custom square pattern over the term's effects (Stata's
+        ``custom matname``): diagonal = SDs, off-diagonal = correlations; a number
+        fixes the value, None/NaN is free, a string label used at two or more places
+        constrains those elements equal, e.g. ``[["a", .5], [.5, "a"]]``.
+    constraints : linear constraints on the fixed effects, ``["x1 = x2", "x3 = 0.5"]``
+        (formulaic's syntax) or an ``(R, r)`` pair meaning ``R beta = r``; fitted exactly.
+    collinear : keep collinear random-effect columns (Stata's ``collinear``); by default
+        they are an error. Collinear moderators are omitted with a note (Stata's rule).
     em_iter, em_tol, em_only : EM iterations before the gradient-based optimiser (Stata's
         emiterate(20), emtolerance(1e-10), emonly).
     maxiter, tol : limits of the gradient-based optimiser; ``tol`` bounds the largest
@@ -102,7 +126,10 @@ def meregress(formula, data, *, se=None, variance=None, method="reml", covarianc
     if not (tol > 0 and em_tol > 0):
         raise ValueError("tol and em_tol must be positive")
     model, frame, parsed = build_model(formula, data, se=se, variance=variance,
-                                       method=method, covariance=covariance)
+                                       method=method, covariance=covariance,
+                                       constraints=constraints, collinear=collinear)
+    for note in frame.notes:
+        warnings.warn(note, UserWarning, stacklevel=2)
     record = fit_nested(model, em_iter=em_iter, em_tol=em_tol, em_only=em_only,
                         maxiter=maxiter, tol=tol, safeguard=safeguard, verbose=verbose)
     res = MeregressResults(model, frame, record, depvar=parsed.response,
@@ -148,3 +175,22 @@ def multilevel(formula, data, *, levels, se=None, variance=None, method="reml", 
     rhs = rhs.strip() or "1"
     full = f"{lhs.strip()} ~ {rhs} + " + " + ".join(terms)
     return meregress(full, data, se=se, variance=variance, method=method, **kwargs)
+
+
+def sensitivity(formula, data, *, term, covariances, **kwargs):
+    """Fit the same model once per covariance pattern of grouping ``term`` (Stata's
+    example 7: a list of custom matrices with fixed correlations); returns the fits.
+
+    ``mlmeta.sensitivity(f, df, term="district", covariances=[S1, S2, S3], variance="var")``
+    """
+    if isinstance(covariances, (str, bytes)) or not hasattr(covariances, "__iter__"):
+        raise ValueError("covariances= must be a list of covariance specifications")
+    base = dict(kwargs.pop("covariance", None) or {})
+    fits = []
+    for spec in covariances:
+        cov = dict(base)
+        cov[term] = spec
+        fits.append(meregress(formula, data, covariance=cov, **kwargs))
+    if not fits:
+        raise ValueError("covariances= is empty")
+    return fits

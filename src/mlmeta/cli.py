@@ -3,7 +3,8 @@
 ::
 
     mlmeta fit schoolcal.csv "stdmdiff ~ 1 + (1 | district) + (1 | district:school)" --variance var
-    mlmeta fit data.csv "y ~ x + (1 + x | a) + (1 | a:b)" --se se --method ml --covariance a=independent
+    mlmeta fit data.csv "y ~ x + (1 + x | a) + (1 | a:b)" --se se --method ml \
+        --covariance a=independent
     mlmeta fit --example schoolcal --json
     python -m mlmeta fit --example pupiliq --variance-components
 

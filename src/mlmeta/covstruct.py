@@ -10,6 +10,8 @@ reporting metric (standard deviations and correlations, Stata's default).
 * ``exchangeable``:  T = a I + g 1 1'               theta = (a, g),       a >= 0
       Sigma = a^2 I + (2 a g + q g^2) 1 1'  (every exchangeable PSD matrix)
 * ``unstructured``:  T lower triangular             theta = vech(T),      diag >= 0
+* ``custom``:        T = D chol(R)                  theta = (free SDs, free correlations)
+      with fixed values and equality labels (Stata's ``covariance(custom matname)``)
 """
 
 from __future__ import annotations
@@ -237,6 +239,235 @@ class Unstructured(CovStruct):
         return out
 
 
+def _chol_lower(R):
+    """Cholesky factor of a correlation matrix; FloatingPointError if not positive definite."""
+    try:
+        return np.linalg.cholesky(R)
+    except np.linalg.LinAlgError:
+        raise FloatingPointError("correlation matrix is not positive definite") from None
+
+
+class Custom(CovStruct):
+    """Stata's ``covariance(custom matname)``: a square pattern over the effects.
+
+    The diagonal holds standard deviations, the off-diagonal correlations. A number
+    fixes the element, ``None``/NaN leaves it free, and a string label used at two
+    or more places constrains those elements to one common value (SDs with SDs,
+    correlations with correlations). With ``D = diag(sd)`` and ``R`` the correlation
+    matrix, ``Sigma = D R D`` and ``T = D chol(R)``; theta holds the distinct free
+    SDs (>= 0) then the distinct free correlations (in (-1, 1)).
+    """
+
+    kind, title = "custom", "Custom"
+    CORR_BOUND = 1.0 - 1e-9
+
+    def __init__(self, effect_names, pattern):
+        super().__init__(effect_names)
+        P = self._validate(pattern)
+        q = self.q
+        # positions of each parameter: list of (kind, [(i, j), ...], fixed value or None)
+        sd_groups, corr_groups = {}, {}
+        self.params = []
+        self._fixed_sd = np.full(q, np.nan)
+        self._fixed_corr = np.full((q, q), np.nan)
+        for i in range(q):
+            v = P[i][i]
+            if isinstance(v, str):
+                sd_groups.setdefault(v, []).append(i)
+            elif v is None:
+                sd_groups[("free", i)] = [i]
+            else:
+                self._fixed_sd[i] = v
+        for i in range(q):
+            for j in range(i + 1, q):
+                v = P[i][j]
+                if isinstance(v, str):
+                    corr_groups.setdefault(v, []).append((i, j))
+                elif v is None:
+                    corr_groups[("free", i, j)] = [(i, j)]
+                else:
+                    self._fixed_corr[i, j] = self._fixed_corr[j, i] = v
+        for label, where in list(sd_groups.items()) + list(corr_groups.items()):
+            if isinstance(label, str) and len(where) < 2:
+                raise ValueError(f"custom covariance: label {label!r} is used only once; a label "
+                                 f"constrains two or more elements to be equal")
+        self._sd_free = list(sd_groups.values())
+        self._corr_free = list(corr_groups.values())
+        self._validate_fixed_psd()
+
+    # -- validation ----------------------------------------------------------
+    def _validate(self, pattern):
+        q = self.q
+        arr = np.asarray(pattern, dtype=object)
+        if arr.ndim != 2 or arr.shape != (q, q):
+            raise ValueError(f"custom covariance must be a {q} x {q} matrix over the effects "
+                             f"{self.effect_names}; got shape {arr.shape}")
+
+        def norm(v):
+            if v is None:
+                return None
+            if isinstance(v, str):
+                v = v.strip()
+                if not v or v == ".":
+                    return None
+                return v.lstrip(".")
+            try:
+                f = float(v)
+            except (TypeError, ValueError):
+                raise ValueError(f"custom covariance: element {v!r} is neither a number, "
+                                 f"None/NaN nor a label") from None
+            return None if np.isnan(f) else f
+
+        P = [[norm(arr[i, j]) for j in range(q)] for i in range(q)]
+        for i in range(q):
+            for j in range(i + 1, q):
+                if P[i][j] != P[j][i]:
+                    raise ValueError(f"custom covariance must be symmetric: element ({i + 1},{j + 1}) "
+                                     f"is {P[i][j]!r} but ({j + 1},{i + 1}) is {P[j][i]!r}")
+        diag_labels = {P[i][i] for i in range(q) if isinstance(P[i][i], str)}
+        off_labels = {P[i][j] for i in range(q) for j in range(q) if i != j and isinstance(P[i][j], str)}
+        both = diag_labels & off_labels
+        if both:
+            raise ValueError(f"custom covariance: label(s) {sorted(both)} used for both a standard "
+                             f"deviation and a correlation")
+        for i in range(q):
+            v = P[i][i]
+            if isinstance(v, float) and v < 0:
+                raise ValueError(f"custom covariance: fixed standard deviation of "
+                                 f"{self.effect_names[i]!r} is negative ({v})")
+            for j in range(i + 1, q):
+                v = P[i][j]
+                if isinstance(v, float) and not (-1.0 < v < 1.0):
+                    raise ValueError(f"custom covariance: fixed correlation between "
+                                     f"{self.effect_names[i]!r} and {self.effect_names[j]!r} must "
+                                     f"lie in (-1, 1), got {v}")
+        return P
+
+    def _validate_fixed_psd(self):
+        """Every principal submatrix of fully fixed correlations must be PSD."""
+        q = self.q
+        fixed = ~np.isnan(self._fixed_corr) | np.eye(q, dtype=bool)
+        # greedy: grow sets of effects whose pairwise correlations are all fixed
+        for i in range(q):
+            members = [i]
+            for j in range(q):
+                if j != i and all(fixed[j, m] for m in members):
+                    members.append(j)
+            if len(members) > 2:
+                R = np.eye(len(members))
+                for a, x in enumerate(members):
+                    for b, y in enumerate(members):
+                        if a != b:
+                            R[a, b] = self._fixed_corr[x, y]
+                if np.linalg.eigvalsh(R).min() < -1e-12:
+                    names = [self.effect_names[m] for m in members]
+                    raise ValueError(f"custom covariance: the fixed correlations among {names} do "
+                                     f"not form a positive semi-definite matrix")
+
+    # -- parameterisation ----------------------------------------------------
+    @property
+    def n_theta(self):
+        return len(self._sd_free) + len(self._corr_free)
+
+    @property
+    def lower(self):
+        return np.concatenate([np.zeros(len(self._sd_free)),
+                               np.full(len(self._corr_free), -self.CORR_BOUND)])
+
+    @property
+    def upper(self):
+        return np.concatenate([np.full(len(self._sd_free), np.inf),
+                               np.full(len(self._corr_free), self.CORR_BOUND)])
+
+    def _sd_R(self, theta):
+        theta = np.asarray(theta, dtype=float)
+        sd = self._fixed_sd.copy()
+        R = np.where(np.isnan(self._fixed_corr), 0.0, self._fixed_corr)
+        np.fill_diagonal(R, 1.0)
+        k = len(self._sd_free)
+        for t, where in zip(theta[:k], self._sd_free):
+            sd[where] = t
+        for t, where in zip(theta[k:], self._corr_free):
+            for i, j in where:
+                R[i, j] = R[j, i] = t
+        return sd, R
+
+    def T(self, theta):
+        sd, R = self._sd_R(theta)
+        return sd[:, None] * _chol_lower(R)
+
+    def dT(self, theta):
+        """dT = dD L + D dL with dL = L Phi(L^-1 dR L^-T), Phi = lower part, half diagonal."""
+        sd, R = self._sd_R(theta)
+        L = _chol_lower(R)
+        Li = np.linalg.inv(L)
+        out = np.zeros((self.n_theta, self.q, self.q))
+        k = len(self._sd_free)
+        for a, where in enumerate(self._sd_free):
+            dD = np.zeros(self.q)
+            dD[where] = 1.0
+            out[a] = dD[:, None] * L
+        for b, where in enumerate(self._corr_free):
+            dR = np.zeros((self.q, self.q))
+            for i, j in where:
+                dR[i, j] = dR[j, i] = 1.0
+            M = Li @ dR @ Li.T
+            Phi = np.tril(M, -1) + 0.5 * np.diag(np.diag(M))
+            out[k + b] = sd[:, None] * (L @ Phi)
+        return out
+
+    def from_Sigma(self, Sigma):
+        sd_all = np.sqrt(np.clip(np.diag(Sigma), 0.0, None))
+        theta = [float(np.mean(sd_all[where])) for where in self._sd_free]
+        for where in self._corr_free:
+            vals = [Sigma[i, j] / (sd_all[i] * sd_all[j]) if sd_all[i] > 0 and sd_all[j] > 0 else 0.0
+                    for i, j in where]
+            theta.append(float(np.clip(np.mean(vals), -0.95, 0.95)))
+        return np.asarray(theta)
+
+    def theta_from_report(self, values):
+        """Exact inverse of :meth:`report_values` (fixed entries are ignored)."""
+        out = []
+        for (kind, eff), v in zip(self.report_params(), values):
+            key = ("sd", eff) if kind == "sd" else ("corr", eff)
+            if key in self._free_keys():
+                out.append(v)
+        return np.asarray(out, dtype=float)
+
+    def _free_keys(self):
+        return [("sd", tuple(w)) for w in self._sd_free] + [("corr", tuple(w)) for w in self._corr_free]
+
+    # -- reporting -------------------------------------------------------------
+    def report_params(self):
+        out = []
+        seen = set()
+        for where in self._sd_free:
+            out.append(("sd", tuple(where)))
+            seen.update(where)
+        sd_entries = [("sd", tuple(w)) for w in self._sd_free]
+        fixed_sd = [("sd", (i,)) for i in range(self.q) if not np.isnan(self._fixed_sd[i])]
+        entries = sd_entries + fixed_sd
+        entries.sort(key=lambda e: e[1][0])
+        corr_entries = [("corr", tuple(w)) for w in self._corr_free]
+        corr_entries += [("corr", ((i, j),)) for i in range(self.q) for j in range(i + 1, self.q)
+                         if not np.isnan(self._fixed_corr[i, j])]
+        corr_entries.sort(key=lambda e: e[1][0])
+        return entries + corr_entries
+
+    def report_values(self, theta):
+        """SDs and correlations read off the pattern (fixed values exactly as given)."""
+        sd, R = self._sd_R(theta)
+        return np.asarray([sd[eff[0]] if kind == "sd" else R[eff[0]]
+                           for kind, eff in self.report_params()])
+
+    def is_fixed(self, index):
+        kind, eff = self.report_params()[index]
+        if kind == "sd":
+            return len(eff) == 1 and not np.isnan(self._fixed_sd[eff[0]])
+        i, j = eff[0]
+        return not np.isnan(self._fixed_corr[i, j])
+
+
 _CLASSES = {"identity": Identity, "independent": Independent,
             "exchangeable": Exchangeable, "unstructured": Unstructured}
 
@@ -254,6 +485,9 @@ def make_structure(spec, effect_names, correlated=True):
             raise ValueError(f"covariance structure has {spec.q} effects, the term has {q}")
         return spec
     if not isinstance(spec, str):
+        if np.ndim(spec) == 2 or (isinstance(spec, (list, tuple)) and spec and
+                                  isinstance(spec[0], (list, tuple, np.ndarray))):
+            return Custom(effect_names, spec)
         raise ValueError(f"unknown covariance structure {spec!r}; use one of {', '.join(STRUCTURES)}")
     key = spec.strip().lower()
     matches = [s for s in STRUCTURES if s.startswith(key)] if key else []

@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -89,6 +89,9 @@ class ModelFrame:
         extra: requested extra columns, restricted to ``sample``.
         fixed_spec: formulaic ModelSpec of the fixed part (re-applied by predictions).
         re_specs: formulaic ModelSpec of each random term's rhs.
+        omitted: fixed-effect columns omitted because of collinearity (Stata's rule:
+            a column that is a linear combination of earlier ones is dropped).
+        notes: messages about the frame (omitted columns).
     """
 
     y: np.ndarray
@@ -105,6 +108,8 @@ class ModelFrame:
     extra: dict[str, np.ndarray]
     fixed_spec: object
     re_specs: list
+    omitted: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
 
 
 # Parsing ------------------------------------------------------------------
@@ -452,21 +457,49 @@ def _dependent_columns(X: np.ndarray) -> list[int]:
     return sorted(np.argsort(d0, kind="stable")[: n_fe - rank].tolist())
 
 
-def _check_fixed_rank(X: np.ndarray, names: list[str], has_intercept: bool) -> None:
-    dependent = _dependent_columns(X)
-    if not dependent:
-        return
-    problems = []
-    for j in dependent:
+def _rank_problems(X: np.ndarray, names: list[str], has_intercept: bool) -> list[tuple[int, str]]:
+    """(column, reason) for each column that is a linear combination of earlier ones."""
+    out = []
+    for j in _dependent_columns(X):
         name = INTERCEPT if names[j] == _FORMULAIC_INTERCEPT else names[j]
         if has_intercept and names[j] != _FORMULAIC_INTERCEPT and np.ptp(X[:, j]) == 0:
-            problems.append(f"{name!r} is constant")
+            out.append((j, f"{name!r} is constant"))
         else:
-            problems.append(f"{name!r} is a linear combination of earlier columns")
-    raise ValueError(
-        f"fixed-effects design is rank deficient ({X.shape[1] - len(dependent)} of {X.shape[1]} "
-        f"columns independent): {'; '.join(problems)}. Remove or recode the collinear moderator(s)."
-    )
+            out.append((j, f"{name!r} is a linear combination of earlier columns"))
+    return out
+
+
+def _check_fixed_rank(X: np.ndarray, names: list[str], has_intercept: bool, collinear: str = "omit"):
+    """Stata's rule: omit collinear moderators with a note (``collinear="omit"``),
+    or raise (``"error"``). Returns (X, names, omitted, notes)."""
+    problems = _rank_problems(X, names, has_intercept)
+    if not problems:
+        return X, names, [], []
+    if collinear == "error" or len(problems) == X.shape[1]:
+        raise ValueError(
+            f"fixed-effects design is rank deficient ({X.shape[1] - len(problems)} of {X.shape[1]} "
+            f"columns independent): {'; '.join(p for _, p in problems)}. Remove or recode the "
+            f"collinear moderator(s)."
+        )
+    drop = [j for j, _ in problems]
+    keep = [j for j in range(X.shape[1]) if j not in drop]
+    omitted = [INTERCEPT if names[j] == _FORMULAIC_INTERCEPT else names[j] for j in drop]
+    notes = [f"{nm} omitted because of collinearity ({why.split(' is ', 1)[1]})"
+             for nm, (_, why) in zip(omitted, problems)]
+    return np.asfortranarray(X[:, keep]), [names[j] for j in keep], omitted, notes
+
+
+def _check_random_rank(term: RandomTerm, Z: np.ndarray, names: list[str], collinear: bool):
+    """Collinear random-effect columns are an error unless ``collinear=True`` (Stata)."""
+    if collinear:
+        return
+    problems = _rank_problems(Z, names, INTERCEPT in names)
+    if problems:
+        raise ValueError(
+            f"random-effects columns of ({term.rhs} | {term.group}) are collinear: "
+            f"{'; '.join(p for _, p in problems)}. Drop them, or pass collinear=True when the "
+            f"covariance structure identifies the model."
+        )
 
 
 def _check_nested(inner: RandomTerm, outer: RandomTerm, codes: np.ndarray, first: np.ndarray, parent: np.ndarray):
@@ -504,7 +537,8 @@ def _check_slopes(term: RandomTerm, Z: np.ndarray, names: list[str], codes: np.n
         )
 
 
-def build_model_frame(parsed: ParsedFormula, data, extra: Mapping | None = None) -> ModelFrame:
+def build_model_frame(parsed: ParsedFormula, data, extra: Mapping | None = None, *,
+                      collinear_fixed: str = "omit", collinear_random: bool = False) -> ModelFrame:
     """Evaluate a parsed formula on ``data`` and return aligned model arrays.
 
     Args:
@@ -513,6 +547,9 @@ def build_model_frame(parsed: ParsedFormula, data, extra: Mapping | None = None)
         extra: maps a key (e.g. ``"variance"``) to a column name, to an array
             with one value per row of ``data`` (taken by position), or to None
             (ignored). Extras take part in dropping rows with missing values.
+        collinear_fixed: "omit" (Stata: drop a moderator that is a linear
+            combination of earlier columns, with a note) or "error".
+        collinear_random: keep collinear random-effect columns (Stata's collinear).
 
     Rows with a missing value (NaN, None, pd.NA) in the response, in any
     variable of the fixed or random parts, in a grouping variable or in an
@@ -580,7 +617,7 @@ def build_model_frame(parsed: ParsedFormula, data, extra: Mapping | None = None)
 
     y = y_all[rows] if n_dropped else y_all
     X, fx_names, fixed_spec, fx_intercept = _design(fixed_formula, sub, f"the fixed part {parsed.fixed_rhs!r}")
-    _check_fixed_rank(X, fx_names, fx_intercept)
+    X, fx_names, omitted, notes = _check_fixed_rank(X, fx_names, fx_intercept, collinear_fixed)
     X, fe_names = _intercept_last(X, fx_names)
 
     Z, re_names, re_specs, groups, group_labels = [], [], [], [], []
@@ -601,6 +638,7 @@ def build_model_frame(parsed: ParsedFormula, data, extra: Mapping | None = None)
         if level > 0:
             _check_nested(term, parsed.random[level - 1], codes, first, groups[-1])
         _check_slopes(term, Z_l, names_l, codes, first)
+        _check_random_rank(term, Z_l, names_l, collinear_random)
         Z.append(Z_l)
         re_names.append(names_l)
         re_specs.append(spec)
@@ -622,4 +660,6 @@ def build_model_frame(parsed: ParsedFormula, data, extra: Mapping | None = None)
         extra={key: values[rows] if n_dropped else values for key, (_, values) in extras.items()},
         fixed_spec=fixed_spec,
         re_specs=re_specs,
+        omitted=omitted,
+        notes=notes,
     )

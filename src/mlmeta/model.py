@@ -66,7 +66,7 @@ class NestedModel:
         self.n_theta = int(offs[-1])
         self.lower = np.concatenate([s.lower for s in structs]) if structs else np.zeros(0)
         self.upper = np.concatenate([s.upper for s in structs]) if structs else np.zeros(0)
-        self._dT = None
+        self.fe_constraints = None      # set by the API when R beta = r constraints apply
 
     # -- theta <-> per-level quantities ---------------------------------------
     def T_list(self, theta):

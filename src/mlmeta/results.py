@@ -53,11 +53,21 @@ class MeregressResults:
         self._eval = ev
         names = list(frame.fe_names)
         self.fe_names = names
-        self.params = pd.Series(ev.beta, index=names, name="coef")
-        self._cov = pd.DataFrame(ev.cov_beta, index=names, columns=names)
-        self.bse = pd.Series(np.sqrt(np.diag(ev.cov_beta)), index=names, name="std err")
-        self.zvalues = self.params / self.bse
-        self.pvalues = pd.Series(2 * stats.norm.sf(np.abs(self.zvalues)), index=names, name="P>|z|")
+        beta, cov = ev.beta, ev.cov_beta
+        fc = getattr(model, "fe_constraints", None)
+        self.constraints = fc
+        if fc is not None:
+            beta, cov = fc.expand(beta, cov)
+        self.params = pd.Series(beta, index=names, name="coef")
+        self._cov = pd.DataFrame(cov, index=names, columns=names)
+        se = np.sqrt(np.clip(np.diag(cov), 0.0, None))
+        se[se < 1e-12 * np.maximum(np.abs(beta), 1.0)] = 0.0
+        self.bse = pd.Series(se, index=names, name="std err")
+        with np.errstate(divide="ignore", invalid="ignore"):
+            z = np.where(se > 0, beta / np.where(se > 0, se, 1.0), np.nan)
+        self.zvalues = pd.Series(z, index=names, name="z")
+        self.pvalues = pd.Series(2 * stats.norm.sf(np.abs(z)), index=names, name="P>|z|")
+        self.omitted = list(frame.omitted)
         self.llf = -0.5 * ev.deviance
         self.nobs = int(model.n_obs)
         self.converged = bool(record.converged)
@@ -99,13 +109,20 @@ class MeregressResults:
 
     @cached_property
     def _wald(self):
+        """chi2 = b' V^+ b over the moderators (pseudo-inverse and rank under constraints)."""
         idx = [i for i, nm in enumerate(self.fe_names) if nm != "_cons"]
         if not idx:
             return None, 0, None
         b = self.params.values[idx]
         V = self._cov.values[np.ix_(idx, idx)]
-        chi2 = float(b @ np.linalg.solve(V, b))
-        return chi2, len(idx), float(stats.chi2.sf(chi2, len(idx)))
+        w, U = np.linalg.eigh(0.5 * (V + V.T))
+        keep = w > 1e-12 * max(float(w.max()), 1e-300)
+        df = int(keep.sum())
+        if df == 0:
+            return None, 0, None
+        proj = U[:, keep].T @ b
+        chi2 = float(proj @ (proj / w[keep]))
+        return chi2, df, float(stats.chi2.sf(chi2, df))
 
     @property
     def wald_chi2(self):
@@ -161,6 +178,35 @@ class MeregressResults:
         scale = float(np.sqrt(np.median(d.variance))) if d.variance is not None else 1.0
         return variance_components(self.model, self.theta, self.group_names, scale=scale)
 
+    def recovariance(self, level=None, correlation: bool = False):
+        """Random-effects covariance (or correlation) matrix of a level (Stata's
+        ``estat recovariance``), or a dict over all levels when ``level`` is None.
+
+        Each matrix carries ``.attrs["fixed"]``: the parameters held fixed, e.g.
+        ``["corr(year_c,_cons) = .5"]``."""
+        levels = self.group_names if level is None else [level]
+        out = {}
+        for name in levels:
+            if name not in self.group_names:
+                raise ValueError(f"unknown level {name!r}; levels are {self.group_names}")
+            lvl = self.group_names.index(name)
+            s = self.model.structs[lvl]
+            S = self.model.Sigma_list(self.theta)[lvl]
+            if correlation:
+                sd = np.sqrt(np.clip(np.diag(S), 0.0, None))
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    S = np.where(np.outer(sd, sd) > 0, S / np.outer(sd, sd), 0.0)
+                np.fill_diagonal(S, 1.0)
+            df = pd.DataFrame(S, index=s.effect_names, columns=s.effect_names)
+            fixed = []
+            vals = s.report_values(self.theta[self.model.theta_slices[lvl]])
+            for i, (lab, v) in enumerate(zip(s.labels(), vals)):
+                if getattr(s, "is_fixed", lambda k: False)(i):
+                    fixed.append(f"{lab} = {v:g}")
+            df.attrs["fixed"] = fixed
+            out[name] = df
+        return out if level is None else out[level]
+
     def re_params(self, variance: bool = False, level: float = 95.0) -> pd.DataFrame:
         """Random-effects parameters as SDs/correlations (or variances/covariances)
         with delta-method standard errors and confidence intervals (Stata's metric)."""
@@ -204,6 +250,7 @@ class MeregressResults:
             notes.extend(m for m in self.fit_record.messages if "local optimum" in m)
         for b in self.boundary:
             notes.append(f"{b}: the estimate is on the boundary of the parameter space.")
+        notes.extend(self.frame.notes)
         if self.n_dropped:
             notes.append(f"{self.n_dropped} observation{'s' if self.n_dropped != 1 else ''} "
                          f"dropped because of missing values.")
@@ -221,8 +268,15 @@ class MeregressResults:
         fixed_rows = []
         for nm in self.fe_names:
             b, se = float(self.params[nm]), float(self.bse[nm])
-            fixed_rows.append(_summary.FixedRow(nm, b, se, b / se, float(self.pvalues[nm]),
-                                                b - z * se, b + z * se))
+            if se > 0:
+                fixed_rows.append(_summary.FixedRow(nm, b, se, b / se, float(self.pvalues[nm]),
+                                                    b - z * se, b + z * se))
+            else:
+                fixed_rows.append(_summary.FixedRow(nm, b, np.nan, np.nan, np.nan, np.nan, np.nan,
+                                                    status="constrained"))
+        for nm in self.omitted:
+            fixed_rows.append(_summary.FixedRow(nm, 0.0, np.nan, np.nan, np.nan, np.nan, np.nan,
+                                                status="omitted"))
         comps = self._vc[0]
         table = self.re_params(variance=variance, level=level)
         blocks = []
@@ -248,6 +302,7 @@ class MeregressResults:
             ll_label=self.model._ll_label(), llf=self.llf, fixed=fixed_rows,
             Q_M=self.Q_M, Q_M_df=self.Q_M_df, Q_M_p=self.Q_M_pvalue, random=blocks,
             level=level, notes=self.notes, show_header=header, show_groups=group,
+            constraints=self.constraints.describe() if self.constraints is not None else [],
             show_fixed=fixed, show_random=random, show_homtest=homtest)
 
     def to_dict(self) -> dict:

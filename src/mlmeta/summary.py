@@ -147,6 +147,7 @@ class FixedRow:
     p: float
     lo: float
     hi: float
+    status: str = ""       # "", "omitted" (collinear) or "constrained" (fixed by constraints)
 
 
 @dataclass
@@ -217,6 +218,7 @@ class Summary:
     show_fixed: bool = True
     show_random: bool = True
     show_homtest: bool = True
+    constraints: list[str] = field(default_factory=list)
 
     # ---- shared pieces ---------------------------------------------------- #
     def _ci_label(self) -> str:
@@ -290,12 +292,18 @@ class Summary:
                 f"    P>|z|{self._ci_label():>25}")
         lines = [rule, head, "-" * 13 + "+" + "-" * (WIDTH - 14)]
         for r in self.fixed:
+            if r.status:
+                lines.append(f"{abbrev(r.name, 12):>12} |{fmt_g(r.coef, 9):>11}  ({r.status})")
+                continue
             lines.append(
                 f"{abbrev(r.name, 12):>12} |"
                 f"{fmt_g(r.coef, 9):>11}{fmt_g(r.se, 9):>11}"
                 f"{fmt_f(r.z, 2):>9}{fmt_f(r.p, 3):>8}"
                 f"{fmt_g(r.lo, 9):>13}{fmt_g(r.hi, 9):>12}")
         lines.append(rule)
+        if self.constraints:
+            cons = [f" ({k + 1:>2})  {c}" for k, c in enumerate(self.constraints)]
+            lines = ["Constraints:"] + cons + [""] + lines
         return lines
 
     def _text_homtest(self) -> str:
@@ -390,7 +398,9 @@ class Summary:
                "<th>Std. err.</th><th>z</th><th>P&gt;|z|</th>"
                f'<th colspan="2">{_e(self._ci_label())}</th></tr></thead>',
                "<tbody>"]
-        out += [_html_row(r.name, [fmt_g(r.coef, 9), fmt_g(r.se, 9), fmt_f(r.z, 2),
+        out += [_html_row(r.name, [fmt_g(r.coef, 9), f"({r.status})", "", "", "", ""])
+                if r.status else
+                _html_row(r.name, [fmt_g(r.coef, 9), fmt_g(r.se, 9), fmt_f(r.z, 2),
                                    fmt_f(r.p, 3), fmt_g(r.lo, 9), fmt_g(r.hi, 9)])
                 for r in self.fixed]
         out.append("</tbody></table>")

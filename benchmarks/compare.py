@@ -1,0 +1,281 @@
+"""mlmeta against metafor's ``rma.mv`` (and statsmodels' MixedLM), measured in one run.
+
+Prints one side-by-side table: for each data set and tool, the median wall time
+of one fit over several runs, its ratio to mlmeta's time on the same data, the
+log (restricted) likelihood and the variance components, so that the timings are
+seen to be for the same estimates.
+
+* mlmeta: ``mlmeta.meregress`` end to end (formula to results), timed in Python;
+  a second row with ``safeguard=False`` (no extra starts against local optima,
+  which metafor does not try either).
+* metafor: ``rma.mv(yi, vi, mods, random = ~ 1 | a/b, method = "REML")`` with
+  the default dense algebra and with ``sparse = TRUE``, run through ``Rscript``
+  and timed inside R with ``system.time`` (R start-up and package loading are
+  not counted). The data go to R through a temporary CSV file.
+* statsmodels: ``MixedLM`` with nested variance components, if installed. It
+  cannot take known sampling variances, so it fits a *different* model (one
+  residual variance estimated); its row is a rough cost reference only.
+
+Data: schoolcal (56 effects, ``stdmdiff ~ 1``, schools in districts) and the
+synthetic three-level data of ``synthetic.py`` (``y ~ x``) with n = 1000 and,
+unless ``--quick``, n = 10000 (metafor sparse only; a dense 10^4 x 10^4 fit is
+not attempted; the metafor runs stop being repeated once one takes > 60 s).
+
+    python benchmarks/compare.py --quick
+    python benchmarks/compare.py --repeat 7
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from synthetic import load_schoolcal, make_three_level  # noqa: E402
+
+import mlmeta  # noqa: E402
+
+R_SCRIPT = r"""
+suppressPackageStartupMessages(library(metafor))
+args <- commandArgs(trailingOnly = TRUE)
+dat <- read.csv(args[1])
+mods <- as.formula(args[2])
+random <- as.formula(args[3])
+reps <- as.integer(args[4])
+variants <- strsplit(args[5], ",")[[1]]
+budget <- as.numeric(args[6])
+fit <- function(sparse) rma.mv(yi, vi, mods = mods, random = random, data = dat,
+                               method = "REML", sparse = sparse)
+for (v in variants) {
+  sparse <- v == "sparse"
+  times <- c()
+  res <- NULL
+  for (i in seq_len(reps)) {
+    invisible(gc())
+    tt <- system.time(res <- tryCatch(fit(sparse), error = function(e) e))["elapsed"]
+    if (inherits(res, "error")) break
+    times <- c(times, tt)
+    if (sum(times) > budget) break
+  }
+  if (inherits(res, "error")) {
+    cat(sprintf('{"variant": "%s", "error": %s}\n', v,
+                deparse(gsub('"', "'", conditionMessage(res)))))
+  } else {
+    cat(sprintf(paste0('{"variant": "%s", "seconds": %.9g, "reps": %d, "llf": %.10g, ',
+                       '"sigma2": [%s], "beta": [%s]}\n'),
+                v, median(times), length(times), as.numeric(logLik(res)),
+                paste(sprintf("%.10g", res$sigma2), collapse = ", "),
+                paste(sprintf("%.10g", as.numeric(res$b)), collapse = ", ")))
+  }
+}
+"""
+
+
+# --------------------------------------------------------------------------- #
+# the data sets
+
+def cases(quick: bool, seed: int):
+    sc = load_schoolcal()
+    yield {"name": "schoolcal", "data": sc, "y": "stdmdiff", "v": "var", "mods": "~ 1",
+           "a": "district", "b": "school", "r_variants": ["dense", "sparse"]}
+    d = make_three_level(1000, seed=seed)
+    yield {"name": "synthetic", "data": d, "y": "y", "v": "v", "mods": "~ x",
+           "a": "a", "b": "b", "r_variants": ["dense", "sparse"]}
+    if not quick:
+        d = make_three_level(10000, seed=seed)
+        yield {"name": "synthetic", "data": d, "y": "y", "v": "v", "mods": "~ x",
+               "a": "a", "b": "b", "r_variants": ["sparse"]}
+
+
+def _median_time(fn, repeat):
+    times, out = [], None
+    for _ in range(repeat):
+        gc.collect()
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+# --------------------------------------------------------------------------- #
+# the tools
+
+def run_mlmeta(case, repeat, safeguard):
+    rhs = case["mods"].replace("~", "").strip()
+    f = f"{case['y']} ~ {rhs} + (1 | {case['a']}) + (1 | {case['a']}:{case['b']})"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mlmeta.meregress(f, case["data"], variance=case["v"], safeguard=safeguard)  # warm-up
+        t, res = _median_time(
+            lambda: mlmeta.meregress(f, case["data"], variance=case["v"], safeguard=safeguard),
+            repeat)
+    s2 = [float(S.values[0, 0]) for S in res.re_cov.values()]
+    return {"seconds": t, "reps": repeat, "llf": res.llf, "sigma2": s2,
+            "beta": [float(b) for b in res.params.values[::-1]]}
+
+
+def run_metafor(case, repeat, budget, workdir):
+    d = case["data"]
+    csv = Path(workdir) / f"{case['name']}_{len(d)}.csv"
+    out = d.rename(columns={case["y"]: "yi", case["v"]: "vi"})
+    out.to_csv(csv, index=False)
+    script = Path(workdir) / "fit.R"
+    script.write_text(R_SCRIPT)
+    random = f"~ 1 | {case['a']}/{case['b']}"
+    cmd = ["Rscript", "--vanilla", str(script), str(csv), case["mods"], random, str(repeat),
+           ",".join(case["r_variants"]), str(budget)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    except subprocess.TimeoutExpired:
+        return {v: {"error": "timed out after 30 min"} for v in case["r_variants"]}
+    rows = {}
+    for line in proc.stdout.splitlines():
+        line = line.strip()
+        if line.startswith("{"):
+            r = json.loads(line)
+            rows[r.pop("variant")] = r
+    if not rows:
+        msg = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return {v: {"error": msg} for v in case["r_variants"]}
+    return rows
+
+
+def metafor_available():
+    if shutil.which("Rscript") is None:
+        return False, "Rscript not found"
+    p = subprocess.run(["Rscript", "--vanilla", "-e",
+                        "suppressPackageStartupMessages(library(metafor));"
+                        "cat(as.character(packageVersion('metafor')))"],
+                       capture_output=True, text=True)
+    if p.returncode != 0:
+        return False, "R package metafor not installed"
+    return True, p.stdout.strip()
+
+
+def run_statsmodels(case, repeat):
+    import statsmodels.formula.api as smf
+
+    d = case["data"].copy()
+    rhs = case["mods"].replace("~", "").strip()
+    a, b = case["a"], case["b"]
+    d["_inner"] = d[a].astype(str) + ":" + d[b].astype(str)
+    model = smf.mixedlm(f"{case['y']} ~ {rhs}", d, groups=d[a], re_formula="1",
+                        vc_formula={"inner": "0 + C(_inner)"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t, res = _median_time(lambda: model.fit(reml=True), repeat)
+    s2 = [float(np.asarray(res.cov_re)[0, 0]), float(res.vcomp[0])]
+    return {"seconds": t, "reps": repeat, "llf": float(res.llf), "sigma2": s2,
+            "beta": [float(x) for x in np.asarray(res.fe_params)[::-1]]}
+
+
+# --------------------------------------------------------------------------- #
+
+def fmt_t(t):
+    if t is None:
+        return "-"
+    if t < 1e-3:
+        return f"{t * 1e6:.0f} us"
+    if t < 1:
+        return f"{t * 1e3:.1f} ms"
+    return f"{t:.2f} s"
+
+
+def print_table(rows):
+    head = (f"{'data':<12}{'n':>7}  {'tool':<30}{'time':>10}{'reps':>6}{'ratio':>10}  "
+            f"{'llf':>13}  {'sigma2 (outer, inner)'}")
+    print(head)
+    print("-" * len(head))
+    base = {}
+    for r in rows:
+        if r["tool"] == "mlmeta" and "seconds" in r:
+            base[(r["data"], r["n"])] = r["seconds"]
+    last = None
+    for r in rows:
+        key = (r["data"], r["n"])
+        if last is not None and key != last:
+            print()
+        last = key
+        if "error" in r:
+            print(f"{r['data']:<12}{r['n']:>7}  {r['tool']:<30}  {r['error']}")
+            continue
+        ratio = r["seconds"] / base[key] if key in base else float("nan")
+        s2 = ", ".join(f"{s:.6f}" for s in r["sigma2"])
+        rs = f"{ratio:.2f}x" if ratio < 100 else f"{ratio:.0f}x"
+        print(f"{r['data']:<12}{r['n']:>7}  {r['tool']:<30}{fmt_t(r['seconds']):>10}"
+              f"{r['reps']:>6}{rs:>10}  {r['llf']:>13.6f}  {s2}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="skip the n = 10000 data set")
+    ap.add_argument("--repeat", type=int, default=5,
+                    help="runs per tool for the median (default 5)")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--r-budget", type=float, default=60.0,
+                    help="stop repeating a metafor fit once its runs took this many seconds")
+    args = ap.parse_args(argv)
+
+    has_r, r_info = metafor_available()
+    try:
+        import statsmodels
+        sm_info = statsmodels.__version__
+    except ImportError:
+        statsmodels = None
+        sm_info = "not installed"
+    print(f"mlmeta {mlmeta.__version__} | metafor {r_info if has_r else '(' + r_info + ')'} | "
+          f"statsmodels {sm_info}")
+    print("time = median wall time of one fit (REML); "
+          "ratio = time / mlmeta's time on the same data\n")
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="mlmeta-compare-") as tmp:
+        for case in cases(args.quick, args.seed):
+            n = len(case["data"])
+            tag = {"data": case["name"], "n": n}
+            print(f"  {case['name']} n={n}: mlmeta", file=sys.stderr, flush=True)
+            rows.append({**tag, "tool": "mlmeta", **run_mlmeta(case, args.repeat, "auto")})
+            rows.append({**tag, "tool": "mlmeta (safeguard=False)",
+                         **run_mlmeta(case, args.repeat, False)})
+            if has_r:
+                print(f"  {case['name']} n={n}: metafor", file=sys.stderr, flush=True)
+                res = run_metafor(case, args.repeat, args.r_budget, tmp)
+                for v in case["r_variants"]:
+                    label = "metafor rma.mv" + (" sparse=TRUE" if v == "sparse" else " (dense)")
+                    rows.append({**tag, "tool": label, **res.get(v, {"error": "no result"})})
+            if statsmodels is not None and n <= 10000:
+                print(f"  {case['name']} n={n}: statsmodels", file=sys.stderr, flush=True)
+                try:
+                    r = run_statsmodels(case, max(1, min(args.repeat, 3)))
+                    rows.append({**tag, "tool": "statsmodels MixedLM (*)", **r})
+                except Exception as exc:     # noqa: BLE001 - report and go on
+                    rows.append({**tag, "tool": "statsmodels MixedLM (*)",
+                                 "error": f"{type(exc).__name__}: {exc}"})
+    print()
+    print_table(rows)
+    if statsmodels is not None:
+        print("\n(*) MixedLM estimates one residual variance instead of using the known "
+              "sampling variances: a different model, timing reference only.")
+    tools = (("metafor", has_r), ("statsmodels", statsmodels is not None))
+    skipped = [t for t, ok in tools if not ok]
+    if skipped:
+        print(f"\nskipped (not installed): {', '.join(skipped)}")
+    if not args.quick:
+        print("\nmetafor dense is not run at n = 10000 (a dense 10^4 x 10^4 marginal covariance).")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

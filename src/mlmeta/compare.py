@@ -1,0 +1,305 @@
+"""Comparing fitted models: likelihood-ratio tests, information criteria and
+side-by-side estimates tables (Stata's ``lrtest``, ``estimates stats``,
+``estimates table``).
+
+Likelihood-ratio test of a reduced model nested in a full one:
+
+    LR = 2 (ll_full - ll_reduced),   df = k_full - k_reduced,   p = P(chi2_df > LR)
+
+with k the number of estimated parameters (fixed effects plus covariance
+parameters). When the null sets one variance to zero (with its covariances),
+the variance lies on the boundary of the parameter space and LR follows the
+50:50 mixture of chi2_{df-1} and chi2_df (Self and Liang 1987; chi2_0 is a point
+mass at 0), so
+
+    p_mixture = 0.5 P(chi2_{df-1} > LR) + 0.5 P(chi2_df > LR),
+
+half the conservative p-value when df = 1. When several variances are set to
+zero at once the weights of the mixture depend on the information matrix and
+only the conservative p-value is given.
+
+Information criteria, with N observations (``n=`` overrides, as Stata's
+``estimates stats, n()``; with REML the manual uses n - p) and k parameters:
+
+    AIC = -2 ll + 2 k                   BIC  = -2 ll + k ln N
+    AICc = AIC + 2 k (k + 1) / (N - k - 1)    CAIC = -2 ll + k (ln N + 1)
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+from scipy import stats as sps
+
+from mlmeta.summary import abbrev, fmt_g
+
+__all__ = ["lrtest", "LRTest", "compare", "estimates_table", "EstimatesTable"]
+
+_NOTE_BOUNDARY = ("Note: The reported degrees of freedom assumes the null hypothesis is not on "
+                  "the boundary of the parameter space. If this is not true, then the reported "
+                  "test is conservative.")
+_NOTE_REML = ("Note: LR tests based on REML are valid only when the fixed-effects "
+              "specification is identical for both models.")
+
+
+def _wrap(text, width=78, indent=6):
+    words, lines, line = text.split(), [], ""
+    for w in words:
+        if line and len(line) + 1 + len(w) > width:
+            lines.append(line)
+            line = " " * indent + w
+        else:
+            line = f"{line} {w}" if line else w
+    return lines + [line]
+
+
+def _n_sd_corr(res):
+    kinds = [k for s in res.model.structs for k, _ in s.report_params()]
+    return kinds.count("sd"), kinds.count("corr")
+
+
+def _fixed_design(res):
+    return pd.DataFrame(np.asarray(res.frame.X), columns=res.fe_names)
+
+
+def _same_fixed_part(a, b):
+    if sorted(a.fe_names) != sorted(b.fe_names):
+        return False
+    Xa, Xb = _fixed_design(a), _fixed_design(b)[a.fe_names]
+    return Xa.shape == Xb.shape and np.allclose(Xa.values, Xb.values, rtol=1e-12, atol=0)
+
+
+@dataclass
+class LRTest:
+    """Result of :func:`lrtest`. ``pvalue`` is the chi2(df) p-value; with a
+    variance on the boundary under the null, ``pvalue_mixture`` is the 50:50
+    mixture p-value (else None)."""
+
+    statistic: float
+    df: int
+    pvalue: float
+    pvalue_mixture: float | None
+    boundary: bool
+    names: tuple
+    notes: list = field(default_factory=list)
+
+    def __str__(self):
+        full, reduced = self.names
+        out = ["Likelihood-ratio test", f"Assumption: {reduced} nested within {full}", "",
+               f"{f'LR chi2({self.df})':>14} = {self.statistic:8.2f}",
+               f"{'Prob > chi2':>14} = {self.pvalue:8.4f}"]
+        if self.pvalue_mixture is not None:
+            out.append(f"{'Prob > chibar2':>14} = {self.pvalue_mixture:8.4f}   "
+                       f"(50:50 mixture of chi2({self.df - 1}) and chi2({self.df}))")
+        out.append("")
+        for note in self.notes:
+            out += _wrap(note)
+        return "\n".join(out)
+
+
+def lrtest(full, reduced, names=("full", "reduced")) -> LRTest:
+    """Likelihood-ratio test of ``reduced`` nested in ``full`` (see the module
+    docstring for the statistic and the boundary mixture).
+
+    The models are ordered by their number of parameters (the one with more is
+    the full model). Raises ValueError for models fitted to different data, by
+    different methods (ML vs REML), REML models whose fixed parts differ (their
+    restricted likelihoods are not comparable), and models with the same
+    number of parameters.
+    """
+    if full.method != reduced.method:
+        raise ValueError(f"cannot compare a {full.method.upper()} fit with a "
+                         f"{reduced.method.upper()} fit; refit both with the same method")
+    if (full.nobs != reduced.nobs or full.depvar != reduced.depvar
+            or not np.array_equal(full.sample, reduced.sample)
+            or not np.allclose(full.frame.y, reduced.frame.y, rtol=0, atol=0)):
+        raise ValueError("the models were not fitted to the same observations")
+    same_fixed = _same_fixed_part(full, reduced)
+    if full.method == "reml" and not same_fixed:
+        raise ValueError("LR tests based on REML are valid only when the fixed-effects "
+                         "specification is identical for both models; refit both with method='ml'")
+    names = tuple(names)
+    if full.df_modelwc < reduced.df_modelwc:
+        full, reduced, names = reduced, full, names[::-1]
+    df = int(full.df_modelwc - reduced.df_modelwc)
+    if df == 0:
+        raise ValueError("the models have the same number of parameters, so neither is "
+                         "nested in the other")
+    stat = 2.0 * (full.llf - reduced.llf)
+    p = float(sps.chi2.sf(stat, df))
+    d_sd = _n_sd_corr(full)[0] - _n_sd_corr(reduced)[0]
+    boundary = d_sd >= 1
+    notes = []
+    p_mix = None
+    if stat < 0:
+        notes.append("Note: the reduced model has the higher log likelihood; check that it is "
+                     "nested in the full model.")
+    if boundary:
+        notes.append(_NOTE_BOUNDARY)
+        if d_sd == 1:
+            low = sps.chi2.sf(stat, df - 1) if df > 1 else float(stat < 0)
+            p_mix = float(0.5 * low + 0.5 * p)
+        else:
+            notes.append(f"Note: the null sets {d_sd} variances to zero; the weights of the "
+                         f"chi-bar-squared distribution depend on the information matrix, so "
+                         f"only the conservative p-value is reported.")
+    if full.method == "reml":
+        notes.append(_NOTE_REML)
+    return LRTest(float(stat), df, p, p_mix, boundary, names, notes)
+
+
+def _names(results, names):
+    if names is None:
+        return [f"model{i + 1}" for i in range(len(results))]
+    names = [str(n) for n in names]
+    if len(names) != len(results):
+        raise ValueError(f"{len(names)} names for {len(results)} models")
+    return names
+
+
+def compare(*results, names=None, n=None) -> pd.DataFrame:
+    """Information criteria of fitted models (Stata's ``estimates stats, all``).
+
+    Columns N, ll, df, AIC, BIC, AICc, CAIC (formulas in the module docstring);
+    ``df`` counts fixed effects and covariance parameters, ``n`` replaces the
+    number of observations in BIC, AICc and CAIC (for REML the manual uses
+    n - p).
+    """
+    if not results:
+        raise ValueError("give at least one fitted model")
+    rows = []
+    for res in results:
+        N = res.nobs if n is None else n
+        k, ll = res.df_modelwc, res.llf
+        aicc = -2 * ll + 2 * k + 2 * k * (k + 1) / (N - k - 1) if N - k - 1 > 0 else np.nan
+        rows.append((N, ll, k, -2 * ll + 2 * k, -2 * ll + k * np.log(N), aicc,
+                     -2 * ll + k * (np.log(N) + 1)))
+    return pd.DataFrame(rows, index=pd.Index(_names(results, names), name="model"),
+                        columns=["N", "ll", "df", "AIC", "BIC", "AICc", "CAIC"])
+
+
+_FMT = re.compile(r"^%-?(\d+)\.(\d+)([fgeFGE])c?$")
+
+
+def _formatter(fmt):
+    m = _FMT.match(fmt)
+    if not m:
+        raise ValueError(f"fmt must be a Stata numeric format such as '%8.3f' or '%9.0g', got {fmt!r}")
+    width, dec, kind = int(m.group(1)), int(m.group(2)), m.group(3).lower()
+    if kind == "f":
+        return width, lambda x: "." if x is None or not np.isfinite(x) else f"{x:.{dec}f}"
+    if kind == "e":
+        return width, lambda x: "." if x is None or not np.isfinite(x) else f"{x:.{dec}e}"
+    return width, lambda x: fmt_g(x, width)
+
+
+_STATS = {"b": "coefficient", "se": "standard error", "z": "z statistic", "p": "p-value"}
+
+
+@dataclass
+class EstimatesTable:
+    """Side-by-side estimates. ``table``: rows (variable, stat), one column per
+    model (NaN where a model lacks the variable); random-effects rows are named
+    ``group:param``. ``str()`` renders Stata's layout."""
+
+    table: pd.DataFrame
+    stats: tuple
+    scalars: pd.DataFrame
+    fmt: str
+    equations: dict = field(default_factory=dict)     # variable -> (equation, name)
+
+    def __str__(self):
+        width, f = _formatter(self.fmt)
+        models = list(self.table.columns)
+        names = [self.equations.get(v, (None, v))[1] for v in self.table.index.get_level_values(0)]
+        lw = max(12, *(len(n) + 1 for n in names)) if names else 12
+        cw = max(width + 2, 10, *(len(abbrev(m, 12)) + 2 for m in models))
+        line = "-" * (lw + 1) + "+" + "-" * (cw * len(models) + 2)
+        out = ["-" * len(line), f"{'Variable':>{lw}} |" +
+               "".join(f"{abbrev(m, 12):>{cw}}" for m in models), line]
+        eq = None
+        for (var, st), row in self.table.iterrows():
+            v_eq, name = self.equations.get(var, (None, var))
+            if self.equations and st == self.stats[0] and v_eq != eq:
+                eq = v_eq
+                out.append(f"{eq:<{lw}} |")
+            label = name if st == self.stats[0] else ""
+            cells = "".join(f"{f(v):>{cw}}" if np.isfinite(v) else " " * cw for v in row.values)
+            out.append(f"{label:>{lw}} |{cells}")
+        if len(self.scalars):
+            out.append(line)
+            for name, row in self.scalars.iterrows():
+                cells = "".join(f"{fmt_g(v, 9):>{cw}}" for v in row.values)
+                out.append(f"{name:>{lw}} |{cells}")
+        out.append("-" * len(line))
+        out.append(f"{'Legend: ' + '/'.join(self.stats):>{len(line)}}")
+        return "\n".join(out)
+
+
+def estimates_table(*results, names=None, keep=None, stats=("b", "se"), fmt="%9.0g",
+                    random=False, scalars=()) -> EstimatesTable:
+    """Estimates of several models side by side (Stata's ``estimates table``).
+
+    ``keep``: variables to show, in order (``"stdmdiff:year_c"`` and ``"year_c"``
+    both work); default: every fixed effect in order of first appearance.
+    ``stats``: any of ``"b"``, ``"se"``, ``"z"``, ``"p"`` shown under each
+    coefficient. ``random=True`` adds the random-effects parameters (SDs and
+    correlations, labelled ``group:sd(_cons)``). ``scalars``: any of ``"N"``,
+    ``"ll"``, ``"aic"``, ``"bic"`` shown at the bottom. ``fmt``: a Stata
+    format for the cells (``"%8.3f"``).
+    """
+    if not results:
+        raise ValueError("give at least one fitted model")
+    bad = [s for s in stats if s not in _STATS]
+    if bad or not stats:
+        raise ValueError(f"stats must be a non-empty subset of {list(_STATS)}, got {list(stats)}")
+    _formatter(fmt)
+    labels = _names(results, names)
+    per_model, equations = [], {}
+    for res in results:
+        d = {nm: (float(res.params[nm]), float(res.bse[nm])) for nm in res.fe_names}
+        if random:
+            equations.update({nm: (res.depvar, nm) for nm in res.fe_names})
+            for _, r in res.re_params().iterrows():
+                se = np.nan if pd.isna(r.std_err) else float(r.std_err)
+                d[f"{r.group}:{r.param}"] = (float(r.estimate), se)
+                equations[f"{r.group}:{r.param}"] = (r.group, r.param)
+        per_model.append((res, d))
+    order = list(dict.fromkeys(k for _, d in per_model for k in d))
+    if keep is not None:
+        keep = [keep] if isinstance(keep, str) else list(keep)
+        wanted = []
+        for k in keep:
+            if k not in order and ":" in k and k.split(":", 1)[1] in order \
+                    and k.split(":", 1)[0] in {r.depvar for r in results}:
+                k = k.split(":", 1)[1]
+            if k not in order:
+                raise ValueError(f"{k!r} is in none of the models; variables are {order}")
+            wanted.append(k)
+        order = wanted
+    rows, index = [], []
+    for var in order:
+        for st in stats:
+            vals = []
+            for _, d in per_model:
+                if var not in d:
+                    vals.append(np.nan)
+                    continue
+                b, se = d[var]
+                z = b / se if np.isfinite(se) and se > 0 else np.nan
+                p = 2.0 * sps.norm.sf(abs(z)) if np.isfinite(z) else np.nan
+                vals.append({"b": b, "se": se, "z": z, "p": p}[st])
+            rows.append(vals)
+            index.append((var, st))
+    table = pd.DataFrame(rows, index=pd.MultiIndex.from_tuples(index, names=["variable", "stat"]),
+                         columns=labels)
+    sc = {"N": lambda r: r.nobs, "ll": lambda r: r.llf, "aic": lambda r: r.aic, "bic": lambda r: r.bic}
+    bad = [s for s in scalars if s not in sc]
+    if bad:
+        raise ValueError(f"scalars must be among {list(sc)}, got {bad}")
+    sdf = pd.DataFrame([[float(sc[s](r)) for r in results] for s in scalars],
+                       index=list(scalars), columns=labels)
+    return EstimatesTable(table, tuple(stats), sdf, fmt, equations)

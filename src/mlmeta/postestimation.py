@@ -1,0 +1,614 @@
+"""Postestimation for a fitted multilevel meta-regression (Stata's ``meta me``
+postestimation, metafor's methods for ``rma.mv``).
+
+:class:`PostestimationMixin` adds to the results object:
+
+* ``heterogeneity()`` -- Cochran's I^2_Q and the multilevel Higgins-Thompson I^2;
+* ``random_effects()`` -- BLUPs with comparative and diagnostic standard errors;
+* ``predict()`` / ``predict_interval()`` -- linear predictions, fitted values,
+  residuals, standardized residuals, prediction intervals for a new study;
+* ``wald_test()``, ``containment_df()``, ``t_test()`` -- linear hypotheses on the
+  fixed effects with normal or containment-df reference distributions;
+* ``profile()`` / ``profile_ci()`` -- profile likelihood of a variance component;
+* ``e`` / ``estat()`` -- stored results comparable to Stata's ``e()``.
+
+Rows: the model sorts its rows into clusters (``model.design.perm`` maps sorted
+position k to model-frame row ``perm[k]``); the frame holds the used rows of the
+data (``sample``). Per-row outputs are returned in the row order of the data,
+one value per data row, NaN for rows not used in the fit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+from scipy import optimize, stats
+
+from mlmeta.optimize import fit_nested
+from mlmeta.vcomp import variance_components
+
+__all__ = ["PostestimationMixin", "Heterogeneity", "WaldTest", "StoredResults"]
+
+_KINDS = ("xb", "fitted", "residuals", "residuals_marginal", "rstandard")
+
+
+def _z(level):
+    if not 0 < level < 100:
+        raise ValueError(f"level must be a percentage in (0, 100), got {level!r}")
+    return float(stats.norm.ppf(0.5 + level / 200.0))
+
+
+# --------------------------------------------------------------------------- #
+# result containers
+# --------------------------------------------------------------------------- #
+@dataclass
+class Heterogeneity:
+    """Heterogeneity statistics (Stata's ``estat heterogeneity``), in percent.
+
+    I2_Q: Cochran's ``max(0, (Q_M - df) / Q_M)``. I2: level -> Higgins-Thompson
+    ``tau_l^2 / (sum_k tau_k^2 + s^2)``, I2_total ``sum tau^2 / (sum tau^2 + s^2)``
+    with the typical sampling variance ``s2``; None with ``note`` saying why when
+    the statistic is not defined."""
+
+    I2_Q: float
+    Q_M: float
+    df: int
+    I2: dict | None
+    I2_total: float | None
+    s2: float | None
+    note: str = ""
+
+    def __str__(self):
+        out = ["Method: Cochran", "Joint:", f"  I2 (%) = {self.I2_Q:.2f}", ""]
+        out.append("Method: Higgins-Thompson")
+        if self.I2 is None:
+            out.append(f"  not defined: {self.note}")
+        else:
+            for name, v in self.I2.items():
+                out += [f"{name}:", f"  I2 (%) = {v:.2f}"]
+            out += ["Total:", f"  I2 (%) = {self.I2_total:.2f}"]
+        return "\n".join(out)
+
+
+@dataclass
+class WaldTest:
+    """Wald test of ``L beta = r``: ``chi2 = (L b - r)' (L V L')^-1 (L b - r)`` on
+    q = rows(L) df; with ``test="t"``: ``F = chi2 / q`` on (q, df_denom)."""
+
+    L: pd.DataFrame
+    rhs: np.ndarray
+    statistic: float
+    df: int
+    pvalue: float
+    test: str = "chi2"
+    df_denom: float | None = None
+
+    def __str__(self):
+        lines = []
+        for i, (row, r) in enumerate(zip(self.L.values, self.rhs), start=1):
+            terms = " + ".join(n if c == 1 else f"-{n}" if c == -1 else f"{c:g}*{n}"
+                               for c, n in zip(row, self.L.columns) if c != 0)
+            lines.append(f" ({i:2d})  {terms.replace('+ -', '- ')} = {r:g}")
+        if self.test == "chi2":
+            lines += ["", f"{'chi2(' + str(self.df) + ')':>20} = {self.statistic:8.2f}",
+                      f"{'Prob > chi2':>20} = {self.pvalue:8.4f}"]
+        else:
+            lines += ["", f"{f'F({self.df}, {self.df_denom:g})':>20} = {self.statistic:8.2f}",
+                      f"{'Prob > F':>20} = {self.pvalue:8.4f}"]
+        return "\n".join(lines)
+
+
+@dataclass
+class StoredResults:
+    """Stored results in the spirit of Stata's ``e()``.
+
+    scalars: N, k, k_f, k_r, k_rs, k_rc, rank, df_m, ic, converged, ll, chi2, p,
+    Q_M, df_Q_M, p_Q_M. ``b``/``V``: fixed effects and variance parameters in the
+    estimation metric (log SD, atanh correlation); ``b_report``/``V_report`` the
+    same in the reporting metric (SD, correlation), by the delta method. Index:
+    (equation, name). ``e["ll"]`` reads a scalar or a macro."""
+
+    scalars: dict
+    macros: dict
+    b: pd.Series
+    V: pd.DataFrame
+    b_report: pd.Series
+    V_report: pd.DataFrame
+    sample: np.ndarray = field(repr=False, default=None)
+
+    def __getitem__(self, key):
+        if key in self.scalars:
+            return self.scalars[key]
+        if key in self.macros:
+            return self.macros[key]
+        if key in ("b", "V", "b_report", "V_report", "sample"):
+            return getattr(self, key)
+        raise KeyError(key)
+
+
+# --------------------------------------------------------------------------- #
+# the mixin
+# --------------------------------------------------------------------------- #
+class PostestimationMixin:
+    """Postestimation methods; uses ``model``, ``frame``, ``theta``, ``params``,
+    ``cov_params()``, ``llf``, ``fe_names``, ``group_names``, ``sample`` and the
+    Q_M / Wald attributes of the results object."""
+
+    # -- row bookkeeping ----------------------------------------------------
+    def _unsort(self, sorted_values):
+        """Values over the model's sorted rows -> values in model-frame row order."""
+        out = np.empty(self.model.design.n_obs)
+        out[self.model.design.perm] = sorted_values
+        return out
+
+    def _to_data_rows(self, frame_values):
+        """Values in model-frame row order -> array over the data rows (NaN outside)."""
+        out = np.full(len(self.sample), np.nan)
+        out[np.flatnonzero(self.sample)] = frame_values
+        return out
+
+    def _group_labels(self, lvl):
+        """Labels of the design's groups at level ``lvl`` (design order)."""
+        d, f = self.model.design, self.frame
+        first_rows = d.perm[d.group_start[lvl][:-1]]
+        labels = f.group_labels[lvl]
+        return [labels[c] for c in f.groups[lvl][first_rows]]
+
+    def _new_matrix(self, spec, names, newdata, what):
+        """Model matrix of ``newdata`` through a stored formulaic spec, columns in
+        ``names`` order (formulaic's ``Intercept`` is ``_cons``)."""
+        if not isinstance(newdata, pd.DataFrame):
+            newdata = pd.DataFrame(newdata)
+        try:
+            mm = spec.get_model_matrix(newdata, na_action="ignore")
+        except Exception as exc:  # formulaic raises several types
+            raise ValueError(f"cannot evaluate the {what} on newdata: {exc}") from None
+        cols = {("_cons" if str(c) == "Intercept" else str(c)): j for j, c in enumerate(mm.columns)}
+        missing = [n for n in names if n not in cols]
+        if missing:
+            raise ValueError(f"newdata does not give the {what} column(s) {missing}")
+        M = np.asarray(mm.to_numpy(dtype=float))
+        return M[:, [cols[n] for n in names]]
+
+    # -- heterogeneity -------------------------------------------------------
+    def heterogeneity(self, relevel=None) -> Heterogeneity:
+        """Cochran's I^2_Q and the multilevel Higgins-Thompson I^2 (in percent).
+
+        I^2_Q = max(0, (Q_M - (n - p)) / Q_M). For random-intercept models, with
+        W = diag(1 / sigma_i^2) and P = W - W X (X'W X)^-1 X'W,
+
+            s^2 = (n - p) / tr(P),   I^2_l = tau_l^2 / (sum_k tau_k^2 + s^2),
+            I^2_total = sum_k tau_k^2 / (sum_k tau_k^2 + s^2).
+
+        ``relevel``: a grouping term or list of them to report (default: all);
+        the total always covers every level. With random slopes the variance a
+        level adds to an effect size, z' Sigma_l z, changes with the moderators,
+        so no single share per level exists and I^2 is reported as not defined.
+        """
+        Q, df = self.Q_M, self.Q_M_df
+        I2_Q = 100.0 * max(0.0, (Q - df) / Q) if Q > 0 else 0.0
+        if relevel is None:
+            keep = list(self.group_names)
+        else:
+            keep = [relevel] if isinstance(relevel, str) else list(relevel)
+            bad = [g for g in keep if g not in self.group_names]
+            if bad:
+                raise ValueError(f"unknown level(s) {bad}; levels are {self.group_names}")
+        slopes = [g for g, names in zip(self.group_names, self.frame.re_names) if names != ["_cons"]]
+        if slopes:
+            note = (f"random slopes at level(s) {', '.join(slopes)}: the variance a level adds "
+                    f"to an effect size, z' Sigma z, depends on the moderator values, so there "
+                    f"is no single share of the total variance per level")
+            return Heterogeneity(I2_Q, Q, df, None, None, None, note)
+        d = self.model.design
+        w = 1.0 / d.variance if d.variance is not None else np.ones(d.n_obs)
+        X = d.X
+        trP = float(w.sum())
+        if d.n_fe:
+            XtWX = X.T @ (X * w[:, None])
+            XtW2X = X.T @ (X * (w * w)[:, None])
+            trP -= float(np.trace(np.linalg.solve(XtWX, XtW2X)))
+        s2 = (d.n_obs - d.n_fe) / trP
+        tau2 = {g: float(S[0, 0]) for g, S in zip(self.group_names, self.model.Sigma_list(self.theta))}
+        total = sum(tau2.values())
+        I2 = {g: 100.0 * tau2[g] / (total + s2) for g in keep}
+        return Heterogeneity(I2_Q, Q, df, I2, 100.0 * total / (total + s2), s2)
+
+    # -- random effects --------------------------------------------------------
+    def random_effects(self, level: float = 95.0) -> dict:
+        """BLUPs of the random effects per grouping term.
+
+        Returns a dict term -> DataFrame indexed by group label (a MultiIndex over
+        the grouping variables for nested terms such as ``district:school``), one
+        row per group and effect, with columns ``effect``, ``blup``, ``se``
+        (comparative: sqrt diag of the prediction-error covariance
+        PEV = Var(u - u_hat), including the uncertainty of beta-hat, as metafor's
+        ``ranef``), ``se_diag`` (diagnostic: sqrt diag(Sigma - PEV) = SD of u_hat)
+        and ``lower``/``upper`` = blup -+ z se.
+        """
+        z = _z(level)
+        out = {}
+        Sigmas = self.model.Sigma_list(self.theta)
+        for lvl, ((u, pev), S) in enumerate(zip(self.model.random_effects(self.theta), Sigmas)):
+            term = self.frame.terms[lvl]
+            effects = list(self.model.structs[lvl].effect_names)
+            G, q = u.shape
+            se = np.sqrt(np.clip(np.einsum("gii->gi", pev), 0.0, None))
+            se_diag = np.sqrt(np.clip(np.diag(S)[None, :] - np.einsum("gii->gi", pev), 0.0, None))
+            labels = self._group_labels(lvl)
+            rows = [labels[g] for g in range(G) for _ in range(q)]
+            if len(term.group_vars) > 1:
+                index = pd.MultiIndex.from_tuples(rows, names=list(term.group_vars))
+            else:
+                index = pd.Index(rows, name=term.group_vars[0])
+            blup, se, se_diag = u.reshape(-1), se.reshape(-1), se_diag.reshape(-1)
+            out[self.group_names[lvl]] = pd.DataFrame(
+                {"effect": effects * G, "blup": blup, "se": se, "se_diag": se_diag,
+                 "lower": blup - z * se, "upper": blup + z * se}, index=index)
+        return out
+
+    def _re_contribution(self):
+        """Z u_hat summed over levels, per sorted design row."""
+        d = self.model.design
+        total = np.zeros(d.n_obs)
+        for Z, g, (u, _) in zip(d.Z, d.groups, self.model.random_effects(self.theta)):
+            total += np.einsum("iq,iq->i", Z, u[g])
+        return total
+
+    # -- prediction -------------------------------------------------------------
+    def predict(self, kind: str = "xb", newdata=None, stdp: bool = False):
+        """Predictions, one per data row (NaN for rows not used), or per newdata row.
+
+        * ``xb``: x'beta; with ``stdp=True`` also its SE sqrt(x' Var(beta) x).
+        * ``fitted``: x'beta + sum_l z_l' u_l (BLUPs of every level).
+        * ``residuals``: y - fitted; ``residuals_marginal``: y - x'beta.
+        * ``rstandard``: (y - x'beta) / sqrt(diag(V - X Var(beta) X')), the
+          standardized marginal residuals of metafor's ``rstandard.rma.mv``.
+
+        ``newdata`` (a DataFrame) is only used by ``xb``; the fixed part is
+        re-encoded with the stored formula spec. Returns a Series, or a DataFrame
+        (xb, stdp) when ``stdp=True``.
+        """
+        if kind not in _KINDS:
+            raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
+        if stdp and kind != "xb":
+            raise ValueError("stdp= is the standard error of the linear predictor; use kind='xb'")
+        b = self.params.values
+        Vb = self.cov_params().values
+        if newdata is not None:
+            if kind != "xb":
+                raise ValueError(f"kind={kind!r} needs the response and the groups of the fit; "
+                                 f"newdata is only used with kind='xb'")
+            X = self._new_matrix(self.frame.fixed_spec, self.fe_names, newdata, "fixed part")
+            index = newdata.index if isinstance(newdata, pd.DataFrame) else None
+            xb = pd.Series(X @ b, index=index, name="xb")
+            if not stdp:
+                return xb
+            se = np.sqrt(np.einsum("ij,jk,ik->i", X, Vb, X))
+            return pd.DataFrame({"xb": xb, "stdp": se}, index=xb.index)
+        f, d = self.frame, self.model.design
+        xb = f.X @ b
+        if kind == "xb":
+            out = pd.Series(self._to_data_rows(xb), name="xb")
+            if not stdp:
+                return out
+            se = self._to_data_rows(np.sqrt(np.einsum("ij,jk,ik->i", f.X, Vb, f.X)))
+            return pd.DataFrame({"xb": out, "stdp": se})
+        if kind == "residuals_marginal":
+            return pd.Series(self._to_data_rows(f.y - xb), name=kind)
+        if kind == "rstandard":
+            lam = d.variance if d.variance is not None else np.ones(d.n_obs)
+            v = self._unsort(lam) + self._re_variance(f.Z)
+            v -= np.einsum("ij,jk,ik->i", f.X, Vb, f.X)
+            return pd.Series(self._to_data_rows((f.y - xb) / np.sqrt(v)), name=kind)
+        fitted = xb + self._unsort(self._re_contribution())
+        if kind == "fitted":
+            return pd.Series(self._to_data_rows(fitted), name="fitted")
+        return pd.Series(self._to_data_rows(f.y - fitted), name="residuals")
+
+    def _re_variance(self, Zs):
+        """sum_l z_l' Sigma_l z_l per row, for per-level designs ``Zs``."""
+        return sum(np.einsum("ij,jk,ik->i", Z, S, Z)
+                   for Z, S in zip(Zs, self.model.Sigma_list(self.theta)))
+
+    def predict_interval(self, newdata=None, level: float = 95.0, sampling_variance=None):
+        """Confidence and prediction intervals for the effect in a new study.
+
+            pred = x'beta,  se = sqrt(x' Var(beta) x),  CI = pred -+ z se
+            PI   = pred -+ z sqrt(se^2 + sum_l z_l' Sigma_l z_l [+ v_new])
+
+        The new study brings a new group at every level, so every variance
+        component enters; random slopes are evaluated at the study's own values
+        of their covariates (taken from ``newdata`` through each random term's
+        formula spec). ``sampling_variance`` adds a known sampling variance v_new
+        (a number or one per row). Without newdata: one row per data row (NaN for
+        rows not used). For random-intercept models this is metafor's
+        ``predict.rma`` (which adds sum(sigma2)); metafor ignores random slopes.
+        Columns: pred, se, ci_lower, ci_upper, pi_lower, pi_upper, tau2 (the
+        variance a new study adds).
+        """
+        z = _z(level)
+        b, Vb = self.params.values, self.cov_params().values
+        if newdata is None:
+            X, Zs = self.frame.X, self.frame.Z
+            index = None
+        else:
+            if not isinstance(newdata, pd.DataFrame):
+                newdata = pd.DataFrame(newdata)
+            X = self._new_matrix(self.frame.fixed_spec, self.fe_names, newdata, "fixed part")
+            Zs = [self._new_matrix(spec, names, newdata, f"random term of {g}")
+                  for spec, names, g in zip(self.frame.re_specs, self.frame.re_names, self.group_names)]
+            index = newdata.index
+        pred = X @ b
+        se = np.sqrt(np.einsum("ij,jk,ik->i", X, Vb, X))
+        tau2 = self._re_variance(Zs)
+        extra = 0.0 if sampling_variance is None else np.asarray(sampling_variance, dtype=float)
+        sd_pi = np.sqrt(se ** 2 + tau2 + extra)
+        cols = {"pred": pred, "se": se, "ci_lower": pred - z * se, "ci_upper": pred + z * se,
+                "pi_lower": pred - z * sd_pi, "pi_upper": pred + z * sd_pi, "tau2": tau2}
+        if newdata is None:
+            cols = {k: self._to_data_rows(v) for k, v in cols.items()}
+        return pd.DataFrame(cols, index=index)
+
+    # -- tests of the fixed effects --------------------------------------------------
+    def containment_df(self) -> pd.Series:
+        """Containment degrees of freedom per fixed effect (metafor's ``dfs="contain"``).
+
+        For coefficient j, the levels whose groups all hold a single value of
+        column x_j "contain" it; df_j = min(G_l over those levels, else n) - p,
+        at least 1. (The intercept is contained in every level: df = G_top - p.)
+        """
+        f = self.frame
+        n, p = f.X.shape
+        out = np.full(p, float(n))
+        for j in range(p):
+            x = f.X[:, j]
+            for g, labels in zip(f.groups, f.group_labels):
+                G = len(labels)
+                lo = np.full(G, np.inf)
+                hi = np.full(G, -np.inf)
+                np.minimum.at(lo, g, x)
+                np.maximum.at(hi, g, x)
+                if np.all(lo == hi):
+                    out[j] = min(out[j], G)
+        return pd.Series(np.maximum(out - p, 1.0), index=self.fe_names, name="df")
+
+    def t_test(self, level: float = 95.0) -> pd.DataFrame:
+        """Coefficient table with t statistics on containment df:
+        t = b / se, p = 2 P(T_df > |t|), CI = b -+ t_{df, 1-alpha/2} se."""
+        _z(level)
+        df = self.containment_df()
+        with np.errstate(divide="ignore", invalid="ignore"):
+            t = (self.params / self.bse).where(self.bse > 0)
+        crit = stats.t.ppf(0.5 + level / 200.0, df)
+        return pd.DataFrame({"coef": self.params, "std_err": self.bse, "t": t, "df": df,
+                             "pvalue": 2 * stats.t.sf(np.abs(t), df),
+                             "lower": self.params - crit * self.bse,
+                             "upper": self.params + crit * self.bse})
+
+    def wald_test(self, hypotheses, rhs=None, test: str = "chi2") -> WaldTest:
+        """Wald test of linear hypotheses on the fixed effects.
+
+        ``hypotheses``: text such as ``"x1 = 0, x2 = x3"`` or ``"_cons + 5*x = 0.1"``
+        (a bare name means ``name = 0``), or a matrix L (one row per hypothesis,
+        columns in ``params`` order) with ``rhs``. chi2 = (Lb - r)'(L V L')^-1 (Lb - r)
+        on q = rows(L) df; ``test="t"``: F = chi2 / q on (q, df_denom) where a
+        row's df is the smallest containment df of its coefficients and df_denom
+        the smallest over rows (metafor's ``anova(..., X=)`` with ``dfs="contain"``).
+        """
+        if test not in ("chi2", "t"):
+            raise ValueError(f"test must be 'chi2' or 't', got {test!r}")
+        names = self.fe_names
+        if isinstance(hypotheses, str):
+            from formulaic.utils.constraints import LinearConstraints
+            try:
+                c = LinearConstraints.from_spec(hypotheses, variable_names=names)
+            except KeyError as exc:
+                raise ValueError(f"unknown coefficient {exc} in {hypotheses!r}; "
+                                 f"coefficients are {names}") from None
+            except Exception as exc:
+                raise ValueError(f"cannot parse hypotheses {hypotheses!r}: {exc}") from None
+            L, r = np.asarray(c.constraint_matrix, float), np.asarray(c.constraint_values, float)
+        else:
+            L = np.atleast_2d(np.asarray(hypotheses, dtype=float))
+            r = np.zeros(L.shape[0]) if rhs is None else np.broadcast_to(
+                np.asarray(rhs, dtype=float), (L.shape[0],)).copy()
+        if L.shape[1] != len(names):
+            raise ValueError(f"L has {L.shape[1]} columns; the model has {len(names)} coefficients")
+        q = L.shape[0]
+        if np.linalg.matrix_rank(L) < q:
+            raise ValueError("the hypotheses are linearly dependent (L does not have full row rank)")
+        diff = L @ self.params.values - r
+        try:
+            chi2 = float(diff @ np.linalg.solve(L @ self.cov_params().values @ L.T, diff))
+        except np.linalg.LinAlgError:
+            raise ValueError("L Var(beta) L' is singular: the hypotheses involve a combination "
+                             "of coefficients fixed by constraints") from None
+        Ldf = pd.DataFrame(L, columns=names)
+        if test == "chi2":
+            return WaldTest(Ldf, r, chi2, q, float(stats.chi2.sf(chi2, q)))
+        cdf = self.containment_df().values
+        ddf = float(min(cdf[row != 0].min() for row in L))
+        F = chi2 / q
+        return WaldTest(Ldf, r, F, q, float(stats.f.sf(F, q, ddf)), "t", ddf)
+
+    # -- profile likelihood -------------------------------------------------------------
+    def _profile_params(self):
+        """(theta index, grouping term, label) of every parameter that is an SD."""
+        out = []
+        for g, s, sl in zip(self.group_names, self.model.structs, self.model.theta_slices):
+            if s.kind == "identity":
+                out.append((sl.start, g, f"var({' '.join(s.effect_names)})"))
+            elif s.kind == "independent":
+                out += [(sl.start + i, g, f"var({e})") for i, e in enumerate(s.effect_names)]
+        return out
+
+    def _resolve_param(self, param):
+        params = self._profile_params()
+        if isinstance(param, (int, np.integer)):
+            hits = [p for p in params if p[0] == param]
+        elif isinstance(param, tuple):
+            hits = [p for p in params if p[1] == param[0] and p[2] == f"var({param[1]})"]
+        else:
+            hits = [p for p in params if p[1] == param]
+        if len(hits) != 1:
+            avail = [(p[1], p[2]) for p in params]
+            raise ValueError(f"cannot profile {param!r}: give a grouping term with one variance, "
+                             f"a (term, effect) pair or a theta index; profileable: {avail}")
+        return hits[0]
+
+    def _profile_llf(self, i, var, start=None):
+        """max over the other parameters of the (restricted) log-likelihood with
+        theta_i = sqrt(var) held; returns (llf, theta)."""
+        theta0 = (self.theta if start is None else start).copy()
+        theta0[i] = np.sqrt(max(var, 0.0))
+        if self.model.n_theta == 1:
+            return -0.5 * self.model.deviance(theta0), theta0
+        rec = fit_nested(self.model, theta0=theta0, fixed=[i], em_iter=5, safeguard=False)
+        return -0.5 * rec.deviance, np.asarray(rec.theta, float)
+
+    def profile(self, param=None, n: int = 20, values=None) -> pd.DataFrame:
+        """Profile (restricted) log-likelihood of a variance component.
+
+        ``param``: a grouping term (random intercept), a (term, effect) pair of an
+        independent structure, or a theta index; default: the first. The curve is
+        in the variance metric sigma^2 (metafor's ``profile.rma.mv``):
+        llf(sigma^2) = max over the other covariance parameters (beta profiled
+        out). ``values`` sets the grid; by default ``n`` points spanning the
+        profile-likelihood CI with a margin. Columns: sigma2, sd, llf.
+        """
+        i, g, label = self._resolve_param(param if param is not None else self._profile_params()[0][0])
+        if values is None:
+            ci = self.profile_ci(params=[i]).iloc[0]
+            lo, hi = float(ci.lower), float(ci.upper)
+            if not np.isfinite(hi):
+                hi = lo + 4.0 * max(float(ci.estimate), 1e-8)
+            span = hi - lo
+            values = np.linspace(max(0.0, lo - 0.25 * span), hi + 0.25 * span, n)
+            values = np.union1d(values, [self.theta[i] ** 2])
+        values = np.asarray(values, dtype=float)
+        llf = np.empty(values.size)
+        start = None
+        order = np.argsort(np.abs(values - self.theta[i] ** 2))
+        for k in order:      # outward from the estimate, warm-starting each fit
+            llf[k], start = self._profile_llf(i, values[k], start)
+        df = pd.DataFrame({"sigma2": values, "sd": np.sqrt(values), "llf": llf})
+        df.attrs.update(param=(g, label), theta_index=i, estimate=float(self.theta[i] ** 2),
+                        llf_max=float(self.llf))
+        return df
+
+    def profile_ci(self, level: float = 95.0, params=None) -> pd.DataFrame:
+        """Profile-likelihood confidence intervals for the variance components.
+
+        The limits solve 2 (llf_max - llf(sigma^2)) = chi2_1(level) (brentq on
+        each side of the estimate); when the profile at sigma^2 = 0 stays above
+        the cutoff the lower limit is 0 (as metafor's ``confint``). Rows: each
+        SD parameter of identity/independent structures. Columns: group, param,
+        estimate, lower, upper (variances), sd, sd_lower, sd_upper.
+        """
+        _z(level)
+        cut = self.llf - 0.5 * stats.chi2.ppf(level / 100.0, 1)
+        rows = []
+        for i, g, label in self._profile_params():
+            if params is not None and i not in params:
+                continue
+            est = float(self.theta[i] ** 2)
+            cache = {}
+
+            def f(v):
+                if v not in cache:
+                    cache[v] = self._profile_llf(i, v)[0]
+                return cache[v] - cut
+
+            scale = max(est, 1e-4 * float(np.median(self.model.design.variance
+                                                     if self.model.design.variance is not None else 1.0)))
+            tol = 1e-10 * scale
+            lower = 0.0 if est == 0 or f(0.0) >= 0 else optimize.brentq(f, 0.0, est, xtol=tol)
+            hi = est + scale
+            for _ in range(60):
+                if f(hi) < 0:
+                    break
+                hi = est + 2 * (hi - est)
+            upper = optimize.brentq(f, est, hi, xtol=tol) if f(hi) < 0 else np.inf
+            rows.append((g, label, est, lower, upper))
+        df = pd.DataFrame(rows, columns=["group", "param", "estimate", "lower", "upper"])
+        for c in ("estimate", "lower", "upper"):
+            df["sd" if c == "estimate" else f"sd_{c}"] = np.sqrt(df[c])
+        return df
+
+    # -- stored results ---------------------------------------------------------------------
+    def estat(self) -> StoredResults:
+        """Stored results comparable to Stata's ``e()``; see :class:`StoredResults`.
+
+        Estimation metric: eta = log SD, atanh correlation; Cov(eta) is the inverse
+        observed information of the (restricted) log-likelihood (see vcomp). The
+        fixed effects and eta are asymptotically independent (the expected
+        information has no cross block), so V is block diagonal. Reporting
+        metric (delta method): Var(sd) = sd^2 Var(log sd), Var(r) = (1 - r^2)^2
+        Var(atanh r). Parameters on the boundary or fixed have NaN variances.
+        """
+        d = self.model.design
+        scale = float(np.sqrt(np.median(d.variance))) if d.variance is not None else 1.0
+        comps, cov_eta, free_pos = variance_components(self.model, self.theta, self.group_names, scale)
+        eq = self.depvar
+        idx = [(eq, n) for n in self.fe_names]
+        ridx = list(idx)
+        b_est, b_rep = list(self.params.values), list(self.params.values)
+        jac = []
+        for c in comps:
+            if c.kind == "sd":
+                name = c.label_sd.replace("sd(", "lnsd(", 1)
+                b_est.append(np.log(c.value) if c.value > 0 else -np.inf)
+                jac.append(c.value)
+            else:
+                name = c.label_sd.replace("corr(", "atr(", 1)
+                b_est.append(np.arctanh(np.clip(c.value, -1.0, 1.0)))
+                jac.append(1.0 - c.value ** 2)
+            b_rep.append(c.value)
+            idx.append((c.group, name))
+            ridx.append((c.group, c.label_sd))
+        p, k = self.n_fe, len(comps)
+        V = np.full((p + k, p + k), np.nan)
+        V[:p, :p] = self.cov_params().values
+        V[:p, p:] = V[p:, :p] = 0.0
+        for a, fa in enumerate(free_pos):
+            for b_, fb in enumerate(free_pos):
+                if fa is not None and fb is not None:
+                    V[p + a, p + b_] = cov_eta[fa, fb]
+        J = np.diag(np.r_[np.ones(p), jac])
+        with np.errstate(invalid="ignore"):
+            V_rep = J @ np.where(np.isfinite(V), V, 0.0) @ J
+        V_rep[~np.isfinite(V)] = np.nan
+        fin = np.isfinite(np.diag(V))
+        rank = int(np.linalg.matrix_rank(V[np.ix_(fin, fin)])) if fin.any() else 0
+        mi, mri = pd.MultiIndex.from_tuples(idx), pd.MultiIndex.from_tuples(ridx)
+        k_rs = sum(c.kind == "sd" for c in comps)
+        scalars = {
+            "N": self.nobs, "k": p + k, "k_f": p, "k_r": k, "k_rs": k_rs, "k_rc": k - k_rs,
+            "rank": rank, "df_m": self.wald_df, "ic": self.n_iter, "converged": int(self.converged),
+            "ll": self.llf, "chi2": self.wald_chi2, "p": self.wald_pvalue,
+            "Q_M": self.Q_M, "df_Q_M": self.Q_M_df, "p_Q_M": self.Q_M_pvalue,
+        }
+        macros = {
+            "cmd": "meregress", "method": self.method.upper(), "depvar": self.depvar,
+            "ivars": " ".join(self.group_names),
+            "indepvars": " ".join(n for n in self.fe_names if n != "_cons"),
+            "vartypes": " ".join(s.title for s in self.model.structs),
+            "redim": " ".join(str(s.q) for s in self.model.structs),
+            "revars": " ".join(" ".join(s.effect_names) for s in self.model.structs),
+            "chi2type": "Wald", "optmetric": "log SD / atanh correlation",
+        }
+        return StoredResults(scalars, macros, pd.Series(b_est, index=mi, name="b"),
+                             pd.DataFrame(V, index=mi, columns=mi),
+                             pd.Series(b_rep, index=mri, name="b"),
+                             pd.DataFrame(V_rep, index=mri, columns=mri), self.sample.copy())
+
+    @property
+    def e(self) -> StoredResults:
+        """Same as :meth:`estat` (Stata's ``e()``), computed once."""
+        cached = self.__dict__.get("_stored_results")
+        if cached is None:
+            cached = self.__dict__["_stored_results"] = self.estat()
+        return cached

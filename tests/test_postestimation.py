@@ -1,0 +1,315 @@
+"""Postestimation: heterogeneity (Stata manual example 3), BLUPs, predictions,
+residuals, Wald tests with containment df, profile likelihood and stored results.
+
+metafor values come from tests/reference/make_postestimation_references.R
+(stored in postestimation_reference.json); the tests never need R.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import mlmeta
+from dense import dense_V
+
+REF = json.loads((Path(__file__).parent / "reference" / "postestimation_reference.json").read_text())
+MAIN = "stdmdiff ~ 1 + (1 | district) + (1 | district:school)"
+YEAR = "stdmdiff ~ year_c + (1 | district) + (1 | district:school)"
+SLOPES = "stdmdiff ~ year_c + (1 + year_c || district) + (1 | district:school)"
+
+
+def close(value, printed):
+    """|value - printed| <= half a unit in the last printed decimal."""
+    decimals = len(f"{printed}".split(".")[1]) if "." in f"{printed}" else 0
+    return abs(value - printed) <= 0.5 * 10 ** (-decimals) + 1e-15
+
+
+@pytest.fixture(scope="module")
+def schoolcal():
+    return mlmeta.datasets.load("schoolcal")
+
+
+@pytest.fixture(scope="module")
+def main(schoolcal):
+    return mlmeta.meregress(MAIN, schoolcal, se="se")
+
+
+@pytest.fixture(scope="module")
+def year(schoolcal):
+    return mlmeta.meregress(YEAR, schoolcal, variance="var")
+
+
+@pytest.fixture(scope="module")
+def slopes(schoolcal):
+    return mlmeta.meregress(SLOPES, schoolcal, variance="var")
+
+
+def _metafor_label(label):
+    return "/".join(str(x) for x in label) if isinstance(label, tuple) else str(label)
+
+
+# -- heterogeneity ---------------------------------------------------------------
+def test_example3_heterogeneity(main):
+    h = main.heterogeneity()
+    assert close(h.I2_Q, 90.50)
+    assert close(h.I2["district"], 63.32)
+    assert close(h.I2["district:school"], 31.86)
+    assert close(h.I2_total, 95.19)
+    text = str(h)
+    for line in ("Method: Cochran", "I2 (%) = 90.50", "Method: Higgins-Thompson",
+                 "I2 (%) = 63.32", "I2 (%) = 31.86", "Total:", "I2 (%) = 95.19"):
+        assert line in text
+
+
+@pytest.mark.parametrize("case", ["main", "year"])
+def test_heterogeneity_matches_formula_in_r(case, main, year):
+    res, ref = {"main": main, "year": year}[case], REF[case]["I2"]
+    h = res.heterogeneity()
+    assert h.I2_Q == pytest.approx(ref["I2_Q"], abs=1e-8)
+    assert h.s2 == pytest.approx(ref["s2"], rel=1e-10)
+    assert [h.I2["district"], h.I2["district:school"]] == pytest.approx(ref["I2"], abs=1e-5)
+    assert h.I2_total == pytest.approx(ref["total"], abs=1e-5)
+
+
+def test_heterogeneity_relevel(main):
+    h = main.heterogeneity(relevel="district:school")
+    assert list(h.I2) == ["district:school"]
+    assert close(h.I2_total, 95.19)
+    with pytest.raises(ValueError, match="unknown level"):
+        main.heterogeneity(relevel="school")
+
+
+def test_heterogeneity_with_slopes_is_not_defined(slopes):
+    h = slopes.heterogeneity()
+    assert h.I2 is None and h.I2_total is None
+    assert "random slopes" in h.note and "district" in h.note
+    assert close(h.I2_Q, 90.19)          # Cochran's I2_Q depends only on the fixed part
+    assert "not defined" in str(h)
+
+
+# -- random effects ----------------------------------------------------------------
+@pytest.mark.parametrize("case", ["main", "year"])
+def test_blups_match_metafor_ranef(case, main, year):
+    res = {"main": main, "year": year}[case]
+    re = res.random_effects()
+    for ours, theirs in (("district", "district"), ("district:school", "district/school")):
+        ref = REF[case]["ranef"][theirs]
+        got = re[ours]
+        labels = [_metafor_label(i) for i in got.index]
+        order = [ref["label"].index(lab) for lab in labels]
+        assert len(order) == len(ref["label"])
+        assert got.blup.values == pytest.approx(np.array(ref["pred"])[order], abs=1e-5)
+        assert got.se.values == pytest.approx(np.array(ref["se"])[order], abs=1e-5)
+        assert got.lower.values == pytest.approx(np.array(ref["pi_lb"])[order], abs=1e-5)
+        assert got.upper.values == pytest.approx(np.array(ref["pi_ub"])[order], abs=1e-5)
+
+
+def test_blup_index_and_diagnostic_se(main, schoolcal):
+    re = main.random_effects()
+    school = re["district:school"]
+    assert school.index.names == ["district", "school"]
+    assert school.loc[(11, 1), "effect"] == "_cons"
+    # Var(u_hat) = Sigma - PEV = D Z' P Z D with P = V^-1 - V^-1 X H^-1 X' V^-1 (dense)
+    d = main.model.design
+    Sig = main.model.Sigma_list(main.theta)
+    V = dense_V(d.Z, d.groups, Sig, d.variance)
+    Vi = np.linalg.inv(V)
+    P = Vi - Vi @ d.X @ np.linalg.solve(d.X.T @ Vi @ d.X, d.X.T @ Vi)
+    for lvl, name in enumerate(main.group_names):
+        B = np.zeros((d.n_obs, d.n_groups[lvl]))
+        B[np.arange(d.n_obs), d.groups[lvl]] = 1.0
+        var_u = Sig[lvl][0, 0] ** 2 * np.einsum("ig,ij,jg->g", B, P, B)
+        assert re[name].se_diag.values == pytest.approx(np.sqrt(var_u), rel=1e-8)
+        u = Sig[lvl][0, 0] * B.T @ P @ d.y
+        assert re[name].blup.values == pytest.approx(u, abs=1e-10)
+
+
+def test_blups_with_slopes(slopes):
+    re = slopes.random_effects(level=90)["district"]
+    assert list(re.effect.unique()) == ["year_c", "_cons"]
+    assert len(re) == 2 * 11
+    S = slopes.re_cov["district"].values
+    for eff, k in (("year_c", 0), ("_cons", 1)):
+        sub = re[re.effect == eff]
+        assert (sub.se ** 2 + sub.se_diag ** 2).values == pytest.approx(np.full(11, S[k, k]), rel=1e-8)
+        assert (sub.upper - sub.blup).values == pytest.approx(1.6448536269514722 * sub.se.values)
+
+
+# -- predictions and residuals ---------------------------------------------------------
+@pytest.mark.parametrize("case", ["main", "year"])
+def test_fitted_and_residuals_match_metafor(case, main, year, schoolcal):
+    res, ref = {"main": main, "year": year}[case], REF[case]
+    assert res.predict("xb").values == pytest.approx(ref["fitted_marginal"], abs=1e-6)
+    fitted = res.predict("fitted")
+    assert fitted.values == pytest.approx(ref["fitted_conditional"], abs=1e-6)
+    resid = res.predict("residuals")
+    assert (fitted + resid).values == pytest.approx(schoolcal.stdmdiff.values, abs=1e-12)
+    marg = res.predict("residuals_marginal")
+    assert marg.values == pytest.approx(ref["rstandard"]["resid"], abs=1e-6)
+    assert res.predict("rstandard").values == pytest.approx(ref["rstandard"]["z"], abs=1e-5)
+
+
+def test_predict_keeps_data_rows(schoolcal):
+    df = schoolcal.copy()
+    df.loc[5, "year_c"] = np.nan
+    with pytest.warns(mlmeta.MissingDataWarning):
+        res = mlmeta.meregress(YEAR, df, variance="var")
+    for kind in ("xb", "fitted", "residuals", "rstandard"):
+        p = res.predict(kind)
+        assert len(p) == len(df) and np.isnan(p[5]) and np.isfinite(p.drop(5)).all()
+    xb = res.predict("xb")
+    expected = res.params["_cons"] + res.params["year_c"] * df.year_c
+    assert xb.drop(5).values == pytest.approx(expected.drop(5).values)
+
+
+def test_predict_newdata_matches_metafor(year):
+    ref = REF["year"]["predict_new"]
+    new = pd.DataFrame({"year_c": ref["year_c"]}, index=["a", "b", "c"])
+    p = year.predict("xb", newdata=new, stdp=True)
+    assert list(p.index) == ["a", "b", "c"]
+    assert p.xb.values == pytest.approx(ref["pred"], abs=1e-6)
+    assert p.stdp.values == pytest.approx(ref["se"], abs=1e-6)
+
+
+def test_predict_errors(year):
+    with pytest.raises(ValueError, match="kind"):
+        year.predict("blup")
+    with pytest.raises(ValueError, match="stdp"):
+        year.predict("fitted", stdp=True)
+    with pytest.raises(ValueError, match="newdata"):
+        year.predict("fitted", newdata=pd.DataFrame({"year_c": [1.0]}))
+    with pytest.raises(ValueError, match="year_c"):
+        year.predict("xb", newdata=pd.DataFrame({"x": [1.0]}))
+
+
+def test_prediction_interval_matches_metafor(main, year):
+    ref = REF["main"]["predict"]
+    pi = main.predict_interval()
+    row = pi.iloc[0]
+    for ours, theirs in (("pred", "pred"), ("se", "se"), ("ci_lower", "ci_lb"),
+                         ("ci_upper", "ci_ub"), ("pi_lower", "pi_lb"), ("pi_upper", "pi_ub")):
+        assert row[ours] == pytest.approx(ref[theirs], abs=1e-6)
+    assert row.tau2 == pytest.approx(sum(REF["main"]["sigma2"]), rel=1e-6)
+    ref = REF["year"]["predict_new"]
+    pi = year.predict_interval(pd.DataFrame({"year_c": ref["year_c"]}))
+    for ours, theirs in (("pred", "pred"), ("se", "se"), ("ci_lower", "ci_lb"),
+                         ("ci_upper", "ci_ub"), ("pi_lower", "pi_lb"), ("pi_upper", "pi_ub")):
+        assert pi[ours].values == pytest.approx(ref[theirs], abs=1e-6)
+
+
+def test_prediction_interval_with_slopes_and_sampling_variance(slopes):
+    new = pd.DataFrame({"year_c": [-10.0, 0.0, 5.0]})
+    pi = slopes.predict_interval(new, level=90, sampling_variance=0.05)
+    S3 = slopes.re_cov["district"].values            # (year_c, _cons)
+    s2 = slopes.re_cov["district:school"].values[0, 0]
+    z = np.c_[new.year_c, np.ones(3)]
+    tau2 = np.einsum("ij,jk,ik->i", z, S3, z) + s2
+    assert pi.tau2.values == pytest.approx(tau2)
+    half = 1.6448536269514722 * np.sqrt(pi.se ** 2 + tau2 + 0.05)
+    assert (pi.pi_upper - pi.pred).values == pytest.approx(half.values)
+    assert pi.tau2.iloc[0] != pytest.approx(pi.tau2.iloc[1])   # slopes change the variance
+
+
+# -- Wald tests, containment df -------------------------------------------------------------
+def test_containment_df_and_t_test_match_metafor(year):
+    ref = REF["year"]
+    df = year.containment_df()
+    assert df.to_dict() == ref["ddf_contain"]
+    t = year.t_test()
+    assert t.df.to_dict() == ref["ddf_contain"]
+    assert t.pvalue.values == pytest.approx([ref["t_pval"][n] for n in year.fe_names], abs=1e-6)
+
+
+def test_wald_test_matches_metafor_anova(year):
+    ref = REF["year"]["wald"]
+    w = year.wald_test(ref["hypotheses"])
+    assert w.statistic == pytest.approx(ref["chi2"], rel=1e-6)
+    assert w.df == ref["df"] and w.pvalue == pytest.approx(ref["pval"], rel=1e-6)
+    f = year.wald_test(ref["hypotheses"], test="t")
+    assert f.statistic == pytest.approx(ref["F"], rel=1e-6)
+    assert (f.df, f.df_denom) == (ref["df_num"], ref["df_den"])
+    assert f.pvalue == pytest.approx(ref["pval_F"], rel=1e-6)
+    one = year.wald_test("year_c", test="t")
+    ref1 = REF["year"]["wald_year_t"]
+    assert one.statistic == pytest.approx(ref1["F"], rel=1e-6) and one.df_denom == ref1["df_den"]
+    assert "Prob > F" in str(f) and "chi2(2)" in str(w)
+
+
+def test_wald_test_matrix_form_and_errors(year):
+    w = year.wald_test("year_c = 0")
+    m = year.wald_test([[1.0, 0.0]])
+    assert m.statistic == pytest.approx(w.statistic)
+    assert w.statistic == pytest.approx(year.zvalues["year_c"] ** 2)
+    r = year.wald_test([[0.0, 1.0]], rhs=0.1)
+    assert r.statistic == pytest.approx(((year.params["_cons"] - 0.1) / year.bse["_cons"]) ** 2)
+    with pytest.raises(ValueError, match="unknown coefficient"):
+        year.wald_test("weeks = 0")
+    with pytest.raises(ValueError, match="linearly dependent"):
+        year.wald_test("year_c = 0, 2*year_c = 0")
+    with pytest.raises(ValueError, match="test"):
+        year.wald_test("year_c", test="F")
+
+
+# -- profile likelihood --------------------------------------------------------------------
+@pytest.mark.parametrize("case", ["main", "year"])
+def test_profile_ci_matches_metafor_confint(case, main, year):
+    res = {"main": main, "year": year}[case]
+    ci = res.profile_ci()
+    for (_, row), ref in zip(ci.iterrows(), REF[case]["confint"]):
+        est, lo, hi = ref["sigma2"]
+        assert row.estimate == pytest.approx(est, rel=1e-6)
+        assert row.lower == pytest.approx(lo, abs=1e-6)
+        assert row.upper == pytest.approx(hi, abs=1e-6)
+        assert [row.sd_lower, row.sd_upper] == pytest.approx(ref["sigma"][1:], abs=1e-6)
+
+
+def test_profile_matches_metafor(main):
+    for ref in REF["main"]["profile"]:
+        term = ref["level"].replace("/", ":")
+        prof = main.profile(term, values=ref["sigma2"])
+        assert prof.llf.values == pytest.approx(ref["ll"], abs=1e-7)
+
+
+def test_profile_default_grid(main):
+    prof = main.profile("district", n=15)
+    assert len(prof) >= 15
+    assert prof.llf.max() == pytest.approx(main.llf, abs=1e-9)
+    assert prof.sigma2.values[prof.llf.argmax()] == pytest.approx(main.theta[0] ** 2)
+    assert prof.attrs["param"] == ("district", "var(_cons)")
+    with pytest.raises(ValueError, match="cannot profile"):
+        main.profile("school")
+
+
+def test_profile_ci_lower_limit_zero(slopes):
+    ci = slopes.profile_ci()
+    assert list(ci.param) == ["var(year_c)", "var(_cons)", "var(_cons)"]
+    row = ci.iloc[0]
+    assert row.lower == 0.0 and row.upper > row.estimate
+    # at the upper limit the profile has dropped by chi2_1(.95)/2
+    prof = slopes.profile(("district", "year_c"), values=[row.upper])
+    assert slopes.llf - prof.llf.iloc[0] == pytest.approx(0.5 * 3.841458820694124, abs=1e-6)
+
+
+# -- stored results -------------------------------------------------------------------------
+def test_stored_results(slopes, main):
+    e = slopes.e
+    assert e is slopes.e
+    assert (e["N"], e["k"], e["k_f"], e["k_r"], e["k_rs"], e["k_rc"]) == (56, 5, 2, 3, 3, 0)
+    assert e["df_m"] == 1 and e["converged"] == 1 and e["rank"] == 5
+    assert e["ll"] == slopes.llf and e["chi2"] == slopes.wald_chi2 and e["Q_M"] == slopes.Q_M
+    assert e["method"] == "REML" and e["ivars"] == "district district:school"
+    assert list(e.b.index[:2]) == [("stdmdiff", "year_c"), ("stdmdiff", "_cons")]
+    assert e.b[("district", "lnsd(_cons)")] == pytest.approx(np.log(np.sqrt(
+        slopes.re_cov["district"].loc["_cons", "_cons"])))
+    assert e.V.iloc[:2, :2].values == pytest.approx(slopes.cov_params().values)
+    assert np.all(e.V.iloc[:2, 2:].values == 0)
+    re = slopes.re_params()
+    assert e.b_report.iloc[2:].values == pytest.approx(re.estimate.values)
+    assert np.sqrt(np.diag(e.V_report.values))[2:] == pytest.approx(re.std_err.values.astype(float))
+    em = main.estat()
+    assert (em["k"], em["k_r"], em["df_m"]) == (3, 2, 0) and em["chi2"] is None
+    with pytest.raises(KeyError):
+        em["nope"]
