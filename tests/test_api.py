@@ -124,7 +124,6 @@ def test_bad_values(schoolcal, column, value, match):
     ("stdmdiff ~ nosuch + (1 | district)", "nosuch"),
     ("stdmdiff ~ (1 | district", "parenthes"),
     ("stdmdiff 1 + (1 | district)", "~"),
-    ("stdmdiff ~ year_c + year + (1 | district)", "linear combination|collinear"),
     ("stdmdiff ~ 1 + (1 | district) + (1 | school)", "not nested"),
     ("stdmdiff ~ 1 + (1 + year_c | district:school)", "no variation within"),
 ])
@@ -139,10 +138,21 @@ def test_one_group_rejected(schoolcal):
         mlmeta.meregress(FORMULA, df, variance="var")
 
 
-def test_constant_moderator_rejected(schoolcal):
+def test_constant_or_collinear_moderator_omitted(schoolcal):
     df = schoolcal.assign(k=1.0)
-    with pytest.raises(ValueError, match="constant"):
-        mlmeta.meregress("stdmdiff ~ k + (1 | district)", df, variance="var")
+    with pytest.warns(UserWarning, match="k omitted because of collinearity .constant"):
+        res = mlmeta.meregress("stdmdiff ~ k + (1 | district)", df, variance="var")
+    assert res.omitted == ["k"] and list(res.params.index) == ["_cons"]
+    with pytest.warns(UserWarning, match="year omitted because of collinearity"):
+        res = mlmeta.meregress("stdmdiff ~ year_c + year + (1 | district)", schoolcal, variance="var")
+    assert res.omitted == ["year"]
+
+
+def test_too_few_observations():
+    df = pd.DataFrame({"y": [0.1, 0.2, 0.3, 0.5], "x": [1.0, 2.0, 4.0, 3.0], "z": [0.0, 1.0, 0.0, 5.0],
+                       "v": [0.1] * 4, "g": [1, 1, 2, 2]})
+    with pytest.raises(ValueError, match="at least one more observation"):
+        mlmeta.meregress("y ~ x + z + x:z + (1 | g)", df, variance="v")
 
 
 def test_multilevel_validation(schoolcal):

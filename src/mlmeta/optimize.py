@@ -150,8 +150,12 @@ def _local(cnt: _Counter, theta0, lower, upper, maxiter, tol, scale=1.0, callbac
 
     Parameters held at a bound by their gradient are fixed for the step; the rest
     take a Newton step (eigenvalues made positive) with backtracking along the
-    projected path. Converged when the largest free gradient component is at most
-    ``tol * max(1, |deviance|)`` and no variance at 0 is a saddle.
+    projected path. Iteration stops when the Newton decrement ``g' H^-1 g`` (twice
+    the predicted fall of the deviance) is below ``1e-14 max(1, |deviance|)`` and no
+    variance at 0 is a saddle, or when a step below ``1e-10 max(1, |deviance|)`` of
+    predicted decrease fails (rounding noise). The fit counts as converged when, at the end, the
+    Hessian of the free parameters is positive definite and either the decrement is
+    at most ``tol max(1, |deviance|)`` or the largest free gradient component is.
     Returns (theta, f, g, n_iter, converged, gmax, message).
     """
     theta = np.clip(np.asarray(theta0, dtype=float), lower, upper)
@@ -160,38 +164,50 @@ def _local(cnt: _Counter, theta0, lower, upper, maxiter, tol, scale=1.0, callbac
         return theta, f, g, 0, False, np.inf, "objective not finite at the start"
     message = "maximum number of iterations reached"
     it = 0
+    decrement, pd_hessian = np.inf, False
     for it in range(1, maxiter + 1):
         free = _free_mask(theta, g, lower, upper)
         gf = g[free]
         gmax = float(np.max(np.abs(gf))) if gf.size else 0.0
-        if gmax <= 1e-10 * max(1.0, abs(f)):
+        fscale = max(1.0, abs(f))
+        if gmax <= 1e-12 * fscale:
+            decrement, pd_hessian = 0.0, True
+        else:
+            H = _fd_hessian(cnt, theta, g, free, scale)
+            try:
+                w, U = np.linalg.eigh(H)
+            except np.linalg.LinAlgError:
+                w, U = np.ones(gf.size), np.eye(gf.size)
+            pd_hessian = bool(w.min() > 0)
+            wmax = max(float(np.max(np.abs(w))), 1e-300)
+            w_mod = np.maximum(np.abs(w), 1e-10 * wmax)
+            step = -(U @ ((U.T @ gf) / w_mod))
+            decrement = float(-gf @ step)
+        if decrement <= 1e-14 * fscale and pd_hessian:
             theta, f, g, moved = _kick_saddles(cnt, theta, f, g, lower, upper, scale)
             if not moved:
-                message = "gradient criterion met"
+                message = "Newton decrement below tolerance"
                 break
             continue
-        H = _fd_hessian(cnt, theta, g, free, scale)
-        try:
-            w, U = np.linalg.eigh(H)
-        except np.linalg.LinAlgError:
-            w, U = np.ones(gf.size), np.eye(gf.size)
-        wmax = max(float(np.max(np.abs(w))), 1e-300)
-        w_mod = np.maximum(np.abs(w), 1e-10 * wmax)
-        step = -(U @ ((U.T @ gf) / w_mod))
         # never move a parameter more than a few scales at once
         big = np.max(np.abs(step)) / (10.0 * max(scale, np.max(np.abs(theta[free])), 1e-12))
         if big > 1.0:
             step /= big
         t = 1.0
         accepted = False
-        for _ in range(40):
+        # near the optimum a failed step is rounding noise: do not search long
+        n_halvings = 5 if decrement <= 1e-10 * fscale else 40
+        for _ in range(n_halvings):
             cand = theta.copy()
             cand[free] = np.clip(theta[free] + t * step, lower[free], upper[free])
             fc, gc = cnt.fg(cand)
-            if np.isfinite(fc) and fc <= f + 1e-4 * float(g @ (cand - theta)) + 1e-14 * max(1.0, abs(f)):
+            if np.isfinite(fc) and fc <= f + 1e-4 * float(g @ (cand - theta)) + 1e-14 * fscale:
                 accepted = True
                 break
             t *= 0.5
+        if not accepted and decrement <= 1e-10 * fscale:
+            message = "optimum reached to working precision"
+            break
         if not accepted:
             # fall back to a projected gradient step
             t = 1.0
@@ -216,7 +232,18 @@ def _local(cnt: _Counter, theta0, lower, upper, maxiter, tol, scale=1.0, callbac
             break
     free = _free_mask(theta, g, lower, upper)
     gmax = float(np.max(np.abs(g[free]))) if free.any() else 0.0
-    converged = bool(np.isfinite(f)) and gmax <= tol * max(1.0, abs(f))
+    if message not in ("Newton decrement below tolerance",) and free.any():
+        H = _fd_hessian(cnt, theta, g, free, scale)
+        try:
+            pd_hessian = bool(np.linalg.eigvalsh(H).min() > 0)
+            decrement = float(g[free] @ np.linalg.solve(H, g[free])) if pd_hessian else np.inf
+        except np.linalg.LinAlgError:
+            pd_hessian, decrement = False, np.inf
+    elif not free.any():
+        pd_hessian, decrement = True, 0.0
+    fscale = max(1.0, abs(f))
+    converged = bool(np.isfinite(f)) and pd_hessian and (
+        decrement <= tol * fscale or gmax <= tol * fscale)
     return theta, f, g, it, converged, gmax, message
 
 
