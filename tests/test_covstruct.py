@@ -68,6 +68,53 @@ def test_unknown_structure():
         make_structure("", ["x", "_cons"])
 
 
+CUSTOM = [[["a", .3, None], [.3, "a", None], [None, None, None]],
+          [[None, "r", "r"], ["r", 0.5, "r"], ["r", "r", None]],
+          [[0.2, None], [None, None]]]
+
+
+@pytest.mark.parametrize("pattern", CUSTOM)
+def test_custom_roundtrip_and_patterns(pattern):
+    q = len(pattern)
+    s = make_structure(pattern, _names(q))
+    rng = np.random.default_rng(q)
+    for _ in range(5):
+        theta = np.clip(rng.uniform(0.05, 0.6, s.n_theta), s.lower, s.upper)
+        S = s.Sigma(theta)
+        th2 = s.from_Sigma(S)
+        np.testing.assert_allclose(th2, theta, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(s.theta_from_report(s.report_values(theta)), theta, rtol=1e-12)
+        sd = np.sqrt(np.diag(S))
+        R = S / np.outer(sd, sd)
+        for i in range(q):
+            for j in range(q):
+                v = pattern[i][j]
+                if i == j and isinstance(v, float):
+                    assert sd[i] == pytest.approx(v, rel=1e-12)
+                if i != j and isinstance(v, float):
+                    assert R[i, j] == pytest.approx(v, rel=1e-12)
+        labels = {}
+        for i in range(q):
+            for j in range(q):
+                v = pattern[i][j]
+                if isinstance(v, str):
+                    labels.setdefault(v, []).append(sd[i] if i == j else R[i, j])
+        for vals in labels.values():
+            np.testing.assert_allclose(vals, vals[0], rtol=1e-12)
+    h = 1e-6
+    theta = np.clip(rng.uniform(0.1, 0.5, s.n_theta), s.lower, s.upper)
+    num = np.array([(s.T(theta + h * e) - s.T(theta - h * e)) / (2 * h) for e in np.eye(s.n_theta)])
+    np.testing.assert_allclose(s.dT(theta), num, atol=1e-7)
+
+
+@settings(max_examples=40, deadline=None)
+@given(sd1=st.floats(0, 5), sd2=st.floats(0, 5), r=st.floats(-0.999, 0.999))
+def test_custom_sigma_psd_inside_bounds(sd1, sd2, r):
+    s = make_structure([[None, "."], [".", None]], ["x", "_cons"])     # "." is free, as in Stata
+    S = s.Sigma(np.array([sd1, sd2, r]))
+    assert np.linalg.eigvalsh(S).min() >= -1e-9 * max(1.0, np.abs(S).max())
+
+
 def test_unstructured_from_singular_sigma():
     s = make_structure("unstructured", ["x", "_cons"])
     S = np.array([[1.0, 2.0], [2.0, 4.0]])     # correlation 1
