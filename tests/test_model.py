@@ -134,3 +134,36 @@ def test_marginal_blocks_match_dense():
         assert np.all(V[a:b, b:] == 0)
         covered += b - a
     assert covered == d.n_obs
+
+
+def _profiled(method, seed=6):
+    rng = np.random.default_rng(seed)
+    n = 90
+    g0 = rng.integers(0, 9, n)
+    x = rng.normal(size=n)
+    X = np.column_stack([x, np.ones(n)])
+    Z = [np.column_stack([x, np.ones(n)])]
+    y = 0.5 * x + rng.normal(size=9)[g0] + rng.normal(size=n)
+    d = build_design(y, X, Z, [g0], None)
+    return NestedModel(d, [make_structure("unstructured", ["x", "_cons"])], method, residual="profiled"), rng
+
+
+@pytest.mark.parametrize("method", ["reml", "ml"])
+def test_profiled_residual_matches_dense(method):
+    m, rng = _profiled(method)
+    d = m.design
+    theta = np.array([0.4, 0.2, 0.7])
+    ev = m.evaluate(theta)
+    # profile sigma^2 numerically on the dense likelihood with V = sigma^2 (I + Z G_rel Z')
+    from scipy.optimize import minimize_scalar
+    Vrel = dense_V(d.Z, d.groups, m.Sigma_list(theta), np.ones(d.n_obs))
+    f = lambda ls: -dense_loglik(d.y, d.X, np.exp(ls) * Vrel, method)[0]
+    r = minimize_scalar(f, bounds=(-5, 5), method="bounded", options={"xatol": 1e-10})
+    assert -0.5 * ev.deviance == pytest.approx(-r.fun, rel=1e-8)
+    assert ev.sigma2 == pytest.approx(np.exp(r.x), rel=1e-5)
+    g = m.gradient(theta)
+    h = 1e-6
+    num = np.array([(m.deviance(theta + h * e) - m.deviance(theta - h * e)) / (2 * h) for e in np.eye(3)])
+    np.testing.assert_allclose(g, num, rtol=1e-5, atol=1e-6)
+    theta2, _ = m.em_step(theta)
+    assert m.deviance(theta2) <= ev.deviance + 1e-9

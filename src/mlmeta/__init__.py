@@ -9,6 +9,7 @@
 
 from mlmeta._errors import BoundaryWarning, ConvergenceWarning, MissingDataWarning
 from mlmeta.api import meregress, multilevel, sensitivity
+from mlmeta.mixed import MixedResults, mixed
 from mlmeta.results import MeregressResults
 
 __version__ = "0.1.0"
@@ -23,6 +24,7 @@ def __getattr__(name):
 
 
 __all__ = [
-    "meregress", "multilevel", "sensitivity", "MeregressResults", "datasets",
+    "meregress", "multilevel", "sensitivity", "mixed", "MeregressResults", "MixedResults",
+    "datasets",
     "MissingDataWarning", "ConvergenceWarning", "BoundaryWarning", "__version__",
 ]

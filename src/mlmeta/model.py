@@ -29,7 +29,8 @@ LOG2PI = float(np.log(2.0 * np.pi))
 class Evaluation:
     """What one evaluation at theta produced (deviance, beta, cov of beta, ...)."""
 
-    __slots__ = ("theta", "deviance", "beta", "cov_beta", "rss", "grad", "E", "logdet_C")
+    __slots__ = ("theta", "deviance", "beta", "cov_beta", "rss", "grad", "E", "logdet_C",
+                 "logdet_H", "Hinv", "sigma2")
 
     def __init__(self, **kw):
         for k in self.__slots__:
@@ -44,12 +45,21 @@ class NestedModel:
     design : NestedDesign (sorted rows, kernel with precomputed blocks).
     structs : list of CovStruct, one per level (outermost first).
     method : "reml" or "ml".
+    residual : "known" (Lambda = known sampling covariance) or "profiled"
+        (Lambda = sigma^2 I with sigma^2 profiled out, as lme4; theta is then
+        relative to sigma: Sigma_l = sigma^2 T_l T_l').
     theta_slices : slice of the flat theta vector belonging to each level.
     n_theta : total number of covariance parameters.
     """
 
-    def __init__(self, design: NestedDesign, structs: list[CovStruct], method: str = "reml"):
+    def __init__(self, design: NestedDesign, structs: list[CovStruct], method: str = "reml",
+                 residual: str = "known"):
         method = str(method).lower()
+        if residual not in ("known", "profiled"):
+            raise ValueError("residual must be 'known' (sampling variances) or 'profiled'")
+        if residual == "profiled" and design.variance is not None:
+            raise ValueError("a profiled residual variance needs a design without sampling variances")
+        self.residual = residual
         if method not in ("reml", "ml"):
             raise ValueError(f"method must be 'reml' or 'ml', got {method!r}")
         if len(structs) != design.n_levels:
@@ -113,26 +123,48 @@ class NestedModel:
             rss = float(S[0, 0])
             logdet_H = 0.0
             cov_beta = np.zeros((0, 0))
-        dev = n * LOG2PI + d.logdet_Lambda + logdet_C + rss
-        if self.method == "reml":
-            dev += -p * LOG2PI + logdet_H - d.logdet_XtX
+        Hinv = cov_beta
+        sigma2 = 1.0
+        if self.residual == "known":
+            dev = n * LOG2PI + d.logdet_Lambda + logdet_C + rss
+            if self.method == "reml":
+                dev += -p * LOG2PI + logdet_H - d.logdet_XtX
+        else:
+            dof = n - p if self.method == "reml" else n
+            sigma2 = rss / dof
+            if not sigma2 > 0:
+                raise FloatingPointError("the residual variance is zero (the model fits exactly)")
+            dev = dof * (LOG2PI + np.log(sigma2) + 1.0) + logdet_C
+            if self.method == "reml":
+                dev += logdet_H - d.logdet_XtX
+            cov_beta = sigma2 * Hinv
         ev = Evaluation(theta=theta, deviance=float(dev), beta=beta, cov_beta=cov_beta,
-                        rss=rss, logdet_C=float(logdet_C))
+                        rss=rss, logdet_C=float(logdet_C), logdet_H=logdet_H, Hinv=Hinv,
+                        sigma2=float(sigma2))
         if gradient or em:
-            Phi = self.phi(beta, cov_beta)
-            G, E = K.gradient_pieces(Tflat, Phi)
+            G, E = K.gradient_pieces(Tflat, self.phi(beta, Hinv, rss))
             if gradient:
                 ev.grad = self._chain(2.0 * G, theta)
             if em:
                 ev.E = E
         return ev
 
-    def phi(self, beta, cov_beta):
-        """Phi = gamma gamma' (+ [H^-1, 0; 0, 0] for REML), gamma = (-beta, 1)."""
+    def phi(self, beta, Hinv, rss=None):
+        """The kernel's Phi, with gamma = (-beta, 1) and H^-1 = (X'V^-1X)^-1:
+
+        known Lambda:        Phi = gamma gamma' (+ [H^-1, 0; 0, 0] for REML)
+        profiled sigma^2:    Phi = gamma gamma' / sigma^2 (+ [H^-1, 0; 0, 0] for REML)
+
+        with sigma^2 = rss / dof, dof = n - p (REML) or n (ML). The same Phi gives the
+        gradient of the profiled deviance (d[dof log rss] = (dof / rss) d rss) and the
+        EM moments in the relative (sigma-scaled) metric."""
         gamma = np.append(-beta, 1.0)
         Phi = np.outer(gamma, gamma)
+        if self.residual == "profiled":
+            dof = self.n_obs - self.n_fe if self.method == "reml" else self.n_obs
+            Phi *= dof / rss
         if self.method == "reml":
-            Phi[:-1, :-1] += cov_beta
+            Phi[:-1, :-1] += Hinv
         return Phi
 
     def _chain(self, dT_flat, theta):
@@ -188,8 +220,8 @@ class NestedModel:
             Sig = Sig.reshape(-1, q, q).transpose(0, 2, 1)
             u = np.einsum("ij,gjk,k->gi", T, W, gamma)
             WX = W[:, :, :p]
-            inner = Sig + np.einsum("gip,pr,gjr->gij", WX, ev.cov_beta, WX)
-            pev = np.einsum("ij,gjk,lk->gil", T, inner, T)
+            inner = Sig + np.einsum("gip,pr,gjr->gij", WX, ev.Hinv, WX)
+            pev = ev.sigma2 * np.einsum("ij,gjk,lk->gil", T, inner, T)
             out.append((u, pev))
         return out
 

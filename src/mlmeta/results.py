@@ -280,7 +280,10 @@ class MeregressResults:
         comps = self._vc[0]
         table = self.re_params(variance=variance, level=level)
         blocks = []
-        for lvl, (name, s) in enumerate(zip(self.group_names, self.model.structs)):
+        levels = list(zip(self.group_names, [s.title for s in self.model.structs]))
+        if any(c.group == "Residual" and c.level == len(levels) for c in comps):
+            levels.append(("Residual", ""))
+        for lvl, (name, title) in enumerate(levels):
             rows = []
             for c, (_, r) in zip(comps, table.iterrows()):
                 if c.level != lvl:
@@ -290,12 +293,11 @@ class MeregressResults:
                     r.param, float(r.estimate), se,
                     None if se is None else float(r.lower), None if se is None else float(r.upper),
                     fixed=bool(c.fixed), boundary=bool(c.boundary and not c.fixed)))
-            blocks.append(_summary.RandomBlock(name, s.title, rows))
+            blocks.append(_summary.RandomBlock(name, title, rows))
         g = self.groups
         group_rows = [_summary.GroupRow(nm, int(r.n_groups), int(r["min"]), float(r.avg), int(r["max"]))
                       for nm, r in g.iterrows()]
-        kind = "meta-regression" if any(nm != "_cons" for nm in self.fe_names) else "meta-analysis"
-        title = f"Multilevel {'REML' if self.method == 'reml' else 'ML'} {kind}"
+        title = self._title()
         return _summary.Summary(
             title=title, depvar=self.depvar, nobs=self.nobs, groups=group_rows,
             wald_chi2=self.wald_chi2, wald_df=self.wald_df, wald_p=self.wald_pvalue,
@@ -304,6 +306,10 @@ class MeregressResults:
             level=level, notes=self.notes, show_header=header, show_groups=group,
             constraints=self.constraints.describe() if self.constraints is not None else [],
             show_fixed=fixed, show_random=random, show_homtest=homtest)
+
+    def _title(self) -> str:
+        kind = "meta-regression" if any(nm != "_cons" for nm in self.fe_names) else "meta-analysis"
+        return f"Multilevel {'REML' if self.method == 'reml' else 'ML'} {kind}"
 
     def to_dict(self) -> dict:
         """Plain-Python view of the main results (for JSON output)."""

@@ -243,7 +243,7 @@ def cluster_robust(X, resid, cluster, W_blocks=None, V_blocks=None, type="CR2", 
     meat = np.zeros((p, p))
     S = np.empty((J, p, p))
     Hs = np.empty((J, p, k * p))
-    for (cl, rows), x, wx, rr, P, I in zip(cls.groups, Xg, WX, rg, Phi, eye):
+    for (cl, _), x, wx, rr, P, eye_j in zip(cls.groups, Xg, WX, rg, Phi, eye):
         xt = np.swapaxes(x, 1, 2)
         E = np.swapaxes(wx, 1, 2)                                    # X_j' W_j  (J_s, p, s)
         if type == "CR2":
@@ -258,7 +258,7 @@ def cluster_robust(X, resid, cluster, W_blocks=None, V_blocks=None, type="CR2", 
             E = E @ (np.swapaxes(D, 1, 2) @ _powm(vals, vecs, -0.5) @ D)
         elif type == "CR3":
             try:
-                E = E @ np.linalg.inv(I - x @ M_fit @ E)
+                E = E @ np.linalg.inv(eye_j - x @ M_fit @ E)
             except np.linalg.LinAlgError:
                 raise ValueError("CR3: I - X_j M X_j'W_j is singular for some cluster (a coefficient "
                                  "is determined by one cluster alone)") from None

@@ -61,9 +61,10 @@ def _codes(x):
 
 
 def _check_r(r, what):
-    r = np.asarray(r, dtype=float)
-    if not np.all(np.isfinite(r)) or np.any(np.abs(r) >= 1):
-        raise ValueError(f"{what}: correlations must lie in (-1, 1), got {r[np.abs(r) >= 1][:3] if np.isfinite(r).all() else r}")
+    r = np.atleast_1d(np.asarray(r, dtype=float))
+    bad = ~np.isfinite(r) | (np.abs(r) >= 1)
+    if bad.any():
+        raise ValueError(f"{what}: correlations must lie in (-1, 1), got {r[bad][:3].tolist()}")
 
 
 def _pair_matrix(spec, labels, what):

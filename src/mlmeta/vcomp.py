@@ -48,15 +48,54 @@ class VarComp:
     fixed: bool = False
 
 
-def _theta_of_eta(model: NestedModel, base_values, free_idx, eta):
-    """theta for a full vector of report values where the free ones are given as eta."""
+def _theta_of_eta(model: NestedModel, base_values, free_idx, eta, sigma=1.0):
+    """theta for a full vector of report values where the free ones are given as eta.
+
+    With a profiled residual variance, SDs are absolute and theta is relative to
+    ``sigma``."""
     vals = [v.copy() for v in base_values]
     pos = 0
     for lvl, i in free_idx:
         kind = model.structs[lvl].report_params()[i][0]
         vals[lvl][i] = np.exp(eta[pos]) if kind == "sd" else np.tanh(eta[pos])
         pos += 1
-    return np.concatenate([s.theta_from_report(v) for s, v in zip(model.structs, vals)])
+    out = []
+    for s, v in zip(model.structs, vals):
+        v = v.copy()
+        for i, (kind, _) in enumerate(s.report_params()):
+            if kind == "sd":
+                v[i] /= sigma
+        out.append(s.theta_from_report(v))
+    return np.concatenate(out)
+
+
+def _full_deviance(model, theta, sigma2):
+    """-2 ll of a profiled-residual model at (theta, sigma^2), sigma^2 not profiled:
+
+        dof log(2 pi sigma^2) + rss / sigma^2 + log|C| (+ log|H| - log|X'X| for REML)
+    with dof = n - p (REML) or n (ML), everything relative to sigma."""
+    ev = model.evaluate(theta)
+    dof = model.n_obs - model.n_fe if model.method == "reml" else model.n_obs
+    dev = dof * (np.log(2 * np.pi) + np.log(sigma2)) + ev.rss / sigma2 + ev.logdet_C
+    if model.method == "reml":
+        dev += ev.logdet_H - model.design.logdet_XtX
+    return dev
+
+
+def _hessian_fv(fn, x0, h=1e-4):
+    """Central-difference Hessian from function values."""
+    k = x0.size
+    H = np.empty((k, k))
+    f0 = fn(x0)
+    steps = h * np.maximum(1.0, np.abs(x0))
+    for i in range(k):
+        ei = np.zeros(k); ei[i] = steps[i]
+        H[i, i] = (fn(x0 + ei) - 2 * f0 + fn(x0 - ei)) / steps[i] ** 2
+        for j in range(i):
+            ej = np.zeros(k); ej[j] = steps[j]
+            H[i, j] = H[j, i] = (fn(x0 + ei + ej) - fn(x0 + ei - ej) - fn(x0 - ei + ej)
+                                 + fn(x0 - ei - ej)) / (4 * steps[i] * steps[j])
+    return H
 
 
 def variance_components(model: NestedModel, theta, groups, scale=1.0):
@@ -69,8 +108,12 @@ def variance_components(model: NestedModel, theta, groups, scale=1.0):
     base_values = []
     free_idx = []
     free_pos = []
+    profiled = getattr(model, "residual", "known") == "profiled"
+    sigma = float(np.sqrt(model.evaluate(theta).sigma2)) if profiled else 1.0
     for lvl, (s, sl) in enumerate(zip(model.structs, model.theta_slices)):
         vals = s.report_values(theta[sl])
+        vals = np.array([v * sigma if kind == "sd" else v
+                         for (kind, _), v in zip(s.report_params(), vals)])
         base_values.append(vals)
         labels_sd = s.labels(variance=False)
         labels_var = s.labels(variance=True)
@@ -92,7 +135,32 @@ def variance_components(model: NestedModel, theta, groups, scale=1.0):
                 free_idx.append((lvl, i))
             else:
                 free_pos.append(None)
+    if profiled:
+        L = len(model.structs)
+        comps.append(VarComp(L, "Residual", "sd", (0,), "sd(Residual)", "var(Residual)",
+                             sigma, False, False))
+        free_pos.append(len(free_idx))
     k = len(free_idx)
+    if profiled:
+        eta0 = np.empty(k + 1)
+        for j, (lvl, i) in enumerate(free_idx):
+            v = base_values[lvl][i]
+            eta0[j] = np.log(v) if model.structs[lvl].report_params()[i][0] == "sd" else np.arctanh(v)
+        eta0[k] = np.log(sigma)
+
+        def dev(eta):
+            s_ = np.exp(eta[-1])
+            return _full_deviance(model, _theta_of_eta(model, base_values, free_idx, eta[:-1], s_),
+                                  s_ * s_)
+
+        H = 0.5 * _hessian_fv(dev, eta0)
+        cov_eta = np.full((k + 1, k + 1), np.nan)
+        try:
+            if np.linalg.eigvalsh(H).min() > 0:
+                cov_eta = np.linalg.inv(H)
+        except np.linalg.LinAlgError:
+            pass
+        return comps, cov_eta, free_pos
     cov_eta = np.full((k, k), np.nan)
     if k:
         eta0 = np.empty(k)
