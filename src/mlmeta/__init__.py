@@ -11,6 +11,8 @@ from mlmeta._errors import BoundaryWarning, ConvergenceWarning, MissingDataWarni
 from mlmeta.api import meregress, multilevel, sensitivity
 from mlmeta.mixed import MixedResults, mixed
 from mlmeta.results import MeregressResults
+from mlmeta.robust import RobustResults, cluster_robust, robust
+from mlmeta.vcalc import vcalc
 
 __version__ = "0.1.0"
 
@@ -25,6 +27,6 @@ def __getattr__(name):
 
 __all__ = [
     "meregress", "multilevel", "sensitivity", "mixed", "MeregressResults", "MixedResults",
-    "datasets",
+    "robust", "cluster_robust", "RobustResults", "vcalc", "datasets",
     "MissingDataWarning", "ConvergenceWarning", "BoundaryWarning", "__version__",
 ]

@@ -178,6 +178,13 @@ class MeregressResults:
         scale = float(np.sqrt(np.median(d.variance))) if d.variance is not None else 1.0
         return variance_components(self.model, self.theta, self.group_names, scale=scale)
 
+    def robust(self, cluster=None, type="CR2", df="satterthwaite", *, data=None):
+        """Cluster-robust inference with the fitted model as working covariance
+        (see :func:`mlmeta.robust.robust`)."""
+        from mlmeta.robust import robust
+
+        return robust(self, cluster=cluster, type=type, df=df, data=data)
+
     def recovariance(self, level=None, correlation: bool = False):
         """Random-effects covariance (or correlation) matrix of a level (Stata's
         ``estat recovariance``), or a dict over all levels when ``level`` is None.
