@@ -313,3 +313,21 @@ def test_stored_results(slopes, main):
     assert (em["k"], em["k_r"], em["df_m"]) == (3, 2, 0) and em["chi2"] is None
     with pytest.raises(KeyError):
         em["nope"]
+
+
+# -- models with an estimated residual variance ------------------------------------------------
+def test_mixed_model_uses_absolute_variances(schoolcal):
+    m = mlmeta.mixed("stdmdiff ~ year_c + (1 | district)", schoolcal)
+    S = m.re_cov["district"].values[0, 0]
+    re = m.random_effects()["district"]
+    assert (re.se ** 2 + re.se_diag ** 2).values == pytest.approx(np.full(11, S), rel=1e-8)
+    pi = m.predict_interval(pd.DataFrame({"year_c": [0.0]}))
+    assert pi.tau2.iloc[0] == pytest.approx(S)
+    z = m.predict("rstandard")
+    resid = m.predict("residuals_marginal")
+    xse = m.predict("xb", stdp=True).stdp
+    assert (resid / z).values == pytest.approx(np.sqrt(m.scale + S - xse ** 2).values)
+    with pytest.raises(ValueError, match="known sampling variances"):
+        m.heterogeneity()
+    with pytest.raises(ValueError, match="known sampling variances"):
+        m.profile_ci()

@@ -9,6 +9,7 @@
 
 from mlmeta._errors import BoundaryWarning, ConvergenceWarning, MissingDataWarning
 from mlmeta.api import meregress, multilevel, sensitivity
+from mlmeta.compare import compare, estimates_table, lrtest
 from mlmeta.mixed import MixedResults, mixed
 from mlmeta.results import MeregressResults
 from mlmeta.robust import RobustResults, cluster_robust, robust
@@ -18,15 +19,15 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name):
-    if name == "datasets":
+    if name in ("datasets", "plots"):
         import importlib
 
-        return importlib.import_module("mlmeta.datasets")
+        return importlib.import_module(f"mlmeta.{name}")
     raise AttributeError(f"module 'mlmeta' has no attribute {name!r}")
 
 
 __all__ = [
     "meregress", "multilevel", "sensitivity", "mixed", "MeregressResults", "MixedResults",
-    "robust", "cluster_robust", "RobustResults", "vcalc", "datasets",
+    "lrtest", "compare", "estimates_table", "robust", "cluster_robust", "RobustResults", "vcalc", "datasets",
     "MissingDataWarning", "ConvergenceWarning", "BoundaryWarning", "__version__",
 ]

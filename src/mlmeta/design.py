@@ -38,6 +38,8 @@ class NestedDesign:
     n_groups : per level, number of groups.
     group_start : per level, first row of each group (sorted order), plus n_obs.
     node_of_group : per level, global node index of each group.
+    offset_of_group : per level, where the group's effects start inside its node
+        (0 except inside the dense node of a cluster with coupled sampling errors).
     kernel : the :class:`NestedKernel` holding ZZ, ZA, A'A and workspaces.
     logdet_Lambda : log|Lambda|.
     logdet_XtX : log|X'X| (unweighted), used by the REML constant.
@@ -57,6 +59,7 @@ class NestedDesign:
     logdet_Lambda: float
     logdet_XtX: float
     q: list = field(default_factory=list)
+    offset_of_group: list = field(default_factory=list)
 
     @property
     def n_obs(self) -> int:
@@ -192,4 +195,5 @@ def build_design(y, X, Z, groups, variance=None) -> NestedDesign:
     return NestedDesign(perm=perm, y=y_s, X=X_s, Z=Z_s, variance=var_s, weights=w,
                         groups=codes, n_groups=n_groups, group_start=starts,
                         node_of_group=node_of_group, kernel=kernel,
-                        logdet_Lambda=logdet_Lambda, logdet_XtX=float(logdet_XtX), q=q)
+                        logdet_Lambda=logdet_Lambda, logdet_XtX=float(logdet_XtX), q=q,
+                        offset_of_group=[np.zeros(g, dtype=np.intp) for g in n_groups])

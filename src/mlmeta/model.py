@@ -207,17 +207,22 @@ class NestedModel:
         WW, SB = K.node_solution()
         p = self.design.n_fe
         nc = p + 1
-        L = self.design.n_levels
         gamma = np.append(-ev.beta, 1.0)
         out = []
         for lvl, T in enumerate(self.T_list(theta)):
             q = T.shape[0]
             nodes = self.design.node_of_group[lvl]
-            W = WW[K.za_ptr[nodes][:, None] + np.arange(q * nc)[None, :]]
-            W = W.reshape(-1, nc, q).transpose(0, 2, 1)                    # (G, q, ncol)
-            off = K.boff[lvl * L + lvl]
-            Sig = SB[K.zz_ptr[nodes][:, None] + off + np.arange(q * q)[None, :]]
-            Sig = Sig.reshape(-1, q, q).transpose(0, 2, 1)
+            o = self.design.offset_of_group[lvl]
+            na = K.nq[nodes]
+            r = np.arange(q)
+            # W_a rows o..o+q, all columns (node blocks are column-major nq_a x ncol)
+            idx = (K.za_ptr[nodes][:, None, None] + (o[:, None, None] + r[None, :, None])
+                   + np.arange(nc)[None, None, :] * na[:, None, None])
+            W = WW[idx]                                                      # (G, q, ncol)
+            base = K.zz_ptr[nodes] + K.diag_offset(nodes)
+            idx = (base[:, None, None] + (o[:, None, None] + r[None, :, None])
+                   + (o[:, None, None] + r[None, None, :]) * na[:, None, None])
+            Sig = SB[idx]                                                    # (G, q, q)
             u = np.einsum("ij,gjk,k->gi", T, W, gamma)
             WX = W[:, :, :p]
             inner = Sig + np.einsum("gip,pr,gjr->gij", WX, ev.Hinv, WX)

@@ -21,6 +21,7 @@ one value per data row, NaN for rows not used in the fit.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 import pandas as pd
@@ -149,6 +150,15 @@ class PostestimationMixin:
         out[np.flatnonzero(self.sample)] = frame_values
         return out
 
+    def _profiled(self):
+        return getattr(self.model, "residual", "known") == "profiled"
+
+    def _Sigmas(self):
+        """Absolute random-effects covariances; with an estimated residual variance
+        the model's Sigma_l are relative to it (Sigma_l = sigma^2 T_l T_l')."""
+        scale = float(self.model.evaluate(self.theta).sigma2) if self._profiled() else 1.0
+        return [scale * S for S in self.model.Sigma_list(self.theta)], scale
+
     def _group_labels(self, lvl):
         """Labels of the design's groups at level ``lvl`` (design order)."""
         d, f = self.model.design, self.frame
@@ -187,6 +197,8 @@ class PostestimationMixin:
         level adds to an effect size, z' Sigma_l z, changes with the moderators,
         so no single share per level exists and I^2 is reported as not defined.
         """
+        if self._profiled() or self.Q_M is None:
+            raise ValueError("heterogeneity statistics need known sampling variances")
         Q, df = self.Q_M, self.Q_M_df
         I2_Q = 100.0 * max(0.0, (Q - df) / Q) if Q > 0 else 0.0
         if relevel is None:
@@ -230,7 +242,7 @@ class PostestimationMixin:
         """
         z = _z(level)
         out = {}
-        Sigmas = self.model.Sigma_list(self.theta)
+        Sigmas = self._Sigmas()[0]
         for lvl, ((u, pev), S) in enumerate(zip(self.model.random_effects(self.theta), Sigmas)):
             term = self.frame.terms[lvl]
             effects = list(self.model.structs[lvl].effect_names)
@@ -299,7 +311,7 @@ class PostestimationMixin:
         if kind == "residuals_marginal":
             return pd.Series(self._to_data_rows(f.y - xb), name=kind)
         if kind == "rstandard":
-            lam = d.variance if d.variance is not None else np.ones(d.n_obs)
+            lam = d.variance if d.variance is not None else np.full(d.n_obs, self._Sigmas()[1])
             v = self._unsort(lam) + self._re_variance(f.Z)
             v -= np.einsum("ij,jk,ik->i", f.X, Vb, f.X)
             return pd.Series(self._to_data_rows((f.y - xb) / np.sqrt(v)), name=kind)
@@ -310,8 +322,7 @@ class PostestimationMixin:
 
     def _re_variance(self, Zs):
         """sum_l z_l' Sigma_l z_l per row, for per-level designs ``Zs``."""
-        return sum(np.einsum("ij,jk,ik->i", Z, S, Z)
-                   for Z, S in zip(Zs, self.model.Sigma_list(self.theta)))
+        return sum(np.einsum("ij,jk,ik->i", Z, S, Z) for Z, S in zip(Zs, self._Sigmas()[0]))
 
     def predict_interval(self, newdata=None, level: float = 95.0, sampling_variance=None):
         """Confidence and prediction intervals for the effect in a new study.
@@ -437,6 +448,9 @@ class PostestimationMixin:
     # -- profile likelihood -------------------------------------------------------------
     def _profile_params(self):
         """(theta index, grouping term, label) of every parameter that is an SD."""
+        if self._profiled():
+            raise ValueError("profile likelihoods are available for models with known "
+                             "sampling variances")
         out = []
         for g, s, sl in zip(self.group_names, self.model.structs, self.model.theta_slices):
             if s.kind == "identity":
@@ -591,24 +605,20 @@ class PostestimationMixin:
             "ll": self.llf, "chi2": self.wald_chi2, "p": self.wald_pvalue,
             "Q_M": self.Q_M, "df_Q_M": self.Q_M_df, "p_Q_M": self.Q_M_pvalue,
         }
+        structs = self.model.structs
         macros = {
             "cmd": "meregress", "method": self.method.upper(), "depvar": self.depvar,
-            "ivars": " ".join(self.group_names),
+            "ivars": " ".join(self.group_names), "chi2type": "Wald",
             "indepvars": " ".join(n for n in self.fe_names if n != "_cons"),
-            "vartypes": " ".join(s.title for s in self.model.structs),
-            "redim": " ".join(str(s.q) for s in self.model.structs),
-            "revars": " ".join(" ".join(s.effect_names) for s in self.model.structs),
-            "chi2type": "Wald", "optmetric": "log SD / atanh correlation",
-        }
+            "vartypes": " ".join(s.title for s in structs), "redim": " ".join(str(s.q) for s in structs),
+            "revars": " ".join(" ".join(s.effect_names) for s in structs),
+            "optmetric": "log SD / atanh correlation"}
         return StoredResults(scalars, macros, pd.Series(b_est, index=mi, name="b"),
                              pd.DataFrame(V, index=mi, columns=mi),
                              pd.Series(b_rep, index=mri, name="b"),
                              pd.DataFrame(V_rep, index=mri, columns=mri), self.sample.copy())
 
-    @property
+    @cached_property
     def e(self) -> StoredResults:
         """Same as :meth:`estat` (Stata's ``e()``), computed once."""
-        cached = self.__dict__.get("_stored_results")
-        if cached is None:
-            cached = self.__dict__["_stored_results"] = self.estat()
-        return cached
+        return self.estat()

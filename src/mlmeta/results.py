@@ -19,12 +19,13 @@ import pandas as pd
 from scipy import stats
 
 from mlmeta import summary as _summary
+from mlmeta.postestimation import PostestimationMixin
 from mlmeta.vcomp import component_table, variance_components
 
 __all__ = ["MeregressResults"]
 
 
-class MeregressResults:
+class MeregressResults(PostestimationMixin):
     """A fitted multilevel meta-regression.
 
     Attributes

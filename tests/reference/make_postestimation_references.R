@@ -17,6 +17,8 @@
 ##   dist     stdmdiff ~ 1, random = ~ 1 | study     (no district level), REML
 ##   school   stdmdiff ~ 1, random = ~ 1 | district  (no school level),   REML
 ##   main_ml, year_ml  the first two fitted by ML (LR test of the moderator)
+## Profile-likelihood quantities (confint, fixed-sigma2 refits) use `main`/`year`
+## refitted with metafor's default optimiser settings.
 ##
 ## metafor labels the groups of the inner level "district/school" as
 ## "11/1" etc. Coefficients are stored by mlmeta's names ("_cons" for metafor's
@@ -32,8 +34,6 @@ if (!file.exists("src/mlmeta/datasets")) stop("run from the repository root")
 
 dat <- read.csv("src/mlmeta/datasets/schoolcal.csv")
 
-## tight optimiser tolerance; nlminb reports "false convergence" for some models
-## at 1e-12, so the tolerance is relaxed step by step until it accepts
 ## Tight optimiser tolerances. nlminb reports "false convergence" at 1e-12 for
 ## two of the models, which are fitted at 1e-10 instead. The calls are written
 ## out in full because confint() and profile() refit through update().

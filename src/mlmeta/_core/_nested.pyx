@@ -18,11 +18,19 @@ ancestors without fill. Cost per evaluation: O(sum over nodes of depth^2 q^3).
 
 Layout (all blocks column-major). Nodes are numbered cluster by cluster, deepest
 level first inside a cluster, so ``cluster_ptr[j]:cluster_ptr[j+1]`` lists the
-nodes of top-level cluster j with its root last. For node ``a`` at level ``l``
-with ancestors ``c_0 (top), ..., c_{l-1}`` and ``c_l = a``:
+nodes of top-level cluster j with its root last. Node ``a`` carries ``nq[a]``
+effects: ``q_l`` for a group at level ``l``, or, for a cluster whose known
+sampling covariance couples rows of different groups, one dense node holding
+every effect of the cluster (its factor is block-diagonal in the level factors).
+For node ``a`` at level ``l`` with ancestors ``c_0 (top), ..., c_{l-1}``, ``c_l = a``:
 
-    ZZ[zz_ptr[a] + boff[l, k] :]   (q_l x q_k) = Z~_a' Z~_{c_k} over the rows of a
-    ZA[za_ptr[a] :]                (q_l x ncol) = Z~_a' A       over the rows of a
+    ZZ[zz_ptr[a] + off_k :]   (nq_a x nq_{c_k}) = Z~_a' Z~_{c_k} over the rows of a
+    ZA[za_ptr[a] :]           (nq_a x ncol)     = Z~_a' A       over the rows of a
+
+with ``off_k = sum_{k' < k} nq_a nq_{c_k'}``. The node factors ``Tn`` (one
+``nq x nq`` block per node at ``tn_ptr``) are assembled from the level factors
+``T_l`` by :meth:`NestedKernel.assemble`; per-node gradient pieces are summed back
+into the levels the same way.
 
 ``factor`` overwrites a workspace with the same layout as ZZ by the block
 Cholesky factor: the (l, l) block holds ``L_aa`` and the (l, k) block holds
@@ -57,229 +65,258 @@ cdef enum:
 cdef struct Tree:
     Py_ssize_t n_levels
     int ncol
-    const Py_ssize_t* q
-    const Py_ssize_t* boff      # (n_levels * n_levels): block offset of (l, k) inside a node
+    const Py_ssize_t* nq        # effects per node (q_l, or the merged size of a dense cluster)
     const Py_ssize_t* level
     const Py_ssize_t* parent
     const Py_ssize_t* zz_ptr
     const Py_ssize_t* za_ptr
-    const Py_ssize_t* t_off
+    const Py_ssize_t* tn_ptr    # offset of each node's (nq x nq) factor in Tn
     const double* ZZ
     const double* ZA
-    const double* T
+    const double* T             # per-node factors Tn (assembled from the level factors)
 
 
-cdef inline void chain(const Tree* t, Py_ssize_t a, Py_ssize_t* anc) noexcept nogil:
-    """anc[k] = ancestor of node a at level k (anc[level(a)] = a)."""
+cdef inline void chain(const Tree* t, Py_ssize_t a, Py_ssize_t* anc, Py_ssize_t* off) noexcept nogil:
+    """anc[k] = ancestor of node a at level k (anc[level(a)] = a); off[k] = offset of the
+    (a, c_k) block inside node a's ZZ blocks."""
     cdef Py_ssize_t l = t.level[a]
     cdef Py_ssize_t c = a
+    cdef Py_ssize_t k
     anc[l] = a
     while l > 0:
         c = t.parent[c]
         l -= 1
         anc[l] = c
+    off[0] = 0
+    for k in range(t.level[a]):
+        off[k + 1] = off[k] + t.nq[a] * t.nq[anc[k]]
 
 
 cdef Py_ssize_t factor_cluster(const Tree* t, Py_ssize_t a0, Py_ssize_t a1,
                                double* WB, double* WR, double* S, double* logdet,
                                double* scratch) noexcept nogil:
-    cdef Py_ssize_t a, l, k, m, i, c, L = t.n_levels
-    cdef int ql, qk, qm, info
+    cdef Py_ssize_t a, l, k, m, i, c
+    cdef int qa, qk, qm, info
     cdef int nc = t.ncol
     cdef Py_ssize_t anc[MAXLEV]
-    cdef const double* Tl
+    cdef Py_ssize_t off[MAXLEV + 1]
+    cdef Py_ssize_t offc[MAXLEV + 1]
+    cdef Py_ssize_t anc_c[MAXLEV]
+    cdef const double* Ta
     cdef double* Laa
     cdef double* Ua_k
     cdef double* Ya
-    # C blocks: T_l' ZZ_{a,k} T_k (+ I on the diagonal); R_a = T_l' ZA_a
+    # C blocks: T_a' ZZ_{a,k} T_{c_k} (+ I on the diagonal); R_a = T_a' ZA_a
     for a in range(a0, a1):
         l = t.level[a]
-        ql = <int>t.q[l]
-        Tl = t.T + t.t_off[l]
+        qa = <int>t.nq[a]
+        chain(t, a, anc, off)
+        Ta = t.T + t.tn_ptr[a]
         for k in range(l + 1):
-            qk = <int>t.q[k]
-            gemm(b'T', b'N', ql, qk, ql, 1.0, Tl, ql, t.ZZ + t.zz_ptr[a] + t.boff[l * L + k], ql,
-                 0.0, scratch, ql)
-            gemm(b'N', b'N', ql, qk, qk, 1.0, scratch, ql, t.T + t.t_off[k], qk,
-                 0.0, WB + t.zz_ptr[a] + t.boff[l * L + k], ql)
-        Laa = WB + t.zz_ptr[a] + t.boff[l * L + l]
-        for i in range(ql):
-            Laa[i + i * ql] += 1.0
-        gemm(b'T', b'N', ql, nc, ql, 1.0, Tl, ql, t.ZA + t.za_ptr[a], ql, 0.0, WR + t.za_ptr[a], ql)
+            qk = <int>t.nq[anc[k]]
+            gemm(b'T', b'N', qa, qk, qa, 1.0, Ta, qa, t.ZZ + t.zz_ptr[a] + off[k], qa,
+                 0.0, scratch, qa)
+            gemm(b'N', b'N', qa, qk, qk, 1.0, scratch, qa, t.T + t.tn_ptr[anc[k]], qk,
+                 0.0, WB + t.zz_ptr[a] + off[k], qa)
+        Laa = WB + t.zz_ptr[a] + off[l]
+        for i in range(qa):
+            Laa[i + i * qa] += 1.0
+        gemm(b'T', b'N', qa, nc, qa, 1.0, Ta, qa, t.ZA + t.za_ptr[a], qa, 0.0, WR + t.za_ptr[a], qa)
     # eliminate deepest first; Schur-complement into the ancestors
     for a in range(a0, a1):
         l = t.level[a]
-        ql = <int>t.q[l]
-        chain(t, a, anc)
-        Laa = WB + t.zz_ptr[a] + t.boff[l * L + l]
-        info = potrf_lower(ql, Laa, ql)
+        qa = <int>t.nq[a]
+        chain(t, a, anc, off)
+        Laa = WB + t.zz_ptr[a] + off[l]
+        info = potrf_lower(qa, Laa, qa)
         if info != 0:
             return a + 1
-        for i in range(ql):
-            logdet[0] += 2.0 * log(Laa[i + i * ql])
+        for i in range(qa):
+            logdet[0] += 2.0 * log(Laa[i + i * qa])
         Ya = WR + t.za_ptr[a]
         for k in range(l):
-            trsm_left_lower(b'N', ql, <int>t.q[k], Laa, ql, WB + t.zz_ptr[a] + t.boff[l * L + k], ql)
-        trsm_left_lower(b'N', ql, nc, Laa, ql, Ya, ql)
+            trsm_left_lower(b'N', qa, <int>t.nq[anc[k]], Laa, qa, WB + t.zz_ptr[a] + off[k], qa)
+        trsm_left_lower(b'N', qa, nc, Laa, qa, Ya, qa)
         for k in range(l):
             c = anc[k]
-            qk = <int>t.q[k]
-            Ua_k = WB + t.zz_ptr[a] + t.boff[l * L + k]
+            qk = <int>t.nq[c]
+            chain(t, c, anc_c, offc)
+            Ua_k = WB + t.zz_ptr[a] + off[k]
             for m in range(k + 1):
-                qm = <int>t.q[m]
-                gemm(b'T', b'N', qk, qm, ql, -1.0, Ua_k, ql, WB + t.zz_ptr[a] + t.boff[l * L + m], ql,
-                     1.0, WB + t.zz_ptr[c] + t.boff[k * L + m], qk)
-            gemm(b'T', b'N', qk, nc, ql, -1.0, Ua_k, ql, Ya, ql, 1.0, WR + t.za_ptr[c], qk)
-        gemm(b'T', b'N', nc, nc, ql, -1.0, Ya, ql, Ya, ql, 1.0, S, nc)
+                qm = <int>t.nq[anc[m]]
+                gemm(b'T', b'N', qk, qm, qa, -1.0, Ua_k, qa, WB + t.zz_ptr[a] + off[m], qa,
+                     1.0, WB + t.zz_ptr[c] + offc[m], qk)
+            gemm(b'T', b'N', qk, nc, qa, -1.0, Ua_k, qa, Ya, qa, 1.0, WR + t.za_ptr[c], qk)
+        gemm(b'T', b'N', nc, nc, qa, -1.0, Ya, qa, Ya, qa, 1.0, S, nc)
     return 0
 
 
 cdef void invert_cluster(const Tree* t, Py_ssize_t a0, Py_ssize_t a1, const double* WB,
                          const double* WR, double* SB, double* WW) noexcept nogil:
-    cdef Py_ssize_t a, l, k, m, i, L = t.n_levels
-    cdef int ql, qk, qm
+    cdef Py_ssize_t a, l, k, m, i
+    cdef int qa, qk, qm
     cdef int nc = t.ncol
     cdef Py_ssize_t anc[MAXLEV]
+    cdef Py_ssize_t off[MAXLEV + 1]
+    cdef Py_ssize_t offm[MAXLEV + 1]
+    cdef Py_ssize_t anc_m[MAXLEV]
     cdef const double* Laa
     cdef double* Wa
     cdef double* blk
     cdef double* D
     for a in range(a1 - 1, a0 - 1, -1):
         l = t.level[a]
-        ql = <int>t.q[l]
-        chain(t, a, anc)
-        Laa = WB + t.zz_ptr[a] + t.boff[l * L + l]
+        qa = <int>t.nq[a]
+        chain(t, a, anc, off)
+        Laa = WB + t.zz_ptr[a] + off[l]
         # W_a = L_aa^-T (Y_a - sum_k U_ak W_{c_k})
         Wa = WW + t.za_ptr[a]
-        copy(WR + t.za_ptr[a], Wa, ql * nc)
+        copy(WR + t.za_ptr[a], Wa, qa * nc)
         for k in range(l):
-            qk = <int>t.q[k]
-            gemm(b'N', b'N', ql, nc, qk, -1.0, WB + t.zz_ptr[a] + t.boff[l * L + k], ql,
-                 WW + t.za_ptr[anc[k]], qk, 1.0, Wa, ql)
-        trsm_left_lower(b'T', ql, nc, Laa, ql, Wa, ql)
+            qk = <int>t.nq[anc[k]]
+            gemm(b'N', b'N', qa, nc, qk, -1.0, WB + t.zz_ptr[a] + off[k], qa,
+                 WW + t.za_ptr[anc[k]], qk, 1.0, Wa, qa)
+        trsm_left_lower(b'T', qa, nc, Laa, qa, Wa, qa)
         # Sig_{a, c_k} = -L_aa^-T sum_m U_am Sig_{c_m c_k}
         for k in range(l):
-            qk = <int>t.q[k]
-            blk = SB + t.zz_ptr[a] + t.boff[l * L + k]
-            zero(blk, ql * qk)
+            qk = <int>t.nq[anc[k]]
+            blk = SB + t.zz_ptr[a] + off[k]
+            zero(blk, qa * qk)
             for m in range(l):
-                qm = <int>t.q[m]
+                qm = <int>t.nq[anc[m]]
                 if m >= k:
-                    gemm(b'N', b'N', ql, qk, qm, -1.0, WB + t.zz_ptr[a] + t.boff[l * L + m], ql,
-                         SB + t.zz_ptr[anc[m]] + t.boff[m * L + k], qm, 1.0, blk, ql)
+                    chain(t, anc[m], anc_m, offm)
+                    gemm(b'N', b'N', qa, qk, qm, -1.0, WB + t.zz_ptr[a] + off[m], qa,
+                         SB + t.zz_ptr[anc[m]] + offm[k], qm, 1.0, blk, qa)
                 else:
-                    gemm(b'N', b'T', ql, qk, qm, -1.0, WB + t.zz_ptr[a] + t.boff[l * L + m], ql,
-                         SB + t.zz_ptr[anc[k]] + t.boff[k * L + m], qk, 1.0, blk, ql)
-            trsm_left_lower(b'T', ql, qk, Laa, ql, blk, ql)
+                    chain(t, anc[k], anc_m, offm)
+                    gemm(b'N', b'T', qa, qk, qm, -1.0, WB + t.zz_ptr[a] + off[m], qa,
+                         SB + t.zz_ptr[anc[k]] + offm[m], qk, 1.0, blk, qa)
+            trsm_left_lower(b'T', qa, qk, Laa, qa, blk, qa)
         # Sig_aa = L_aa^-T (L_aa^-1 - sum_m U_am Sig_{a c_m}')
-        D = SB + t.zz_ptr[a] + t.boff[l * L + l]
-        zero(D, ql * ql)
-        for i in range(ql):
-            D[i + i * ql] = 1.0
-        trsm_left_lower(b'N', ql, ql, Laa, ql, D, ql)
+        D = SB + t.zz_ptr[a] + off[l]
+        zero(D, qa * qa)
+        for i in range(qa):
+            D[i + i * qa] = 1.0
+        trsm_left_lower(b'N', qa, qa, Laa, qa, D, qa)
         for m in range(l):
-            qm = <int>t.q[m]
-            gemm(b'N', b'T', ql, ql, qm, -1.0, WB + t.zz_ptr[a] + t.boff[l * L + m], ql,
-                 SB + t.zz_ptr[a] + t.boff[l * L + m], ql, 1.0, D, ql)
-        trsm_left_lower(b'T', ql, ql, Laa, ql, D, ql)
+            qm = <int>t.nq[anc[m]]
+            gemm(b'N', b'T', qa, qa, qm, -1.0, WB + t.zz_ptr[a] + off[m], qa,
+                 SB + t.zz_ptr[a] + off[m], qa, 1.0, D, qa)
+        trsm_left_lower(b'T', qa, qa, Laa, qa, D, qa)
 
 
 cdef void accumulate_cluster(const Tree* t, Py_ssize_t a0, Py_ssize_t a1, const double* SB,
-                             const double* WW, double* KK, const double* Phi, double* G,
-                             double* E, double* scratch, Py_ssize_t maxq) noexcept nogil:
-    cdef Py_ssize_t a, l, k, i, c, L = t.n_levels
-    cdef int ql, qk
+                             const double* WW, double* KK, const double* Phi, double* GN,
+                             double* EN, double* scratch, Py_ssize_t maxq) noexcept nogil:
+    """Per-node gradient pieces GN_a (df/dT_a / 2) and EM moments EN_a."""
+    cdef Py_ssize_t a, l, k, i, c
+    cdef int qa, qk
     cdef int nc = t.ncol
     cdef Py_ssize_t anc[MAXLEV]
+    cdef Py_ssize_t off[MAXLEV + 1]
     cdef const double* ZZak
-    cdef const double* Tl
+    cdef const double* Ta
     cdef const double* Tk
     cdef const double* SBak
     cdef double* s1 = scratch
     cdef double* s2 = scratch + maxq * nc
     cdef double* s3 = s2 + maxq * maxq
-    cdef double* El
+    cdef double* Ea
     cdef const double* Saa
     for a in range(a0, a1):
-        copy(t.ZA + t.za_ptr[a], KK + t.za_ptr[a], t.q[t.level[a]] * nc)
+        copy(t.ZA + t.za_ptr[a], KK + t.za_ptr[a], t.nq[a] * nc)
+        zero(GN + t.tn_ptr[a], t.nq[a] * t.nq[a])
+        zero(EN + t.tn_ptr[a], t.nq[a] * t.nq[a])
     for a in range(a0, a1):
         l = t.level[a]
-        ql = <int>t.q[l]
-        Tl = t.T + t.t_off[l]
-        chain(t, a, anc)
+        qa = <int>t.nq[a]
+        Ta = t.T + t.tn_ptr[a]
+        chain(t, a, anc, off)
         for k in range(l + 1):
-            qk = <int>t.q[k]
             c = anc[k]
-            Tk = t.T + t.t_off[k]
-            ZZak = t.ZZ + t.zz_ptr[a] + t.boff[l * L + k]
-            SBak = SB + t.zz_ptr[a] + t.boff[l * L + k]
+            qk = <int>t.nq[c]
+            Tk = t.T + t.tn_ptr[c]
+            ZZak = t.ZZ + t.zz_ptr[a] + off[k]
+            SBak = SB + t.zz_ptr[a] + off[k]
             # K_a -= ZZ_ak T_k W_c
             gemm(b'N', b'N', qk, nc, qk, 1.0, Tk, qk, WW + t.za_ptr[c], qk, 0.0, s1, qk)
-            gemm(b'N', b'N', ql, nc, qk, -1.0, ZZak, ql, s1, qk, 1.0, KK + t.za_ptr[a], ql)
-            # G_l += ZZ_ak T_k Sig_{c a}
-            gemm(b'N', b'N', ql, qk, qk, 1.0, ZZak, ql, Tk, qk, 0.0, s2, ql)
-            gemm(b'N', b'T', ql, ql, qk, 1.0, s2, ql, SBak, ql, 1.0, G + t.t_off[l], ql)
+            gemm(b'N', b'N', qa, nc, qk, -1.0, ZZak, qa, s1, qk, 1.0, KK + t.za_ptr[a], qa)
+            # G_a += ZZ_ak T_k Sig_{c a}
+            gemm(b'N', b'N', qa, qk, qk, 1.0, ZZak, qa, Tk, qk, 0.0, s2, qa)
+            gemm(b'N', b'T', qa, qa, qk, 1.0, s2, qa, SBak, qa, 1.0, GN + t.tn_ptr[a], qa)
             if k < l:
-                # K_c -= ZZ_ak' T_l W_a ;  G_k += ZZ_ak' T_l Sig_{a c}
-                gemm(b'N', b'N', ql, nc, ql, 1.0, Tl, ql, WW + t.za_ptr[a], ql, 0.0, s1, ql)
-                gemm(b'T', b'N', qk, nc, ql, -1.0, ZZak, ql, s1, ql, 1.0, KK + t.za_ptr[c], qk)
-                gemm(b'T', b'N', qk, ql, ql, 1.0, ZZak, ql, Tl, ql, 0.0, s2, qk)
-                gemm(b'N', b'N', qk, qk, ql, 1.0, s2, qk, SBak, ql, 1.0, G + t.t_off[k], qk)
+                # K_c -= ZZ_ak' T_a W_a ;  G_c += ZZ_ak' T_a Sig_{a c}
+                gemm(b'N', b'N', qa, nc, qa, 1.0, Ta, qa, WW + t.za_ptr[a], qa, 0.0, s1, qa)
+                gemm(b'T', b'N', qk, nc, qa, -1.0, ZZak, qa, s1, qa, 1.0, KK + t.za_ptr[c], qk)
+                gemm(b'T', b'N', qk, qa, qa, 1.0, ZZak, qa, Ta, qa, 0.0, s2, qk)
+                gemm(b'N', b'N', qk, qk, qa, 1.0, s2, qk, SBak, qa, 1.0, GN + t.tn_ptr[c], qk)
     for a in range(a0, a1):
         l = t.level[a]
-        ql = <int>t.q[l]
-        # s3 = Phi W_a' ; G_l -= K_a s3 ; E_l += Sig_aa + W_a s3
-        gemm(b'N', b'T', nc, ql, nc, 1.0, Phi, nc, WW + t.za_ptr[a], ql, 0.0, s3, nc)
-        gemm(b'N', b'N', ql, ql, nc, -1.0, KK + t.za_ptr[a], ql, s3, nc, 1.0, G + t.t_off[l], ql)
-        gemm(b'N', b'N', ql, ql, nc, 1.0, WW + t.za_ptr[a], ql, s3, nc, 1.0, E + t.t_off[l], ql)
-        El = E + t.t_off[l]
-        Saa = SB + t.zz_ptr[a] + t.boff[l * L + l]
-        for i in range(ql * ql):
-            El[i] += Saa[i]
+        qa = <int>t.nq[a]
+        chain(t, a, anc, off)
+        # s3 = Phi W_a' ; G_a -= K_a s3 ; E_a += Sig_aa + W_a s3
+        gemm(b'N', b'T', nc, qa, nc, 1.0, Phi, nc, WW + t.za_ptr[a], qa, 0.0, s3, nc)
+        gemm(b'N', b'N', qa, qa, nc, -1.0, KK + t.za_ptr[a], qa, s3, nc, 1.0, GN + t.tn_ptr[a], qa)
+        gemm(b'N', b'N', qa, qa, nc, 1.0, WW + t.za_ptr[a], qa, s3, nc, 1.0, EN + t.tn_ptr[a], qa)
+        Ea = EN + t.tn_ptr[a]
+        Saa = SB + t.zz_ptr[a] + off[l]
+        for i in range(qa * qa):
+            Ea[i] += Saa[i]
 
 
 cdef class NestedKernel:
     """The theta-independent pieces of a nested model and its workspaces.
 
     Python owns every array; the methods release the GIL around the kernels.
-    Arguments are described in the module docstring.
+    ``sub_node``, ``sub_level``, ``sub_off`` list where each group's level factor
+    sits inside its node's factor (one entry per node for ordinary nodes; one per
+    group for dense cluster nodes).
     """
     cdef readonly Py_ssize_t n_levels, n_nodes, n_clusters, ncol, maxq
-    cdef readonly object q, boff, level, parent, zz_ptr, za_ptr, t_off, cluster_ptr
+    cdef readonly object q, nq, level, parent, zz_ptr, za_ptr, tn_ptr, t_off, cluster_ptr
+    cdef readonly object sub_node, sub_level, sub_off
     cdef readonly object ZZ, ZA, AA
-    cdef readonly object WB, WR, SB, WW, KK, scratch
-    cdef Py_ssize_t[::1] _q, _boff, _level, _parent, _zz_ptr, _za_ptr, _t_off, _cluster_ptr
-    cdef double[::1] _ZZ, _ZA, _WB, _WR, _SB, _WW, _KK, _scratch
+    cdef readonly object WB, WR, SB, WW, KK, Tn, GN, EN, scratch
+    cdef Py_ssize_t[::1] _q, _nq, _level, _parent, _zz_ptr, _za_ptr, _tn_ptr, _t_off, _cluster_ptr
+    cdef Py_ssize_t[::1] _sub_node, _sub_level, _sub_off
+    cdef double[::1] _ZZ, _ZA, _WB, _WR, _SB, _WW, _KK, _Tn, _GN, _EN, _scratch
     cdef bint _have_inverse
 
-    def __init__(self, q, level, parent, zz_ptr, za_ptr, cluster_ptr, ZZ, ZA, AA):
+    def __init__(self, q, level, parent, zz_ptr, za_ptr, cluster_ptr, ZZ, ZA, AA,
+                 nq=None, sub_node=None, sub_level=None, sub_off=None):
         self.q = np.ascontiguousarray(q, dtype=np.intp)
         self.n_levels = self.q.shape[0]
         if self.n_levels < 1 or self.n_levels > MAXLEV:
             raise ValueError(f"between 1 and {MAXLEV} levels are supported")
         L = self.n_levels
-        boff = np.zeros(L * L, dtype=np.intp)
-        for l in range(L):
-            off = 0
-            for k in range(l + 1):
-                boff[l * L + k] = off
-                off += self.q[l] * self.q[k]
-        self.boff = boff
         t_off = np.zeros(L + 1, dtype=np.intp)
         t_off[1:] = np.cumsum(self.q * self.q)
         self.t_off = t_off
         self.level = np.ascontiguousarray(level, dtype=np.intp)
         self.parent = np.ascontiguousarray(parent, dtype=np.intp)
+        self.n_nodes = self.level.shape[0]
+        if nq is None:
+            nq = self.q[self.level]
+            sub_node = np.arange(self.n_nodes, dtype=np.intp)
+            sub_level = self.level
+            sub_off = np.zeros(self.n_nodes, dtype=np.intp)
+        self.nq = np.ascontiguousarray(nq, dtype=np.intp)
+        self.sub_node = np.ascontiguousarray(sub_node, dtype=np.intp)
+        self.sub_level = np.ascontiguousarray(sub_level, dtype=np.intp)
+        self.sub_off = np.ascontiguousarray(sub_off, dtype=np.intp)
+        tn_ptr = np.zeros(self.n_nodes + 1, dtype=np.intp)
+        tn_ptr[1:] = np.cumsum(self.nq * self.nq)
+        self.tn_ptr = tn_ptr
         self.zz_ptr = np.ascontiguousarray(zz_ptr, dtype=np.intp)
         self.za_ptr = np.ascontiguousarray(za_ptr, dtype=np.intp)
         self.cluster_ptr = np.ascontiguousarray(cluster_ptr, dtype=np.intp)
         self.ZZ = np.ascontiguousarray(ZZ, dtype=np.float64)
         self.ZA = np.ascontiguousarray(ZA, dtype=np.float64)
         self.AA = np.asfortranarray(AA, dtype=np.float64)
-        self.n_nodes = self.level.shape[0]
         self.n_clusters = self.cluster_ptr.shape[0] - 1
         self.ncol = self.AA.shape[0]
-        self.maxq = int(self.q.max())
+        self.maxq = int(self.nq.max()) if self.n_nodes else 1
         if self.zz_ptr.shape[0] != self.n_nodes + 1 or self.za_ptr.shape[0] != self.n_nodes + 1:
             raise ValueError("zz_ptr and za_ptr need one entry per node plus one")
         if self.ZZ.shape[0] != self.zz_ptr[-1] or self.ZA.shape[0] != self.za_ptr[-1]:
@@ -289,28 +326,32 @@ cdef class NestedKernel:
         self.WR = np.empty_like(self.ZA)
         self.WW = np.empty_like(self.ZA)
         self.KK = np.empty_like(self.ZA)
+        self.Tn = np.zeros(tn_ptr[-1], dtype=np.float64)
+        self.GN = np.zeros(tn_ptr[-1], dtype=np.float64)
+        self.EN = np.zeros(tn_ptr[-1], dtype=np.float64)
         self.scratch = np.empty(3 * self.maxq * max(self.maxq, self.ncol) + 16, dtype=np.float64)
-        self._q = self.q; self._boff = self.boff; self._level = self.level
+        self._q = self.q; self._nq = self.nq; self._level = self.level
         self._parent = self.parent; self._zz_ptr = self.zz_ptr; self._za_ptr = self.za_ptr
-        self._t_off = self.t_off; self._cluster_ptr = self.cluster_ptr
+        self._tn_ptr = self.tn_ptr; self._t_off = self.t_off; self._cluster_ptr = self.cluster_ptr
+        self._sub_node = self.sub_node; self._sub_level = self.sub_level; self._sub_off = self.sub_off
         self._ZZ = self.ZZ; self._ZA = self.ZA; self._WB = self.WB; self._WR = self.WR
-        self._SB = self.SB; self._WW = self.WW; self._KK = self.KK; self._scratch = self.scratch
+        self._SB = self.SB; self._WW = self.WW; self._KK = self.KK; self._Tn = self.Tn
+        self._GN = self.GN; self._EN = self.EN; self._scratch = self.scratch
         self._have_inverse = False
 
-    cdef Tree _tree(self, const double[::1] T):
+    cdef Tree _tree(self):
         cdef Tree t
         t.n_levels = self.n_levels
         t.ncol = <int>self.ncol
-        t.q = &self._q[0]
-        t.boff = &self._boff[0]
+        t.nq = &self._nq[0]
         t.level = &self._level[0]
         t.parent = &self._parent[0]
         t.zz_ptr = &self._zz_ptr[0]
         t.za_ptr = &self._za_ptr[0]
-        t.t_off = &self._t_off[0]
+        t.tn_ptr = &self._tn_ptr[0]
         t.ZZ = &self._ZZ[0] if self._ZZ.shape[0] > 0 else NULL
         t.ZA = &self._ZA[0] if self._ZA.shape[0] > 0 else NULL
-        t.T = &T[0]
+        t.T = &self._Tn[0] if self._Tn.shape[0] > 0 else NULL
         return t
 
     def pack_T(self, Ts):
@@ -319,6 +360,38 @@ cdef class NestedKernel:
         for l, Tl in enumerate(Ts):
             out[self.t_off[l]:self.t_off[l + 1]] = np.asarray(Tl, dtype=np.float64).ravel(order="F")
         return out
+
+    cdef void _assemble(self, const double[::1] T) noexcept nogil:
+        """Tn_a = block-diag of the level factors of the groups node a holds."""
+        cdef Py_ssize_t s, a, l, o, i, j, na, ql
+        cdef double* Tn = &self._Tn[0]
+        cdef Py_ssize_t n_sub = self._sub_node.shape[0]
+        for s in range(n_sub):
+            a = self._sub_node[s]
+            l = self._sub_level[s]
+            o = self._sub_off[s]
+            na = self._nq[a]
+            ql = self._q[l]
+            if ql == na:
+                copy(&T[self._t_off[l]], Tn + self._tn_ptr[a], ql * ql)
+            else:
+                for j in range(ql):
+                    for i in range(ql):
+                        Tn[self._tn_ptr[a] + (o + i) + (o + j) * na] = T[self._t_off[l] + i + j * ql]
+
+    cdef void _reduce(self, const double* N, double* out) noexcept nogil:
+        """out_l += the diagonal sub-blocks of the per-node buffer N held by level l."""
+        cdef Py_ssize_t s, a, l, o, i, j, na, ql
+        cdef Py_ssize_t n_sub = self._sub_node.shape[0]
+        for s in range(n_sub):
+            a = self._sub_node[s]
+            l = self._sub_level[s]
+            o = self._sub_off[s]
+            na = self._nq[a]
+            ql = self._q[l]
+            for j in range(ql):
+                for i in range(ql):
+                    out[self._t_off[l] + i + j * ql] += N[self._tn_ptr[a] + (o + i) + (o + j) * na]
 
     def factor(self, const double[::1] T):
         """Factor C(T) for every cluster; return (log|C|, S = A'V^-1 A, status).
@@ -331,12 +404,13 @@ cdef class NestedKernel:
         cdef double[::1, :] Sv = S
         cdef double logdet = 0.0
         cdef Py_ssize_t j, status = 0
-        cdef Tree t = self._tree(T)
+        cdef Tree t = self._tree()
         cdef Py_ssize_t[::1] cp = self._cluster_ptr
         cdef double* WB = &self._WB[0]
         cdef double* WR = &self._WR[0]
         cdef double* scratch = &self._scratch[0]
         with nogil:
+            self._assemble(T)
             for j in range(cp.shape[0] - 1):
                 status = factor_cluster(&t, cp[j], cp[j + 1], WB, WR, &Sv[0, 0], &logdet, scratch)
                 if status != 0:
@@ -356,7 +430,7 @@ cdef class NestedKernel:
         E = np.zeros(self.t_off[-1], dtype=np.float64)
         cdef double[::1] Gv = G
         cdef double[::1] Ev = E
-        cdef Tree t = self._tree(T)
+        cdef Tree t = self._tree()
         cdef Py_ssize_t j
         cdef Py_ssize_t[::1] cp = self._cluster_ptr
         cdef double* WB = &self._WB[0]
@@ -364,19 +438,36 @@ cdef class NestedKernel:
         cdef double* SB = &self._SB[0]
         cdef double* WW = &self._WW[0]
         cdef double* KK = &self._KK[0]
+        cdef double* GN = &self._GN[0]
+        cdef double* EN = &self._EN[0]
         cdef double* scratch = &self._scratch[0]
         cdef Py_ssize_t maxq = self.maxq
         with nogil:
             for j in range(cp.shape[0] - 1):
                 invert_cluster(&t, cp[j], cp[j + 1], WB, WR, SB, WW)
-                accumulate_cluster(&t, cp[j], cp[j + 1], SB, WW, KK, &Ph[0, 0], &Gv[0], &Ev[0],
+                accumulate_cluster(&t, cp[j], cp[j + 1], SB, WW, KK, &Ph[0, 0], GN, EN,
                                    scratch, maxq)
+            self._reduce(GN, &Gv[0])
+            self._reduce(EN, &Ev[0])
         self._have_inverse = True
         return G, E
 
     def node_solution(self):
-        """After :meth:`gradient_pieces`: W (= C^-1 R per node, q_l x ncol blocks) and the
-        diagonal blocks Sig_aa of C^-1, as flat arrays with the ZA / ZZ layouts."""
+        """After :meth:`gradient_pieces`: W (= C^-1 R per node, nq_a x ncol blocks at
+        za_ptr) and the blocks of C^-1 on the ZZ pattern (the node's own block last)."""
         if not self._have_inverse:
             raise RuntimeError("call gradient_pieces first")
         return self.WW, self.SB
+
+    def diag_offset(self, nodes):
+        """Offset of each node's own (a, a) block inside its ZZ/SB blocks."""
+        nodes = np.asarray(nodes, dtype=np.intp)
+        tot = np.zeros(nodes.shape[0], dtype=np.intp)
+        cur = nodes.copy()
+        lev = self.level[nodes].copy()
+        while (lev > 0).any():
+            m = lev > 0
+            cur[m] = self.parent[cur[m]]
+            tot[m] += self.nq[nodes[m]] * self.nq[cur[m]]
+            lev[m] -= 1
+        return tot
