@@ -11,6 +11,7 @@ import re
 import warnings
 
 import numpy as np
+from scipy import sparse
 
 from mlmeta._errors import BoundaryWarning, ConvergenceWarning
 from mlmeta.constraints import parse_constraints
@@ -24,10 +25,61 @@ from mlmeta.results import MeregressResults
 __all__ = ["meregress", "multilevel", "build_model", "sensitivity"]
 
 
+def _sampling_covariance(frame, data, V):
+    """V (dense, sparse, or per-cluster blocks over the data rows) -> CSR over the used rows."""
+    n_data = frame.sample.shape[0]
+    rows = np.flatnonzero(frame.sample)
+    if isinstance(V, (list, tuple)):
+        import pandas as pd
+
+        term = frame.terms[0]
+        df = data if isinstance(data, pd.DataFrame) else pd.DataFrame(data)
+        key = df[list(term.group_vars)].apply(tuple, axis=1) if len(term.group_vars) > 1 \
+            else df[term.group_vars[0]]
+        codes, labels = pd.factorize(key, sort=True)
+        if len(V) != len(labels):
+            raise ValueError(f"V has {len(V)} blocks but {term.group!r} has {len(labels)} groups "
+                             f"in the data; give one block per group, in sorted label order")
+        blocks_rows = [np.flatnonzero(codes == g) for g in range(len(labels))]
+        ri, ci, vals = [], [], []
+        for g, (B, r) in enumerate(zip(V, blocks_rows)):
+            B = np.atleast_2d(np.asarray(B, dtype=float))
+            if B.shape != (r.size, r.size):
+                raise ValueError(f"V block {g} (group {labels[g]!r}) is {B.shape[0]} x {B.shape[1]} "
+                                 f"but the group has {r.size} rows")
+            ri.append(np.repeat(r, r.size))
+            ci.append(np.tile(r, r.size))
+            vals.append(B.ravel())
+        M = sparse.csr_matrix((np.concatenate(vals), (np.concatenate(ri), np.concatenate(ci))),
+                              shape=(n_data, n_data))
+    elif sparse.issparse(V):
+        M = sparse.csr_matrix(V, dtype=float)
+    else:
+        M = np.asarray(V, dtype=float)
+        if M.ndim != 2:
+            raise ValueError("V must be a square matrix, a scipy.sparse matrix or a list of blocks")
+        M = sparse.csr_matrix(M)
+    if M.shape != (n_data, n_data):
+        raise ValueError(f"V is {M.shape[0]} x {M.shape[1]} but the data have {n_data} rows")
+    M = M[rows][:, rows].tocsr()
+    if not np.all(np.isfinite(M.data)):
+        raise ValueError("V has missing or infinite values in rows used by the model")
+    asym = abs(M - M.T)
+    scale = max(float(abs(M).max()), 1e-300)
+    if asym.nnz and asym.max() > 1e-10 * scale:
+        raise ValueError("V is not symmetric")
+    d = M.diagonal()
+    bad = ~(d > 0)
+    if bad.any():
+        raise ValueError(f"V must have positive sampling variances on its diagonal: "
+                         f"{int(bad.sum())} are <= 0 (first at used row {int(np.flatnonzero(bad)[0])})")
+    return M
+
+
 def _sampling_variance(frame, se, variance):
     if (se is None) == (variance is None):
-        raise ValueError("give exactly one of se= (sampling standard errors) or "
-                         "variance= (sampling variances)")
+        raise ValueError("give exactly one of se= (sampling standard errors), variance= "
+                         "(sampling variances) or V= (sampling covariance matrix)")
     if variance is not None:
         v = np.asarray(frame.extra["variance"], dtype=float)
         what = "variance"
@@ -57,8 +109,8 @@ def _structures(frame, covariance):
             for i, t in enumerate(frame.terms)]
 
 
-def build_model(formula, data, *, se=None, variance=None, method="reml", covariance=None,
-                constraints=None, collinear=False):
+def build_model(formula, data, *, se=None, variance=None, V=None, method="reml",
+                covariance=None, constraints=None, collinear=False):
     """Parse, build the frame and the nested model; return (model, frame, parsed).
 
     With ``constraints`` the model is fitted on the constrained design
@@ -70,7 +122,13 @@ def build_model(formula, data, *, se=None, variance=None, method="reml", covaria
     extra = {"se": se, "variance": variance}
     frame = build_model_frame(parsed, data, extra={k: v for k, v in extra.items() if v is not None},
                               collinear_random=bool(collinear))
-    v = _sampling_variance(frame, se, variance)
+    if V is not None:
+        if se is not None or variance is not None:
+            raise ValueError("give exactly one of se= (sampling standard errors), variance= "
+                             "(sampling variances) or V= (sampling covariance matrix)")
+        Vm, v = _sampling_covariance(frame, data, V), None
+    else:
+        Vm, v = None, _sampling_variance(frame, se, variance)
     structs = _structures(frame, covariance)
     y, X = frame.y, frame.X
     fc = None
@@ -81,13 +139,13 @@ def build_model(formula, data, *, se=None, variance=None, method="reml", covaria
     if frame.y.shape[0] <= X.shape[1]:
         raise ValueError(f"{frame.y.shape[0]} observations for {X.shape[1]} fixed effects: at "
                          f"least one more observation than fixed effects is needed")
-    design = build_design(y, X, frame.Z, frame.groups, v)
+    design = build_design(y, X, frame.Z, frame.groups, v, V=Vm)
     model = NestedModel(design, structs, method)
     model.fe_constraints = fc
     return model, frame, parsed
 
 
-def meregress(formula, data, *, se=None, variance=None, method="reml", covariance=None,
+def meregress(formula, data, *, se=None, variance=None, V=None, method="reml", covariance=None,
               constraints=None, collinear=False, em_iter=20, em_tol=1e-10, em_only=False, maxiter=1000, tol=1e-6,
               safeguard="auto", verbose=False) -> MeregressResults:
     """Multilevel meta-regression (Stata's ``meta meregress``, metafor's ``rma.mv``).
@@ -99,7 +157,11 @@ def meregress(formula, data, *, se=None, variance=None, method="reml", covarianc
         first: ``|`` correlated (unstructured), ``||`` independent, ``0 +`` no
         random intercept, ``(1 | a/b)`` = ``(1 | a) + (1 | a:b)``.
     data : DataFrame (or dict of columns).
-    se, variance : sampling standard errors or variances (column name or array); one of them.
+    se, variance : sampling standard errors or variances (column name or array).
+    V : known sampling covariance instead: a dense n x n array, a scipy.sparse matrix
+        (rows as the data), or a list of per-cluster blocks (one per group of the
+        outermost level, in sorted label order, rows in data order). It must be
+        block-diagonal within the outermost grouping. Give exactly one of se, variance, V.
     method : "reml" (default) or "ml".
     covariance : dict grouping term -> "independent" | "exchangeable" | "identity" |
         "unstructured", or a custom square pattern over the term's effects (Stata's
@@ -125,7 +187,7 @@ def meregress(formula, data, *, se=None, variance=None, method="reml", covarianc
             raise ValueError(f"{name} must be a non-negative integer, got {val!r}")
     if not (tol > 0 and em_tol > 0):
         raise ValueError("tol and em_tol must be positive")
-    model, frame, parsed = build_model(formula, data, se=se, variance=variance,
+    model, frame, parsed = build_model(formula, data, se=se, variance=variance, V=V,
                                        method=method, covariance=covariance,
                                        constraints=constraints, collinear=collinear)
     for note in frame.notes:
@@ -133,7 +195,7 @@ def meregress(formula, data, *, se=None, variance=None, method="reml", covarianc
     record = fit_nested(model, em_iter=em_iter, em_tol=em_tol, em_only=em_only,
                         maxiter=maxiter, tol=tol, safeguard=safeguard, verbose=verbose)
     res = MeregressResults(model, frame, record, depvar=parsed.response,
-                           sampling="se" if se is not None else "variance",
+                           sampling="se" if se is not None else ("V" if V is not None else "variance"),
                            options={"formula": formula, "em_iter": em_iter, "tol": tol})
     if not res.converged:
         warnings.warn("the optimiser did not converge; see res.fit_record.messages",

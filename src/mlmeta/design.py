@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy import linalg, sparse
 
 from mlmeta._core._nested import NestedKernel
 
@@ -43,6 +44,9 @@ class NestedDesign:
     kernel : the :class:`NestedKernel` holding ZZ, ZA, A'A and workspaces.
     logdet_Lambda : log|Lambda|.
     logdet_XtX : log|X'X| (unweighted), used by the REML constant.
+    Lambda : the known sampling covariance (scipy.sparse, sorted rows) when one was
+        given instead of variances; None otherwise.
+    Xw, yw : the whitened fixed design and response (Lambda^-1/2 X, Lambda^-1/2 y).
     """
 
     perm: np.ndarray
@@ -60,6 +64,9 @@ class NestedDesign:
     logdet_XtX: float
     q: list = field(default_factory=list)
     offset_of_group: list = field(default_factory=list)
+    Lambda: object = None
+    Xw: np.ndarray | None = None
+    yw: np.ndarray | None = None
 
     @property
     def n_obs(self) -> int:
@@ -96,7 +103,24 @@ def _group_sums(P: np.ndarray, starts: np.ndarray) -> np.ndarray:
     return np.add.reduceat(P, starts[:-1], axis=0)
 
 
-def build_design(y, X, Z, groups, variance=None) -> NestedDesign:
+def _whiten_blocks(Vs, starts, rows_sel, Zs, Xs, ys):
+    """Whiten rows ``starts[g]:starts[g+1]`` for each selected block g by L^-1,
+    L = chol(V block); returns the sum of log|V block| and the failing block or -1."""
+    logdet = 0.0
+    for g in rows_sel:
+        a, b = int(starts[g]), int(starts[g + 1])
+        B = Vs[a:b, a:b].toarray()
+        try:
+            Lc = np.linalg.cholesky(B)
+        except np.linalg.LinAlgError:
+            return logdet, g
+        logdet += 2.0 * float(np.sum(np.log(np.diag(Lc))))
+        for M in Zs + [Xs, ys]:
+            M[a:b] = linalg.solve_triangular(Lc, M[a:b], lower=True)
+    return logdet, -1
+
+
+def build_design(y, X, Z, groups, variance=None, V=None) -> NestedDesign:
     """Sort rows by cluster and precompute the nested kernel's blocks.
 
     Parameters
@@ -105,6 +129,10 @@ def build_design(y, X, Z, groups, variance=None) -> NestedDesign:
     groups : list of (n,) integer codes per level, outermost first; level l's
         groups must be nested in level l-1's (validated by the model frame).
     variance : (n,) known sampling variances, or None for Lambda = I.
+    V : known sampling covariance (scipy.sparse, n x n, rows as y), block-diagonal
+        within top-level clusters; replaces ``variance``. Rows are whitened by the
+        Cholesky factor of each block: within a deepest-level group when the block
+        stays inside one, otherwise the cluster becomes one dense node.
     """
     y = np.asarray(y, dtype=np.float64)
     X = np.asarray(X, dtype=np.float64)
@@ -117,14 +145,6 @@ def build_design(y, X, Z, groups, variance=None) -> NestedDesign:
     y_s = y[perm]
     X_s = np.asfortranarray(X[perm])
     Z_s = [np.asfortranarray(np.asarray(z, dtype=np.float64)[perm]) for z in Z]
-    if variance is None:
-        var_s = None
-        w = np.ones(n)
-        logdet_Lambda = 0.0
-    else:
-        var_s = np.asarray(variance, dtype=np.float64)[perm]
-        w = 1.0 / np.sqrt(var_s)
-        logdet_Lambda = float(np.sum(np.log(var_s)))
     q = [z.shape[1] for z in Z_s]
 
     # contiguous group codes in sorted order; a level's run must not straddle a parent's
@@ -137,15 +157,69 @@ def build_design(y, X, Z, groups, variance=None) -> NestedDesign:
         codes.append(c.astype(np.intp))
         starts.append(np.append(np.flatnonzero(flag), n).astype(np.intp))
     n_groups = [len(s) - 1 for s in starts]
-
-    # node numbering: cluster-major, deepest level first inside a cluster
     top_of_row = codes[0]
+
+    # whitening: diagonal rows scaled; coupled blocks by their Cholesky factor
+    Vs = None
+    merged = np.zeros(n_groups[0], dtype=bool)
+    Zw = [z.copy() for z in Z_s]
+    Xw = X_s.copy(order="F")
+    yw = y_s.copy()
+    if V is not None:
+        Vs = sparse.csr_matrix(V)[perm][:, perm].tocsr()
+        var_s = np.asarray(Vs.diagonal(), dtype=float)
+        coo = Vs.tocoo()
+        off = (coo.row != coo.col) & (coo.data != 0)
+        ri, ci = coo.row[off], coo.col[off]
+        bad = top_of_row[ri] != top_of_row[ci]
+        if bad.any():
+            raise ValueError(f"V has covariances between different top-level clusters "
+                             f"(e.g. sorted rows {int(ri[bad][0])} and {int(ci[bad][0])}); it must "
+                             f"be block-diagonal within the outermost grouping")
+        leaf = codes[-1]
+        coupled_leaf = np.unique(leaf[ri[leaf[ri] == leaf[ci]]])
+        merged[np.unique(top_of_row[ri[leaf[ri] != leaf[ci]]])] = True
+        coupled_leaf = coupled_leaf[~merged[top_of_row[starts[-1][coupled_leaf]]]]
+    elif variance is not None:
+        var_s = np.asarray(variance, dtype=np.float64)[perm]
+    else:
+        var_s = None
+    if var_s is None:
+        w = np.ones(n)
+        logdet_Lambda = 0.0
+    else:
+        w = 1.0 / np.sqrt(var_s)
+        plain = np.ones(n, dtype=bool)
+        if Vs is not None:
+            for g in coupled_leaf:
+                plain[starts[-1][g]:starts[-1][g + 1]] = False
+            for j in np.flatnonzero(merged):
+                plain[starts[0][j]:starts[0][j + 1]] = False
+        for M in Zw + [Xw]:
+            M[plain] *= w[plain, None]
+        yw[plain] *= w[plain]
+        logdet_Lambda = float(np.sum(np.log(var_s[plain])))
+        if Vs is not None:
+            ld, fail = _whiten_blocks(Vs, starts[-1], coupled_leaf, Zw, Xw, yw)
+            bad_top = top_of_row[starts[-1][fail]] if fail >= 0 else -1
+            if bad_top < 0:
+                ld2, bad_top = _whiten_blocks(Vs, starts[0], np.flatnonzero(merged), Zw, Xw, yw)
+                ld += ld2
+            if bad_top >= 0:
+                j = int(bad_top)
+                raise ValueError(f"the sampling covariance block of top-level cluster {j} "
+                                 f"(sorted rows {int(starts[0][j])}..{int(starts[0][j + 1]) - 1}) is "
+                                 f"not positive definite")
+            logdet_Lambda += ld
+
+    # nodes: cluster-major, deepest level first; a merged cluster is one node
+    keep = [~merged[top_of_row[starts[lvl][:-1]]] for lvl in range(L)]
     node_cluster, node_level, node_code = [], [], []
     for lvl in range(L):
-        first_rows = starts[lvl][:-1]
-        node_cluster.append(top_of_row[first_rows])
-        node_level.append(np.full(n_groups[lvl], lvl, dtype=np.intp))
-        node_code.append(np.arange(n_groups[lvl], dtype=np.intp))
+        gsel = np.flatnonzero(keep[lvl] | (lvl == 0))
+        node_cluster.append(top_of_row[starts[lvl][gsel]])
+        node_level.append(np.full(gsel.size, lvl, dtype=np.intp))
+        node_code.append(gsel.astype(np.intp))
     cl = np.concatenate(node_cluster)
     lv = np.concatenate(node_level)
     cd = np.concatenate(node_code)
@@ -153,47 +227,92 @@ def build_design(y, X, Z, groups, variance=None) -> NestedDesign:
     n_nodes = order.shape[0]
     node_index = np.empty(n_nodes, dtype=np.intp)
     node_index[order] = np.arange(n_nodes)
-    level_offset = np.concatenate([[0], np.cumsum(n_groups)])
-    node_of_group = [node_index[level_offset[lvl]: level_offset[lvl + 1]] for lvl in range(L)]
+    sizes = np.concatenate([[0], np.cumsum([len(c) for c in node_code])])
+    node_of_group, offset_of_group = [], []
+    for lvl in range(L):
+        nog = np.full(n_groups[lvl], -1, dtype=np.intp)
+        nog[node_code[lvl]] = node_index[sizes[lvl]:sizes[lvl + 1]]
+        node_of_group.append(nog)
+        offset_of_group.append(np.zeros(n_groups[lvl], dtype=np.intp))
     level = lv[order]
     parent = np.full(n_nodes, -1, dtype=np.intp)
     for lvl in range(1, L):
-        parent_code = codes[lvl - 1][starts[lvl][:-1]]
-        parent[node_of_group[lvl]] = node_of_group[lvl - 1][parent_code]
+        gsel = node_code[lvl]
+        parent_code = codes[lvl - 1][starts[lvl][gsel]]
+        parent[node_of_group[lvl][gsel]] = node_of_group[lvl - 1][parent_code]
     cluster_of_node = cl[order]
     cluster_ptr = np.searchsorted(cluster_of_node, np.arange(n_groups[0] + 1)).astype(np.intp)
 
+    # merged clusters: every group of the cluster is a sub-block of the top node
+    nq = np.asarray(q, dtype=np.intp)[level].copy()
+    sub_node = [np.arange(n_nodes, dtype=np.intp)]
+    sub_level = [level.copy()]
+    sub_off = [np.zeros(n_nodes, dtype=np.intp)]
+    merged_layout = {}
+    for j in np.flatnonzero(merged):
+        a = node_of_group[0][j]
+        a0, b0 = int(starts[0][j]), int(starts[0][j + 1])
+        pos = q[0]
+        cols = [(0, j, 0)]
+        for lvl in range(1, L):
+            g_lo = int(codes[lvl][a0])
+            g_hi = int(codes[lvl][b0 - 1])
+            for g in range(g_lo, g_hi + 1):
+                node_of_group[lvl][g] = a
+                offset_of_group[lvl][g] = pos
+                cols.append((lvl, g, pos))
+                sub_node.append(np.array([a]))
+                sub_level.append(np.array([lvl]))
+                sub_off.append(np.array([pos]))
+                pos += q[lvl]
+        nq[a] = pos
+        merged_layout[a] = (a0, b0, cols)
+
     # block sizes and pointers
-    zz_size_level = [sum(q[lvl] * q[k] for k in range(lvl + 1)) for lvl in range(L)]
-    zz_size = np.asarray(zz_size_level, dtype=np.intp)[level]
-    za_size = np.asarray(q, dtype=np.intp)[level] * (X.shape[1] + 1)
+    ncol = X.shape[1] + 1
+    anc_sum = np.concatenate([[0], np.cumsum(q)])         # sum of q over levels < l
+    zz_size = nq * (anc_sum[level] + nq)           # merged nodes are top-level: nq * nq
+    za_size = nq * ncol
     zz_ptr = np.concatenate([[0], np.cumsum(zz_size)]).astype(np.intp)
     za_ptr = np.concatenate([[0], np.cumsum(za_size)]).astype(np.intp)
     ZZ = np.empty(zz_ptr[-1])
     ZA = np.empty(za_ptr[-1])
 
-    Zw = [z * w[:, None] for z in Z_s]
-    A = np.column_stack([X_s * w[:, None], y_s * w])
+    A = np.column_stack([Xw, yw])
     for lvl in range(L):
-        nodes = node_of_group[lvl]
+        gsel = node_code[lvl] if lvl else node_code[0][keep[0][node_code[0]]]
+        if gsel.size == 0:
+            continue
+        nodes = node_of_group[lvl][gsel]
         blocks = []
         for k in range(lvl + 1):
             P = Zw[lvl][:, :, None] * Zw[k][:, None, :]
-            B = _group_sums(P, starts[lvl])                    # (G, q_l, q_k)
-            blocks.append(B.transpose(0, 2, 1).reshape(n_groups[lvl], -1))   # column-major
+            B = _group_sums(P, starts[lvl])[gsel]                  # (G, q_l, q_k)
+            blocks.append(B.transpose(0, 2, 1).reshape(gsel.size, -1))   # column-major
         packed = np.concatenate(blocks, axis=1)
         idx = zz_ptr[nodes][:, None] + np.arange(packed.shape[1])[None, :]
         ZZ[idx] = packed
         P = Zw[lvl][:, :, None] * A[:, None, :]
-        B = _group_sums(P, starts[lvl]).transpose(0, 2, 1).reshape(n_groups[lvl], -1)
+        B = _group_sums(P, starts[lvl])[gsel].transpose(0, 2, 1).reshape(gsel.size, -1)
         idx = za_ptr[nodes][:, None] + np.arange(B.shape[1])[None, :]
         ZA[idx] = B
+    for a, (a0, b0, cols) in merged_layout.items():
+        Zf = np.zeros((b0 - a0, nq[a]))
+        for lvl, g, pos in cols:
+            r0, r1 = (a0, b0) if lvl == 0 else (int(starts[lvl][g]), int(starts[lvl][g + 1]))
+            Zf[r0 - a0:r1 - a0, pos:pos + q[lvl]] = Z_s[lvl][r0:r1]
+        Lc = np.linalg.cholesky(Vs[a0:b0, a0:b0].toarray())
+        Zt = linalg.solve_triangular(Lc, Zf, lower=True)
+        ZZ[zz_ptr[a]:zz_ptr[a + 1]] = (Zt.T @ Zt).ravel(order="F")
+        ZA[za_ptr[a]:za_ptr[a + 1]] = (Zt.T @ A[a0:b0]).ravel(order="F")
     AA = A.T @ A
     kernel = NestedKernel(np.asarray(q, dtype=np.intp), level, parent, zz_ptr, za_ptr,
-                          cluster_ptr, ZZ, ZA, AA)
+                          cluster_ptr, ZZ, ZA, AA, nq=nq,
+                          sub_node=np.concatenate(sub_node), sub_level=np.concatenate(sub_level),
+                          sub_off=np.concatenate(sub_off))
     sign, logdet_XtX = np.linalg.slogdet(X_s.T @ X_s) if X.shape[1] else (1.0, 0.0)
     return NestedDesign(perm=perm, y=y_s, X=X_s, Z=Z_s, variance=var_s, weights=w,
                         groups=codes, n_groups=n_groups, group_start=starts,
                         node_of_group=node_of_group, kernel=kernel,
                         logdet_Lambda=logdet_Lambda, logdet_XtX=float(logdet_XtX), q=q,
-                        offset_of_group=[np.zeros(g, dtype=np.intp) for g in n_groups])
+                        offset_of_group=offset_of_group, Lambda=Vs, Xw=Xw, yw=yw)

@@ -234,21 +234,27 @@ class NestedModel:
         """Yield (start, stop, V_j) per top-level cluster j (rows start:stop of the
         sorted design), with the dense marginal covariance
 
-            V_j = Lambda_j + sum_l Z_lj (I (x) Sigma_l) Z_lj'.
+            V_j = Lambda_j + sum_l Z_lj (I (x) Sigma_l) Z_lj'
+
+        (times sigma^2, with Lambda_j = I, when the residual variance is profiled).
 
         For per-cluster postestimation (robust variances, diagnostics); O(n_j^2) each."""
         d = self.design
         Sigmas = self.Sigma_list(theta)
         starts = d.group_start[0]
         lam = d.variance if d.variance is not None else np.ones(d.n_obs)
+        scale = self.evaluate(theta).sigma2 if self.residual == "profiled" else 1.0
         for j in range(d.n_clusters):
             a, b = int(starts[j]), int(starts[j + 1])
-            V = np.diag(lam[a:b]).astype(float)
+            if d.Lambda is not None:
+                V = d.Lambda[a:b, a:b].toarray()
+            else:
+                V = np.diag(lam[a:b]).astype(float)
             for Z, g, S in zip(d.Z, d.groups, Sigmas):
                 Zj = Z[a:b]
                 same = g[a:b][:, None] == g[a:b][None, :]
                 V += (Zj @ S @ Zj.T) * same
-            yield a, b, V
+            yield a, b, scale * V
 
     def em_step(self, theta):
         """One EM update: Sigma_l <- T_l (E_l / N_l) T_l', projected on each structure."""

@@ -71,11 +71,8 @@ def start_theta(model: NestedModel) -> np.ndarray:
     """Moment start: split the residual heterogeneity of a fixed-effects fit evenly
     over the levels; slopes' variances scaled by the variance of their covariate."""
     d = model.design
-    w = d.weights
-    Xw = d.X * w[:, None]
-    yw = d.y * w
     if d.n_fe:
-        beta, *_ = np.linalg.lstsq(Xw, yw, rcond=None)
+        beta, *_ = np.linalg.lstsq(d.Xw, d.yw, rcond=None)
         r = d.y - d.X @ beta
     else:
         r = d.y.copy()

@@ -140,9 +140,7 @@ class MeregressResults(PostestimationMixin):
     @cached_property
     def _qm(self):
         d = self.model.design
-        w = d.weights
-        Xw = d.X * w[:, None]
-        yw = d.y * w
+        Xw, yw = d.Xw, d.yw
         if d.n_fe:
             beta_f, *_ = np.linalg.lstsq(Xw, yw, rcond=None)
             r = yw - Xw @ beta_f

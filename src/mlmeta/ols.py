@@ -1,0 +1,278 @@
+"""Ordinary least squares with classical or cluster-robust standard errors.
+
+For y = X beta + e over N rows and p coefficients:
+
+    beta = (X'X)^-1 X'y,   r = y - X beta,   s^2 = r'r / (N - p)
+
+Classical:       Var(beta) = s^2 (X'X)^-1,  t tests on N - p df.
+Cluster-robust:  Var(beta) = c (X'X)^-1 (sum_j X_j' A_j r_j r_j' A_j' X_j) (X'X)^-1
+over J clusters, with the small-sample corrections of :mod:`mlmeta.robust` and
+working model I (sandwich's ``vcovCL`` and clubSandwich's ``vcovCR(lm, cluster, type)``):
+
+    CR0  c = 1                         CR1   c = J / (J - 1)         (clubSandwich CR1)
+    CR1p c = J / (J - p)               CR1S  c = J (N - 1) / ((J - 1)(N - p))
+                                                (Stata; sandwich::vcovCL type "HC1")
+    CR2  A_j = (I - X_j (X'X)^-1 X_j')^-1/2   (Bell-McCaffrey / Pustejovsky-Tipton)
+    CR3  A_j = (I - X_j (X'X)^-1 X_j')^-1
+
+Degrees of freedom of the t tests (``df=``): ``"naive-tp"`` J - p (the convention of
+pymer4's ``Lm(robust="cluster")``; default except for CR2), ``"satterthwaite"``
+(clubSandwich's ``coef_test(test = "Satterthwaite")``; default for CR2),
+``"naive-t"`` J - 1, ``"z"`` normal, or a number.
+"""
+
+from __future__ import annotations
+
+import html
+import warnings
+
+import numpy as np
+import pandas as pd
+from scipy import linalg, stats
+
+from mlmeta._errors import MissingDataWarning
+from mlmeta.formula import build_model_frame, parse_formula
+from mlmeta.summary import abbrev, fmt_f, fmt_g
+
+__all__ = ["ols", "OLSResults", "LinearResults", "TextSummary"]
+
+_WIDTH = 78
+
+
+class TextSummary(str):
+    """A rendered table: a str (print it), with ``as_text()`` and HTML for notebooks."""
+
+    def as_text(self) -> str:
+        return str(self)
+
+    def _repr_html_(self):
+        return "<pre>" + html.escape(self) + "</pre>"
+
+
+class LinearResults:
+    """Coefficients with a covariance matrix and t reference distributions.
+
+    Attributes
+    ----------
+    params, bse, tvalues, pvalues, df : pandas.Series over the coefficients
+        (``df`` per coefficient; ``inf`` for normal-reference tests).
+    nobs : rows used.  fe_names : coefficient names (``_cons`` = intercept).
+    """
+
+    _title = "Linear model"
+
+    def __init__(self, params, cov, names, df, nobs, depvar=None):
+        self.fe_names = list(names)
+        p = len(self.fe_names)
+        cov = np.asarray(cov, dtype=float).reshape(p, p)
+        self._cov = 0.5 * (cov + cov.T)
+        self.params = pd.Series(np.asarray(params, dtype=float), index=self.fe_names, name="coef")
+        self.bse = pd.Series(np.sqrt(np.clip(np.diag(self._cov), 0.0, None)), index=self.fe_names,
+                             name="std err")
+        self.df = pd.Series(np.broadcast_to(np.asarray(df, dtype=float), (p,)).copy(),
+                            index=self.fe_names, name="df")
+        with np.errstate(divide="ignore", invalid="ignore"):
+            t = np.where(self.bse > 0, self.params / self.bse.where(self.bse > 0, 1.0), np.nan)
+        self.tvalues = pd.Series(t, index=self.fe_names, name="t")
+        self.pvalues = pd.Series(2 * stats.t.sf(np.abs(t), self.df), index=self.fe_names, name="P>|t|")
+        self.nobs = int(nobs)
+        self.depvar = depvar
+
+    @property
+    def n_fe(self) -> int:
+        return len(self.fe_names)
+
+    def cov_params(self) -> pd.DataFrame:
+        """The covariance matrix of the coefficients."""
+        return pd.DataFrame(self._cov, index=self.fe_names, columns=self.fe_names)
+
+    def conf_int(self, alpha: float = 0.05) -> pd.DataFrame:
+        """beta -+ t_{1 - alpha/2, df} se, each coefficient on its own df."""
+        crit = stats.t.ppf(1 - alpha / 2, self.df)
+        return pd.DataFrame({"lower": self.params - crit * self.bse,
+                             "upper": self.params + crit * self.bse})
+
+    def _header(self) -> list:
+        return [f"{self._title:<48}{'Number of obs':<18}= {self.nobs:>9,}"]
+
+    def _footer(self) -> list:
+        return []
+
+    def summary(self, alpha: float = 0.05) -> TextSummary:
+        """Coefficient table with standard errors, t tests, df and confidence intervals."""
+        lines = self._header() + ["-" * _WIDTH]
+        level = f"[{100 * (1 - alpha):g}% conf."
+        name = abbrev(self.depvar or "", 12)
+        lines.append(f"{name:>12} |{'Coef.':>10}{'Std. err.':>10}{'t':>8}{'df':>8}{'P>|t|':>7}"
+                     f"{level:>12}{'interval]':>10}")
+        lines.append("-" * 13 + "+" + "-" * (_WIDTH - 14))
+        ci = self.conf_int(alpha)
+        for nm in self.fe_names:
+            t, d = self.tvalues[nm], self.df[nm]
+            t = fmt_f(t, 2) if np.isfinite(t) and abs(t) < 1e4 else fmt_g(t, 7)
+            d = "inf" if np.isinf(d) else fmt_f(d, 2) if np.isfinite(d) and d < 1e4 else fmt_g(d, 8)
+            lines.append(f"{abbrev(nm, 12):>12} |{fmt_g(self.params[nm], 9):>10}{fmt_g(self.bse[nm], 9):>10}"
+                         f"{t:>8}{d:>8}{fmt_f(self.pvalues[nm], 3):>7}"
+                         f"{fmt_g(ci.loc[nm, 'lower'], 9):>11}{fmt_g(ci.loc[nm, 'upper'], 9):>11}")
+        lines.append("-" * _WIDTH)
+        lines.extend(self._footer())
+        return TextSummary("\n".join(lines))
+
+    def to_frame(self, alpha: float = 0.05) -> pd.DataFrame:
+        """The coefficient table as a DataFrame."""
+        ci = self.conf_int(alpha)
+        return pd.DataFrame({"coef": self.params, "std err": self.bse, "t": self.tvalues,
+                             "df": self.df, "P>|t|": self.pvalues, "lower": ci["lower"],
+                             "upper": ci["upper"]})
+
+    def __repr__(self):
+        return f"<{type(self).__name__} n={self.nobs} p={self.n_fe}>"
+
+
+class OLSResults(LinearResults):
+    """A fitted OLS regression (statsmodels-style names).
+
+    Extra attributes: ``resid``, ``fittedvalues``, ``scale`` (s^2), ``df_resid``
+    (N - p), ``rsquared``, ``rsquared_adj``, ``cov_type`` ("nonrobust" or the CR
+    type), ``n_clusters``, ``cluster_name``, ``robust`` (the
+    :class:`mlmeta.robust.RobustResults`, or None), ``sample`` (rows used).
+    """
+
+    def __init__(self, params, cov, names, df, *, y, X, resid, robust=None, cov_type="nonrobust",
+                 df_method=None, cluster_name=None, sample=None, depvar=None):
+        super().__init__(params, cov, names, df, y.shape[0], depvar=depvar)
+        self.resid = resid
+        self.fittedvalues = y - resid
+        self.df_resid = int(y.shape[0] - X.shape[1])
+        self.scale = float(resid @ resid / self.df_resid) if self.df_resid > 0 else np.nan
+        has_const = "_cons" in self.fe_names
+        tss = float(np.sum((y - y.mean()) ** 2)) if has_const else float(y @ y)
+        self.rsquared = 1.0 - float(resid @ resid) / tss if tss > 0 else np.nan
+        dfm = X.shape[1] - (1 if has_const else 0)
+        dft = y.shape[0] - (1 if has_const else 0)
+        self.rsquared_adj = 1.0 - (1.0 - self.rsquared) * dft / self.df_resid if self.df_resid > 0 else np.nan
+        self.df_model = dfm
+        self.robust = robust
+        self.cov_type = cov_type
+        self.df_method = df_method
+        self.cluster_name = cluster_name
+        self.n_clusters = None if robust is None else robust.n_clusters
+        self.sample = sample
+
+    @property
+    def _title(self):
+        return "Linear regression" if self.robust is None else "Linear regression, cluster-robust SEs"
+
+    def _header(self):
+        lines = [f"{self._title:<48}{'Number of obs':<18}= {self.nobs:>9,}"]
+        if self.robust is not None:
+            clus = f"Clusters ({self.cluster_name})" if self.cluster_name else "Clusters"
+            lines.append(f"{'':<48}{clus[:17]:<18}= {self.n_clusters:>9,}")
+        lines.append(f"{'':<48}{'R-squared':<18}= {fmt_f(self.rsquared, 4):>9}")
+        lines.append(f"{'':<48}{'Root MSE':<18}= {fmt_g(np.sqrt(self.scale), 9):>9}")
+        return lines
+
+    def _footer(self):
+        if self.robust is None:
+            return [f"Classical standard errors, t tests on N - p = {self.df_resid} df."]
+        return [self.robust.description + "."]
+
+    def wald_test(self, R, value=None, test=None):
+        """Joint test of ``R beta = value`` (see :meth:`mlmeta.robust.RobustResults.wald_test`;
+        with classical SEs an F test on (q, N - p) df)."""
+        if self.robust is not None:
+            test = test or {"satterthwaite": "HTZ", "naive-t": "naive-F", "naive-tp": "naive-Fp",
+                            "z": "chi2"}.get(self.df_method, "naive-Fp")
+            return self.robust.wald_test(R, value, test)
+        from mlmeta.robust import WaldTestResult, constraint_matrix
+
+        C, c0, labels = constraint_matrix(R, self.fe_names, value)
+        d = C @ self.params.to_numpy() - c0
+        Q = float(d @ np.linalg.solve(C @ self._cov @ C.T, d))
+        q = C.shape[0]
+        F = Q / q
+        return WaldTestResult("F", F, q, self.df_resid, float(stats.f.sf(F, q, self.df_resid)), Q, 1.0, labels)
+
+    def __repr__(self):
+        return f"<OLSResults n={self.nobs} p={self.n_fe} cov={self.cov_type}>"
+
+
+def _cluster_values(cluster, data, n_rows):
+    """Cluster labels over all rows of the data, and a name for them."""
+    if isinstance(cluster, str):
+        if not hasattr(data, "columns") or cluster not in data.columns:
+            raise ValueError(f"unknown cluster column {cluster!r}")
+        return np.asarray(data[cluster]), cluster
+    values = cluster.to_numpy() if isinstance(cluster, (pd.Series, pd.Index)) else np.asarray(cluster)
+    if values.ndim != 1 or values.shape[0] != n_rows:
+        raise ValueError(f"cluster must have one value per data row ({n_rows}), got shape {values.shape}")
+    return values, getattr(cluster, "name", None)
+
+
+def ols_fit(y, X):
+    """beta, residuals and (X'X)^-1 by a QR decomposition of X."""
+    Q, R = linalg.qr(X, mode="economic")
+    d = np.abs(np.diag(R))
+    if d.size and d.min() <= 1e-12 * d.max():
+        raise ValueError("the design matrix is rank deficient (collinear columns)")
+    beta = linalg.solve_triangular(R, Q.T @ y)
+    Ri = linalg.solve_triangular(R, np.eye(R.shape[0]))
+    return beta, y - X @ beta, Ri @ Ri.T
+
+
+def ols(formula, data, cluster=None, type="CR1", df=None) -> OLSResults:
+    """OLS regression, optionally with cluster-robust standard errors.
+
+    Parameters
+    ----------
+    formula : ``"DV ~ IV1 + IV2"`` (formulaic syntax; no random-effects bars).
+    data : DataFrame.
+    cluster : None (classical SEs), a column name, or one label per data row.
+        Rows with a missing cluster label are dropped like rows with missing values.
+    type : "CR0", "CR1" (J/(J-1), default), "CR1p", "CR1S", "CR2" or "CR3"
+        (module docstring); used with ``cluster``.
+    df : t reference df with ``cluster``: "naive-tp" (J - p; default, except
+        "satterthwaite" for CR2), "satterthwaite", "naive-t" (J - 1), "z", or a number.
+
+    Returns an :class:`OLSResults`; coefficients are named after the columns with
+    the intercept ``_cons`` last.
+    """
+    from mlmeta.robust import cluster_robust
+
+    parsed = parse_formula(formula)
+    if parsed.random:
+        raise ValueError("ols() fits fixed effects only; the formula has random-effects terms "
+                         f"({', '.join(f'({t.rhs} | {t.group})' for t in parsed.random)}): "
+                         "use mlmeta.mixed for a mixed model")
+    n_rows = len(data)
+    keep = np.ones(n_rows, dtype=bool)
+    cl_all, cl_name = (None, None) if cluster is None else _cluster_values(cluster, data, n_rows)
+    if cl_all is not None:
+        keep = ~np.asarray(pd.isna(cl_all), dtype=bool)
+        if not keep.all():
+            warnings.warn(f"dropped {int((~keep).sum())} of {n_rows} rows with a missing cluster label",
+                          MissingDataWarning, stacklevel=2)
+    sub = data if keep.all() else data.iloc[np.flatnonzero(keep)]
+    frame = build_model_frame(parsed, sub)
+    for note in frame.notes:
+        warnings.warn(note, UserWarning, stacklevel=2)
+    sample = keep.copy()
+    sample[np.flatnonzero(keep)] = frame.sample
+    y, X, names = frame.y, np.asarray(frame.X), frame.fe_names
+    N, p = X.shape
+    if N <= p:
+        raise ValueError(f"{N} observations for {p} coefficients: more observations are needed")
+    beta, resid, XtXi = ols_fit(y, X)
+    if cl_all is None:
+        s2 = float(resid @ resid) / (N - p)
+        return OLSResults(beta, s2 * XtXi, names, float(N - p) if df is None else df, y=y, X=X,
+                          resid=resid, sample=sample, depvar=parsed.response)
+    cl = cl_all[sample]
+    numeric_df = df is not None and not isinstance(df, str)
+    method = ("satterthwaite" if type == "CR2" else "naive-tp") if df is None or numeric_df else df
+    rob = cluster_robust(X, resid, cl, type=type, df=method, params=beta, names=names,
+                         cluster_name=cl_name, label=parsed.response)
+    dfs = float(df) if numeric_df else rob.df.to_numpy()
+    return OLSResults(beta, rob.cov_params().to_numpy(), names, dfs, y=y, X=X, resid=resid, robust=rob,
+                      cov_type=type, df_method=method, cluster_name=cl_name, sample=sample,
+                      depvar=parsed.response)
