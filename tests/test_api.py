@@ -177,3 +177,18 @@ def test_boundary_variance_is_reported(schoolcal):
     assert rows.boundary.any()
     assert any(issubclass(x.category, mlmeta.BoundaryWarning) for x in w)
     assert "(b)" in res.summary().as_text()
+
+
+def test_t_tests_on_containment_df(schoolcal):
+    """test="t": metafor's dfs="contain" (t p-values and intervals as predict.rma with t)."""
+    res = mlmeta.meregress("stdmdiff ~ year_c + (1 | district) + (1 | district:school)",
+                           schoolcal, variance="var", test="t")
+    assert list(res.df_resid) == [54.0, 9.0]
+    assert res.pvalues["_cons"] == pytest.approx(0.0720292381523294, rel=1e-6)
+    assert res.pvalues["year_c"] == pytest.approx(0.575803367109866, rel=1e-6)
+    ci = res.conf_int().loc["_cons"]
+    assert ci.lower == pytest.approx(-0.0199038291237027, rel=1e-5)
+    assert ci.upper == pytest.approx(0.381340820021103, rel=1e-6)
+    assert "P>|t|" in res.summary().as_text()
+    with pytest.raises(ValueError, match="test must be"):
+        mlmeta.meregress(FORMULA, schoolcal, variance="var", test="F")

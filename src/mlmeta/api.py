@@ -146,7 +146,7 @@ def build_model(formula, data, *, se=None, variance=None, V=None, method="reml",
 
 
 def meregress(formula, data, *, se=None, variance=None, V=None, method="reml", covariance=None,
-              constraints=None, collinear=False, em_iter=20, em_tol=1e-10, em_only=False, maxiter=1000, tol=1e-6,
+              constraints=None, collinear=False, test="z", em_iter=20, em_tol=1e-10, em_only=False, maxiter=1000, tol=1e-6,
               safeguard="auto", verbose=False) -> MeregressResults:
     """Multilevel meta-regression (Stata's ``meta meregress``, metafor's ``rma.mv``).
 
@@ -170,6 +170,8 @@ def meregress(formula, data, *, se=None, variance=None, V=None, method="reml", c
         constrains those elements equal, e.g. ``[["a", .5], [.5, "a"]]``.
     constraints : linear constraints on the fixed effects, ``["x1 = x2", "x3 = 0.5"]``
         (formulaic's syntax) or an ``(R, r)`` pair meaning ``R beta = r``; fitted exactly.
+    test : "z" (normal inference, Stata's default) or "t": t tests and intervals on
+        metafor's containment degrees of freedom (``dfs="contain"``).
     collinear : keep collinear random-effect columns (Stata's ``collinear``); by default
         they are an error. Collinear moderators are omitted with a note (Stata's rule).
     em_iter, em_tol, em_only : EM iterations before the gradient-based optimiser (Stata's
@@ -187,6 +189,8 @@ def meregress(formula, data, *, se=None, variance=None, V=None, method="reml", c
             raise ValueError(f"{name} must be a non-negative integer, got {val!r}")
     if not (tol > 0 and em_tol > 0):
         raise ValueError("tol and em_tol must be positive")
+    if test not in ("z", "t"):
+        raise ValueError(f"test must be 'z' or 't', got {test!r}")
     model, frame, parsed = build_model(formula, data, se=se, variance=variance, V=V,
                                        method=method, covariance=covariance,
                                        constraints=constraints, collinear=collinear)
@@ -196,7 +200,8 @@ def meregress(formula, data, *, se=None, variance=None, V=None, method="reml", c
                         maxiter=maxiter, tol=tol, safeguard=safeguard, verbose=verbose)
     res = MeregressResults(model, frame, record, depvar=parsed.response,
                            sampling="se" if se is not None else ("V" if V is not None else "variance"),
-                           options={"formula": formula, "em_iter": em_iter, "tol": tol})
+                           options={"formula": formula, "em_iter": em_iter, "tol": tol,
+                                    "test": test})
     if not res.converged:
         warnings.warn("the optimiser did not converge; see res.fit_record.messages",
                       ConvergenceWarning, stacklevel=2)

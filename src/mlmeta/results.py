@@ -69,6 +69,14 @@ class MeregressResults(PostestimationMixin):
         self.zvalues = pd.Series(z, index=names, name="z")
         self.pvalues = pd.Series(2 * stats.norm.sf(np.abs(z)), index=names, name="P>|z|")
         self.omitted = list(frame.omitted)
+        self.test = str(self.options.get("test", "z"))
+        self.df_resid = None
+        if self.test == "t":
+            # t tests on metafor's containment degrees of freedom (dfs="contain")
+            self.df_resid = self.containment_df()
+            self.tvalues = self.zvalues.rename("t")
+            self.pvalues = pd.Series(2 * stats.t.sf(np.abs(z), self.df_resid.values), index=names,
+                                     name="P>|t|")
         self.llf = -0.5 * ev.deviance
         self.nobs = int(model.n_obs)
         self.converged = bool(record.converged)
@@ -82,9 +90,15 @@ class MeregressResults(PostestimationMixin):
         """Var(beta) = (X' V^-1 X)^-1."""
         return self._cov.copy()
 
+    def _crit(self, alpha):
+        if self.df_resid is not None:
+            return stats.t.ppf(1 - alpha / 2, self.df_resid.values)
+        return stats.norm.ppf(1 - alpha / 2)
+
     def conf_int(self, alpha: float = 0.05) -> pd.DataFrame:
-        """Wald confidence intervals beta -+ z_{1-alpha/2} se."""
-        z = stats.norm.ppf(1 - alpha / 2)
+        """Wald confidence intervals beta -+ z_{1-alpha/2} se (t quantiles on the
+        containment df with ``test="t"``)."""
+        z = self._crit(alpha)
         return pd.DataFrame({"lower": self.params - z * self.bse, "upper": self.params + z * self.bse})
 
     @property
@@ -270,13 +284,15 @@ class MeregressResults(PostestimationMixin):
         ``variance=True`` shows variances/covariances instead of SDs/correlations;
         the switches drop the header, group table, fixed or random table, or the
         homogeneity test (Stata's noheader, nogroup, nofetable, noretable, nohomtest)."""
-        z = stats.norm.ppf(0.5 + level / 200.0)
+        crit = pd.Series(np.broadcast_to(self._crit(1 - level / 100.0), (len(self.fe_names),)),
+                         index=self.fe_names)
         fixed_rows = []
         for nm in self.fe_names:
             b, se = float(self.params[nm]), float(self.bse[nm])
             if se > 0:
+                c = float(crit[nm])
                 fixed_rows.append(_summary.FixedRow(nm, b, se, b / se, float(self.pvalues[nm]),
-                                                    b - z * se, b + z * se))
+                                                    b - c * se, b + c * se))
             else:
                 fixed_rows.append(_summary.FixedRow(nm, b, np.nan, np.nan, np.nan, np.nan, np.nan,
                                                     status="constrained"))
@@ -311,6 +327,7 @@ class MeregressResults(PostestimationMixin):
             Q_M=self.Q_M, Q_M_df=self.Q_M_df, Q_M_p=self.Q_M_pvalue, random=blocks,
             level=level, notes=self.notes, show_header=header, show_groups=group,
             constraints=self.constraints.describe() if self.constraints is not None else [],
+            stat="t" if self.test == "t" else "z",
             show_fixed=fixed, show_random=random, show_homtest=homtest)
 
     def _title(self) -> str:

@@ -219,6 +219,7 @@ class Summary:
     show_random: bool = True
     show_homtest: bool = True
     constraints: list[str] = field(default_factory=list)
+    stat: str = "z"        # "z" (normal) or "t" (t statistics on stated df)
 
     # ---- shared pieces ---------------------------------------------------- #
     def _ci_label(self) -> str:
@@ -288,8 +289,9 @@ class Summary:
 
     def _text_fixed(self) -> list[str]:
         rule = "-" * WIDTH
-        head = (f"{abbrev(self.depvar, 12):>12} | Coefficient  Std. err.      z"
-                f"    P>|z|{self._ci_label():>25}")
+        st = self.stat
+        head = (f"{abbrev(self.depvar, 12):>12} | Coefficient  Std. err.      {st}"
+                f"    P>|{st}|{self._ci_label():>25}")
         lines = [rule, head, "-" * 13 + "+" + "-" * (WIDTH - 14)]
         for r in self.fixed:
             if r.status:
@@ -395,7 +397,7 @@ class Summary:
     def _html_fixed(self) -> list[str]:
         out = ['<table class="mlmeta-fixed">',
                f"<thead><tr><th>{_e(self.depvar)}</th><th>Coefficient</th>"
-               "<th>Std. err.</th><th>z</th><th>P&gt;|z|</th>"
+               f"<th>Std. err.</th><th>{self.stat}</th><th>P&gt;|{self.stat}|</th>"
                f'<th colspan="2">{_e(self._ci_label())}</th></tr></thead>',
                "<tbody>"]
         out += [_html_row(r.name, [fmt_g(r.coef, 9), f"({r.status})", "", "", "", ""])
