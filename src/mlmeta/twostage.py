@@ -200,7 +200,7 @@ class TwoStageResults(LinearResults):
 
     @property
     def _title(self):
-        return "Two-stage regression" + (", meta-analytic second stage" if self.second_stage == "meta" else "")
+        return "Two-stage regression" + (", meta second stage" if self.second_stage == "meta" else "")
 
     def _header(self):
         n = self.group_sizes[self.used]

@@ -1,0 +1,168 @@
+"""mlmeta.two_stage: first stage vs per-group lm(), one-sample t by hand and R's
+t.test(), and the meta-analytic second stage vs metafor::rma.mv (stored references,
+made by tests/reference/make_twostage_references.R)."""
+
+import inspect
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+import mlmeta
+from mlmeta.simulate import lmm
+from mlmeta.twostage import first_stage, mv_meta, two_stage
+
+HERE = os.path.dirname(__file__)
+ROOT = os.path.dirname(HERE)
+with open(os.path.join(HERE, "reference", "twostage_reference.json")) as fh:
+    REF = json.load(fh)
+DATA = pd.read_csv(os.path.join(ROOT, REF["data"]))
+ORDER = REF["names"]            # R's order, mlmeta names
+
+
+def test_first_stage_matches_lm_per_group():
+    res = two_stage(REF["formula"], DATA, REF["group"])
+    np.testing.assert_allclose(res.first_stage[ORDER].to_numpy(), REF["b"], rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(res.sigma2.to_numpy(), REF["sigma2"], rtol=1e-10)
+    perm = [res.fe_names.index(n) for n in ORDER]
+    S = res.first_stage_cov[:, perm][:, :, perm]
+    np.testing.assert_allclose(S, np.array(REF["S"]), rtol=1e-9, atol=1e-14)
+    assert list(res.first_stage.index) == REF["groups"]
+
+
+def test_ols_second_stage_is_one_sample_t():
+    res = two_stage(REF["formula"], DATA, REF["group"])
+    tt = REF["ttest"]
+    np.testing.assert_allclose(res.params[ORDER], tt["estimate"], rtol=1e-12)
+    np.testing.assert_allclose(res.bse[ORDER], tt["se"], rtol=1e-12)
+    np.testing.assert_allclose(res.tvalues[ORDER], tt["t"], rtol=1e-10)
+    np.testing.assert_allclose(res.df[ORDER], tt["df"])
+    np.testing.assert_allclose(res.pvalues[ORDER], tt["p"], rtol=1e-8, atol=1e-300)
+    # by hand, from the first-stage table
+    B = res.first_stage.to_numpy()
+    J = B.shape[0]
+    np.testing.assert_allclose(res.params, B.mean(0), rtol=1e-13)
+    np.testing.assert_allclose(res.bse, B.std(0, ddof=1) / np.sqrt(J), rtol=1e-12)
+    res_t = [stats.ttest_1samp(B[:, k], 0.0) for k in range(B.shape[1])]
+    np.testing.assert_allclose(res.pvalues, [r.pvalue for r in res_t], rtol=1e-9)
+    ci = res.conf_int()
+    crit = stats.t.ppf(0.975, J - 1)
+    np.testing.assert_allclose(ci["upper"], res.params + crit * res.bse)
+
+
+@pytest.mark.parametrize("method", ["reml", "ml"])
+def test_meta_second_stage_matches_metafor(method):
+    ref = REF["meta"][method]
+    res = two_stage(REF["formula"], DATA, REF["group"], second_stage="meta", method=method, test="z")
+    assert res.converged
+    assert abs(res.llf - ref["llf"]) < 1e-6
+    np.testing.assert_allclose(res.params[ORDER], ref["beta"], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(res.bse[ORDER], ref["se"], rtol=1e-6)
+    np.testing.assert_allclose(res.tvalues[ORDER], ref["zval"], rtol=1e-5)
+    np.testing.assert_allclose(res.re_cov.loc[ORDER, ORDER].to_numpy(), ref["G"], rtol=1e-5, atol=1e-7)
+    assert np.isinf(res.df).all()
+    res_t = two_stage(REF["formula"], DATA, REF["group"], second_stage="meta", method=method)
+    assert (res_t.df == res_t.n_groups - 1).all()
+
+
+def _dense_mv_dev(b, S, Sigma, reml):
+    """-2 log-likelihood of the stacked model with a dense Jp x Jp covariance."""
+    J, p = b.shape
+    V = np.kron(np.eye(J), Sigma) + np.block([[S[i] if i == j else np.zeros((p, p)) for j in range(J)]
+                                              for i in range(J)])
+    X = np.kron(np.ones((J, 1)), np.eye(p))
+    y = b.reshape(-1)
+    Vi = np.linalg.inv(V)
+    H = X.T @ Vi @ X
+    beta = np.linalg.solve(H, X.T @ Vi @ y)
+    r = y - X @ beta
+    dev = np.linalg.slogdet(V)[1] + r @ Vi @ r
+    if reml:
+        return dev + (J * p - p) * np.log(2 * np.pi) + np.linalg.slogdet(H)[1] - np.linalg.slogdet(X.T @ X)[1]
+    return dev + J * p * np.log(2 * np.pi)
+
+
+@pytest.mark.parametrize("reml", [True, False])
+def test_mv_objective_and_gradient_against_dense(reml):
+    from mlmeta.twostage import _mv_objective, _vech_index
+    rng = np.random.default_rng(7)
+    J, p = 9, 3
+    b = rng.standard_normal((J, p))
+    A = rng.standard_normal((J, p, p))
+    S = 0.2 * A @ np.swapaxes(A, 1, 2) + 0.05 * np.eye(p)
+    idx = _vech_index(p)
+    lv = rng.standard_normal(idx[0].size) * 0.5
+    o = _mv_objective(lv, b, S, reml, idx)
+    assert abs(o["dev"] - _dense_mv_dev(b, S, o["Sigma"], reml)) < 1e-9
+    h = 1e-6
+    fd = np.array([(_mv_objective(lv + h * e, b, S, reml, idx)["dev"]
+                    - _mv_objective(lv - h * e, b, S, reml, idx)["dev"]) / (2 * h) for e in np.eye(lv.size)])
+    np.testing.assert_allclose(o["grad"], fd, rtol=1e-5, atol=1e-6)
+
+
+def test_mv_meta_is_scale_equivariant():
+    rng = np.random.default_rng(3)
+    J, p = 15, 2
+    b = rng.standard_normal((J, p)) + [1.0, -2.0]
+    S = np.stack([np.diag(rng.uniform(0.05, 0.3, p)) for _ in range(J)])
+    a = mv_meta(b, S)
+    D = np.diag([10.0, 0.01])
+    c = mv_meta(b @ D, D @ S @ D)
+    np.testing.assert_allclose(c["beta"], a["beta"] @ D, rtol=1e-6)
+    np.testing.assert_allclose(c["Sigma"], D @ a["Sigma"] @ D, rtol=1e-5, atol=1e-10)
+    assert abs(c["llf"] - (a["llf"] - J * np.log(np.linalg.det(D)) + np.log(np.linalg.det(D)))) < 1e-6
+
+
+def test_first_stage_any_row_order_and_singular_groups():
+    dat, _, _ = lmm(6, 2, 10, seed=11)
+    rows = np.r_[np.arange(len(dat)), ]
+    dat = dat.iloc[np.random.default_rng(1).permutation(rows)]
+    small = pd.DataFrame({"DV": [1.0, 2.0], "IV1": [0.1, 0.3], "IV2": [0.5, 0.2], "Group": [99, 99]})
+    flat = pd.DataFrame({"DV": [1.0, 2.0, 0.5, 0.1], "IV1": [0.1, 0.3, 0.2, 0.4], "IV2": [1.0] * 4,
+                         "Group": [98] * 4})
+    full = pd.concat([dat, small, flat], ignore_index=True)
+    with pytest.warns(UserWarning, match="2 group"):
+        res = two_stage("DV ~ IV1 + IV2", full, "Group")
+    assert set(res.dropped) == {98, 99} and res.n_groups == 10
+    ref = two_stage("DV ~ IV1 + IV2", dat.sort_values("Group"), "Group")
+    np.testing.assert_allclose(res.params, ref.params, rtol=1e-12)
+    np.testing.assert_allclose(res.bse, ref.bse, rtol=1e-12)
+    fs = first_stage(dat.DV.to_numpy(), np.column_stack([np.ones(len(dat)), dat.IV1, dat.IV2]),
+                     dat.Group.to_numpy() - 1)
+    for g in range(10):
+        m = (dat.Group == g + 1).to_numpy()
+        Xg = np.column_stack([np.ones(m.sum()), dat.IV1[m], dat.IV2[m]])
+        np.testing.assert_allclose(fs["b"][g], np.linalg.lstsq(Xg, dat.DV[m], rcond=None)[0], rtol=1e-10)
+
+
+def test_meta_needs_residual_df_and_summary():
+    dat, _, _ = lmm(3, 2, 12, group_sd=0.5, seed=12)       # n_g = p: no residual df
+    with pytest.raises(ValueError, match="at least 2"):
+        with pytest.warns(UserWarning):
+            two_stage("DV ~ IV1 + IV2", dat, "Group", second_stage="meta")
+    dat, _, _ = lmm(8, 2, 12, group_sd=0.5, seed=12)
+    res = two_stage("DV ~ IV1 + IV2", dat, "Group", second_stage="meta")
+    text = str(res.summary())
+    assert "meta" in text and "Between-group SDs" in text and "Groups (Group)" in text
+    with pytest.raises(ValueError, match="second_stage"):
+        two_stage("DV ~ IV1", dat, "Group", second_stage="gls")
+    with pytest.raises(ValueError, match="group="):
+        two_stage("DV ~ IV1 + (1 | Group)", dat, "Group")
+
+
+@pytest.mark.skipif("V" not in inspect.signature(mlmeta.meregress).parameters,
+                    reason="meregress has no V= (known full sampling covariance) option")
+def test_meta_second_stage_matches_meregress_with_V():
+    from scipy.linalg import block_diag
+    res = two_stage(REF["formula"], DATA, REF["group"], second_stage="meta")
+    B = res.first_stage.to_numpy()
+    J, p = B.shape
+    long = pd.DataFrame({"b": B.reshape(-1), "coef": np.tile(res.fe_names, J),
+                         "grp": np.repeat(np.arange(J), p)})
+    V = block_diag(*res.first_stage_cov)
+    fit = mlmeta.meregress("b ~ 0 + coef + (0 + coef | grp)", long, V=V)
+    assert abs(fit.llf - res.llf) < 1e-6
+
