@@ -155,14 +155,18 @@ def test_meta_needs_residual_df_and_summary():
 
 @pytest.mark.skipif("V" not in inspect.signature(mlmeta.meregress).parameters,
                     reason="meregress has no V= (known full sampling covariance) option")
-def test_meta_second_stage_matches_meregress_with_V():
-    from scipy.linalg import block_diag
-    res = two_stage(REF["formula"], DATA, REF["group"], second_stage="meta")
-    B = res.first_stage.to_numpy()
-    J, p = B.shape
-    long = pd.DataFrame({"b": B.reshape(-1), "coef": np.tile(res.fe_names, J),
-                         "grp": np.repeat(np.arange(J), p)})
-    V = block_diag(*res.first_stage_cov)
-    fit = mlmeta.meregress("b ~ 0 + coef + (0 + coef | grp)", long, V=V)
-    assert abs(fit.llf - res.llf) < 1e-6
-
+@pytest.mark.parametrize("method", ["reml", "ml"])
+def test_meta_engines_agree(method):
+    """The dense second stage and meregress(V=) on the stacked coefficients."""
+    for data, formula in [(DATA, REF["formula"]),
+                          (lmm(6, 3, 15, group_sd=0.1, seed=21)[0], "DV ~ IV1 + IV2 + IV3")]:
+        a = two_stage(formula, data, "Group", second_stage="meta", method=method)
+        b = two_stage(formula, data, "Group", second_stage="meta", method=method, engine="meregress")
+        assert abs(a.llf - b.llf) < 1e-7
+        np.testing.assert_allclose(a.params, b.params, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(a.bse, b.bse, rtol=1e-5, atol=1e-8)
+        np.testing.assert_allclose(a.re_cov, b.re_cov, rtol=1e-4, atol=1e-6)
+    ref = REF["meta"][method]
+    np.testing.assert_allclose(b.re_cov.to_numpy().shape, (4, 4))
+    c = two_stage(REF["formula"], DATA, REF["group"], second_stage="meta", method=method, engine="meregress")
+    assert abs(c.llf - ref["llf"]) < 1e-6

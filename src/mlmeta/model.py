@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 from scipy import linalg
+from scipy.linalg.lapack import dpotrf as _dpotrf, dpotrs as _dpotrs
 
 from mlmeta.covstruct import CovStruct
 from mlmeta.design import NestedDesign
@@ -77,6 +78,18 @@ class NestedModel:
         self.lower = np.concatenate([s.lower for s in structs]) if structs else np.zeros(0)
         self.upper = np.concatenate([s.upper for s in structs]) if structs else np.zeros(0)
         self.fe_constraints = None      # set by the API when R beta = r constraints apply
+        # Structures linear in theta (all but custom): T_flat = M theta, dT/dtheta = M.
+        self._linear = all(getattr(s, "kind", "") != "custom" for s in structs)
+        if self._linear and self.n_theta:
+            K = design.kernel
+            M = np.zeros((int(K.t_off[-1]), self.n_theta))
+            for lvl, (s, sl) in enumerate(zip(self.structs, self.theta_slices)):
+                dT = s.dT(np.zeros(s.n_theta))
+                M[K.t_off[lvl]:K.t_off[lvl + 1], sl] = np.stack([d.ravel(order="F") for d in dT], axis=1)
+            self._M = M
+        else:
+            self._M = None
+        self._eye_p = np.eye(design.n_fe)
 
     # -- theta <-> per-level quantities ---------------------------------------
     def T_list(self, theta):
@@ -102,22 +115,20 @@ class NestedModel:
         theta = np.asarray(theta, dtype=np.float64)
         d = self.design
         K = d.kernel
-        Tflat = K.pack_T(self.T_list(theta))
+        Tflat = self._M @ theta if self._M is not None else K.pack_T(self.T_list(theta))
         logdet_C, S, status = K.factor(Tflat)
         if status:
             raise FloatingPointError(f"factorisation failed at random-effects node {status - 1}")
         p = d.n_fe
         n = d.n_obs
         if p:
-            H = S[:p, :p]
-            try:
-                cH = linalg.cho_factor(H, lower=True)
-            except linalg.LinAlgError:
+            cH, info = _dpotrf(S[:p, :p], lower=1, clean=1)
+            if info != 0:
                 raise FloatingPointError("X'V^-1X is not positive definite (collinear moderators?)")
-            beta = linalg.cho_solve(cH, S[:p, p])
+            beta, _ = _dpotrs(cH, S[:p, p], lower=1)
             rss = float(S[p, p] - S[p, :p] @ beta)
-            logdet_H = 2.0 * float(np.sum(np.log(np.diag(cH[0]))))
-            cov_beta = linalg.cho_solve(cH, np.eye(p))
+            logdet_H = 2.0 * float(np.sum(np.log(np.diag(cH))))
+            cov_beta, _ = _dpotrs(cH, self._eye_p, lower=1)
         else:
             beta = np.zeros(0)
             rss = float(S[0, 0])
@@ -169,6 +180,8 @@ class NestedModel:
 
     def _chain(self, dT_flat, theta):
         """d deviance / d theta from d deviance / d T (flat, column-major per level)."""
+        if self._M is not None:
+            return self._M.T @ dT_flat
         K = self.design.kernel
         g = np.empty(self.n_theta)
         for lvl, (s, sl) in enumerate(zip(self.structs, self.theta_slices)):

@@ -169,6 +169,29 @@ def mv_meta(b, S, method="reml", maxiter=500, tol=1e-8):
             "llf": float(ll), "converged": converged, "n_iter": int(best.nit), "grad_max": gmax}
 
 
+def _meta_meregress(b, S, names, method):
+    """The same model fitted by :func:`mlmeta.meregress` on the stacked coefficients
+    (``b ~ 0 + coef + (0 + coef | grp)`` with ``V`` = blockdiag(S_g))."""
+    from scipy import sparse
+
+    from mlmeta.api import meregress
+
+    J, p = b.shape
+    keys = [f"c{k}" for k in range(p)]
+    long = pd.DataFrame({"b": b.reshape(-1), "coef": np.tile(keys, J), "grp": np.repeat(np.arange(J), p)})
+    V = sparse.block_diag(list(S), format="csr")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit = meregress("b ~ 0 + coef + (0 + coef | grp)", long, V=V, method=method)
+    labels = [f"coef[{k}]" for k in keys]
+    if list(fit.params.index) != labels:
+        labels = [f"coef[T.{k}]" for k in keys]
+    Sigma = fit.re_cov["grp"].loc[labels, labels].to_numpy()
+    return {"beta": fit.params[labels].to_numpy(), "cov": fit.cov_params().loc[labels, labels].to_numpy(),
+            "Sigma": Sigma, "llf": float(fit.llf), "converged": bool(fit.converged),
+            "n_iter": int(fit.n_iter), "grad_max": float(fit.fit_record.grad_max)}
+
+
 class TwoStageResults(LinearResults):
     """Two-stage regression results (statsmodels-style names).
 
@@ -233,7 +256,8 @@ class TwoStageResults(LinearResults):
         return f"<TwoStageResults {self.second_stage} J={self.n_groups} n={self.nobs} p={self.n_fe}>"
 
 
-def two_stage(formula, data, group, second_stage="ols", *, method="reml", test="t") -> TwoStageResults:
+def two_stage(formula, data, group, second_stage="ols", *, method="reml", test="t",
+              engine="dense") -> TwoStageResults:
     """Two-stage regression: OLS per group, then a one-sample t test or a multivariate
     meta-analysis across groups (module docstring for the formulas).
 
@@ -245,6 +269,9 @@ def two_stage(formula, data, group, second_stage="ols", *, method="reml", test="
     second_stage : "ols" (one-sample t across groups; df J - 1) or "meta".
     method : "reml" or "ml" for the meta-analytic second stage.
     test : "t" (J - 1 df) or "z", for the meta-analytic second stage.
+    engine : how the meta-analytic second stage is fitted: "dense" (the J small
+        p x p blocks directly, :func:`mv_meta`) or "meregress" (the stacked model
+        through :func:`mlmeta.meregress` with ``V=``); both maximise the same likelihood.
     """
     if second_stage not in ("ols", "meta"):
         raise ValueError(f"second_stage must be 'ols' or 'meta', got {second_stage!r}")
@@ -286,7 +313,12 @@ def two_stage(formula, data, group, second_stage="ols", *, method="reml", test="
     if second_stage == "ols":
         cov = np.cov(B, rowvar=False).reshape(len(names), len(names)) / J
         return TwoStageResults(B.mean(axis=0), cov, names, float(J - 1), nobs, **kw)
-    meta = mv_meta(B, first["S"][used], method=method)
+    if engine not in ("dense", "meregress"):
+        raise ValueError(f"engine must be 'dense' or 'meregress', got {engine!r}")
+    if engine == "dense":
+        meta = mv_meta(B, first["S"][used], method=method)
+    else:
+        meta = _meta_meregress(B, first["S"][used], names, method)
     if not meta["converged"]:
         warnings.warn("the meta-analytic second stage did not converge", ConvergenceWarning, stacklevel=2)
     df = float(J - 1) if test == "t" else np.inf

@@ -7,6 +7,25 @@ from scipy.linalg.cython_blas cimport dgemm, dtrsm
 from scipy.linalg.cython_lapack cimport dpotrf
 
 
+cdef inline void _small_gemm(bint ta, bint tb, int m, int n, int k, double alpha,
+                             const double* A, int lda, const double* B, int ldb,
+                             double beta, double* C, int ldc) noexcept nogil:
+    """Plain loops for tiny products, where a BLAS call costs more than the work."""
+    cdef int i, j, l
+    cdef double acc, a, b
+    for j in range(n):
+        for i in range(m):
+            acc = 0.0
+            for l in range(k):
+                a = A[l + i * lda] if ta else A[i + l * lda]
+                b = B[j + l * ldb] if tb else B[l + j * ldb]
+                acc += a * b
+            if beta == 0.0:
+                C[i + j * ldc] = alpha * acc
+            else:
+                C[i + j * ldc] = alpha * acc + beta * C[i + j * ldc]
+
+
 cdef void gemm(char transa, char transb, int m, int n, int k, double alpha,
                const double* A, int lda, const double* B, int ldb,
                double beta, double* C, int ldc) noexcept nogil:
@@ -24,8 +43,8 @@ cdef void gemm(char transa, char transb, int m, int n, int k, double alpha,
                 for i in range(m):
                     C[i + j * ldc] *= beta
         return
-    if m == 1 and n == 1 and k == 1:
-        C[0] = alpha * A[0] * B[0] + (beta * C[0] if beta != 0.0 else 0.0)
+    if m * n * k <= 64:
+        _small_gemm(transa == b'T', transb == b'T', m, n, k, alpha, A, lda, B, ldb, beta, C, ldc)
         return
     dgemm(&transa, &transb, &m, &n, &k, &alpha, <double*>A, &lda, <double*>B, &ldb,
           &beta, C, &ldc)
@@ -41,9 +60,26 @@ cdef void trsm_left_lower(char trans, int m, int n, const double* L, int ldl,
     cdef int j
     if m == 0 or n == 0:
         return
+    cdef int i, l
+    cdef double acc
     if m == 1:
         for j in range(n):
             B[j * ldb] /= L[0]
+        return
+    if m <= 4:
+        for j in range(n):
+            if trans == b'N':
+                for i in range(m):
+                    acc = B[i + j * ldb]
+                    for l in range(i):
+                        acc -= L[i + l * ldl] * B[l + j * ldb]
+                    B[i + j * ldb] = acc / L[i + i * ldl]
+            else:
+                for i in range(m - 1, -1, -1):
+                    acc = B[i + j * ldb]
+                    for l in range(i + 1, m):
+                        acc -= L[l + i * ldl] * B[l + j * ldb]
+                    B[i + j * ldb] = acc / L[i + i * ldl]
         return
     dtrsm(&side, &uplo, &trans, &diag, &m, &n, &one, <double*>L, &ldl, B, &ldb)
 

@@ -1,0 +1,145 @@
+"""Satterthwaite degrees of freedom for the fixed effects of a linear mixed model.
+
+lmerTest's method. With the variance parameters phi = (theta, sigma^2) (theta
+relative to sigma, as in :func:`mlmeta.mixed`), the covariance of the fixed effects
+is ``V(phi) = sigma^2 H(theta)^-1``, ``H = X' V_rel^-1 X``. For a contrast c,
+
+    df(c) = 2 (c'Vc)^2 / (g' A g),     g_k = c' (dV / dphi_k) c,
+
+where A is the asymptotic covariance of phi: the inverse Hessian of -ll = deviance/2,
+``A = 2 [d^2 dev / dphi dphi']^+`` (Moore-Penrose inverse over eigenvalues above
+1e-8, as lmerTest). The deviance is not profiled over sigma^2 (beta is, at theta):
+
+    dev(theta, s) = dof log(2 pi s) + log|C(theta)| + rss(theta) / s  [+ log|H(theta)| - log|X'X|, REML]
+
+with dof = n - p (REML) or n (ML). Its derivatives:
+
+    d dev/d theta     = the kernel's gradient with Phi = gamma gamma' / s [+ diag(H^-1, 0)]
+    d^2 dev/d s^2      = -dof / s^2 + 2 rss / s^3
+    d^2 dev/d s d theta = -(d rss / d theta) / s^2
+    d^2 dev/d theta^2  = central differences of the analytic gradient (Richardson-extrapolated)
+
+and ``dV/ds = H^-1``, ``dV/dtheta_k = s dH^-1/dtheta_k`` by Richardson-extrapolated
+central differences of H^-1. At an interior optimum df does not depend on how the
+variance parameters are written (lmerTest uses lme4's theta and sigma); on the
+boundary it can, as the Hessian is not invariant there.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+__all__ = ["satterthwaite_df", "satterthwaite", "SatterthwaitePieces", "nonprofiled_deviance"]
+
+_EIG_TOL = 1e-8
+
+
+def nonprofiled_deviance(model, theta, s2):
+    """dev(theta, sigma^2) of the module docstring (mlmeta's REML constant)."""
+    ev = model.evaluate(theta)
+    n, p = model.n_obs, model.n_fe
+    dof = n - p if model.method == "reml" else n
+    dev = dof * np.log(2 * np.pi * s2) + ev.logdet_C + ev.rss / s2
+    if model.method == "reml":
+        dev += ev.logdet_H - model.design.logdet_XtX
+    return float(dev)
+
+
+def _grad_theta(model, theta, s2):
+    """(d dev / d theta at fixed sigma^2, Evaluation)."""
+    ev = model.evaluate(theta)
+    if model.n_theta == 0:
+        return np.zeros(0), ev
+    K = model.design.kernel
+    gamma = np.append(-ev.beta, 1.0)
+    Phi = np.outer(gamma, gamma) / s2
+    if model.method == "reml":
+        Phi[:-1, :-1] += ev.Hinv
+    G, _ = K.gradient_pieces(K.pack_T(model.T_list(theta)), Phi)
+    return model._chain(2.0 * G, theta), ev
+
+
+class SatterthwaitePieces:
+    """V = sigma^2 H^-1, its derivatives dV (m+1, p, p) over (theta, sigma^2), the
+    Hessian of the deviance and A = 2 Hessian^+; coefficient space of the results
+    (fixed-effect constraints applied)."""
+
+    def __init__(self, res, rel_step=1e-3):
+        model = res.model
+        if getattr(model, "residual", None) != "profiled":
+            raise ValueError("Satterthwaite df need a mixed model with an estimated residual "
+                             "variance (mlmeta.mixed)")
+        theta = np.asarray(res.theta, dtype=float)
+        m = theta.shape[0]
+        ev0 = model.evaluate(theta)
+        s = float(ev0.sigma2)
+        n, p = model.n_obs, model.n_fe
+        dof = n - p if model.method == "reml" else n
+        hess = np.zeros((m + 1, m + 1))
+        dHinv = np.zeros((m, p, p))
+        for k in range(m):
+            h = rel_step * max(abs(theta[k]), 0.1)
+            est = []
+            for step in (h, h / 2):
+                e = np.zeros(m)
+                e[k] = step
+                gp, evp = _grad_theta(model, theta + e, s)
+                gm, evm = _grad_theta(model, theta - e, s)
+                est.append(((gp - gm) / (2 * step), (evp.rss - evm.rss) / (2 * step),
+                            (evp.Hinv - evm.Hinv) / (2 * step)))
+            (g1, r1, H1), (g2, r2, H2) = est
+            hess[:m, k] = (4 * g2 - g1) / 3
+            drss = (4 * r2 - r1) / 3
+            hess[m, k] = hess[k, m] = -drss / s ** 2
+            dHinv[k] = (4 * H2 - H1) / 3
+        hess[:m, :m] = 0.5 * (hess[:m, :m] + hess[:m, :m].T)
+        hess[m, m] = -dof / s ** 2 + 2 * ev0.rss / s ** 3
+        w, U = np.linalg.eigh(hess)
+        pos = w > _EIG_TOL
+        self.hessian = hess
+        self.eigenvalues = w
+        self.A = 2.0 * (U[:, pos] / w[pos]) @ U[:, pos].T
+        dV = np.concatenate([s * dHinv, ev0.Hinv[None]], axis=0)
+        V = s * ev0.Hinv
+        fc = getattr(model, "fe_constraints", None)
+        if fc is not None:
+            V = fc.N @ V @ fc.N.T
+            dV = np.einsum("ia,kab,jb->kij", fc.N, dV, fc.N)
+        self.V, self.dV = V, dV
+        self.sigma2 = s
+        self.names = list(res.fe_names)
+
+    def df(self, L):
+        """Satterthwaite df of each row c of L (contrasts over the coefficients)."""
+        L = np.atleast_2d(np.asarray(L, dtype=float))
+        var = np.einsum("ia,ab,ib->i", L, self.V, L)
+        g = np.einsum("ia,kab,ib->ik", L, self.dV, L)
+        den = np.einsum("ik,kl,il->i", g, self.A, g)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out = np.where(den > 0, 2.0 * var ** 2 / den, np.nan)
+        return out
+
+
+def satterthwaite_df(res, L=None) -> pd.Series | np.ndarray:
+    """Satterthwaite df of the fixed effects of a :class:`~mlmeta.mixed.MixedResults`
+    (lmerTest's ``summary(fit)`` df), or of each row of a contrast matrix ``L``."""
+    pieces = SatterthwaitePieces(res)
+    if L is not None:
+        return pieces.df(L)
+    eye = np.eye(len(pieces.names))
+    return pd.Series(pieces.df(eye), index=pieces.names, name="df")
+
+
+def satterthwaite(res, alpha: float = 0.05) -> pd.DataFrame:
+    """Coefficient table with t tests on Satterthwaite df (lmerTest's summary):
+    coef, std err, df, t, P>|t| and the (1 - alpha) confidence interval."""
+    df = satterthwaite_df(res)
+    b, se = res.params, res.bse
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = b / se
+    crit = stats.t.ppf(1 - alpha / 2, df)
+    return pd.DataFrame({"coef": b, "std err": se, "df": df, "t": t,
+                         "P>|t|": 2 * stats.t.sf(np.abs(t), df),
+                         "lower": b - crit * se, "upper": b + crit * se})
