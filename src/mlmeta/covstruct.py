@@ -396,6 +396,11 @@ class Custom(CovStruct):
         sd, R = self._sd_R(theta)
         return sd[:, None] * _chol_lower(R)
 
+    def Sigma(self, theta):
+        """D R D, so fixed and equal elements hold exactly."""
+        sd, R = self._sd_R(theta)
+        return sd[:, None] * R * sd[None, :]
+
     def dT(self, theta):
         """dT = dD L + D dL with dL = L Phi(L^-1 dR L^-T), Phi = lower part, half diagonal."""
         sd, R = self._sd_R(theta)

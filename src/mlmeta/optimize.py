@@ -142,7 +142,8 @@ def _kick_saddles(cnt, theta, f, g, lower, upper, scale):
     return theta, f, g, moved
 
 
-def _local(cnt: _Counter, theta0, lower, upper, maxiter, tol, scale=1.0, callback=None):
+def _local(cnt: _Counter, theta0, lower, upper, maxiter, tol, scale=1.0, callback=None,
+           known=None):
     """Projected Newton with a finite-difference Hessian of the analytic gradient.
 
     Parameters held at a bound by their gradient are fixed for the step; the rest
@@ -153,6 +154,9 @@ def _local(cnt: _Counter, theta0, lower, upper, maxiter, tol, scale=1.0, callbac
     predicted decrease fails (rounding noise). The fit counts as converged when, at the end, the
     Hessian of the free parameters is positive definite and either the decrement is
     at most ``tol max(1, |deviance|)`` or the largest free gradient component is.
+    ``known``: optima found already, as (theta, deviance) pairs; a run that enters
+    the immediate neighbourhood of one of them (and is not below it) stops there,
+    since it would only find that optimum again.
     Returns (theta, f, g, n_iter, converged, gmax, message).
     """
     theta = np.clip(np.asarray(theta0, dtype=float), lower, upper)
@@ -224,6 +228,10 @@ def _local(cnt: _Counter, theta0, lower, upper, maxiter, tol, scale=1.0, callbac
         theta, f, g = cand, fc, gc
         if callback is not None:
             callback(theta)
+        for th_k, f_k in known or ():
+            near = np.max(np.abs(theta - th_k)) <= 1e-3 * max(scale, float(np.max(np.abs(th_k))))
+            if near and f >= f_k - 1e-9 * max(1.0, abs(f_k)):
+                return th_k.copy(), f_k, cnt.g(th_k), it, True, 0.0, "joined a known optimum"
         if small:
             message = "step size below tolerance"
             break
@@ -334,10 +342,13 @@ def fit_nested(model: NestedModel, *, theta0=None, em_iter=20, em_tol=1e-10, em_
     use_safeguard = (safeguard is True) or (safeguard == "auto" and model.n_obs <= 50_000)
     best = (f, theta, g, conv, gmax)
     if use_safeguard:
+        known = [(theta.copy(), f)]
         for label, t in _alternative_starts(model, rec.theta_em, theta):
             t = np.clip(t, lower, upper)
-            th, fa, ga, nita, conva, gmaxa, _ = _local(cnt, t, lower, upper,
-                                                       maxiter, tol, scale)
+            th, fa, ga, nita, conva, gmaxa, how = _local(cnt, t, lower, upper,
+                                                         maxiter, tol, scale, known=known)
+            if how != "joined a known optimum" and conva:
+                known.append((th.copy(), fa))
             rec.candidates.append((label, fa, th.copy(), conva))
             if conva and fa < best[0] - 1e-7 * max(1.0, abs(best[0])):
                 best = (fa, th, ga, conva, gmaxa)
