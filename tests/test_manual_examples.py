@@ -17,13 +17,7 @@ import numpy as np
 import pytest
 
 import mlmeta
-
-
-def close(value, printed):
-    """|value - printed| <= half a unit in the last printed decimal."""
-    s = f"{printed}"
-    decimals = len(s.split(".")[1]) if "." in s else 0
-    return abs(value - printed) <= 0.5 * 10 ** (-decimals) + 1e-15
+from printed import close
 
 
 @pytest.fixture(scope="module")

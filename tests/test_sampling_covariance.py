@@ -2,7 +2,6 @@
 and the multivariate Berkey et al. (1998) example."""
 
 import numpy as np
-import pandas as pd
 import pytest
 from scipy import sparse
 

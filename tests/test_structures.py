@@ -7,15 +7,10 @@ import pytest
 from scipy import optimize
 
 import mlmeta
+from printed import close
 from dense import dense_loglik, dense_V, dense_Z
 
 SLOPE = "stdmdiff ~ year_c + (1 + year_c | district) + (1 | district:school)"
-
-
-def close(value, printed):
-    s = f"{printed}"
-    decimals = len(s.split(".")[1]) if "." in s else 0
-    return abs(value - printed) <= 0.5 * 10 ** (-decimals) + 1e-15
 
 
 @pytest.fixture(scope="module")

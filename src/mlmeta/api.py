@@ -109,6 +109,15 @@ def _structures(frame, covariance):
             for i, t in enumerate(frame.terms)]
 
 
+def constrained_design(frame, constraints):
+    """(y*, X*, constraints) with ``y* = y - X beta_0``, ``X* = X N`` (see
+    :mod:`mlmeta.constraints`); the frame's y and X when there are no constraints."""
+    if constraints is None or (isinstance(constraints, (list, tuple)) and len(constraints) == 0):
+        return frame.y, frame.X, None
+    fc = parse_constraints(constraints, frame.fe_names)
+    return frame.y - frame.X @ fc.beta0, np.asfortranarray(frame.X @ fc.N), fc
+
+
 def build_model(formula, data, *, se=None, variance=None, V=None, method="reml",
                 covariance=None, constraints=None, collinear=False):
     """Parse, build the frame and the nested model; return (model, frame, parsed).
@@ -130,12 +139,7 @@ def build_model(formula, data, *, se=None, variance=None, V=None, method="reml",
     else:
         Vm, v = None, _sampling_variance(frame, se, variance)
     structs = _structures(frame, covariance)
-    y, X = frame.y, frame.X
-    fc = None
-    if constraints is not None and not (isinstance(constraints, (list, tuple)) and len(constraints) == 0):
-        fc = parse_constraints(constraints, frame.fe_names)
-        y = y - X @ fc.beta0
-        X = np.asfortranarray(X @ fc.N)
+    y, X, fc = constrained_design(frame, constraints)
     if frame.y.shape[0] <= X.shape[1]:
         raise ValueError(f"{frame.y.shape[0]} observations for {X.shape[1]} fixed effects: at "
                          f"least one more observation than fixed effects is needed")

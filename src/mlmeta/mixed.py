@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import warnings
 
-import numpy as np
 
 from mlmeta._errors import BoundaryWarning, ConvergenceWarning
-from mlmeta.api import _structures
-from mlmeta.constraints import parse_constraints
+from mlmeta.api import _structures, constrained_design
 from mlmeta.design import build_design
 from mlmeta.formula import build_model_frame, parse_formula
 from mlmeta.model import NestedModel
@@ -98,12 +96,7 @@ def build_mixed_model(formula, data, *, method="reml", covariance=None, constrai
                          "use mlmeta.ols for a model without random effects")
     frame = build_model_frame(parsed, data, collinear_random=bool(collinear))
     structs = _structures(frame, covariance)
-    y, X = frame.y, frame.X
-    fc = None
-    if constraints is not None and not (isinstance(constraints, (list, tuple)) and len(constraints) == 0):
-        fc = parse_constraints(constraints, frame.fe_names)
-        y = y - X @ fc.beta0
-        X = np.asfortranarray(X @ fc.N)
+    y, X, fc = constrained_design(frame, constraints)
     if frame.y.shape[0] <= X.shape[1] + 1:
         raise ValueError(f"{frame.y.shape[0]} observations for {X.shape[1]} fixed effects and a "
                          f"residual variance: more observations are needed")

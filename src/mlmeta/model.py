@@ -16,7 +16,6 @@ and is chained to theta through dT/dtheta.
 from __future__ import annotations
 
 import numpy as np
-from scipy import linalg
 from scipy.linalg.lapack import dpotrf as _dpotrf, dpotrs as _dpotrs
 
 from mlmeta.covstruct import CovStruct

@@ -30,6 +30,7 @@ interrupted and resumed run.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import hashlib
 import itertools
 import os
@@ -50,7 +51,7 @@ ESSAY_GRID = {"n_groups": [10, 30, 100], "n_obs": [5, 25, 100], "group_sd": [0.1
 GRID_KEYS = ("n_groups", "n_obs", "group_sd", "n_coef", "noise_sd", "null")
 GRID_DEFAULTS = {"n_coef": 3, "noise_sd": 1.0, "null": False}
 OPTIONS = {"alpha": 0.05, "ols_type": "CR1S", "mixed_df": "satterthwaite", "meta_test": "t",
-           "meta_method": "reml"}
+           "meta_method": "reml", "blas_threads": 1}
 METRICS = ("coef_abs_err", "se_sum", "t_sum", "fit_success", "converged", "singular",
            "n_covered", "coverage", "n_reject", "reject_rate")
 
@@ -182,11 +183,25 @@ def replicate(cell, rep, seed, strategies=STRATEGIES, options=None, detail=False
     return rows
 
 
+def _blas_threads(n):
+    """Limit BLAS threads (threadpoolctl, when installed): the fits work on small
+    matrices, for which multi-threaded BLAS is several times slower, and parallelism
+    comes from running replicates side by side."""
+    if n is None:
+        return contextlib.nullcontext()
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=int(n), user_api="blas")
+
+
 def _run_chunk(cell, reps, seed, strategies, options, detail):
     """One unit of work: some replicates of one cell (module-level so it pickles)."""
     out = []
-    for rep, strats in reps:
-        out.extend(replicate(cell, rep, seed, strats or strategies, options, detail))
+    with _blas_threads(dict(OPTIONS, **(options or {}))["blas_threads"]):
+        for rep, strats in reps:
+            out.extend(replicate(cell, rep, seed, strats or strategies, options, detail))
     return out
 
 
@@ -306,7 +321,8 @@ def run(grid=None, strategies=STRATEGIES, n_sim=50, seed=0, *, executor=None, n_
     path : CSV or parquet file (by extension) receiving rows as replicates finish;
         a rerun with the same path skips the replicates already there.
     chunksize : replicates per task.  options : overrides of :data:`OPTIONS`
-        (alpha, ols_type, mixed_df "satterthwaite"|"residual"|"z", meta_test, meta_method).
+        (alpha, ols_type, mixed_df "satterthwaite"|"residual"|"z", meta_test, meta_method,
+        blas_threads: BLAS threads per worker while fitting, default 1, None leaves them).
     detail : add per-coefficient columns true_*, est_*, se_*.
 
     Columns: the cell parameters, ``cell`` (its label), ``sim``, ``strategy``, the
