@@ -110,7 +110,6 @@ def test_berkey_full_versus_diagonal_V():
 def test_V_validation():
     df = mlmeta.datasets.load("schoolcal")
     f = "stdmdiff ~ 1 + (1 | district) + (1 | district:school)"
-    n = len(df)
     V = np.diag(df["var"].to_numpy())
     with pytest.raises(ValueError, match="exactly one of"):
         mlmeta.meregress(f, df, V=V, variance="var")
