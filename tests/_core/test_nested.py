@@ -124,3 +124,22 @@ def test_row_order_and_relabelling_invariance():
     l2, S2, _ = d2.kernel.factor(T)
     assert l1 == pytest.approx(l2, rel=1e-12)
     np.testing.assert_allclose(S1, S2, rtol=1e-11)
+
+
+def test_threaded_passes_match_serial():
+    rng = np.random.default_rng(7)
+    codes, Z, q = _random_tree(rng, 3, 400, 6, [2, 1, 1])
+    X = np.column_stack([rng.normal(size=400), np.ones(400)])
+    d = build_design(rng.normal(size=400), X, Z, codes, rng.uniform(0.1, 1, 400))
+    K = d.kernel
+    T = K.pack_T([np.tril(rng.normal(size=(k, k))) for k in q])
+    Phi = np.eye(3)
+    serial = K.factor(T), K.gradient_pieces(T, Phi)
+    if K.n_threads < 2:
+        pytest.skip("one thread available")
+    K.parallel_min_nodes = 0
+    threaded = K.factor(T), K.gradient_pieces(T, Phi)
+    assert threaded[0][0] == pytest.approx(serial[0][0], rel=1e-13)
+    np.testing.assert_allclose(threaded[0][1], serial[0][1], rtol=1e-12)
+    np.testing.assert_allclose(threaded[1][0], serial[1][0], rtol=1e-11, atol=1e-12)
+    np.testing.assert_allclose(threaded[1][1], serial[1][1], rtol=1e-11, atol=1e-12)

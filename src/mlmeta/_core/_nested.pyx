@@ -54,7 +54,10 @@ leading block). Kernels never allocate and never raise: they return 0 or
 ``1 + index`` of the node whose factorisation failed.
 """
 
+import os
+
 import numpy as np
+from cython.parallel cimport prange
 from libc.math cimport log
 from mlmeta._core._linalg cimport gemm, trsm_left_lower, potrf_lower, zero, copy
 
@@ -273,7 +276,8 @@ cdef class NestedKernel:
     sits inside its node's factor (one entry per node for ordinary nodes; one per
     group for dense cluster nodes).
     """
-    cdef readonly Py_ssize_t n_levels, n_nodes, n_clusters, ncol, maxq
+    cdef readonly Py_ssize_t n_levels, n_nodes, n_clusters, ncol, maxq, n_threads, scratch_len
+    cdef public Py_ssize_t parallel_min_nodes
     cdef readonly object q, nq, level, parent, zz_ptr, za_ptr, tn_ptr, t_off, cluster_ptr
     cdef readonly object sub_node, sub_level, sub_off
     cdef readonly object ZZ, ZA, AA
@@ -329,7 +333,10 @@ cdef class NestedKernel:
         self.Tn = np.zeros(tn_ptr[-1], dtype=np.float64)
         self.GN = np.zeros(tn_ptr[-1], dtype=np.float64)
         self.EN = np.zeros(tn_ptr[-1], dtype=np.float64)
-        self.scratch = np.empty(3 * self.maxq * max(self.maxq, self.ncol) + 16, dtype=np.float64)
+        self.n_threads = max(1, min(int(os.environ.get("MLMETA_NUM_THREADS", os.cpu_count() or 1)), 64))
+        self.parallel_min_nodes = 20000
+        self.scratch_len = 3 * self.maxq * max(self.maxq, self.ncol) + 16
+        self.scratch = np.empty(self.n_threads * self.scratch_len, dtype=np.float64)
         self._q = self.q; self._nq = self.nq; self._level = self.level
         self._parent = self.parent; self._zz_ptr = self.zz_ptr; self._za_ptr = self.za_ptr
         self._tn_ptr = self.tn_ptr; self._t_off = self.t_off; self._cluster_ptr = self.cluster_ptr
@@ -393,30 +400,52 @@ cdef class NestedKernel:
                 for i in range(ql):
                     out[self._t_off[l] + i + j * ql] += N[self._tn_ptr[a] + (o + i) + (o + j) * na]
 
+    cdef int _threads_for(self):
+        """Threads for one pass: 1 for small models, where starting threads costs more."""
+        if (self.n_threads > 1 and self.n_nodes >= self.parallel_min_nodes
+                and self.n_clusters >= 2 * self.n_threads):
+            return <int>self.n_threads
+        return 1
+
     def factor(self, const double[::1] T):
         """Factor C(T) for every cluster; return (log|C|, S = A'V^-1 A, status).
 
         ``status`` is 0, or 1 + the node index whose block was not positive definite.
+        Clusters are split into contiguous chunks handled by separate threads (each
+        with its own share of S and log|C|) when the model is large.
         """
         if T.shape[0] != self.t_off[-1]:
             raise ValueError("T has the wrong length")
-        S = np.array(self.AA, dtype=np.float64, order="F", copy=True)
-        cdef double[::1, :] Sv = S
-        cdef double logdet = 0.0
-        cdef Py_ssize_t j, status = 0
+        cdef int nt = self._threads_for()
+        cdef Py_ssize_t nc = self.ncol
+        Sparts = np.zeros((nt, nc * nc), dtype=np.float64)
+        logdets = np.zeros(nt, dtype=np.float64)
+        stats = np.zeros(nt, dtype=np.intp)
+        cdef double[:, ::1] Sp = Sparts
+        cdef double[::1] ld = logdets
+        cdef Py_ssize_t[::1] st = stats
         cdef Tree t = self._tree()
         cdef Py_ssize_t[::1] cp = self._cluster_ptr
+        cdef Py_ssize_t M = cp.shape[0] - 1
         cdef double* WB = &self._WB[0]
         cdef double* WR = &self._WR[0]
         cdef double* scratch = &self._scratch[0]
+        cdef Py_ssize_t slen = self.scratch_len
+        cdef Py_ssize_t c, j, j0, j1
         with nogil:
             self._assemble(T)
-            for j in range(cp.shape[0] - 1):
-                status = factor_cluster(&t, cp[j], cp[j + 1], WB, WR, &Sv[0, 0], &logdet, scratch)
-                if status != 0:
-                    break
+            for c in prange(nt, num_threads=nt, schedule="static"):
+                j0 = c * M // nt
+                j1 = (c + 1) * M // nt
+                for j in range(j0, j1):
+                    st[c] = factor_cluster(&t, cp[j], cp[j + 1], WB, WR, &Sp[c, 0], &ld[c],
+                                           scratch + c * slen)
+                    if st[c] != 0:
+                        break
         self._have_inverse = False
-        return logdet, S, int(status)
+        S = np.asfortranarray(self.AA + Sparts.sum(axis=0).reshape(nc, nc, order="F"))
+        bad = stats[stats != 0]
+        return float(logdets.sum()), S, int(bad[0]) if bad.size else 0
 
     def gradient_pieces(self, const double[::1] T, Phi):
         """After :meth:`factor` at the same T: per-level G_l and E_l (see module docstring).
@@ -431,8 +460,8 @@ cdef class NestedKernel:
         cdef double[::1] Gv = G
         cdef double[::1] Ev = E
         cdef Tree t = self._tree()
-        cdef Py_ssize_t j
         cdef Py_ssize_t[::1] cp = self._cluster_ptr
+        cdef Py_ssize_t M = cp.shape[0] - 1
         cdef double* WB = &self._WB[0]
         cdef double* WR = &self._WR[0]
         cdef double* SB = &self._SB[0]
@@ -442,11 +471,17 @@ cdef class NestedKernel:
         cdef double* EN = &self._EN[0]
         cdef double* scratch = &self._scratch[0]
         cdef Py_ssize_t maxq = self.maxq
+        cdef Py_ssize_t slen = self.scratch_len
+        cdef int nt = self._threads_for()
+        cdef Py_ssize_t c, j, j0, j1
         with nogil:
-            for j in range(cp.shape[0] - 1):
-                invert_cluster(&t, cp[j], cp[j + 1], WB, WR, SB, WW)
-                accumulate_cluster(&t, cp[j], cp[j + 1], SB, WW, KK, &Ph[0, 0], GN, EN,
-                                   scratch, maxq)
+            for c in prange(nt, num_threads=nt, schedule="static"):
+                j0 = c * M // nt
+                j1 = (c + 1) * M // nt
+                for j in range(j0, j1):
+                    invert_cluster(&t, cp[j], cp[j + 1], WB, WR, SB, WW)
+                    accumulate_cluster(&t, cp[j], cp[j + 1], SB, WW, KK, &Ph[0, 0], GN, EN,
+                                       scratch + c * slen, maxq)
             self._reduce(GN, &Gv[0])
             self._reduce(EN, &Ev[0])
         self._have_inverse = True
