@@ -84,7 +84,7 @@ def test_essay_convention_df_and_default():
     cr2 = ols(c["formula"], dat, cluster="Group", type="CR2")
     assert cr2.df_method == "satterthwaite"
     num = ols(c["formula"], dat, cluster="Group", df=10)
-    assert (num.df == 10).all()
+    assert (num.df == 10).all() and "t tests on 10 df" in str(num.summary())
 
 
 def test_cluster_as_array_and_missing_labels():

@@ -9,6 +9,7 @@
 
 from mlmeta._errors import BoundaryWarning, ConvergenceWarning, MissingDataWarning
 from mlmeta.api import meregress, multilevel, sensitivity
+from mlmeta.batch import BatchResults, Model, fit_batch
 from mlmeta.compare import compare, estimates_table, lrtest
 from mlmeta.mixed import MixedResults, mixed
 from mlmeta.results import MeregressResults
@@ -28,6 +29,6 @@ def __getattr__(name):
 
 __all__ = [
     "meregress", "multilevel", "sensitivity", "mixed", "MeregressResults", "MixedResults",
-    "lrtest", "compare", "estimates_table", "robust", "cluster_robust", "RobustResults", "vcalc", "datasets",
+    "Model", "fit_batch", "BatchResults", "lrtest", "compare", "estimates_table", "robust", "cluster_robust", "RobustResults", "vcalc", "datasets",
     "MissingDataWarning", "ConvergenceWarning", "BoundaryWarning", "__version__",
 ]

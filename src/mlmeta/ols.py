@@ -174,7 +174,10 @@ class OLSResults(LinearResults):
 
     def _footer(self):
         if self.robust is None:
-            return [f"Classical standard errors, t tests on N - p = {self.df_resid} df."]
+            return [f"Classical standard errors, t tests on {fmt_g(self.df.iloc[0], 9)} df."]
+        if self.df_method == "fixed":
+            text = self.robust.description.split(" standard errors")[0]
+            return [f"{text} standard errors, t tests on {fmt_g(self.df.iloc[0], 9)} df."]
         return [self.robust.description + "."]
 
     def wald_test(self, R, value=None, test=None):
@@ -274,5 +277,5 @@ def ols(formula, data, cluster=None, type="CR1", df=None) -> OLSResults:
                          cluster_name=cl_name, label=parsed.response)
     dfs = float(df) if numeric_df else rob.df.to_numpy()
     return OLSResults(beta, rob.cov_params().to_numpy(), names, dfs, y=y, X=X, resid=resid, robust=rob,
-                      cov_type=type, df_method=method, cluster_name=cl_name, sample=sample,
-                      depvar=parsed.response)
+                      cov_type=type, df_method="fixed" if numeric_df else method, cluster_name=cl_name,
+                      sample=sample, depvar=parsed.response)

@@ -51,7 +51,7 @@ ESSAY_GRID = {"n_groups": [10, 30, 100], "n_obs": [5, 25, 100], "group_sd": [0.1
 GRID_KEYS = ("n_groups", "n_obs", "group_sd", "n_coef", "noise_sd", "null")
 GRID_DEFAULTS = {"n_coef": 3, "noise_sd": 1.0, "null": False}
 OPTIONS = {"alpha": 0.05, "ols_type": "CR1S", "mixed_df": "satterthwaite", "meta_test": "t",
-           "meta_method": "reml", "blas_threads": 1}
+           "meta_method": "reml", "mixed_safeguard": "auto", "blas_threads": 1}
 METRICS = ("coef_abs_err", "se_sum", "t_sum", "fit_success", "converged", "singular",
            "n_covered", "coverage", "n_reject", "reject_rate")
 
@@ -111,7 +111,7 @@ def _fit(strategy, data, k, opts):
     order = ["_cons"] + ivs
     if strategy in ("mixed_full", "mixed_intercept"):
         re = "(" + (" + ".join(ivs) if (ivs and strategy == "mixed_full") else "1") + " | Group)"
-        res = mixed(f"{fixed} + {re}", data)
+        res = mixed(f"{fixed} + {re}", data, safeguard=opts["mixed_safeguard"])
         how = opts["mixed_df"]
         if how == "satterthwaite":
             from mlmeta.satterthwaite import satterthwaite_df
@@ -322,7 +322,8 @@ def run(grid=None, strategies=STRATEGIES, n_sim=50, seed=0, *, executor=None, n_
         a rerun with the same path skips the replicates already there.
     chunksize : replicates per task.  options : overrides of :data:`OPTIONS`
         (alpha, ols_type, mixed_df "satterthwaite"|"residual"|"z", meta_test, meta_method,
-        blas_threads: BLAS threads per worker while fitting, default 1, None leaves them).
+        mixed_safeguard: the ``safeguard`` of :func:`mlmeta.mixed`, blas_threads: BLAS
+        threads per worker while fitting, default 1, None leaves them).
     detail : add per-coefficient columns true_*, est_*, se_*.
 
     Columns: the cell parameters, ``cell`` (its label), ``sim``, ``strategy``, the

@@ -292,6 +292,7 @@ def two_stage(formula, data, group, second_stage="ols", *, method="reml", test="
         codes, labels = pd.factorize(pd.Series(labels_rows), sort=True)
     except TypeError:
         codes, labels = pd.factorize(pd.Series(labels_rows), sort=False)
+    labels = labels.tolist()
     names = frame.fe_names
     first = first_stage(frame.y, np.asarray(frame.X), codes, len(labels))
     used = first["ok"].copy()
@@ -307,7 +308,7 @@ def two_stage(formula, data, group, second_stage="ols", *, method="reml", test="
     if J < 2:
         raise ValueError(f"only {J} group(s) with an estimable first stage; at least 2 are needed")
     B = first["b"][used]
-    kw = dict(second_stage=second_stage, first=first, labels=list(labels), used=used, dropped=dropped,
+    kw = dict(second_stage=second_stage, first=first, labels=labels, used=used, dropped=dropped,
               depvar=parsed.response, group_name=g_name)
     nobs = int(first["n"][used].sum())
     if second_stage == "ols":

@@ -1,15 +1,111 @@
 # Thin BLAS/LAPACK wrappers on column-major (Fortran-order) blocks.
 # Every wrapper is `noexcept nogil`; the ones that can fail return LAPACK's info.
+# The small ones are inline so the kernels' many tiny products cost no call.
 
-cdef void gemm(char transa, char transb, int m, int n, int k, double alpha,
+from scipy.linalg.cython_blas cimport dgemm, dtrsm
+from scipy.linalg.cython_lapack cimport dpotrf
+
+cdef inline void _small_gemm(bint ta, bint tb, int m, int n, int k, double alpha,
+                             const double* A, int lda, const double* B, int ldb,
+                             double beta, double* C, int ldc) noexcept nogil:
+    """Plain loops for tiny products, where a BLAS call costs more than the work."""
+    cdef int i, j, l
+    cdef double acc, a, b
+    for j in range(n):
+        for i in range(m):
+            acc = 0.0
+            for l in range(k):
+                a = A[l + i * lda] if ta else A[i + l * lda]
+                b = B[j + l * ldb] if tb else B[l + j * ldb]
+                acc += a * b
+            if beta == 0.0:
+                C[i + j * ldc] = alpha * acc
+            else:
+                C[i + j * ldc] = alpha * acc + beta * C[i + j * ldc]
+
+
+cdef inline void gemm(char transa, char transb, int m, int n, int k, double alpha,
                const double* A, int lda, const double* B, int ldb,
-               double beta, double* C, int ldc) noexcept nogil
+               double beta, double* C, int ldc) noexcept nogil:
+    """C <- alpha op(A) op(B) + beta C with op(A) m x k, op(B) k x n."""
+    cdef int i, j
+    if m == 0 or n == 0:
+        return
+    if k == 0:
+        if beta == 0.0:
+            for j in range(n):
+                for i in range(m):
+                    C[i + j * ldc] = 0.0
+        elif beta != 1.0:
+            for j in range(n):
+                for i in range(m):
+                    C[i + j * ldc] *= beta
+        return
+    if m * n * k <= 64:
+        _small_gemm(transa == b'T', transb == b'T', m, n, k, alpha, A, lda, B, ldb, beta, C, ldc)
+        return
+    dgemm(&transa, &transb, &m, &n, &k, &alpha, <double*>A, &lda, <double*>B, &ldb,
+          &beta, C, &ldc)
 
-cdef void trsm_left_lower(char trans, int m, int n, const double* L, int ldl,
-                          double* B, int ldb) noexcept nogil
 
-cdef int potrf_lower(int n, double* A, int lda) noexcept nogil
 
-cdef void zero(double* a, Py_ssize_t n) noexcept nogil
+cdef inline void trsm_left_lower(char trans, int m, int n, const double* L, int ldl,
+                          double* B, int ldb) noexcept nogil:
+    """B <- op(L)^{-1} B for lower-triangular L (m x m), B m x n; op = 'N' or 'T'."""
+    cdef char side = b'L'
+    cdef char uplo = b'L'
+    cdef char diag = b'N'
+    cdef double one = 1.0
+    cdef int j
+    if m == 0 or n == 0:
+        return
+    cdef int i, l
+    cdef double acc
+    if m == 1:
+        for j in range(n):
+            B[j * ldb] /= L[0]
+        return
+    if m <= 4:
+        for j in range(n):
+            if trans == b'N':
+                for i in range(m):
+                    acc = B[i + j * ldb]
+                    for l in range(i):
+                        acc -= L[i + l * ldl] * B[l + j * ldb]
+                    B[i + j * ldb] = acc / L[i + i * ldl]
+            else:
+                for i in range(m - 1, -1, -1):
+                    acc = B[i + j * ldb]
+                    for l in range(i + 1, m):
+                        acc -= L[l + i * ldl] * B[l + j * ldb]
+                    B[i + j * ldb] = acc / L[i + i * ldl]
+        return
+    dtrsm(&side, &uplo, &trans, &diag, &m, &n, &one, <double*>L, &ldl, B, &ldb)
 
-cdef void copy(const double* src, double* dst, Py_ssize_t n) noexcept nogil
+
+cdef inline int potrf_lower(int n, double* A, int lda) noexcept nogil:
+    """Lower Cholesky factor in place (A = L L'); returns LAPACK info."""
+    cdef char uplo = b'L'
+    cdef int info = 0
+    if n == 1:
+        if not (A[0] > 0.0):
+            return 1
+        A[0] = A[0] ** 0.5
+        return 0
+    dpotrf(&uplo, &n, A, &lda, &info)
+    return info
+
+
+
+cdef inline void zero(double* a, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n):
+        a[i] = 0.0
+
+
+cdef inline void copy(const double* src, double* dst, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n):
+        dst[i] = src[i]
+
+

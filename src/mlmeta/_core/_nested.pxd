@@ -1,1 +1,31 @@
-# Declarations shared by kernels that reuse the nested-tree factorisation.
+# Declarations shared by the kernels that reuse the nested-tree factorisation
+# (see _nested.pyx for the layout and the identities they compute).
+
+cdef enum:
+    MAXLEV = 64
+
+
+cdef struct Tree:
+    Py_ssize_t n_levels
+    int ncol
+    const Py_ssize_t* nq        # effects per node (q_l, or the merged size of a dense cluster)
+    const Py_ssize_t* level
+    const Py_ssize_t* parent
+    const Py_ssize_t* zz_ptr
+    const Py_ssize_t* za_ptr
+    const Py_ssize_t* tn_ptr    # offset of each node's (nq x nq) factor in Tn
+    const double* ZZ
+    const double* ZA
+    const double* T             # per-node factors Tn (assembled from the level factors)
+
+
+cdef Py_ssize_t factor_cluster(const Tree* t, Py_ssize_t a0, Py_ssize_t a1,
+                               double* WB, double* WR, double* S, double* logdet,
+                               double* scratch) noexcept nogil
+
+cdef void invert_cluster(const Tree* t, Py_ssize_t a0, Py_ssize_t a1, const double* WB,
+                         const double* WR, double* SB, double* WW) noexcept nogil
+
+cdef void accumulate_cluster(const Tree* t, Py_ssize_t a0, Py_ssize_t a1, const double* SB,
+                             const double* WW, double* KK, const double* Phi, double* GN,
+                             double* EN, double* scratch, Py_ssize_t maxq) noexcept nogil

@@ -61,24 +61,6 @@ from cython.parallel cimport prange
 from libc.math cimport log
 from mlmeta._core._linalg cimport gemm, trsm_left_lower, potrf_lower, zero, copy
 
-cdef enum:
-    MAXLEV = 64
-
-
-cdef struct Tree:
-    Py_ssize_t n_levels
-    int ncol
-    const Py_ssize_t* nq        # effects per node (q_l, or the merged size of a dense cluster)
-    const Py_ssize_t* level
-    const Py_ssize_t* parent
-    const Py_ssize_t* zz_ptr
-    const Py_ssize_t* za_ptr
-    const Py_ssize_t* tn_ptr    # offset of each node's (nq x nq) factor in Tn
-    const double* ZZ
-    const double* ZA
-    const double* T             # per-node factors Tn (assembled from the level factors)
-
-
 cdef inline void chain(const Tree* t, Py_ssize_t a, Py_ssize_t* anc, Py_ssize_t* off) noexcept nogil:
     """anc[k] = ancestor of node a at level k (anc[level(a)] = a); off[k] = offset of the
     (a, c_k) block inside node a's ZZ blocks."""

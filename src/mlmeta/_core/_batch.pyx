@@ -1,0 +1,581 @@
+# cython: language_level=3
+"""Many fits of one nested model in compiled code.
+
+One model specification (design, covariance structures) is fitted to many
+outcome vectors (the columns of ``Yw``, already whitened and sorted like the
+design). Each fit runs entirely without the GIL:
+
+1. the outcome-dependent pieces are refreshed: ``Z~_a' y~`` per node (the last
+   column of each node's ``ZA`` block) and ``X~' y~``, ``y~' y~`` in ``A'A``;
+2. ``em_iter`` EM iterations, ``Sigma_l <- T_l (E_l / N_l) T_l'`` projected on
+   the level's structure;
+3. projected Newton steps with a finite-difference Hessian of the analytic
+   gradient (the same rules as :func:`mlmeta.optimize._local`: parameters held at
+   a bound by their gradient are fixed, eigenvalues made positive, backtracking
+   along the projected path, a saddle at a zero variance is left).
+
+Structures must be linear in theta (``T_flat = M theta``): identity, independent,
+exchangeable and unstructured. Outcome vectors are shared out over threads, each
+with its own workspace.
+"""
+
+import numpy as np
+from cython.parallel cimport prange, threadid
+from libc.math cimport log, sqrt, fabs, INFINITY
+from libc.stdlib cimport malloc, free
+from scipy.linalg.cython_lapack cimport dpotrf, dpotrs, dsyev
+
+from mlmeta._core._linalg cimport gemm, zero, copy
+from mlmeta._core._nested cimport Tree, factor_cluster, invert_cluster, accumulate_cluster
+
+cdef double LOG2PI = 1.8378770664093453
+
+cdef enum:
+    K_IDENTITY = 0
+    K_INDEPENDENT = 1
+    K_EXCHANGEABLE = 2
+    K_UNSTRUCTURED = 3
+
+
+cdef struct Prob:
+    Tree tree
+    Py_ssize_t n_clusters, n_nodes, n_sub, n_levels, n_obs
+    const Py_ssize_t* cluster_ptr
+    const Py_ssize_t* sub_node
+    const Py_ssize_t* sub_level
+    const Py_ssize_t* sub_off
+    const Py_ssize_t* q
+    const Py_ssize_t* t_off
+    const Py_ssize_t* kind
+    const Py_ssize_t* th_off
+    const double* n_groups
+    const double* M
+    const double* lower
+    const double* upper
+    const double* ZA0
+    const double* AA0
+    const double* Zw
+    const Py_ssize_t* zw_off
+    const double* Xw
+    const Py_ssize_t* node_r0
+    const Py_ssize_t* node_r1
+    Py_ssize_t zz_len, za_len, tn_len, t_len, maxq, scratch_len
+    int n_theta, p, ncol, reml, profiled
+    double logdet_Lambda, logdet_XtX, scale
+
+
+cdef struct Work:
+    double* WB
+    double* WR
+    double* SB
+    double* WW
+    double* KK
+    double* Tn
+    double* GN
+    double* EN
+    double* ZA
+    double* AA
+    double* S
+    double* scratch
+    double* Tlev
+    double* G
+    double* E
+    double* Hc
+    double* Hinv
+    double* beta
+    double* Phi
+    double* tmp      # optimiser scratch: see fit_one
+    double sigma2
+    int n_evals
+
+
+cdef void assemble(const Prob* P, Work* W) noexcept nogil:
+    """Tn_a = block-diag of the level factors of the groups node a holds."""
+    cdef Py_ssize_t s, a, l, o, i, j, na, ql
+    zero(W.Tn, P.tn_len)
+    for s in range(P.n_sub):
+        a = P.sub_node[s]
+        l = P.sub_level[s]
+        o = P.sub_off[s]
+        na = P.tree.nq[a]
+        ql = P.q[l]
+        for j in range(ql):
+            for i in range(ql):
+                W.Tn[P.tree.tn_ptr[a] + (o + i) + (o + j) * na] = W.Tlev[P.t_off[l] + i + j * ql]
+
+
+cdef void reduce_levels(const Prob* P, const double* N, double* out) noexcept nogil:
+    cdef Py_ssize_t s, a, l, o, i, j, na, ql
+    zero(out, P.t_len)
+    for s in range(P.n_sub):
+        a = P.sub_node[s]
+        l = P.sub_level[s]
+        o = P.sub_off[s]
+        na = P.tree.nq[a]
+        ql = P.q[l]
+        for j in range(ql):
+            for i in range(ql):
+                out[P.t_off[l] + i + j * ql] += N[P.tree.tn_ptr[a] + (o + i) + (o + j) * na]
+
+
+cdef void set_response(const Prob* P, Work* W, const double* y) noexcept nogil:
+    """Refresh the outcome-dependent parts of ZA and A'A for the whitened outcome y."""
+    cdef Py_ssize_t a, l, i, r, j, ql
+    cdef int p = P.p
+    cdef double acc
+    copy(P.ZA0, W.ZA, P.za_len)
+    copy(P.AA0, W.AA, P.ncol * P.ncol)
+    for a in range(P.n_nodes):
+        l = P.tree.level[a]
+        ql = P.q[l]
+        for i in range(ql):
+            acc = 0.0
+            for r in range(P.node_r0[a], P.node_r1[a]):
+                acc = acc + P.Zw[P.zw_off[l] + r * ql + i] * y[r]
+            W.ZA[P.tree.za_ptr[a] + p * ql + i] = acc
+    for j in range(p):
+        acc = 0.0
+        for r in range(P.n_obs):
+            acc = acc + P.Xw[r * p + j] * y[r]
+        W.AA[j + p * P.ncol] = acc
+        W.AA[p + j * P.ncol] = acc
+    acc = 0.0
+    for r in range(P.n_obs):
+        acc = acc + y[r] * y[r]
+    W.AA[p + p * P.ncol] = acc
+
+
+cdef double evaluate(const Prob* P, Work* W, const double* th, double* grad, bint em) noexcept nogil:
+    """Deviance at theta (INFINITY if a factorisation fails); the gradient into
+    ``grad`` when it is not NULL, and the EM moments into W.E when ``em``."""
+    cdef Py_ssize_t i, k, j
+    cdef int p = P.p
+    cdef int nc = P.ncol
+    cdef int info = 0
+    cdef int one = 1
+    cdef char lo = b'L'
+    cdef double logdet = 0.0
+    cdef double rss, logdet_H, dev, dof, fac, acc
+    cdef Tree t = P.tree
+    t.ZA = W.ZA
+    t.T = W.Tn
+    W.n_evals += 1
+    for i in range(P.t_len):
+        acc = 0.0
+        for k in range(P.n_theta):
+            acc = acc + P.M[i + k * P.t_len] * th[k]
+        W.Tlev[i] = acc
+    assemble(P, W)
+    copy(W.AA, W.S, nc * nc)
+    for j in range(P.n_clusters):
+        if factor_cluster(&t, P.cluster_ptr[j], P.cluster_ptr[j + 1], W.WB, W.WR, W.S, &logdet,
+                          W.scratch) != 0:
+            return INFINITY
+    logdet_H = 0.0
+    if p > 0:
+        for j in range(p):
+            for i in range(p):
+                W.Hc[i + j * p] = W.S[i + j * nc]
+            W.beta[j] = W.S[j + p * nc]
+        dpotrf(&lo, &p, W.Hc, &p, &info)
+        if info != 0:
+            return INFINITY
+        dpotrs(&lo, &p, &one, W.Hc, &p, W.beta, &p, &info)
+        for j in range(p):
+            logdet_H = logdet_H + 2.0 * log(W.Hc[j + j * p])
+    rss = W.S[p + p * nc]
+    for j in range(p):
+        rss = rss - W.S[p + j * nc] * W.beta[j]
+    if P.profiled:
+        dof = <double>(P.n_obs - p) if P.reml else <double>P.n_obs
+        W.sigma2 = rss / dof
+        if not (W.sigma2 > 0):
+            return INFINITY
+        dev = dof * (LOG2PI + log(W.sigma2) + 1.0) + logdet
+        fac = 1.0 / W.sigma2
+    else:
+        W.sigma2 = 1.0
+        dev = P.n_obs * LOG2PI + P.logdet_Lambda + logdet + rss
+        if P.reml:
+            dev = dev - p * LOG2PI
+        fac = 1.0
+    if P.reml:
+        dev = dev + logdet_H - P.logdet_XtX
+    if grad == NULL and not em:
+        return dev
+    # H^-1 and Phi = fac gamma gamma' (+ [H^-1, 0; 0, 0] for REML), gamma = (-beta, 1)
+    if p > 0:
+        zero(W.Hinv, p * p)
+        for j in range(p):
+            W.Hinv[j + j * p] = 1.0
+        dpotrs(&lo, &p, &p, W.Hc, &p, W.Hinv, &p, &info)
+    for j in range(nc):
+        for i in range(nc):
+            W.Phi[i + j * nc] = fac * (-W.beta[i] if i < p else 1.0) * (-W.beta[j] if j < p else 1.0)
+    if P.reml:
+        for j in range(p):
+            for i in range(p):
+                W.Phi[i + j * nc] += W.Hinv[i + j * p]
+    for j in range(P.n_clusters):
+        invert_cluster(&t, P.cluster_ptr[j], P.cluster_ptr[j + 1], W.WB, W.WR, W.SB, W.WW)
+        accumulate_cluster(&t, P.cluster_ptr[j], P.cluster_ptr[j + 1], W.SB, W.WW, W.KK, W.Phi,
+                           W.GN, W.EN, W.scratch, P.maxq)
+    if grad != NULL:
+        reduce_levels(P, W.GN, W.G)
+        for k in range(P.n_theta):
+            acc = 0.0
+            for i in range(P.t_len):
+                acc = acc + P.M[i + k * P.t_len] * W.G[i]
+            grad[k] = 2.0 * acc
+    if em:
+        reduce_levels(P, W.EN, W.E)
+    return dev
+
+
+cdef void em_update(const Prob* P, Work* W, double* th) noexcept nogil:
+    """Sigma_l <- T_l (E_l / N_l) T_l' (after an evaluation with em), projected."""
+    cdef Py_ssize_t l, i, j, k, q, o, c
+    cdef double* T
+    cdef double* E
+    cdef double* Sig = W.scratch
+    cdef double* tmp = W.scratch + P.maxq * P.maxq
+    cdef double v, cov, a, g
+    cdef int qi, info = 0
+    cdef char lo = b'L'
+    for l in range(P.n_levels):
+        q = P.q[l]
+        qi = <int>q
+        T = W.Tlev + P.t_off[l]
+        E = W.E + P.t_off[l]
+        gemm(b'N', b'N', qi, qi, qi, 1.0 / P.n_groups[l], T, qi, E, qi, 0.0, tmp, qi)
+        gemm(b'N', b'T', qi, qi, qi, 1.0, tmp, qi, T, qi, 0.0, Sig, qi)
+        o = P.th_off[l]
+        if P.kind[l] == K_IDENTITY:
+            v = 0.0
+            for i in range(q):
+                v = v + Sig[i + i * q]
+            th[o] = sqrt(v / q) if v > 0 else 0.0
+        elif P.kind[l] == K_INDEPENDENT:
+            for i in range(q):
+                th[o + i] = sqrt(Sig[i + i * q]) if Sig[i + i * q] > 0 else 0.0
+        elif P.kind[l] == K_EXCHANGEABLE:
+            v = 0.0
+            cov = 0.0
+            for i in range(q):
+                v = v + Sig[i + i * q]
+                for j in range(q):
+                    if i != j:
+                        cov = cov + Sig[i + j * q]
+            v = v / q if v > 0 else 0.0
+            cov = cov / (q * (q - 1))
+            if cov < -v / (q - 1):
+                cov = -v / (q - 1)
+            if cov > v:
+                cov = v
+            a = sqrt(v - cov) if v - cov > 0 else 0.0
+            g = a * a + q * cov
+            th[o] = a
+            th[o + 1] = (-a + (sqrt(g) if g > 0 else 0.0)) / q
+        else:
+            dpotrf(&lo, &qi, Sig, &qi, &info)
+            if info != 0:
+                continue
+            c = 0
+            for j in range(q):
+                for i in range(j, q):
+                    th[o + c] = Sig[i + j * q]
+                    c += 1
+
+
+cdef int fit_one(const Prob* P, Work* W, const double* y, double* th, int em_iter, int maxiter,
+                 double tol, double* out_dev, double* out_beta, double* out_se,
+                 int* out_iter, double* out_sig2) noexcept nogil:
+    """Fit one outcome vector from theta ``th`` (updated in place); returns 1 if converged."""
+    cdef int k = P.n_theta
+    cdef int it, i, j, m, nf, lw, info = 0, n_half, accepted, moved, pd, converged
+    cdef double f, fc, fscale, gmax, dec, h, wmax, big, tt, armijo, eps = 1e-12
+    cdef char jobv = b'V'
+    cdef char lo = b'L'
+    cdef double* g = W.tmp
+    cdef double* gc = g + k
+    cdef double* cand = gc + k
+    cdef double* step = cand + k
+    cdef double* tp = step + k
+    cdef double* gp = tp + k
+    cdef double* H = gp + k
+    cdef double* w = H + k * k
+    cdef double* work = w + k
+    cdef int* idx = <int*>(work + 4 * k + 8)
+    lw = 4 * k + 8
+    W.n_evals = 0
+    set_response(P, W, y)
+    for it in range(em_iter):
+        f = evaluate(P, W, th, NULL, True)
+        if f == INFINITY:
+            break
+        em_update(P, W, th)
+    for i in range(k):
+        if th[i] < P.lower[i]:
+            th[i] = P.lower[i]
+        if th[i] > P.upper[i]:
+            th[i] = P.upper[i]
+    f = evaluate(P, W, th, g, False)
+    converged = 0
+    pd = 0
+    dec = INFINITY
+    it = 0
+    while it < maxiter and f < INFINITY:
+        it += 1
+        fscale = fabs(f) if fabs(f) > 1.0 else 1.0
+        nf = 0
+        gmax = 0.0
+        for i in range(k):
+            if not ((th[i] <= P.lower[i] + eps and g[i] >= 0) or (th[i] >= P.upper[i] - eps and g[i] <= 0)):
+                idx[nf] = i
+                nf += 1
+                if fabs(g[i]) > gmax:
+                    gmax = fabs(g[i])
+        if gmax <= 1e-12 * fscale:
+            dec = 0.0
+            pd = 1
+        else:
+            for m in range(nf):
+                i = idx[m]
+                h = 1e-6 * (P.scale if P.scale > fabs(th[i]) else fabs(th[i]))
+                copy(th, tp, k)
+                tp[i] = tp[i] + h
+                evaluate(P, W, tp, gp, False)
+                for j in range(nf):
+                    H[j + m * nf] = (gp[idx[j]] - g[idx[j]]) / h
+            for m in range(nf):
+                for j in range(m):
+                    H[j + m * nf] = 0.5 * (H[j + m * nf] + H[m + j * nf])
+                    H[m + j * nf] = H[j + m * nf]
+            dsyev(&jobv, &lo, &nf, H, &nf, w, work, &lw, &info)
+            if info != 0:
+                break
+            pd = 1 if w[0] > 0 else 0
+            wmax = 0.0
+            for m in range(nf):
+                if fabs(w[m]) > wmax:
+                    wmax = fabs(w[m])
+            for m in range(nf):
+                tt = 0.0
+                for j in range(nf):
+                    tt = tt + H[j + m * nf] * g[idx[j]]
+                h = fabs(w[m]) if fabs(w[m]) > 1e-10 * wmax else 1e-10 * wmax
+                gp[m] = tt / h
+            dec = 0.0
+            for j in range(nf):
+                tt = 0.0
+                for m in range(nf):
+                    tt = tt + H[j + m * nf] * gp[m]
+                step[j] = -tt
+                dec = dec - g[idx[j]] * step[j]
+        if dec <= 1e-14 * fscale and pd:
+            moved = 0
+            for i in range(k):
+                if P.lower[i] == 0.0 and P.upper[i] > 0.0 and th[i] <= 0.0 and fabs(g[i]) <= 1e-10 * fscale:
+                    copy(th, tp, k)
+                    tp[i] = 1e-3 * P.scale
+                    fc = evaluate(P, W, tp, gp, False)
+                    if gp[i] < 0 and fc < f:
+                        copy(tp, th, k)
+                        copy(gp, g, k)
+                        f = fc
+                        moved = 1
+            if not moved:
+                converged = 1
+                break
+            continue
+        big = 0.0
+        for j in range(nf):
+            if fabs(step[j]) > big:
+                big = fabs(step[j])
+        tt = P.scale
+        for j in range(nf):
+            if fabs(th[idx[j]]) > tt:
+                tt = fabs(th[idx[j]])
+        big = big / (10.0 * tt)
+        if big > 1.0:
+            for j in range(nf):
+                step[j] = step[j] / big
+        n_half = 5 if dec <= 1e-10 * fscale else 40
+        tt = 1.0
+        accepted = 0
+        for m in range(n_half):
+            copy(th, cand, k)
+            armijo = 0.0
+            for j in range(nf):
+                i = idx[j]
+                cand[i] = th[i] + tt * step[j]
+                if cand[i] < P.lower[i]:
+                    cand[i] = P.lower[i]
+                if cand[i] > P.upper[i]:
+                    cand[i] = P.upper[i]
+                armijo = armijo + g[i] * (cand[i] - th[i])
+            fc = evaluate(P, W, cand, gc, False)
+            if fc < INFINITY and fc <= f + 1e-4 * armijo + 1e-14 * fscale:
+                accepted = 1
+                break
+            tt = tt * 0.5
+        if not accepted:
+            if dec <= 1e-10 * fscale:
+                converged = pd
+            break
+        copy(cand, th, k)
+        copy(gc, g, k)
+        f = fc
+    if not converged and f < INFINITY:
+        fscale = fabs(f) if fabs(f) > 1.0 else 1.0
+        converged = 1 if (pd and dec <= tol * fscale) else 0
+    out_iter[0] = it
+    out_dev[0] = evaluate(P, W, th, NULL, False) if f < INFINITY else INFINITY
+    for j in range(P.p):
+        out_beta[j] = W.beta[j]
+    if out_dev[0] < INFINITY:
+        evaluate(P, W, th, gp, False)
+        for j in range(P.p):
+            out_se[j] = sqrt(W.sigma2 * W.Hinv[j + j * P.p])
+    out_sig2[0] = W.sigma2
+    return converged
+
+
+def fit_many(kernel, const double[:, ::1] Yw, const double[:, ::1] theta0, const double[::1, :] M,
+             const double[::1] lower, const double[::1] upper, const Py_ssize_t[::1] kind,
+             const Py_ssize_t[::1] th_off, const double[::1] n_groups, const double[::1] Zw,
+             const Py_ssize_t[::1] zw_off, const double[:, ::1] Xw, const Py_ssize_t[::1] node_r0,
+             const Py_ssize_t[::1] node_r1, bint reml, bint profiled, double logdet_Lambda,
+             double logdet_XtX, double scale, int em_iter, int maxiter, double tol, int n_threads):
+    """Fit every column of ``Yw`` (m x n, whitened and sorted); returns
+    (theta (m x k), deviance (m), beta (m x p), se (m x p), converged (m), n_iter (m),
+    n_evals (m), sigma2 (m))."""
+    cdef Py_ssize_t m = Yw.shape[0]
+    cdef int k = M.shape[1]
+    cdef int p = Xw.shape[1]
+    cdef Prob P
+    cdef Py_ssize_t[::1] q = kernel.q
+    cdef Py_ssize_t[::1] t_off = kernel.t_off
+    cdef Py_ssize_t[::1] nq = kernel.nq
+    cdef Py_ssize_t[::1] level = kernel.level
+    cdef Py_ssize_t[::1] parent = kernel.parent
+    cdef Py_ssize_t[::1] zz_ptr = kernel.zz_ptr
+    cdef Py_ssize_t[::1] za_ptr = kernel.za_ptr
+    cdef Py_ssize_t[::1] tn_ptr = kernel.tn_ptr
+    cdef Py_ssize_t[::1] cluster_ptr = kernel.cluster_ptr
+    cdef Py_ssize_t[::1] sub_node = kernel.sub_node
+    cdef Py_ssize_t[::1] sub_level = kernel.sub_level
+    cdef Py_ssize_t[::1] sub_off = kernel.sub_off
+    cdef double[::1] ZZ = kernel.ZZ
+    cdef double[::1] ZA = kernel.ZA
+    cdef double[::1, :] AA = np.asfortranarray(kernel.AA)
+    P.tree.n_levels = kernel.n_levels
+    P.tree.ncol = <int>kernel.ncol
+    P.tree.nq = &nq[0]
+    P.tree.level = &level[0]
+    P.tree.parent = &parent[0]
+    P.tree.zz_ptr = &zz_ptr[0]
+    P.tree.za_ptr = &za_ptr[0]
+    P.tree.tn_ptr = &tn_ptr[0]
+    P.tree.ZZ = &ZZ[0]
+    P.tree.ZA = NULL
+    P.tree.T = NULL
+    P.n_clusters = kernel.n_clusters
+    P.n_nodes = kernel.n_nodes
+    P.n_sub = sub_node.shape[0]
+    P.n_levels = kernel.n_levels
+    P.n_obs = Yw.shape[1]
+    P.cluster_ptr = &cluster_ptr[0]
+    P.sub_node = &sub_node[0]
+    P.sub_level = &sub_level[0]
+    P.sub_off = &sub_off[0]
+    P.q = &q[0]
+    P.t_off = &t_off[0]
+    P.kind = &kind[0]
+    P.th_off = &th_off[0]
+    P.n_groups = &n_groups[0]
+    P.M = &M[0, 0]
+    P.lower = &lower[0]
+    P.upper = &upper[0]
+    P.ZA0 = &ZA[0]
+    P.AA0 = &AA[0, 0]
+    P.Zw = &Zw[0]
+    P.zw_off = &zw_off[0]
+    P.Xw = &Xw[0, 0] if p > 0 else NULL
+    P.node_r0 = &node_r0[0]
+    P.node_r1 = &node_r1[0]
+    P.zz_len = ZZ.shape[0]
+    P.za_len = ZA.shape[0]
+    P.tn_len = tn_ptr[tn_ptr.shape[0] - 1]
+    P.t_len = M.shape[0]
+    P.maxq = kernel.maxq
+    P.scratch_len = 3 * P.maxq * max(P.maxq, <Py_ssize_t>P.tree.ncol) + 16
+    P.n_theta = k
+    P.p = p
+    P.ncol = p + 1
+    P.reml = reml
+    P.profiled = profiled
+    P.logdet_Lambda = logdet_Lambda
+    P.logdet_XtX = logdet_XtX
+    P.scale = scale
+    cdef int nt = max(1, min(n_threads, m))
+    nc = p + 1
+    sizes = [P.zz_len, P.zz_len, P.za_len, P.za_len, P.za_len, P.tn_len, P.tn_len, P.tn_len,
+             P.za_len, nc * nc, nc * nc, P.scratch_len, P.t_len, P.t_len, P.t_len, max(p * p, 1),
+             max(p * p, 1), max(p, 1), nc * nc, 12 * k + k * k + 24]
+    offs = np.concatenate([[0], np.cumsum(sizes)]).astype(np.intp)
+    buf = np.zeros((nt, int(offs[-1])), dtype=np.float64)
+    cdef double[:, ::1] B = buf
+    cdef Py_ssize_t[::1] o = offs
+    theta = np.array(theta0, dtype=np.float64, copy=True)
+    dev = np.empty(m)
+    beta = np.zeros((m, max(p, 1)))
+    se = np.zeros((m, max(p, 1)))
+    conv = np.zeros(m, dtype=np.intc)
+    iters = np.zeros(m, dtype=np.intc)
+    evals = np.zeros(m, dtype=np.intc)
+    sig2 = np.ones(m)
+    cdef double[::1] s2 = sig2
+    cdef double[:, ::1] th = theta
+    cdef double[::1] dv = dev
+    cdef double[:, ::1] bt = beta
+    cdef double[:, ::1] sv = se
+    cdef int[::1] cv = conv
+    cdef int[::1] itv = iters
+    cdef int[::1] ev = evals
+    cdef Py_ssize_t r
+    cdef int tid, c
+    cdef Work* Ws = <Work*>malloc(nt * sizeof(Work))
+    if Ws == NULL:
+        raise MemoryError()
+    for c in range(nt):
+        Ws[c].WB = &B[c, o[0]]
+        Ws[c].SB = &B[c, o[1]]
+        Ws[c].WR = &B[c, o[2]]
+        Ws[c].WW = &B[c, o[3]]
+        Ws[c].KK = &B[c, o[4]]
+        Ws[c].Tn = &B[c, o[5]]
+        Ws[c].GN = &B[c, o[6]]
+        Ws[c].EN = &B[c, o[7]]
+        Ws[c].ZA = &B[c, o[8]]
+        Ws[c].AA = &B[c, o[9]]
+        Ws[c].S = &B[c, o[10]]
+        Ws[c].scratch = &B[c, o[11]]
+        Ws[c].Tlev = &B[c, o[12]]
+        Ws[c].G = &B[c, o[13]]
+        Ws[c].E = &B[c, o[14]]
+        Ws[c].Hc = &B[c, o[15]]
+        Ws[c].Hinv = &B[c, o[16]]
+        Ws[c].beta = &B[c, o[17]]
+        Ws[c].Phi = &B[c, o[18]]
+        Ws[c].tmp = &B[c, o[19]]
+    try:
+        with nogil:
+            for r in prange(m, num_threads=nt, schedule="dynamic"):
+                tid = threadid()
+                cv[r] = fit_one(&P, &Ws[tid], &Yw[r, 0], &th[r, 0], em_iter, maxiter, tol,
+                                &dv[r], &bt[r, 0], &sv[r, 0], &itv[r], &s2[r])
+                ev[r] = Ws[tid].n_evals
+    finally:
+        free(Ws)
+    return theta, dev, beta[:, :p], se[:, :p], conv.astype(bool), iters, evals, sig2

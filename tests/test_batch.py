@@ -1,0 +1,99 @@
+"""Model refits and fit_batch against sequential fits."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import mlmeta
+from mlmeta.batch import Model, fit_batch
+
+
+@pytest.fixture(scope="module")
+def schoolcal():
+    return mlmeta.datasets.load("schoolcal")
+
+
+CASES = [
+    ("stdmdiff ~ year_c + (1 | district) + (1 | district:school)", None, "reml"),
+    ("stdmdiff ~ year_c + (1 | district) + (1 | district:school)", None, "ml"),
+    ("stdmdiff ~ year_c + (1 + year_c || district) + (1 | district:school)", None, "reml"),
+    ("stdmdiff ~ year_c + (1 + year_c | district) + (1 | district:school)", None, "reml"),
+    ("stdmdiff ~ year_c + (1 + year_c | district) + (1 | district:school)",
+     {"district": "exchangeable"}, "reml"),
+]
+
+
+@pytest.mark.parametrize("formula,cov,method", CASES)
+def test_fit_batch_matches_sequential_fits(schoolcal, formula, cov, method):
+    M = Model(formula, schoolcal, variance="var", method=method, covariance=cov)
+    Y = M.simulate(12, seed=3)
+    br = fit_batch(M, Y, n_jobs=2)
+    for j in range(Y.shape[1]):
+        ref = M.fit(Y[:, j], safeguard=False)
+        if not ref.converged:
+            continue
+        assert br.llf[j] >= ref.llf - 1e-7
+        if abs(br.llf[j] - ref.llf) < 1e-7:
+            np.testing.assert_allclose(br.params.values[j], ref.params.values, rtol=1e-5, atol=1e-7)
+            np.testing.assert_allclose(br.bse.values[j], ref.bse.values, rtol=1e-5, atol=1e-7)
+    assert br.converged.mean() > 0.8
+    one = fit_batch(M, Y, n_jobs=1)
+    np.testing.assert_allclose(one.llf, br.llf, rtol=1e-12)     # threads do not change results
+
+
+def test_model_fit_equals_meregress(schoolcal):
+    f = "stdmdiff ~ year_c + (1 | district) + (1 | district:school)"
+    M = Model(f, schoolcal, variance="var")
+    a = M.fit()
+    b = mlmeta.meregress(f, schoolcal, variance="var")
+    assert a.llf == pytest.approx(b.llf, rel=1e-12)
+    y2 = schoolcal["stdmdiff"].to_numpy() * 2
+    c = M.fit(y2)
+    d = mlmeta.meregress(f, schoolcal.assign(stdmdiff=y2), variance="var")
+    assert c.llf == pytest.approx(d.llf, rel=1e-10)
+    v2 = schoolcal["var"].to_numpy() * 1.5
+    e = M.fit(variance=v2)
+    g = mlmeta.meregress(f, schoolcal.assign(var=v2), variance="var")
+    assert e.llf == pytest.approx(g.llf, rel=1e-10)
+    with pytest.raises(ValueError, match="rows"):
+        M.fit(np.ones(10))
+    with pytest.raises(ValueError, match="positive"):
+        M.fit(variance=-v2)
+
+
+def test_mixed_model_batch():
+    rng = np.random.default_rng(0)
+    g = np.repeat(np.arange(20), 8)
+    x = rng.normal(size=g.size)
+    df = pd.DataFrame({"g": g, "x": x, "y": x + rng.normal(size=20)[g] + rng.normal(size=g.size)})
+    M = Model("y ~ x + (1 + x | g)", df)
+    assert M.mixed
+    Y = M.simulate(6, seed=1)
+    br = fit_batch(M, Y)
+    for j in range(6):
+        ref = mlmeta.mixed("y ~ x + (1 + x | g)", df.assign(y=Y[:, j]), safeguard=False)
+        assert br.llf[j] == pytest.approx(ref.llf, abs=1e-6)
+        np.testing.assert_allclose(br.params.values[j], ref.params.values, rtol=1e-5, atol=1e-8)
+        assert br.scale[j] == pytest.approx(ref.scale, rel=1e-5)
+        np.testing.assert_allclose(br.re_cov["g"][j], ref.re_cov["g"].values, rtol=1e-4, atol=1e-8)
+
+
+def test_fallback_for_custom_structures(schoolcal):
+    f = "stdmdiff ~ year_c + (1 + year_c | district) + (1 | district:school)"
+    M = Model(f, schoolcal, variance="var", covariance={"district": [[None, .5], [.5, None]]})
+    Y = M.simulate(3, seed=2)
+    br = fit_batch(M, Y)
+    ref = M.fit(Y[:, 1], safeguard=False)
+    assert br.llf[1] == pytest.approx(ref.llf, rel=1e-10)
+
+
+def test_simulate_moments(schoolcal):
+    M = Model("stdmdiff ~ 1 + (1 | district) + (1 | district:school)", schoolcal, variance="var")
+    theta = np.array([0.3, 0.2])
+    Y = M.simulate(4000, seed=0, theta=theta, beta=np.array([0.1]))
+    assert Y.mean() == pytest.approx(0.1, abs=0.01)
+    d = M.model.design
+    V = np.cov(Y[d.perm])
+    i, j = 0, 1                                  # two schools of the first (sorted) district
+    assert V[i, j] == pytest.approx(0.09, abs=0.01)
+    assert V[i, i] == pytest.approx(0.09 + 0.04 + d.variance[0], abs=0.015)
