@@ -1,0 +1,198 @@
+"""Bootstrap confidence intervals and permutation tests after a fit.
+
+* Parametric bootstrap: outcomes simulated from the fitted model
+  (``y* = X beta + sum_l Z_l u_l* + e*``), refitted with :func:`mlmeta.fit_batch`.
+* Cluster bootstrap: top-level clusters drawn with replacement (each copy a new
+  cluster), refitted.
+* Permutation test (metafor's ``permutest``): the rows of the moderators are
+  permuted, the model refitted, and the observed Wald statistics compared with
+  their permutation distribution; ``p = (1 + #{T* >= T}) / (n + 1)``.
+
+Every replicate draws its random numbers from ``SeedSequence(seed).spawn``, so
+results do not depend on the number of threads.
+"""
+
+from __future__ import annotations
+
+import os
+import types
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pandas as pd
+from scipy import sparse, stats
+
+from mlmeta.design import build_design
+from mlmeta.model import NestedModel
+from mlmeta.optimize import fit_nested
+
+__all__ = ["bootstrap", "permutation_test", "model_of"]
+
+
+def model_of(res):
+    """A :class:`mlmeta.Model` sharing a fitted result's design (no re-parsing)."""
+    from mlmeta.batch import Model
+    from mlmeta.mixed import MixedResults
+
+    M = Model.__new__(Model)
+    M.formula = res.options.get("formula")
+    M.method = res.method
+    M._covariance = None
+    M._constraints = None
+    M.mixed = isinstance(res, MixedResults)
+    M.model = res.model
+    M.frame = res.frame
+    M.parsed = types.SimpleNamespace(response=res.depvar)
+    return M
+
+
+def _sd_table(re_cov_stack, groups, structs):
+    """Replicates of the SDs and correlations of every level: dict label -> array."""
+    out = {}
+    for g, s in zip(groups, structs):
+        S = re_cov_stack[g]
+        sd = np.sqrt(np.clip(np.einsum("rii->ri", S), 0, None))
+        names = s.effect_names
+        for i, nm in enumerate(names):
+            out[f"{g}: sd({nm})"] = sd[:, i]
+        for i in range(len(names)):
+            for j in range(i + 1, len(names)):
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    out[f"{g}: corr({names[i]},{names[j]})"] = S[:, i, j] / (sd[:, i] * sd[:, j])
+    return out
+
+
+def _summarise(estimates, replicates, level):
+    alpha = (100.0 - level) / 200.0
+    rows = []
+    for name, est in estimates.items():
+        r = np.asarray(replicates[name], dtype=float)
+        r = r[np.isfinite(r)]
+        lo, hi = (np.quantile(r, [alpha, 1 - alpha]) if r.size else (np.nan, np.nan))
+        rows.append((name, est, float(np.mean(r)) if r.size else np.nan,
+                     float(np.std(r, ddof=1)) if r.size > 1 else np.nan, lo, hi, r.size))
+    return pd.DataFrame(rows, columns=["param", "estimate", "boot_mean", "boot_se", "lower",
+                                       "upper", "n_ok"]).set_index("param")
+
+
+def _resample_clusters(res, rng):
+    """Design of one cluster-bootstrap replicate (sorted rows of the fitted design)."""
+    d = res.model.design
+    starts = d.group_start[0]
+    J = d.n_clusters
+    draw = rng.integers(0, J, J)
+    rows = np.concatenate([np.arange(starts[j], starts[j + 1]) for j in draw])
+    copy = np.repeat(np.arange(J), np.diff(starts)[draw])
+    groups = [g[rows] + copy * (int(g.max()) + 1) for g in d.groups]
+    Lam = None
+    var = d.variance[rows] if d.variance is not None and d.Lambda is None else None
+    if d.Lambda is not None:
+        Lam = sparse.block_diag([d.Lambda[starts[j]:starts[j + 1], starts[j]:starts[j + 1]]
+                                 for j in draw], format="csr")
+    if res.model.residual == "profiled":
+        var = None
+    design = build_design(d.y[rows], d.X[rows], [z[rows] for z in d.Z], groups, var, V=Lam)
+    return design
+
+
+def bootstrap(res, n=1000, *, kind="parametric", level=95.0, seed=None, n_jobs=None):
+    """Bootstrap percentile intervals for the fixed effects and the random-effects
+    SDs/correlations. Returns (table, replicates): a DataFrame with estimate,
+    bootstrap mean and SE, percentile interval and the number of usable replicates,
+    and a dict of the replicate arrays."""
+    if kind not in ("parametric", "cluster"):
+        raise ValueError("kind must be 'parametric' or 'cluster'")
+    if not (isinstance(n, (int, np.integer)) and n >= 2):
+        raise ValueError("n must be an integer >= 2")
+    from mlmeta.batch import fit_batch
+
+    groups = [t.group for t in res.frame.terms]
+    structs = res.model.structs
+    estimates = dict(res.params.items())
+    estimates.update({k: float(v[0]) for k, v in
+                      _sd_table({g: res.re_cov[g].values[None] for g in groups}, groups,
+                                structs).items()})
+    n_jobs = int(n_jobs or os.cpu_count() or 1)
+    if kind == "parametric":
+        M = model_of(res)
+        Y = M.simulate(n, seed=seed, theta=res.theta, beta=res.params.values)
+        br = fit_batch(M, Y, n_jobs=n_jobs, theta0=res.theta)
+        reps = {nm: np.where(br.converged, br.params[nm].values, np.nan) for nm in res.fe_names}
+        sd = _sd_table(br.re_cov, groups, structs)
+        reps.update({k: np.where(br.converged, v, np.nan) for k, v in sd.items()})
+    else:
+        seeds = np.random.SeedSequence(seed).spawn(n)
+
+        def one(ss):
+            design = _resample_clusters(res, np.random.default_rng(ss))
+            m = NestedModel(design, structs, res.method, residual=res.model.residual)
+            m.fe_constraints = res.model.fe_constraints
+            rec = fit_nested(m, theta0=res.theta, em_iter=0, safeguard=False)
+            if not rec.converged:
+                return None
+            ev = m.evaluate(rec.theta)
+            beta = ev.beta if m.fe_constraints is None else m.fe_constraints.expand(
+                ev.beta, ev.cov_beta)[0]
+            scale = ev.sigma2 if m.residual == "profiled" else 1.0
+            covs = {g: S * scale for g, S in zip(groups, m.Sigma_list(rec.theta))}
+            return beta, covs
+
+        with ThreadPoolExecutor(max_workers=n_jobs) as ex:
+            out = list(ex.map(one, seeds))
+        ok = [o for o in out if o is not None]
+        reps = {nm: np.array([o[0][i] for o in ok]) for i, nm in enumerate(res.fe_names)}
+        sd = _sd_table({g: np.array([o[1][g] for o in ok]) for g in groups}, groups, structs)
+        reps.update(sd)
+    return _summarise(estimates, reps, level), reps
+
+
+def _wald(beta, cov, idx):
+    b = beta[idx]
+    V = cov[np.ix_(idx, idx)]
+    return float(b @ np.linalg.solve(V, b))
+
+
+def permutation_test(res, n=1000, *, seed=None, n_jobs=None):
+    """metafor's ``permutest``: permute the rows of the moderators, refit, and compare
+    the omnibus Wald statistic of the moderators (Q_M) and each |z| with their
+    permutation distributions. Returns a DataFrame (statistic, permutation p-value)
+    with the omnibus test first."""
+    if not (isinstance(n, (int, np.integer)) and n >= 1):
+        raise ValueError("n must be a positive integer")
+    names = list(res.fe_names)
+    idx = [i for i, nm in enumerate(names) if nm != "_cons"]
+    if not idx:
+        raise ValueError("the model has no moderators to permute")
+    if res.model.fe_constraints is not None:
+        raise ValueError("permutation tests with fixed-effect constraints are not defined")
+    d = res.model.design
+    structs = res.model.structs
+    obs_z = np.abs(res.zvalues.values)
+    obs_q = _wald(res.params.values, res.cov_params().values, idx)
+    seeds = np.random.SeedSequence(seed).spawn(n)
+    Lam = d.Lambda
+    var = d.variance if (Lam is None and res.model.residual == "known") else None
+
+    def one(ss):
+        perm = np.random.default_rng(ss).permutation(d.n_obs)
+        X = d.X[perm]
+        design = build_design(d.y, X, d.Z, d.groups, var, V=Lam)
+        m = NestedModel(design, structs, res.method, residual=res.model.residual)
+        rec = fit_nested(m, theta0=res.theta, em_iter=0, safeguard=False)
+        ev = m.evaluate(rec.theta)
+        se = np.sqrt(np.diag(ev.cov_beta))
+        return np.abs(ev.beta / se), _wald(ev.beta, ev.cov_beta, idx)
+
+    with ThreadPoolExecutor(max_workers=int(n_jobs or os.cpu_count() or 1)) as ex:
+        out = list(ex.map(one, seeds))
+    z_perm = np.array([o[0] for o in out])
+    q_perm = np.array([o[1] for o in out])
+    rows = [("Q_M (moderators)", obs_q, (1 + np.sum(q_perm >= obs_q - 1e-12)) / (n + 1),
+             float(stats.chi2.sf(obs_q, len(idx))))]
+    for i, nm in enumerate(names):
+        if nm == "_cons":
+            continue              # a constant column is unchanged by permuting rows
+        rows.append((nm, float(res.zvalues.values[i]),
+                     (1 + np.sum(z_perm[:, i] >= obs_z[i] - 1e-12)) / (n + 1),
+                     float(res.pvalues.values[i])))
+    return pd.DataFrame(rows, columns=["term", "statistic", "p_perm", "p_asymptotic"]).set_index("term")
