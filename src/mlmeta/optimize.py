@@ -229,7 +229,7 @@ def _local(cnt: _Counter, theta0, lower, upper, maxiter, tol, scale=1.0, callbac
         if callback is not None:
             callback(theta)
         for th_k, f_k in known or ():
-            near = np.max(np.abs(theta - th_k)) <= 1e-3 * max(scale, float(np.max(np.abs(th_k))))
+            near = np.max(np.abs(theta - th_k)) <= 0.05 * max(scale, float(np.max(np.abs(th_k))))
             if near and f >= f_k - 1e-9 * max(1.0, abs(f_k)):
                 return th_k.copy(), f_k, cnt.g(th_k), it, True, 0.0, "joined a known optimum"
         if small:

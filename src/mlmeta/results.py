@@ -186,6 +186,14 @@ class MeregressResults(PostestimationMixin):
         return out
 
     @cached_property
+    def _vc_values(self):
+        """Reported values and boundary flags, without the information matrix."""
+        d = self.model.design
+        scale = float(np.sqrt(np.median(d.variance))) if d.variance is not None else 1.0
+        return variance_components(self.model, self.theta, self.group_names, scale=scale,
+                                   with_cov=False)
+
+    @cached_property
     def _vc(self):
         d = self.model.design
         scale = float(np.sqrt(np.median(d.variance))) if d.variance is not None else 1.0
@@ -255,7 +263,7 @@ class MeregressResults(PostestimationMixin):
     @property
     def boundary(self) -> list:
         """Descriptions of estimates on the boundary of the parameter space."""
-        comps = self._vc[0]
+        comps = self._vc_values[0]
         out = []
         for c in comps:
             if c.boundary and not c.fixed:

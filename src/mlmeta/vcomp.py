@@ -98,12 +98,13 @@ def _hessian_fv(fn, x0, h=1e-4):
     return H
 
 
-def variance_components(model: NestedModel, theta, groups, scale=1.0):
+def variance_components(model: NestedModel, theta, groups, scale=1.0, with_cov=True):
     """Report values, boundary flags and the covariance of eta for the free ones.
 
     Returns (components, cov_eta, free_positions) where ``free_positions[i]`` is
     the row of ``cov_eta`` for component i (or None). ``scale`` is the size of a
-    typical sampling SD: an SD below 1e-8 * scale counts as on the boundary."""
+    typical sampling SD: an SD below 1e-8 * scale counts as on the boundary. With
+    ``with_cov=False`` the (costly) information matrix is skipped and cov_eta is None."""
     comps = []
     base_values = []
     free_idx = []
@@ -141,6 +142,8 @@ def variance_components(model: NestedModel, theta, groups, scale=1.0):
                              sigma, False, False))
         free_pos.append(len(free_idx))
     k = len(free_idx)
+    if not with_cov:
+        return comps, None, free_pos
     if profiled:
         eta0 = np.empty(k + 1)
         for j, (lvl, i) in enumerate(free_idx):
