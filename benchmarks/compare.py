@@ -181,6 +181,84 @@ def run_statsmodels(case, repeat):
             "beta": [float(x) for x in np.asarray(res.fe_params)[::-1]]}
 
 
+LME4_SCRIPT = r"""
+suppressPackageStartupMessages(library(lme4))
+args <- commandArgs(trailingOnly = TRUE)
+d <- read.csv(args[1]); reps <- as.integer(args[2])
+f <- DV ~ IV1 + IV2 + IV3 + (IV1 + IV2 + IV3 | Group)
+m <- lmer(f, data = d)
+t <- numeric(reps)
+for (i in seq_len(reps)) t[i] <- system.time(m <- lmer(f, data = d))[["elapsed"]]
+vc <- as.data.frame(VarCorr(m))
+cat(sprintf('{"seconds": %.6f, "reps": %d, "llf": %.10f, "sigma2": [%.8f, %.8f]}\n',
+            median(t), reps, as.numeric(logLik(m)), vc$vcov[1], vc$vcov[nrow(vc)]))
+"""
+
+
+def essay_data(seed):
+    """The essay's design: 50 groups x 50 observations, three predictors with
+    correlated random slopes (mlmeta.simulate.lmm)."""
+    from mlmeta.simulate import lmm
+
+    data, _, _ = lmm(50, 3, 50, seed=seed)
+    return data
+
+
+def run_mixed_tools(repeat, seed, has_r, workdir):
+    """mlmeta.mixed vs lme4::lmer vs statsmodels MixedLM on the essay's model."""
+    d = essay_data(seed)
+    f = "DV ~ IV1 + IV2 + IV3 + (IV1 + IV2 + IV3 | Group)"
+    rows = []
+    tag = {"data": "essay lmm", "n": len(d)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for label, sg in (("mlmeta", "auto"), ("mlmeta (safeguard=False)", False)):
+            mlmeta.mixed(f, d, safeguard=sg)
+            t, res = _median_time(lambda: mlmeta.mixed(f, d, safeguard=sg), repeat)
+            rows.append({**tag, "tool": label, "seconds": t, "reps": repeat,
+                         "llf": res.llf_lme4, "sigma2": [float(res.re_cov["Group"].values[-1, -1]),
+                                                         res.scale]})
+    if has_r:
+        csv = Path(workdir) / "essay.csv"
+        d.to_csv(csv, index=False)
+        script = Path(workdir) / "lme4.R"
+        script.write_text(LME4_SCRIPT)
+        p = subprocess.run(["Rscript", "--vanilla", str(script), str(csv), str(repeat)],
+                           capture_output=True, text=True)
+        line = [x for x in p.stdout.splitlines() if x.startswith("{")]
+        rows.append({**tag, "tool": "lme4 lmer", **(json.loads(line[0]) if line else
+                                                   {"error": (p.stderr.strip() or "no output")[-200:]})})
+    try:
+        import statsmodels.formula.api as smf
+
+        model = smf.mixedlm("DV ~ IV1 + IV2 + IV3", d, groups=d["Group"],
+                            re_formula="~ IV1 + IV2 + IV3")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            t, res = _median_time(lambda: model.fit(reml=True), max(1, min(repeat, 3)))
+        rows.append({**tag, "tool": "statsmodels MixedLM", "seconds": t,
+                     "reps": max(1, min(repeat, 3)), "llf": float(res.llf),
+                     "sigma2": [float(np.asarray(res.cov_re)[0, 0]), float(res.scale)]})
+    except ImportError:
+        pass
+    return rows
+
+
+def run_batch(repeat):
+    """fit_batch on schoolcal: per-fit time for 1000 simulated outcome vectors."""
+    M = mlmeta.Model("stdmdiff ~ 1 + (1 | district) + (1 | district:school)",
+                     load_schoolcal(), variance="var")
+    Y = M.simulate(1000, seed=1)
+    rows = []
+    for threads in (1, 2):
+        t, br = _median_time(lambda: mlmeta.fit_batch(M, Y, n_jobs=threads), max(1, repeat // 2))
+        rows.append({"data": "schoolcal x1000", "n": 56, "tool": f"fit_batch, {threads} thread(s), per fit",
+                     "seconds": t / 1000, "reps": max(1, repeat // 2), "llf": float(br.llf[0]),
+                     "sigma2": [float(br.re_cov["district"][0, 0, 0]),
+                                float(br.re_cov["district:school"][0, 0, 0])]})
+    return rows
+
+
 # --------------------------------------------------------------------------- #
 
 def fmt_t(t):
@@ -200,7 +278,7 @@ def print_table(rows):
     print("-" * len(head))
     base = {}
     for r in rows:
-        if r["tool"] == "mlmeta" and "seconds" in r:
+        if r["tool"] in ("mlmeta", "fit_batch, 1 thread(s), per fit") and "seconds" in r:
             base[(r["data"], r["n"])] = r["seconds"]
     last = None
     for r in rows:
@@ -263,6 +341,10 @@ def main(argv=None):
                 except Exception as exc:     # noqa: BLE001 - report and go on
                     rows.append({**tag, "tool": "statsmodels MixedLM (*)",
                                  "error": f"{type(exc).__name__}: {exc}"})
+        print("  essay lmm: mlmeta.mixed / lme4 / statsmodels", file=sys.stderr, flush=True)
+        rows.extend(run_mixed_tools(args.repeat, args.seed, has_r, tmp))
+    print("  fit_batch", file=sys.stderr, flush=True)
+    rows.extend(run_batch(args.repeat))
     print()
     print_table(rows)
     if statsmodels is not None:

@@ -99,8 +99,8 @@ def main(argv=None):
     res = simstudy.run(grid, strategies, n_sim=args.n_sim, seed=args.seed, n_jobs=args.n_jobs,
                        path=args.path, progress=not args.no_progress)
     wall = time.perf_counter() - t0
-    print(f"\nwall time {wall:.1f} s ({wall / 60:.1f} min); fitting time summed over workers "
-          f"{res['seconds'].sum():.0f} s")
+    print(f"\nwall time {wall:.1f} s ({wall / 60:.1f} min); fitting time summed over all rows "
+          f"(resumed ones included) {res['seconds'].sum():.0f} s")
     print("\nmean seconds per fit:")
     print(res.groupby("strategy")["seconds"].mean().rename(LABELS).map("{:.4f}".format).to_string())
     main_res = res[~res["null"]] if "null" in res else res
