@@ -178,3 +178,23 @@ def test_stored_data_is_the_simulator_output():
         data, _, _ = lmm(int(c["obs_per_group"]), 3, int(c["groups"]), group_sd=c["group_sd"],
                          seed=int(c["seed"]))
         np.testing.assert_allclose(stored.to_numpy(dtype=float), data.to_numpy(dtype=float), rtol=1e-15)
+
+
+def test_singular_fit_is_reported_like_lme4():
+    """lme4 calls this fit singular (a rank-deficient 4 x 4 covariance, no zero SD)."""
+    import os
+    import warnings
+
+    import pandas as pd
+
+    import mlmeta
+
+    path = os.path.join(os.path.dirname(__file__), "reference", "data", "mixed_essay_sd0.1_s6.csv")
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        res = mlmeta.mixed("DV ~ IV1 + IV2 + IV3 + (IV1 + IV2 + IV3 | Group)", pd.read_csv(path))
+    assert any("singular" in b for b in res.boundary)
+    assert any(issubclass(x.category, mlmeta.BoundaryWarning) for x in w)
+    # t tests on Satterthwaite df by default (lmerTest's summary)
+    assert res.df_resid is not None and (res.df_resid > 1).all()
+    assert "P>|t|" in res.summary().as_text()

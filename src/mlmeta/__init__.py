@@ -12,6 +12,9 @@ from mlmeta.api import meregress, multilevel, sensitivity
 from mlmeta.batch import BatchResults, Model, fit_batch
 from mlmeta.compare import compare, estimates_table, lrtest
 from mlmeta.mixed import MixedResults, mixed
+from mlmeta.ols import OLSResults, ols
+from mlmeta.satterthwaite import satterthwaite_df
+from mlmeta.twostage import TwoStageResults, two_stage
 from mlmeta.results import MeregressResults
 from mlmeta.robust import RobustResults, cluster_robust, robust
 from mlmeta.vcalc import vcalc
@@ -20,7 +23,7 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name):
-    if name in ("datasets", "plots"):
+    if name in ("datasets", "plots", "simulate", "simstudy"):
         import importlib
 
         return importlib.import_module(f"mlmeta.{name}")
@@ -29,6 +32,7 @@ def __getattr__(name):
 
 __all__ = [
     "meregress", "multilevel", "sensitivity", "mixed", "MeregressResults", "MixedResults",
-    "Model", "fit_batch", "BatchResults", "lrtest", "compare", "estimates_table", "robust", "cluster_robust", "RobustResults", "vcalc", "datasets",
+    "ols", "OLSResults", "two_stage", "TwoStageResults", "satterthwaite_df", "simulate",
+    "simstudy", "Model", "fit_batch", "BatchResults", "lrtest", "compare", "estimates_table", "robust", "cluster_robust", "RobustResults", "vcalc", "datasets",
     "MissingDataWarning", "ConvergenceWarning", "BoundaryWarning", "__version__",
 ]

@@ -16,7 +16,7 @@ import os
 import numpy as np
 import pandas as pd
 
-from mlmeta.api import _structures, build_model, constrained_design
+from mlmeta.api import build_model, constrained_design
 from mlmeta.design import build_design
 from mlmeta.mixed import MixedResults, build_mixed_model
 from mlmeta.model import NestedModel

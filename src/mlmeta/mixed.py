@@ -107,14 +107,19 @@ def build_mixed_model(formula, data, *, method="reml", covariance=None, constrai
 
 
 def mixed(formula, data, *, method="reml", covariance=None, constraints=None, collinear=False,
-          em_iter=20, em_tol=1e-10, em_only=False, maxiter=1000, tol=1e-6, safeguard="auto",
+          test="satterthwaite", em_iter=20, em_tol=1e-10, em_only=False, maxiter=1000, tol=1e-6, safeguard="auto",
           verbose=False) -> MixedResults:
     """Linear mixed model on raw (individual-level) data, lme4's ``lmer`` model.
 
     ``mlmeta.mixed("DV ~ IV1 + IV2 + (IV1 + IV2 | Group)", df)`` — formula, covariance
     structures, nesting and options as :func:`mlmeta.meregress`, with the residual
     variance estimated (profiled out) instead of known sampling variances.
+
+    ``test="satterthwaite"`` (default) gives t tests and intervals on Satterthwaite
+    degrees of freedom, as lmerTest; ``test="z"`` normal ones.
     """
+    if test not in ("satterthwaite", "z"):
+        raise ValueError(f"test must be 'satterthwaite' or 'z', got {test!r}")
     model, frame, parsed = build_mixed_model(formula, data, method=method, covariance=covariance,
                                              constraints=constraints, collinear=collinear)
     for note in frame.notes:
@@ -122,7 +127,7 @@ def mixed(formula, data, *, method="reml", covariance=None, constraints=None, co
     record = fit_nested(model, em_iter=em_iter, em_tol=em_tol, em_only=em_only, maxiter=maxiter,
                         tol=tol, safeguard=safeguard, verbose=verbose)
     res = MixedResults(model, frame, record, depvar=parsed.response, sampling="residual",
-                       options={"formula": formula, "em_iter": em_iter, "tol": tol})
+                       options={"formula": formula, "em_iter": em_iter, "tol": tol, "test": test})
     if not res.converged:
         warnings.warn("the optimiser did not converge; see res.fit_record.messages",
                       ConvergenceWarning, stacklevel=2)

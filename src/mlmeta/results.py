@@ -71,9 +71,14 @@ class MeregressResults(PostestimationMixin):
         self.omitted = list(frame.omitted)
         self.test = str(self.options.get("test", "z"))
         self.df_resid = None
-        if self.test == "t":
-            # t tests on metafor's containment degrees of freedom (dfs="contain")
-            self.df_resid = self.containment_df()
+        if self.test in ("t", "satterthwaite"):
+            # t tests on metafor's containment df (dfs="contain") or Satterthwaite df (lmerTest)
+            if self.test == "t":
+                self.df_resid = self.containment_df()
+            else:
+                from mlmeta.satterthwaite import satterthwaite_df
+
+                self.df_resid = satterthwaite_df(self)
             self.tvalues = self.zvalues.rename("t")
             self.pvalues = pd.Series(2 * stats.t.sf(np.abs(z), self.df_resid.values), index=names,
                                      name="P>|t|")
@@ -265,10 +270,24 @@ class MeregressResults(PostestimationMixin):
         """Descriptions of estimates on the boundary of the parameter space."""
         comps = self._vc_values[0]
         out = []
+        flagged = set()
         for c in comps:
             if c.boundary and not c.fixed:
                 what = "is zero" if c.kind == "sd" else f"is {c.value:+.0f}"
                 out.append(f"{c.label_sd} at level {c.group} {what}")
+                flagged.add(c.group)
+        # a singular covariance matrix without a zero SD or a +-1 correlation (lme4's
+        # isSingular: a singular value of the relative factor below 1e-4)
+        d = self.model.design
+        scale = float(np.sqrt(np.median(d.variance))) if d.variance is not None else 1.0
+        for name, T in zip(self.group_names, self.model.T_list(self.theta)):
+            if name in flagged or T.shape[0] < 2:
+                continue
+            sv = np.linalg.svd(T, compute_uv=False)
+            rank = int(np.sum(sv > 1e-4 * scale))
+            if rank < T.shape[0]:
+                out.append(f"the covariance matrix at level {name} is singular "
+                           f"(rank {rank} of {T.shape[0]})")
         return out
 
     @cached_property
@@ -349,7 +368,7 @@ class MeregressResults(PostestimationMixin):
             Q_M=self.Q_M, Q_M_df=self.Q_M_df, Q_M_p=self.Q_M_pvalue, random=blocks,
             level=level, notes=self.notes, show_header=header, show_groups=group,
             constraints=self.constraints.describe() if self.constraints is not None else [],
-            stat="t" if self.test == "t" else "z",
+            stat="t" if self.df_resid is not None else "z",
             show_fixed=fixed, show_random=random, show_homtest=homtest)
 
     def _title(self) -> str:

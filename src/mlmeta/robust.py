@@ -53,6 +53,7 @@ import numpy as np
 import pandas as pd
 from scipy import linalg, sparse, stats
 
+from mlmeta._threads import blas_threads
 from mlmeta.summary import abbrev, fmt_f, fmt_g
 
 __all__ = ["DF_METHODS", "TYPES", "RobustResults", "WaldTestResult", "cluster_robust", "robust"]
@@ -170,6 +171,15 @@ def _scale(type, J, N, p):
 
 def cluster_robust(X, resid, cluster, W_blocks=None, V_blocks=None, type="CR2", bread=None, *,
                    params=None, names=None, df="satterthwaite", cluster_name=None, label=None, A=None):
+    """See :func:`_cluster_robust`; runs with BLAS on one thread (per-cluster blocks are small)."""
+    with blas_threads(1):
+        return _cluster_robust(X, resid, cluster, W_blocks, V_blocks, type, bread, params=params,
+                               names=names, df=df, cluster_name=cluster_name, label=label, A=A)
+
+
+def _cluster_robust(X, resid, cluster, W_blocks=None, V_blocks=None, type="CR2", bread=None, *,
+                    params=None, names=None, df="satterthwaite", cluster_name=None, label=None,
+                    A=None):
     """Cluster-robust covariance, Satterthwaite df and HTZ tests for a linear estimator.
 
     Parameters

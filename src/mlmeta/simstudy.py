@@ -30,7 +30,6 @@ interrupted and resumed run.
 from __future__ import annotations
 
 import concurrent.futures as cf
-import contextlib
 import hashlib
 import itertools
 import os
@@ -41,6 +40,8 @@ import warnings
 import numpy as np
 import pandas as pd
 from scipy import stats
+
+from mlmeta._threads import blas_threads
 
 __all__ = ["run", "cells", "replicate", "summarize", "plot", "STRATEGIES", "ESSAY_GRID",
            "ESSAY_STRATEGIES"]
@@ -183,23 +184,10 @@ def replicate(cell, rep, seed, strategies=STRATEGIES, options=None, detail=False
     return rows
 
 
-def _blas_threads(n):
-    """Limit BLAS threads (threadpoolctl, when installed): the fits work on small
-    matrices, for which multi-threaded BLAS is several times slower, and parallelism
-    comes from running replicates side by side."""
-    if n is None:
-        return contextlib.nullcontext()
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        return contextlib.nullcontext()
-    return threadpool_limits(limits=int(n), user_api="blas")
-
-
 def _run_chunk(cell, reps, seed, strategies, options, detail):
     """One unit of work: some replicates of one cell (module-level so it pickles)."""
     out = []
-    with _blas_threads(dict(OPTIONS, **(options or {}))["blas_threads"]):
+    with blas_threads(dict(OPTIONS, **(options or {}))["blas_threads"]):
         for rep, strats in reps:
             out.extend(replicate(cell, rep, seed, strats or strategies, options, detail))
     return out
