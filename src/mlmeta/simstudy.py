@@ -112,11 +112,11 @@ def _fit(strategy, data, k, opts):
     order = ["_cons"] + ivs
     if strategy in ("mixed_full", "mixed_intercept"):
         re = "(" + (" + ".join(ivs) if (ivs and strategy == "mixed_full") else "1") + " | Group)"
-        res = mixed(f"{fixed} + {re}", data, safeguard=opts["mixed_safeguard"])
         how = opts["mixed_df"]
+        res = mixed(f"{fixed} + {re}", data, safeguard=opts["mixed_safeguard"],
+                    test="satterthwaite" if how == "satterthwaite" else "z")
         if how == "satterthwaite":
-            from mlmeta.satterthwaite import satterthwaite_df
-            df = satterthwaite_df(res)[order].to_numpy()
+            df = res.df_resid[order].to_numpy()
         elif how == "residual":
             df = np.full(len(order), res.nobs - len(order), dtype=float)
         else:
