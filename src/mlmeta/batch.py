@@ -166,15 +166,42 @@ class BatchResults:
         return self.params - z * self.bse, self.params + z * self.bse
 
 
-def _batchable(model: Model):
-    m = model.model
+def compiled_inputs(m: NestedModel):
+    """The arguments of ``fit_many`` after (Yw, theta0) and before the optimiser
+    settings, for a model whose structures are linear in theta."""
+    d = m.design
+    K = d.kernel
+    w = d.weights
+    Zw = [np.ascontiguousarray(z * w[:, None]) for z in d.Z]
+    zw_off = np.concatenate([[0], np.cumsum([z.size for z in Zw])]).astype(np.intp)
+    node_r0 = np.zeros(K.n_nodes, dtype=np.intp)
+    node_r1 = np.zeros(K.n_nodes, dtype=np.intp)
+    for lvl in range(d.n_levels):
+        node_r0[d.node_of_group[lvl]] = d.group_start[lvl][:-1]
+        node_r1[d.node_of_group[lvl]] = d.group_start[lvl][1:]
+    kinds = np.array([_KIND[s.kind] for s in m.structs], dtype=np.intp)
+    th_off = np.array([sl.start for sl in m.theta_slices], dtype=np.intp)
+    scale = float(np.sqrt(np.median(d.variance))) if d.variance is not None else 1.0
+    return (np.asfortranarray(m._M), m.lower, m.upper, kinds, th_off,
+            np.asarray(d.n_groups, dtype=float), np.concatenate([z.ravel() for z in Zw]), zw_off,
+            np.ascontiguousarray(d.Xw), node_r0, node_r1, m.method == "reml",
+            m.residual == "profiled", float(d.logdet_Lambda), float(d.logdet_XtX), scale)
+
+
+def compiled_ok(m: NestedModel):
+    """None when the compiled optimiser covers the model, else the reason it does not."""
     if any(s.kind not in _KIND for s in m.structs):
         return "a custom covariance structure"
     if m.design.Lambda is not None:
         return "a full sampling covariance V"
-    if m.fe_constraints is not None:
-        return "fixed-effect constraints"
     return None
+
+
+def _batchable(model: Model):
+    why = compiled_ok(model.model)
+    if why is None and model.model.fe_constraints is not None:
+        return "fixed-effect constraints"
+    return why
 
 
 def fit_batch(model: Model, Y, *, n_jobs=None, em_iter=20, maxiter=200, tol=1e-6,
@@ -183,7 +210,9 @@ def fit_batch(model: Model, Y, *, n_jobs=None, em_iter=20, maxiter=200, tol=1e-6
     with the model's design and sampling variances.
 
     The optimisation runs in compiled code with the GIL released; columns are
-    shared out over ``n_jobs`` threads (default: all cores). Models the compiled
+    shared out over ``n_jobs`` threads (default: all cores; OpenMP, so a process that
+    has used them should start worker processes with the "forkserver" or "spawn"
+    method rather than "fork"). Models the compiled
     path does not cover (custom structures, full V, constraints) are fitted with
     :meth:`Model.fit` column by column.
     """
@@ -215,30 +244,15 @@ def fit_batch(model: Model, Y, *, n_jobs=None, em_iter=20, maxiter=200, tol=1e-6
             re_cov={g: np.array([f.re_cov[g].values for f in fits]) for g in groups})
     from mlmeta._core._batch import fit_many
 
-    K = d.kernel
     w = d.weights
     Yw = np.ascontiguousarray((Y[d.perm] * w[:, None]).T)
-    Zw = [np.ascontiguousarray(z * w[:, None]) for z in d.Z]
-    zw_off = np.concatenate([[0], np.cumsum([z.size for z in Zw])]).astype(np.intp)
-    node_r0 = np.zeros(K.n_nodes, dtype=np.intp)
-    node_r1 = np.zeros(K.n_nodes, dtype=np.intp)
-    for lvl in range(d.n_levels):
-        node_r0[d.node_of_group[lvl]] = d.group_start[lvl][:-1]
-        node_r1[d.node_of_group[lvl]] = d.group_start[lvl][1:]
     if theta0 is None:
         base = start_theta(m)
         theta0 = np.repeat(base[None, :], Y.shape[1], axis=0)
     theta0 = np.ascontiguousarray(np.broadcast_to(np.asarray(theta0, dtype=float),
                                                   (Y.shape[1], m.n_theta)))
-    kinds = np.array([_KIND[s.kind] for s in m.structs], dtype=np.intp)
-    th_off = np.array([sl.start for sl in m.theta_slices], dtype=np.intp)
-    scale = float(np.sqrt(np.median(d.variance))) if d.variance is not None else 1.0
     theta, dev, beta, se, conv, iters, evals, sig2 = fit_many(
-        K, Yw, theta0, np.asfortranarray(m._M), m.lower, m.upper, kinds, th_off,
-        np.asarray(d.n_groups, dtype=float), np.concatenate([z.ravel() for z in Zw]), zw_off,
-        np.ascontiguousarray(d.Xw), node_r0, node_r1, m.method == "reml",
-        m.residual == "profiled", float(d.logdet_Lambda), float(d.logdet_XtX), scale,
-        int(em_iter), int(maxiter), float(tol), n_jobs)
+        d.kernel, Yw, theta0, *compiled_inputs(m), int(em_iter), int(maxiter), float(tol), n_jobs)
     re_cov = {}
     for lvl, (g, s, sl) in enumerate(zip(groups, m.structs, m.theta_slices)):
         re_cov[g] = np.array([s.Sigma(t[sl]) for t in theta])

@@ -252,6 +252,30 @@ def _local(cnt: _Counter, theta0, lower, upper, maxiter, tol, scale=1.0, callbac
     return theta, f, g, it, converged, gmax, message
 
 
+def _compiled_starts(model):
+    from mlmeta.batch import compiled_ok
+
+    return compiled_ok(model) is None
+
+
+def _run_compiled_starts(model, starts, lower, upper, maxiter, tol):
+    """The extra starts, each a full Newton run in compiled code (threads over starts)."""
+    import os
+
+    from mlmeta._core._batch import fit_many
+    from mlmeta.batch import compiled_inputs
+
+    d = model.design
+    labels = [lab for lab, _ in starts]
+    theta0 = np.ascontiguousarray([np.clip(t, lower, upper) for _, t in starts])
+    Yw = np.ascontiguousarray(np.repeat(d.yw[None, :], len(starts), axis=0))
+    # threads only pay (and only touch the OpenMP runtime) for large models
+    threads = (os.cpu_count() or 1) if model.n_obs >= 20_000 else 1
+    th, dev, _, _, conv, _, _, _ = fit_many(d.kernel, Yw, theta0, *compiled_inputs(model), 0,
+                                            int(maxiter), float(tol), threads)
+    return [(lab, th[i], float(dev[i]), bool(conv[i])) for i, lab in enumerate(labels)]
+
+
 def _alternative_starts(model: NestedModel, theta_em, theta_best):
     """Cheap extra starts: the EM start shrunk and inflated, and the optimum with each
     level (and each variance of a multi-effect level) pushed to zero."""
@@ -341,7 +365,17 @@ def fit_nested(model: NestedModel, *, theta0=None, em_iter=20, em_tol=1e-10, em_
                             f"largest gradient component {gmax:.3g})")
     use_safeguard = (safeguard is True) or (safeguard == "auto" and model.n_obs <= 50_000)
     best = (f, theta, g, conv, gmax)
-    if use_safeguard:
+    if use_safeguard and fixed is None and _compiled_starts(model):
+        starts = _alternative_starts(model, rec.theta_em, theta)
+        for label, th, fa, conva in _run_compiled_starts(model, starts, lower, upper, maxiter, tol):
+            cnt.n += 1
+            rec.candidates.append((label, fa, th.copy(), conva))
+            if conva and fa < best[0] - 1e-7 * max(1.0, abs(best[0])):
+                ga = cnt.g(th)
+                free = _free_mask(th, ga, lower, upper)
+                best = (fa, th, ga, conva, float(np.max(np.abs(ga[free]))) if free.any() else 0.0)
+                rec.better_optimum = True
+    elif use_safeguard:
         known = [(theta.copy(), f)]
         for label, t in _alternative_starts(model, rec.theta_em, theta):
             t = np.clip(t, lower, upper)

@@ -352,7 +352,13 @@ def run(grid=None, strategies=STRATEGIES, n_sim=50, seed=0, *, executor=None, n_
                 bar.update(len(reps))
         else:
             if executor is None:
-                own = executor = cf.ProcessPoolExecutor(max_workers=n_jobs)
+                # forkserver: a forked child of a process whose OpenMP runtime has
+                # started threads can hang in its first parallel region
+                import multiprocessing as mp
+
+                ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods()
+                                     else "spawn")
+                own = executor = cf.ProcessPoolExecutor(max_workers=n_jobs, mp_context=ctx)
             futures = {}
             for cell, reps in tasks:
                 fut = executor.submit(_run_chunk, cell, reps, seed, strategies, options, detail)

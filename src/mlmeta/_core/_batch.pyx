@@ -571,11 +571,17 @@ def fit_many(kernel, const double[:, ::1] Yw, const double[:, ::1] theta0, const
         Ws[c].tmp = &B[c, o[19]]
     try:
         with nogil:
-            for r in prange(m, num_threads=nt, schedule="dynamic"):
-                tid = threadid()
-                cv[r] = fit_one(&P, &Ws[tid], &Yw[r, 0], &th[r, 0], em_iter, maxiter, tol,
-                                &dv[r], &bt[r, 0], &sv[r, 0], &itv[r], &s2[r])
-                ev[r] = Ws[tid].n_evals
+            if nt == 1:         # no OpenMP region at all (fork safety, no thread start-up)
+                for r in range(m):
+                    cv[r] = fit_one(&P, &Ws[0], &Yw[r, 0], &th[r, 0], em_iter, maxiter, tol,
+                                    &dv[r], &bt[r, 0], &sv[r, 0], &itv[r], &s2[r])
+                    ev[r] = Ws[0].n_evals
+            else:
+                for r in prange(m, num_threads=nt, schedule="dynamic"):
+                    tid = threadid()
+                    cv[r] = fit_one(&P, &Ws[tid], &Yw[r, 0], &th[r, 0], em_iter, maxiter, tol,
+                                    &dv[r], &bt[r, 0], &sv[r, 0], &itv[r], &s2[r])
+                    ev[r] = Ws[tid].n_evals
     finally:
         free(Ws)
     return theta, dev, beta[:, :p], se[:, :p], conv.astype(bool), iters, evals, sig2

@@ -416,14 +416,20 @@ cdef class NestedKernel:
         cdef Py_ssize_t c, j, j0, j1
         with nogil:
             self._assemble(T)
-            for c in prange(nt, num_threads=nt, schedule="static"):
-                j0 = c * M // nt
-                j1 = (c + 1) * M // nt
-                for j in range(j0, j1):
-                    st[c] = factor_cluster(&t, cp[j], cp[j + 1], WB, WR, &Sp[c, 0], &ld[c],
-                                           scratch + c * slen)
-                    if st[c] != 0:
+            if nt == 1:         # no OpenMP region at all (fork safety, no thread start-up)
+                for j in range(M):
+                    st[0] = factor_cluster(&t, cp[j], cp[j + 1], WB, WR, &Sp[0, 0], &ld[0], scratch)
+                    if st[0] != 0:
                         break
+            else:
+                for c in prange(nt, num_threads=nt, schedule="static"):
+                    j0 = c * M // nt
+                    j1 = (c + 1) * M // nt
+                    for j in range(j0, j1):
+                        st[c] = factor_cluster(&t, cp[j], cp[j + 1], WB, WR, &Sp[c, 0], &ld[c],
+                                               scratch + c * slen)
+                        if st[c] != 0:
+                            break
         self._have_inverse = False
         S = np.asfortranarray(self.AA + Sparts.sum(axis=0).reshape(nc, nc, order="F"))
         bad = stats[stats != 0]
@@ -457,13 +463,19 @@ cdef class NestedKernel:
         cdef int nt = self._threads_for()
         cdef Py_ssize_t c, j, j0, j1
         with nogil:
-            for c in prange(nt, num_threads=nt, schedule="static"):
-                j0 = c * M // nt
-                j1 = (c + 1) * M // nt
-                for j in range(j0, j1):
+            if nt == 1:
+                for j in range(M):
                     invert_cluster(&t, cp[j], cp[j + 1], WB, WR, SB, WW)
                     accumulate_cluster(&t, cp[j], cp[j + 1], SB, WW, KK, &Ph[0, 0], GN, EN,
-                                       scratch + c * slen, maxq)
+                                       scratch, maxq)
+            else:
+                for c in prange(nt, num_threads=nt, schedule="static"):
+                    j0 = c * M // nt
+                    j1 = (c + 1) * M // nt
+                    for j in range(j0, j1):
+                        invert_cluster(&t, cp[j], cp[j + 1], WB, WR, SB, WW)
+                        accumulate_cluster(&t, cp[j], cp[j + 1], SB, WW, KK, &Ph[0, 0], GN, EN,
+                                           scratch + c * slen, maxq)
             self._reduce(GN, &Gv[0])
             self._reduce(EN, &Ev[0])
         self._have_inverse = True
