@@ -26,7 +26,8 @@ from libc.stdlib cimport malloc, free
 from scipy.linalg.cython_lapack cimport dpotrf, dpotrs, dsyev
 
 from mlmeta._core._linalg cimport gemm, zero, copy
-from mlmeta._core._nested cimport Tree, factor_cluster, invert_cluster, accumulate_cluster
+from mlmeta._core._nested cimport (Tree, SubBlocks, factor_cluster, invert_cluster,
+                                   accumulate_cluster, assemble_factors, reduce_factors)
 
 cdef double LOG2PI = 1.8378770664093453
 
@@ -39,11 +40,9 @@ cdef enum:
 
 cdef struct Prob:
     Tree tree
-    Py_ssize_t n_clusters, n_nodes, n_sub, n_levels, n_obs
+    SubBlocks sb
+    Py_ssize_t n_clusters, n_nodes, n_levels, n_obs
     const Py_ssize_t* cluster_ptr
-    const Py_ssize_t* sub_node
-    const Py_ssize_t* sub_level
-    const Py_ssize_t* sub_off
     const Py_ssize_t* q
     const Py_ssize_t* t_off
     const Py_ssize_t* kind
@@ -89,33 +88,14 @@ cdef struct Work:
     int n_evals
 
 
-cdef void assemble(const Prob* P, Work* W) noexcept nogil:
-    """Tn_a = block-diag of the level factors of the groups node a holds."""
-    cdef Py_ssize_t s, a, l, o, i, j, na, ql
+cdef inline void assemble(const Prob* P, Work* W) noexcept nogil:
     zero(W.Tn, P.tn_len)
-    for s in range(P.n_sub):
-        a = P.sub_node[s]
-        l = P.sub_level[s]
-        o = P.sub_off[s]
-        na = P.tree.nq[a]
-        ql = P.q[l]
-        for j in range(ql):
-            for i in range(ql):
-                W.Tn[P.tree.tn_ptr[a] + (o + i) + (o + j) * na] = W.Tlev[P.t_off[l] + i + j * ql]
+    assemble_factors(&P.sb, W.Tlev, W.Tn)
 
 
-cdef void reduce_levels(const Prob* P, const double* N, double* out) noexcept nogil:
-    cdef Py_ssize_t s, a, l, o, i, j, na, ql
+cdef inline void reduce_levels(const Prob* P, const double* N, double* out) noexcept nogil:
     zero(out, P.t_len)
-    for s in range(P.n_sub):
-        a = P.sub_node[s]
-        l = P.sub_level[s]
-        o = P.sub_off[s]
-        na = P.tree.nq[a]
-        ql = P.q[l]
-        for j in range(ql):
-            for i in range(ql):
-                out[P.t_off[l] + i + j * ql] += N[P.tree.tn_ptr[a] + (o + i) + (o + j) * na]
+    reduce_factors(&P.sb, N, out)
 
 
 cdef void set_response(const Prob* P, Work* W, const double* y) noexcept nogil:
@@ -482,13 +462,17 @@ def fit_many(kernel, const double[:, ::1] Yw, const double[:, ::1] theta0, const
     P.tree.T = NULL
     P.n_clusters = kernel.n_clusters
     P.n_nodes = kernel.n_nodes
-    P.n_sub = sub_node.shape[0]
+    P.sb.n_sub = sub_node.shape[0]
+    P.sb.sub_node = &sub_node[0]
+    P.sb.sub_level = &sub_level[0]
+    P.sb.sub_off = &sub_off[0]
+    P.sb.nq = &nq[0]
+    P.sb.tn_ptr = &tn_ptr[0]
+    P.sb.q = &q[0]
+    P.sb.t_off = &t_off[0]
     P.n_levels = kernel.n_levels
     P.n_obs = Yw.shape[1]
     P.cluster_ptr = &cluster_ptr[0]
-    P.sub_node = &sub_node[0]
-    P.sub_level = &sub_level[0]
-    P.sub_off = &sub_off[0]
     P.q = &q[0]
     P.t_off = &t_off[0]
     P.kind = &kind[0]

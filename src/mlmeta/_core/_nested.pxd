@@ -29,3 +29,18 @@ cdef void invert_cluster(const Tree* t, Py_ssize_t a0, Py_ssize_t a1, const doub
 cdef void accumulate_cluster(const Tree* t, Py_ssize_t a0, Py_ssize_t a1, const double* SB,
                              const double* WW, double* KK, const double* Phi, double* GN,
                              double* EN, double* scratch, Py_ssize_t maxq) noexcept nogil
+
+
+cdef struct SubBlocks:
+    Py_ssize_t n_sub
+    const Py_ssize_t* sub_node     # node holding each (group's) level factor
+    const Py_ssize_t* sub_level
+    const Py_ssize_t* sub_off      # where it starts inside the node's factor
+    const Py_ssize_t* nq
+    const Py_ssize_t* tn_ptr
+    const Py_ssize_t* q
+    const Py_ssize_t* t_off
+
+cdef void assemble_factors(const SubBlocks* sb, const double* T, double* Tn) noexcept nogil
+
+cdef void reduce_factors(const SubBlocks* sb, const double* N, double* out) noexcept nogil

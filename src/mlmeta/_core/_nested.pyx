@@ -250,6 +250,35 @@ cdef void accumulate_cluster(const Tree* t, Py_ssize_t a0, Py_ssize_t a1, const 
             Ea[i] += Saa[i]
 
 
+cdef void assemble_factors(const SubBlocks* sb, const double* T, double* Tn) noexcept nogil:
+    """Tn_a = block-diag of the level factors T_l of the groups node a holds (the
+    off-diagonal parts of a dense node's factor stay 0)."""
+    cdef Py_ssize_t s, a, l, o, i, j, na, ql
+    for s in range(sb.n_sub):
+        a = sb.sub_node[s]
+        l = sb.sub_level[s]
+        o = sb.sub_off[s]
+        na = sb.nq[a]
+        ql = sb.q[l]
+        for j in range(ql):
+            for i in range(ql):
+                Tn[sb.tn_ptr[a] + (o + i) + (o + j) * na] = T[sb.t_off[l] + i + j * ql]
+
+
+cdef void reduce_factors(const SubBlocks* sb, const double* N, double* out) noexcept nogil:
+    """out_l += the diagonal sub-blocks of the per-node buffer N held by level l."""
+    cdef Py_ssize_t s, a, l, o, i, j, na, ql
+    for s in range(sb.n_sub):
+        a = sb.sub_node[s]
+        l = sb.sub_level[s]
+        o = sb.sub_off[s]
+        na = sb.nq[a]
+        ql = sb.q[l]
+        for j in range(ql):
+            for i in range(ql):
+                out[sb.t_off[l] + i + j * ql] += N[sb.tn_ptr[a] + (o + i) + (o + j) * na]
+
+
 cdef class NestedKernel:
     """The theta-independent pieces of a nested model and its workspaces.
 
@@ -350,37 +379,25 @@ cdef class NestedKernel:
             out[self.t_off[l]:self.t_off[l + 1]] = np.asarray(Tl, dtype=np.float64).ravel(order="F")
         return out
 
+    cdef SubBlocks _subblocks(self) noexcept nogil:
+        cdef SubBlocks sb
+        sb.n_sub = self._sub_node.shape[0]
+        sb.sub_node = &self._sub_node[0]
+        sb.sub_level = &self._sub_level[0]
+        sb.sub_off = &self._sub_off[0]
+        sb.nq = &self._nq[0]
+        sb.tn_ptr = &self._tn_ptr[0]
+        sb.q = &self._q[0]
+        sb.t_off = &self._t_off[0]
+        return sb
+
     cdef void _assemble(self, const double[::1] T) noexcept nogil:
-        """Tn_a = block-diag of the level factors of the groups node a holds."""
-        cdef Py_ssize_t s, a, l, o, i, j, na, ql
-        cdef double* Tn = &self._Tn[0]
-        cdef Py_ssize_t n_sub = self._sub_node.shape[0]
-        for s in range(n_sub):
-            a = self._sub_node[s]
-            l = self._sub_level[s]
-            o = self._sub_off[s]
-            na = self._nq[a]
-            ql = self._q[l]
-            if ql == na:
-                copy(&T[self._t_off[l]], Tn + self._tn_ptr[a], ql * ql)
-            else:
-                for j in range(ql):
-                    for i in range(ql):
-                        Tn[self._tn_ptr[a] + (o + i) + (o + j) * na] = T[self._t_off[l] + i + j * ql]
+        cdef SubBlocks sb = self._subblocks()
+        assemble_factors(&sb, &T[0], &self._Tn[0])
 
     cdef void _reduce(self, const double* N, double* out) noexcept nogil:
-        """out_l += the diagonal sub-blocks of the per-node buffer N held by level l."""
-        cdef Py_ssize_t s, a, l, o, i, j, na, ql
-        cdef Py_ssize_t n_sub = self._sub_node.shape[0]
-        for s in range(n_sub):
-            a = self._sub_node[s]
-            l = self._sub_level[s]
-            o = self._sub_off[s]
-            na = self._nq[a]
-            ql = self._q[l]
-            for j in range(ql):
-                for i in range(ql):
-                    out[self._t_off[l] + i + j * ql] += N[self._tn_ptr[a] + (o + i) + (o + j) * na]
+        cdef SubBlocks sb = self._subblocks()
+        reduce_factors(&sb, N, out)
 
     cdef int _threads_for(self):
         """Threads for one pass: 1 for small models, where starting threads costs more."""
