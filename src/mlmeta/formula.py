@@ -18,6 +18,7 @@ errors.
 
 from __future__ import annotations
 
+import functools
 import re
 import warnings
 from collections.abc import Mapping
@@ -182,8 +183,10 @@ def _clean_message(exc: Exception) -> str:
     return " ".join(msg.split())
 
 
+@functools.lru_cache(maxsize=256)
 def _parse_rhs(rhs: str, where: str) -> Formula:
-    """Parse a one-sided formula with formulaic; raise ValueError quoting ``rhs``."""
+    """Parse a one-sided formula with formulaic; raise ValueError quoting ``rhs``.
+    (Cached: formulaic formulas are immutable and parsing costs ~0.2 ms.)"""
     try:
         formula = Formula(rhs)
     except Exception as exc:  # formulaic raises several exception types
@@ -236,6 +239,14 @@ def _parse_bar(inner: str, chunk: str) -> list[RandomTerm]:
 
 
 def parse_formula(formula: str) -> ParsedFormula:
+    """Split ``formula`` (see :func:`_parse_formula`); results are cached per string."""
+    if not isinstance(formula, str):
+        raise TypeError(f"formula must be a string, not {type(formula).__name__}")
+    return _parse_formula(formula)
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_formula(formula: str) -> ParsedFormula:
     """Split ``response ~ fixed + (rhs | group) + ...`` into its parts.
 
     Random terms are parenthesised lme4 bars: ``|`` correlated, ``||``
