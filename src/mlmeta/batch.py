@@ -59,10 +59,8 @@ class Model:
     def _used(self, values, what):
         """Values over the used rows, given over them or over every data row."""
         a = np.asarray(values, dtype=float)
-        if a.shape[0] == self.frame.sample.shape[0] and a.shape[0] != self.nobs:
+        if a.shape[0] == self.frame.sample.shape[0]:
             a = a[self.frame.sample]
-        elif a.shape[0] == self.frame.sample.shape[0]:
-            a = a[self.frame.sample] if not self.frame.sample.all() else a
         if a.shape[0] != self.nobs:
             raise ValueError(f"{what} has {a.shape[0]} rows; the model uses {self.nobs} of "
                              f"{self.frame.sample.shape[0]} data rows")
