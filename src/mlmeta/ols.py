@@ -32,7 +32,7 @@ from scipy import linalg, stats
 
 from mlmeta._errors import MissingDataWarning
 from mlmeta.formula import build_model_frame, parse_formula
-from mlmeta.summary import abbrev, fmt_f, fmt_g
+from mlmeta.summary import fmt_f, fmt_g, t_table_lines
 
 __all__ = ["ols", "OLSResults", "LinearResults", "TextSummary"]
 
@@ -101,20 +101,8 @@ class LinearResults:
     def summary(self, alpha: float = 0.05) -> TextSummary:
         """Coefficient table with standard errors, t tests, df and confidence intervals."""
         lines = self._header() + ["-" * _WIDTH]
-        level = f"[{100 * (1 - alpha):g}% conf."
-        name = abbrev(self.depvar or "", 12)
-        lines.append(f"{name:>12} |{'Coef.':>10}{'Std. err.':>10}{'t':>8}{'df':>8}{'P>|t|':>7}"
-                     f"{level:>12}{'interval]':>10}")
-        lines.append("-" * 13 + "+" + "-" * (_WIDTH - 14))
-        ci = self.conf_int(alpha)
-        for nm in self.fe_names:
-            t, d = self.tvalues[nm], self.df[nm]
-            t = fmt_f(t, 2) if np.isfinite(t) and abs(t) < 1e4 else fmt_g(t, 7)
-            d = "inf" if np.isinf(d) else fmt_f(d, 2) if np.isfinite(d) and d < 1e4 else fmt_g(d, 8)
-            lines.append(f"{abbrev(nm, 12):>12} |{fmt_g(self.params[nm], 9):>10}{fmt_g(self.bse[nm], 9):>10}"
-                         f"{t:>8}{d:>8}{fmt_f(self.pvalues[nm], 3):>7}"
-                         f"{fmt_g(ci.loc[nm, 'lower'], 9):>11}{fmt_g(ci.loc[nm, 'upper'], 9):>11}")
-        lines.append("-" * _WIDTH)
+        lines += t_table_lines(self.depvar, self.fe_names, self.params, self.bse, self.tvalues,
+                               self.df, self.pvalues, self.conf_int(alpha), alpha, _WIDTH)
         lines.extend(self._footer())
         return TextSummary("\n".join(lines))
 

@@ -54,7 +54,7 @@ import pandas as pd
 from scipy import linalg, sparse, stats
 
 from mlmeta._threads import blas_threads
-from mlmeta.summary import abbrev, fmt_f, fmt_g
+from mlmeta.summary import t_table_lines
 
 __all__ = ["DF_METHODS", "TYPES", "RobustResults", "WaldTestResult", "cluster_robust", "robust"]
 
@@ -507,19 +507,8 @@ class RobustResults:
             sz = self.cluster_sizes
             lines.append(f"{'':<48}{'Obs per cluster':<18}= {int(sz.min())}/{sz.mean():.1f}/{int(sz.max())}")
         lines.append("-" * w)
-        level = f"[{100 * (1 - alpha):g}% conf."
-        lines.append(f"{'':>12} |{'Coef.':>10}{'Std. err.':>10}{'t':>8}{'df':>8}{'P>|t|':>7}"
-                     f"{level:>12}{'interval]':>10}")
-        lines.append("-" * 13 + "+" + "-" * (w - 14))
-        ci = self.conf_int(alpha)
-        for nm in self.fe_names:
-            t, dfv = self.tvalues[nm], self.df[nm]
-            t = fmt_f(t, 2) if abs(t) < 1e4 else fmt_g(t, 7)
-            dfv = "inf" if not np.isfinite(dfv) else fmt_f(dfv, 2) if dfv < 1e4 else fmt_g(dfv, 8)
-            lines.append(f"{abbrev(nm, 12):>12} |{fmt_g(self.params[nm], 9):>10}{fmt_g(self.bse[nm], 9):>10}"
-                         f"{t:>8}{dfv:>8}{fmt_f(self.pvalues[nm], 3):>7}"
-                         f"{fmt_g(ci.loc[nm, 'lower'], 9):>11}{fmt_g(ci.loc[nm, 'upper'], 9):>11}")
-        lines.append("-" * w)
+        lines += t_table_lines("", self.fe_names, self.params, self.bse, self.tvalues, self.df,
+                               self.pvalues, self.conf_int(alpha), alpha, w)
         om = self._omnibus
         if om is not None:
             dd = "inf" if not np.isfinite(om.df_denom) else f"{om.df_denom:.2f}"

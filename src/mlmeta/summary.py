@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 __all__ = [
     "FixedRow", "RandomRow", "RandomBlock", "GroupRow", "Summary",
-    "fmt_g", "fmt_f", "abbrev",
+    "fmt_g", "fmt_f", "abbrev", "t_table_lines",
 ]
 
 WIDTH = 78
@@ -490,3 +490,23 @@ _CSS = """<style>
 .mlmeta-summary th.mlmeta-level { text-align: left; font-weight: bold; }
 .mlmeta-summary .mlmeta-header th { text-align: left; }
 </style>"""
+
+
+def t_table_lines(depvar, names, params, bse, tvalues, df, pvalues, ci, alpha=0.05, width=WIDTH):
+    """Coefficient table with t statistics and their degrees of freedom (OLS, robust
+    inference): Coef., Std. err., t, df, P>|t| and the confidence interval ``ci``
+    (a DataFrame with columns lower/upper indexed by ``names``)."""
+    level = f"[{100 * (1 - alpha):g}% conf."
+    lines = [f"{abbrev(depvar or '', 12):>12} |{'Coef.':>10}{'Std. err.':>10}{'t':>8}{'df':>8}"
+             f"{'P>|t|':>7}{level:>12}{'interval]':>10}",
+             "-" * 13 + "+" + "-" * (width - 14)]
+    for nm in names:
+        t, d = tvalues[nm], df[nm]
+        t = fmt_f(t, 2) if math.isfinite(t) and abs(t) < 1e4 else fmt_g(t, 7)
+        d = ("inf" if math.isinf(d) else fmt_f(d, 2) if math.isfinite(d) and d < 1e4
+             else fmt_g(d, 8))
+        lines.append(f"{abbrev(nm, 12):>12} |{fmt_g(params[nm], 9):>10}{fmt_g(bse[nm], 9):>10}"
+                     f"{t:>8}{d:>8}{fmt_f(pvalues[nm], 3):>7}"
+                     f"{fmt_g(ci.loc[nm, 'lower'], 9):>11}{fmt_g(ci.loc[nm, 'upper'], 9):>11}")
+    lines.append("-" * width)
+    return lines
