@@ -13,11 +13,6 @@ FORMULA = "stdmdiff ~ 1 + (1 | district) + (1 | district:school)"
 
 
 @pytest.fixture(scope="module")
-def schoolcal():
-    return mlmeta.datasets.load("schoolcal")
-
-
-@pytest.fixture(scope="module")
 def fit(schoolcal):
     return mlmeta.meregress(FORMULA, schoolcal, variance="var")
 

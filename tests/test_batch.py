@@ -8,11 +8,6 @@ import mlmeta
 from mlmeta.batch import Model, fit_batch
 
 
-@pytest.fixture(scope="module")
-def schoolcal():
-    return mlmeta.datasets.load("schoolcal")
-
-
 CASES = [
     ("stdmdiff ~ year_c + (1 | district) + (1 | district:school)", None, "reml"),
     ("stdmdiff ~ year_c + (1 | district) + (1 | district:school)", None, "ml"),

@@ -20,11 +20,6 @@ def close(value, printed, slack=1e-15):
 
 
 @pytest.fixture(scope="module")
-def schoolcal():
-    return mlmeta.datasets.load("schoolcal")
-
-
-@pytest.fixture(scope="module")
 def example4(schoolcal):
     fit = lambda f, **kw: mlmeta.meregress(f, schoolcal, se="se", **kw)  # noqa: E731
     return {

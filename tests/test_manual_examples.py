@@ -25,11 +25,6 @@ def pupiliq():
     return mlmeta.datasets.load("pupiliq")
 
 
-@pytest.fixture(scope="module")
-def schoolcal():
-    return mlmeta.datasets.load("schoolcal")
-
-
 def test_example1_two_level(pupiliq):
     res = mlmeta.meregress("stdmdiff ~ 1 + (1 | study)", pupiliq, se="se")
     assert close(res.params["_cons"], 0.0836939)

@@ -12,11 +12,6 @@ from mlmeta.optimize import fit_nested
 SLOPE = "stdmdiff ~ year_c + (1 + year_c || district) + (1 | district:school)"
 
 
-@pytest.fixture(scope="module")
-def schoolcal():
-    return mlmeta.datasets.load("schoolcal")
-
-
 def test_start_at_local_maximum_reports_better_optimum(schoolcal):
     model, _, _ = build_model(SLOPE, schoolcal, variance="var")
     stata = np.array([0.0335302, 0.06437, 0.1808125])

@@ -15,11 +15,6 @@ SLOPES = "stdmdiff ~ year_c + (1 + year_c || district) + (1 | district:school)"
 
 
 @pytest.fixture(scope="module")
-def schoolcal():
-    return mlmeta.datasets.load("schoolcal")
-
-
-@pytest.fixture(scope="module")
 def main(schoolcal):
     return mlmeta.meregress(MAIN, schoolcal, se="se")
 

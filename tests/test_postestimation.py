@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 
 import mlmeta
+from printed import close
 from dense import dense_V
 
 REF = json.loads((Path(__file__).parent / "reference" / "postestimation_reference.json").read_text())
@@ -21,15 +22,6 @@ YEAR = "stdmdiff ~ year_c + (1 | district) + (1 | district:school)"
 SLOPES = "stdmdiff ~ year_c + (1 + year_c || district) + (1 | district:school)"
 
 
-def close(value, printed):
-    """|value - printed| <= half a unit in the last printed decimal."""
-    decimals = len(f"{printed}".split(".")[1]) if "." in f"{printed}" else 0
-    return abs(value - printed) <= 0.5 * 10 ** (-decimals) + 1e-15
-
-
-@pytest.fixture(scope="module")
-def schoolcal():
-    return mlmeta.datasets.load("schoolcal")
 
 
 @pytest.fixture(scope="module")

@@ -2,12 +2,10 @@
 incremental saving and resuming, duck-typed executors (a fake one and Dask)."""
 
 import importlib.util
-import os
 
 import numpy as np
 import pandas as pd
 import pytest
-from scipy import stats
 
 from mlmeta import simstudy
 from mlmeta.ols import ols

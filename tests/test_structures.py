@@ -13,11 +13,6 @@ from dense import dense_loglik, dense_V, dense_Z
 SLOPE = "stdmdiff ~ year_c + (1 + year_c | district) + (1 | district:school)"
 
 
-@pytest.fixture(scope="module")
-def schoolcal():
-    return mlmeta.datasets.load("schoolcal")
-
-
 def _district(res):
     rows = res.re_params()
     return rows[rows.group == "district"].set_index("param")
