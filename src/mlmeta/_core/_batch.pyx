@@ -460,6 +460,7 @@ def fit_many(kernel, const double[:, ::1] Yw, const double[:, ::1] theta0, const
     P.tree.ZZ = &ZZ[0]
     P.tree.ZA = NULL
     P.tree.T = NULL
+    P.tree.scalar = kernel.maxq == 1 and not kernel.force_general
     P.n_clusters = kernel.n_clusters
     P.n_nodes = kernel.n_nodes
     P.sb.n_sub = sub_node.shape[0]

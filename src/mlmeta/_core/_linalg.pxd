@@ -4,6 +4,7 @@
 
 from scipy.linalg.cython_blas cimport dgemm, dtrsm
 from scipy.linalg.cython_lapack cimport dpotrf
+from libc.math cimport sqrt
 
 cdef inline void _small_gemm(bint ta, bint tb, int m, int n, int k, double alpha,
                              const double* A, int lda, const double* B, int ldb,
@@ -90,7 +91,7 @@ cdef inline int potrf_lower(int n, double* A, int lda) noexcept nogil:
     if n == 1:
         if not (A[0] > 0.0):
             return 1
-        A[0] = A[0] ** 0.5
+        A[0] = sqrt(A[0])
         return 0
     dpotrf(&uplo, &n, A, &lda, &info)
     return info

@@ -17,6 +17,7 @@ cdef struct Tree:
     const double* ZZ
     const double* ZA
     const double* T             # per-node factors Tn (assembled from the level factors)
+    bint scalar                 # every node carries one effect (nq == 1): scalar loops
 
 
 cdef Py_ssize_t factor_cluster(const Tree* t, Py_ssize_t a0, Py_ssize_t a1,

@@ -58,7 +58,7 @@ import os
 
 import numpy as np
 from cython.parallel cimport prange
-from libc.math cimport log
+from libc.math cimport log, sqrt
 from mlmeta._core._linalg cimport gemm, trsm_left_lower, potrf_lower, zero, copy
 
 cdef inline void chain(const Tree* t, Py_ssize_t a, Py_ssize_t* anc, Py_ssize_t* off) noexcept nogil:
@@ -77,6 +77,157 @@ cdef inline void chain(const Tree* t, Py_ssize_t a, Py_ssize_t* anc, Py_ssize_t*
         off[k + 1] = off[k] + t.nq[a] * t.nq[anc[k]]
 
 
+# Scalar trees (every node carries one effect, nq == 1: random intercepts at every
+# level, no dense cluster nodes). The recurrences below are those of the general
+# kernels with every block a number, so node a's blocks sit at zz_ptr[a] + k
+# (k = 0..level(a)), its own factor at Tn[tn_ptr[a]], and no BLAS call or chain
+# offset is needed.
+
+cdef inline void ancestors(const Tree* t, Py_ssize_t a, Py_ssize_t l, Py_ssize_t* anc) noexcept nogil:
+    """anc[k] = ancestor of node a at level k, k < l = level(a); anc[l] = a."""
+    cdef Py_ssize_t k
+    anc[l] = a
+    for k in range(l - 1, -1, -1):
+        a = t.parent[a]
+        anc[k] = a
+
+
+cdef Py_ssize_t factor_scalar(const Tree* t, Py_ssize_t a0, Py_ssize_t a1, double* WB,
+                              double* WR, double* S, double* logdet) noexcept nogil:
+    """C_{a c_k} = t_a ZZ_ak t_{c_k} (+1 on the diagonal), R_a = t_a ZA_a; then
+    L_aa = sqrt(C_aa), U_ak = C_{a c_k} / L_aa, Y_a = R_a / L_aa, Schur-complemented
+    into the ancestors; S -= Y_a' Y_a."""
+    cdef Py_ssize_t a, l, k, m, z, zc, ra, rc, i, j
+    cdef int nc = t.ncol
+    cdef Py_ssize_t anc[MAXLEV]
+    cdef double ta, d, inv, uk
+    for a in range(a0, a1):
+        l = t.level[a]
+        z = t.zz_ptr[a]
+        ta = t.T[t.tn_ptr[a]]
+        ancestors(t, a, l, anc)
+        for k in range(l):
+            WB[z + k] = ta * t.ZZ[z + k] * t.T[t.tn_ptr[anc[k]]]
+        WB[z + l] = ta * t.ZZ[z + l] * ta + 1.0
+        ra = t.za_ptr[a]
+        for i in range(nc):
+            WR[ra + i] = ta * t.ZA[ra + i]
+    for a in range(a0, a1):
+        l = t.level[a]
+        z = t.zz_ptr[a]
+        d = WB[z + l]
+        if not d > 0.0:
+            return a + 1
+        logdet[0] += log(d)
+        d = sqrt(d)
+        inv = 1.0 / d
+        WB[z + l] = d
+        for k in range(l):
+            WB[z + k] *= inv
+        ra = t.za_ptr[a]
+        for i in range(nc):
+            WR[ra + i] *= inv
+        ancestors(t, a, l, anc)
+        for k in range(l):
+            uk = WB[z + k]
+            zc = t.zz_ptr[anc[k]]
+            for m in range(k + 1):
+                WB[zc + m] -= uk * WB[z + m]
+            rc = t.za_ptr[anc[k]]
+            for i in range(nc):
+                WR[rc + i] -= uk * WR[ra + i]
+        for j in range(nc):
+            for i in range(nc):
+                S[i + j * nc] -= WR[ra + i] * WR[ra + j]
+    return 0
+
+
+cdef void invert_scalar(const Tree* t, Py_ssize_t a0, Py_ssize_t a1, const double* WB,
+                        const double* WR, double* SB, double* WW) noexcept nogil:
+    """Top-down: W_a = (Y_a - sum_k U_ak W_{c_k}) / L_aa,
+    Sig_{a c_k} = -sum_m U_am Sig_{c_m c_k} / L_aa, Sig_aa = (1/L_aa - sum_m U_am Sig_{a c_m}) / L_aa."""
+    cdef Py_ssize_t a, l, k, m, z, ra, i
+    cdef int nc = t.ncol
+    cdef Py_ssize_t anc[MAXLEV]
+    cdef double inv, acc
+    for a in range(a1 - 1, a0 - 1, -1):
+        l = t.level[a]
+        z = t.zz_ptr[a]
+        ra = t.za_ptr[a]
+        inv = 1.0 / WB[z + l]
+        ancestors(t, a, l, anc)
+        for i in range(nc):
+            acc = WR[ra + i]
+            for k in range(l):
+                acc -= WB[z + k] * WW[t.za_ptr[anc[k]] + i]
+            WW[ra + i] = acc * inv
+        for k in range(l):
+            acc = 0.0
+            for m in range(l):
+                if m >= k:
+                    acc -= WB[z + m] * SB[t.zz_ptr[anc[m]] + k]
+                else:
+                    acc -= WB[z + m] * SB[t.zz_ptr[anc[k]] + m]
+            SB[z + k] = acc * inv
+        acc = inv
+        for m in range(l):
+            acc -= WB[z + m] * SB[z + m]
+        SB[z + l] = acc * inv
+
+
+cdef void accumulate_scalar(const Tree* t, Py_ssize_t a0, Py_ssize_t a1, const double* SB,
+                            const double* WW, double* KK, const double* Phi, double* GN,
+                            double* EN, double* s3) noexcept nogil:
+    """GN_a and EN_a of :func:`accumulate_cluster` for a scalar tree (``s3``: ncol scratch)."""
+    cdef Py_ssize_t a, l, k, z, ra, rc, c, i, j
+    cdef int nc = t.ncol
+    cdef Py_ssize_t anc[MAXLEV]
+    cdef double ta, f, g, sak, acc
+    for a in range(a0, a1):
+        ra = t.za_ptr[a]
+        for i in range(nc):
+            KK[ra + i] = t.ZA[ra + i]
+        GN[t.tn_ptr[a]] = 0.0
+        EN[t.tn_ptr[a]] = 0.0
+    for a in range(a0, a1):
+        l = t.level[a]
+        z = t.zz_ptr[a]
+        ra = t.za_ptr[a]
+        ta = t.T[t.tn_ptr[a]]
+        ancestors(t, a, l, anc)
+        for k in range(l + 1):
+            c = anc[k]
+            rc = t.za_ptr[c]
+            sak = SB[z + k]
+            # K_a -= ZZ_ak t_c W_c ;  G_a += ZZ_ak t_c Sig_{c a}
+            f = t.ZZ[z + k] * t.T[t.tn_ptr[c]]
+            for i in range(nc):
+                KK[ra + i] -= f * WW[rc + i]
+            GN[t.tn_ptr[a]] += f * sak
+            if k < l:
+                # K_c -= ZZ_ak t_a W_a ;  G_c += ZZ_ak t_a Sig_{a c}
+                g = t.ZZ[z + k] * ta
+                for i in range(nc):
+                    KK[rc + i] -= g * WW[ra + i]
+                GN[t.tn_ptr[c]] += g * sak
+    for a in range(a0, a1):
+        l = t.level[a]
+        ra = t.za_ptr[a]
+        # s3 = Phi W_a' ; G_a -= K_a s3 ; E_a += Sig_aa + W_a s3
+        for j in range(nc):
+            acc = 0.0
+            for i in range(nc):
+                acc += Phi[j + i * nc] * WW[ra + i]
+            s3[j] = acc
+        f = 0.0
+        g = 0.0
+        for j in range(nc):
+            f += KK[ra + j] * s3[j]
+            g += WW[ra + j] * s3[j]
+        GN[t.tn_ptr[a]] -= f
+        EN[t.tn_ptr[a]] += g + SB[t.zz_ptr[a] + l]
+
+
 cdef Py_ssize_t factor_cluster(const Tree* t, Py_ssize_t a0, Py_ssize_t a1,
                                double* WB, double* WR, double* S, double* logdet,
                                double* scratch) noexcept nogil:
@@ -91,6 +242,8 @@ cdef Py_ssize_t factor_cluster(const Tree* t, Py_ssize_t a0, Py_ssize_t a1,
     cdef double* Laa
     cdef double* Ua_k
     cdef double* Ya
+    if t.scalar:
+        return factor_scalar(t, a0, a1, WB, WR, S, logdet)
     # C blocks: T_a' ZZ_{a,k} T_{c_k} (+ I on the diagonal); R_a = T_a' ZA_a
     for a in range(a0, a1):
         l = t.level[a]
@@ -149,6 +302,9 @@ cdef void invert_cluster(const Tree* t, Py_ssize_t a0, Py_ssize_t a1, const doub
     cdef double* Wa
     cdef double* blk
     cdef double* D
+    if t.scalar:
+        invert_scalar(t, a0, a1, WB, WR, SB, WW)
+        return
     for a in range(a1 - 1, a0 - 1, -1):
         l = t.level[a]
         qa = <int>t.nq[a]
@@ -209,6 +365,9 @@ cdef void accumulate_cluster(const Tree* t, Py_ssize_t a0, Py_ssize_t a1, const 
     cdef double* s3 = s2 + maxq * maxq
     cdef double* Ea
     cdef const double* Saa
+    if t.scalar:
+        accumulate_scalar(t, a0, a1, SB, WW, KK, Phi, GN, EN, scratch)
+        return
     for a in range(a0, a1):
         copy(t.ZA + t.za_ptr[a], KK + t.za_ptr[a], t.nq[a] * nc)
         zero(GN + t.tn_ptr[a], t.nq[a] * t.nq[a])
@@ -289,6 +448,7 @@ cdef class NestedKernel:
     """
     cdef readonly Py_ssize_t n_levels, n_nodes, n_clusters, ncol, maxq, n_threads, scratch_len
     cdef public Py_ssize_t parallel_min_nodes
+    cdef public bint force_general     # use the blocked kernels even for scalar trees (tests)
     cdef readonly object q, nq, level, parent, zz_ptr, za_ptr, tn_ptr, t_off, cluster_ptr
     cdef readonly object sub_node, sub_level, sub_off
     cdef readonly object ZZ, ZA, AA
@@ -346,6 +506,7 @@ cdef class NestedKernel:
         self.EN = np.zeros(tn_ptr[-1], dtype=np.float64)
         self.n_threads = max(1, min(int(os.environ.get("MLMETA_NUM_THREADS", os.cpu_count() or 1)), 64))
         self.parallel_min_nodes = 20000
+        self.force_general = False
         self.scratch_len = 3 * self.maxq * max(self.maxq, self.ncol) + 16
         self.scratch = np.empty(self.n_threads * self.scratch_len, dtype=np.float64)
         self._q = self.q; self._nq = self.nq; self._level = self.level
@@ -370,6 +531,7 @@ cdef class NestedKernel:
         t.ZZ = &self._ZZ[0] if self._ZZ.shape[0] > 0 else NULL
         t.ZA = &self._ZA[0] if self._ZA.shape[0] > 0 else NULL
         t.T = &self._Tn[0] if self._Tn.shape[0] > 0 else NULL
+        t.scalar = self.maxq == 1 and self.force_general == 0
         return t
 
     def pack_T(self, Ts):
