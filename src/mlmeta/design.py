@@ -149,9 +149,10 @@ def build_design(y, X, Z, groups, variance=None, V=None) -> NestedDesign:
 
     # contiguous group codes in sorted order; a level's run must not straddle a parent's
     codes, starts = [], []
+    change = np.zeros(max(n - 1, 0), dtype=bool)   # a code of this level or an outer one changes
     for lvl in range(L):
-        combo = np.column_stack([k[perm] for k in keys[: lvl + 1]])
-        change = np.any(combo[1:] != combo[:-1], axis=1) if n > 1 else np.zeros(0, dtype=bool)
+        k = keys[lvl][perm]
+        change |= k[1:] != k[:-1]
         flag = np.concatenate([[True], change])
         c = np.cumsum(flag) - 1
         codes.append(c.astype(np.intp))
@@ -195,10 +196,16 @@ def build_design(y, X, Z, groups, variance=None, V=None) -> NestedDesign:
                 plain[starts[-1][g]:starts[-1][g + 1]] = False
             for j in np.flatnonzero(merged):
                 plain[starts[0][j]:starts[0][j + 1]] = False
-        for M in Zw + [Xw]:
-            M[plain] *= w[plain, None]
-        yw[plain] *= w[plain]
-        logdet_Lambda = float(np.sum(np.log(var_s[plain])))
+        if Vs is None:   # every row is scaled
+            for M in Zw + [Xw]:
+                M *= w[:, None]
+            yw *= w
+            logdet_Lambda = float(np.sum(np.log(var_s)))
+        else:
+            for M in Zw + [Xw]:
+                M[plain] *= w[plain, None]
+            yw[plain] *= w[plain]
+            logdet_Lambda = float(np.sum(np.log(var_s[plain])))
         if Vs is not None:
             ld, fail = _whiten_blocks(Vs, starts[-1], coupled_leaf, Zw, Xw, yw)
             bad_top = top_of_row[starts[-1][fail]] if fail >= 0 else -1

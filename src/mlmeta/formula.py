@@ -40,6 +40,7 @@ INTERCEPT = "_cons"
 _FORMULAIC_INTERCEPT = "Intercept"
 _CONTEXT = {"np": np, "numpy": np}
 _RANK_TOL = 1e-10
+_PLAIN_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _NAME = re.compile(r"[A-Za-z_.][A-Za-z0-9_.]*|`[^`]+`")
 _OPEN, _CLOSE = "([{", ")]}"
 _QUOTES = "'\"`"
@@ -69,6 +70,45 @@ class ParsedFormula:
     response: str
     fixed_rhs: str
     random: tuple[RandomTerm, ...]
+
+
+class _DeferredSpec:
+    """A formulaic ModelSpec built on first use (once), by evaluating ``formula`` on one
+    stored data row. Used for formulas of plain numeric columns (and the intercept),
+    whose specs depend on the column dtypes but not on the values."""
+
+    __slots__ = ("formula", "row", "spec")
+
+    def __init__(self, formula: Formula, row: dict):
+        self.formula, self.row, self.spec = formula, row, None
+
+    def build(self):
+        if self.spec is None:
+            data = pd.DataFrame(self.row, index=pd.RangeIndex(1))
+            self.spec = self.formula.get_model_matrix(data, context=_CONTEXT, na_action="ignore").model_spec
+        return self.spec
+
+
+class _SpecSlot:
+    """Dataclass field holding a ModelSpec (or a list of them) that may still be a
+    :class:`_DeferredSpec`; it is built, and stored, when the field is read."""
+
+    def __set_name__(self, owner, name):
+        self.key = "_" + name
+
+    def __get__(self, obj, owner=None):
+        if obj is None:
+            return None  # the field's default
+        value = obj.__dict__[self.key]
+        if isinstance(value, _DeferredSpec):
+            value = obj.__dict__[self.key] = value.build()
+        elif isinstance(value, list) and any(isinstance(v, _DeferredSpec) for v in value):
+            value = obj.__dict__[self.key] = [v.build() if isinstance(v, _DeferredSpec) else v
+                                              for v in value]
+        return value
+
+    def __set__(self, obj, value):
+        obj.__dict__[self.key] = value
 
 
 @dataclass
@@ -107,8 +147,8 @@ class ModelFrame:
     sample: np.ndarray
     n_dropped: int
     extra: dict[str, np.ndarray]
-    fixed_spec: object
-    re_specs: list
+    fixed_spec: object = _SpecSlot()
+    re_specs: list = _SpecSlot()
     omitted: list = field(default_factory=list)
     notes: list = field(default_factory=list)
 
@@ -370,7 +410,9 @@ def _is_numeric(dtype) -> bool:
 
 
 def _numeric_values(values, name: str) -> np.ndarray:
-    """Float64 copy of a numeric column/array with missing values as NaN."""
+    """Float64 values of a numeric column/array with missing values as NaN."""
+    if isinstance(values, pd.Series) and isinstance(values.dtype, np.dtype) and values.dtype.kind in "iuf":
+        return values.to_numpy(dtype=np.float64)  # nothing to fill
     if not isinstance(values, pd.Series):
         values = pd.Series(values, copy=False)
     if values.dtype == object:
@@ -395,8 +437,32 @@ def _extra_values(key: str, spec, frame: pd.DataFrame) -> tuple[str, np.ndarray]
     return label, _numeric_values(values, key)
 
 
-def _factorize(values: pd.Series) -> tuple[np.ndarray, int]:
+def _used_values(column: pd.Series, rows: np.ndarray | None):
+    """A column over the used rows (all when ``rows`` is None): a numpy array for plain
+    numpy dtypes, else a Series on a fresh index with unused categories removed."""
+    dtype = column.dtype
+    if isinstance(dtype, np.dtype) and dtype.kind in "biufO":
+        values = column.to_numpy()
+        return values if rows is None else values[rows]
+    column = (column if rows is None else column.iloc[rows]).reset_index(drop=True)
+    if isinstance(dtype, pd.CategoricalDtype):
+        column = column.cat.remove_unused_categories()
+    return column
+
+
+def _factorize(values) -> tuple[np.ndarray, int]:
     """Integer codes (sorted order when the values are orderable) and their count."""
+    if isinstance(values, np.ndarray) and values.dtype.kind in "iu" and values.size:
+        low = values.min()
+        span = int(values.max()) - int(low)
+        if span <= 4 * values.size:  # small range: rank the values through a table
+            shifted = (values - low).astype(np.intp)
+            present = np.zeros(span + 1, dtype=bool)
+            present[shifted] = True
+            rank = np.cumsum(present) - 1
+            return rank[shifted].astype(np.int64), int(rank[-1]) + 1
+        uniques, codes = np.unique(values, return_inverse=True)
+        return codes.astype(np.int64, copy=False), len(uniques)
     try:
         codes, uniques = pd.factorize(values, sort=True)
     except TypeError:
@@ -404,22 +470,58 @@ def _factorize(values: pd.Series) -> tuple[np.ndarray, int]:
     return codes.astype(np.int64, copy=False), len(uniques)
 
 
-def _group_codes(sub: pd.DataFrame, group_vars: tuple[str, ...]) -> tuple[np.ndarray, list, np.ndarray]:
-    """Codes 0..G-1 for the combinations of ``group_vars``, labels, first row of each group."""
-    codes, n_groups = _factorize(sub[group_vars[0]])
-    for var in group_vars[1:]:
-        inner, n_inner = _factorize(sub[var])
-        codes, n_groups = _factorize(pd.Series(codes * n_inner + inner))
+def _group_codes(coded: list) -> tuple[np.ndarray, list, np.ndarray]:
+    """Codes 0..G-1 for the combinations of the group variables, labels, first row of
+    each group; ``coded`` holds (values, codes, count) per variable (see :func:`_factorize`)."""
+    _, codes, n_groups = coded[0]
+    for _, inner, n_inner in coded[1:]:
+        codes, n_groups = _factorize(codes * n_inner + inner)
     n_obs = codes.shape[0]
     first = np.empty(n_groups, dtype=np.int64)
     first[codes[::-1]] = np.arange(n_obs - 1, -1, -1, dtype=np.int64)
-    columns = [sub[var].iloc[first].tolist() for var in group_vars]
-    labels = columns[0] if len(group_vars) == 1 else list(zip(*columns))
-    return codes, labels, first
+    labels = [(v[first] if isinstance(v, np.ndarray) else v.iloc[first]).tolist() for v, _, _ in coded]
+    return codes, labels[0] if len(coded) == 1 else list(zip(*labels)), first
+
+
+def _plain_columns(formula: Formula, columns: Mapping) -> list | None:
+    """The column read by each term of a formula made only of the intercept (None)
+    and plain numeric columns (numpy integer or float dtype, no transform), in
+    formulaic's column order; None when formulaic must evaluate the formula."""
+    out = []
+    for term in formula:
+        if len(term.factors) != 1:
+            return None
+        factor = term.factors[0]
+        name, method = str(factor.expr), factor.eval_method.value
+        if method == "literal" and name == "1" and str(term) == "1":
+            out.append(None)
+            continue
+        if (method != "lookup" or str(term) != name or name == _FORMULAIC_INTERCEPT
+                or not _PLAIN_NAME.fullmatch(name) or name not in columns):
+            return None
+        dtype = columns[name].dtype
+        if not (isinstance(dtype, np.dtype) and dtype.kind in "iuf"):
+            return None
+        out.append(name)
+    return out
+
+
+def _plain_design(formula: Formula, plain: list, columns: Mapping, rows: np.ndarray, n_dropped: int):
+    """:func:`_design` for a formula of :func:`_plain_columns`, without formulaic."""
+    M = np.empty((rows.shape[0], len(plain)), order="F")
+    row = {}
+    for j, name in enumerate(plain):
+        if name is None:
+            M[:, j] = 1.0
+        else:
+            values = columns[name].to_numpy()
+            M[:, j] = values[rows] if n_dropped else values
+            row[name] = values[rows[:1]]
+    return M, [_FORMULAIC_INTERCEPT if n is None else n for n in plain], _DeferredSpec(formula, row), None in plain
 
 
 def _design(formula: Formula, sub: pd.DataFrame, where: str):
-    """Evaluate a formulaic formula; return (F-order float matrix, names, spec, has_intercept)."""
+    """Evaluate a formulaic formula; return (float matrix, names, spec, has_intercept)."""
     try:
         mm = formula.get_model_matrix(sub, context=_CONTEXT, na_action="ignore")
     except Exception as exc:  # formulaic/pandas raise many types
@@ -456,6 +558,8 @@ def _dependent_columns(X: np.ndarray) -> list[int]:
     if n_fe == 0:
         return []
     norms = np.linalg.norm(X, axis=0)
+    if n_fe == 1 and 0 < norms[0] < np.inf:
+        return []  # one column of positive norm is independent (unit |R_00| in the QR below)
     Xs = X / np.where(norms > 0, norms, 1.0)
     R, _ = scipy.linalg.qr(Xs, mode="r", pivoting=True)
     d = np.abs(np.diag(R))
@@ -548,6 +652,28 @@ def _check_slopes(term: RandomTerm, Z: np.ndarray, names: list[str], codes: np.n
         )
 
 
+def _missing(name: str, values) -> np.ndarray | None:
+    """Missing-value mask of a column (None: no value can be missing); infinite
+    values of numeric columns raise ValueError."""
+    na = None
+    if isinstance(values, pd.Series):
+        dtype = values.dtype
+        if isinstance(dtype, np.dtype) and dtype.kind in "biu":
+            return None
+        if isinstance(dtype, np.dtype) and dtype.kind == "f":
+            values = values.to_numpy()
+        else:
+            na = np.asarray(pd.isna(values), dtype=bool)
+            if not _is_numeric(dtype):
+                return na
+            values = values.to_numpy(dtype=np.float64, na_value=np.nan)
+    if values.dtype.kind == "f" and np.isinf(values).any():
+        raise ValueError(f"column {name!r} contains infinite values (row {np.flatnonzero(np.isinf(values))[0]})")
+    if na is None:
+        na = np.isnan(values) if values.dtype.kind == "f" else np.asarray(pd.isna(values), dtype=bool)
+    return na
+
+
 def build_model_frame(parsed: ParsedFormula, data, extra: Mapping | None = None, *,
                       collinear_fixed: str = "omit", collinear_random: bool = False) -> ModelFrame:
     """Evaluate a parsed formula on ``data`` and return aligned model arrays.
@@ -591,20 +717,17 @@ def build_model_frame(parsed: ParsedFormula, data, extra: Mapping | None = None,
         used += list(term.group_vars)
     used = list(dict.fromkeys(used))
 
-    y_all = _numeric_values(frame[parsed.response], f"response {parsed.response!r}")
+    cols = {name: frame[name] for name in used}
+    y_all = _numeric_values(cols[parsed.response], f"response {parsed.response!r}")
     extras = {key: _extra_values(key, spec, frame) for key, spec in (extra or {}).items() if spec is not None}
 
     # Missing values (dropped) and infinities (errors).
     missing = np.zeros(n_rows, dtype=bool)
     counts: dict[str, int] = {}
-    checks = {name: frame[name] for name in used} | dict(extras.values()) | {parsed.response: y_all}
+    checks = cols | dict(extras.values()) | {parsed.response: y_all}
     for name, values in checks.items():
-        na = np.asarray(pd.isna(values), dtype=bool)
-        if isinstance(values, pd.Series) and _is_numeric(values.dtype):
-            values = values.to_numpy(dtype=np.float64, na_value=np.nan)
-        if isinstance(values, np.ndarray) and values.dtype.kind == "f" and np.isinf(values).any():
-            raise ValueError(f"column {name!r} contains infinite values (row {np.flatnonzero(np.isinf(values))[0]})")
-        if na.any():
+        na = _missing(name, values)
+        if na is not None and na.any():
             counts[name] = int(na.sum())
             missing |= na
     sample = ~missing
@@ -619,29 +742,41 @@ def build_model_frame(parsed: ParsedFormula, data, extra: Mapping | None = None,
     if n_rows - n_dropped == 0:
         raise ValueError(f"no rows to fit: data has {n_rows} rows and {n_dropped} have missing values")
 
-    rows = np.flatnonzero(sample)
-    sub = frame[used] if not n_dropped else frame[used].iloc[rows]
-    sub = sub.reset_index(drop=True)
-    for name in used:
-        if isinstance(sub[name].dtype, pd.CategoricalDtype):
-            sub[name] = sub[name].cat.remove_unused_categories()
+    rows, sub = np.flatnonzero(sample), None
+
+    def design(formula: Formula, where: str):
+        nonlocal sub
+        plain = _plain_columns(formula, cols)
+        if plain is not None:
+            return _plain_design(formula, plain, cols, rows, n_dropped)
+        if sub is None:  # the used columns over the used rows, on a fresh index
+            sub = (frame[used] if not n_dropped else frame[used].iloc[rows]).reset_index(drop=True)
+            for name in used:
+                if isinstance(sub[name].dtype, pd.CategoricalDtype):
+                    sub[name] = sub[name].cat.remove_unused_categories()
+        return _design(formula, sub, where)
 
     y = y_all[rows] if n_dropped else y_all
-    X, fx_names, fixed_spec, fx_intercept = _design(fixed_formula, sub, f"the fixed part {parsed.fixed_rhs!r}")
+    X, fx_names, fixed_spec, fx_intercept = design(fixed_formula, f"the fixed part {parsed.fixed_rhs!r}")
     X, fx_names, omitted, notes = _check_fixed_rank(X, fx_names, fx_intercept, collinear_fixed)
     X, fe_names = _intercept_last(X, fx_names)
 
     Z, re_names, re_specs, groups, group_labels = [], [], [], [], []
     designs: dict[str, tuple] = {}
+    coded: dict[str, tuple] = {}  # grouping variable -> (values, codes, count)
     for level, (term, formula) in enumerate(zip(parsed.random, re_formulas)):
         where = f"random term ({term.rhs} | {term.group})"
         if term.rhs not in designs:
-            designs[term.rhs] = _design(formula, sub, where)
+            designs[term.rhs] = design(formula, where)
         M, names, spec, _ = designs[term.rhs]
         if M.shape[1] == 0:
             raise ValueError(f"{where} has no columns; use (1 | {term.group}) for a random intercept")
         Z_l, names_l = _intercept_last(M, names)
-        codes, labels, first = _group_codes(sub, term.group_vars)
+        for var in term.group_vars:
+            if var not in coded:
+                values = _used_values(cols[var], rows if n_dropped else None)
+                coded[var] = (values, *_factorize(values))
+        codes, labels, first = _group_codes([coded[var] for var in term.group_vars])
         if len(labels) < 2:
             raise ValueError(
                 f"level {term.group!r} has only {len(labels)} group; a random effect needs at least 2 groups"
@@ -657,20 +792,8 @@ def build_model_frame(parsed: ParsedFormula, data, extra: Mapping | None = None,
         group_labels.append(labels)
 
     return ModelFrame(
-        y=y,
-        X=X,
-        fe_names=fe_names,
-        Z=Z,
-        re_names=re_names,
-        groups=groups,
-        group_labels=group_labels,
-        terms=parsed.random,
-        response=parsed.response,
-        sample=sample,
-        n_dropped=n_dropped,
+        y=y, X=X, fe_names=fe_names, Z=Z, re_names=re_names, groups=groups, group_labels=group_labels,
+        terms=parsed.random, response=parsed.response, sample=sample, n_dropped=n_dropped,
         extra={key: values[rows] if n_dropped else values for key, (_, values) in extras.items()},
-        fixed_spec=fixed_spec,
-        re_specs=re_specs,
-        omitted=omitted,
-        notes=notes,
+        fixed_spec=fixed_spec, re_specs=re_specs, omitted=omitted, notes=notes,
     )

@@ -16,7 +16,7 @@ from functools import cached_property
 
 import numpy as np
 import pandas as pd
-from scipy import stats
+from scipy import special, stats
 
 from mlmeta import summary as _summary
 from mlmeta.postestimation import PostestimationMixin
@@ -59,15 +59,12 @@ class MeregressResults(PostestimationMixin):
         self.constraints = fc
         if fc is not None:
             beta, cov = fc.expand(beta, cov)
-        self.params = pd.Series(beta, index=names, name="coef")
-        self._cov = pd.DataFrame(cov, index=names, columns=names)
         se = np.sqrt(np.clip(np.diag(cov), 0.0, None))
         se[se < 1e-12 * np.maximum(np.abs(beta), 1.0)] = 0.0
-        self.bse = pd.Series(se, index=names, name="std err")
         with np.errstate(divide="ignore", invalid="ignore"):
             z = np.where(se > 0, beta / np.where(se > 0, se, 1.0), np.nan)
-        self.zvalues = pd.Series(z, index=names, name="z")
-        self.pvalues = pd.Series(2 * stats.norm.sf(np.abs(z)), index=names, name="P>|z|")
+        # own copies: params, _cov, bse and zvalues are built from them on first use
+        self._fe_values = (np.array(beta, dtype=float), np.array(cov, dtype=float), se, z)
         self.omitted = list(frame.omitted)
         self.test = str(self.options.get("test", "z"))
         self.df_resid = None
@@ -80,8 +77,8 @@ class MeregressResults(PostestimationMixin):
 
                 self.df_resid = satterthwaite_df(self)
             self.tvalues = self.zvalues.rename("t")
-            self.pvalues = pd.Series(2 * stats.t.sf(np.abs(z), self.df_resid.values), index=names,
-                                     name="P>|t|")
+            self.pvalues = pd.Series(2 * stats.t.sf(np.abs(z), self.df_resid.values),
+                                     index=self._fe_index, name="P>|t|")
         self.llf = -0.5 * ev.deviance
         self.nobs = int(model.n_obs)
         self.converged = bool(record.converged)
@@ -91,6 +88,33 @@ class MeregressResults(PostestimationMixin):
         self.group_names = [t.group for t in frame.terms]
 
     # -- fixed effects ------------------------------------------------------
+    @cached_property
+    def _fe_index(self) -> pd.Index:
+        """One index shared by every fixed-effects table."""
+        return pd.Index(self.fe_names)
+
+    @cached_property
+    def params(self) -> pd.Series:
+        return pd.Series(self._fe_values[0], index=self._fe_index, name="coef")
+
+    @cached_property
+    def _cov(self) -> pd.DataFrame:
+        return pd.DataFrame(self._fe_values[1], index=self._fe_index, columns=self._fe_index)
+
+    @cached_property
+    def bse(self) -> pd.Series:
+        return pd.Series(self._fe_values[2], index=self._fe_index, name="std err")
+
+    @cached_property
+    def zvalues(self) -> pd.Series:
+        return pd.Series(self._fe_values[3], index=self._fe_index, name="z")
+
+    @cached_property
+    def pvalues(self) -> pd.Series:
+        # 2 * stats.norm.sf(|z|), which scipy evaluates as ndtr(-|z|)
+        return pd.Series(2 * special.ndtr(-np.abs(self._fe_values[3])), index=self._fe_index,
+                         name="P>|z|")
+
     def cov_params(self) -> pd.DataFrame:
         """Var(beta) = (X' V^-1 X)^-1."""
         return self._cov.copy()
@@ -191,18 +215,20 @@ class MeregressResults(PostestimationMixin):
         return out
 
     @cached_property
+    def _sd_scale(self) -> float:
+        """Typical sampling SD (the median one; 1 without sampling variances)."""
+        d = self.model.design
+        return float(np.sqrt(np.median(d.variance))) if d.variance is not None else 1.0
+
+    @cached_property
     def _vc_values(self):
         """Reported values and boundary flags, without the information matrix."""
-        d = self.model.design
-        scale = float(np.sqrt(np.median(d.variance))) if d.variance is not None else 1.0
-        return variance_components(self.model, self.theta, self.group_names, scale=scale,
+        return variance_components(self.model, self.theta, self.group_names, scale=self._sd_scale,
                                    with_cov=False)
 
     @cached_property
     def _vc(self):
-        d = self.model.design
-        scale = float(np.sqrt(np.median(d.variance))) if d.variance is not None else 1.0
-        return variance_components(self.model, self.theta, self.group_names, scale=scale)
+        return variance_components(self.model, self.theta, self.group_names, scale=self._sd_scale)
 
     def robust(self, cluster=None, type="CR2", df="satterthwaite", *, data=None):
         """Cluster-robust inference with the fitted model as working covariance
@@ -278,8 +304,7 @@ class MeregressResults(PostestimationMixin):
                 flagged.add(c.group)
         # a singular covariance matrix without a zero SD or a +-1 correlation (lme4's
         # isSingular: a singular value of the relative factor below 1e-4)
-        d = self.model.design
-        scale = float(np.sqrt(np.median(d.variance))) if d.variance is not None else 1.0
+        scale = self._sd_scale
         for name, T in zip(self.group_names, self.model.T_list(self.theta)):
             if name in flagged or T.shape[0] < 2:
                 continue
