@@ -166,7 +166,14 @@ class BatchResults:
 
 def compiled_inputs(m: NestedModel):
     """The arguments of ``fit_many`` after (Yw, theta0) and before the optimiser
-    settings, for a model whose structures are linear in theta."""
+    settings, for a model whose structures are linear in theta (kept on the model)."""
+    cached = getattr(m, "_compiled_inputs", None)
+    if cached is None:
+        cached = m._compiled_inputs = _compiled_inputs(m)
+    return cached
+
+
+def _compiled_inputs(m: NestedModel):
     d = m.design
     K = d.kernel
     w = d.weights
@@ -249,8 +256,9 @@ def fit_batch(model: Model, Y, *, n_jobs=None, em_iter=20, maxiter=200, tol=1e-6
         theta0 = np.repeat(base[None, :], Y.shape[1], axis=0)
     theta0 = np.ascontiguousarray(np.broadcast_to(np.asarray(theta0, dtype=float),
                                                   (Y.shape[1], m.n_theta)))
-    theta, dev, beta, se, conv, iters, evals, sig2 = fit_many(
-        d.kernel, Yw, theta0, *compiled_inputs(m), int(em_iter), int(maxiter), float(tol), n_jobs)
+    out = fit_many(d.kernel, Yw, theta0, *compiled_inputs(m), int(em_iter), int(maxiter), float(tol),
+                   n_jobs)
+    theta, sig2 = out["theta"], out["sigma2"]
     re_cov = {}
     for lvl, (g, s, sl) in enumerate(zip(groups, m.structs, m.theta_slices)):
         re_cov[g] = np.array([s.Sigma(t[sl]) for t in theta])
@@ -258,6 +266,8 @@ def fit_batch(model: Model, Y, *, n_jobs=None, em_iter=20, maxiter=200, tol=1e-6
         # theta is relative to the residual SD: Sigma_l = sigma^2 T_l T_l'
         for g in groups:
             re_cov[g] = re_cov[g] * sig2[:, None, None]
-    return BatchResults(params=pd.DataFrame(beta, columns=names), bse=pd.DataFrame(se, columns=names),
-                        llf=-0.5 * dev, theta=theta, converged=conv, n_iter=iters, n_evals=evals,
+    return BatchResults(params=pd.DataFrame(out["beta"], columns=names),
+                        bse=pd.DataFrame(out["se"], columns=names), llf=-0.5 * out["deviance"],
+                        theta=theta, converged=out["converged"], n_iter=out["n_iter"],
+                        n_evals=out["n_evals"],
                         re_cov=re_cov, scale=sig2 if m.residual == "profiled" else None)

@@ -252,28 +252,36 @@ def _local(cnt: _Counter, theta0, lower, upper, maxiter, tol, scale=1.0, callbac
     return theta, f, g, it, converged, gmax, message
 
 
-def _compiled_starts(model):
+def _compiled(model) -> bool:
+    """The compiled optimiser covers the model, and one evaluation would not use threads
+    (the compiled runs evaluate serially; big models evaluate faster on the kernel's threads)."""
     from mlmeta.batch import compiled_ok
 
-    return compiled_ok(model) is None
+    K = model.design.kernel
+    serial = K.n_threads == 1 or K.n_nodes < K.parallel_min_nodes
+    return serial and compiled_ok(model) is None
 
 
-def _run_compiled_starts(model, starts, lower, upper, maxiter, tol):
-    """The extra starts, each a full Newton run in compiled code (threads over starts)."""
-    import os
+def _run_compiled(model, thetas, *, em_iter=0, em_tol=0.0, maxiter=1000, tol=1e-6, quasi=False,
+                  known=None):
+    """Compiled EM + projected Newton runs from each row of ``thetas`` (one thread).
 
+    Returns a list of (theta, deviance, converged, n_em, n_iter, n_evals, joined) per run.
+    ``quasi``/``known``: exploratory runs (BFGS-updated Hessian) that stop when they
+    join the known (theta, deviance) optimum.
+    """
     from mlmeta._core._batch import fit_many
     from mlmeta.batch import compiled_inputs
 
     d = model.design
-    labels = [lab for lab, _ in starts]
-    theta0 = np.ascontiguousarray([np.clip(t, lower, upper) for _, t in starts])
-    Yw = np.ascontiguousarray(np.repeat(d.yw[None, :], len(starts), axis=0))
-    # threads only pay (and only touch the OpenMP runtime) for large models
-    threads = (os.cpu_count() or 1) if model.n_obs >= 20_000 else 1
-    th, dev, _, _, conv, _, _, _ = fit_many(d.kernel, Yw, theta0, *compiled_inputs(model), 0,
-                                            int(maxiter), float(tol), threads)
-    return [(lab, th[i], float(dev[i]), bool(conv[i])) for i, lab in enumerate(labels)]
+    theta0 = np.ascontiguousarray(np.clip(np.atleast_2d(thetas), model.lower, model.upper))
+    Yw = np.ascontiguousarray(np.broadcast_to(d.yw, (theta0.shape[0], d.yw.shape[0])))
+    kt, kd = (None, np.inf) if known is None else (known[0], float(known[1]))
+    out = fit_many(d.kernel, Yw, theta0, *compiled_inputs(model), int(em_iter), int(maxiter),
+                   float(tol), 1, quasi=quasi, known_theta=kt, known_dev=kd, em_tol=float(em_tol))
+    return [(out["theta"][i], float(out["deviance"][i]), bool(out["converged"][i]),
+             int(out["n_em"][i]), int(out["n_iter"][i]), int(out["n_evals"][i]),
+             bool(out["joined"][i])) for i in range(theta0.shape[0])]
 
 
 def _alternative_starts(model: NestedModel, theta_em, theta_best):
@@ -327,7 +335,14 @@ def fit_nested(model: NestedModel, *, theta0=None, em_iter=20, em_tol=1e-10, em_
         rec.theta, rec.deviance, rec.converged = theta, f, True
         rec.seconds = time.perf_counter() - t0
         return rec
-    if em_iter > 0 or em_only:
+    compiled = fixed is None and not log and not em_only and _compiled(model)
+    if compiled:
+        (theta_em, _, _, n_em, _, n_ev, _), = _run_compiled(model, theta, em_iter=em_iter,
+                                                          em_tol=em_tol, maxiter=0)
+        rec.n_em = n_em
+        cnt.n += n_ev
+        theta = theta_em
+    elif em_iter > 0 or em_only:
         if log:
             log("Performing EM optimization ...")
         n_em = (10 * maxiter if em_only else em_iter)
@@ -356,8 +371,19 @@ def fit_nested(model: NestedModel, *, theta0=None, em_iter=20, em_tol=1e-10, em_
             log(f"Iteration {it[0]}:  {model._ll_label()} = {-0.5 * cnt.f(xk):.8g}")
             it[0] += 1
 
-    theta, f, g, nit, conv, gmax, msg = _local(cnt, theta, lower, upper,
-                                               maxiter, tol, scale, callback)
+    conv = False
+    if compiled:
+        (th, f, conv, _, nit, n_ev, _), = _run_compiled(model, theta, maxiter=maxiter, tol=tol)
+        cnt.n += n_ev
+        if np.all(np.isfinite(th)) and np.isfinite(f):
+            theta = th      # never worse than the start: a fallback continues from here
+        if conv:
+            f, g = cnt.fg(theta)
+            free = _free_mask(theta, g, lower, upper)
+            gmax = float(np.max(np.abs(g[free]))) if free.any() else 0.0
+    if not conv:
+        theta, f, g, nit, conv, gmax, msg = _local(cnt, theta, lower, upper,
+                                                   maxiter, tol, scale, callback)
     rec.n_iter = nit
     rec.candidates.append(("EM start", f, theta.copy(), conv))
     if not conv:
@@ -365,10 +391,16 @@ def fit_nested(model: NestedModel, *, theta0=None, em_iter=20, em_tol=1e-10, em_
                             f"largest gradient component {gmax:.3g})")
     use_safeguard = (safeguard is True) or (safeguard == "auto" and model.n_obs <= 50_000)
     best = (f, theta, g, conv, gmax)
-    if use_safeguard and fixed is None and _compiled_starts(model):
+    if use_safeguard and compiled:
         starts = _alternative_starts(model, rec.theta_em, theta)
-        for label, th, fa, conva in _run_compiled_starts(model, starts, lower, upper, maxiter, tol):
-            cnt.n += 1
+        runs = _run_compiled(model, [t for _, t in starts], maxiter=maxiter, tol=tol, quasi=True,
+                             known=(theta, f))
+        for (label, _), (th, fa, conva, _, _, n_ev, joined) in zip(starts, runs):
+            cnt.n += n_ev
+            if not joined and fa < best[0] - 1e-7 * max(1.0, abs(best[0])):
+                # an exploratory run found a lower deviance: confirm it with full Newton
+                (th, fa, conva, _, _, n_ev, _), = _run_compiled(model, th, maxiter=maxiter, tol=tol)
+                cnt.n += n_ev
             rec.candidates.append((label, fa, th.copy(), conva))
             if conva and fa < best[0] - 1e-7 * max(1.0, abs(best[0])):
                 ga = cnt.g(th)

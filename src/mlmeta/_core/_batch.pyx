@@ -267,13 +267,49 @@ cdef void em_update(const Prob* P, Work* W, double* th) noexcept nogil:
                     c += 1
 
 
-cdef int fit_one(const Prob* P, Work* W, const double* y, double* th, int em_iter, int maxiter,
-                 double tol, double* out_dev, double* out_beta, double* out_se,
-                 int* out_iter, double* out_sig2) noexcept nogil:
-    """Fit one outcome vector from theta ``th`` (updated in place); returns 1 if converged."""
+cdef struct Options:
+    int em_iter, maxiter
+    double tol, em_tol      # em_tol: EM stops when the deviance changes by <= em_tol (|f| + em_tol)
+    bint quasi              # BFGS updates of one finite-difference Hessian (exploratory runs)
+    const double* known     # an optimum found already (NULL: none) ...
+    double known_dev        # ... and its deviance
+
+
+cdef inline void bfgs_update(double* Hq, const double* s, const double* yv, double* Hs,
+                             int k) noexcept nogil:
+    """Hq <- Hq + y y'/(s'y) - (Hq s)(Hq s)'/(s' Hq s), skipped unless both curvatures > 0."""
+    cdef int i, j
+    cdef double sy = 0.0, sHs = 0.0, ss = 0.0, yy = 0.0
+    for i in range(k):
+        Hs[i] = 0.0
+        for j in range(k):
+            Hs[i] += Hq[i + j * k] * s[j]
+    for i in range(k):
+        sy += s[i] * yv[i]
+        sHs += s[i] * Hs[i]
+        ss += s[i] * s[i]
+        yy += yv[i] * yv[i]
+    if not (sy > 1e-10 * sqrt(ss * yy)) or not (sHs > 0.0):
+        return
+    for j in range(k):
+        for i in range(k):
+            Hq[i + j * k] += yv[i] * yv[j] / sy - Hs[i] * Hs[j] / sHs
+
+
+cdef int fit_one(const Prob* P, Work* W, const double* y, double* th, const Options* O,
+                 double* out_dev, double* out_beta, double* out_se,
+                 int* out_iter, double* out_sig2, int* out_joined, int* out_em) noexcept nogil:
+    """Fit one outcome vector from theta ``th`` (updated in place); returns 1 if converged.
+
+    With ``O.quasi`` the Hessian is differenced once (and again when a parameter
+    leaves a bound) and then updated by BFGS; such runs stop at a decrement of
+    1e-10 max(1, |f|) and serve to explore, not to certify. With ``O.known`` a run
+    that comes within 5 % of that optimum without a lower deviance stops there
+    (``out_joined``), since it would only find it again.
+    """
     cdef int k = P.n_theta
-    cdef int it, i, j, m, nf, lw, info = 0, n_half, accepted, moved, pd, converged
-    cdef double f, fc, fscale, gmax, dec, h, wmax, big, tt, armijo, eps = 1e-12
+    cdef int it, i, j, m, nf, lw, info = 0, n_half, accepted, moved, pd, converged, have_h, joined
+    cdef double f, fc, fscale, gmax, dec, h, wmax, big, tt, armijo, stop, near, eps = 1e-12
     cdef char jobv = b'V'
     cdef char lo = b'L'
     cdef double* g = W.tmp
@@ -286,14 +322,25 @@ cdef int fit_one(const Prob* P, Work* W, const double* y, double* th, int em_ite
     cdef double* w = H + k * k
     cdef double* work = w + k
     cdef int* idx = <int*>(work + 4 * k + 8)
+    cdef double* Hq = work + 5 * k + 8
+    cdef double* Hs = Hq + k * k
+    cdef double* hk = Hs + k          # 1 where Hq holds a differenced (or updated) row
     lw = 4 * k + 8
     W.n_evals = 0
+    joined = 0
+    have_h = 0
     set_response(P, W, y)
-    for it in range(em_iter):
+    fc = INFINITY
+    out_em[0] = 0
+    for it in range(O.em_iter):
         f = evaluate(P, W, th, NULL, True)
         if f == INFINITY:
             break
         em_update(P, W, th)
+        out_em[0] = it + 1
+        if fabs(fc - f) <= O.em_tol * (fabs(f) + O.em_tol):
+            break
+        fc = f
     for i in range(k):
         if th[i] < P.lower[i]:
             th[i] = P.lower[i]
@@ -304,9 +351,10 @@ cdef int fit_one(const Prob* P, Work* W, const double* y, double* th, int em_ite
     pd = 0
     dec = INFINITY
     it = 0
-    while it < maxiter and f < INFINITY:
+    while it < O.maxiter and f < INFINITY:
         it += 1
         fscale = fabs(f) if fabs(f) > 1.0 else 1.0
+        stop = (1e-10 if O.quasi else 1e-14) * fscale
         nf = 0
         gmax = 0.0
         for i in range(k):
@@ -315,22 +363,29 @@ cdef int fit_one(const Prob* P, Work* W, const double* y, double* th, int em_ite
                 nf += 1
                 if fabs(g[i]) > gmax:
                     gmax = fabs(g[i])
+                if not hk[i]:
+                    have_h = 0
         if gmax <= 1e-12 * fscale:
             dec = 0.0
             pd = 1
         else:
-            for m in range(nf):
-                i = idx[m]
-                h = 1e-6 * (P.scale if P.scale > fabs(th[i]) else fabs(th[i]))
-                copy(th, tp, k)
-                tp[i] = tp[i] + h
-                evaluate(P, W, tp, gp, False)
-                for j in range(nf):
-                    H[j + m * nf] = (gp[idx[j]] - g[idx[j]]) / h
-            for m in range(nf):
-                for j in range(m):
-                    H[j + m * nf] = 0.5 * (H[j + m * nf] + H[m + j * nf])
-                    H[m + j * nf] = H[j + m * nf]
+            if O.quasi and have_h:
+                for m in range(nf):
+                    for j in range(nf):
+                        H[j + m * nf] = Hq[idx[j] + idx[m] * k]
+            else:
+                for m in range(nf):
+                    i = idx[m]
+                    h = 1e-6 * (P.scale if P.scale > fabs(th[i]) else fabs(th[i]))
+                    copy(th, tp, k)
+                    tp[i] = tp[i] + h
+                    evaluate(P, W, tp, gp, False)
+                    for j in range(nf):
+                        H[j + m * nf] = (gp[idx[j]] - g[idx[j]]) / h
+                for m in range(nf):
+                    for j in range(m):
+                        H[j + m * nf] = 0.5 * (H[j + m * nf] + H[m + j * nf])
+                        H[m + j * nf] = H[j + m * nf]
             dsyev(&jobv, &lo, &nf, H, &nf, w, work, &lw, &info)
             if info != 0:
                 break
@@ -339,6 +394,22 @@ cdef int fit_one(const Prob* P, Work* W, const double* y, double* th, int em_ite
             for m in range(nf):
                 if fabs(w[m]) > wmax:
                     wmax = fabs(w[m])
+            if O.quasi and not have_h:
+                # start the updates from the differenced Hessian made positive definite
+                # (U max(|w|, 1e-10 max|w|) U'); BFGS keeps it so
+                zero(Hq, k * k)
+                for i in range(k):
+                    hk[i] = 0.0
+                    Hq[i + i * k] = 1.0
+                for m in range(nf):
+                    hk[idx[m]] = 1.0
+                    for j in range(nf):
+                        tt = 0.0
+                        for i in range(nf):
+                            h = fabs(w[i]) if fabs(w[i]) > 1e-10 * wmax else 1e-10 * wmax
+                            tt = tt + H[j + i * nf] * h * H[m + i * nf]
+                        Hq[idx[j] + idx[m] * k] = tt
+                have_h = 1
             for m in range(nf):
                 tt = 0.0
                 for j in range(nf):
@@ -352,7 +423,7 @@ cdef int fit_one(const Prob* P, Work* W, const double* y, double* th, int em_ite
                     tt = tt + H[j + m * nf] * gp[m]
                 step[j] = -tt
                 dec = dec - g[idx[j]] * step[j]
-        if dec <= 1e-14 * fscale and pd:
+        if dec <= stop and pd:
             moved = 0
             for i in range(k):
                 if P.lower[i] == 0.0 and P.upper[i] > 0.0 and th[i] <= 0.0 and fabs(g[i]) <= 1e-10 * fscale:
@@ -364,6 +435,7 @@ cdef int fit_one(const Prob* P, Work* W, const double* y, double* th, int em_ite
                         copy(gp, g, k)
                         f = fc
                         moved = 1
+                        have_h = 0
             if not moved:
                 converged = 1
                 break
@@ -402,14 +474,37 @@ cdef int fit_one(const Prob* P, Work* W, const double* y, double* th, int em_ite
         if not accepted:
             if dec <= 1e-10 * fscale:
                 converged = pd
+            elif O.quasi and have_h:
+                have_h = 0          # a poor model Hessian: difference it again
+                continue
             break
+        if O.quasi:
+            for i in range(k):
+                tp[i] = cand[i] - th[i]
+                gp[i] = gc[i] - g[i]
+            bfgs_update(Hq, tp, gp, Hs, k)
         copy(cand, th, k)
         copy(gc, g, k)
         f = fc
+        if O.known != NULL:
+            near = 0.0
+            tt = P.scale
+            for i in range(k):
+                if fabs(th[i] - O.known[i]) > near:
+                    near = fabs(th[i] - O.known[i])
+                if fabs(O.known[i]) > tt:
+                    tt = fabs(O.known[i])
+            if near <= 0.05 * tt and f >= O.known_dev - 1e-9 * (fabs(O.known_dev) if fabs(O.known_dev) > 1.0 else 1.0):
+                copy(O.known, th, k)
+                f = O.known_dev
+                joined = 1
+                converged = 1
+                break
     if not converged and f < INFINITY:
         fscale = fabs(f) if fabs(f) > 1.0 else 1.0
-        converged = 1 if (pd and dec <= tol * fscale) else 0
+        converged = 1 if (pd and dec <= O.tol * fscale) else 0
     out_iter[0] = it
+    out_joined[0] = joined
     out_dev[0] = evaluate(P, W, th, NULL, False) if f < INFINITY else INFINITY
     for j in range(P.p):
         out_beta[j] = W.beta[j]
@@ -426,10 +521,12 @@ def fit_many(kernel, const double[:, ::1] Yw, const double[:, ::1] theta0, const
              const Py_ssize_t[::1] th_off, const double[::1] n_groups, const double[::1] Zw,
              const Py_ssize_t[::1] zw_off, const double[:, ::1] Xw, const Py_ssize_t[::1] node_r0,
              const Py_ssize_t[::1] node_r1, bint reml, bint profiled, double logdet_Lambda,
-             double logdet_XtX, double scale, int em_iter, int maxiter, double tol, int n_threads):
-    """Fit every column of ``Yw`` (m x n, whitened and sorted); returns
-    (theta (m x k), deviance (m), beta (m x p), se (m x p), converged (m), n_iter (m),
-    n_evals (m), sigma2 (m))."""
+             double logdet_XtX, double scale, int em_iter, int maxiter, double tol, int n_threads,
+             bint quasi=False, known_theta=None, double known_dev=INFINITY, double em_tol=0.0):
+    """Fit every column of ``Yw`` (m x n, whitened and sorted); returns a dict of
+    arrays: theta (m x k), deviance, beta (m x p), se (m x p), converged, n_iter
+    (Newton), n_em (EM iterations), n_evals, sigma2 and joined (m each). ``quasi``, ``known_theta``/``known_dev``:
+    see :func:`fit_one` (exploratory runs from extra starts)."""
     cdef Py_ssize_t m = Yw.shape[0]
     cdef int k = M.shape[1]
     cdef int p = Xw.shape[1]
@@ -507,7 +604,7 @@ def fit_many(kernel, const double[:, ::1] Yw, const double[:, ::1] theta0, const
     nc = p + 1
     sizes = [P.zz_len, P.zz_len, P.za_len, P.za_len, P.za_len, P.tn_len, P.tn_len, P.tn_len,
              P.za_len, nc * nc, nc * nc, P.scratch_len, P.t_len, P.t_len, P.t_len, max(p * p, 1),
-             max(p * p, 1), max(p, 1), nc * nc, 12 * k + k * k + 24]
+             max(p * p, 1), max(p, 1), nc * nc, 16 * k + 2 * k * k + 32]
     offs = np.concatenate([[0], np.cumsum(sizes)]).astype(np.intp)
     buf = np.zeros((nt, int(offs[-1])), dtype=np.float64)
     cdef double[:, ::1] B = buf
@@ -530,6 +627,26 @@ def fit_many(kernel, const double[:, ::1] Yw, const double[:, ::1] theta0, const
     cdef int[::1] ev = evals
     cdef Py_ssize_t r
     cdef int tid, c
+    joined = np.zeros(m, dtype=np.intc)
+    n_em = np.zeros(m, dtype=np.intc)
+    cdef int[::1] jv = joined
+    cdef int[::1] emv = n_em
+    cdef Options O
+    O.em_iter = em_iter
+    O.maxiter = maxiter
+    O.tol = tol
+    O.em_tol = em_tol
+    O.quasi = quasi
+    O.known_dev = known_dev
+    known = None
+    cdef double[::1] kn
+    O.known = NULL
+    if known_theta is not None:
+        known = np.ascontiguousarray(known_theta, dtype=np.float64)
+        if known.shape[0] != k:
+            raise ValueError("known_theta has the wrong length")
+        kn = known
+        O.known = &kn[0]
     cdef Work* Ws = <Work*>malloc(nt * sizeof(Work))
     if Ws == NULL:
         raise MemoryError()
@@ -558,15 +675,16 @@ def fit_many(kernel, const double[:, ::1] Yw, const double[:, ::1] theta0, const
         with nogil:
             if nt == 1:         # no OpenMP region at all (fork safety, no thread start-up)
                 for r in range(m):
-                    cv[r] = fit_one(&P, &Ws[0], &Yw[r, 0], &th[r, 0], em_iter, maxiter, tol,
-                                    &dv[r], &bt[r, 0], &sv[r, 0], &itv[r], &s2[r])
+                    cv[r] = fit_one(&P, &Ws[0], &Yw[r, 0], &th[r, 0], &O,
+                                    &dv[r], &bt[r, 0], &sv[r, 0], &itv[r], &s2[r], &jv[r], &emv[r])
                     ev[r] = Ws[0].n_evals
             else:
                 for r in prange(m, num_threads=nt, schedule="dynamic"):
                     tid = threadid()
-                    cv[r] = fit_one(&P, &Ws[tid], &Yw[r, 0], &th[r, 0], em_iter, maxiter, tol,
-                                    &dv[r], &bt[r, 0], &sv[r, 0], &itv[r], &s2[r])
+                    cv[r] = fit_one(&P, &Ws[tid], &Yw[r, 0], &th[r, 0], &O,
+                                    &dv[r], &bt[r, 0], &sv[r, 0], &itv[r], &s2[r], &jv[r], &emv[r])
                     ev[r] = Ws[tid].n_evals
     finally:
         free(Ws)
-    return theta, dev, beta[:, :p], se[:, :p], conv.astype(bool), iters, evals, sig2
+    return dict(theta=theta, deviance=dev, beta=beta[:, :p], se=se[:, :p], converged=conv.astype(bool),
+                n_iter=iters, n_evals=evals, sigma2=sig2, joined=joined.astype(bool), n_em=n_em)

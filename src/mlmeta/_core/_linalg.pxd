@@ -6,19 +6,33 @@ from scipy.linalg.cython_blas cimport dgemm, dtrsm
 from scipy.linalg.cython_lapack cimport dpotrf
 from libc.math cimport sqrt
 
+cdef enum:
+    SMALL_GEMM = 512     # inline loops for m n k up to this (BLAS call overhead dominates)
+    SMALL_FACTOR = 8     # inline Cholesky / triangular solves up to this order
+
+
 cdef inline void _small_gemm(bint ta, bint tb, int m, int n, int k, double alpha,
                              const double* A, int lda, const double* B, int ldb,
                              double beta, double* C, int ldc) noexcept nogil:
-    """Plain loops for tiny products, where a BLAS call costs more than the work."""
+    """Plain loops for tiny products, where a BLAS call costs more than the work
+    (one loop nest per transpose case so the inner loop has no branches)."""
     cdef int i, j, l
-    cdef double acc, a, b
+    cdef double acc
     for j in range(n):
         for i in range(m):
             acc = 0.0
-            for l in range(k):
-                a = A[l + i * lda] if ta else A[i + l * lda]
-                b = B[j + l * ldb] if tb else B[l + j * ldb]
-                acc += a * b
+            if not ta and not tb:
+                for l in range(k):
+                    acc += A[i + l * lda] * B[l + j * ldb]
+            elif ta and not tb:
+                for l in range(k):
+                    acc += A[l + i * lda] * B[l + j * ldb]
+            elif not ta:
+                for l in range(k):
+                    acc += A[i + l * lda] * B[j + l * ldb]
+            else:
+                for l in range(k):
+                    acc += A[l + i * lda] * B[j + l * ldb]
             if beta == 0.0:
                 C[i + j * ldc] = alpha * acc
             else:
@@ -42,7 +56,7 @@ cdef inline void gemm(char transa, char transb, int m, int n, int k, double alph
                 for i in range(m):
                     C[i + j * ldc] *= beta
         return
-    if m * n * k <= 64:
+    if m * n * k <= SMALL_GEMM:
         _small_gemm(transa == b'T', transb == b'T', m, n, k, alpha, A, lda, B, ldb, beta, C, ldc)
         return
     dgemm(&transa, &transb, &m, &n, &k, &alpha, <double*>A, &lda, <double*>B, &ldb,
@@ -66,7 +80,7 @@ cdef inline void trsm_left_lower(char trans, int m, int n, const double* L, int 
         for j in range(n):
             B[j * ldb] /= L[0]
         return
-    if m <= 4:
+    if m <= SMALL_FACTOR:
         for j in range(n):
             if trans == b'N':
                 for i in range(m):
@@ -88,10 +102,22 @@ cdef inline int potrf_lower(int n, double* A, int lda) noexcept nogil:
     """Lower Cholesky factor in place (A = L L'); returns LAPACK info."""
     cdef char uplo = b'L'
     cdef int info = 0
-    if n == 1:
-        if not (A[0] > 0.0):
-            return 1
-        A[0] = sqrt(A[0])
+    cdef int i, j, l
+    cdef double acc, d
+    if n <= SMALL_FACTOR:
+        for j in range(n):
+            d = A[j + j * lda]
+            for l in range(j):
+                d -= A[j + l * lda] * A[j + l * lda]
+            if not (d > 0.0):
+                return j + 1
+            d = sqrt(d)
+            A[j + j * lda] = d
+            for i in range(j + 1, n):
+                acc = A[i + j * lda]
+                for l in range(j):
+                    acc -= A[i + l * lda] * A[j + l * lda]
+                A[i + j * lda] = acc / d
         return 0
     dpotrf(&uplo, &n, A, &lda, &info)
     return info
