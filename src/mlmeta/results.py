@@ -67,18 +67,6 @@ class MeregressResults(PostestimationMixin):
         self._fe_values = (np.array(beta, dtype=float), np.array(cov, dtype=float), se, z)
         self.omitted = list(frame.omitted)
         self.test = str(self.options.get("test", "z"))
-        self.df_resid = None
-        if self.test in ("t", "satterthwaite"):
-            # t tests on metafor's containment df (dfs="contain") or Satterthwaite df (lmerTest)
-            if self.test == "t":
-                self.df_resid = self.containment_df()
-            else:
-                from mlmeta.satterthwaite import satterthwaite_df
-
-                self.df_resid = satterthwaite_df(self)
-            self.tvalues = self.zvalues.rename("t")
-            self.pvalues = pd.Series(2 * stats.t.sf(np.abs(z), self.df_resid.values),
-                                     index=self._fe_index, name="P>|t|")
         self.llf = -0.5 * ev.deviance
         self.nobs = int(model.n_obs)
         self.converged = bool(record.converged)
@@ -110,10 +98,32 @@ class MeregressResults(PostestimationMixin):
         return pd.Series(self._fe_values[3], index=self._fe_index, name="z")
 
     @cached_property
+    def df_resid(self) -> pd.Series | None:
+        """Degrees of freedom of the t tests: metafor's containment df (``test="t"``),
+        Satterthwaite df (``test="satterthwaite"``, lmerTest), None for z tests.
+        Computed on first use."""
+        if self.test == "t":
+            return self.containment_df()
+        if self.test == "satterthwaite":
+            from mlmeta.satterthwaite import satterthwaite_df
+
+            return satterthwaite_df(self)
+        return None
+
+    @cached_property
+    def tvalues(self) -> pd.Series:
+        if self.test not in ("t", "satterthwaite"):
+            raise AttributeError("tvalues: the tests are z tests (test='z'); see zvalues")
+        return self.zvalues.rename("t")
+
+    @cached_property
     def pvalues(self) -> pd.Series:
+        z = np.abs(self._fe_values[3])
+        if self.df_resid is not None:
+            return pd.Series(2 * stats.t.sf(z, self.df_resid.values), index=self._fe_index,
+                             name="P>|t|")
         # 2 * stats.norm.sf(|z|), which scipy evaluates as ndtr(-|z|)
-        return pd.Series(2 * special.ndtr(-np.abs(self._fe_values[3])), index=self._fe_index,
-                         name="P>|z|")
+        return pd.Series(2 * special.ndtr(-z), index=self._fe_index, name="P>|z|")
 
     def cov_params(self) -> pd.DataFrame:
         """Var(beta) = (X' V^-1 X)^-1."""

@@ -76,24 +76,31 @@ cdef inline void trsm_left_lower(char trans, int m, int n, const double* L, int 
         return
     cdef int i, l
     cdef double acc
+    cdef double rd[SMALL_FACTOR]
     if m == 1:
+        acc = 1.0 / L[0]
         for j in range(n):
-            B[j * ldb] /= L[0]
+            B[j * ldb] *= acc
         return
     if m <= SMALL_FACTOR:
-        for j in range(n):
-            if trans == b'N':
+        for i in range(m):
+            rd[i] = 1.0 / L[i + i * ldl]      # multiply, not divide, in the loops
+        if trans == b'N':
+            for j in range(n):
                 for i in range(m):
                     acc = B[i + j * ldb]
                     for l in range(i):
                         acc -= L[i + l * ldl] * B[l + j * ldb]
-                    B[i + j * ldb] = acc / L[i + i * ldl]
-            else:
+                    B[i + j * ldb] = acc * rd[i]
+        else:
+            # column (axpy) form: a dot product here would be vectorised into wide loads of
+            # values just stored one by one, which stalls store forwarding
+            for j in range(n):
                 for i in range(m - 1, -1, -1):
-                    acc = B[i + j * ldb]
-                    for l in range(i + 1, m):
-                        acc -= L[l + i * ldl] * B[l + j * ldb]
-                    B[i + j * ldb] = acc / L[i + i * ldl]
+                    acc = B[i + j * ldb] * rd[i]
+                    B[i + j * ldb] = acc
+                    for l in range(i):
+                        B[l + j * ldb] -= L[i + l * ldl] * acc
         return
     dtrsm(&side, &uplo, &trans, &diag, &m, &n, &one, <double*>L, &ldl, B, &ldb)
 
@@ -113,11 +120,12 @@ cdef inline int potrf_lower(int n, double* A, int lda) noexcept nogil:
                 return j + 1
             d = sqrt(d)
             A[j + j * lda] = d
+            d = 1.0 / d
             for i in range(j + 1, n):
                 acc = A[i + j * lda]
                 for l in range(j):
                     acc -= A[i + l * lda] * A[j + l * lda]
-                A[i + j * lda] = acc / d
+                A[i + j * lda] = acc * d
         return 0
     dpotrf(&uplo, &n, A, &lda, &info)
     return info
