@@ -259,9 +259,12 @@ def fit_batch(model: Model, Y, *, n_jobs=None, em_iter=20, maxiter=200, tol=1e-6
     out = fit_many(d.kernel, Yw, theta0, *compiled_inputs(m), int(em_iter), int(maxiter), float(tol),
                    n_jobs)
     theta, sig2 = out["theta"], out["sigma2"]
+    # Sigma_l = T_l T_l' with T = M theta (linear structures), for every fit at once
+    T_flat = theta @ np.asarray(m._M).T
     re_cov = {}
-    for lvl, (g, s, sl) in enumerate(zip(groups, m.structs, m.theta_slices)):
-        re_cov[g] = np.array([s.Sigma(t[sl]) for t in theta])
+    for g, q, o in zip(groups, d.kernel.q, d.kernel.t_off):
+        T = T_flat[:, o:o + q * q].reshape(-1, q, q).transpose(0, 2, 1)   # column-major blocks
+        re_cov[g] = T @ T.transpose(0, 2, 1)
     if m.residual == "profiled":
         # theta is relative to the residual SD: Sigma_l = sigma^2 T_l T_l'
         for g in groups:

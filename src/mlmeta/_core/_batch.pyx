@@ -23,9 +23,9 @@ import numpy as np
 from cython.parallel cimport prange, threadid
 from libc.math cimport log, sqrt, fabs, INFINITY
 from libc.stdlib cimport malloc, free
-from scipy.linalg.cython_lapack cimport dpotrf, dpotrs, dsyev
+from scipy.linalg.cython_lapack cimport dpotrf, dsyev
 
-from mlmeta._core._linalg cimport gemm, zero, copy
+from mlmeta._core._linalg cimport gemm, zero, copy, potrf_lower, trsm_left_lower
 from mlmeta._core._nested cimport (Tree, SubBlocks, factor_cluster, invert_cluster,
                                    accumulate_cluster, assemble_factors, reduce_factors)
 
@@ -157,10 +157,10 @@ cdef double evaluate(const Prob* P, Work* W, const double* th, double* grad, bin
             for i in range(p):
                 W.Hc[i + j * p] = W.S[i + j * nc]
             W.beta[j] = W.S[j + p * nc]
-        dpotrf(&lo, &p, W.Hc, &p, &info)
-        if info != 0:
+        if potrf_lower(p, W.Hc, p) != 0:
             return INFINITY
-        dpotrs(&lo, &p, &one, W.Hc, &p, W.beta, &p, &info)
+        trsm_left_lower(b'N', p, 1, W.Hc, p, W.beta, p)
+        trsm_left_lower(b'T', p, 1, W.Hc, p, W.beta, p)
         for j in range(p):
             logdet_H = logdet_H + 2.0 * log(W.Hc[j + j * p])
     rss = W.S[p + p * nc]
@@ -188,7 +188,8 @@ cdef double evaluate(const Prob* P, Work* W, const double* th, double* grad, bin
         zero(W.Hinv, p * p)
         for j in range(p):
             W.Hinv[j + j * p] = 1.0
-        dpotrs(&lo, &p, &p, W.Hc, &p, W.Hinv, &p, &info)
+        trsm_left_lower(b'N', p, p, W.Hc, p, W.Hinv, p)
+        trsm_left_lower(b'T', p, p, W.Hc, p, W.Hinv, p)
     for j in range(nc):
         for i in range(nc):
             W.Phi[i + j * nc] = fac * (-W.beta[i] if i < p else 1.0) * (-W.beta[j] if j < p else 1.0)
@@ -505,11 +506,11 @@ cdef int fit_one(const Prob* P, Work* W, const double* y, double* th, const Opti
         converged = 1 if (pd and dec <= O.tol * fscale) else 0
     out_iter[0] = it
     out_joined[0] = joined
-    out_dev[0] = evaluate(P, W, th, NULL, False) if f < INFINITY else INFINITY
+    # one evaluation with the gradient gives the deviance, beta and H^-1 for the SEs
+    out_dev[0] = evaluate(P, W, th, gp, False) if f < INFINITY else INFINITY
     for j in range(P.p):
         out_beta[j] = W.beta[j]
     if out_dev[0] < INFINITY:
-        evaluate(P, W, th, gp, False)
         for j in range(P.p):
             out_se[j] = sqrt(W.sigma2 * W.Hinv[j + j * P.p])
     out_sig2[0] = W.sigma2

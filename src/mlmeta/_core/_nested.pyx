@@ -101,6 +101,7 @@ cdef Py_ssize_t factor_scalar(const Tree* t, Py_ssize_t a0, Py_ssize_t a1, doubl
     cdef int nc = t.ncol
     cdef Py_ssize_t anc[MAXLEV]
     cdef double ta, d, inv, uk
+    cdef double prod = 1.0     # product of pivots (each >= 1, as C >= I), logged in chunks
     for a in range(a0, a1):
         l = t.level[a]
         z = t.zz_ptr[a]
@@ -118,7 +119,10 @@ cdef Py_ssize_t factor_scalar(const Tree* t, Py_ssize_t a0, Py_ssize_t a1, doubl
         d = WB[z + l]
         if not d > 0.0:
             return a + 1
-        logdet[0] += log(d)
+        prod *= d
+        if prod > 1e150:
+            logdet[0] += log(prod)
+            prod = 1.0
         d = sqrt(d)
         inv = 1.0 / d
         WB[z + l] = d
@@ -139,6 +143,7 @@ cdef Py_ssize_t factor_scalar(const Tree* t, Py_ssize_t a0, Py_ssize_t a1, doubl
         for j in range(nc):
             for i in range(nc):
                 S[i + j * nc] -= WR[ra + i] * WR[ra + j]
+    logdet[0] += log(prod)
     return 0
 
 
@@ -177,8 +182,8 @@ cdef void invert_scalar(const Tree* t, Py_ssize_t a0, Py_ssize_t a1, const doubl
 
 cdef void accumulate_scalar(const Tree* t, Py_ssize_t a0, Py_ssize_t a1, const double* SB,
                             const double* WW, double* KK, const double* Phi, double* GN,
-                            double* EN, double* s3) noexcept nogil:
-    """GN_a and EN_a of :func:`accumulate_cluster` for a scalar tree (``s3``: ncol scratch)."""
+                            double* EN) noexcept nogil:
+    """GN_a and EN_a of :func:`accumulate_cluster` for a scalar tree."""
     cdef Py_ssize_t a, l, k, z, ra, rc, c, i, j
     cdef int nc = t.ncol
     cdef Py_ssize_t anc[MAXLEV]
@@ -210,20 +215,16 @@ cdef void accumulate_scalar(const Tree* t, Py_ssize_t a0, Py_ssize_t a1, const d
                 for i in range(nc):
                     KK[rc + i] -= g * WW[ra + i]
                 GN[t.tn_ptr[c]] += g * sak
-    for a in range(a0, a1):
-        l = t.level[a]
-        ra = t.za_ptr[a]
-        # s3 = Phi W_a' ; G_a -= K_a s3 ; E_a += Sig_aa + W_a s3
-        for j in range(nc):
+        # K_a is complete (descendants come first): s3 = Phi W_a' ; G_a -= K_a s3 ;
+        # E_a += Sig_aa + W_a s3
+        f = 0.0
+        g = 0.0
+        for j in range(nc):         # (one pass: no stores reloaded as wide vectors)
             acc = 0.0
             for i in range(nc):
                 acc += Phi[j + i * nc] * WW[ra + i]
-            s3[j] = acc
-        f = 0.0
-        g = 0.0
-        for j in range(nc):
-            f += KK[ra + j] * s3[j]
-            g += WW[ra + j] * s3[j]
+            f += KK[ra + j] * acc
+            g += WW[ra + j] * acc
         GN[t.tn_ptr[a]] -= f
         EN[t.tn_ptr[a]] += g + SB[t.zz_ptr[a] + l]
 
@@ -366,7 +367,7 @@ cdef void accumulate_cluster(const Tree* t, Py_ssize_t a0, Py_ssize_t a1, const 
     cdef double* Ea
     cdef const double* Saa
     if t.scalar:
-        accumulate_scalar(t, a0, a1, SB, WW, KK, Phi, GN, EN, scratch)
+        accumulate_scalar(t, a0, a1, SB, WW, KK, Phi, GN, EN)
         return
     for a in range(a0, a1):
         copy(t.ZA + t.za_ptr[a], KK + t.za_ptr[a], t.nq[a] * nc)
