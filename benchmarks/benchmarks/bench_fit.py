@@ -121,3 +121,23 @@ class Gradient(_Evaluate):
 
     def time_gradient(self, size, shape):
         self.model.evaluate(self.theta, gradient=True)
+
+
+class MixedModel:
+    """``mlmeta.mixed`` end to end on repeated-measures data: groups x observations per
+    group, three predictors with correlated random slopes (four random effects,
+    unstructured), with and without the extra starts."""
+
+    params = ([(50, 50), (200, 20)], [True, False])
+    param_names = ["groups x obs", "safeguard"]
+    timeout = 600
+
+    def setup(self, shape, safeguard):
+        from mlmeta.simulate import lmm
+
+        warnings.simplefilter("ignore")
+        self.data = lmm(shape[0], 3, shape[1], seed=1)[0]
+        self.formula = "DV ~ IV1 + IV2 + IV3 + (IV1 + IV2 + IV3 | Group)"
+
+    def time_mixed(self, shape, safeguard):
+        mlmeta.mixed(self.formula, self.data, safeguard="auto" if safeguard else False)

@@ -8,6 +8,7 @@ messages, the candidate optima found) so a result can say how it was reached.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -263,8 +264,9 @@ def _compiled(model) -> bool:
 
 
 def _run_compiled(model, thetas, *, em_iter=0, em_tol=0.0, maxiter=1000, tol=1e-6, quasi=False,
-                  known=None):
-    """Compiled EM + projected Newton runs from each row of ``thetas`` (one thread).
+                  known=None, threads=1):
+    """Compiled EM + projected Newton runs from each row of ``thetas`` (shared out over
+    ``threads``).
 
     Returns a list of (theta, deviance, converged, n_em, n_iter, n_evals, joined) per run.
     ``quasi``/``known``: exploratory runs (BFGS-updated Hessian) that stop when they
@@ -278,7 +280,8 @@ def _run_compiled(model, thetas, *, em_iter=0, em_tol=0.0, maxiter=1000, tol=1e-
     Yw = np.ascontiguousarray(np.broadcast_to(d.yw, (theta0.shape[0], d.yw.shape[0])))
     kt, kd = (None, np.inf) if known is None else (known[0], float(known[1]))
     out = fit_many(d.kernel, Yw, theta0, *compiled_inputs(model), int(em_iter), int(maxiter),
-                   float(tol), 1, quasi=quasi, known_theta=kt, known_dev=kd, em_tol=float(em_tol))
+                   float(tol), int(threads), quasi=quasi, known_theta=kt, known_dev=kd,
+                   em_tol=float(em_tol))
     return [(out["theta"][i], float(out["deviance"][i]), bool(out["converged"][i]),
              int(out["n_em"][i]), int(out["n_iter"][i]), int(out["n_evals"][i]),
              bool(out["joined"][i])) for i in range(theta0.shape[0])]
@@ -393,8 +396,10 @@ def fit_nested(model: NestedModel, *, theta0=None, em_iter=20, em_tol=1e-10, em_
     best = (f, theta, g, conv, gmax)
     if use_safeguard and compiled:
         starts = _alternative_starts(model, rec.theta_em, theta)
+        # threads only pay (and only touch the OpenMP runtime) for large models
+        threads = (os.cpu_count() or 1) if model.n_obs >= 20_000 else 1
         runs = _run_compiled(model, [t for _, t in starts], maxiter=maxiter, tol=tol, quasi=True,
-                             known=(theta, f))
+                             known=(theta, f), threads=threads)
         for (label, _), (th, fa, conva, _, _, n_ev, joined) in zip(starts, runs):
             cnt.n += n_ev
             if not joined and fa < best[0] - 1e-7 * max(1.0, abs(best[0])):
