@@ -7,7 +7,7 @@ Prints one table, all measured in this run:
   with 10^3, 10^4, ... up to ``--max-n`` effect sizes,
 
 with, per row: the end-to-end ``mlmeta.meregress`` time (median of ``--repeat``
-runs; at most 3 from 10^6 on), its ratio to the previous row (10x the data),
+runs after one untimed warm-up run; at most 3 from 10^6 on), its ratio to the previous row (10x the data),
 the number of objective evaluations the fit used, the same with
 ``safeguard=False`` (no extra starts against local optima), the time to build the model
 (formula, frame, sorted design, precomputed blocks), the time of one objective
@@ -86,6 +86,7 @@ def measure(label, n, data, formula, variance, repeat, memory=True):
     def fit():
         return mlmeta.meregress(formula, data, variance=variance)
 
+    fit()       # untimed warm-up: first-touch page faults and lazy initialisation
     fit_t, res = _median_time(fit, repeat)
     nosg_t, res_nosg = _median_time(
         lambda: mlmeta.meregress(formula, data, variance=variance, safeguard=False), repeat)

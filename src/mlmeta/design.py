@@ -96,11 +96,21 @@ def _contiguous_codes(codes_sorted: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     return new.astype(np.intp), np.append(starts, n).astype(np.intp)
 
 
-def _group_sums(P: np.ndarray, starts: np.ndarray) -> np.ndarray:
-    """Sum the rows of P (n, ...) over the contiguous runs that begin at ``starts[:-1]``."""
-    if P.shape[0] == 0:
-        return np.zeros((len(starts) - 1,) + P.shape[1:])
-    return np.add.reduceat(P, starts[:-1], axis=0)
+def _cross_sums(U: np.ndarray, W: np.ndarray, starts: np.ndarray, gsel: np.ndarray,
+                buf: np.ndarray) -> np.ndarray:
+    """For each selected run g of rows (``starts[g]:starts[g+1]``), the block
+    U_g' W_g (q_U x q_W) flattened column-major: one row per group of ``gsel``.
+    Column products go through the n-vector ``buf``, so no n x q_U x q_W temporary."""
+    qu, qw = U.shape[1], W.shape[1]
+    out = np.empty((gsel.size, qu * qw))
+    if U.shape[0] == 0:
+        out[:] = 0.0
+        return out
+    for j in range(qw):
+        for i in range(qu):
+            np.multiply(U[:, i], W[:, j], out=buf)
+            out[:, i + j * qu] = np.add.reduceat(buf, starts[:-1])[gsel]
+    return out
 
 
 def _whiten_blocks(Vs, starts, rows_sel, Zs, Xs, ys):
@@ -142,16 +152,18 @@ def build_design(y, X, Z, groups, variance=None, V=None) -> NestedDesign:
         raise ValueError("one group code array is needed per random-effects level")
     keys = [np.asarray(g) for g in groups]
     perm = np.lexsort(keys[::-1]) if L else np.arange(n)
-    y_s = y[perm]
-    X_s = np.asfortranarray(X[perm])
-    Z_s = [np.asfortranarray(np.asarray(z, dtype=np.float64)[perm]) for z in Z]
+    in_order = bool(np.all(perm[1:] > perm[:-1]))   # rows already sorted: no copies to take
+    y_s = y if in_order else y[perm]
+    X_s = np.asfortranarray(X if in_order else X[perm])
+    Z_s = [np.asfortranarray(np.asarray(z, dtype=np.float64) if in_order
+                             else np.asarray(z, dtype=np.float64)[perm]) for z in Z]
     q = [z.shape[1] for z in Z_s]
 
     # contiguous group codes in sorted order; a level's run must not straddle a parent's
     codes, starts = [], []
     change = np.zeros(max(n - 1, 0), dtype=bool)   # a code of this level or an outer one changes
     for lvl in range(L):
-        k = keys[lvl][perm]
+        k = keys[lvl] if in_order else keys[lvl][perm]
         change |= k[1:] != k[:-1]
         flag = np.concatenate([[True], change])
         c = np.cumsum(flag) - 1
@@ -164,8 +176,10 @@ def build_design(y, X, Z, groups, variance=None, V=None) -> NestedDesign:
     Vs = None
     merged = np.zeros(n_groups[0], dtype=bool)
     Zw = [z.copy() for z in Z_s]
-    Xw = X_s.copy(order="F")
-    yw = y_s.copy()
+    A = np.empty((n, X_s.shape[1] + 1), order="F")      # A = [Xw, yw] (whitened), one buffer
+    A[:, :-1] = X_s
+    A[:, -1] = y_s
+    Xw, yw = A[:, :-1], A[:, -1]
     if V is not None:
         Vs = sparse.csr_matrix(V)[perm][:, perm].tocsr()
         var_s = np.asarray(Vs.diagonal(), dtype=float)
@@ -182,7 +196,8 @@ def build_design(y, X, Z, groups, variance=None, V=None) -> NestedDesign:
         merged[np.unique(top_of_row[ri[leaf[ri] != leaf[ci]]])] = True
         coupled_leaf = coupled_leaf[~merged[top_of_row[starts[-1][coupled_leaf]]]]
     elif variance is not None:
-        var_s = np.asarray(variance, dtype=np.float64)[perm]
+        var_s = np.asarray(variance, dtype=np.float64)
+        var_s = var_s if in_order else var_s[perm]
     else:
         var_s = None
     if var_s is None:
@@ -197,9 +212,8 @@ def build_design(y, X, Z, groups, variance=None, V=None) -> NestedDesign:
             for j in np.flatnonzero(merged):
                 plain[starts[0][j]:starts[0][j + 1]] = False
         if Vs is None:   # every row is scaled
-            for M in Zw + [Xw]:
+            for M in Zw + [A]:
                 M *= w[:, None]
-            yw *= w
             logdet_Lambda = float(np.sum(np.log(var_s)))
         else:
             for M in Zw + [Xw]:
@@ -285,22 +299,17 @@ def build_design(y, X, Z, groups, variance=None, V=None) -> NestedDesign:
     ZZ = np.empty(zz_ptr[-1])
     ZA = np.empty(za_ptr[-1])
 
-    A = np.column_stack([Xw, yw])
+    buf = np.empty(n)
     for lvl in range(L):
         gsel = node_code[lvl] if lvl else node_code[0][keep[0][node_code[0]]]
         if gsel.size == 0:
             continue
         nodes = node_of_group[lvl][gsel]
-        blocks = []
-        for k in range(lvl + 1):
-            P = Zw[lvl][:, :, None] * Zw[k][:, None, :]
-            B = _group_sums(P, starts[lvl])[gsel]                  # (G, q_l, q_k)
-            blocks.append(B.transpose(0, 2, 1).reshape(gsel.size, -1))   # column-major
+        blocks = [_cross_sums(Zw[lvl], Zw[k], starts[lvl], gsel, buf) for k in range(lvl + 1)]
         packed = np.concatenate(blocks, axis=1)
         idx = zz_ptr[nodes][:, None] + np.arange(packed.shape[1])[None, :]
         ZZ[idx] = packed
-        P = Zw[lvl][:, :, None] * A[:, None, :]
-        B = _group_sums(P, starts[lvl])[gsel].transpose(0, 2, 1).reshape(gsel.size, -1)
+        B = _cross_sums(Zw[lvl], A, starts[lvl], gsel, buf)
         idx = za_ptr[nodes][:, None] + np.arange(B.shape[1])[None, :]
         ZA[idx] = B
     for a, (a0, b0, cols) in merged_layout.items():
