@@ -157,6 +157,29 @@ def test_predict_keeps_data_rows(schoolcal):
     assert xb.drop(5).values == pytest.approx(expected.drop(5).values)
 
 
+def test_per_row_outputs_carry_the_data_index(schoolcal):
+    """Per-row predictions are indexed like the data (NaN for the dropped row), so they
+    align with the data whatever its index."""
+    df = schoolcal.copy()
+    df.index = [f"s{i:02d}" for i in range(len(df))][::-1]
+    df.loc["s50", "year_c"] = np.nan
+    with pytest.warns(mlmeta.MissingDataWarning):
+        res = mlmeta.meregress(YEAR, df, variance="var")
+    for kind in ("xb", "fitted", "residuals", "residuals_marginal", "rstandard"):
+        p = res.predict(kind)
+        assert p.index.equals(df.index)
+        assert np.isnan(p["s50"]) and np.isfinite(p.drop("s50")).all()
+    xb = res.predict("xb", stdp=True)
+    assert xb.index.equals(df.index)
+    expected = res.params["_cons"] + res.params["year_c"] * df.year_c
+    assert (xb["xb"] - expected).drop("s50").abs().max() < 1e-12
+    pi = res.predict_interval()
+    assert pi.index.equals(df.index) and np.isnan(pi.loc["s50", "pred"])
+    resid = res.predict("residuals")
+    fitted = res.predict("fitted")
+    assert ((fitted + resid) - df.stdmdiff).drop("s50").abs().max() < 1e-12
+
+
 def test_predict_newdata_matches_metafor(year):
     ref = REF["year"]["predict_new"]
     new = pd.DataFrame({"year_c": ref["year_c"]}, index=["a", "b", "c"])

@@ -151,6 +151,7 @@ class ModelFrame:
     re_specs: list = _SpecSlot()
     omitted: list = field(default_factory=list)
     notes: list = field(default_factory=list)
+    data_index: object = None       # index of the data's rows (per-row outputs use it)
 
 
 # Parsing ------------------------------------------------------------------
@@ -796,4 +797,5 @@ def build_model_frame(parsed: ParsedFormula, data, extra: Mapping | None = None,
         terms=parsed.random, response=parsed.response, sample=sample, n_dropped=n_dropped,
         extra={key: values[rows] if n_dropped else values for key, (_, values) in extras.items()},
         fixed_spec=fixed_spec, re_specs=re_specs, omitted=omitted, notes=notes,
+        data_index=frame.index,
     )

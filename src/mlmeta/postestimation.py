@@ -150,6 +150,11 @@ class PostestimationMixin:
         out[np.flatnonzero(self.sample)] = frame_values
         return out
 
+    def _data_index(self) -> pd.Index:
+        """The index of the data's rows (a RangeIndex for arrays and mappings)."""
+        index = getattr(self.frame, "data_index", None)
+        return pd.RangeIndex(len(self.sample)) if index is None else index
+
     def _profiled(self):
         return getattr(self.model, "residual", "known") == "profiled"
 
@@ -279,6 +284,8 @@ class PostestimationMixin:
         * ``rstandard``: (y - x'beta) / sqrt(diag(V - X Var(beta) X')), the
           standardized marginal residuals of metafor's ``rstandard.rma.mv``.
 
+        Per-row outputs carry the data's index.
+
         ``newdata`` (a DataFrame) is only used by ``xb``; the fixed part is
         re-encoded with the stored formula spec. Returns a Series, or a DataFrame
         (xb, stdp) when ``stdp=True``.
@@ -303,22 +310,23 @@ class PostestimationMixin:
         f, d = self.frame, self.model.design
         xb = f.X @ b
         if kind == "xb":
-            out = pd.Series(self._to_data_rows(xb), name="xb")
+            out = pd.Series(self._to_data_rows(xb), index=self._data_index(), name="xb")
             if not stdp:
                 return out
             se = self._to_data_rows(np.sqrt(np.einsum("ij,jk,ik->i", f.X, Vb, f.X)))
-            return pd.DataFrame({"xb": out, "stdp": se})
+            return pd.DataFrame({"xb": out, "stdp": se}, index=out.index)
         if kind == "residuals_marginal":
-            return pd.Series(self._to_data_rows(f.y - xb), name=kind)
+            return pd.Series(self._to_data_rows(f.y - xb), index=self._data_index(), name=kind)
         if kind == "rstandard":
             lam = d.variance if d.variance is not None else np.full(d.n_obs, self._Sigmas()[1])
             v = self._unsort(lam) + self._re_variance(f.Z)
             v -= np.einsum("ij,jk,ik->i", f.X, Vb, f.X)
-            return pd.Series(self._to_data_rows((f.y - xb) / np.sqrt(v)), name=kind)
+            return pd.Series(self._to_data_rows((f.y - xb) / np.sqrt(v)), index=self._data_index(),
+                             name=kind)
         fitted = xb + self._unsort(self._re_contribution())
         if kind == "fitted":
-            return pd.Series(self._to_data_rows(fitted), name="fitted")
-        return pd.Series(self._to_data_rows(f.y - fitted), name="residuals")
+            return pd.Series(self._to_data_rows(fitted), index=self._data_index(), name="fitted")
+        return pd.Series(self._to_data_rows(f.y - fitted), index=self._data_index(), name="residuals")
 
     def _re_variance(self, Zs):
         """sum_l z_l' Sigma_l z_l per row, for per-level designs ``Zs``."""
@@ -344,7 +352,7 @@ class PostestimationMixin:
         b, Vb = self.params.values, self.cov_params().values
         if newdata is None:
             X, Zs = self.frame.X, self.frame.Z
-            index = None
+            index = self._data_index()
         else:
             if not isinstance(newdata, pd.DataFrame):
                 newdata = pd.DataFrame(newdata)
