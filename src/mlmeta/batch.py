@@ -193,11 +193,13 @@ def _compiled_inputs(m: NestedModel):
             m.residual == "profiled", float(d.logdet_Lambda), float(d.logdet_XtX), scale)
 
 
-def compiled_ok(m: NestedModel):
-    """None when the compiled optimiser covers the model, else the reason it does not."""
+def compiled_ok(m: NestedModel, own_outcome: bool = False):
+    """None when the compiled optimiser covers the model, else the reason it does not.
+    ``own_outcome``: only the design's own outcome is fitted (not new outcome vectors,
+    which a design whitened by a full V cannot take in compiled code)."""
     if any(s.kind not in _KIND for s in m.structs):
         return "a custom covariance structure"
-    if m.design.Lambda is not None:
+    if m.design.Lambda is not None and not own_outcome:
         return "a full sampling covariance V"
     return None
 

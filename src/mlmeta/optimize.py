@@ -260,7 +260,7 @@ def _compiled(model) -> bool:
 
     K = model.design.kernel
     serial = K.n_threads == 1 or K.n_nodes < K.parallel_min_nodes
-    return serial and compiled_ok(model) is None
+    return serial and compiled_ok(model, own_outcome=True) is None
 
 
 def _run_compiled(model, thetas, *, em_iter=0, em_tol=0.0, maxiter=1000, tol=1e-6, quasi=False,
@@ -277,11 +277,12 @@ def _run_compiled(model, thetas, *, em_iter=0, em_tol=0.0, maxiter=1000, tol=1e-
 
     d = model.design
     theta0 = np.ascontiguousarray(np.clip(np.atleast_2d(thetas), model.lower, model.upper))
+    # the design's own outcome: its pieces are already in the kernel (refresh=False)
     Yw = np.ascontiguousarray(np.broadcast_to(d.yw, (theta0.shape[0], d.yw.shape[0])))
     kt, kd = (None, np.inf) if known is None else (known[0], float(known[1]))
     out = fit_many(d.kernel, Yw, theta0, *compiled_inputs(model), int(em_iter), int(maxiter),
                    float(tol), int(threads), quasi=quasi, known_theta=kt, known_dev=kd,
-                   em_tol=float(em_tol))
+                   em_tol=float(em_tol), refresh=False)
     return [(out["theta"][i], float(out["deviance"][i]), bool(out["converged"][i]),
              int(out["n_em"][i]), int(out["n_iter"][i]), int(out["n_evals"][i]),
              bool(out["joined"][i])) for i in range(theta0.shape[0])]

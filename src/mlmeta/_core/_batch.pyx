@@ -272,6 +272,7 @@ cdef struct Options:
     int em_iter, maxiter
     double tol, em_tol      # em_tol: EM stops when the deviance changes by <= em_tol (|f| + em_tol)
     bint quasi              # BFGS updates of one finite-difference Hessian (exploratory runs)
+    bint refresh            # rebuild Z~'y~ and A'A for each outcome (else: the design's own y)
     const double* known     # an optimum found already (NULL: none) ...
     double known_dev        # ... and its deviance
 
@@ -330,7 +331,11 @@ cdef int fit_one(const Prob* P, Work* W, const double* y, double* th, const Opti
     W.n_evals = 0
     joined = 0
     have_h = 0
-    set_response(P, W, y)
+    if O.refresh:
+        set_response(P, W, y)
+    else:
+        copy(P.ZA0, W.ZA, P.za_len)
+        copy(P.AA0, W.AA, P.ncol * P.ncol)
     fc = INFINITY
     out_em[0] = 0
     for it in range(O.em_iter):
@@ -523,11 +528,14 @@ def fit_many(kernel, const double[:, ::1] Yw, const double[:, ::1] theta0, const
              const Py_ssize_t[::1] zw_off, const double[:, ::1] Xw, const Py_ssize_t[::1] node_r0,
              const Py_ssize_t[::1] node_r1, bint reml, bint profiled, double logdet_Lambda,
              double logdet_XtX, double scale, int em_iter, int maxiter, double tol, int n_threads,
-             bint quasi=False, known_theta=None, double known_dev=INFINITY, double em_tol=0.0):
+             bint quasi=False, known_theta=None, double known_dev=INFINITY, double em_tol=0.0,
+             bint refresh=True):
     """Fit every column of ``Yw`` (m x n, whitened and sorted); returns a dict of
     arrays: theta (m x k), deviance, beta (m x p), se (m x p), converged, n_iter
     (Newton), n_em (EM iterations), n_evals, sigma2 and joined (m each). ``quasi``, ``known_theta``/``known_dev``:
-    see :func:`fit_one` (exploratory runs from extra starts)."""
+    see :func:`fit_one` (exploratory runs from extra starts). ``refresh=False``: every
+    column is the design's own outcome, whose pieces the kernel already holds (the
+    only case for a design whitened by a full sampling covariance V)."""
     cdef Py_ssize_t m = Yw.shape[0]
     cdef int k = M.shape[1]
     cdef int p = Xw.shape[1]
@@ -638,6 +646,7 @@ def fit_many(kernel, const double[:, ::1] Yw, const double[:, ::1] theta0, const
     O.tol = tol
     O.em_tol = em_tol
     O.quasi = quasi
+    O.refresh = refresh
     O.known_dev = known_dev
     known = None
     cdef double[::1] kn
