@@ -92,3 +92,39 @@ def test_simulate_moments(schoolcal):
     i, j = 0, 1                                  # two schools of the first (sorted) district
     assert V[i, j] == pytest.approx(0.09, abs=0.01)
     assert V[i, i] == pytest.approx(0.09 + 0.04 + d.variance[0], abs=0.015)
+
+
+def test_threaded_fits_then_fork_do_not_hang():
+    """Threads are Python threads (no OpenMP runtime): a process that has run threaded
+    fits can fork, and the child can run threaded fits again."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import multiprocessing as mp
+        import warnings
+        import mlmeta
+        warnings.simplefilter("ignore")
+        df = mlmeta.datasets.load("schoolcal")
+        m = mlmeta.Model("stdmdiff ~ 1 + (1 | district) + (1 | district:school)", df,
+                         variance="var")
+        Y = m.simulate(40, seed=1)
+        a = mlmeta.fit_batch(m, Y, n_jobs=2).llf
+
+        def child(q):
+            q.put(mlmeta.fit_batch(m, Y, n_jobs=2).llf.tolist())
+
+        ctx = mp.get_context("fork")
+        q = ctx.Queue()
+        p = ctx.Process(target=child, args=(q,))
+        p.start()
+        b = q.get(timeout=60)
+        p.join(60)
+        assert p.exitcode == 0 and b == a.tolist()
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().endswith("ok")

@@ -217,9 +217,7 @@ def fit_batch(model: Model, Y, *, n_jobs=None, em_iter=20, maxiter=200, tol=1e-6
     with the model's design and sampling variances.
 
     The optimisation runs in compiled code with the GIL released; columns are
-    shared out over ``n_jobs`` threads (default: all cores; OpenMP, so a process that
-    has used them should start worker processes with the "forkserver" or "spawn"
-    method rather than "fork"). Models the compiled
+    shared out over ``n_jobs`` Python threads (default: all cores). Models the compiled
     path does not cover (custom structures, full V, constraints) are fitted with
     :meth:`Model.fit` column by column.
     """

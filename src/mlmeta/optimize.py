@@ -397,7 +397,7 @@ def fit_nested(model: NestedModel, *, theta0=None, em_iter=20, em_tol=1e-10, em_
     best = (f, theta, g, conv, gmax)
     if use_safeguard and compiled:
         starts = _alternative_starts(model, rec.theta_em, theta)
-        # threads only pay (and only touch the OpenMP runtime) for large models
+        # threads only pay for large models
         threads = (os.cpu_count() or 1) if model.n_obs >= 20_000 else 1
         runs = _run_compiled(model, [t for _, t in starts], maxiter=maxiter, tol=tol, quasi=True,
                              known=(theta, f), threads=threads)

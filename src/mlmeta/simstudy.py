@@ -352,8 +352,8 @@ def run(grid=None, strategies=STRATEGIES, n_sim=50, seed=0, *, executor=None, n_
                 bar.update(len(reps))
         else:
             if executor is None:
-                # forkserver: a forked child of a process whose OpenMP runtime has
-                # started threads can hang in its first parallel region
+                # forkserver: workers start from a clean process, with no copies of
+                # the parent's thread pools (BLAS, the kernels' threads)
                 import multiprocessing as mp
 
                 ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods()

@@ -20,7 +20,8 @@ with its own workspace.
 """
 
 import numpy as np
-from cython.parallel cimport prange, threadid
+
+from mlmeta._threads import parallel_calls
 from libc.math cimport log, sqrt, fabs, INFINITY
 from libc.stdlib cimport malloc, free
 from scipy.linalg.cython_lapack cimport dpotrf, dsyev
@@ -522,6 +523,39 @@ cdef int fit_one(const Prob* P, Work* W, const double* y, double* th, const Opti
     return converged
 
 
+cdef class _Runner:
+    """Runs fit_one over the rows of a batch; ``run(slot)`` takes rows in chunks (the GIL
+    held only to claim a chunk) until none are left, with workspace ``slot``. Several
+    Python threads may call it at once with different slots: the fits run without the
+    GIL, side by side."""
+    cdef Prob P
+    cdef Options O
+    cdef Work* Ws
+    cdef const double[:, ::1] Yw
+    cdef double[:, ::1] th, bt, sv
+    cdef double[::1] dv, s2
+    cdef int[::1] cv, itv, ev, jv, emv
+    cdef Py_ssize_t next_row, n_rows, chunk
+
+    def __dealloc__(self):
+        free(self.Ws)
+
+    def run(self, int slot):
+        cdef Py_ssize_t r, r0, r1
+        while True:
+            r0 = self.next_row
+            if r0 >= self.n_rows:
+                return
+            r1 = min(r0 + self.chunk, self.n_rows)
+            self.next_row = r1
+            with nogil:
+                for r in range(r0, r1):
+                    self.cv[r] = fit_one(&self.P, &self.Ws[slot], &self.Yw[r, 0], &self.th[r, 0],
+                                         &self.O, &self.dv[r], &self.bt[r, 0], &self.sv[r, 0],
+                                         &self.itv[r], &self.s2[r], &self.jv[r], &self.emv[r])
+                    self.ev[r] = self.Ws[slot].n_evals
+
+
 def fit_many(kernel, const double[:, ::1] Yw, const double[:, ::1] theta0, const double[::1, :] M,
              const double[::1] lower, const double[::1] upper, const Py_ssize_t[::1] kind,
              const Py_ssize_t[::1] th_off, const double[::1] n_groups, const double[::1] Zw,
@@ -634,8 +668,7 @@ def fit_many(kernel, const double[:, ::1] Yw, const double[:, ::1] theta0, const
     cdef int[::1] cv = conv
     cdef int[::1] itv = iters
     cdef int[::1] ev = evals
-    cdef Py_ssize_t r
-    cdef int tid, c
+    cdef int c
     joined = np.zeros(m, dtype=np.intc)
     n_em = np.zeros(m, dtype=np.intc)
     cdef int[::1] jv = joined
@@ -657,44 +690,43 @@ def fit_many(kernel, const double[:, ::1] Yw, const double[:, ::1] theta0, const
             raise ValueError("known_theta has the wrong length")
         kn = known
         O.known = &kn[0]
-    cdef Work* Ws = <Work*>malloc(nt * sizeof(Work))
-    if Ws == NULL:
+    cdef _Runner run = _Runner.__new__(_Runner)
+    run.Ws = <Work*>malloc(nt * sizeof(Work))
+    if run.Ws == NULL:
         raise MemoryError()
     for c in range(nt):
-        Ws[c].WB = &B[c, o[0]]
-        Ws[c].SB = &B[c, o[1]]
-        Ws[c].WR = &B[c, o[2]]
-        Ws[c].WW = &B[c, o[3]]
-        Ws[c].KK = &B[c, o[4]]
-        Ws[c].Tn = &B[c, o[5]]
-        Ws[c].GN = &B[c, o[6]]
-        Ws[c].EN = &B[c, o[7]]
-        Ws[c].ZA = &B[c, o[8]]
-        Ws[c].AA = &B[c, o[9]]
-        Ws[c].S = &B[c, o[10]]
-        Ws[c].scratch = &B[c, o[11]]
-        Ws[c].Tlev = &B[c, o[12]]
-        Ws[c].G = &B[c, o[13]]
-        Ws[c].E = &B[c, o[14]]
-        Ws[c].Hc = &B[c, o[15]]
-        Ws[c].Hinv = &B[c, o[16]]
-        Ws[c].beta = &B[c, o[17]]
-        Ws[c].Phi = &B[c, o[18]]
-        Ws[c].tmp = &B[c, o[19]]
-    try:
-        with nogil:
-            if nt == 1:         # no OpenMP region at all (fork safety, no thread start-up)
-                for r in range(m):
-                    cv[r] = fit_one(&P, &Ws[0], &Yw[r, 0], &th[r, 0], &O,
-                                    &dv[r], &bt[r, 0], &sv[r, 0], &itv[r], &s2[r], &jv[r], &emv[r])
-                    ev[r] = Ws[0].n_evals
-            else:
-                for r in prange(m, num_threads=nt, schedule="dynamic"):
-                    tid = threadid()
-                    cv[r] = fit_one(&P, &Ws[tid], &Yw[r, 0], &th[r, 0], &O,
-                                    &dv[r], &bt[r, 0], &sv[r, 0], &itv[r], &s2[r], &jv[r], &emv[r])
-                    ev[r] = Ws[tid].n_evals
-    finally:
-        free(Ws)
+        run.Ws[c].WB = &B[c, o[0]]
+        run.Ws[c].SB = &B[c, o[1]]
+        run.Ws[c].WR = &B[c, o[2]]
+        run.Ws[c].WW = &B[c, o[3]]
+        run.Ws[c].KK = &B[c, o[4]]
+        run.Ws[c].Tn = &B[c, o[5]]
+        run.Ws[c].GN = &B[c, o[6]]
+        run.Ws[c].EN = &B[c, o[7]]
+        run.Ws[c].ZA = &B[c, o[8]]
+        run.Ws[c].AA = &B[c, o[9]]
+        run.Ws[c].S = &B[c, o[10]]
+        run.Ws[c].scratch = &B[c, o[11]]
+        run.Ws[c].Tlev = &B[c, o[12]]
+        run.Ws[c].G = &B[c, o[13]]
+        run.Ws[c].E = &B[c, o[14]]
+        run.Ws[c].Hc = &B[c, o[15]]
+        run.Ws[c].Hinv = &B[c, o[16]]
+        run.Ws[c].beta = &B[c, o[17]]
+        run.Ws[c].Phi = &B[c, o[18]]
+        run.Ws[c].tmp = &B[c, o[19]]
+    run.P = P
+    run.O = O
+    run.Yw = Yw
+    run.th, run.bt, run.sv, run.dv, run.s2 = th, bt, sv, dv, s2
+    run.cv, run.itv, run.ev, run.jv, run.emv = cv, itv, ev, jv, emv
+    run.next_row = 0
+    run.n_rows = m
+    # small chunks keep the threads evenly loaded when fits differ in cost
+    run.chunk = max(1, min(16, m // (8 * nt)))
+    if nt == 1:
+        run.run(0)
+    else:
+        parallel_calls(run.run, [(c,) for c in range(nt)], nt)
     return dict(theta=theta, deviance=dev, beta=beta[:, :p], se=se[:, :p], converged=conv.astype(bool),
                 n_iter=iters, n_evals=evals, sigma2=sig2, joined=joined.astype(bool), n_em=n_em)

@@ -57,7 +57,8 @@ leading block). Kernels never allocate and never raise: they return 0 or
 import os
 
 import numpy as np
-from cython.parallel cimport prange
+
+from mlmeta._threads import parallel_calls
 from libc.math cimport log, sqrt
 from mlmeta._core._linalg cimport gemm, trsm_left_lower, potrf_lower, zero, copy
 
@@ -569,12 +570,49 @@ cdef class NestedKernel:
             return <int>self.n_threads
         return 1
 
+    def _factor_chunk(self, int c, int nt, double[:, ::1] Sp, double[::1] ld, Py_ssize_t[::1] st):
+        """factor_cluster over the c-th of nt contiguous shares of the clusters (slot c of
+        the per-thread parts and scratch); releases the GIL."""
+        cdef Tree t = self._tree()
+        cdef Py_ssize_t[::1] cp = self._cluster_ptr
+        cdef Py_ssize_t M = cp.shape[0] - 1
+        cdef Py_ssize_t j, j0 = c * M // nt, j1 = (c + 1) * M // nt
+        cdef double* WB = &self._WB[0]
+        cdef double* WR = &self._WR[0]
+        cdef double* scratch = &self._scratch[0] + c * self.scratch_len
+        with nogil:
+            for j in range(j0, j1):
+                st[c] = factor_cluster(&t, cp[j], cp[j + 1], WB, WR, &Sp[c, 0], &ld[c], scratch)
+                if st[c] != 0:
+                    break
+
+    def _gradient_chunk(self, int c, int nt, double[::1, :] Ph):
+        """invert_cluster and accumulate_cluster over the c-th of nt shares of the clusters."""
+        cdef Tree t = self._tree()
+        cdef Py_ssize_t[::1] cp = self._cluster_ptr
+        cdef Py_ssize_t M = cp.shape[0] - 1
+        cdef Py_ssize_t j, j0 = c * M // nt, j1 = (c + 1) * M // nt
+        cdef double* WB = &self._WB[0]
+        cdef double* WR = &self._WR[0]
+        cdef double* SB = &self._SB[0]
+        cdef double* WW = &self._WW[0]
+        cdef double* KK = &self._KK[0]
+        cdef double* GN = &self._GN[0]
+        cdef double* EN = &self._EN[0]
+        cdef double* scratch = &self._scratch[0] + c * self.scratch_len
+        cdef Py_ssize_t maxq = self.maxq
+        with nogil:
+            for j in range(j0, j1):
+                invert_cluster(&t, cp[j], cp[j + 1], WB, WR, SB, WW)
+                accumulate_cluster(&t, cp[j], cp[j + 1], SB, WW, KK, &Ph[0, 0], GN, EN,
+                                   scratch, maxq)
+
     def factor(self, const double[::1] T):
         """Factor C(T) for every cluster; return (log|C|, S = A'V^-1 A, status).
 
         ``status`` is 0, or 1 + the node index whose block was not positive definite.
-        Clusters are split into contiguous chunks handled by separate threads (each
-        with its own share of S and log|C|) when the model is large.
+        Large models split the clusters into contiguous shares run by separate threads
+        (each with its own share of S and log|C|).
         """
         if T.shape[0] != self.t_off[-1]:
             raise ValueError("T has the wrong length")
@@ -583,33 +621,9 @@ cdef class NestedKernel:
         Sparts = np.zeros((nt, nc * nc), dtype=np.float64)
         logdets = np.zeros(nt, dtype=np.float64)
         stats = np.zeros(nt, dtype=np.intp)
-        cdef double[:, ::1] Sp = Sparts
-        cdef double[::1] ld = logdets
-        cdef Py_ssize_t[::1] st = stats
-        cdef Tree t = self._tree()
-        cdef Py_ssize_t[::1] cp = self._cluster_ptr
-        cdef Py_ssize_t M = cp.shape[0] - 1
-        cdef double* WB = &self._WB[0]
-        cdef double* WR = &self._WR[0]
-        cdef double* scratch = &self._scratch[0]
-        cdef Py_ssize_t slen = self.scratch_len
-        cdef Py_ssize_t c, j, j0, j1
         with nogil:
             self._assemble(T)
-            if nt == 1:         # no OpenMP region at all (fork safety, no thread start-up)
-                for j in range(M):
-                    st[0] = factor_cluster(&t, cp[j], cp[j + 1], WB, WR, &Sp[0, 0], &ld[0], scratch)
-                    if st[0] != 0:
-                        break
-            else:
-                for c in prange(nt, num_threads=nt, schedule="static"):
-                    j0 = c * M // nt
-                    j1 = (c + 1) * M // nt
-                    for j in range(j0, j1):
-                        st[c] = factor_cluster(&t, cp[j], cp[j + 1], WB, WR, &Sp[c, 0], &ld[c],
-                                               scratch + c * slen)
-                        if st[c] != 0:
-                            break
+        parallel_calls(self._factor_chunk, [(c, nt, Sparts, logdets, stats) for c in range(nt)], nt)
         self._have_inverse = False
         S = np.asfortranarray(self.AA + Sparts.sum(axis=0).reshape(nc, nc, order="F"))
         bad = stats[stats != 0]
@@ -620,44 +634,18 @@ cdef class NestedKernel:
 
         Returns (G, E) flattened like T (level blocks column-major).
         """
-        cdef double[::1, :] Ph = np.asfortranarray(Phi, dtype=np.float64)
+        Ph = np.asfortranarray(Phi, dtype=np.float64)
         if Ph.shape[0] != self.ncol or Ph.shape[1] != self.ncol:
             raise ValueError("Phi must be (p+1) x (p+1)")
         G = np.zeros(self.t_off[-1], dtype=np.float64)
         E = np.zeros(self.t_off[-1], dtype=np.float64)
         cdef double[::1] Gv = G
         cdef double[::1] Ev = E
-        cdef Tree t = self._tree()
-        cdef Py_ssize_t[::1] cp = self._cluster_ptr
-        cdef Py_ssize_t M = cp.shape[0] - 1
-        cdef double* WB = &self._WB[0]
-        cdef double* WR = &self._WR[0]
-        cdef double* SB = &self._SB[0]
-        cdef double* WW = &self._WW[0]
-        cdef double* KK = &self._KK[0]
-        cdef double* GN = &self._GN[0]
-        cdef double* EN = &self._EN[0]
-        cdef double* scratch = &self._scratch[0]
-        cdef Py_ssize_t maxq = self.maxq
-        cdef Py_ssize_t slen = self.scratch_len
         cdef int nt = self._threads_for()
-        cdef Py_ssize_t c, j, j0, j1
+        parallel_calls(self._gradient_chunk, [(c, nt, Ph) for c in range(nt)], nt)
         with nogil:
-            if nt == 1:
-                for j in range(M):
-                    invert_cluster(&t, cp[j], cp[j + 1], WB, WR, SB, WW)
-                    accumulate_cluster(&t, cp[j], cp[j + 1], SB, WW, KK, &Ph[0, 0], GN, EN,
-                                       scratch, maxq)
-            else:
-                for c in prange(nt, num_threads=nt, schedule="static"):
-                    j0 = c * M // nt
-                    j1 = (c + 1) * M // nt
-                    for j in range(j0, j1):
-                        invert_cluster(&t, cp[j], cp[j + 1], WB, WR, SB, WW)
-                        accumulate_cluster(&t, cp[j], cp[j + 1], SB, WW, KK, &Ph[0, 0], GN, EN,
-                                           scratch + c * slen, maxq)
-            self._reduce(GN, &Gv[0])
-            self._reduce(EN, &Ev[0])
+            self._reduce(&self._GN[0], &Gv[0])
+            self._reduce(&self._EN[0], &Ev[0])
         self._have_inverse = True
         return G, E
 
