@@ -346,3 +346,52 @@ def test_mixed_model_uses_absolute_variances(schoolcal):
         m.heterogeneity()
     with pytest.raises(ValueError, match="known sampling variances"):
         m.profile_ci()
+
+
+# -- profile likelihood of correlated random effects (Berkey et al. 1998) -------------
+PROFILE_REF = json.loads((Path(__file__).parent / "reference" / "profile_reference.json").read_text())
+
+
+def _berkey(case):
+    dat = mlmeta.datasets.load("berkey")
+    f = "yi ~ 0 + outcome + (0 + outcome | trial)"
+    if case == "un_V":
+        blocks = [np.column_stack([g.v1i.values, g.v2i.values])
+                  for _, g in dat.groupby("trial", sort=True)]
+        return mlmeta.meregress(f, dat, V=blocks)
+    cov = "exchangeable" if case == "cs_diag" else "unstructured"
+    return mlmeta.meregress(f, dat, variance="vi", covariance=cov)
+
+
+@pytest.mark.parametrize("case", ["un_V", "un_diag", "cs_diag"])
+def test_profile_ci_of_correlated_effects_matches_metafor(case):
+    """Unstructured and exchangeable levels: each variance and the correlation, as
+    metafor's confint(rma.mv(..., struct = "UN" / "CS"))."""
+    ref = PROFILE_REF[case]
+    res = _berkey(case)
+    assert res.llf == pytest.approx(ref["llf"], abs=1e-7)
+    ci = res.profile_ci()
+    var, rho = ci[ci.param.str.startswith("var")], ci[ci.param.str.startswith("corr")]
+    ref_var = [c for c in ref["confint"].values() if c["names"] != "rho"]
+    ref_rho = [c for c in ref["confint"].values() if c["names"] == "rho"]
+    assert len(var) == len(ref_var) and len(rho) == len(ref_rho) == 1
+    for (_, row), r in zip(var.iterrows(), ref_var):      # AL then PD in both
+        assert row.estimate == pytest.approx(r["estimate"][0], rel=1e-4)
+        assert row.lower == pytest.approx(r["lower"][0], rel=1e-4, abs=1e-7)
+        assert row.upper == pytest.approx(r["upper"][0], rel=1e-4)
+        assert row.sd_upper == pytest.approx(r["upper"][1], rel=1e-4)
+    row, r = rho.iloc[0], ref_rho[0]
+    assert row.estimate == pytest.approx(r["estimate"], abs=1e-5)
+    assert row.lower == pytest.approx(r["lower"], abs=1e-4)
+    assert row.upper == pytest.approx(r["upper"], abs=1e-4)
+    assert np.isnan(row.sd)
+
+
+def test_profile_of_a_correlation():
+    res = _berkey("un_diag")
+    label = [p for p in res.profile_ci().param if p.startswith("corr")][0]
+    prof = res.profile(("trial", label), values=[-0.5, 0.0, 0.5, 0.9])
+    assert list(prof.columns) == ["rho", "llf"]
+    assert (prof.llf <= res.llf + 1e-9).all()
+    at_est = res.profile(("trial", label), values=[prof.attrs["estimate"]])
+    assert at_est.llf.iloc[0] == pytest.approx(res.llf, abs=1e-7)

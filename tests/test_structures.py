@@ -218,3 +218,18 @@ def test_structures_match_dense_optimum(kinds, method):
     V = dense_V(d.Z, d.groups, [S3, S2], d.variance)
     beta = dense_loglik(d.y, d.X, V, method)[1]
     np.testing.assert_allclose(res.params.values, beta, rtol=1e-4, atol=1e-6)
+
+
+def test_covariance_argument_forms(schoolcal):
+    """A string names the structure of the only grouping term; with several terms it
+    must be a mapping, and anything else is a clear error."""
+    dat = mlmeta.datasets.load("berkey")
+    f = "yi ~ 0 + outcome + (0 + outcome | trial)"
+    a = mlmeta.meregress(f, dat, variance="vi", covariance="exchangeable")
+    b = mlmeta.meregress(f, dat, variance="vi", covariance={"trial": "exchangeable"})
+    assert a.llf == b.llf
+    two = "stdmdiff ~ year_c + (1 + year_c | district) + (1 | district:school)"
+    with pytest.raises(ValueError, match="which grouping term"):
+        mlmeta.meregress(two, schoolcal, variance="var", covariance="independent")
+    with pytest.raises(ValueError, match="must map grouping terms"):
+        mlmeta.meregress(two, schoolcal, variance="var", covariance=["independent"])

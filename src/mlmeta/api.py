@@ -99,8 +99,18 @@ def _sampling_variance(frame, se, variance):
 
 
 def _structures(frame, covariance):
-    covariance = dict(covariance or {})
     names = [t.group for t in frame.terms]
+    if isinstance(covariance, str):
+        if len(names) != 1:
+            raise ValueError(f"covariance={covariance!r} does not say which grouping term it is "
+                             f"for; give a dict such as {{{names[0]!r}: {covariance!r}}} "
+                             f"(grouping terms: {names})")
+        covariance = {names[0]: covariance}
+    try:
+        covariance = dict(covariance or {})
+    except (TypeError, ValueError):
+        raise ValueError(f"covariance= must map grouping terms to structures, e.g. "
+                         f"{{{names[0]!r}: 'unstructured'}}; got {covariance!r}") from None
     for key in covariance:
         if key not in names:
             raise ValueError(f"covariance= names grouping term {key!r}, which is not in the "

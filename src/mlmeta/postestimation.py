@@ -454,98 +454,185 @@ class PostestimationMixin:
         return WaldTest(Ldf, r, F, q, float(stats.f.sf(F, q, ddf)), "t", ddf)
 
     # -- profile likelihood -------------------------------------------------------------
-    def _profile_params(self):
-        """(theta index, grouping term, label) of every parameter that is an SD."""
+    @cached_property
+    def _profile_setup(self):
+        """(model, theta, params) for profiling. Levels with correlated effects are
+        written as Stata custom patterns (theta = SDs then correlations, ``Sigma = D R D``
+        exactly), so that every variance and correlation is one theta element; params
+        lists (theta index, grouping term, label, "var" | "corr")."""
+        from mlmeta.covstruct import Custom
+        from mlmeta.model import NestedModel
+
         if self._profiled():
             raise ValueError("profile likelihoods are available for models with known "
                              "sampling variances")
-        out = []
-        for g, s, sl in zip(self.group_names, self.model.structs, self.model.theta_slices):
+        m = self.model
+        structs, thetas, params, off = [], [], [], 0
+        for g, s, sl in zip(self.group_names, m.structs, m.theta_slices):
+            names = list(s.effect_names)
+            if s.kind in ("unstructured", "exchangeable"):
+                q = len(names)
+                if s.kind == "unstructured":
+                    pattern = [[None] * q for _ in range(q)]
+                else:    # one SD, one correlation (a label needs two or more places)
+                    pattern = [["sd" if i == j else (None if q == 2 else "rho") for j in range(q)]
+                               for i in range(q)]
+                c = Custom(names, pattern)
+                Sigma = s.Sigma(self.theta[sl])
+                sd = np.sqrt(np.clip(np.diag(Sigma), 0.0, None))
+                th = [float(np.mean(sd[w])) for w in c._sd_free]
+                for w in c._corr_free:
+                    r = [Sigma[i, j] / (sd[i] * sd[j]) if sd[i] > 0 and sd[j] > 0 else 0.0 for i, j in w]
+                    th.append(float(np.clip(np.mean(r), -c.CORR_BOUND, c.CORR_BOUND)))
+                s, th = c, np.asarray(th)
+            else:
+                th = self.theta[sl]
             if s.kind == "identity":
-                out.append((sl.start, g, f"var({' '.join(s.effect_names)})"))
+                params.append((off, g, f"var({' '.join(names)})", "var"))
             elif s.kind == "independent":
-                out += [(sl.start + i, g, f"var({e})") for i, e in enumerate(s.effect_names)]
-        return out
+                params += [(off + i, g, f"var({e})", "var") for i, e in enumerate(names)]
+            elif s.kind == "custom":
+                k = len(s._sd_free)
+                params += [(off + a, g, f"var({' '.join(names[i] for i in w)})", "var")
+                           for a, w in enumerate(s._sd_free)]
+                params += [(off + k + b, g, "corr(" + ",".join(f"{names[i]},{names[j]}" for i, j in w[:1])
+                            + ")", "corr") for b, w in enumerate(s._corr_free)]
+            structs.append(s)
+            thetas.append(np.asarray(th, dtype=float))
+            off += len(thetas[-1])
+        if all(a is b for a, b in zip(structs, m.structs)):
+            return m, self.theta.copy(), params
+        pm = NestedModel(m.design, structs, m.method, residual=m.residual)
+        pm.fe_constraints = getattr(m, "fe_constraints", None)
+        theta = np.concatenate(thetas)
+        if abs(pm.deviance(theta) + 2.0 * self.llf) > 1e-7 * max(1.0, abs(self.llf)):
+            raise RuntimeError("the profiling parameterisation does not reproduce the fit")
+        return pm, theta, params
+
+    def _profile_params(self):
+        """(theta index, grouping term, label, kind) of every profiled parameter."""
+        return self._profile_setup[2]
 
     def _resolve_param(self, param):
         params = self._profile_params()
         if isinstance(param, (int, np.integer)):
             hits = [p for p in params if p[0] == param]
         elif isinstance(param, tuple):
-            hits = [p for p in params if p[1] == param[0] and p[2] == f"var({param[1]})"]
+            hits = [p for p in params if p[1] == param[0] and p[2] in (param[1], f"var({param[1]})")]
         else:
             hits = [p for p in params if p[1] == param]
         if len(hits) != 1:
             avail = [(p[1], p[2]) for p in params]
             raise ValueError(f"cannot profile {param!r}: give a grouping term with one variance, "
-                             f"a (term, effect) pair or a theta index; profileable: {avail}")
+                             f"a (term, effect) or (term, label) pair or a theta index; "
+                             f"profileable: {avail}")
         return hits[0]
 
-    def _profile_llf(self, i, var, start=None):
-        """max over the other parameters of the (restricted) log-likelihood with
-        theta_i = sqrt(var) held; returns (llf, theta)."""
-        theta0 = (self.theta if start is None else start).copy()
-        theta0[i] = np.sqrt(max(var, 0.0))
-        if self.model.n_theta == 1:
-            return -0.5 * self.model.deviance(theta0), theta0
-        rec = fit_nested(self.model, theta0=theta0, fixed=[i], em_iter=5, safeguard=False)
+    def _profile_llf(self, i, value, kind="var", start=None):
+        """max over the other parameters of the (restricted) log-likelihood with the
+        variance (theta_i = sqrt(value)) or correlation (theta_i = value) held;
+        returns (llf, theta)."""
+        model, theta_hat, _ = self._profile_setup
+        theta0 = (theta_hat if start is None else start).copy()
+        theta0[i] = np.sqrt(max(value, 0.0)) if kind == "var" else value
+        if model.n_theta == 1:
+            return -0.5 * model.deviance(theta0), theta0
+        # Newton from the warm start (EM steps would move the held element's partners as
+        # if it were free); a run that does not converge is repeated from the estimate
+        rec = fit_nested(model, theta0=theta0, fixed=[i], em_iter=0, safeguard=False)
+        if not rec.converged and start is not None:
+            theta1 = theta_hat.copy()
+            theta1[i] = theta0[i]
+            alt = fit_nested(model, theta0=theta1, fixed=[i], em_iter=0, safeguard=False)
+            if alt.deviance < rec.deviance:
+                rec = alt
         return -0.5 * rec.deviance, np.asarray(rec.theta, float)
 
-    def profile(self, param=None, n: int = 20, values=None) -> pd.DataFrame:
-        """Profile (restricted) log-likelihood of a variance component.
+    def _profile_estimate(self, i, kind):
+        t = self._profile_setup[1][i]
+        return float(t ** 2) if kind == "var" else float(t)
 
-        ``param``: a grouping term (random intercept), a (term, effect) pair of an
-        independent structure, or a theta index; default: the first. The curve is
-        in the variance metric sigma^2 (metafor's ``profile.rma.mv``):
-        llf(sigma^2) = max over the other covariance parameters (beta profiled
-        out). ``values`` sets the grid; by default ``n`` points spanning the
-        profile-likelihood CI with a margin. Columns: sigma2, sd, llf.
+    def profile(self, param=None, n: int = 20, values=None) -> pd.DataFrame:
+        """Profile (restricted) log-likelihood of a variance component or correlation.
+
+        ``param``: a grouping term (random intercept), a (term, effect) pair, a
+        (term, label) pair with a label of :meth:`profile_ci` (e.g.
+        ``("trial", "corr(outcome[AL],outcome[PD])")``) or a theta index; default:
+        the first. Variances are profiled in the variance metric sigma^2 (metafor's
+        ``profile.rma.mv``), correlations in rho: llf = max over the other covariance
+        parameters (beta profiled out). ``values`` sets the grid; by default ``n``
+        points spanning the profile-likelihood CI with a margin. Columns: sigma2, sd,
+        llf (variances) or rho, llf (correlations).
         """
-        i, g, label = self._resolve_param(param if param is not None else self._profile_params()[0][0])
+        i, g, label, kind = self._resolve_param(param if param is not None
+                                                else self._profile_params()[0][0])
+        est = self._profile_estimate(i, kind)
         if values is None:
             ci = self.profile_ci(params=[i]).iloc[0]
             lo, hi = float(ci.lower), float(ci.upper)
-            if not np.isfinite(hi):
-                hi = lo + 4.0 * max(float(ci.estimate), 1e-8)
-            span = hi - lo
-            values = np.linspace(max(0.0, lo - 0.25 * span), hi + 0.25 * span, n)
-            values = np.union1d(values, [self.theta[i] ** 2])
+            if kind == "corr":
+                values = np.linspace(max(-1.0, lo - 0.1), min(1.0, hi + 0.1), n)
+                values = np.clip(values, -self._corr_bound(), self._corr_bound())
+            else:
+                if not np.isfinite(hi):
+                    hi = lo + 4.0 * max(est, 1e-8)
+                span = hi - lo
+                values = np.linspace(max(0.0, lo - 0.25 * span), hi + 0.25 * span, n)
+            values = np.union1d(values, [est])
         values = np.asarray(values, dtype=float)
         llf = np.empty(values.size)
         start = None
-        order = np.argsort(np.abs(values - self.theta[i] ** 2))
+        order = np.argsort(np.abs(values - est))
         for k in order:      # outward from the estimate, warm-starting each fit
-            llf[k], start = self._profile_llf(i, values[k], start)
-        df = pd.DataFrame({"sigma2": values, "sd": np.sqrt(values), "llf": llf})
-        df.attrs.update(param=(g, label), theta_index=i, estimate=float(self.theta[i] ** 2),
-                        llf_max=float(self.llf))
+            llf[k], start = self._profile_llf(i, values[k], kind, start)
+        if kind == "corr":
+            df = pd.DataFrame({"rho": values, "llf": llf})
+        else:
+            df = pd.DataFrame({"sigma2": values, "sd": np.sqrt(values), "llf": llf})
+        df.attrs.update(param=(g, label), theta_index=i, estimate=est, llf_max=float(self.llf))
         return df
 
-    def profile_ci(self, level: float = 95.0, params=None) -> pd.DataFrame:
-        """Profile-likelihood confidence intervals for the variance components.
+    @staticmethod
+    def _corr_bound():
+        from mlmeta.covstruct import Custom
 
-        The limits solve 2 (llf_max - llf(sigma^2)) = chi2_1(level) (brentq on
-        each side of the estimate); when the profile at sigma^2 = 0 stays above
-        the cutoff the lower limit is 0 (as metafor's ``confint``). Rows: each
-        SD parameter of identity/independent structures. Columns: group, param,
-        estimate, lower, upper (variances), sd, sd_lower, sd_upper.
+        return Custom.CORR_BOUND
+
+    def profile_ci(self, level: float = 95.0, params=None) -> pd.DataFrame:
+        """Profile-likelihood confidence intervals for the variance components and the
+        correlations of correlated random effects (metafor's ``confint``).
+
+        The limits solve 2 (llf_max - llf(value)) = chi2_1(level) (brentq on each side
+        of the estimate). When the profile at a variance of 0 (a correlation of -1 or
+        1) stays above the cutoff, that bound is the limit, as in metafor. Rows: each
+        variance (and each correlation of unstructured, exchangeable and custom
+        levels). Columns: group, param, estimate, lower, upper (variances or
+        correlations), sd, sd_lower, sd_upper (NaN for correlations).
         """
         _z(level)
         cut = self.llf - 0.5 * stats.chi2.ppf(level / 100.0, 1)
+        v = self.model.design.variance
+        vscale = float(np.median(v)) if v is not None else 1.0
+        bound = self._corr_bound()
         rows = []
-        for i, g, label in self._profile_params():
+        for i, g, label, kind in self._profile_params():
             if params is not None and i not in params:
                 continue
-            est = float(self.theta[i] ** 2)
+            est = self._profile_estimate(i, kind)
             cache = {}
 
-            def f(v):
-                if v not in cache:
-                    cache[v] = self._profile_llf(i, v)[0]
-                return cache[v] - cut
+            def f(x):
+                if x not in cache:
+                    cache[x] = self._profile_llf(i, x, kind)[0]
+                return cache[x] - cut
 
-            scale = max(est, 1e-4 * float(np.median(self.model.design.variance
-                                                     if self.model.design.variance is not None else 1.0)))
+            if kind == "corr":
+                tol = 1e-10
+                lower = -1.0 if est <= -bound or f(-bound) >= 0 else optimize.brentq(f, -bound, est, xtol=tol)
+                upper = 1.0 if est >= bound or f(bound) >= 0 else optimize.brentq(f, est, bound, xtol=tol)
+                rows.append((g, label, est, lower, upper, kind))
+                continue
+            scale = max(est, 1e-4 * vscale)
             tol = 1e-10 * scale
             lower = 0.0 if est == 0 or f(0.0) >= 0 else optimize.brentq(f, 0.0, est, xtol=tol)
             hi = est + scale
@@ -554,10 +641,12 @@ class PostestimationMixin:
                     break
                 hi = est + 2 * (hi - est)
             upper = optimize.brentq(f, est, hi, xtol=tol) if f(hi) < 0 else np.inf
-            rows.append((g, label, est, lower, upper))
-        df = pd.DataFrame(rows, columns=["group", "param", "estimate", "lower", "upper"])
+            rows.append((g, label, est, lower, upper, kind))
+        df = pd.DataFrame(rows, columns=["group", "param", "estimate", "lower", "upper", "kind"])
+        is_var = (df.pop("kind") == "var").to_numpy()
         for c in ("estimate", "lower", "upper"):
-            df["sd" if c == "estimate" else f"sd_{c}"] = np.sqrt(df[c])
+            df["sd" if c == "estimate" else f"sd_{c}"] = np.where(
+                is_var, np.sqrt(np.where(is_var, df[c], 0.0)), np.nan)
         return df
 
     # -- stored results ---------------------------------------------------------------------

@@ -524,10 +524,10 @@ cdef int fit_one(const Prob* P, Work* W, const double* y, double* th, const Opti
 
 
 cdef class _Runner:
-    """Runs fit_one over the rows of a batch; ``run(slot)`` takes rows in chunks (the GIL
-    held only to claim a chunk) until none are left, with workspace ``slot``. Several
-    Python threads may call it at once with different slots: the fits run without the
-    GIL, side by side."""
+    """Runs fit_one over the rows of a batch: ``run(slot, n_slots)`` fits rows slot,
+    slot + n_slots, ... (interleaved, so threads get an even share of easy and hard
+    fits) with workspace ``slot``, the GIL released throughout. Several Python threads
+    may call it at once with different slots."""
     cdef Prob P
     cdef Options O
     cdef Work* Ws
@@ -535,25 +535,20 @@ cdef class _Runner:
     cdef double[:, ::1] th, bt, sv
     cdef double[::1] dv, s2
     cdef int[::1] cv, itv, ev, jv, emv
-    cdef Py_ssize_t next_row, n_rows, chunk
+    cdef Py_ssize_t n_rows
 
     def __dealloc__(self):
         free(self.Ws)
 
-    def run(self, int slot):
-        cdef Py_ssize_t r, r0, r1
-        while True:
-            r0 = self.next_row
-            if r0 >= self.n_rows:
-                return
-            r1 = min(r0 + self.chunk, self.n_rows)
-            self.next_row = r1
-            with nogil:
-                for r in range(r0, r1):
-                    self.cv[r] = fit_one(&self.P, &self.Ws[slot], &self.Yw[r, 0], &self.th[r, 0],
-                                         &self.O, &self.dv[r], &self.bt[r, 0], &self.sv[r, 0],
-                                         &self.itv[r], &self.s2[r], &self.jv[r], &self.emv[r])
-                    self.ev[r] = self.Ws[slot].n_evals
+    def run(self, int slot, int n_slots):
+        cdef Py_ssize_t r = slot
+        with nogil:
+            while r < self.n_rows:
+                self.cv[r] = fit_one(&self.P, &self.Ws[slot], &self.Yw[r, 0], &self.th[r, 0],
+                                     &self.O, &self.dv[r], &self.bt[r, 0], &self.sv[r, 0],
+                                     &self.itv[r], &self.s2[r], &self.jv[r], &self.emv[r])
+                self.ev[r] = self.Ws[slot].n_evals
+                r += n_slots
 
 
 def fit_many(kernel, const double[:, ::1] Yw, const double[:, ::1] theta0, const double[::1, :] M,
@@ -720,13 +715,7 @@ def fit_many(kernel, const double[:, ::1] Yw, const double[:, ::1] theta0, const
     run.Yw = Yw
     run.th, run.bt, run.sv, run.dv, run.s2 = th, bt, sv, dv, s2
     run.cv, run.itv, run.ev, run.jv, run.emv = cv, itv, ev, jv, emv
-    run.next_row = 0
     run.n_rows = m
-    # small chunks keep the threads evenly loaded when fits differ in cost
-    run.chunk = max(1, min(16, m // (8 * nt)))
-    if nt == 1:
-        run.run(0)
-    else:
-        parallel_calls(run.run, [(c,) for c in range(nt)], nt)
+    parallel_calls(run.run, [(c, nt) for c in range(nt)], nt)
     return dict(theta=theta, deviance=dev, beta=beta[:, :p], se=se[:, :p], converged=conv.astype(bool),
                 n_iter=iters, n_evals=evals, sigma2=sig2, joined=joined.astype(bool), n_em=n_em)

@@ -570,9 +570,11 @@ cdef class NestedKernel:
             return <int>self.n_threads
         return 1
 
-    def _factor_chunk(self, int c, int nt, double[:, ::1] Sp, double[::1] ld, Py_ssize_t[::1] st):
-        """factor_cluster over the c-th of nt contiguous shares of the clusters (slot c of
-        the per-thread parts and scratch); releases the GIL."""
+    def _pass_chunk(self, int c, int nt, bint gradient, double[:, ::1] Sp=None,
+                    double[::1] ld=None, Py_ssize_t[::1] st=None, double[::1, :] Ph=None):
+        """One pass over the c-th of nt contiguous shares of the clusters, with slot c of
+        the per-thread parts and scratch, the GIL released: factor_cluster (into Sp[c],
+        ld[c], st[c]) or, with ``gradient``, invert_cluster and accumulate_cluster."""
         cdef Tree t = self._tree()
         cdef Py_ssize_t[::1] cp = self._cluster_ptr
         cdef Py_ssize_t M = cp.shape[0] - 1
@@ -580,32 +582,23 @@ cdef class NestedKernel:
         cdef double* WB = &self._WB[0]
         cdef double* WR = &self._WR[0]
         cdef double* scratch = &self._scratch[0] + c * self.scratch_len
-        with nogil:
-            for j in range(j0, j1):
-                st[c] = factor_cluster(&t, cp[j], cp[j + 1], WB, WR, &Sp[c, 0], &ld[c], scratch)
-                if st[c] != 0:
-                    break
-
-    def _gradient_chunk(self, int c, int nt, double[::1, :] Ph):
-        """invert_cluster and accumulate_cluster over the c-th of nt shares of the clusters."""
-        cdef Tree t = self._tree()
-        cdef Py_ssize_t[::1] cp = self._cluster_ptr
-        cdef Py_ssize_t M = cp.shape[0] - 1
-        cdef Py_ssize_t j, j0 = c * M // nt, j1 = (c + 1) * M // nt
-        cdef double* WB = &self._WB[0]
-        cdef double* WR = &self._WR[0]
         cdef double* SB = &self._SB[0]
         cdef double* WW = &self._WW[0]
         cdef double* KK = &self._KK[0]
         cdef double* GN = &self._GN[0]
         cdef double* EN = &self._EN[0]
-        cdef double* scratch = &self._scratch[0] + c * self.scratch_len
         cdef Py_ssize_t maxq = self.maxq
         with nogil:
             for j in range(j0, j1):
-                invert_cluster(&t, cp[j], cp[j + 1], WB, WR, SB, WW)
-                accumulate_cluster(&t, cp[j], cp[j + 1], SB, WW, KK, &Ph[0, 0], GN, EN,
-                                   scratch, maxq)
+                if gradient:
+                    invert_cluster(&t, cp[j], cp[j + 1], WB, WR, SB, WW)
+                    accumulate_cluster(&t, cp[j], cp[j + 1], SB, WW, KK, &Ph[0, 0], GN, EN,
+                                       scratch, maxq)
+                else:
+                    st[c] = factor_cluster(&t, cp[j], cp[j + 1], WB, WR, &Sp[c, 0], &ld[c],
+                                           scratch)
+                    if st[c] != 0:
+                        break
 
     def factor(self, const double[::1] T):
         """Factor C(T) for every cluster; return (log|C|, S = A'V^-1 A, status).
@@ -623,7 +616,8 @@ cdef class NestedKernel:
         stats = np.zeros(nt, dtype=np.intp)
         with nogil:
             self._assemble(T)
-        parallel_calls(self._factor_chunk, [(c, nt, Sparts, logdets, stats) for c in range(nt)], nt)
+        parallel_calls(self._pass_chunk, [(c, nt, False, Sparts, logdets, stats) for c in range(nt)],
+                       nt)
         self._have_inverse = False
         S = np.asfortranarray(self.AA + Sparts.sum(axis=0).reshape(nc, nc, order="F"))
         bad = stats[stats != 0]
@@ -642,7 +636,7 @@ cdef class NestedKernel:
         cdef double[::1] Gv = G
         cdef double[::1] Ev = E
         cdef int nt = self._threads_for()
-        parallel_calls(self._gradient_chunk, [(c, nt, Ph) for c in range(nt)], nt)
+        parallel_calls(self._pass_chunk, [(c, nt, True, None, None, None, Ph) for c in range(nt)], nt)
         with nogil:
             self._reduce(&self._GN[0], &Gv[0])
             self._reduce(&self._EN[0], &Ev[0])
