@@ -100,6 +100,11 @@ def test_cluster_as_array_and_missing_labels():
     _close(r.params, ref.params.to_numpy(), 1e-12)
     _close(r.cov_params(), ref.cov_params().to_numpy(), 1e-12)
     assert r.sample.sum() == len(dat) - 5 and not r.sample[:5].any()
+    # residuals and fitted values are indexed by the used rows (statsmodels' formula API)
+    assert r.resid.index.equals(dat.index[5:]) and r.fittedvalues.index.equals(dat.index[5:])
+    X = np.column_stack([dat.IV1, dat.IV2, np.ones(len(dat))])[5:]
+    _close(r.fittedvalues, X @ r.params.to_numpy(), 1e-12)
+    _close(r.resid + r.fittedvalues, dat.DV.to_numpy()[5:], 1e-12)
 
 
 def test_row_order_invariance():
@@ -110,6 +115,7 @@ def test_row_order_invariance():
     _close(a.params, b.params.to_numpy(), 1e-10)
     _close(a.cov_params(), b.cov_params().to_numpy(), 1e-10)
     _close(a.df, b.df.to_numpy(), 1e-8)
+    _close(b.resid.sort_index(), a.resid.to_numpy(), 1e-10)      # the same rows by label
 
 
 def test_errors_and_summary():

@@ -120,17 +120,18 @@ class LinearResults:
 class OLSResults(LinearResults):
     """A fitted OLS regression (statsmodels-style names).
 
-    Extra attributes: ``resid``, ``fittedvalues``, ``scale`` (s^2), ``df_resid``
+    Extra attributes: ``resid``, ``fittedvalues`` (Series over the used rows, indexed
+    like the data), ``scale`` (s^2), ``df_resid``
     (N - p), ``rsquared``, ``rsquared_adj``, ``cov_type`` ("nonrobust" or the CR
     type), ``n_clusters``, ``cluster_name``, ``robust`` (the
     :class:`mlmeta.robust.RobustResults`, or None), ``sample`` (rows used).
     """
 
     def __init__(self, params, cov, names, df, *, y, X, resid, robust=None, cov_type="nonrobust",
-                 df_method=None, cluster_name=None, sample=None, depvar=None):
+                 df_method=None, cluster_name=None, sample=None, depvar=None, index=None):
         super().__init__(params, cov, names, df, y.shape[0], depvar=depvar)
-        self.resid = resid
-        self.fittedvalues = y - resid
+        self.resid = pd.Series(resid, index=index, name="resid")
+        self.fittedvalues = pd.Series(y - resid, index=index, name="fitted")
         self.df_resid = int(y.shape[0] - X.shape[1])
         self.scale = float(resid @ resid / self.df_resid) if self.df_resid > 0 else np.nan
         has_const = "_cons" in self.fe_names
@@ -254,10 +255,11 @@ def ols(formula, data, cluster=None, type="CR1", df=None) -> OLSResults:
     if N <= p:
         raise ValueError(f"{N} observations for {p} coefficients: more observations are needed")
     beta, resid, XtXi = ols_fit(y, X)
+    index = frame.data_index[np.flatnonzero(frame.sample)]      # the used rows' labels
     if cl_all is None:
         s2 = float(resid @ resid) / (N - p)
         return OLSResults(beta, s2 * XtXi, names, float(N - p) if df is None else df, y=y, X=X,
-                          resid=resid, sample=sample, depvar=parsed.response)
+                          resid=resid, sample=sample, depvar=parsed.response, index=index)
     cl = cl_all[sample]
     numeric_df = df is not None and not isinstance(df, str)
     method = ("satterthwaite" if type == "CR2" else "naive-tp") if df is None or numeric_df else df
@@ -266,4 +268,4 @@ def ols(formula, data, cluster=None, type="CR1", df=None) -> OLSResults:
     dfs = float(df) if numeric_df else rob.df.to_numpy()
     return OLSResults(beta, rob.cov_params().to_numpy(), names, dfs, y=y, X=X, resid=resid, robust=rob,
                       cov_type=type, df_method="fixed" if numeric_df else method, cluster_name=cl_name,
-                      sample=sample, depvar=parsed.response)
+                      sample=sample, depvar=parsed.response, index=index)
