@@ -112,7 +112,7 @@ def test_exploratory_runs_reach_the_full_newton_optima(schoolcal, formula, metho
             (_, f_c, c_c, *_), = _run_compiled(model, th_q)
             assert c_c and f_c == pytest.approx(f_q, abs=1e-6)
     joined = _run_compiled(model, starts, quasi=True, known=(rec.theta, rec.deviance))
-    for (th, f, conv, _, _, n_ev, j), (_, f_q, *_), (_, _, _, _, _, n_full, _) in zip(joined, quasi, full):
+    for (th, f, conv, _, _, n_ev, j, _), (_, f_q, *_), (*_, n_full, _, _) in zip(joined, quasi, full):
         if j:
             np.testing.assert_array_equal(th, rec.theta)
             assert f == pytest.approx(rec.deviance, abs=1e-9) and conv

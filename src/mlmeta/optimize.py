@@ -268,7 +268,8 @@ def _run_compiled(model, thetas, *, em_iter=0, em_tol=0.0, maxiter=1000, tol=1e-
     """Compiled EM + projected Newton runs from each row of ``thetas`` (shared out over
     ``threads``).
 
-    Returns a list of (theta, deviance, converged, n_em, n_iter, n_evals, joined) per run.
+    Returns a list of (theta, deviance, converged, n_em, n_iter, n_evals, joined, theta_em)
+    per run (theta_em: theta after the EM iterations).
     ``quasi``/``known``: exploratory runs (BFGS-updated Hessian) that stop when they
     join the known (theta, deviance) optimum.
     """
@@ -285,7 +286,7 @@ def _run_compiled(model, thetas, *, em_iter=0, em_tol=0.0, maxiter=1000, tol=1e-
                    em_tol=float(em_tol), refresh=False)
     return [(out["theta"][i], float(out["deviance"][i]), bool(out["converged"][i]),
              int(out["n_em"][i]), int(out["n_iter"][i]), int(out["n_evals"][i]),
-             bool(out["joined"][i])) for i in range(theta0.shape[0])]
+             bool(out["joined"][i]), out["theta_em"][i]) for i in range(theta0.shape[0])]
 
 
 def _alternative_starts(model: NestedModel, theta_em, theta_best):
@@ -340,12 +341,10 @@ def fit_nested(model: NestedModel, *, theta0=None, em_iter=20, em_tol=1e-10, em_
         rec.seconds = time.perf_counter() - t0
         return rec
     compiled = fixed is None and not log and not em_only and _compiled(model)
-    if compiled:
-        (theta_em, _, _, n_em, _, n_ev, _), = _run_compiled(model, theta, em_iter=em_iter,
-                                                          em_tol=em_tol, maxiter=0)
-        rec.n_em = n_em
+    if compiled:     # EM and Newton in one compiled run
+        (th_c, f_c, conv_c, rec.n_em, nit, n_ev, _, theta), = _run_compiled(
+            model, theta, em_iter=em_iter, em_tol=em_tol, maxiter=maxiter, tol=tol)
         cnt.n += n_ev
-        theta = theta_em
     elif em_iter > 0 or em_only:
         if log:
             log("Performing EM optimization ...")
@@ -377,10 +376,9 @@ def fit_nested(model: NestedModel, *, theta0=None, em_iter=20, em_tol=1e-10, em_
 
     conv = False
     if compiled:
-        (th, f, conv, _, nit, n_ev, _), = _run_compiled(model, theta, maxiter=maxiter, tol=tol)
-        cnt.n += n_ev
-        if np.all(np.isfinite(th)) and np.isfinite(f):
-            theta = th      # never worse than the start: a fallback continues from here
+        f, conv = f_c, conv_c
+        if np.all(np.isfinite(th_c)) and np.isfinite(f):
+            theta = th_c    # never worse than the EM point: a fallback continues from here
         if conv:
             f, g = cnt.fg(theta)
             free = _free_mask(theta, g, lower, upper)
@@ -401,11 +399,11 @@ def fit_nested(model: NestedModel, *, theta0=None, em_iter=20, em_tol=1e-10, em_
         threads = (os.cpu_count() or 1) if model.n_obs >= 20_000 else 1
         runs = _run_compiled(model, [t for _, t in starts], maxiter=maxiter, tol=tol, quasi=True,
                              known=(theta, f), threads=threads)
-        for (label, _), (th, fa, conva, _, _, n_ev, joined) in zip(starts, runs):
+        for (label, _), (th, fa, conva, _, _, n_ev, joined, _) in zip(starts, runs):
             cnt.n += n_ev
             if not joined and fa < best[0] - 1e-7 * max(1.0, abs(best[0])):
                 # an exploratory run found a lower deviance: confirm it with full Newton
-                (th, fa, conva, _, _, n_ev, _), = _run_compiled(model, th, maxiter=maxiter, tol=tol)
+                (th, fa, conva, _, _, n_ev, _, _), = _run_compiled(model, th, maxiter=maxiter, tol=tol)
                 cnt.n += n_ev
             rec.candidates.append((label, fa, th.copy(), conva))
             if conva and fa < best[0] - 1e-7 * max(1.0, abs(best[0])):

@@ -27,7 +27,7 @@ from libc.stdlib cimport malloc, free
 from scipy.linalg.cython_lapack cimport dpotrf, dsyev
 
 from mlmeta._core._linalg cimport gemm, zero, copy, potrf_lower, trsm_left_lower
-from mlmeta._core._nested cimport (Tree, SubBlocks, factor_cluster, invert_cluster,
+from mlmeta._core._nested cimport (Tree, SubBlocks, NestedKernel, factor_cluster, invert_cluster,
                                    accumulate_cluster, assemble_factors, reduce_factors)
 
 cdef double LOG2PI = 1.8378770664093453
@@ -301,7 +301,8 @@ cdef inline void bfgs_update(double* Hq, const double* s, const double* yv, doub
 
 cdef int fit_one(const Prob* P, Work* W, const double* y, double* th, const Options* O,
                  double* out_dev, double* out_beta, double* out_se,
-                 int* out_iter, double* out_sig2, int* out_joined, int* out_em) noexcept nogil:
+                 int* out_iter, double* out_sig2, int* out_joined, int* out_em,
+                 double* out_theta_em) noexcept nogil:
     """Fit one outcome vector from theta ``th`` (updated in place); returns 1 if converged.
 
     With ``O.quasi`` the Hessian is differenced once (and again when a parameter
@@ -353,6 +354,7 @@ cdef int fit_one(const Prob* P, Work* W, const double* y, double* th, const Opti
             th[i] = P.lower[i]
         if th[i] > P.upper[i]:
             th[i] = P.upper[i]
+    copy(th, out_theta_em, k)
     f = evaluate(P, W, th, g, False)
     converged = 0
     pd = 0
@@ -532,7 +534,7 @@ cdef class _Runner:
     cdef Options O
     cdef Work* Ws
     cdef const double[:, ::1] Yw
-    cdef double[:, ::1] th, bt, sv
+    cdef double[:, ::1] th, bt, sv, tem
     cdef double[::1] dv, s2
     cdef int[::1] cv, itv, ev, jv, emv
     cdef Py_ssize_t n_rows
@@ -546,7 +548,8 @@ cdef class _Runner:
             while r < self.n_rows:
                 self.cv[r] = fit_one(&self.P, &self.Ws[slot], &self.Yw[r, 0], &self.th[r, 0],
                                      &self.O, &self.dv[r], &self.bt[r, 0], &self.sv[r, 0],
-                                     &self.itv[r], &self.s2[r], &self.jv[r], &self.emv[r])
+                                     &self.itv[r], &self.s2[r], &self.jv[r], &self.emv[r],
+                                     &self.tem[r, 0])
                 self.ev[r] = self.Ws[slot].n_evals
                 r += n_slots
 
@@ -560,8 +563,8 @@ def fit_many(kernel, const double[:, ::1] Yw, const double[:, ::1] theta0, const
              bint quasi=False, known_theta=None, double known_dev=INFINITY, double em_tol=0.0,
              bint refresh=True):
     """Fit every column of ``Yw`` (m x n, whitened and sorted); returns a dict of
-    arrays: theta (m x k), deviance, beta (m x p), se (m x p), converged, n_iter
-    (Newton), n_em (EM iterations), n_evals, sigma2 and joined (m each). ``quasi``, ``known_theta``/``known_dev``:
+    arrays: theta (m x k), theta_em (after EM, m x k), deviance, beta (m x p), se (m x p),
+    converged, n_iter (Newton), n_em (EM iterations), n_evals, sigma2 and joined (m each). ``quasi``, ``known_theta``/``known_dev``:
     see :func:`fit_one` (exploratory runs from extra starts). ``refresh=False``: every
     column is the design's own outcome, whose pieces the kernel already holds (the
     only case for a design whitened by a full sampling covariance V)."""
@@ -569,66 +572,37 @@ def fit_many(kernel, const double[:, ::1] Yw, const double[:, ::1] theta0, const
     cdef int k = M.shape[1]
     cdef int p = Xw.shape[1]
     cdef Prob P
-    cdef Py_ssize_t[::1] q = kernel.q
-    cdef Py_ssize_t[::1] t_off = kernel.t_off
-    cdef Py_ssize_t[::1] nq = kernel.nq
-    cdef Py_ssize_t[::1] level = kernel.level
-    cdef Py_ssize_t[::1] parent = kernel.parent
-    cdef Py_ssize_t[::1] zz_ptr = kernel.zz_ptr
-    cdef Py_ssize_t[::1] za_ptr = kernel.za_ptr
-    cdef Py_ssize_t[::1] tn_ptr = kernel.tn_ptr
-    cdef Py_ssize_t[::1] cluster_ptr = kernel.cluster_ptr
-    cdef Py_ssize_t[::1] sub_node = kernel.sub_node
-    cdef Py_ssize_t[::1] sub_level = kernel.sub_level
-    cdef Py_ssize_t[::1] sub_off = kernel.sub_off
-    cdef double[::1] ZZ = kernel.ZZ
-    cdef double[::1] ZA = kernel.ZA
     cdef double[::1, :] AA = np.asfortranarray(kernel.AA)
-    P.tree.n_levels = kernel.n_levels
-    P.tree.ncol = <int>kernel.ncol
-    P.tree.nq = &nq[0]
-    P.tree.level = &level[0]
-    P.tree.parent = &parent[0]
-    P.tree.zz_ptr = &zz_ptr[0]
-    P.tree.za_ptr = &za_ptr[0]
-    P.tree.tn_ptr = &tn_ptr[0]
-    P.tree.ZZ = &ZZ[0]
-    P.tree.ZA = NULL
-    P.tree.T = NULL
-    P.tree.scalar = kernel.maxq == 1 and not kernel.force_general
-    P.n_clusters = kernel.n_clusters
-    P.n_nodes = kernel.n_nodes
-    P.sb.n_sub = sub_node.shape[0]
-    P.sb.sub_node = &sub_node[0]
-    P.sb.sub_level = &sub_level[0]
-    P.sb.sub_off = &sub_off[0]
-    P.sb.nq = &nq[0]
-    P.sb.tn_ptr = &tn_ptr[0]
-    P.sb.q = &q[0]
-    P.sb.t_off = &t_off[0]
-    P.n_levels = kernel.n_levels
+    cdef NestedKernel K = kernel
+    P.tree = K._tree()
+    P.tree.ZA = NULL        # per workspace (the outcome's pieces) ...
+    P.tree.T = NULL         # ... and per evaluation
+    P.sb = K._subblocks()
+    P.n_clusters = K.n_clusters
+    P.n_nodes = K.n_nodes
+    P.n_levels = K.n_levels
     P.n_obs = Yw.shape[1]
-    P.cluster_ptr = &cluster_ptr[0]
-    P.q = &q[0]
-    P.t_off = &t_off[0]
+    P.cluster_ptr = &K._cluster_ptr[0]
+    P.q = &K._q[0]
+    P.t_off = &K._t_off[0]
     P.kind = &kind[0]
     P.th_off = &th_off[0]
     P.n_groups = &n_groups[0]
     P.M = &M[0, 0]
     P.lower = &lower[0]
     P.upper = &upper[0]
-    P.ZA0 = &ZA[0]
+    P.ZA0 = &K._ZA[0]
     P.AA0 = &AA[0, 0]
     P.Zw = &Zw[0]
     P.zw_off = &zw_off[0]
     P.Xw = &Xw[0, 0] if p > 0 else NULL
     P.node_r0 = &node_r0[0]
     P.node_r1 = &node_r1[0]
-    P.zz_len = ZZ.shape[0]
-    P.za_len = ZA.shape[0]
-    P.tn_len = tn_ptr[tn_ptr.shape[0] - 1]
+    P.zz_len = K._ZZ.shape[0]
+    P.za_len = K._ZA.shape[0]
+    P.tn_len = K._tn_ptr[K._tn_ptr.shape[0] - 1]
     P.t_len = M.shape[0]
-    P.maxq = kernel.maxq
+    P.maxq = K.maxq
     P.scratch_len = 3 * P.maxq * max(P.maxq, <Py_ssize_t>P.tree.ncol) + 16
     P.n_theta = k
     P.p = p
@@ -713,9 +687,11 @@ def fit_many(kernel, const double[:, ::1] Yw, const double[:, ::1] theta0, const
     run.P = P
     run.O = O
     run.Yw = Yw
-    run.th, run.bt, run.sv, run.dv, run.s2 = th, bt, sv, dv, s2
+    theta_em = np.empty_like(theta)
+    run.th, run.bt, run.sv, run.dv, run.s2, run.tem = th, bt, sv, dv, s2, theta_em
     run.cv, run.itv, run.ev, run.jv, run.emv = cv, itv, ev, jv, emv
     run.n_rows = m
     parallel_calls(run.run, [(c, nt) for c in range(nt)], nt)
     return dict(theta=theta, deviance=dev, beta=beta[:, :p], se=se[:, :p], converged=conv.astype(bool),
-                n_iter=iters, n_evals=evals, sigma2=sig2, joined=joined.astype(bool), n_em=n_em)
+                n_iter=iters, n_evals=evals, sigma2=sig2, joined=joined.astype(bool), n_em=n_em,
+                theta_em=theta_em)

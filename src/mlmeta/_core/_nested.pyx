@@ -448,17 +448,7 @@ cdef class NestedKernel:
     sits inside its node's factor (one entry per node for ordinary nodes; one per
     group for dense cluster nodes).
     """
-    cdef readonly Py_ssize_t n_levels, n_nodes, n_clusters, ncol, maxq, n_threads, scratch_len
-    cdef public Py_ssize_t parallel_min_nodes
-    cdef public bint force_general     # use the blocked kernels even for scalar trees (tests)
-    cdef readonly object q, nq, level, parent, zz_ptr, za_ptr, tn_ptr, t_off, cluster_ptr
-    cdef readonly object sub_node, sub_level, sub_off
-    cdef readonly object ZZ, ZA, AA
-    cdef readonly object WB, WR, SB, WW, KK, Tn, GN, EN, scratch
-    cdef Py_ssize_t[::1] _q, _nq, _level, _parent, _zz_ptr, _za_ptr, _tn_ptr, _t_off, _cluster_ptr
-    cdef Py_ssize_t[::1] _sub_node, _sub_level, _sub_off
-    cdef double[::1] _ZZ, _ZA, _WB, _WR, _SB, _WW, _KK, _Tn, _GN, _EN, _scratch
-    cdef bint _have_inverse
+    # attributes and C methods are declared in _nested.pxd (the batch optimiser uses them)
 
     def __init__(self, q, level, parent, zz_ptr, za_ptr, cluster_ptr, ZZ, ZA, AA,
                  nq=None, sub_node=None, sub_level=None, sub_off=None):
