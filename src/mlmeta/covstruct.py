@@ -421,13 +421,16 @@ class Custom(CovStruct):
             out[k + b] = sd[:, None] * (L @ Phi)
         return out
 
-    def from_Sigma(self, Sigma):
+    def from_Sigma(self, Sigma, corr_bound=0.95):
+        """theta of Sigma: the free SDs, then the free correlations clipped to
+        +-corr_bound (0.95 keeps starting values off the boundary; CORR_BOUND gives
+        the exact parameters of an attainable Sigma)."""
         sd_all = np.sqrt(np.clip(np.diag(Sigma), 0.0, None))
         theta = [float(np.mean(sd_all[where])) for where in self._sd_free]
         for where in self._corr_free:
             vals = [Sigma[i, j] / (sd_all[i] * sd_all[j]) if sd_all[i] > 0 and sd_all[j] > 0 else 0.0
                     for i, j in where]
-            theta.append(float(np.clip(np.mean(vals), -0.95, 0.95)))
+            theta.append(float(np.clip(np.mean(vals), -corr_bound, corr_bound)))
         return np.asarray(theta)
 
     def theta_from_report(self, values):

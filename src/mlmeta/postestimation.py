@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 from scipy import optimize, stats
 
+from mlmeta.covstruct import Custom
 from mlmeta.optimize import fit_nested
 from mlmeta.vcomp import variance_components
 
@@ -460,7 +461,6 @@ class PostestimationMixin:
         written as Stata custom patterns (theta = SDs then correlations, ``Sigma = D R D``
         exactly), so that every variance and correlation is one theta element; params
         lists (theta index, grouping term, label, "var" | "corr")."""
-        from mlmeta.covstruct import Custom
         from mlmeta.model import NestedModel
 
         if self._profiled():
@@ -478,13 +478,7 @@ class PostestimationMixin:
                     pattern = [["sd" if i == j else (None if q == 2 else "rho") for j in range(q)]
                                for i in range(q)]
                 c = Custom(names, pattern)
-                Sigma = s.Sigma(self.theta[sl])
-                sd = np.sqrt(np.clip(np.diag(Sigma), 0.0, None))
-                th = [float(np.mean(sd[w])) for w in c._sd_free]
-                for w in c._corr_free:
-                    r = [Sigma[i, j] / (sd[i] * sd[j]) if sd[i] > 0 and sd[j] > 0 else 0.0 for i, j in w]
-                    th.append(float(np.clip(np.mean(r), -c.CORR_BOUND, c.CORR_BOUND)))
-                s, th = c, np.asarray(th)
+                s, th = c, c.from_Sigma(s.Sigma(self.theta[sl]), corr_bound=c.CORR_BOUND)
             else:
                 th = self.theta[sl]
             if s.kind == "identity":
@@ -572,7 +566,7 @@ class PostestimationMixin:
             lo, hi = float(ci.lower), float(ci.upper)
             if kind == "corr":
                 values = np.linspace(max(-1.0, lo - 0.1), min(1.0, hi + 0.1), n)
-                values = np.clip(values, -self._corr_bound(), self._corr_bound())
+                values = np.clip(values, -Custom.CORR_BOUND, Custom.CORR_BOUND)
             else:
                 if not np.isfinite(hi):
                     hi = lo + 4.0 * max(est, 1e-8)
@@ -592,12 +586,6 @@ class PostestimationMixin:
         df.attrs.update(param=(g, label), theta_index=i, estimate=est, llf_max=float(self.llf))
         return df
 
-    @staticmethod
-    def _corr_bound():
-        from mlmeta.covstruct import Custom
-
-        return Custom.CORR_BOUND
-
     def profile_ci(self, level: float = 95.0, params=None) -> pd.DataFrame:
         """Profile-likelihood confidence intervals for the variance components and the
         correlations of correlated random effects (metafor's ``confint``).
@@ -613,7 +601,7 @@ class PostestimationMixin:
         cut = self.llf - 0.5 * stats.chi2.ppf(level / 100.0, 1)
         v = self.model.design.variance
         vscale = float(np.median(v)) if v is not None else 1.0
-        bound = self._corr_bound()
+        bound = Custom.CORR_BOUND
         rows = []
         for i, g, label, kind in self._profile_params():
             if params is not None and i not in params:
