@@ -44,6 +44,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from synthetic import load_schoolcal, make_three_level  # noqa: E402
+from timing import fmt_time, median_time  # noqa: E402
 
 import mlmeta  # noqa: E402
 
@@ -99,16 +100,6 @@ def cases(quick: bool, seed: int):
                "a": "a", "b": "b", "r_variants": ["sparse"]}
 
 
-def _median_time(fn, repeat):
-    times, out = [], None
-    for _ in range(repeat):
-        gc.collect()
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
-
-
 # --------------------------------------------------------------------------- #
 # the tools
 
@@ -118,7 +109,7 @@ def run_mlmeta(case, repeat, safeguard):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         mlmeta.meregress(f, case["data"], variance=case["v"], safeguard=safeguard)  # warm-up
-        t, res = _median_time(
+        t, res = median_time(
             lambda: mlmeta.meregress(f, case["data"], variance=case["v"], safeguard=safeguard),
             repeat)
     s2 = [float(S.values[0, 0]) for S in res.re_cov.values()]
@@ -175,7 +166,7 @@ def run_statsmodels(case, repeat):
                         vc_formula={"inner": "0 + C(_inner)"})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        t, res = _median_time(lambda: model.fit(reml=True), repeat)
+        t, res = median_time(lambda: model.fit(reml=True), repeat)
     s2 = [float(np.asarray(res.cov_re)[0, 0]), float(res.vcomp[0])]
     return {"seconds": t, "reps": repeat, "llf": float(res.llf), "sigma2": s2,
             "beta": [float(x) for x in np.asarray(res.fe_params)[::-1]]}
@@ -214,7 +205,7 @@ def run_mixed_tools(repeat, seed, has_r, workdir):
         warnings.simplefilter("ignore")
         for label, sg in (("mlmeta", "auto"), ("mlmeta (safeguard=False)", False)):
             mlmeta.mixed(f, d, safeguard=sg)
-            t, res = _median_time(lambda: mlmeta.mixed(f, d, safeguard=sg), repeat)
+            t, res = median_time(lambda: mlmeta.mixed(f, d, safeguard=sg), repeat)
             rows.append({**tag, "tool": label, "seconds": t, "reps": repeat,
                          "llf": res.llf_lme4, "sigma2": [float(res.re_cov["Group"].values[-1, -1]),
                                                          res.scale]})
@@ -235,7 +226,7 @@ def run_mixed_tools(repeat, seed, has_r, workdir):
                             re_formula="~ IV1 + IV2 + IV3")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            t, res = _median_time(lambda: model.fit(reml=True), max(1, min(repeat, 3)))
+            t, res = median_time(lambda: model.fit(reml=True), max(1, min(repeat, 3)))
         rows.append({**tag, "tool": "statsmodels MixedLM", "seconds": t,
                      "reps": max(1, min(repeat, 3)), "llf": float(res.llf),
                      "sigma2": [float(np.asarray(res.cov_re)[0, 0]), float(res.scale)]})
@@ -269,16 +260,6 @@ def run_batch(repeat):
 
 # --------------------------------------------------------------------------- #
 
-def fmt_t(t):
-    if t is None:
-        return "-"
-    if t < 1e-3:
-        return f"{t * 1e6:.0f} us"
-    if t < 1:
-        return f"{t * 1e3:.1f} ms"
-    return f"{t:.2f} s"
-
-
 def print_table(rows):
     head = (f"{'data':<12}{'n':>7}  {'tool':<30}{'time':>10}{'reps':>6}{'ratio':>10}  "
             f"{'llf':>13}  {'sigma2 (outer, inner)'}")
@@ -300,7 +281,7 @@ def print_table(rows):
         ratio = r["seconds"] / base[key] if key in base else float("nan")
         s2 = ", ".join(f"{s:.6f}" for s in r["sigma2"])
         rs = f"{ratio:.2f}x" if ratio < 100 else f"{ratio:.0f}x"
-        print(f"{r['data']:<12}{r['n']:>7}  {r['tool']:<30}{fmt_t(r['seconds']):>10}"
+        print(f"{r['data']:<12}{r['n']:>7}  {r['tool']:<30}{fmt_time(r['seconds']):>10}"
               f"{r['reps']:>6}{rs:>10}  {r['llf']:>13.6f}  {s2}")
 
 

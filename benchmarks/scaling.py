@@ -25,9 +25,7 @@ import argparse
 import gc
 import platform
 import resource
-import statistics
 import sys
-import time
 import tracemalloc
 import warnings
 from pathlib import Path
@@ -38,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from synthetic import formula as synthetic_formula  # noqa: E402
 from synthetic import load_schoolcal, make_three_level  # noqa: E402
+from timing import fmt_time, median_time  # noqa: E402
 
 import mlmeta  # noqa: E402
 from mlmeta.api import build_model  # noqa: E402
@@ -49,26 +48,6 @@ SCHOOLCAL_SLOPE = "stdmdiff ~ year_c + (1 + year_c || district) + (1 | district:
 def _maxrss_mb() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r / 1024.0 ** 2 if sys.platform == "darwin" else r / 1024.0   # bytes on macOS
-
-
-def _median_time(fn, repeat: int, batch: float = 0.0):
-    """Median wall time of one ``fn()`` call over ``repeat`` samples. With ``batch`` > 0,
-    each sample times a loop of calls lasting about ``batch`` seconds (as timeit does),
-    so microsecond calls are timed with warm caches and without timer noise."""
-    number = 1
-    if batch > 0:
-        t0 = time.perf_counter()
-        out = fn()
-        one = time.perf_counter() - t0
-        number = max(1, int(batch / max(one, 1e-9)))
-    times = []
-    for _ in range(repeat):
-        gc.collect()
-        t0 = time.perf_counter()
-        for _ in range(number):
-            out = fn()
-        times.append((time.perf_counter() - t0) / number)
-    return statistics.median(times), out
 
 
 def _traced_peak_mb(fn) -> float:
@@ -87,14 +66,14 @@ def measure(label, n, data, formula, variance, repeat, memory=True):
         return mlmeta.meregress(formula, data, variance=variance)
 
     fit()       # untimed warm-up: first-touch page faults and lazy initialisation
-    fit_t, res = _median_time(fit, repeat)
-    nosg_t, res_nosg = _median_time(
+    fit_t, res = median_time(fit, repeat)
+    nosg_t, res_nosg = median_time(
         lambda: mlmeta.meregress(formula, data, variance=variance, safeguard=False), repeat)
-    build_t, (model, _, _) = _median_time(
+    build_t, (model, _, _) = median_time(
         lambda: build_model(formula, data, variance=variance), max(1, min(repeat, 3)))
     theta = res.theta
-    eval_t, _ = _median_time(lambda: model.evaluate(theta), 5, batch=0.05)
-    grad_t, _ = _median_time(lambda: model.evaluate(theta, gradient=True), 5, batch=0.05)
+    eval_t, _ = median_time(lambda: model.evaluate(theta), 5, batch=0.05)
+    grad_t, _ = median_time(lambda: model.evaluate(theta, gradient=True), 5, batch=0.05)
     peak = _traced_peak_mb(fit) if memory else float("nan")
     return {
         "label": label, "n": n, "fit": fit_t, "evals": res.fit_record.n_evals,
@@ -103,14 +82,6 @@ def measure(label, n, data, formula, variance, repeat, memory=True):
         "grad": grad_t, "peak": peak, "rss": _maxrss_mb(),
         "data_mb": data.memory_usage(deep=True).sum() / 1024 ** 2,
     }
-
-
-def _fmt_time(t: float) -> str:
-    if t < 1e-3:
-        return f"{t * 1e6:7.1f} us"
-    if t < 1.0:
-        return f"{t * 1e3:7.2f} ms"
-    return f"{t:7.2f} s "
 
 
 def print_table(rows):
@@ -128,10 +99,10 @@ def print_table(rows):
         else:
             rf = rs = re_ = rg = f"{'':>5}"
         flag = "" if r["converged"] else " (not converged)"
-        print(f"{r['label']:<18}{r['n']:>10,}  {_fmt_time(r['fit'])} {rf} {r['evals']:>5}  "
-              f"{_fmt_time(r['nosg'])} {rs} {r['evals_nosg']:>5}  "
-              f"{_fmt_time(r['build'])}  {_fmt_time(r['eval'])} {re_}  "
-              f"{_fmt_time(r['grad'])} {rg}  "
+        print(f"{r['label']:<18}{r['n']:>10,}  {fmt_time(r['fit']):>10} {rf} {r['evals']:>5}  "
+              f"{fmt_time(r['nosg']):>10} {rs} {r['evals_nosg']:>5}  "
+              f"{fmt_time(r['build']):>10}  {fmt_time(r['eval']):>10} {re_}  "
+              f"{fmt_time(r['grad']):>10} {rg}  "
               f"{r['peak']:8.1f} {r['data_mb']:8.1f} {r['rss']:9.0f}{flag}")
         prev = r if synth else None
 

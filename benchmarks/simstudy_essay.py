@@ -22,7 +22,6 @@ import time
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")   # small matrices: one BLAS thread per worker
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from mlmeta import simstudy  # noqa: E402
