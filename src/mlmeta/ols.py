@@ -201,6 +201,20 @@ def _cluster_values(cluster, data, n_rows):
     return values, getattr(cluster, "name", None)
 
 
+def labelled_frame(parsed, data, labels, what):
+    """The model frame of the rows whose label (``what``: "cluster" or "group") is
+    present, rows with a missing label dropped with a MissingDataWarning. Returns
+    (frame, labels over all data rows, their name, mask of the rows kept)."""
+    n_rows = len(data)
+    values, name = _cluster_values(labels, data, n_rows)
+    keep = ~np.asarray(pd.isna(values), dtype=bool)
+    if not keep.all():
+        warnings.warn(f"dropped {int((~keep).sum())} of {n_rows} rows with a missing {what} label",
+                      MissingDataWarning, stacklevel=3)
+    sub = data if keep.all() else data.iloc[np.flatnonzero(keep)]
+    return build_model_frame(parsed, sub), values, name, keep
+
+
 def ols_fit(y, X):
     """beta, residuals and (X'X)^-1 by a QR decomposition of X."""
     Q, R = linalg.qr(X, mode="economic")
@@ -236,16 +250,10 @@ def ols(formula, data, cluster=None, type="CR1", df=None) -> OLSResults:
         raise ValueError("ols() fits fixed effects only; the formula has random-effects terms "
                          f"({', '.join(f'({t.rhs} | {t.group})' for t in parsed.random)}): "
                          "use mlmeta.mixed for a mixed model")
-    n_rows = len(data)
-    keep = np.ones(n_rows, dtype=bool)
-    cl_all, cl_name = (None, None) if cluster is None else _cluster_values(cluster, data, n_rows)
-    if cl_all is not None:
-        keep = ~np.asarray(pd.isna(cl_all), dtype=bool)
-        if not keep.all():
-            warnings.warn(f"dropped {int((~keep).sum())} of {n_rows} rows with a missing cluster label",
-                          MissingDataWarning, stacklevel=2)
-    sub = data if keep.all() else data.iloc[np.flatnonzero(keep)]
-    frame = build_model_frame(parsed, sub)
+    if cluster is None:
+        frame, cl_all, cl_name, keep = build_model_frame(parsed, data), None, None, np.ones(len(data), bool)
+    else:
+        frame, cl_all, cl_name, keep = labelled_frame(parsed, data, cluster, "cluster")
     for note in frame.notes:
         warnings.warn(note, UserWarning, stacklevel=2)
     sample = keep.copy()

@@ -41,9 +41,9 @@ import numpy as np
 import pandas as pd
 from scipy import optimize
 
-from mlmeta._errors import ConvergenceWarning, MissingDataWarning
-from mlmeta.formula import build_model_frame, parse_formula
-from mlmeta.ols import LinearResults, _cluster_values
+from mlmeta._errors import ConvergenceWarning
+from mlmeta.formula import parse_formula
+from mlmeta.ols import LinearResults, labelled_frame
 from mlmeta.summary import fmt_g
 
 __all__ = ["two_stage", "TwoStageResults", "first_stage", "mv_meta"]
@@ -280,13 +280,7 @@ def two_stage(formula, data, group, second_stage="ols", *, method="reml", test="
     parsed = parse_formula(formula)
     if parsed.random:
         raise ValueError("two_stage() takes a fixed-effects formula; the grouping is given by group=")
-    g_all, g_name = _cluster_values(group, data, len(data))
-    keep = ~np.asarray(pd.isna(g_all), dtype=bool)
-    if not keep.all():
-        warnings.warn(f"dropped {int((~keep).sum())} of {len(data)} rows with a missing group label",
-                      MissingDataWarning, stacklevel=2)
-    sub = data if keep.all() else data.iloc[np.flatnonzero(keep)]
-    frame = build_model_frame(parsed, sub)
+    frame, g_all, g_name, keep = labelled_frame(parsed, data, group, "group")
     labels_rows = np.asarray(g_all)[np.flatnonzero(keep)][frame.sample]
     try:
         codes, labels = pd.factorize(pd.Series(labels_rows), sort=True)
