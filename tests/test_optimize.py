@@ -79,44 +79,32 @@ MODELS = [
 
 
 @pytest.mark.parametrize("formula,method", MODELS)
-def test_compiled_fit_matches_python_path(schoolcal, formula, method, monkeypatch):
-    """The compiled EM + Newton path and the Python path reach the same optimum."""
-    import mlmeta.optimize as opt
-
-    model, _, _ = build_model(formula, schoolcal, variance="var", method=method)
-    fast = fit_nested(model, safeguard=False)
-    monkeypatch.setattr(opt, "_compiled", lambda m: False)
-    slow = fit_nested(model, safeguard=False)
-    assert fast.converged and slow.converged
-    assert fast.deviance == pytest.approx(slow.deviance, abs=1e-9)
-    np.testing.assert_allclose(fast.theta, slow.theta, rtol=1e-4, atol=1e-6)
-    assert fast.n_em >= 1 and fast.n_evals > fast.n_em
-
-
-@pytest.mark.parametrize("formula,method", MODELS)
 def test_exploratory_runs_reach_the_full_newton_optima(schoolcal, formula, method):
     """BFGS-updated runs from the extra starts end where full Newton runs end, and a run
     that joins the known optimum says so and returns it."""
-    from mlmeta.optimize import _alternative_starts, _run_compiled
+    from mlmeta.optimize import alternative_starts
 
     model, _, _ = build_model(formula, schoolcal, variance="var", method=method)
     rec = fit_nested(model, safeguard=False)
-    starts = [t for _, t in _alternative_starts(model, rec.theta_em, rec.theta)]
-    full = _run_compiled(model, starts)
-    quasi = _run_compiled(model, starts, quasi=True)
-    for (_, f_full, c_full, *_), (th_q, f_q, *_) in zip(full, quasi):
-        assert c_full
-        if f_q != pytest.approx(f_full, abs=1e-6):
+    starts = np.array([t for _, t in alternative_starts(model, rec.theta_em, rec.theta)])
+    P = model.problem
+    full = P.fit(starts, em_iter=0)
+    quasi = P.fit(starts, em_iter=0, quasi=True)
+    for i in range(len(starts)):
+        assert full["converged"][i]
+        if quasi["deviance"][i] != pytest.approx(full["deviance"][i], abs=1e-6):
             # a different basin from the same start: still an optimum, which full
             # Newton from there confirms without moving away
-            (_, f_c, c_c, *_), = _run_compiled(model, th_q)
-            assert c_c and f_c == pytest.approx(f_q, abs=1e-6)
-    joined = _run_compiled(model, starts, quasi=True, known=(rec.theta, rec.deviance))
-    for (th, f, conv, _, _, n_ev, j, _), (_, f_q, *_), (*_, n_full, _, _) in zip(joined, quasi, full):
-        if j:
-            np.testing.assert_array_equal(th, rec.theta)
-            assert f == pytest.approx(rec.deviance, abs=1e-9) and conv
+            again = P.fit(quasi["theta"][i], em_iter=0)
+            assert again["converged"][0]
+            assert again["deviance"][0] == pytest.approx(quasi["deviance"][i], abs=1e-6)
+    joined = P.fit(starts, em_iter=0, quasi=True, known_theta=rec.theta, known_dev=rec.deviance)
+    for i in range(len(starts)):
+        if joined["joined"][i]:
+            np.testing.assert_array_equal(joined["theta"][i], rec.theta)
+            assert joined["deviance"][i] == pytest.approx(rec.deviance, abs=1e-9)
+            assert joined["converged"][i]
         else:
-            assert f == pytest.approx(f_q, abs=1e-6)
-    assert any(r[6] for r in joined)
-    assert sum(r[5] for r in joined) < sum(r[5] for r in full)
+            assert joined["deviance"][i] == pytest.approx(quasi["deviance"][i], abs=1e-6)
+    assert joined["joined"].any()
+    assert joined["n_evals"].sum() < full["n_evals"].sum()

@@ -156,25 +156,3 @@ def test_V_matches_metafor_with_vcalc():
             assert res.bse[name] == pytest.approx(case["bse"][name], rel=1e-6)
         got = [res.re_cov[k].iloc[0, 0] for k in ("district", "district:school")]
         np.testing.assert_allclose(got, case["sigma2"], rtol=1e-5)
-
-
-@pytest.mark.parametrize("coupling", ["leaf", "top", "mixed"])
-def test_compiled_fit_with_V_matches_python_path(coupling, monkeypatch):
-    """Designs whitened by a full V (dense cluster nodes included) are fitted by the
-    compiled optimiser; it reaches the optimum of the Python one."""
-    import mlmeta.optimize as opt
-    from mlmeta.optimize import fit_nested
-
-    y, X, Z, groups, V = _data(3, coupling=coupling)
-    d = build_design(y, X, Z, groups, V=sparse.csr_matrix(V))
-    structs = [make_structure("independent", ["x", "_cons"]), make_structure(None, ["_cons"]),
-               make_structure(None, ["_cons"])]
-    m = NestedModel(d, structs, "reml")
-    assert opt._compiled(m)
-    fast = fit_nested(m, safeguard=True)
-    monkeypatch.setattr(opt, "_compiled", lambda model: False)
-    slow = fit_nested(m, safeguard=True)
-    assert fast.converged and slow.converged
-    assert fast.deviance == pytest.approx(slow.deviance, abs=1e-8)
-    ev = m.evaluate(fast.theta)
-    assert ev.deviance == pytest.approx(fast.deviance, abs=1e-9)

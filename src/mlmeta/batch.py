@@ -25,9 +25,6 @@ from mlmeta.results import MeregressResults
 
 __all__ = ["Model", "fit_batch", "BatchResults"]
 
-_KIND = {"identity": 0, "independent": 1, "exchangeable": 2, "unstructured": 3}
-
-
 class Model:
     """A parsed model, ready to be fitted to new outcomes or sampling variances.
 
@@ -88,8 +85,7 @@ class Model:
             V = d.Lambda[inv][:, inv]
         design = build_design(yc, Xc, frame.Z, frame.groups, v, V=V)
         model = NestedModel(design, self.model.structs, self.method,
-                            residual="profiled" if self.mixed else "known")
-        model.fe_constraints = fc
+                            residual="profiled" if self.mixed else "known", fe_constraints=fc)
         return model, frame
 
     def fit(self, y=None, *, variance=None, se=None, **options):
@@ -164,51 +160,13 @@ class BatchResults:
         return self.params - z * self.bse, self.params + z * self.bse
 
 
-def compiled_inputs(m: NestedModel):
-    """The arguments of ``fit_many`` after (Yw, theta0) and before the optimiser
-    settings, for a model whose structures are linear in theta (kept on the model)."""
-    cached = getattr(m, "_compiled_inputs", None)
-    if cached is None:
-        cached = m._compiled_inputs = _compiled_inputs(m)
-    return cached
-
-
-def _compiled_inputs(m: NestedModel):
-    d = m.design
-    K = d.kernel
-    w = d.weights
-    Zw = [np.ascontiguousarray(z * w[:, None]) for z in d.Z]
-    zw_off = np.concatenate([[0], np.cumsum([z.size for z in Zw])]).astype(np.intp)
-    node_r0 = np.zeros(K.n_nodes, dtype=np.intp)
-    node_r1 = np.zeros(K.n_nodes, dtype=np.intp)
-    for lvl in range(d.n_levels):
-        node_r0[d.node_of_group[lvl]] = d.group_start[lvl][:-1]
-        node_r1[d.node_of_group[lvl]] = d.group_start[lvl][1:]
-    kinds = np.array([_KIND[s.kind] for s in m.structs], dtype=np.intp)
-    th_off = np.array([sl.start for sl in m.theta_slices], dtype=np.intp)
-    scale = float(np.sqrt(np.median(d.variance))) if d.variance is not None else 1.0
-    return (np.asfortranarray(m._M), m.lower, m.upper, kinds, th_off,
-            np.asarray(d.n_groups, dtype=float), np.concatenate([z.ravel() for z in Zw]), zw_off,
-            np.ascontiguousarray(d.Xw), node_r0, node_r1, m.method == "reml",
-            m.residual == "profiled", float(d.logdet_Lambda), float(d.logdet_XtX), scale)
-
-
-def compiled_ok(m: NestedModel, own_outcome: bool = False):
-    """None when the compiled optimiser covers the model, else the reason it does not.
-    ``own_outcome``: only the design's own outcome is fitted (not new outcome vectors,
-    which a design whitened by a full V cannot take in compiled code)."""
-    if any(s.kind not in _KIND for s in m.structs):
-        return "a custom covariance structure"
-    if m.design.Lambda is not None and not own_outcome:
-        return "a full sampling covariance V"
-    return None
-
-
 def _batchable(model: Model):
-    why = compiled_ok(model.model)
-    if why is None and model.model.fe_constraints is not None:
+    """None when new outcome vectors can be fitted on the model's own problem, else why not."""
+    if not model.model.problem.new_outcomes:
+        return "a full sampling covariance V"
+    if model.model.fe_constraints is not None:
         return "fixed-effect constraints"
-    return why
+    return None
 
 
 def fit_batch(model: Model, Y, *, n_jobs=None, em_iter=20, maxiter=200, tol=1e-6,
@@ -216,10 +174,12 @@ def fit_batch(model: Model, Y, *, n_jobs=None, em_iter=20, maxiter=200, tol=1e-6
     """Fit every column of ``Y`` (rows as the used data rows, or as all data rows)
     with the model's design and sampling variances.
 
-    The optimisation runs in compiled code with the GIL released; columns are
-    shared out over ``n_jobs`` Python threads (default: all cores). Models the compiled
-    path does not cover (custom structures, full V, constraints) are fitted with
-    :meth:`Model.fit` column by column.
+    The optimisation runs in the compiled engine with the GIL released; columns are
+    shared out over ``n_jobs`` Python threads (default: all cores). Models whose
+    outcome cannot be swapped in the precomputed problem (a full V, constraints)
+    are rebuilt per column with :meth:`Model.fit`, which runs the same engine.
+    A fit that fails (the objective undefined at its optimum) has NaN estimates
+    and standard errors and ``converged=False``.
     """
     Y = np.asarray(Y, dtype=float)
     if Y.ndim == 1:
@@ -247,8 +207,6 @@ def fit_batch(model: Model, Y, *, n_jobs=None, em_iter=20, maxiter=200, tol=1e-6
             n_iter=np.array([f.n_iter for f in fits]),
             n_evals=np.array([f.fit_record.n_evals for f in fits]),
             re_cov={g: np.array([f.re_cov[g].values for f in fits]) for g in groups})
-    from mlmeta._core._batch import fit_many
-
     w = d.weights
     Yw = np.ascontiguousarray((Y[d.perm] * w[:, None]).T)
     if theta0 is None:
@@ -256,21 +214,27 @@ def fit_batch(model: Model, Y, *, n_jobs=None, em_iter=20, maxiter=200, tol=1e-6
         theta0 = np.repeat(base[None, :], Y.shape[1], axis=0)
     theta0 = np.ascontiguousarray(np.broadcast_to(np.asarray(theta0, dtype=float),
                                                   (Y.shape[1], m.n_theta)))
-    out = fit_many(d.kernel, Yw, theta0, *compiled_inputs(m), int(em_iter), int(maxiter), float(tol),
-                   n_jobs)
+    out = m.problem.fit(theta0, Yw, em_iter=int(em_iter), em_tol=0.0, maxiter=int(maxiter),
+                        tol=float(tol), n_threads=n_jobs)
     theta, sig2 = out["theta"], out["sigma2"]
-    # Sigma_l = T_l T_l' with T = M theta (linear structures), for every fit at once
-    T_flat = theta @ np.asarray(m._M).T
+    failed = ~np.isfinite(out["deviance"])
+    sig2 = np.where(failed, np.nan, sig2)
     re_cov = {}
-    for g, q, o in zip(groups, d.kernel.q, d.kernel.t_off):
-        T = T_flat[:, o:o + q * q].reshape(-1, q, q).transpose(0, 2, 1)   # column-major blocks
-        re_cov[g] = T @ T.transpose(0, 2, 1)
+    for g, s, sl in zip(groups, m.structs, m.theta_slices):
+        if s.kind == "custom":
+            S = np.array([s.Sigma(t) for t in theta[:, sl]]).reshape(-1, s.q, s.q)
+        else:      # T linear in theta: T = sum_k theta_k dT_k, for every fit at once
+            T = np.einsum("mk,kij->mij", theta[:, sl], s.dT(np.zeros(s.n_theta)))
+            S = T @ T.transpose(0, 2, 1)
+        S[failed] = np.nan
+        re_cov[g] = S
     if m.residual == "profiled":
         # theta is relative to the residual SD: Sigma_l = sigma^2 T_l T_l'
         for g in groups:
             re_cov[g] = re_cov[g] * sig2[:, None, None]
     return BatchResults(params=pd.DataFrame(out["beta"], columns=names),
-                        bse=pd.DataFrame(out["se"], columns=names), llf=-0.5 * out["deviance"],
+                        bse=pd.DataFrame(out["se"], columns=names),
+                        llf=np.where(failed, np.nan, -0.5 * out["deviance"]),
                         theta=theta, converged=out["converged"], n_iter=out["n_iter"],
                         n_evals=out["n_evals"],
                         re_cov=re_cov, scale=sig2 if m.residual == "profiled" else None)

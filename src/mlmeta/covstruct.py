@@ -54,6 +54,12 @@ class CovStruct:
         T = self.T(theta)
         return T @ T.T
 
+    def engine_spec(self) -> dict:
+        """What the fitting engine needs: the kind and, for structures linear in theta,
+        the constant derivatives dT/dtheta (T = sum_k theta_k dT_k)."""
+        return {"kind": self.kind, "q": self.q, "n_theta": self.n_theta,
+                "dT": self.dT(np.zeros(self.n_theta))}
+
     def from_Sigma(self, Sigma):  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -420,6 +426,23 @@ class Custom(CovStruct):
             Phi = np.tril(M, -1) + 0.5 * np.diag(np.diag(M))
             out[k + b] = sd[:, None] * (L @ Phi)
         return out
+
+    def engine_spec(self) -> dict:
+        """The pattern as the engine's maps: sd_map[i] / corr_map[i, j] = index of the
+        free parameter in theta (-1 where the value is fixed, then read from
+        sd_fixed / corr_fixed); the n_sd free SDs come first."""
+        q = self.q
+        sd_map = np.full(q, -1, dtype=np.intp)
+        corr_map = np.full((q, q), -1, dtype=np.intp)
+        for a, where in enumerate(self._sd_free):
+            sd_map[where] = a
+        k = len(self._sd_free)
+        for b, where in enumerate(self._corr_free):
+            for i, j in where:
+                corr_map[i, j] = corr_map[j, i] = k + b
+        return {"kind": "custom", "q": q, "n_theta": self.n_theta, "n_sd": k, "sd_map": sd_map,
+                "corr_map": corr_map, "sd_fixed": self._fixed_sd.copy(),
+                "corr_fixed": self._fixed_corr.copy()}
 
     def from_Sigma(self, Sigma, corr_bound=0.95):
         """theta of Sigma: the free SDs, then the free correlations clipped to

@@ -1,23 +1,18 @@
-"""The profiled objective of a nested model: deviance(theta), its gradient, EM moments.
+"""The model object of a nested linear mixed model: design, structures, objective.
 
-With sampling variances known (``Lambda`` fixed) and ``beta`` profiled out by GLS,
-the kernel gives ``log|C|`` and ``S = A'V^-1A`` (``A = [X, y]`` whitened). Writing
-``H = X'V^-1X``, ``beta = H^-1 X'V^-1 y`` and ``rss = r'V^-1 r``:
-
-    -2 ll_ML   = n log 2pi + log|Lambda| + log|C| + rss
-    -2 ll_REML = (n - p) log 2pi + log|Lambda| + log|C| + rss + log|H| - log|X'X|
-
-(the REML convention of Stata and metafor, DESIGN.md section 1). The gradient with
-respect to each level's factor T_l is ``2 G_l`` from the kernel with
-``Phi = gamma gamma' (+ diag(H^-1, 0) for REML)``, ``gamma = (-beta, 1)``,
-and is chained to theta through dT/dtheta.
+The objective itself (deviance, beta by GLS, (X'V^-1X)^-1, its gradient and EM
+moments) is assembled once, in compiled code, by the engine's :class:`Problem`
+(:mod:`mlmeta._core._engine`, whose docstring states the formulas): ML and REML
+with Stata's and metafor's constant, a known or profiled residual variance. This
+module builds that problem from a design and its covariance structures and gives
+Python-level access to it (results, postestimation, inference).
 """
 
 from __future__ import annotations
 
 import numpy as np
-from scipy.linalg.lapack import dpotrf as _dpotrf, dpotrs as _dpotrs
 
+from mlmeta._core._engine import Problem
 from mlmeta.covstruct import CovStruct
 from mlmeta.design import NestedDesign
 
@@ -53,7 +48,7 @@ class NestedModel:
     """
 
     def __init__(self, design: NestedDesign, structs: list[CovStruct], method: str = "reml",
-                 residual: str = "known"):
+                 residual: str = "known", fe_constraints=None):
         method = str(method).lower()
         if residual not in ("known", "profiled"):
             raise ValueError("residual must be 'known' (sampling variances) or 'profiled'")
@@ -70,25 +65,32 @@ class NestedModel:
         self.design = design
         self.structs = list(structs)
         self.method = method
+        self.fe_constraints = fe_constraints
         sizes = [s.n_theta for s in structs]
         offs = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
         self.theta_slices = [slice(offs[i], offs[i + 1]) for i in range(len(sizes))]
         self.n_theta = int(offs[-1])
         self.lower = np.concatenate([s.lower for s in structs]) if structs else np.zeros(0)
         self.upper = np.concatenate([s.upper for s in structs]) if structs else np.zeros(0)
-        self.fe_constraints = None      # set by the API when R beta = r constraints apply
-        # Structures linear in theta (all but custom): T_flat = M theta, dT/dtheta = M.
-        self._linear = all(getattr(s, "kind", "") != "custom" for s in structs)
-        if self._linear and self.n_theta:
-            K = design.kernel
-            M = np.zeros((int(K.t_off[-1]), self.n_theta))
-            for lvl, (s, sl) in enumerate(zip(self.structs, self.theta_slices)):
-                dT = s.dT(np.zeros(s.n_theta))
-                M[K.t_off[lvl]:K.t_off[lvl + 1], sl] = np.stack([d.ravel(order="F") for d in dT], axis=1)
-            self._M = M
-        else:
-            self._M = None
-        self._eye_p = np.eye(design.n_fe)
+        self.scale = float(np.sqrt(np.median(design.variance))) if design.variance is not None else 1.0
+        self.problem = self._problem()
+
+    def _problem(self) -> Problem:
+        d = self.design
+        K = d.kernel
+        new = {}
+        if d.Lambda is None:     # a diagonal whitening: new outcomes can be whitened alike
+            w = d.weights
+            node_r0 = np.zeros(K.n_nodes, dtype=np.intp)
+            node_r1 = np.zeros(K.n_nodes, dtype=np.intp)
+            for lvl in range(d.n_levels):
+                node_r0[d.node_of_group[lvl]] = d.group_start[lvl][:-1]
+                node_r1[d.node_of_group[lvl]] = d.group_start[lvl][1:]
+            new = dict(Zw=[z * w[:, None] for z in d.Z], Xw=d.Xw, node_rows=(node_r0, node_r1))
+        return Problem(K, [s.engine_spec() for s in self.structs], self.lower, self.upper,
+                       np.asarray(d.n_groups, dtype=float), d.n_obs, self.method == "reml",
+                       self.residual == "profiled", float(d.logdet_Lambda), float(d.logdet_XtX),
+                       self.scale, **new)
 
     # -- theta <-> per-level quantities ---------------------------------------
     def T_list(self, theta):
@@ -109,85 +111,41 @@ class NestedModel:
         return self.design.n_fe
 
     # -- evaluation -----------------------------------------------------------
-    def evaluate(self, theta, gradient=False, em=False) -> Evaluation:
-        """Deviance (-2 log-likelihood) at theta; optionally its gradient and EM moments."""
-        theta = np.asarray(theta, dtype=np.float64)
-        d = self.design
-        K = d.kernel
-        Tflat = self._M @ theta if self._M is not None else K.pack_T(self.T_list(theta))
-        logdet_C, S, status = K.factor(Tflat)
-        if status:
-            raise FloatingPointError(f"factorisation failed at random-effects node {status - 1}")
-        p = d.n_fe
-        n = d.n_obs
-        if p:
-            cH, info = _dpotrf(S[:p, :p], lower=1, clean=1)
-            if info != 0:
-                raise FloatingPointError("X'V^-1X is not positive definite (collinear moderators?)")
-            beta, _ = _dpotrs(cH, S[:p, p], lower=1)
-            rss = float(S[p, p] - S[p, :p] @ beta)
-            logdet_H = 2.0 * float(np.sum(np.log(np.diag(cH))))
-            cov_beta, _ = _dpotrs(cH, self._eye_p, lower=1)
-        else:
-            beta = np.zeros(0)
-            rss = float(S[0, 0])
-            logdet_H = 0.0
-            cov_beta = np.zeros((0, 0))
-        Hinv = cov_beta
-        sigma2 = 1.0
-        if self.residual == "known":
-            dev = n * LOG2PI + d.logdet_Lambda + logdet_C + rss
-            if self.method == "reml":
-                dev += -p * LOG2PI + logdet_H - d.logdet_XtX
-        else:
-            dof = n - p if self.method == "reml" else n
-            sigma2 = rss / dof
-            if not sigma2 > 0:
-                raise FloatingPointError("the residual variance is zero (the model fits exactly)")
-            dev = dof * (LOG2PI + np.log(sigma2) + 1.0) + logdet_C
-            if self.method == "reml":
-                dev += logdet_H - d.logdet_XtX
-            cov_beta = sigma2 * Hinv
-        ev = Evaluation(theta=theta, deviance=float(dev), beta=beta, cov_beta=cov_beta,
-                        rss=rss, logdet_C=float(logdet_C), logdet_H=logdet_H, Hinv=Hinv,
-                        sigma2=float(sigma2))
-        if gradient or em:
-            G, E = K.gradient_pieces(Tflat, self.phi(beta, Hinv, rss))
-            if gradient:
-                ev.grad = self._chain(2.0 * G, theta)
-            if em:
-                ev.E = E
-        return ev
+    def evaluate(self, theta, gradient=False, em=False, sigma2=None) -> Evaluation:
+        """Deviance (-2 log-likelihood) at theta; optionally its gradient and EM moments.
+        ``sigma2``: for a profiled-residual model, the deviance at that residual variance
+        (not profiled over it). Raises FloatingPointError where it is not defined."""
+        out = self.problem.evaluate(np.asarray(theta, dtype=np.float64), gradient=gradient, em=em,
+                                    sigma2=sigma2)
+        if not np.isfinite(out["deviance"]):
+            raise FloatingPointError(self.failure_message(out["status"]))
+        Hinv = out["Hinv"]
+        cov_beta = out["sigma2"] * Hinv if self.residual == "profiled" else Hinv
+        return Evaluation(theta=np.asarray(theta, dtype=float), deviance=float(out["deviance"]),
+                          beta=out["beta"], cov_beta=cov_beta, rss=out["rss"],
+                          logdet_C=out["logdet_C"], logdet_H=out["logdet_H"], Hinv=Hinv,
+                          sigma2=float(out["sigma2"]), grad=out.get("grad"), E=out.get("E"))
 
-    def phi(self, beta, Hinv, rss=None):
-        """The kernel's Phi, with gamma = (-beta, 1) and H^-1 = (X'V^-1X)^-1:
+    def failure_message(self, status) -> str:
+        """What an engine status code means, naming the top-level cluster and level of a
+        failed factorisation."""
+        status = int(status)
+        if status > 0:
+            K = self.design.kernel
+            node = status - 1
+            cluster = int(np.searchsorted(K.cluster_ptr, node, side="right") - 1)
+            lvl = int(K.level[node])
+            label = self.cluster_label(cluster)
+            return (f"the random-effects factorisation failed in top-level cluster {label} "
+                    f"(level {lvl + 1}): a block is not positive definite or not finite")
+        return {-1: "X'V^-1X is not positive definite (collinear moderators?)",
+                -2: "a custom structure's correlation matrix is not positive definite",
+                -3: "the residual variance is zero (the model fits exactly)",
+                -4: "theta is not finite"}.get(status, f"the objective failed (status {status})")
 
-        known Lambda:        Phi = gamma gamma' (+ [H^-1, 0; 0, 0] for REML)
-        profiled sigma^2:    Phi = gamma gamma' / sigma^2 (+ [H^-1, 0; 0, 0] for REML)
-
-        with sigma^2 = rss / dof, dof = n - p (REML) or n (ML). The same Phi gives the
-        gradient of the profiled deviance (d[dof log rss] = (dof / rss) d rss) and the
-        EM moments in the relative (sigma-scaled) metric."""
-        gamma = np.append(-beta, 1.0)
-        Phi = np.outer(gamma, gamma)
-        if self.residual == "profiled":
-            dof = self.n_obs - self.n_fe if self.method == "reml" else self.n_obs
-            Phi *= dof / rss
-        if self.method == "reml":
-            Phi[:-1, :-1] += Hinv
-        return Phi
-
-    def _chain(self, dT_flat, theta):
-        """d deviance / d theta from d deviance / d T (flat, column-major per level)."""
-        if self._M is not None:
-            return self._M.T @ dT_flat
-        K = self.design.kernel
-        g = np.empty(self.n_theta)
-        for lvl, (s, sl) in enumerate(zip(self.structs, self.theta_slices)):
-            q = s.q
-            dTl = dT_flat[K.t_off[lvl]:K.t_off[lvl + 1]].reshape(q, q, order="F")
-            g[sl] = np.einsum("kij,ij->k", s.dT(theta[sl]), dTl)
-        return g
+    def cluster_label(self, j: int):
+        labels = getattr(self.design, "cluster_labels", None)
+        return repr(labels[j]) if labels is not None and j < len(labels) else f"#{j + 1}"
 
     def _ll_label(self):
         return "Log restricted-likelihood" if self.method == "reml" else "Log likelihood"
@@ -214,9 +172,9 @@ class NestedModel:
         W_a; the second term carries the uncertainty of beta-hat (as metafor's ranef).
         Returns a list of (u: (G_l, q_l), pev: (G_l, q_l, q_l)).
         """
-        ev = self.evaluate(theta, em=True)
+        ev = self.evaluate(theta)
         K = self.design.kernel
-        WW, SB = K.node_solution()
+        WW, SB = self.problem.node_solution(np.asarray(theta, dtype=np.float64))
         p = self.design.n_fe
         nc = p + 1
         gamma = np.append(-ev.beta, 1.0)
@@ -269,13 +227,6 @@ class NestedModel:
             yield a, b, scale * V
 
     def em_step(self, theta):
-        """One EM update: Sigma_l <- T_l (E_l / N_l) T_l', projected on each structure."""
-        ev = self.evaluate(theta, em=True)
-        K = self.design.kernel
-        Sigmas = []
-        for lvl, (s, T) in enumerate(zip(self.structs, self.T_list(theta))):
-            q = s.q
-            El = ev.E[K.t_off[lvl]:K.t_off[lvl + 1]].reshape(q, q, order="F")
-            Sig = T @ (El / self.design.n_groups[lvl]) @ T.T
-            Sigmas.append(0.5 * (Sig + Sig.T))
-        return self.theta_from_Sigmas(Sigmas), ev
+        """One EM update, Sigma_l <- T_l (E_l / N_l) T_l' projected on each structure:
+        (theta', deviance at theta)."""
+        return self.problem.em_step(np.asarray(theta, dtype=np.float64))

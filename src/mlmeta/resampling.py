@@ -125,8 +125,8 @@ def bootstrap(res, n=1000, *, kind="parametric", level=95.0, seed=None, n_jobs=N
 
         def one(ss):
             design = _resample_clusters(res, np.random.default_rng(ss))
-            m = NestedModel(design, structs, res.method, residual=res.model.residual)
-            m.fe_constraints = res.model.fe_constraints
+            m = NestedModel(design, structs, res.method, residual=res.model.residual,
+                            fe_constraints=res.model.fe_constraints)
             rec = fit_nested(m, theta0=res.theta, em_iter=0, safeguard=False)
             if not rec.converged:
                 return None

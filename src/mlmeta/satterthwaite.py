@@ -38,27 +38,13 @@ _EIG_TOL = 1e-8
 
 def nonprofiled_deviance(model, theta, s2):
     """dev(theta, sigma^2) of the module docstring (mlmeta's REML constant)."""
-    ev = model.evaluate(theta)
-    n, p = model.n_obs, model.n_fe
-    dof = n - p if model.method == "reml" else n
-    dev = dof * np.log(2 * np.pi * s2) + ev.logdet_C + ev.rss / s2
-    if model.method == "reml":
-        dev += ev.logdet_H - model.design.logdet_XtX
-    return float(dev)
+    return model.evaluate(theta, sigma2=s2).deviance
 
 
 def _grad_theta(model, theta, s2):
     """(d dev / d theta at fixed sigma^2, Evaluation)."""
-    ev = model.evaluate(theta)
-    if model.n_theta == 0:
-        return np.zeros(0), ev
-    K = model.design.kernel
-    gamma = np.append(-ev.beta, 1.0)
-    Phi = np.outer(gamma, gamma) / s2
-    if model.method == "reml":
-        Phi[:-1, :-1] += ev.Hinv
-    G, _ = K.gradient_pieces(K.pack_T(model.T_list(theta)), Phi)
-    return model._chain(2.0 * G, theta), ev
+    ev = model.evaluate(theta, gradient=True, sigma2=s2)
+    return ev.grad, ev
 
 
 class SatterthwaitePieces:

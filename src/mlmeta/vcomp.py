@@ -70,16 +70,9 @@ def _theta_of_eta(model: NestedModel, base_values, free_idx, eta, sigma=1.0):
 
 
 def _full_deviance(model, theta, sigma2):
-    """-2 ll of a profiled-residual model at (theta, sigma^2), sigma^2 not profiled:
-
-        dof log(2 pi sigma^2) + rss / sigma^2 + log|C| (+ log|H| - log|X'X| for REML)
-    with dof = n - p (REML) or n (ML), everything relative to sigma."""
-    ev = model.evaluate(theta)
-    dof = model.n_obs - model.n_fe if model.method == "reml" else model.n_obs
-    dev = dof * (np.log(2 * np.pi) + np.log(sigma2)) + ev.rss / sigma2 + ev.logdet_C
-    if model.method == "reml":
-        dev += ev.logdet_H - model.design.logdet_XtX
-    return dev
+    """-2 ll of a profiled-residual model at (theta, sigma^2), sigma^2 not profiled
+    (the engine's objective with sigma^2 given; everything relative to sigma)."""
+    return model.evaluate(theta, sigma2=sigma2).deviance
 
 
 def _hessian_fv(fn, x0, h=1e-4):

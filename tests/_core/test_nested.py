@@ -5,7 +5,30 @@ import pytest
 from scipy.linalg import block_diag
 
 from dense import dense_Z
+from mlmeta.covstruct import make_structure
 from mlmeta.design import build_design
+from mlmeta.model import NestedModel
+
+
+class _Kernel:
+    """The kernel passes of a design, run through the engine's test twin (every call
+    refactors at the T it is given)."""
+
+    def __init__(self, d):
+        structs = [make_structure("unstructured", [f"z{i}" for i in range(q)]) for q in d.q]
+        self.problem = NestedModel(d, structs, "ml").problem
+        self.t_off = d.kernel.t_off
+
+    def pack_T(self, Ts):
+        return np.concatenate([np.asarray(T, dtype=float).ravel(order="F") for T in Ts])
+
+    def factor(self, T):
+        out = self.problem.pieces(T, np.eye(self.problem.p + 1))
+        return out["logdet"], out["S"], out["status"]
+
+    def gradient_pieces(self, T, Phi):
+        out = self.problem.pieces(T, Phi)
+        return out["G"], out["E"]
 
 
 def _random_tree(rng, n_levels, n_obs, fanout=3, q=None):
@@ -53,7 +76,7 @@ def test_kernel_matches_dense(n_levels, n_obs, fanout, q, seed):
     y = rng.normal(size=n_obs)
     var = rng.uniform(0.1, 1.0, n_obs)
     d = build_design(y, X, Z, codes, var)
-    K = d.kernel
+    K = _Kernel(d)
     Ts = [np.tril(rng.normal(size=(ql, ql))) for ql in q]
     T = K.pack_T(Ts)
     logdet, S, status = K.factor(T)
@@ -95,7 +118,7 @@ def test_zero_factor_is_harmless():
     X = np.ones((30, 1))
     y = rng.normal(size=30)
     d = build_design(y, X, Z, codes, np.full(30, 0.5))
-    logdet, S, status = d.kernel.factor(np.zeros(d.kernel.t_off[-1]))
+    logdet, S, status = _Kernel(d).factor(np.zeros(d.kernel.t_off[-1]))
     assert status == 0 and logdet == 0.0
     A = np.column_stack([X, y]) / np.sqrt(0.5)
     np.testing.assert_allclose(S, A.T @ A)
@@ -105,7 +128,7 @@ def test_nonfinite_T_reports_node():
     rng = np.random.default_rng(4)
     codes, Z, q = _random_tree(rng, 1, 10, 2, [1])
     d = build_design(rng.normal(size=10), np.ones((10, 1)), Z, codes, np.ones(10))
-    _, _, status = d.kernel.factor(np.array([np.nan]))
+    _, _, status = _Kernel(d).factor(np.array([np.nan]))
     assert status >= 1
 
 
@@ -119,30 +142,12 @@ def test_row_order_and_relabelling_invariance():
     perm = rng.permutation(50)
     relabel = [(-c * 7 + 3)[perm] for c in codes]   # new ids, different order
     d2 = build_design(y[perm], X[perm], [z[perm] for z in Z], relabel, v[perm])
-    T = d1.kernel.pack_T([np.tril(rng.normal(size=(k, k))) for k in q])
-    l1, S1, _ = d1.kernel.factor(T)
-    l2, S2, _ = d2.kernel.factor(T)
+    K1, K2 = _Kernel(d1), _Kernel(d2)
+    T = K1.pack_T([np.tril(rng.normal(size=(k, k))) for k in q])
+    l1, S1, _ = K1.factor(T)
+    l2, S2, _ = K2.factor(T)
     assert l1 == pytest.approx(l2, rel=1e-12)
     np.testing.assert_allclose(S1, S2, rtol=1e-11)
-
-
-def test_threaded_passes_match_serial():
-    rng = np.random.default_rng(7)
-    codes, Z, q = _random_tree(rng, 3, 400, 6, [2, 1, 1])
-    X = np.column_stack([rng.normal(size=400), np.ones(400)])
-    d = build_design(rng.normal(size=400), X, Z, codes, rng.uniform(0.1, 1, 400))
-    K = d.kernel
-    T = K.pack_T([np.tril(rng.normal(size=(k, k))) for k in q])
-    Phi = np.eye(3)
-    serial = K.factor(T), K.gradient_pieces(T, Phi)
-    if K.n_threads < 2:
-        pytest.skip("one thread available")
-    K.parallel_min_nodes = 0
-    threaded = K.factor(T), K.gradient_pieces(T, Phi)
-    assert threaded[0][0] == pytest.approx(serial[0][0], rel=1e-13)
-    np.testing.assert_allclose(threaded[0][1], serial[0][1], rtol=1e-12)
-    np.testing.assert_allclose(threaded[1][0], serial[1][0], rtol=1e-11, atol=1e-12)
-    np.testing.assert_allclose(threaded[1][1], serial[1][1], rtol=1e-11, atol=1e-12)
 
 
 @pytest.mark.parametrize("n_levels,fanout", [(1, 5), (2, 3), (3, 2), (5, 2)])
@@ -153,17 +158,14 @@ def test_scalar_path_matches_blocked(n_levels, fanout):
     codes, Z, q = _random_tree(rng, n_levels, 70, fanout, [1] * n_levels)
     X = np.column_stack([rng.normal(size=70), np.ones(70)])
     d = build_design(rng.normal(size=70), X, Z, codes, rng.uniform(0.1, 1, 70))
-    K = d.kernel
     T = rng.normal(size=n_levels)
     Phi = rng.normal(size=(3, 3))
     Phi = Phi @ Phi.T
     out = []
     for general in (False, True):
-        K.force_general = general
-        ld, S, st = K.factor(T)
-        G, E = K.gradient_pieces(T, Phi)
-        W, SB = K.node_solution()
-        out.append((ld, S, G, E, W.copy(), SB.copy()))
-    K.force_general = False
+        d.kernel.force_general = general      # read when the problem is built
+        r = _Kernel(d).problem.pieces(T, Phi)
+        out.append((r["logdet"], r["S"], r["G"], r["E"], r["W"], r["SB"]))
+    d.kernel.force_general = False
     for a, b in zip(*out):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-13)

@@ -48,20 +48,14 @@ cdef void reduce_factors(const SubBlocks* sb, const double* N, double* out) noex
 
 
 cdef class NestedKernel:
-    cdef readonly Py_ssize_t n_levels, n_nodes, n_clusters, ncol, maxq, n_threads, scratch_len
-    cdef public Py_ssize_t parallel_min_nodes
+    cdef readonly Py_ssize_t n_levels, n_nodes, n_clusters, ncol, maxq
     cdef public bint force_general     # use the blocked kernels even for scalar trees (tests)
     cdef readonly object q, nq, level, parent, zz_ptr, za_ptr, tn_ptr, t_off, cluster_ptr
     cdef readonly object sub_node, sub_level, sub_off
     cdef readonly object ZZ, ZA, AA
-    cdef readonly object WB, WR, SB, WW, KK, Tn, GN, EN, scratch
     cdef Py_ssize_t[::1] _q, _nq, _level, _parent, _zz_ptr, _za_ptr, _tn_ptr, _t_off, _cluster_ptr
     cdef Py_ssize_t[::1] _sub_node, _sub_level, _sub_off
-    cdef double[::1] _ZZ, _ZA, _WB, _WR, _SB, _WW, _KK, _Tn, _GN, _EN, _scratch
-    cdef bint _have_inverse
+    cdef double[::1] _ZZ, _ZA
 
     cdef Tree _tree(self)
     cdef SubBlocks _subblocks(self) noexcept nogil
-    cdef void _assemble(self, const double[::1] T) noexcept nogil
-    cdef void _reduce(self, const double* N, double* out) noexcept nogil
-    cdef int _threads_for(self)

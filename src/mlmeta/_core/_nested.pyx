@@ -54,11 +54,8 @@ leading block). Kernels never allocate and never raise: they return 0 or
 ``1 + index`` of the node whose factorisation failed.
 """
 
-import os
-
 import numpy as np
 
-from mlmeta._threads import parallel_calls
 from libc.math cimport log, sqrt
 from mlmeta._core._linalg cimport gemm, trsm_left_lower, potrf_lower, zero, copy
 
@@ -443,7 +440,8 @@ cdef void reduce_factors(const SubBlocks* sb, const double* N, double* out) noex
 cdef class NestedKernel:
     """The theta-independent pieces of a nested model and its workspaces.
 
-    Python owns every array; the methods release the GIL around the kernels.
+    Python owns every array. The kernels run on these pieces inside the fitting
+    engine (:mod:`mlmeta._core._engine`), which holds the workspaces.
     ``sub_node``, ``sub_level``, ``sub_off`` list where each group's level factor
     sits inside its node's factor (one entry per node for ordinary nodes; one per
     group for dense cluster nodes).
@@ -488,27 +486,12 @@ cdef class NestedKernel:
             raise ValueError("zz_ptr and za_ptr need one entry per node plus one")
         if self.ZZ.shape[0] != self.zz_ptr[-1] or self.ZA.shape[0] != self.za_ptr[-1]:
             raise ValueError("ZZ/ZA sizes do not match their pointers")
-        self.WB = np.empty_like(self.ZZ)
-        self.SB = np.empty_like(self.ZZ)
-        self.WR = np.empty_like(self.ZA)
-        self.WW = np.empty_like(self.ZA)
-        self.KK = np.empty_like(self.ZA)
-        self.Tn = np.zeros(tn_ptr[-1], dtype=np.float64)
-        self.GN = np.zeros(tn_ptr[-1], dtype=np.float64)
-        self.EN = np.zeros(tn_ptr[-1], dtype=np.float64)
-        self.n_threads = max(1, min(int(os.environ.get("MLMETA_NUM_THREADS", os.cpu_count() or 1)), 64))
-        self.parallel_min_nodes = 20000
         self.force_general = False
-        self.scratch_len = 3 * self.maxq * max(self.maxq, self.ncol) + 16
-        self.scratch = np.empty(self.n_threads * self.scratch_len, dtype=np.float64)
         self._q = self.q; self._nq = self.nq; self._level = self.level
         self._parent = self.parent; self._zz_ptr = self.zz_ptr; self._za_ptr = self.za_ptr
         self._tn_ptr = self.tn_ptr; self._t_off = self.t_off; self._cluster_ptr = self.cluster_ptr
         self._sub_node = self.sub_node; self._sub_level = self.sub_level; self._sub_off = self.sub_off
-        self._ZZ = self.ZZ; self._ZA = self.ZA; self._WB = self.WB; self._WR = self.WR
-        self._SB = self.SB; self._WW = self.WW; self._KK = self.KK; self._Tn = self.Tn
-        self._GN = self.GN; self._EN = self.EN; self._scratch = self.scratch
-        self._have_inverse = False
+        self._ZZ = self.ZZ; self._ZA = self.ZA
 
     cdef Tree _tree(self):
         cdef Tree t
@@ -522,7 +505,7 @@ cdef class NestedKernel:
         t.tn_ptr = &self._tn_ptr[0]
         t.ZZ = &self._ZZ[0] if self._ZZ.shape[0] > 0 else NULL
         t.ZA = &self._ZA[0] if self._ZA.shape[0] > 0 else NULL
-        t.T = &self._Tn[0] if self._Tn.shape[0] > 0 else NULL
+        t.T = NULL     # the node factors live in the engine's workspaces
         t.scalar = self.maxq == 1 and self.force_general == 0
         return t
 
@@ -544,101 +527,6 @@ cdef class NestedKernel:
         sb.q = &self._q[0]
         sb.t_off = &self._t_off[0]
         return sb
-
-    cdef void _assemble(self, const double[::1] T) noexcept nogil:
-        cdef SubBlocks sb = self._subblocks()
-        assemble_factors(&sb, &T[0], &self._Tn[0])
-
-    cdef void _reduce(self, const double* N, double* out) noexcept nogil:
-        cdef SubBlocks sb = self._subblocks()
-        reduce_factors(&sb, N, out)
-
-    cdef int _threads_for(self):
-        """Threads for one pass: 1 for small models, where starting threads costs more."""
-        if (self.n_threads > 1 and self.n_nodes >= self.parallel_min_nodes
-                and self.n_clusters >= 2 * self.n_threads):
-            return <int>self.n_threads
-        return 1
-
-    def _pass_chunk(self, int c, int nt, bint gradient, double[:, ::1] Sp=None,
-                    double[::1] ld=None, Py_ssize_t[::1] st=None, double[::1, :] Ph=None):
-        """One pass over the c-th of nt contiguous shares of the clusters, with slot c of
-        the per-thread parts and scratch, the GIL released: factor_cluster (into Sp[c],
-        ld[c], st[c]) or, with ``gradient``, invert_cluster and accumulate_cluster."""
-        cdef Tree t = self._tree()
-        cdef Py_ssize_t[::1] cp = self._cluster_ptr
-        cdef Py_ssize_t M = cp.shape[0] - 1
-        cdef Py_ssize_t j, j0 = c * M // nt, j1 = (c + 1) * M // nt
-        cdef double* WB = &self._WB[0]
-        cdef double* WR = &self._WR[0]
-        cdef double* scratch = &self._scratch[0] + c * self.scratch_len
-        cdef double* SB = &self._SB[0]
-        cdef double* WW = &self._WW[0]
-        cdef double* KK = &self._KK[0]
-        cdef double* GN = &self._GN[0]
-        cdef double* EN = &self._EN[0]
-        cdef Py_ssize_t maxq = self.maxq
-        with nogil:
-            for j in range(j0, j1):
-                if gradient:
-                    invert_cluster(&t, cp[j], cp[j + 1], WB, WR, SB, WW)
-                    accumulate_cluster(&t, cp[j], cp[j + 1], SB, WW, KK, &Ph[0, 0], GN, EN,
-                                       scratch, maxq)
-                else:
-                    st[c] = factor_cluster(&t, cp[j], cp[j + 1], WB, WR, &Sp[c, 0], &ld[c],
-                                           scratch)
-                    if st[c] != 0:
-                        break
-
-    def factor(self, const double[::1] T):
-        """Factor C(T) for every cluster; return (log|C|, S = A'V^-1 A, status).
-
-        ``status`` is 0, or 1 + the node index whose block was not positive definite.
-        Large models split the clusters into contiguous shares run by separate threads
-        (each with its own share of S and log|C|).
-        """
-        if T.shape[0] != self.t_off[-1]:
-            raise ValueError("T has the wrong length")
-        cdef int nt = self._threads_for()
-        cdef Py_ssize_t nc = self.ncol
-        Sparts = np.zeros((nt, nc * nc), dtype=np.float64)
-        logdets = np.zeros(nt, dtype=np.float64)
-        stats = np.zeros(nt, dtype=np.intp)
-        with nogil:
-            self._assemble(T)
-        parallel_calls(self._pass_chunk, [(c, nt, False, Sparts, logdets, stats) for c in range(nt)],
-                       nt)
-        self._have_inverse = False
-        S = np.asfortranarray(self.AA + Sparts.sum(axis=0).reshape(nc, nc, order="F"))
-        bad = stats[stats != 0]
-        return float(logdets.sum()), S, int(bad[0]) if bad.size else 0
-
-    def gradient_pieces(self, const double[::1] T, Phi):
-        """After :meth:`factor` at the same T: per-level G_l and E_l (see module docstring).
-
-        Returns (G, E) flattened like T (level blocks column-major).
-        """
-        Ph = np.asfortranarray(Phi, dtype=np.float64)
-        if Ph.shape[0] != self.ncol or Ph.shape[1] != self.ncol:
-            raise ValueError("Phi must be (p+1) x (p+1)")
-        G = np.zeros(self.t_off[-1], dtype=np.float64)
-        E = np.zeros(self.t_off[-1], dtype=np.float64)
-        cdef double[::1] Gv = G
-        cdef double[::1] Ev = E
-        cdef int nt = self._threads_for()
-        parallel_calls(self._pass_chunk, [(c, nt, True, None, None, None, Ph) for c in range(nt)], nt)
-        with nogil:
-            self._reduce(&self._GN[0], &Gv[0])
-            self._reduce(&self._EN[0], &Ev[0])
-        self._have_inverse = True
-        return G, E
-
-    def node_solution(self):
-        """After :meth:`gradient_pieces`: W (= C^-1 R per node, nq_a x ncol blocks at
-        za_ptr) and the blocks of C^-1 on the ZZ pattern (the node's own block last)."""
-        if not self._have_inverse:
-            raise RuntimeError("call gradient_pieces first")
-        return self.WW, self.SB
 
     def diag_offset(self, nodes):
         """Offset of each node's own (a, a) block inside its ZZ/SB blocks."""
