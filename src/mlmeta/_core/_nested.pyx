@@ -29,20 +29,20 @@ For node ``a`` at level ``l`` with ancestors ``c_0 (top), ..., c_{l-1}``, ``c_l 
 
 with ``off_k = sum_{k' < k} nq_a nq_{c_k'}``. The node factors ``Tn`` (one
 ``nq x nq`` block per node at ``tn_ptr``) are assembled from the level factors
-``T_l`` by :meth:`NestedKernel.assemble`; per-node gradient pieces are summed back
+``T_l`` by :func:`assemble_factors`; per-node gradient pieces are summed back
 into the levels the same way.
 
-``factor`` overwrites a workspace with the same layout as ZZ by the block
+``factor_cluster`` overwrites a workspace with the same layout as ZZ by the block
 Cholesky factor: the (l, l) block holds ``L_aa`` and the (l, k) block holds
 ``U_ak = L_aa^-1 C_{a c_k}`` (the transpose of the factor's off-diagonal block).
-``selected_inverse`` then computes, top-down, ``W = C^-1 R`` and the blocks of
+``invert_cluster`` then computes, top-down, ``W = C^-1 R`` and the blocks of
 ``C^-1`` on the same pattern (Takahashi's recurrences):
 
     W_a        = L_aa^-T (Y_a - sum_k U_ak W_{c_k})
     Sig_{a,ck} = -L_aa^-T sum_m U_am Sig_{c_m c_k}                     (k < l)
     Sig_aa     = L_aa^-T (L_aa^-1 - sum_m U_am Sig_{a c_m}')
 
-``accumulate`` turns these into the gradient of ``f = log|C| + tr(Phi A'V^-1 A)``
+``accumulate_cluster`` turns these into the gradient of ``f = log|C| + tr(Phi A'V^-1 A)``
 style objectives with respect to each level's factor T_l and the EM moments:
 
     df/dT_l / 2 = sum_{g in level l} [ (Z~'Z~ T C^-1)_gg - K_g Phi W_g' ],  K_g = Z~_g' V^-1 A

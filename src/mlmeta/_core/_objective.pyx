@@ -1,0 +1,177 @@
+# cython: language_level=3
+"""The objective of a nested model, assembled once from the kernel's pieces.
+
+With the kernel's ``log|C|`` and ``S = A'V^-1 A`` (``A = [X, y]`` whitened),
+``H = X'V^-1X``, ``beta = H^-1 X'V^-1 y`` and ``rss = y'V^-1 y - beta' X'V^-1 y``:
+
+    known Lambda:     dev = n log 2pi + log|Lambda| + log|C| + rss
+    profiled sigma^2: dev = dof (log 2pi + log sigma^2 + 1) + log|C|,  sigma^2 = rss / dof
+    sigma^2 given:    dev = dof (log 2pi + log sigma^2) + log|C| + rss / sigma^2
+    REML adds         log|H| - log|X'X| (and -p log 2pi with known Lambda)
+
+with dof = n - p (REML) or n (ML); ``Lambda`` is relative to sigma^2 in the last
+two forms (DESIGN.md section 1: the REML constant of Stata and metafor). The
+gradient with respect to each level's factor ``T_l`` is ``2 G_l`` (the kernel's
+accumulation with ``Phi = fac gamma gamma' (+ [H^-1, 0; 0, 0] for REML)``,
+``gamma = (-beta, 1)``, ``fac = 1 / sigma^2`` or 1), chained to theta by
+
+    d dev / d theta_k = sum_ij (dT / d theta_k)_ij (2 G)_ij .
+"""
+
+from libc.math cimport log, INFINITY
+
+from mlmeta._core._linalg cimport zero, copy, potrf_lower, trsm_left_lower
+from mlmeta._core._nested cimport (Tree, factor_cluster, invert_cluster, accumulate_cluster,
+                                   assemble_factors, reduce_factors)
+from mlmeta._core._problem cimport Prob, Work, ST_OK, ST_H, ST_SIGMA
+from mlmeta._core._structures cimport set_factors
+
+cdef double LOG2PI = 1.8378770664093453
+
+cdef void set_response(const Prob* P, Work* W, const double* y) noexcept nogil:
+    """The outcome-dependent parts of ZA and A'A for a whitened outcome y (NULL: the
+    design's own outcome, whose pieces the kernel holds)."""
+    cdef Py_ssize_t a, l, i, r, j, ql
+    cdef int p = P.p
+    cdef double acc
+    copy(P.ZA0, W.ZA, P.za_len)
+    copy(P.AA0, W.AA, P.ncol * P.ncol)
+    if y == NULL:
+        return
+    for a in range(P.n_nodes):
+        l = P.tree.level[a]
+        ql = P.q[l]
+        for i in range(ql):
+            acc = 0.0
+            for r in range(P.node_r0[a], P.node_r1[a]):
+                acc = acc + P.Zw[P.zw_off[l] + r * ql + i] * y[r]
+            W.ZA[P.tree.za_ptr[a] + p * ql + i] = acc
+    for j in range(p):
+        acc = 0.0
+        for r in range(P.n_obs):
+            acc = acc + P.Xw[r * p + j] * y[r]
+        W.AA[j + p * P.ncol] = acc
+        W.AA[p + j * P.ncol] = acc
+    acc = 0.0
+    for r in range(P.n_obs):
+        acc = acc + y[r] * y[r]
+    W.AA[p + p * P.ncol] = acc
+
+
+cdef Py_ssize_t factor_all(const Prob* P, Work* W, double* logdet) noexcept nogil:
+    """Factor every cluster at the node factors W.Tn (assembled from W.Tlev): W.S =
+    A'V^-1A, logdet += log|C|. Returns 0 or 1 + the node whose block failed."""
+    cdef Tree t = P.tree
+    cdef Py_ssize_t j, st
+    t.ZA = W.ZA
+    t.T = W.Tn
+    zero(W.Tn, P.tn_len)
+    assemble_factors(&P.sb, W.Tlev, W.Tn)
+    copy(W.AA, W.S, P.ncol * P.ncol)
+    for j in range(P.n_clusters):
+        st = factor_cluster(&t, P.cluster_ptr[j], P.cluster_ptr[j + 1], W.WB, W.WR, W.S, logdet,
+                            W.scratch)
+        if st != 0:
+            return st
+    return 0
+
+
+cdef void solve_all(const Prob* P, Work* W, const double* Phi) noexcept nogil:
+    """After factor_all: the selected inverse and node solution of every cluster, and the
+    per-level gradient pieces W.G and EM moments W.E for this Phi."""
+    cdef Tree t = P.tree
+    cdef Py_ssize_t j
+    t.ZA = W.ZA
+    t.T = W.Tn
+    for j in range(P.n_clusters):
+        invert_cluster(&t, P.cluster_ptr[j], P.cluster_ptr[j + 1], W.WB, W.WR, W.SB, W.WW)
+        accumulate_cluster(&t, P.cluster_ptr[j], P.cluster_ptr[j + 1], W.SB, W.WW, W.KK, Phi,
+                           W.GN, W.EN, W.scratch, P.maxq)
+    zero(W.G, P.t_len)
+    reduce_factors(&P.sb, W.GN, W.G)
+    zero(W.E, P.t_len)
+    reduce_factors(&P.sb, W.EN, W.E)
+
+
+cdef double evaluate(const Prob* P, Work* W, const double* th, double* grad, bint em,
+                     double sigma2) noexcept nogil:
+    """Deviance at theta (module docstring), INFINITY with W.status set if it is not
+    defined there; the gradient into ``grad`` when it is not NULL, the EM moments into
+    W.E when ``em``. ``sigma2 > 0`` evaluates a profiled-residual model at that
+    residual variance instead of profiling it out."""
+    cdef Py_ssize_t i, k, j
+    cdef int p = P.p
+    cdef int nc = P.ncol
+    cdef double logdet = 0.0
+    cdef double rss, logdet_H, dev, dof, fac, acc
+    cdef Py_ssize_t st
+    W.n_evals += 1
+    W.status = set_factors(P, W, th)
+    if W.status != ST_OK:
+        return INFINITY
+    st = factor_all(P, W, &logdet)
+    if st != 0:
+        W.status = <int>st
+        return INFINITY
+    logdet_H = 0.0
+    if p > 0:
+        for j in range(p):
+            for i in range(p):
+                W.Hc[i + j * p] = W.S[i + j * nc]
+            W.beta[j] = W.S[j + p * nc]
+        if potrf_lower(p, W.Hc, p) != 0:
+            W.status = ST_H
+            return INFINITY
+        trsm_left_lower(b'N', p, 1, W.Hc, p, W.beta, p)
+        trsm_left_lower(b'T', p, 1, W.Hc, p, W.beta, p)
+        for j in range(p):
+            logdet_H = logdet_H + 2.0 * log(W.Hc[j + j * p])
+        zero(W.Hinv, p * p)
+        for j in range(p):
+            W.Hinv[j + j * p] = 1.0
+        trsm_left_lower(b'N', p, p, W.Hc, p, W.Hinv, p)
+        trsm_left_lower(b'T', p, p, W.Hc, p, W.Hinv, p)
+    rss = W.S[p + p * nc]
+    for j in range(p):
+        rss = rss - W.S[p + j * nc] * W.beta[j]
+    W.rss = rss
+    W.logdet_C = logdet
+    W.logdet_H = logdet_H
+    if P.profiled:
+        dof = <double>(P.n_obs - p) if P.reml else <double>P.n_obs
+        if sigma2 > 0:
+            W.sigma2 = sigma2
+            dev = dof * (LOG2PI + log(sigma2)) + logdet + rss / sigma2
+        else:
+            W.sigma2 = rss / dof
+            if not (W.sigma2 > 0):
+                W.status = ST_SIGMA
+                return INFINITY
+            dev = dof * (LOG2PI + log(W.sigma2) + 1.0) + logdet
+        fac = 1.0 / W.sigma2
+    else:
+        W.sigma2 = 1.0
+        dev = P.n_obs * LOG2PI + P.logdet_Lambda + logdet + rss
+        if P.reml:
+            dev = dev - p * LOG2PI
+        fac = 1.0
+    if P.reml:
+        dev = dev + logdet_H - P.logdet_XtX
+    if grad == NULL and not em:
+        return dev
+    # Phi = fac gamma gamma' (+ [H^-1, 0; 0, 0] for REML), gamma = (-beta, 1)
+    for j in range(nc):
+        for i in range(nc):
+            W.Phi[i + j * nc] = fac * (-W.beta[i] if i < p else 1.0) * (-W.beta[j] if j < p else 1.0)
+    if P.reml:
+        for j in range(p):
+            for i in range(p):
+                W.Phi[i + j * nc] += W.Hinv[i + j * p]
+    solve_all(P, W, W.Phi)
+    if grad != NULL:
+        for k in range(P.n_theta):
+            acc = 0.0
+            for i in range(P.t_len):
+                acc = acc + W.D[i + k * P.t_len] * W.G[i]
+            grad[k] = 2.0 * acc
+    return dev

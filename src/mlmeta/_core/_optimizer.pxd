@@ -1,0 +1,28 @@
+from mlmeta._core._problem cimport Prob, Work
+
+
+cdef struct Options:
+    int em_iter, maxiter
+    double tol, em_tol      # em_tol: EM stops when the deviance changes by <= em_tol (|f| + em_tol)
+    bint quasi              # BFGS updates of one finite-difference Hessian (exploratory runs)
+    bint em_only            # no Newton steps: converged when EM met em_tol
+    const double* known     # an optimum found already (NULL: none) ...
+    double known_dev        # ... and its deviance
+
+
+cdef struct Out:
+    double* dev
+    double* beta
+    double* se
+    double* sig2
+    double* theta_em
+    double* log_em       # deviance after each EM iteration (NULL: not kept)
+    double* log_newton   # deviance after each Newton iteration (NULL: not kept)
+    int* n_iter
+    int* n_em
+    int* joined
+    int* status
+
+
+cdef int fit_one(const Prob* P, Work* W, const double* y, double* th, const Options* O,
+                 Out R) noexcept nogil

@@ -1,0 +1,77 @@
+# The problem and workspace structs shared by the engine's modules: the fitting
+# engine (_engine.pyx), the covariance structures' maps (_structures.pyx) and the
+# objective (_objective.pyx). See _engine.pyx for what they hold.
+
+from mlmeta._core._nested cimport Tree, SubBlocks
+
+cdef enum:
+    K_IDENTITY = 0
+    K_INDEPENDENT = 1
+    K_EXCHANGEABLE = 2
+    K_UNSTRUCTURED = 3
+    K_CUSTOM = 4
+
+# status codes of an evaluation (> 0: 1 + the node whose block failed)
+cdef enum:
+    ST_OK = 0
+    ST_H = -1          # X'V^-1X not positive definite
+    ST_R = -2          # a custom level's correlation matrix not positive definite
+    ST_SIGMA = -3      # profiled residual variance not positive
+    ST_NONFINITE = -4  # theta not finite
+
+
+cdef struct Prob:
+    Tree tree
+    SubBlocks sb
+    Py_ssize_t n_clusters, n_nodes, n_levels, n_obs
+    const Py_ssize_t* cluster_ptr
+    const Py_ssize_t* q
+    const Py_ssize_t* t_off
+    const Py_ssize_t* kind
+    const Py_ssize_t* th_off
+    const Py_ssize_t* n_th
+    const Py_ssize_t* n_sd       # custom levels: number of free SDs (the rest are correlations)
+    const Py_ssize_t* c_off      # custom levels: offset into cmap / cfix (q + q*q entries)
+    const Py_ssize_t* cmap       # sd_map (q) then corr_map (q x q): local theta index or -1
+    const double* cfix           # the fixed values where the map is -1
+    const double* n_groups
+    const double* M              # t_len x n_theta, column-major: dT/dtheta of linear levels
+    const double* lower
+    const double* upper
+    const double* ZA0
+    const double* AA0
+    const double* Zw
+    const Py_ssize_t* zw_off
+    const double* Xw
+    const Py_ssize_t* node_r0
+    const Py_ssize_t* node_r1
+    Py_ssize_t zz_len, za_len, tn_len, t_len, maxq, scratch_len
+    int n_theta, p, ncol, reml, profiled, has_custom
+    double logdet_Lambda, logdet_XtX, scale
+
+
+cdef struct Work:
+    double* WB
+    double* WR
+    double* SB
+    double* WW
+    double* KK
+    double* Tn
+    double* GN
+    double* EN
+    double* ZA
+    double* AA
+    double* S
+    double* scratch
+    double* Tlev
+    double* G
+    double* E
+    double* Hc
+    double* Hinv
+    double* beta
+    double* Phi
+    double* D        # dT/dtheta (t_len x n_theta): M, with custom levels' columns per evaluation
+    double* cs       # custom-structure scratch
+    double* tmp      # optimiser scratch: see fit_one
+    double sigma2, rss, logdet_C, logdet_H
+    int n_evals, status

@@ -1,0 +1,218 @@
+# cython: language_level=3
+"""Covariance structures in the engine: theta -> T (a square root of Sigma), dT/dtheta
+and the EM projection Sigma -> theta, per level.
+
+Identity, independent, exchangeable and unstructured levels are linear in theta:
+``T_flat = M theta`` with the constant ``M`` (the problem's ``M``, the structures'
+``dT`` from :mod:`mlmeta.covstruct`). A custom (Stata pattern) level has
+``T = D chol(R)``, ``D = diag(sd)``, with
+
+    dT / d sd_a   = diag(1[sd_map == a]) chol(R)
+    dT / d rho_b  = D L Psi(L^-1 dR_b L^-T),  Psi(M) = tril(M, -1) + diag(M) / 2 .
+
+The maps are tested against :mod:`mlmeta.covstruct` through
+:meth:`Problem.factors <mlmeta._core._engine.Problem.factors>` and
+:meth:`Problem.em_project <mlmeta._core._engine.Problem.em_project>`.
+"""
+
+from libc.math cimport sqrt, fabs, INFINITY
+from scipy.linalg.cython_lapack cimport dpotrf
+
+from mlmeta._core._linalg cimport gemm, copy, potrf_lower, trsm_left_lower
+from mlmeta._core._problem cimport (Prob, Work, K_IDENTITY, K_INDEPENDENT, K_EXCHANGEABLE,
+                                    K_UNSTRUCTURED, K_CUSTOM, ST_OK, ST_R, ST_NONFINITE)
+
+cdef int custom_T(const Prob* P, Py_ssize_t l, const double* th, double* T, double* D,
+                  double* cs) noexcept nogil:
+    """T = D chol(R) of a custom level and its derivatives (columns th_off..th_off+n_th
+    of the t_len-row matrix D, rows t_off[l]..). Returns ST_R if R is not positive definite."""
+    cdef Py_ssize_t q = P.q[l], o = P.th_off[l], r0 = P.t_off[l], k, i, j, m, b
+    cdef const Py_ssize_t* smap = P.cmap + P.c_off[l]
+    cdef const Py_ssize_t* cmap = smap + q
+    cdef const double* sfix = P.cfix + P.c_off[l]
+    cdef const double* cfix = sfix + q
+    cdef double* sd = cs
+    cdef double* L = sd + q
+    cdef double* Li = L + q * q
+    cdef double* A = Li + q * q
+    cdef double* Ps = A + q * q
+    cdef double acc
+    cdef int qi = <int>q
+    for i in range(q):
+        sd[i] = th[o + smap[i]] if smap[i] >= 0 else sfix[i]
+    for j in range(q):
+        for i in range(q):
+            if i == j:
+                L[i + j * q] = 1.0
+            elif cmap[i + j * q] >= 0:
+                L[i + j * q] = th[o + cmap[i + j * q]]
+            else:
+                L[i + j * q] = cfix[i + j * q]
+    if potrf_lower(qi, L, qi) != 0:
+        return ST_R
+    for j in range(q):
+        for i in range(j):
+            L[i + j * q] = 0.0
+        for i in range(q):
+            T[i + j * q] = sd[i] * L[i + j * q]
+            Li[i + j * q] = 1.0 if i == j else 0.0
+    trsm_left_lower(b'N', qi, qi, L, qi, Li, qi)
+    for k in range(P.n_th[l]):
+        for j in range(q):
+            for i in range(q):
+                D[r0 + i + j * q + (o + k) * P.t_len] = 0.0
+    for k in range(P.n_sd[l]):
+        for i in range(q):
+            if smap[i] == k:
+                for j in range(q):
+                    D[r0 + i + j * q + (o + k) * P.t_len] = L[i + j * q]
+    for k in range(P.n_sd[l], P.n_th[l]):
+        # A = Li dR_k (dR_k: ones where corr_map == k), then Ps = A Li'
+        for j in range(q):
+            for i in range(q):
+                acc = 0.0
+                for m in range(q):
+                    if m != j and cmap[m + j * q] == k:
+                        acc += Li[i + m * q]
+                A[i + j * q] = acc
+        for j in range(q):
+            for i in range(q):
+                acc = 0.0
+                for m in range(q):
+                    acc += A[i + m * q] * Li[j + m * q]
+                Ps[i + j * q] = acc if i > j else (0.5 * acc if i == j else 0.0)
+        for j in range(q):
+            for i in range(q):
+                acc = 0.0
+                for m in range(q):
+                    acc += L[i + m * q] * Ps[m + j * q]
+                D[r0 + i + j * q + (o + k) * P.t_len] = sd[i] * acc
+    return ST_OK
+
+
+cdef int set_factors(const Prob* P, Work* W, const double* th) noexcept nogil:
+    """W.Tlev = T(theta) for every level (column-major blocks at t_off) and W.D = dT/dtheta."""
+    cdef Py_ssize_t i, k, l
+    cdef double acc
+    cdef int st
+    for k in range(P.n_theta):
+        if not (fabs(th[k]) < INFINITY):
+            return ST_NONFINITE
+    for i in range(P.t_len):
+        acc = 0.0
+        for k in range(P.n_theta):
+            acc = acc + P.M[i + k * P.t_len] * th[k]
+        W.Tlev[i] = acc
+    if P.has_custom:
+        for l in range(P.n_levels):
+            if P.kind[l] == K_CUSTOM:
+                st = custom_T(P, l, th, W.Tlev + P.t_off[l], W.D, W.cs)
+                if st != ST_OK:
+                    return st
+    return ST_OK
+
+
+cdef void em_project(const Prob* P, Py_ssize_t l, const double* Sig, double* th,
+                     double* scratch) noexcept nogil:
+    """theta of level l from Sigma_l (q x q, symmetric): the structure's moment projection.
+
+    identity: s = sqrt(mean diag); independent: s_i = sqrt(Sigma_ii); exchangeable:
+    a = sqrt(v - c), g = (-a + sqrt(a^2 + q c)) / q with v = mean diag and c = mean
+    off-diagonal (clipped to [-v/(q-1), v]); unstructured: vech(chol(Sigma)) (kept if
+    Sigma is not positive definite); custom: each free SD the mean of its elements'
+    SDs, each free correlation the mean of its elements' correlations, within +-0.95."""
+    cdef Py_ssize_t q = P.q[l], o = P.th_off[l], i, j, c, n
+    cdef double v, cov, a, g, acc
+    cdef int qi = <int>q, info = 0
+    cdef char lo = b'L'
+    cdef const Py_ssize_t* smap
+    cdef const Py_ssize_t* cmap
+    if P.kind[l] == K_IDENTITY:
+        v = 0.0
+        for i in range(q):
+            v = v + Sig[i + i * q]
+        th[o] = sqrt(v / q) if v > 0 else 0.0
+    elif P.kind[l] == K_INDEPENDENT:
+        for i in range(q):
+            th[o + i] = sqrt(Sig[i + i * q]) if Sig[i + i * q] > 0 else 0.0
+    elif P.kind[l] == K_EXCHANGEABLE:
+        v = 0.0
+        cov = 0.0
+        for i in range(q):
+            v = v + Sig[i + i * q]
+            for j in range(q):
+                if i != j:
+                    cov = cov + Sig[i + j * q]
+        v = v / q if v > 0 else 0.0
+        cov = cov / (q * (q - 1))
+        if cov < -v / (q - 1):
+            cov = -v / (q - 1)
+        if cov > v:
+            cov = v
+        a = sqrt(v - cov) if v - cov > 0 else 0.0
+        g = a * a + q * cov
+        th[o] = a
+        th[o + 1] = (-a + (sqrt(g) if g > 0 else 0.0)) / q
+    elif P.kind[l] == K_UNSTRUCTURED:
+        copy(Sig, scratch, q * q)
+        dpotrf(&lo, &qi, scratch, &qi, &info)
+        if info != 0:
+            return
+        c = 0
+        for j in range(q):
+            for i in range(j, q):
+                th[o + c] = scratch[i + j * q]
+                c += 1
+    else:
+        smap = P.cmap + P.c_off[l]
+        cmap = smap + q
+        for i in range(q):
+            scratch[i] = sqrt(Sig[i + i * q]) if Sig[i + i * q] > 0 else 0.0
+        for c in range(P.n_sd[l]):
+            acc = 0.0
+            n = 0
+            for i in range(q):
+                if smap[i] == c:
+                    acc += scratch[i]
+                    n += 1
+            th[o + c] = acc / n if n > 0 else 0.0
+        for c in range(P.n_sd[l], P.n_th[l]):
+            acc = 0.0
+            n = 0
+            for j in range(q):
+                for i in range(j):
+                    if cmap[i + j * q] == c:
+                        if scratch[i] > 0 and scratch[j] > 0:
+                            acc += 0.5 * (Sig[i + j * q] + Sig[j + i * q]) / (scratch[i] * scratch[j])
+                        n += 1
+            acc = acc / n if n > 0 else 0.0
+            th[o + c] = -0.95 if acc < -0.95 else (0.95 if acc > 0.95 else acc)
+
+
+cdef void em_update(const Prob* P, Work* W, double* th) noexcept nogil:
+    """Sigma_l <- T_l (E_l / N_l) T_l' (after an evaluation with em), projected on each
+    level's structure, then theta clipped to its bounds."""
+    cdef Py_ssize_t l, i, j, q
+    cdef double* T
+    cdef double* E
+    cdef double* Sig = W.scratch
+    cdef double* tmp = W.scratch + P.maxq * P.maxq
+    cdef double* pscr = tmp + P.maxq * P.maxq
+    cdef int qi
+    for l in range(P.n_levels):
+        q = P.q[l]
+        qi = <int>q
+        T = W.Tlev + P.t_off[l]
+        E = W.E + P.t_off[l]
+        gemm(b'N', b'N', qi, qi, qi, 1.0 / P.n_groups[l], T, qi, E, qi, 0.0, tmp, qi)
+        gemm(b'N', b'T', qi, qi, qi, 1.0, tmp, qi, T, qi, 0.0, Sig, qi)
+        for j in range(q):
+            for i in range(j):
+                Sig[i + j * q] = 0.5 * (Sig[i + j * q] + Sig[j + i * q])
+                Sig[j + i * q] = Sig[i + j * q]
+        em_project(P, l, Sig, th, pscr)
+    for i in range(P.n_theta):
+        if th[i] < P.lower[i]:
+            th[i] = P.lower[i]
+        if th[i] > P.upper[i]:
+            th[i] = P.upper[i]
