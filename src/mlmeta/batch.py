@@ -20,7 +20,8 @@ from mlmeta.api import build_model, constrained_design
 from mlmeta.design import build_design
 from mlmeta.mixed import MixedResults, build_mixed_model
 from mlmeta.model import NestedModel
-from mlmeta.optimize import fit_nested, start_theta
+from mlmeta.optimize import fit_nested
+from mlmeta.refit import fit_outcomes, simulate_outcomes
 from mlmeta.results import MeregressResults
 
 __all__ = ["Model", "fit_batch", "BatchResults"]
@@ -108,34 +109,12 @@ class Model:
         y = X beta + sum_l Z_l u_l + e with u ~ N(0, Sigma_l) per group and
         e ~ N(0, Lambda) (or N(0, sigma^2 I) for a mixed model). Defaults: the
         estimates of a fit to the model's own data."""
-        rng = np.random.default_rng(seed)
         if theta is None or beta is None:
             res = self.fit()
             theta = res.theta if theta is None else theta
             beta = res.params.values if beta is None else beta
-        m = self.model
-        d = m.design
-        sig2 = m.evaluate(np.asarray(theta)).sigma2 if self.mixed else 1.0
-        Ys = np.repeat((self.frame.X @ np.asarray(beta))[d.perm][:, None], n, axis=1)
-        for Z, g, G, T in zip(d.Z, d.groups, d.n_groups, m.T_list(np.asarray(theta))):
-            L = np.sqrt(sig2) * T                  # any square root of Sigma_l works: T T' = Sigma_l
-            u = rng.standard_normal((G, T.shape[0], n))
-            u = np.einsum("ij,gjn->gin", L, u)
-            Ys += np.einsum("ri,rin->rn", Z, u[g])
-        if self.mixed:
-            Ys += np.sqrt(sig2) * rng.standard_normal(Ys.shape)
-        elif d.Lambda is not None:
-            e = rng.standard_normal(Ys.shape)
-            starts = d.group_start[0]
-            for j in range(d.n_clusters):
-                a, b = int(starts[j]), int(starts[j + 1])
-                C = np.linalg.cholesky(d.Lambda[a:b, a:b].toarray())
-                Ys[a:b] += C @ e[a:b]
-        else:
-            Ys += np.sqrt(d.variance)[:, None] * rng.standard_normal(Ys.shape)
-        out = np.empty_like(Ys)
-        out[d.perm] = Ys
-        return out
+        return simulate_outcomes(self.model, self.frame.X @ np.asarray(beta), n, theta=theta,
+                                 seed=seed)
 
 
 @dataclasses.dataclass
@@ -192,7 +171,6 @@ def fit_batch(model: Model, Y, *, n_jobs=None, em_iter=20, maxiter=200, tol=1e-6
         raise ValueError("Y has missing or infinite values")
     n_jobs = int(n_jobs or os.cpu_count() or 1)
     m = model.model
-    d = m.design
     names = model.frame.fe_names
     groups = [t.group for t in model.frame.terms]
     why = _batchable(model)
@@ -207,34 +185,14 @@ def fit_batch(model: Model, Y, *, n_jobs=None, em_iter=20, maxiter=200, tol=1e-6
             n_iter=np.array([f.n_iter for f in fits]),
             n_evals=np.array([f.fit_record.n_evals for f in fits]),
             re_cov={g: np.array([f.re_cov[g].values for f in fits]) for g in groups})
-    w = d.weights
-    Yw = np.ascontiguousarray((Y[d.perm] * w[:, None]).T)
-    if theta0 is None:
-        base = start_theta(m)
-        theta0 = np.repeat(base[None, :], Y.shape[1], axis=0)
-    theta0 = np.ascontiguousarray(np.broadcast_to(np.asarray(theta0, dtype=float),
-                                                  (Y.shape[1], m.n_theta)))
-    out = m.problem.fit(theta0, Yw, em_iter=int(em_iter), em_tol=0.0, maxiter=int(maxiter),
-                        tol=float(tol), n_threads=n_jobs)
-    theta, sig2 = out["theta"], out["sigma2"]
+    out = fit_outcomes(m, Y, theta0=theta0, em_iter=em_iter, maxiter=maxiter, tol=tol,
+                       n_jobs=n_jobs)
     failed = ~np.isfinite(out["deviance"])
-    sig2 = np.where(failed, np.nan, sig2)
-    re_cov = {}
-    for g, s, sl in zip(groups, m.structs, m.theta_slices):
-        if s.kind == "custom":
-            S = np.array([s.Sigma(t) for t in theta[:, sl]]).reshape(-1, s.q, s.q)
-        else:      # T linear in theta: T = sum_k theta_k dT_k, for every fit at once
-            T = np.einsum("mk,kij->mij", theta[:, sl], s.dT(np.zeros(s.n_theta)))
-            S = T @ T.transpose(0, 2, 1)
-        S[failed] = np.nan
-        re_cov[g] = S
-    if m.residual == "profiled":
-        # theta is relative to the residual SD: Sigma_l = sigma^2 T_l T_l'
-        for g in groups:
-            re_cov[g] = re_cov[g] * sig2[:, None, None]
+    re_cov = dict(zip(groups, out["Sigma"]))
+    sig2 = out["sigma2"]
     return BatchResults(params=pd.DataFrame(out["beta"], columns=names),
                         bse=pd.DataFrame(out["se"], columns=names),
                         llf=np.where(failed, np.nan, -0.5 * out["deviance"]),
-                        theta=theta, converged=out["converged"], n_iter=out["n_iter"],
+                        theta=out["theta"], converged=out["converged"], n_iter=out["n_iter"],
                         n_evals=out["n_evals"],
                         re_cov=re_cov, scale=sig2 if m.residual == "profiled" else None)

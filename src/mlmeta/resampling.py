@@ -1,7 +1,8 @@
 """Bootstrap confidence intervals and permutation tests after a fit.
 
 * Parametric bootstrap: outcomes simulated from the fitted model
-  (``y* = X beta + sum_l Z_l u_l* + e*``), refitted with :func:`mlmeta.fit_batch`.
+  (``y* = X beta + sum_l Z_l u_l* + e*``), refitted in one batch run of the engine
+  (:func:`mlmeta.refit.fit_outcomes`).
 * Cluster bootstrap: top-level clusters drawn with replacement (each copy a new
   cluster), refitted.
 * Permutation test (metafor's ``permutest``): the rows of the moderators are
@@ -15,7 +16,6 @@ results do not depend on the number of threads.
 from __future__ import annotations
 
 import os
-import types
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -25,25 +25,9 @@ from scipy import sparse, stats
 from mlmeta.design import build_design
 from mlmeta.model import NestedModel
 from mlmeta.optimize import fit_nested
+from mlmeta.refit import fit_outcomes, simulate_outcomes
 
-__all__ = ["bootstrap", "permutation_test", "model_of"]
-
-
-def model_of(res):
-    """A :class:`mlmeta.Model` sharing a fitted result's design (no re-parsing)."""
-    from mlmeta.batch import Model
-    from mlmeta.mixed import MixedResults
-
-    M = Model.__new__(Model)
-    M.formula = res.options.get("formula")
-    M.method = res.method
-    M._covariance = None
-    M._constraints = None
-    M.mixed = isinstance(res, MixedResults)
-    M.model = res.model
-    M.frame = res.frame
-    M.parsed = types.SimpleNamespace(response=res.depvar)
-    return M
+__all__ = ["bootstrap", "permutation_test"]
 
 
 def _sd_table(re_cov_stack, groups, structs):
@@ -104,8 +88,6 @@ def bootstrap(res, n=1000, *, kind="parametric", level=95.0, seed=None, n_jobs=N
         raise ValueError("kind must be 'parametric' or 'cluster'")
     if not (isinstance(n, (int, np.integer)) and n >= 2):
         raise ValueError("n must be an integer >= 2")
-    from mlmeta.batch import fit_batch
-
     groups = [t.group for t in res.frame.terms]
     structs = res.model.structs
     estimates = dict(res.params.items())
@@ -114,12 +96,18 @@ def bootstrap(res, n=1000, *, kind="parametric", level=95.0, seed=None, n_jobs=N
                                 structs).items()})
     n_jobs = int(n_jobs or os.cpu_count() or 1)
     if kind == "parametric":
-        M = model_of(res)
-        Y = M.simulate(n, seed=seed, theta=res.theta, beta=res.params.values)
-        br = fit_batch(M, Y, n_jobs=n_jobs, theta0=res.theta)
-        reps = {nm: np.where(br.converged, br.params[nm].values, np.nan) for nm in res.fe_names}
-        sd = _sd_table(br.re_cov, groups, structs)
-        reps.update({k: np.where(br.converged, v, np.nan) for k, v in sd.items()})
+        m = res.model
+        fc = m.fe_constraints
+        X = res.frame.X
+        Y = simulate_outcomes(m, X @ res.params.values, n, theta=res.theta, seed=seed)
+        if fc is not None:              # the design's metric: y - X beta_0, coefficients gamma
+            Y = Y - (X @ fc.beta0)[:, None]
+        out = fit_outcomes(m, Y, theta0=res.theta, n_jobs=n_jobs)
+        beta = out["beta"] if fc is None else fc.beta0 + out["beta"] @ fc.N.T
+        conv = out["converged"]
+        reps = {nm: np.where(conv, beta[:, i], np.nan) for i, nm in enumerate(res.fe_names)}
+        sd = _sd_table(dict(zip(groups, out["Sigma"])), groups, structs)
+        reps.update({k: np.where(conv, v, np.nan) for k, v in sd.items()})
     else:
         seeds = np.random.SeedSequence(seed).spawn(n)
 

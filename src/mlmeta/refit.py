@@ -1,0 +1,116 @@
+"""One fitted model, many outcome vectors: simulation from the model and refits.
+
+Both work on a :class:`~mlmeta.model.NestedModel` whose design is already built, so
+nothing is parsed or re-sorted per outcome:
+
+* :func:`simulate_outcomes` draws ``y = mean + sum_l Z_l u_l + e`` with
+  ``u_l ~ N(0, Sigma_l)`` per group and ``e ~ N(0, Lambda)`` (``N(0, sigma^2 I)`` for a
+  profiled residual);
+* :func:`fit_outcomes` fits every column with the engine (:meth:`Problem.fit
+  <mlmeta._core._engine.Problem.fit>`), the columns shared out over threads; a design
+  whitened by a full sampling covariance V cannot take a new outcome in its
+  precomputed problem, so it is rebuilt per column (the same engine fits it).
+
+Outcomes are in the model frame's row order (the rows used by the fit) and in the
+design's metric (with fixed-effect constraints, ``y - X beta_0``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mlmeta.design import build_design
+from mlmeta.model import NestedModel
+from mlmeta.optimize import fit_nested, start_theta
+
+__all__ = ["simulate_outcomes", "fit_outcomes"]
+
+
+def simulate_outcomes(model: NestedModel, mean, n, *, theta, seed=None) -> np.ndarray:
+    """(n_obs, n) outcomes simulated at ``theta`` around ``mean`` (frame row order)."""
+    rng = np.random.default_rng(seed)
+    d = model.design
+    theta = np.asarray(theta, dtype=float)
+    sig2 = model.evaluate(theta).sigma2 if model.residual == "profiled" else 1.0
+    Ys = np.repeat(np.asarray(mean, dtype=float)[d.perm][:, None], n, axis=1)
+    for Z, g, G, T in zip(d.Z, d.groups, d.n_groups, model.T_list(theta)):
+        L = np.sqrt(sig2) * T                  # any square root of Sigma_l works: T T' = Sigma_l
+        u = np.einsum("ij,gjn->gin", L, rng.standard_normal((G, T.shape[0], n)))
+        Ys += np.einsum("ri,rin->rn", Z, u[g])
+    if model.residual == "profiled":
+        Ys += np.sqrt(sig2) * rng.standard_normal(Ys.shape)
+    elif d.Lambda is not None:
+        e = rng.standard_normal(Ys.shape)
+        starts = d.group_start[0]
+        for j in range(d.n_clusters):
+            a, b = int(starts[j]), int(starts[j + 1])
+            C = np.linalg.cholesky(d.Lambda[a:b, a:b].toarray())
+            Ys[a:b] += C @ e[a:b]
+    else:
+        Ys += np.sqrt(d.variance)[:, None] * rng.standard_normal(Ys.shape)
+    out = np.empty_like(Ys)
+    out[d.perm] = Ys
+    return out
+
+
+def _sigmas(model, theta, scale):
+    """Per level, (m, q, q) covariance matrices of every fit (NaN where scale is NaN)."""
+    out = []
+    for s, sl in zip(model.structs, model.theta_slices):
+        if s.kind == "custom":
+            S = np.array([s.Sigma(t) for t in theta[:, sl]]).reshape(-1, s.q, s.q)
+        else:      # T linear in theta: T = sum_k theta_k dT_k, for every fit at once
+            T = np.einsum("mk,kij->mij", theta[:, sl], s.dT(np.zeros(s.n_theta)))
+            S = T @ T.transpose(0, 2, 1)
+        out.append(S * scale[:, None, None])
+    return out
+
+
+def fit_outcomes(model: NestedModel, Y, *, theta0=None, em_iter=20, maxiter=200, tol=1e-6,
+                 n_jobs=1) -> dict:
+    """Fit every column of ``Y`` (n_obs x m). Returns a dict of per-fit arrays: beta and
+    se (m x p, the design's coefficients), deviance, theta, converged, n_iter, n_evals,
+    sigma2 (the residual variance of a profiled model, else 1) and Sigma (per level,
+    m x q x q). A fit whose objective is undefined at its end has NaN estimates and
+    ``converged=False``."""
+    d = model.design
+    Y = np.asarray(Y, dtype=float)
+    m = Y.shape[1]
+    if theta0 is None:
+        theta0 = start_theta(model)
+    theta0 = np.ascontiguousarray(np.broadcast_to(np.asarray(theta0, dtype=float),
+                                                  (m, model.n_theta)))
+    if model.problem.new_outcomes:
+        Yw = np.ascontiguousarray((Y[d.perm] * d.weights[:, None]).T)
+        out = model.problem.fit(theta0, Yw, em_iter=int(em_iter), maxiter=int(maxiter),
+                                tol=float(tol), n_threads=int(n_jobs))
+    else:
+        out = _fit_rebuilt(model, Y, theta0, em_iter, maxiter, tol)
+    failed = ~np.isfinite(out["deviance"])
+    scale = np.where(failed, np.nan, out["sigma2"] if model.residual == "profiled" else 1.0)
+    out["sigma2"] = np.where(failed, np.nan, out["sigma2"])
+    out["Sigma"] = _sigmas(model, out["theta"], scale)
+    return out
+
+
+def _fit_rebuilt(model, Y, theta0, em_iter, maxiter, tol):
+    d = model.design
+    rows = []
+    for j in range(Y.shape[1]):
+        design = build_design(Y[d.perm, j], d.X, d.Z, d.groups, None, V=d.Lambda)
+        mj = NestedModel(design, model.structs, model.method, residual=model.residual)
+        try:
+            rec = fit_nested(mj, theta0=theta0[j], em_iter=em_iter, maxiter=maxiter, tol=tol,
+                             safeguard=False)
+            ev = mj.evaluate(rec.theta)
+            rows.append((rec.theta, rec.deviance, ev.beta, np.sqrt(np.diag(ev.cov_beta)),
+                         rec.converged, rec.n_iter, rec.n_evals, ev.sigma2))
+        except FloatingPointError:
+            p = d.n_fe
+            rows.append((theta0[j], np.inf, np.full(p, np.nan), np.full(p, np.nan), False, 0, 0,
+                         np.nan))
+    cols = list(zip(*rows))
+    return dict(theta=np.array(cols[0]), deviance=np.array(cols[1], dtype=float),
+                beta=np.array(cols[2]), se=np.array(cols[3]),
+                converged=np.array(cols[4], dtype=bool), n_iter=np.array(cols[5]),
+                n_evals=np.array(cols[6]), sigma2=np.array(cols[7], dtype=float))
