@@ -205,7 +205,7 @@ def run_mixed_tools(repeat, seed, has_r, workdir):
         warnings.simplefilter("ignore")
         for label, sg in (("mlmeta", "auto"), ("mlmeta (safeguard=False)", False)):
             mlmeta.mixed(f, d, safeguard=sg)
-            t, res = median_time(lambda: mlmeta.mixed(f, d, safeguard=sg), repeat)
+            t, res = median_time(lambda sg=sg: mlmeta.mixed(f, d, safeguard=sg), repeat)
             rows.append({**tag, "tool": label, "seconds": t, "reps": repeat,
                          "llf": res.llf_lme4, "sigma2": [float(res.re_cov["Group"].values[-1, -1]),
                                                          res.scale]})

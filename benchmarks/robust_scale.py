@@ -40,7 +40,8 @@ def make_data(n_clusters: int, seed: int = 1) -> pd.DataFrame:
     n = study.shape[0]
     X = rng.normal(size=(n, 3))
     v = rng.uniform(0.01, 0.1, n)
-    y = 0.2 + X @ np.array([0.1, -0.1, 0.05]) + rng.normal(0, 0.3, n_clusters)[study] + rng.normal(0, np.sqrt(v))
+    y = (0.2 + X @ np.array([0.1, -0.1, 0.05]) + rng.normal(0, 0.3, n_clusters)[study]
+         + rng.normal(0, np.sqrt(v)))
     return pd.DataFrame({"y": y, "x1": X[:, 0], "x2": X[:, 1], "x3": X[:, 2], "v": v, "study": study})
 
 

@@ -41,13 +41,15 @@ def _findings(res):
     out = []
     m = res.groupby(["n_groups", "n_obs", "group_sd", "strategy"])[
         ["coef_abs_err", "se_sum", "t_sum", "fit_success", "coverage"]].mean().reset_index()
-    few = m[m.n_obs == 5].pivot_table(index=["n_groups", "group_sd"], columns="strategy", values="coef_abs_err")
+    few = m[m.n_obs == 5].pivot_table(index=["n_groups", "group_sd"], columns="strategy",
+                                      values="coef_abs_err")
     if "two_stage_ols" in few:
         worst = (few.idxmax(axis=1) == "two_stage_ols").mean()
         out.append(f"5 obs/group: two-stage OLS has the largest coefficient error in {100 * worst:.0f}% of "
                    f"cells (mean {few['two_stage_ols'].mean():.3f} vs "
                    f"{few.drop(columns='two_stage_ols').mean().min():.3f} for the best other strategy).")
-    many = m[m.n_obs == 100].pivot_table(index=["n_groups", "group_sd"], columns="strategy", values="coef_abs_err")
+    many = m[m.n_obs == 100].pivot_table(index=["n_groups", "group_sd"], columns="strategy",
+                                         values="coef_abs_err")
     spread = (many.max(axis=1) / many.min(axis=1)).median()
     out.append(f"100 obs/group: strategies recover coefficients alike (median max/min error ratio "
                f"across strategies {spread:.2f}).")

@@ -329,7 +329,8 @@ def test_infinite_values(schools, column):
 @pytest.mark.parametrize(
     "formula, extra, message",
     [
-        ("y ~ x + nope + (1 | district)", None, r"unknown column 'nope' in the fixed part; available columns: 'y', 'x'"),
+        ("y ~ x + nope + (1 | district)", None,
+         r"unknown column 'nope' in the fixed part; available columns: 'y', 'x'"),
         ("y ~ np.log(nope) + (1 | district)", None, r"unknown column 'nope'"),
         ("y ~ x + (1 + nope | district)", None, r"unknown column 'nope' in random term"),
         ("y ~ x + (1 | nope)", None, r"unknown column 'nope' in the grouping term 'nope'"),

@@ -94,7 +94,8 @@ def test_loglik_and_estimates(name):
         # both values confirmed by an independent dense computation
         full = c["model"] == "full"
         ours = _dense_llf(data, names, c["method"], G, res.scale, full)
-        theirs = _dense_llf(data, names, c["method"], np.reshape(best["re_cov"], G.shape), best["sigma2"], full)
+        theirs = _dense_llf(data, names, c["method"], np.reshape(best["re_cov"], G.shape), best["sigma2"],
+                            full)
         assert abs(ours - res.llf_lme4) < 1e-8
         assert abs(theirs - best["llf"]) < 1e-6
         return

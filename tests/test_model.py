@@ -100,7 +100,7 @@ def test_random_effects_match_dense(method):
     Zf = np.hstack([B for B, _ in blocks])
     Gf = np.zeros((Zf.shape[1], Zf.shape[1]))
     col = 0
-    for (B, G), S in zip(blocks, m.Sigma_list(theta)):
+    for (_B, G), S in zip(blocks, m.Sigma_list(theta)):
         q = S.shape[0]
         Gf[col:col + G * q, col:col + G * q] = np.kron(np.eye(G), S)
         col += G * q
@@ -114,7 +114,7 @@ def test_random_effects_match_dense(method):
     pev = Gf - Gf @ Zf.T @ P @ Zf @ Gf
     got = m.random_effects(theta)
     col = 0
-    for (uu, pp), (B, G) in zip(got, blocks):
+    for (uu, pp), (_B, G) in zip(got, blocks):
         q = uu.shape[1]
         np.testing.assert_allclose(uu.ravel(), u[col:col + G * q], rtol=1e-9, atol=1e-12)
         for g in range(G):
@@ -157,7 +157,10 @@ def test_profiled_residual_matches_dense(method):
     # profile sigma^2 numerically on the dense likelihood with V = sigma^2 (I + Z G_rel Z')
     from scipy.optimize import minimize_scalar
     Vrel = dense_V(d.Z, d.groups, m.Sigma_list(theta), np.ones(d.n_obs))
-    f = lambda ls: -dense_loglik(d.y, d.X, np.exp(ls) * Vrel, method)[0]
+
+    def f(ls):
+        return -dense_loglik(d.y, d.X, np.exp(ls) * Vrel, method)[0]
+
     r = minimize_scalar(f, bounds=(-5, 5), method="bounded", options={"xatol": 1e-10})
     assert -0.5 * ev.deviance == pytest.approx(-r.fun, rel=1e-8)
     assert ev.sigma2 == pytest.approx(np.exp(r.x), rel=1e-5)

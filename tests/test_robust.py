@@ -150,7 +150,8 @@ def _check_cs(rr, ref, names):
     for w in ref["wald"]:
         table = rr.wald_test(w["coefs"], test=["HTZ", "chi2", "naive-F", "naive-Fp"])
         for _, row in table.iterrows():
-            want = next(x for x in w["results"] if x["test"].lower().replace("chi-sq", "chi2") == row.test.lower())
+            want = next(x for x in w["results"]
+                        if x["test"].lower().replace("chi-sq", "chi2") == row.test.lower())
             _close(row.statistic, want["Fstat"])
             _close_p(row.pvalue, want["p_val"])
             assert row.df_num == want["df_num"]

@@ -40,7 +40,8 @@ class FakeExecutor:
 
 
 def test_cells_product_and_defaults():
-    cs = simstudy.cells({"n_groups": [10, 30], "n_obs": 5, "group_sd": [0.1, 1.0, 4.0], "null": [False, True]})
+    cs = simstudy.cells({"n_groups": [10, 30], "n_obs": 5, "group_sd": [0.1, 1.0, 4.0],
+                         "null": [False, True]})
     assert len(cs) == 12
     assert cs[0] == {"n_groups": 10, "n_obs": 5, "group_sd": 0.1, "n_coef": 3, "noise_sd": 1.0, "null": False}
     assert len({simstudy.cell_label(c) for c in cs}) == 12

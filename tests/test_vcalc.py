@@ -83,7 +83,8 @@ def test_pair_specs_agree():
 def test_subgroups_are_independent():
     sub = np.where(DATA["esid"] % 2 == 0, "even", "odd")
     V = vcalc(DATA["vi"], DATA["cluster"], rho=0.5, subgroup=sub).toarray()
-    same = (DATA["cluster"].to_numpy()[:, None] == DATA["cluster"].to_numpy()[None, :]) & (sub[:, None] == sub[None, :])
+    cl = DATA["cluster"].to_numpy()
+    same = (cl[:, None] == cl[None, :]) & (sub[:, None] == sub[None, :])
     assert np.all(V[~same] == 0)
     off = same & ~np.eye(len(DATA), dtype=bool)
     np.testing.assert_allclose(V[off], 0.5 * np.sqrt(np.outer(DATA["vi"], DATA["vi"]))[off])

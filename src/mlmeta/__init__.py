@@ -33,6 +33,7 @@ def __getattr__(name):
 __all__ = [
     "meregress", "multilevel", "sensitivity", "mixed", "MeregressResults", "MixedResults",
     "ols", "OLSResults", "two_stage", "TwoStageResults", "satterthwaite_df", "simulate",
-    "simstudy", "Model", "fit_batch", "BatchResults", "lrtest", "compare", "estimates_table", "robust", "cluster_robust", "RobustResults", "vcalc", "datasets",
+    "simstudy", "Model", "fit_batch", "BatchResults", "lrtest", "compare", "estimates_table",
+    "robust", "cluster_robust", "RobustResults", "vcalc", "datasets",
     "MissingDataWarning", "ConvergenceWarning", "BoundaryWarning", "__version__",
 ]

@@ -159,8 +159,8 @@ def build_model(formula, data, *, se=None, variance=None, V=None, method="reml",
 
 
 def meregress(formula, data, *, se=None, variance=None, V=None, method="reml", covariance=None,
-              constraints=None, collinear=False, test="z", em_iter=20, em_tol=1e-10, em_only=False, maxiter=1000, tol=1e-6,
-              safeguard="auto", verbose=False) -> MeregressResults:
+              constraints=None, collinear=False, test="z", em_iter=20, em_tol=1e-10, em_only=False,
+              maxiter=1000, tol=1e-6, safeguard="auto", verbose=False) -> MeregressResults:
     """Multilevel meta-regression (Stata's ``meta meregress``, metafor's ``rma.mv``).
 
     Parameters

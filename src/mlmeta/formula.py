@@ -10,10 +10,8 @@ evaluates all parts on the data with one common set of rows, so that ``y``,
 ``X``, every ``Z^(l)``, the group codes and any extra columns (sampling
 variances, standard errors) stay aligned.
 
-Missing values follow Stata and metafor: a row with a missing value in any
-variable the model uses is dropped, and the number of dropped rows is reported
-through :class:`~mlmeta._errors.MissingDataWarning`. Infinite values are
-errors.
+Missing values follow Stata and metafor (rows are dropped with a
+:class:`~mlmeta._errors.MissingDataWarning`); infinite values are errors.
 """
 
 from __future__ import annotations
@@ -73,9 +71,8 @@ class ParsedFormula:
 
 
 class _DeferredSpec:
-    """A formulaic ModelSpec built on first use (once), by evaluating ``formula`` on one
-    stored data row. Used for formulas of plain numeric columns (and the intercept),
-    whose specs depend on the column dtypes but not on the values."""
+    """A formulaic ModelSpec built once, on first use, by evaluating ``formula`` on one stored
+    data row; for formulas of plain numeric columns, whose specs depend on dtypes, not values."""
 
     __slots__ = ("formula", "row", "spec")
 
@@ -103,8 +100,7 @@ class _SpecSlot:
         if isinstance(value, _DeferredSpec):
             value = obj.__dict__[self.key] = value.build()
         elif isinstance(value, list) and any(isinstance(v, _DeferredSpec) for v in value):
-            value = obj.__dict__[self.key] = [v.build() if isinstance(v, _DeferredSpec) else v
-                                              for v in value]
+            value = obj.__dict__[self.key] = [v.build() if isinstance(v, _DeferredSpec) else v for v in value]
         return value
 
     def __set__(self, obj, value):
@@ -184,7 +180,8 @@ def _scan(text: str) -> tuple[list[int], list[int], list[bool]]:
     if quote is not None:
         raise ValueError(f"unterminated quote {quote} in {text!r}")
     if stack:
-        raise ValueError(f"unbalanced parentheses: {text[stack[-1]]!r} at position {stack[-1]} is never closed in {text!r}")
+        raise ValueError(f"unbalanced parentheses: {text[stack[-1]]!r} at position {stack[-1]} "
+                         f"is never closed in {text!r}")
     return depth, opener, quoted
 
 
@@ -253,17 +250,17 @@ def _top_bars(text: str) -> list[int]:
 def _parse_bar(inner: str, chunk: str) -> list[RandomTerm]:
     """Parse the inside of ``(lhs | groups)``; expand ``a/b/c`` into nested terms."""
     bars = _top_bars(inner)
-    if len(bars) == 2 and bars[1] == bars[0] + 1:
-        bars, correlated = bars[:1], False
-    else:
-        correlated = True
+    correlated = not (len(bars) == 2 and bars[1] == bars[0] + 1)
+    if not correlated:
+        bars = bars[:1]
     if len(bars) != 1:
         raise ValueError(f"random term {chunk!r} must contain exactly one '|' or '||'")
     lhs = inner[: bars[0]].strip()
     rhs_start = bars[0] + (1 if correlated else 2)
     group_text = inner[rhs_start:].strip()
     if not lhs:
-        raise ValueError(f"empty left side of the bar in random term {chunk!r}; write (1 | g) for a random intercept")
+        raise ValueError(f"empty left side of the bar in random term {chunk!r}; "
+                         "write (1 | g) for a random intercept")
     if not group_text:
         raise ValueError(f"empty grouping term (right side of the bar) in random term {chunk!r}")
     _parse_rhs(lhs, f"the random-effects formula of {chunk}:")
@@ -280,15 +277,7 @@ def _parse_bar(inner: str, chunk: str) -> list[RandomTerm]:
 
 
 def parse_formula(formula: str) -> ParsedFormula:
-    """Split ``formula`` (see :func:`_parse_formula`); results are cached per string."""
-    if not isinstance(formula, str):
-        raise TypeError(f"formula must be a string, not {type(formula).__name__}")
-    return _parse_formula(formula)
-
-
-@functools.lru_cache(maxsize=256)
-def _parse_formula(formula: str) -> ParsedFormula:
-    """Split ``response ~ fixed + (rhs | group) + ...`` into its parts.
+    """Split ``response ~ fixed + (rhs | group) + ...`` into its parts (cached per string).
 
     Random terms are parenthesised lme4 bars: ``|`` correlated, ``||``
     independent, ``a/b`` expands to ``a`` and ``a:b`` (outermost first), ``a:b``
@@ -300,6 +289,12 @@ def _parse_formula(formula: str) -> ParsedFormula:
     """
     if not isinstance(formula, str):
         raise TypeError(f"formula must be a string, not {type(formula).__name__}")
+    return _parse_formula(formula)
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_formula(formula: str) -> ParsedFormula:
+    """:func:`parse_formula` for a string, cached."""
     depth, _, quoted = _scan(formula)
     tildes = [i for i, ch in enumerate(formula) if ch == "~" and depth[i] == 0 and not quoted[i]]
     if not tildes:
@@ -336,16 +331,14 @@ def _parse_formula(formula: str) -> ParsedFormula:
             if c_depth[i] == 0:
                 raise ValueError(f"'|' outside parentheses in {chunk!r}; random terms are written (x | g)")
             if _is_bare_paren(chunk, c_opener[i]):
-                raise ValueError(f"random term inside {chunk!r} must be added on its own with '+', e.g. y ~ x + (1 | g)")
+                raise ValueError(f"random term inside {chunk!r} must be added on its own with '+', "
+                                 "e.g. y ~ x + (1 | g)")
         fixed.append((op, chunk))
 
-    if not fixed:
-        fixed_rhs = "1"
-    else:
-        first_op, first = fixed[0]
-        parts = [f"-{first}" if first_op == "-" else first]
-        parts += [f"{op} {chunk}" for op, chunk in fixed[1:]]
-        fixed_rhs = " ".join(" ".join(parts).split())
+    # the first fixed chunk keeps only a '-' sign; the others keep their operator
+    parts = [f"{op} {chunk}" if k else f"-{chunk}" if op == "-" else chunk
+             for k, (op, chunk) in enumerate(fixed)]
+    fixed_rhs = " ".join(" ".join(parts).split()) if fixed else "1"
     _parse_rhs(fixed_rhs, "the fixed part")
 
     seen: dict[frozenset, RandomTerm] = {}
@@ -374,9 +367,8 @@ def _formula_columns(formula: Formula, columns: pd.Index, where: str) -> list[st
             if method == "lookup":
                 found = [str(factor.expr)]
             elif method == "python":
-                found = sorted(
-                    str(v) for v in get_required_variables(factor.expr) if any(r.value == "value" for r in v.roles)
-                )
+                found = sorted(str(v) for v in get_required_variables(factor.expr)
+                               if any(r.value == "value" for r in v.roles))
             else:
                 continue
             for name in found:
@@ -518,7 +510,8 @@ def _plain_design(formula: Formula, plain: list, columns: Mapping, rows: np.ndar
             values = columns[name].to_numpy()
             M[:, j] = values[rows] if n_dropped else values
             row[name] = values[rows[:1]]
-    return M, [_FORMULAIC_INTERCEPT if n is None else n for n in plain], _DeferredSpec(formula, row), None in plain
+    names = [_FORMULAIC_INTERCEPT if n is None else n for n in plain]
+    return M, names, _DeferredSpec(formula, row), None in plain
 
 
 def _design(formula: Formula, sub: pd.DataFrame, where: str):
@@ -618,7 +611,8 @@ def _check_random_rank(term: RandomTerm, Z: np.ndarray, names: list[str], collin
         )
 
 
-def _check_nested(inner: RandomTerm, outer: RandomTerm, codes: np.ndarray, first: np.ndarray, parent: np.ndarray):
+def _check_nested(inner: RandomTerm, outer: RandomTerm, codes: np.ndarray, first: np.ndarray,
+                  parent: np.ndarray):
     """Every group of ``inner`` must lie inside exactly one group of ``outer``."""
     spans = parent != parent[first][codes]
     if not spans.any():
@@ -636,10 +630,8 @@ def _check_nested(inner: RandomTerm, outer: RandomTerm, codes: np.ndarray, first
 
 def _check_slopes(term: RandomTerm, Z: np.ndarray, names: list[str], codes: np.ndarray, first: np.ndarray):
     """With a random intercept, each slope must vary within at least one group."""
-    if INTERCEPT not in names:
-        return
     slopes = [j for j, n in enumerate(names) if n != INTERCEPT]
-    if not slopes:
+    if INTERCEPT not in names or not slopes:
         return
     Zs = Z[:, slopes]
     scale = np.abs(Zs).max(axis=0)
@@ -654,8 +646,7 @@ def _check_slopes(term: RandomTerm, Z: np.ndarray, names: list[str], codes: np.n
 
 
 def _missing(name: str, values) -> np.ndarray | None:
-    """Missing-value mask of a column (None: no value can be missing); infinite
-    values of numeric columns raise ValueError."""
+    """Missing-value mask of a column (None: none can be missing); infinite values raise ValueError."""
     na = None
     if isinstance(values, pd.Series):
         dtype = values.dtype
@@ -669,7 +660,8 @@ def _missing(name: str, values) -> np.ndarray | None:
                 return na
             values = values.to_numpy(dtype=np.float64, na_value=np.nan)
     if values.dtype.kind == "f" and np.isinf(values).any():
-        raise ValueError(f"column {name!r} contains infinite values (row {np.flatnonzero(np.isinf(values))[0]})")
+        row = np.flatnonzero(np.isinf(values))[0]
+        raise ValueError(f"column {name!r} contains infinite values (row {row})")
     if na is None:
         na = np.isnan(values) if values.dtype.kind == "f" else np.asarray(pd.isna(values), dtype=bool)
     return na
@@ -683,8 +675,7 @@ def build_model_frame(parsed: ParsedFormula, data, extra: Mapping | None = None,
         parsed: output of :func:`parse_formula`.
         data: a DataFrame or a mapping of column name to values.
         extra: maps a key (e.g. ``"variance"``) to a column name, to an array
-            with one value per row of ``data`` (taken by position), or to None
-            (ignored). Extras take part in dropping rows with missing values.
+            with one value per row of ``data`` (taken by position), or to None (ignored).
         collinear_fixed: "omit" (Stata: drop a moderator that is a linear
             combination of earlier columns, with a note) or "error".
         collinear_random: keep collinear random-effect columns (Stata's collinear).
@@ -735,11 +726,8 @@ def build_model_frame(parsed: ParsedFormula, data, extra: Mapping | None = None,
     n_dropped = int(missing.sum())
     if n_dropped:
         where = ", ".join(f"{name!r} ({k})" for name, k in counts.items())
-        warnings.warn(
-            f"dropped {n_dropped} of {n_rows} rows with missing values in: {where}",
-            MissingDataWarning,
-            stacklevel=2,
-        )
+        warnings.warn(f"dropped {n_dropped} of {n_rows} rows with missing values in: {where}",
+                      MissingDataWarning, stacklevel=2)
     if n_rows - n_dropped == 0:
         raise ValueError(f"no rows to fit: data has {n_rows} rows and {n_dropped} have missing values")
 

@@ -106,8 +106,8 @@ def build_mixed_model(formula, data, *, method="reml", covariance=None, constrai
 
 
 def mixed(formula, data, *, method="reml", covariance=None, constraints=None, collinear=False,
-          test="satterthwaite", em_iter=20, em_tol=1e-10, em_only=False, maxiter=1000, tol=1e-6, safeguard="auto",
-          verbose=False) -> MixedResults:
+          test="satterthwaite", em_iter=20, em_tol=1e-10, em_only=False, maxiter=1000, tol=1e-6,
+          safeguard="auto", verbose=False) -> MixedResults:
     """Linear mixed model on raw (individual-level) data, lme4's ``lmer`` model.
 
     ``mlmeta.mixed("DV ~ IV1 + IV2 + (IV1 + IV2 | Group)", df)`` — formula, covariance

@@ -183,7 +183,8 @@ class OLSResults(LinearResults):
         Q = float(d @ np.linalg.solve(C @ self._cov @ C.T, d))
         q = C.shape[0]
         F = Q / q
-        return WaldTestResult("F", F, q, self.df_resid, float(stats.f.sf(F, q, self.df_resid)), Q, 1.0, labels)
+        pvalue = float(stats.f.sf(F, q, self.df_resid))
+        return WaldTestResult("F", F, q, self.df_resid, pvalue, Q, 1.0, labels)
 
     def __repr__(self):
         return f"<OLSResults n={self.nobs} p={self.n_fe} cov={self.cov_type}>"

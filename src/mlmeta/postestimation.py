@@ -609,7 +609,7 @@ class PostestimationMixin:
             est = self._profile_estimate(i, kind)
             cache = {}
 
-            def f(x):
+            def f(x, i=i, kind=kind, cache=cache):  # bound now: f is built anew for each parameter
                 if x not in cache:
                     cache[x] = self._profile_llf(i, x, kind)[0]
                 return cache[x] - cut

@@ -143,7 +143,8 @@ class _Clusters:
         for (cl, _), B in zip(self.groups, out):
             asym = np.abs(B - np.swapaxes(B, 1, 2)).max(axis=(1, 2)) > 1e-10 * np.abs(B).max(axis=(1, 2))
             if asym.any():
-                raise ValueError(f"{what}: block of cluster {self.labels[cl[np.argmax(asym)]]!r} is not symmetric")
+                label = self.labels[cl[np.argmax(asym)]]
+                raise ValueError(f"{what}: block of cluster {label!r} is not symmetric")
         return out
 
 
@@ -165,7 +166,8 @@ def _scale(type, J, N, p):
     c = {"CR1": J / (J - 1), "CR1p": J / (J - p) if J > p else np.nan,
          "CR1S": J * (N - 1) / ((J - 1) * (N - p)) if N > p else np.nan}.get(type, 1.0)
     if not np.isfinite(c):
-        raise ValueError(f"{type} needs more clusters (J = {J}) and rows (N = {N}) than coefficients (p = {p})")
+        raise ValueError(f"{type} needs more clusters (J = {J}) and rows (N = {N}) "
+                         f"than coefficients (p = {p})")
     return c
 
 
@@ -379,7 +381,8 @@ def constraint_matrix(spec, names, value=None):
         try:
             lc = LinearConstraints.from_spec(parts, variable_names=names)
         except KeyError as exc:
-            raise ValueError(f"unknown coefficient {exc.args[0]!r} in {spec!r}; coefficients are {names}") from None
+            raise ValueError(f"unknown coefficient {exc.args[0]!r} in {spec!r}; "
+                             f"coefficients are {names}") from None
         except (FormulaicError, RuntimeError, ValueError) as exc:
             raise ValueError(f"cannot read constraints {spec!r}: {exc}") from None
         C = np.asarray(lc.constraint_matrix, dtype=float)
@@ -417,7 +420,8 @@ class RobustResults:
         self.type, self.df_method = type, df
         self.n_clusters, self.nobs, self.n_fe = int(n_clusters), int(nobs), int(vcov.shape[0])
         self.cluster_name, self.label, self.cluster_sizes = cluster_name, label, cluster_sizes
-        self.bse = pd.Series(np.sqrt(np.maximum(np.diag(self._vcov), 0)), index=self.fe_names, name="robust se")
+        self.bse = pd.Series(np.sqrt(np.maximum(np.diag(self._vcov), 0)), index=self.fe_names,
+                             name="robust se")
         J, p = self.n_clusters, self.n_fe
         free = np.any(self._A != 0, axis=1)
         if df == "satterthwaite":
@@ -426,7 +430,8 @@ class RobustResults:
             vals = np.where(free, {"naive-t": J - 1, "naive-tp": J - p, "z": np.inf}[df], np.nan)
         self.df = pd.Series(np.asarray(vals, dtype=float), index=self.fe_names, name="df")
         with np.errstate(divide="ignore", invalid="ignore"):
-            self.tvalues = pd.Series(np.where(free, self.params / self.bse, np.nan), index=self.fe_names, name="t")
+            self.tvalues = pd.Series(np.where(free, self.params / self.bse, np.nan), index=self.fe_names,
+                                     name="t")
         self.pvalues = pd.Series(2 * stats.t.sf(np.abs(self.tvalues), self.df), index=self.fe_names,
                                  name="P>|t|")
 
@@ -470,7 +475,8 @@ class RobustResults:
             pv = float(stats.f.sf(F, q, df2)) if df2 > 0 else np.nan
             return WaldTestResult("HTZ", F, q, df2, pv, Q, delta, labels, dropped)
         if t == "chi2":
-            return WaldTestResult("chi2", Q / q, q, np.inf, float(stats.chi2.sf(Q, q)), Q, 1.0, labels, dropped)
+            pv = float(stats.chi2.sf(Q, q))
+            return WaldTestResult("chi2", Q / q, q, np.inf, pv, Q, 1.0, labels, dropped)
         if t in ("naive-f", "naive-fp"):
             df2 = J - 1 if t == "naive-f" else J - p
             name = "naive-F" if t == "naive-f" else "naive-Fp"

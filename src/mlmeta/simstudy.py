@@ -68,15 +68,17 @@ def cells(grid) -> list:
     for k in ("n_groups", "n_obs", "group_sd"):
         if k not in grid:
             raise ValueError(f"the grid needs {k!r}")
-    lists = {k: (list(v) if isinstance(v, (list, tuple, np.ndarray, range)) else [v]) for k, v in grid.items()}
+    lists = {k: (list(v) if isinstance(v, (list, tuple, np.ndarray, range)) else [v])
+             for k, v in grid.items()}
     for k, v in GRID_DEFAULTS.items():
         lists.setdefault(k, [v])
     keys = list(lists)
     out = []
     for combo in itertools.product(*(lists[k] for k in keys)):
         c = dict(zip(keys, combo))
-        out.append({"n_groups": int(c["n_groups"]), "n_obs": int(c["n_obs"]), "group_sd": float(c["group_sd"]),
-                    "n_coef": int(c["n_coef"]), "noise_sd": float(c["noise_sd"]), "null": bool(c["null"])})
+        out.append({"n_groups": int(c["n_groups"]), "n_obs": int(c["n_obs"]),
+                    "group_sd": float(c["group_sd"]), "n_coef": int(c["n_coef"]),
+                    "noise_sd": float(c["noise_sd"]), "null": bool(c["null"])})
     return out
 
 
@@ -199,7 +201,8 @@ class _Store:
 
     def __init__(self, path, seed):
         self.path, self.seed = path, int(seed)
-        self.kind = None if path is None else ("parquet" if str(path).endswith((".parquet", ".pq")) else "csv")
+        self.kind = (None if path is None
+                     else "parquet" if str(path).endswith((".parquet", ".pq")) else "csv")
         self.previous = pd.DataFrame()     # everything in the file (parquet: also what we wrote)
         self.pending = []
         self.last = time.monotonic()
@@ -380,8 +383,10 @@ def _assemble(previous, rows, all_cells, strategies, n_sim, seed):
     new = pd.DataFrame(rows)
     if len(new):
         new["seed"] = int(seed)
-    frame = pd.concat([f for f in (previous, new) if len(f)], ignore_index=True) if (len(previous) or len(new)) \
-        else pd.DataFrame(columns=list(GRID_KEYS) + ["cell", "sim", "strategy"])
+    if len(previous) or len(new):
+        frame = pd.concat([f for f in (previous, new) if len(f)], ignore_index=True)
+    else:
+        frame = pd.DataFrame(columns=list(GRID_KEYS) + ["cell", "sim", "strategy"])
     labels = {cell_label(c): i for i, c in enumerate(all_cells)}
     frame = frame[frame["cell"].isin(labels) & frame["strategy"].isin(strategies)
                   & (frame["sim"].astype(int) < int(n_sim))]

@@ -245,7 +245,8 @@ class TwoStageResults(LinearResults):
             sd = np.sqrt(np.clip(np.diag(self.re_cov.to_numpy()), 0, None))
             out = [f"Second stage: multivariate {self.method.upper()} meta-analysis of the first-stage "
                    f"coefficients ({dft}).",
-                   "Between-group SDs: " + ", ".join(f"{nm} {fmt_g(s, 9)}" for nm, s in zip(self.fe_names, sd))]
+                   "Between-group SDs: "
+                   + ", ".join(f"{nm} {fmt_g(s, 9)}" for nm, s in zip(self.fe_names, sd))]
             if not self.converged:
                 out.append("Warning: the second-stage optimisation did not converge.")
         if self.dropped:
@@ -295,8 +296,8 @@ def two_stage(formula, data, group, second_stage="ols", *, method="reml", test="
     dropped = [labels[i] for i in np.flatnonzero(~used)]
     if dropped:
         shown = ", ".join(map(repr, dropped[:5])) + (", ..." if len(dropped) > 5 else "")
-        warnings.warn(f"{len(dropped)} group(s) left out of the second stage ({shown}): "
-                      f"singular first-stage design" + (" or no residual df" if second_stage == "meta" else ""),
+        why = "singular first-stage design" + (" or no residual df" if second_stage == "meta" else "")
+        warnings.warn(f"{len(dropped)} group(s) left out of the second stage ({shown}): {why}",
                       UserWarning, stacklevel=2)
     J = int(used.sum())
     if J < 2:

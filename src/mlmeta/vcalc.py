@@ -207,7 +207,8 @@ def vcalc(variance, cluster, rho=None, obs=None, type=None, time=None, phi=None,
             vals_all.append(V.ravel())
     if bad:
         names = [clabels[b] for b in sorted(bad)]
-        shown = ", ".join(repr(x) for x in names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+        shown = ", ".join(repr(x) for x in names[:10])
+        shown += f" and {len(names) - 10} more" if len(names) > 10 else ""
         raise ValueError(f"the sampling covariance is not positive definite in cluster"
                          f"{'s' if len(names) > 1 else ''} {shown}; check rho/phi (e.g. rows of the "
                          f"same type and time without obs= are perfectly correlated)")

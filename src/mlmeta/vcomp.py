@@ -82,10 +82,12 @@ def _hessian_fv(fn, x0, h=1e-4):
     f0 = fn(x0)
     steps = h * np.maximum(1.0, np.abs(x0))
     for i in range(k):
-        ei = np.zeros(k); ei[i] = steps[i]
+        ei = np.zeros(k)
+        ei[i] = steps[i]
         H[i, i] = (fn(x0 + ei) - 2 * f0 + fn(x0 - ei)) / steps[i] ** 2
         for j in range(i):
-            ej = np.zeros(k); ej[j] = steps[j]
+            ej = np.zeros(k)
+            ej[j] = steps[j]
             H[i, j] = H[j, i] = (fn(x0 + ei + ej) - fn(x0 + ei - ej) - fn(x0 - ei + ej)
                                  + fn(x0 - ei - ej)) / (4 * steps[i] * steps[j])
     return H
@@ -173,14 +175,16 @@ def variance_components(model: NestedModel, theta, groups, scale=1.0, with_cov=T
             J = np.empty((model.n_theta, k))
             for j in range(k):
                 h = 1e-7 * max(1.0, abs(eta[j]))
-                e = np.zeros(k); e[j] = h
+                e = np.zeros(k)
+                e[j] = h
                 J[:, j] = (theta_of(eta + e) - theta_of(eta - e)) / (2 * h)
             return J.T @ g
 
         H = np.empty((k, k))
         for j in range(k):
             h = 1e-4 * max(1.0, abs(eta0[j]))
-            e = np.zeros(k); e[j] = h
+            e = np.zeros(k)
+            e[j] = h
             H[:, j] = (grad_eta(eta0 + e) - grad_eta(eta0 - e)) / (2 * h)
         H = 0.25 * (H + H.T)           # deviance -> -ll Hessian, symmetrised
         try:

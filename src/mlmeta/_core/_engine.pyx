@@ -25,12 +25,12 @@ from mlmeta._threads import parallel_calls
 from libc.math cimport INFINITY
 from libc.stdlib cimport malloc, free
 
-from mlmeta._core._linalg cimport zero, copy
+from mlmeta._core._linalg cimport copy
 from mlmeta._core._nested cimport NestedKernel
 from mlmeta._core._problem cimport (Prob, Work, K_IDENTITY, K_INDEPENDENT, K_EXCHANGEABLE,
                                     K_UNSTRUCTURED, K_CUSTOM, ST_OK)
 from mlmeta._core._structures cimport set_factors, em_project, em_update
-from mlmeta._core._objective cimport set_response, factor_all, solve_all, evaluate
+from mlmeta._core._objective cimport set_response, factor_all, solve_all, evaluate, inverse_H
 from mlmeta._core._optimizer cimport Options, Out, fit_one
 
 KINDS = {"identity": K_IDENTITY, "independent": K_INDEPENDENT, "exchangeable": K_EXCHANGEABLE,
@@ -260,6 +260,8 @@ cdef class Problem:
         cdef double dev
         with nogil:
             dev = evaluate(&self.P, W, tp, grad, em, s2)
+            if dev < INFINITY:
+                inverse_H(&self.P, W)
         return dev
 
     def _check_theta(self, theta):
@@ -330,8 +332,8 @@ cdef class Problem:
             if st != ST_OK:
                 raise FloatingPointError(f"T(theta) is not defined at theta = {th} (status {st})")
             T = self._vec(W.Tlev, self.P.t_len)
-            D = self._vec(W.D, self.P.t_len * self.n_theta).reshape(self.P.t_len, self.n_theta,
-                                                                     order="F")
+            D = self._vec(W.D, self.P.t_len * self.n_theta)
+            D = D.reshape(self.P.t_len, self.n_theta, order="F")
         return T, D
 
     def em_project(self, int level, Sigma, theta):
@@ -388,7 +390,7 @@ cdef class Problem:
             S = np.array(<double[:nc * nc]>W.S).reshape(nc, nc, order="F").copy()
             if st != 0:
                 return dict(logdet=logdet, S=S, status=int(st))
-            solve_all(P, W, &Pv[0, 0])
+            solve_all(P, W, &Pv[0, 0], True, True)
             return dict(logdet=logdet, S=S, G=self._vec(W.G, P.t_len), E=self._vec(W.E, P.t_len),
                         W=self._vec(W.WW, P.za_len), SB=self._vec(W.SB, P.zz_len), status=0)
 

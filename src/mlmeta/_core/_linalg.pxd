@@ -40,8 +40,8 @@ cdef inline void _small_gemm(bint ta, bint tb, int m, int n, int k, double alpha
 
 
 cdef inline void gemm(char transa, char transb, int m, int n, int k, double alpha,
-               const double* A, int lda, const double* B, int ldb,
-               double beta, double* C, int ldc) noexcept nogil:
+                      const double* A, int lda, const double* B, int ldb,
+                      double beta, double* C, int ldc) noexcept nogil:
     """C <- alpha op(A) op(B) + beta C with op(A) m x k, op(B) k x n."""
     cdef int i, j
     if m == 0 or n == 0:
@@ -63,9 +63,8 @@ cdef inline void gemm(char transa, char transb, int m, int n, int k, double alph
           &beta, C, &ldc)
 
 
-
 cdef inline void trsm_left_lower(char trans, int m, int n, const double* L, int ldl,
-                          double* B, int ldb) noexcept nogil:
+                                 double* B, int ldb) noexcept nogil:
     """B <- op(L)^{-1} B for lower-triangular L (m x m), B m x n; op = 'N' or 'T'."""
     cdef char side = b'L'
     cdef char uplo = b'L'
@@ -131,7 +130,6 @@ cdef inline int potrf_lower(int n, double* A, int lda) noexcept nogil:
     return info
 
 
-
 cdef inline void zero(double* a, Py_ssize_t n) noexcept nogil:
     cdef Py_ssize_t i
     for i in range(n):
@@ -142,5 +140,3 @@ cdef inline void copy(const double* src, double* dst, Py_ssize_t n) noexcept nog
     cdef Py_ssize_t i
     for i in range(n):
         dst[i] = src[i]
-
-

@@ -76,9 +76,10 @@ cdef Py_ssize_t factor_all(const Prob* P, Work* W, double* logdet) noexcept nogi
     return 0
 
 
-cdef void solve_all(const Prob* P, Work* W, const double* Phi) noexcept nogil:
-    """After factor_all: the selected inverse and node solution of every cluster, and the
-    per-level gradient pieces W.G and EM moments W.E for this Phi."""
+cdef void solve_all(const Prob* P, Work* W, const double* Phi, bint want_G,
+                    bint want_E) noexcept nogil:
+    """After factor_all: the selected inverse and node solution of every cluster, and
+    (as asked for) the per-level gradient pieces W.G and EM moments W.E for this Phi."""
     cdef Tree t = P.tree
     cdef Py_ssize_t j
     t.ZA = W.ZA
@@ -87,10 +88,24 @@ cdef void solve_all(const Prob* P, Work* W, const double* Phi) noexcept nogil:
         invert_cluster(&t, P.cluster_ptr[j], P.cluster_ptr[j + 1], W.WB, W.WR, W.SB, W.WW)
         accumulate_cluster(&t, P.cluster_ptr[j], P.cluster_ptr[j + 1], W.SB, W.WW, W.KK, Phi,
                            W.GN, W.EN, W.scratch, P.maxq)
-    zero(W.G, P.t_len)
-    reduce_factors(&P.sb, W.GN, W.G)
-    zero(W.E, P.t_len)
-    reduce_factors(&P.sb, W.EN, W.E)
+    if want_G:
+        zero(W.G, P.t_len)
+        reduce_factors(&P.sb, W.GN, W.G)
+    if want_E:
+        zero(W.E, P.t_len)
+        reduce_factors(&P.sb, W.EN, W.E)
+
+
+cdef void inverse_H(const Prob* P, Work* W) noexcept nogil:
+    """W.Hinv = (X'V^-1X)^-1 from its Cholesky factor W.Hc (after a finite evaluate)."""
+    cdef int j, p = P.p
+    if p == 0:
+        return
+    zero(W.Hinv, p * p)
+    for j in range(p):
+        W.Hinv[j + j * p] = 1.0
+    trsm_left_lower(b'N', p, p, W.Hc, p, W.Hinv, p)
+    trsm_left_lower(b'T', p, p, W.Hc, p, W.Hinv, p)
 
 
 cdef double evaluate(const Prob* P, Work* W, const double* th, double* grad, bint em,
@@ -126,11 +141,6 @@ cdef double evaluate(const Prob* P, Work* W, const double* th, double* grad, bin
         trsm_left_lower(b'T', p, 1, W.Hc, p, W.beta, p)
         for j in range(p):
             logdet_H = logdet_H + 2.0 * log(W.Hc[j + j * p])
-        zero(W.Hinv, p * p)
-        for j in range(p):
-            W.Hinv[j + j * p] = 1.0
-        trsm_left_lower(b'N', p, p, W.Hc, p, W.Hinv, p)
-        trsm_left_lower(b'T', p, p, W.Hc, p, W.Hinv, p)
     rss = W.S[p + p * nc]
     for j in range(p):
         rss = rss - W.S[p + j * nc] * W.beta[j]
@@ -159,6 +169,7 @@ cdef double evaluate(const Prob* P, Work* W, const double* th, double* grad, bin
         dev = dev + logdet_H - P.logdet_XtX
     if grad == NULL and not em:
         return dev
+    inverse_H(P, W)
     # Phi = fac gamma gamma' (+ [H^-1, 0; 0, 0] for REML), gamma = (-beta, 1)
     for j in range(nc):
         for i in range(nc):
@@ -167,7 +178,7 @@ cdef double evaluate(const Prob* P, Work* W, const double* th, double* grad, bin
         for j in range(p):
             for i in range(p):
                 W.Phi[i + j * nc] += W.Hinv[i + j * p]
-    solve_all(P, W, W.Phi)
+    solve_all(P, W, W.Phi, grad != NULL, em)
     if grad != NULL:
         for k in range(P.n_theta):
             acc = 0.0

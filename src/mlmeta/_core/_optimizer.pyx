@@ -17,7 +17,7 @@ from scipy.linalg.cython_lapack cimport dsyev
 from mlmeta._core._linalg cimport zero, copy
 from mlmeta._core._problem cimport Prob, Work
 from mlmeta._core._structures cimport em_update
-from mlmeta._core._objective cimport set_response, evaluate
+from mlmeta._core._objective cimport set_response, evaluate, inverse_H
 
 cdef inline void bfgs_update(double* Hq, const double* s, const double* yv, double* Hs,
                              int k) noexcept nogil:
@@ -212,7 +212,7 @@ cdef int fit_one(const Prob* P, Work* W, const double* y, double* th, const Opti
         n_half = 5 if dec <= 1e-10 * fscale else 40
         tt = 1.0
         accepted = 0
-        for m in range(n_half):
+        for _ in range(n_half):
             copy(th, cand, k)
             armijo = 0.0
             for j in range(nf):
@@ -255,7 +255,8 @@ cdef int fit_one(const Prob* P, Work* W, const double* y, double* th, const Opti
                     near = fabs(th[i] - O.known[i])
                 if fabs(O.known[i]) > tt:
                     tt = fabs(O.known[i])
-            if near <= 0.05 * tt and f >= O.known_dev - 1e-9 * (fabs(O.known_dev) if fabs(O.known_dev) > 1.0 else 1.0):
+            fscale = fabs(O.known_dev) if fabs(O.known_dev) > 1.0 else 1.0
+            if near <= 0.05 * tt and f >= O.known_dev - 1e-9 * fscale:
                 copy(O.known, th, k)
                 f = O.known_dev
                 joined = 1
@@ -271,6 +272,7 @@ cdef int fit_one(const Prob* P, Work* W, const double* y, double* th, const Opti
     R.status[0] = W.status
     R.sig2[0] = W.sigma2
     if R.dev[0] < INFINITY:
+        inverse_H(P, W)
         for j in range(P.p):
             R.beta[j] = W.beta[j]
             R.se[j] = sqrt(W.sigma2 * W.Hinv[j + j * P.p])

@@ -26,7 +26,7 @@ cdef int custom_T(const Prob* P, Py_ssize_t l, const double* th, double* T, doub
                   double* cs) noexcept nogil:
     """T = D chol(R) of a custom level and its derivatives (columns th_off..th_off+n_th
     of the t_len-row matrix D, rows t_off[l]..). Returns ST_R if R is not positive definite."""
-    cdef Py_ssize_t q = P.q[l], o = P.th_off[l], r0 = P.t_off[l], k, i, j, m, b
+    cdef Py_ssize_t q = P.q[l], o = P.th_off[l], r0 = P.t_off[l], k, i, j, m
     cdef const Py_ssize_t* smap = P.cmap + P.c_off[l]
     cdef const Py_ssize_t* cmap = smap + q
     cdef const double* sfix = P.cfix + P.c_off[l]

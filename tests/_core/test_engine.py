@@ -1,0 +1,137 @@
+"""The engine's problem object: structure maps and EM projections against
+mlmeta.covstruct (their test twins), the contract of its entry points, and failures."""
+
+import numpy as np
+import pytest
+
+import mlmeta
+from mlmeta.covstruct import make_structure
+from mlmeta.design import build_design
+from mlmeta.model import NestedModel
+
+NAMES = ["x", "z", "_cons"]
+SPECS = [
+    "identity", "independent", "exchangeable", "unstructured",
+    [["a", None, None], [None, "a", None], [None, None, "a"]],                   # equal SDs
+    [[None, 0.3, "r"], [0.3, None, "r"], ["r", "r", 0.5]],                      # fixed and equal
+    [[None, None, None], [None, None, None], [None, None, None]],               # all free
+]
+
+
+def _model(spec, seed=0, n=60):
+    rng = np.random.default_rng(seed)
+    g = np.repeat(np.arange(n // 3), 3)
+    Z = [np.column_stack([rng.normal(size=n), rng.normal(size=n), np.ones(n)])]
+    X = np.column_stack([Z[0][:, 0], np.ones(n)])
+    d = build_design(rng.normal(size=n), X, Z, [g], rng.uniform(0.1, 0.5, n))
+    return NestedModel(d, [make_structure(spec, NAMES)], "reml")
+
+
+def _theta(s, rng):
+    th = rng.uniform(0.2, 0.9, s.n_theta)
+    if s.kind == "custom":         # correlations inside (-1, 1) and a PD matrix
+        th[len(s._sd_free):] = rng.uniform(-0.3, 0.3, s.n_theta - len(s._sd_free))
+    return th
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=range(len(SPECS)))
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_structure_maps_match_covstruct(spec, seed):
+    m = _model(spec)
+    s = m.structs[0]
+    th = _theta(s, np.random.default_rng(seed))
+    T, D = m.problem.factors(th)
+    np.testing.assert_allclose(T.reshape(3, 3, order="F"), s.T(th), rtol=1e-13, atol=1e-15)
+    dT = np.stack([D[:, k].reshape(3, 3, order="F") for k in range(s.n_theta)])
+    np.testing.assert_allclose(dT, s.dT(th), rtol=1e-11, atol=1e-13)
+    # and the derivative is that of the map (central differences)
+    h = 1e-6
+    for k in range(s.n_theta):
+        e = np.zeros(s.n_theta)
+        e[k] = h
+        num = (s.T(th + e) - s.T(th - e)) / (2 * h)
+        np.testing.assert_allclose(dT[k], num, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=range(len(SPECS)))
+@pytest.mark.parametrize("seed", [0, 1])
+def test_em_projection_matches_covstruct(spec, seed):
+    m = _model(spec)
+    s = m.structs[0]
+    rng = np.random.default_rng(seed)
+    A = rng.normal(size=(3, 3))
+    Sigma = A @ A.T + 0.1 * np.eye(3)
+    got = m.problem.em_project(0, Sigma, np.zeros(s.n_theta))
+    np.testing.assert_allclose(got, s.from_Sigma(Sigma), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=range(len(SPECS)))
+def test_gradient_matches_finite_differences(spec):
+    m = _model(spec, seed=4)
+    th = _theta(m.structs[0], np.random.default_rng(5))
+    ev = m.evaluate(th, gradient=True)
+    h = 1e-6
+    num = np.array([(m.evaluate(th + h * e).deviance - m.evaluate(th - h * e).deviance) / (2 * h)
+                    for e in np.eye(th.size)])
+    np.testing.assert_allclose(ev.grad, num, rtol=1e-5, atol=1e-6)
+
+
+def test_entry_points_check_their_inputs():
+    P = _model("unstructured").problem
+    with pytest.raises(ValueError, match="theta must have 6 elements"):
+        P.evaluate(np.zeros(3))
+    with pytest.raises(ValueError, match="theta0 must have 6 columns"):
+        P.fit(np.zeros((2, 3)))
+    with pytest.raises(ValueError, match="Phi must be"):
+        P.pieces(np.zeros(9), np.eye(5))
+    with pytest.raises(ValueError, match="sigma2 must be positive"):
+        P.evaluate(np.full(6, 0.1), sigma2=-1.0)
+
+
+def test_undefined_objective_is_reported_not_returned():
+    m = _model("independent")
+    out = m.problem.evaluate(np.array([np.nan, 0.1, 0.1]))
+    assert out["deviance"] == np.inf and out["status"] == -4
+    assert np.isnan(out["beta"]).all()
+    with pytest.raises(FloatingPointError, match="theta is not finite"):
+        m.evaluate(np.array([np.nan, 0.1, 0.1]))
+
+
+def test_failure_message_names_cluster_and_level():
+    m = _model("independent")
+    msg = m.failure_message(1 + int(m.design.kernel.cluster_ptr[3]))
+    assert "top-level cluster" in msg and "(level 1)" in msg
+
+
+def test_failed_batch_fit_reports_nan_not_zero():
+    """A mixed model whose outcome is fitted exactly (no residual variance) has no
+    defined optimum: NaN estimates and standard errors, converged False."""
+    rng = np.random.default_rng(0)
+    import pandas as pd
+
+    df = pd.DataFrame({"y": rng.normal(size=40), "g": np.repeat(np.arange(8), 5)})
+    M = mlmeta.Model("y ~ 1 + (1 | g)", df)
+    Y = np.column_stack([df.y.values, np.full(40, 2.5)])     # the second: constant
+    br = mlmeta.fit_batch(M, Y, n_jobs=1)
+    assert br.converged[0] and np.isfinite(br.bse.values[0]).all()
+    assert not br.converged[1]
+    assert np.isnan(br.bse.values[1]).all() and np.isnan(br.params.values[1]).all()
+    assert np.isnan(br.llf[1])
+
+
+def test_problem_is_safe_to_share_between_threads():
+    """Evaluations of one model from several threads give the serial answers (the
+    problem's workspaces are used under its lock)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    m = _model("unstructured", seed=7)
+    rng = np.random.default_rng(8)
+    thetas = [_theta(m.structs[0], rng) for _ in range(40)]
+    serial = [m.evaluate(t, gradient=True) for t in thetas]
+    with ThreadPoolExecutor(4) as ex:
+        threaded = list(ex.map(lambda t: m.evaluate(t, gradient=True), thetas * 5))
+    for i, ev in enumerate(threaded):
+        ref = serial[i % len(thetas)]
+        assert ev.deviance == ref.deviance
+        np.testing.assert_array_equal(ev.grad, ref.grad)
+        np.testing.assert_array_equal(ev.beta, ref.beta)
