@@ -113,14 +113,11 @@ def test_berkey_res2_clubsandwich_cr2():
 
 
 def test_berkey_res1_full_V():
-    """The model with the full sampling covariance (needs meregress(..., V=))."""
+    """The model with the full sampling covariance V."""
     case = CASES["berkey_res1"]
     dat = mlmeta.datasets.load("berkey")
     V = sparse.block_diag([dat.loc[g.index, ["v1i", "v2i"]].to_numpy() for _, g in dat.groupby("trial")])
-    try:
-        res = mlmeta.meregress(case["formula"], dat, V=V.toarray())
-    except TypeError:
-        pytest.skip("meregress does not take V= yet")
+    res = mlmeta.meregress(case["formula"], dat, V=V.toarray())
     names = case["fit"]["names"]
     _close(res.params[names], _series(case["fit"]["params"], names), 1e-6)
     S = res.re_cov["trial"].loc[names, names].to_numpy()
@@ -355,10 +352,7 @@ def test_fixed_effect_constraints_match_reparametrised_model():
     """With x1 = x3 imposed, robust inference equals that of the model in x1 + x3."""
     syn = _data(CASES["synthetic_study"])
     form = "y ~ x1 + x2 + x3 + (1 | study) + (1 | study:es)"
-    try:
-        res = mlmeta.meregress(form, syn, variance="v", constraints="x1 = x3")
-    except TypeError:
-        pytest.skip("meregress does not take constraints= yet")
+    res = mlmeta.meregress(form, syn, variance="v", constraints="x1 = x3")
     syn = syn.assign(x13=syn["x1"] + syn["x3"])
     ref = robust(mlmeta.meregress("y ~ x13 + x2 + (1 | study) + (1 | study:es)", syn, variance="v"))
     rr = robust(res)

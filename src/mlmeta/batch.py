@@ -86,7 +86,8 @@ class Model:
             V = d.Lambda[inv][:, inv]
         design = build_design(yc, Xc, frame.Z, frame.groups, v, V=V)
         model = NestedModel(design, self.model.structs, self.method,
-                            residual="profiled" if self.mixed else "known", fe_constraints=fc)
+                            residual="profiled" if self.mixed else "known", fe_constraints=fc,
+                            cluster_labels=self.model.cluster_labels)
         return model, frame
 
     def fit(self, y=None, *, variance=None, se=None, **options):

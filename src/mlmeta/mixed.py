@@ -101,7 +101,8 @@ def build_mixed_model(formula, data, *, method="reml", covariance=None, constrai
         raise ValueError(f"{frame.y.shape[0]} observations for {X.shape[1]} fixed effects and a "
                          f"residual variance: more observations are needed")
     design = build_design(y, X, frame.Z, frame.groups, None)
-    model = NestedModel(design, structs, method, residual="profiled", fe_constraints=fc)
+    model = NestedModel(design, structs, method, residual="profiled", fe_constraints=fc,
+                        cluster_labels=(frame.terms[0].group, frame.group_labels[0]))
     return model, frame, parsed
 
 

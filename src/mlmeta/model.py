@@ -45,10 +45,21 @@ class NestedModel:
         relative to sigma: Sigma_l = sigma^2 T_l T_l').
     theta_slices : slice of the flat theta vector belonging to each level.
     n_theta : total number of covariance parameters.
+    lower, upper : bounds of theta.
+    scale : a typical sampling SD (1 for a profiled residual): the size of the
+        optimiser's finite-difference steps and saddle probes.
+    fe_constraints : linear constraints on the fixed effects (the design holds the
+        constrained coefficients), or None.
+    cluster_labels : (grouping term, labels of the top-level groups in code order),
+        used to name a cluster in error messages; or None.
+    problem : the engine's :class:`~mlmeta._core._engine.Problem` (objective,
+        optimiser and workspaces), built once here.
+
+    The model is not changed after construction.
     """
 
     def __init__(self, design: NestedDesign, structs: list[CovStruct], method: str = "reml",
-                 residual: str = "known", fe_constraints=None):
+                 residual: str = "known", fe_constraints=None, cluster_labels=None):
         method = str(method).lower()
         if residual not in ("known", "profiled"):
             raise ValueError("residual must be 'known' (sampling variances) or 'profiled'")
@@ -66,6 +77,7 @@ class NestedModel:
         self.structs = list(structs)
         self.method = method
         self.fe_constraints = fe_constraints
+        self.cluster_labels = cluster_labels
         sizes = [s.n_theta for s in structs]
         offs = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
         self.theta_slices = [slice(offs[i], offs[i + 1]) for i in range(len(sizes))]
@@ -143,9 +155,13 @@ class NestedModel:
                 -3: "the residual variance is zero (the model fits exactly)",
                 -4: "theta is not finite"}.get(status, f"the objective failed (status {status})")
 
-    def cluster_label(self, j: int):
-        labels = getattr(self.design, "cluster_labels", None)
-        return repr(labels[j]) if labels is not None and j < len(labels) else f"#{j + 1}"
+    def cluster_label(self, j: int) -> str:
+        """The j-th top-level cluster (design order) as ``term = label``, or ``#j``."""
+        if self.cluster_labels is not None:
+            name, labels = self.cluster_labels
+            if j < len(labels):
+                return f"{name} = {labels[j]!r}"
+        return f"#{j + 1}"
 
     def _ll_label(self):
         return "Log restricted-likelihood" if self.method == "reml" else "Log likelihood"

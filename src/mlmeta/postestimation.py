@@ -497,7 +497,7 @@ class PostestimationMixin:
         if all(a is b for a, b in zip(structs, m.structs)):
             return m, self.theta.copy(), params
         pm = NestedModel(m.design, structs, m.method, residual=m.residual,
-                         fe_constraints=m.fe_constraints)
+                         fe_constraints=m.fe_constraints, cluster_labels=m.cluster_labels)
         theta = np.concatenate(thetas)
         if abs(pm.deviance(theta) + 2.0 * self.llf) > 1e-7 * max(1.0, abs(self.llf)):
             raise RuntimeError("the profiling parameterisation does not reproduce the fit")

@@ -97,10 +97,18 @@ def test_undefined_objective_is_reported_not_returned():
         m.evaluate(np.array([np.nan, 0.1, 0.1]))
 
 
-def test_failure_message_names_cluster_and_level():
+def test_failure_message_names_cluster_and_level(schoolcal):
     m = _model("independent")
     msg = m.failure_message(1 + int(m.design.kernel.cluster_ptr[3]))
-    assert "top-level cluster" in msg and "(level 1)" in msg
+    assert "top-level cluster #4" in msg and "(level 1)" in msg
+    res = mlmeta.meregress("stdmdiff ~ 1 + (1 | district) + (1 | district:school)", schoolcal,
+                           variance="var")
+    K = res.model.design.kernel
+    node = int(K.cluster_ptr[2])                # the first node of the third district
+    msg = res.model.failure_message(1 + node)
+    label = res.frame.group_labels[0][2]
+    assert f"top-level cluster district = {label!r}" in msg
+    assert f"(level {int(K.level[node]) + 1})" in msg
 
 
 def test_failed_batch_fit_reports_nan_not_zero():
