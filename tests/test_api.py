@@ -20,9 +20,10 @@ def fit(schoolcal):
 def test_results_api(fit):
     assert fit.method == "reml" and fit.nobs == 56 and fit.converged
     assert fit.n_iter >= 0
-    ci = fit.conf_int(alpha=0.1)
+    ci = fit.conf_int(level=90)
     z = 1.6448536269514722
     assert ci.loc["_cons", "lower"] == pytest.approx(fit.params["_cons"] - z * fit.bse["_cons"])
+    assert fit.conf_int(alpha=0.1).equals(ci)          # statsmodels' spelling
     assert fit.cov_params().loc["_cons", "_cons"] == pytest.approx(fit.bse["_cons"] ** 2)
     assert fit.aic == pytest.approx(-2 * fit.llf + 2 * 3)
     assert fit.bic == pytest.approx(-2 * fit.llf + np.log(56) * 3)
@@ -187,3 +188,18 @@ def test_t_tests_on_containment_df(schoolcal):
     assert "P>|t|" in res.summary().as_text()
     with pytest.raises(ValueError, match="test must be"):
         mlmeta.meregress(FORMULA, schoolcal, variance="var", test="F")
+
+
+def test_confidence_level_is_one_percentage_everywhere(fit, schoolcal):
+    """level= (Stata's level(), a percentage) across result families; a fraction is
+    refused instead of giving a meaningless interval."""
+    rr = fit.robust()
+    o = mlmeta.ols("stdmdiff ~ year_c", schoolcal)
+    for res in (fit, rr, o):
+        a, b = res.conf_int(level=99), res.conf_int()
+        assert (a["upper"] - a["lower"] > b["upper"] - b["lower"]).all()
+        with pytest.raises(ValueError, match="level must be a percentage"):
+            res.conf_int(0.05)
+    assert "[99% conf." in rr.summary(level=99) and "[90% conf." in o.summary(level=90)
+    assert "[90% conf. interval]" in fit.summary(level=90).as_text()
+

@@ -1,14 +1,17 @@
 """Covariance structures, custom patterns and fixed-effect constraints (Stata's
 manual examples 6 and 7) and fits checked against a dense brute-force likelihood."""
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
-from scipy import optimize
 
 import mlmeta
 from printed import close
-from dense import dense_loglik, dense_V, dense_Z
+
+REF = Path(__file__).parent / "reference"
 
 SLOPE = "stdmdiff ~ year_c + (1 + year_c | district) + (1 | district:school)"
 
@@ -137,87 +140,25 @@ def test_collinear_moderator_omitted(schoolcal):
 
 
 # ---- each structure against an independent dense brute-force optimum -------------
-def _synthetic(seed=11):
-    rng = np.random.default_rng(seed)
-    rows = []
-    for g in range(16):
-        u = rng.multivariate_normal([0, 0, 0], [[.3, .1, .05], [.1, .2, .05], [.05, .05, .25]])
-        for h in range(3):
-            uh = rng.normal(0, 0.3, 2)
-            for _ in range(rng.integers(2, 4)):
-                x1, x2 = rng.normal(size=2)
-                v = rng.uniform(0.05, 0.2)
-                y = 0.2 + 0.3 * x1 - 0.1 * x2 + u[0] * x1 + u[1] * x2 + u[2] + uh[0] * x1 + uh[1] \
-                    + rng.normal(0, np.sqrt(v))
-                rows.append((g, h, x1, x2, v, y))
-    return pd.DataFrame(rows, columns=["g", "h", "x1", "x2", "v", "y"])
+STRUCTURES = json.loads((REF / "dense_structures.json").read_text())
 
 
-def _dense_sigma(kind, q, p):
-    if kind == "identity":
-        return np.eye(q) * p[0] ** 2, 1
-    if kind == "independent":
-        return np.diag(p[:q] ** 2), q
-    if kind == "exchangeable":
-        s, r = p[0], np.tanh(p[1])
-        return s ** 2 * ((1 - r) * np.eye(q) + r * np.ones((q, q))), 2
-    if kind == "unstructured":
-        L = np.zeros((q, q))
-        L[np.tril_indices(q)] = p[: q * (q + 1) // 2]
-        return L @ L.T, q * (q + 1) // 2
-    if kind == "custom":     # sds equal ("a"), correlations free
-        R = np.eye(q)
-        k = 1
-        for i in range(q):
-            for j in range(i + 1, q):
-                R[i, j] = R[j, i] = np.tanh(p[k])
-                k += 1
-        return p[0] ** 2 * R, k
-    raise AssertionError
-
-
-STRUCT_CASES = [("independent", "identity"), ("exchangeable", "independent"),
-                ("identity", "unstructured"), ("unstructured", "exchangeable"),
-                ("custom", "identity")]
-
-
-@pytest.mark.parametrize("kinds", STRUCT_CASES)
-@pytest.mark.parametrize("method", ["reml", "ml"])
-def test_structures_match_dense_optimum(kinds, method):
-    df = _synthetic()
-    k3, k2 = kinds
+@pytest.mark.parametrize("case", sorted(STRUCTURES))
+def test_structures_match_dense_optimum(case):
+    """Optima under pairs of structures against the brute-force dense likelihood's,
+    stored by reference/make_dense_optima.py."""
+    k3, k2, method = case.split("-")
+    ref = STRUCTURES[case]
+    df = pd.read_csv(REF / "data" / "structures_synthetic.csv")
     cov3 = [["a", None, None], [None, "a", None], [None, None, "a"]] if k3 == "custom" else k3
     res = mlmeta.meregress("y ~ x1 + x2 + (1 + x1 + x2 | g) + (1 + x1 | g:h)", df, variance="v",
                            method=method, covariance={"g": cov3, "g:h": k2})
-    d = res.model.design
-    Bs = [B.reshape(B.shape[0], G, -1) for B, G in dense_Z(d.Z, d.groups)]
-
-    def negll(p):
-        S3, n3 = _dense_sigma(k3, 3, p)
-        S2, _ = _dense_sigma(k2, 2, p[n3:])
-        V = np.diag(d.variance) + sum(np.einsum("ngq,qr,mgr->nm", B, S, B, optimize=True)
-                                      for B, S in zip(Bs, (S3, S2)))
-        try:
-            return -dense_loglik(d.y, d.X, V, method)[0]
-        except np.linalg.LinAlgError:
-            return np.inf
-
-    n3 = _dense_sigma(k3, 3, np.ones(10))[1]
-    n2 = _dense_sigma(k2, 2, np.ones(10))[1]
-    best = None
-    for start in (np.full(n3 + n2, 0.3), np.full(n3 + n2, 0.1)):
-        r = optimize.minimize(negll, start, method="BFGS", options={"gtol": 1e-8})
-        if best is None or r.fun < best.fun:
-            best = r
-    assert res.llf >= -best.fun - 1e-6
-    assert res.llf == pytest.approx(-best.fun, abs=1e-6)
-    S3, _ = _dense_sigma(k3, 3, best.x)
-    S2, _ = _dense_sigma(k2, 2, best.x[n3:])
-    np.testing.assert_allclose(res.re_cov["g"].values, S3, rtol=1e-4, atol=2e-5)
-    np.testing.assert_allclose(res.re_cov["g:h"].values, S2, rtol=1e-4, atol=2e-5)
-    V = dense_V(d.Z, d.groups, [S3, S2], d.variance)
-    beta = dense_loglik(d.y, d.X, V, method)[1]
-    np.testing.assert_allclose(res.params.values, beta, rtol=1e-4, atol=1e-6)
+    assert res.llf >= ref["llf"] - 1e-6
+    assert res.llf == pytest.approx(ref["llf"], abs=1e-6)
+    np.testing.assert_allclose(res.re_cov["g"].values, ref["Sigma_g"], rtol=1e-4, atol=2e-5)
+    np.testing.assert_allclose(res.re_cov["g:h"].values, ref["Sigma_gh"], rtol=1e-4, atol=2e-5)
+    np.testing.assert_allclose(res.params[["x1", "x2", "_cons"]].values, ref["beta"], rtol=1e-4,
+                               atol=1e-6)
 
 
 def test_covariance_argument_forms(schoolcal):

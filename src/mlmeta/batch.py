@@ -22,6 +22,7 @@ from mlmeta.mixed import MixedResults, build_mixed_model
 from mlmeta.model import NestedModel
 from mlmeta.optimize import fit_nested
 from mlmeta.refit import fit_outcomes, simulate_outcomes
+from mlmeta.summary import confidence_level
 from mlmeta.results import MeregressResults
 
 __all__ = ["Model", "fit_batch", "BatchResults"]
@@ -132,11 +133,11 @@ class BatchResults:
     re_cov: dict
     scale: np.ndarray | None = None       # residual variances (mixed models)
 
-    def conf_int(self, alpha=0.05):
-        """Wald intervals per fit: (lower, upper) DataFrames."""
+    def conf_int(self, level=95.0, *, alpha=None):
+        """Wald intervals per fit at ``level`` percent: (lower, upper) DataFrames."""
         from scipy import stats
 
-        z = stats.norm.ppf(1 - alpha / 2)
+        z = stats.norm.ppf(0.5 + confidence_level(level, alpha) / 200.0)
         return self.params - z * self.bse, self.params + z * self.bse
 
 

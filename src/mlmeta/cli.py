@@ -201,7 +201,7 @@ def _results_json(res, formula: str, level: float, variance: bool) -> str:
     d = res.to_dict()
     d = {"formula": formula, "depvar": res.depvar, **d, "level": level}
     if level != 95.0 or variance:
-        ci = res.conf_int(alpha=1.0 - level / 100.0)
+        ci = res.conf_int(level)
         d["conf_int"] = {k: [ci.loc[k, "lower"], ci.loc[k, "upper"]] for k in ci.index}
         d["re_params"] = res.re_params(variance=variance, level=level).to_dict(orient="records")
     return json.dumps(_plain(d), indent=2, allow_nan=False)

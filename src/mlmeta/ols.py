@@ -32,7 +32,7 @@ from scipy import linalg, stats
 
 from mlmeta._errors import MissingDataWarning
 from mlmeta.formula import build_model_frame, parse_formula
-from mlmeta.summary import fmt_f, fmt_g, t_table_lines
+from mlmeta.summary import confidence_level, fmt_f, fmt_g, t_table_lines
 
 __all__ = ["ols", "OLSResults", "LinearResults", "TextSummary"]
 
@@ -86,9 +86,10 @@ class LinearResults:
         """The covariance matrix of the coefficients."""
         return pd.DataFrame(self._cov, index=self.fe_names, columns=self.fe_names)
 
-    def conf_int(self, alpha: float = 0.05) -> pd.DataFrame:
-        """beta -+ t_{1 - alpha/2, df} se, each coefficient on its own df."""
-        crit = stats.t.ppf(1 - alpha / 2, self.df)
+    def conf_int(self, level: float = 95.0, *, alpha=None) -> pd.DataFrame:
+        """beta -+ t_{df} se at ``level`` percent, each coefficient on its own df
+        (``alpha=`` as in statsmodels)."""
+        crit = stats.t.ppf(0.5 + confidence_level(level, alpha) / 200.0, self.df)
         return pd.DataFrame({"lower": self.params - crit * self.bse,
                              "upper": self.params + crit * self.bse})
 
@@ -98,17 +99,17 @@ class LinearResults:
     def _footer(self) -> list:
         return []
 
-    def summary(self, alpha: float = 0.05) -> TextSummary:
+    def summary(self, level: float = 95.0) -> TextSummary:
         """Coefficient table with standard errors, t tests, df and confidence intervals."""
         lines = self._header() + ["-" * _WIDTH]
         lines += t_table_lines(self.depvar, self.fe_names, self.params, self.bse, self.tvalues,
-                               self.df, self.pvalues, self.conf_int(alpha), alpha, _WIDTH)
+                               self.df, self.pvalues, self.conf_int(level), level, _WIDTH)
         lines.extend(self._footer())
         return TextSummary("\n".join(lines))
 
-    def to_frame(self, alpha: float = 0.05) -> pd.DataFrame:
+    def to_frame(self, level: float = 95.0) -> pd.DataFrame:
         """The coefficient table as a DataFrame."""
-        ci = self.conf_int(alpha)
+        ci = self.conf_int(level)
         return pd.DataFrame({"coef": self.params, "std err": self.bse, "t": self.tvalues,
                              "df": self.df, "P>|t|": self.pvalues, "lower": ci["lower"],
                              "upper": ci["upper"]})

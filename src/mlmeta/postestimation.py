@@ -29,6 +29,7 @@ from scipy import optimize, stats
 
 from mlmeta.covstruct import Custom
 from mlmeta.optimize import fit_nested
+from mlmeta.summary import confidence_level
 from mlmeta.vcomp import variance_components
 
 __all__ = ["PostestimationMixin", "Heterogeneity", "WaldTest", "StoredResults"]
@@ -37,9 +38,7 @@ _KINDS = ("xb", "fitted", "residuals", "residuals_marginal", "rstandard")
 
 
 def _z(level):
-    if not 0 < level < 100:
-        raise ValueError(f"level must be a percentage in (0, 100), got {level!r}")
-    return float(stats.norm.ppf(0.5 + level / 200.0))
+    return float(stats.norm.ppf(0.5 + confidence_level(level) / 200.0))
 
 
 # --------------------------------------------------------------------------- #
@@ -648,9 +647,8 @@ class PostestimationMixin:
         metric (delta method): Var(sd) = sd^2 Var(log sd), Var(r) = (1 - r^2)^2
         Var(atanh r). Parameters on the boundary or fixed have NaN variances.
         """
-        d = self.model.design
-        scale = float(np.sqrt(np.median(d.variance))) if d.variance is not None else 1.0
-        comps, cov_eta, free_pos = variance_components(self.model, self.theta, self.group_names, scale)
+        comps, cov_eta, free_pos = variance_components(self.model, self.theta, self.group_names,
+                                                       sd_scale=self.model.scale)
         eq = self.depvar
         idx = [(eq, n) for n in self.fe_names]
         ridx = list(idx)

@@ -53,8 +53,8 @@ def simulate_outcomes(model: NestedModel, mean, n, *, theta, seed=None) -> np.nd
     return out
 
 
-def _sigmas(model, theta, scale):
-    """Per level, (m, q, q) covariance matrices of every fit (NaN where scale is NaN)."""
+def _sigmas(model, theta, sigma2):
+    """Per level, (m, q, q) covariance matrices of every fit, times sigma2 (NaN: a failed fit)."""
     out = []
     for s, sl in zip(model.structs, model.theta_slices):
         if s.kind == "custom":
@@ -62,7 +62,7 @@ def _sigmas(model, theta, scale):
         else:      # T linear in theta: T = sum_k theta_k dT_k, for every fit at once
             T = np.einsum("mk,kij->mij", theta[:, sl], s.dT(np.zeros(s.n_theta)))
             S = T @ T.transpose(0, 2, 1)
-        out.append(S * scale[:, None, None])
+        out.append(S * sigma2[:, None, None])
     return out
 
 
@@ -87,9 +87,9 @@ def fit_outcomes(model: NestedModel, Y, *, theta0=None, em_iter=20, maxiter=200,
     else:
         out = _fit_rebuilt(model, Y, theta0, em_iter, maxiter, tol)
     failed = ~np.isfinite(out["deviance"])
-    scale = np.where(failed, np.nan, out["sigma2"] if model.residual == "profiled" else 1.0)
+    sigma2 = np.where(failed, np.nan, out["sigma2"] if model.residual == "profiled" else 1.0)
     out["sigma2"] = np.where(failed, np.nan, out["sigma2"])
-    out["Sigma"] = _sigmas(model, out["theta"], scale)
+    out["Sigma"] = _sigmas(model, out["theta"], sigma2)
     return out
 
 

@@ -26,6 +26,7 @@ from mlmeta.design import build_design
 from mlmeta.model import NestedModel
 from mlmeta.optimize import fit_nested
 from mlmeta.refit import fit_outcomes, simulate_outcomes
+from mlmeta.summary import confidence_level
 
 __all__ = ["bootstrap", "permutation_test"]
 
@@ -47,7 +48,7 @@ def _sd_table(re_cov_stack, groups, structs):
 
 
 def _summarise(estimates, replicates, level):
-    alpha = (100.0 - level) / 200.0
+    alpha = (100.0 - confidence_level(level)) / 200.0
     rows = []
     for name, est in estimates.items():
         r = np.asarray(replicates[name], dtype=float)

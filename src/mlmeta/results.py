@@ -19,6 +19,7 @@ import pandas as pd
 from scipy import special, stats
 
 from mlmeta import summary as _summary
+from mlmeta.summary import confidence_level
 from mlmeta.postestimation import PostestimationMixin
 from mlmeta.vcomp import component_table, variance_components
 
@@ -129,15 +130,16 @@ class MeregressResults(PostestimationMixin):
         """Var(beta) = (X' V^-1 X)^-1."""
         return self._cov.copy()
 
-    def _crit(self, alpha):
+    def _crit(self, level):
+        q = 0.5 + confidence_level(level) / 200.0
         if self.df_resid is not None:
-            return stats.t.ppf(1 - alpha / 2, self.df_resid.values)
-        return stats.norm.ppf(1 - alpha / 2)
+            return stats.t.ppf(q, self.df_resid.values)
+        return stats.norm.ppf(q)
 
-    def conf_int(self, alpha: float = 0.05) -> pd.DataFrame:
-        """Wald confidence intervals beta -+ z_{1-alpha/2} se (t quantiles on the
-        containment df with ``test="t"``)."""
-        z = self._crit(alpha)
+    def conf_int(self, level: float = 95.0, *, alpha=None) -> pd.DataFrame:
+        """Wald confidence intervals beta -+ z se at ``level`` percent (t quantiles on the
+        containment df with ``test="t"``); ``alpha=`` as in statsmodels."""
+        z = self._crit(confidence_level(level, alpha))
         return pd.DataFrame({"lower": self.params - z * self.bse, "upper": self.params + z * self.bse})
 
     @property
@@ -227,18 +229,17 @@ class MeregressResults(PostestimationMixin):
     @cached_property
     def _sd_scale(self) -> float:
         """Typical sampling SD (the median one; 1 without sampling variances)."""
-        d = self.model.design
-        return float(np.sqrt(np.median(d.variance))) if d.variance is not None else 1.0
+        return self.model.scale
 
     @cached_property
     def _vc_values(self):
         """Reported values and boundary flags, without the information matrix."""
-        return variance_components(self.model, self.theta, self.group_names, scale=self._sd_scale,
+        return variance_components(self.model, self.theta, self.group_names, sd_scale=self._sd_scale,
                                    with_cov=False)
 
     @cached_property
     def _vc(self):
-        return variance_components(self.model, self.theta, self.group_names, scale=self._sd_scale)
+        return variance_components(self.model, self.theta, self.group_names, sd_scale=self._sd_scale)
 
     def robust(self, cluster=None, type="CR2", df="satterthwaite", *, data=None):
         """Cluster-robust inference with the fitted model as working covariance
@@ -360,7 +361,7 @@ class MeregressResults(PostestimationMixin):
         ``variance=True`` shows variances/covariances instead of SDs/correlations;
         the switches drop the header, group table, fixed or random table, or the
         homogeneity test (Stata's noheader, nogroup, nofetable, noretable, nohomtest)."""
-        crit = pd.Series(np.broadcast_to(self._crit(1 - level / 100.0), (len(self.fe_names),)),
+        crit = pd.Series(np.broadcast_to(self._crit(level), (len(self.fe_names),)),
                          index=self.fe_names)
         fixed_rows = []
         for nm in self.fe_names:

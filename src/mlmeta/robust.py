@@ -54,7 +54,7 @@ import pandas as pd
 from scipy import linalg, sparse, stats
 
 from mlmeta._threads import blas_threads
-from mlmeta.summary import t_table_lines
+from mlmeta.summary import confidence_level, t_table_lines
 
 __all__ = ["DF_METHODS", "TYPES", "RobustResults", "WaldTestResult", "cluster_robust", "robust"]
 
@@ -439,9 +439,10 @@ class RobustResults:
         """The cluster-robust covariance matrix of the coefficients."""
         return pd.DataFrame(self._vcov, index=self.fe_names, columns=self.fe_names)
 
-    def conf_int(self, alpha: float = 0.05) -> pd.DataFrame:
-        """beta -+ t_{1-alpha/2, df} se, with each coefficient's df."""
-        crit = stats.t.ppf(1 - alpha / 2, self.df)
+    def conf_int(self, level: float = 95.0, *, alpha=None) -> pd.DataFrame:
+        """beta -+ t_{df} se at ``level`` percent, with each coefficient's df (``alpha=``
+        as in statsmodels)."""
+        crit = stats.t.ppf(0.5 + confidence_level(level, alpha) / 200.0, self.df)
         return pd.DataFrame({"lower": self.params - crit * self.bse, "upper": self.params + crit * self.bse})
 
     def wald_test(self, R, value=None, test="HTZ"):
@@ -502,7 +503,7 @@ class RobustResults:
         test = {"satterthwaite": "HTZ", "naive-t": "naive-F", "naive-tp": "naive-Fp", "z": "chi2"}
         return self.wald_test(idx, test=test[self.df_method])
 
-    def summary(self, alpha: float = 0.05) -> RobustSummary:
+    def summary(self, level: float = 95.0) -> RobustSummary:
         """Coefficient table with robust SEs, df, t tests and confidence intervals."""
         w = 78
         head = "Cluster-robust inference" + (f": {self.label}" if self.label else "")
@@ -514,7 +515,7 @@ class RobustResults:
             lines.append(f"{'':<48}{'Obs per cluster':<18}= {int(sz.min())}/{sz.mean():.1f}/{int(sz.max())}")
         lines.append("-" * w)
         lines += t_table_lines("", self.fe_names, self.params, self.bse, self.tvalues, self.df,
-                               self.pvalues, self.conf_int(alpha), alpha, w)
+                               self.pvalues, self.conf_int(level), level, w)
         om = self._omnibus
         if om is not None:
             dd = "inf" if not np.isfinite(om.df_denom) else f"{om.df_denom:.2f}"

@@ -31,6 +31,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from mlmeta.summary import confidence_level
+
 __all__ = ["satterthwaite_df", "satterthwaite", "SatterthwaitePieces", "nonprofiled_deviance"]
 
 _EIG_TOL = 1e-8
@@ -118,14 +120,14 @@ def satterthwaite_df(res, L=None) -> pd.Series | np.ndarray:
     return pd.Series(pieces.df(eye), index=pieces.names, name="df")
 
 
-def satterthwaite(res, alpha: float = 0.05) -> pd.DataFrame:
+def satterthwaite(res, level: float = 95.0) -> pd.DataFrame:
     """Coefficient table with t tests on Satterthwaite df (lmerTest's summary):
-    coef, std err, df, t, P>|t| and the (1 - alpha) confidence interval."""
+    coef, std err, df, t, P>|t| and the ``level`` percent confidence interval."""
     df = satterthwaite_df(res)
     b, se = res.params, res.bse
     with np.errstate(divide="ignore", invalid="ignore"):
         t = b / se
-    crit = stats.t.ppf(1 - alpha / 2, df)
+    crit = stats.t.ppf(0.5 + confidence_level(level) / 200.0, df)
     return pd.DataFrame({"coef": b, "std err": se, "df": df, "t": t,
                          "P>|t|": 2 * stats.t.sf(np.abs(t), df),
                          "lower": b - crit * se, "upper": b + crit * se})

@@ -492,11 +492,27 @@ _CSS = """<style>
 </style>"""
 
 
-def t_table_lines(depvar, names, params, bse, tvalues, df, pvalues, ci, alpha=0.05, width=WIDTH):
+def confidence_level(level=95.0, alpha=None) -> float:
+    """The confidence level in percent. ``level`` is the one spelling across mlmeta
+    (Stata's ``level()``, 10 to 99.99); ``alpha`` (statsmodels) is accepted as
+    ``level = 100 (1 - alpha)``."""
+    if alpha is not None:
+        level = 100.0 * (1.0 - float(alpha))
+    try:
+        level = float(level)
+    except (TypeError, ValueError):
+        raise ValueError(f"level must be a percentage such as 95, got {level!r}") from None
+    if not 10.0 <= level < 100.0:
+        raise ValueError(f"level must be a percentage between 10 and 99.99 (95 for a 95% "
+                         f"interval; statsmodels' alpha=0.05 is level=95), got {level!r}")
+    return level
+
+
+def t_table_lines(depvar, names, params, bse, tvalues, df, pvalues, ci, level=95.0, width=WIDTH):
     """Coefficient table with t statistics and their degrees of freedom (OLS, robust
     inference): Coef., Std. err., t, df, P>|t| and the confidence interval ``ci``
     (a DataFrame with columns lower/upper indexed by ``names``)."""
-    level = f"[{100 * (1 - alpha):g}% conf."
+    level = f"[{level:g}% conf."
     lines = [f"{abbrev(depvar or '', 12):>12} |{'Coef.':>10}{'Std. err.':>10}{'t':>8}{'df':>8}"
              f"{'P>|t|':>7}{level:>12}{'interval]':>10}",
              "-" * 13 + "+" + "-" * (width - 14)]

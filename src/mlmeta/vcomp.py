@@ -93,12 +93,12 @@ def _hessian_fv(fn, x0, h=1e-4):
     return H
 
 
-def variance_components(model: NestedModel, theta, groups, scale=1.0, with_cov=True):
+def variance_components(model: NestedModel, theta, groups, sd_scale=1.0, with_cov=True):
     """Report values, boundary flags and the covariance of eta for the free ones.
 
     Returns (components, cov_eta, free_positions) where ``free_positions[i]`` is
-    the row of ``cov_eta`` for component i (or None). ``scale`` is the size of a
-    typical sampling SD: an SD below 1e-8 * scale counts as on the boundary. With
+    the row of ``cov_eta`` for component i (or None). ``sd_scale`` is the size of a
+    typical sampling SD: an SD below 1e-8 * sd_scale counts as on the boundary. With
     ``with_cov=False`` the (costly) information matrix is skipped and cov_eta is None."""
     comps = []
     base_values = []
@@ -115,7 +115,7 @@ def variance_components(model: NestedModel, theta, groups, scale=1.0, with_cov=T
         labels_var = s.labels(variance=True)
         for i, ((kind, eff), v) in enumerate(zip(s.report_params(), vals)):
             if kind == "sd":
-                boundary = v <= BOUNDARY_SD * scale
+                boundary = v <= BOUNDARY_SD * sd_scale
             else:
                 boundary = abs(v) >= BOUNDARY_CORR
             fixed = bool(getattr(s, "is_fixed", lambda i: False)(i))
@@ -124,7 +124,7 @@ def variance_components(model: NestedModel, theta, groups, scale=1.0, with_cov=T
             # a correlation is not identified when one of its SDs is zero
             if kind == "corr":
                 sds = np.sqrt(np.clip(np.diag(s.Sigma(theta[sl])), 0, None))
-                if any(sds[a] <= BOUNDARY_SD * scale for pair in eff for a in pair):
+                if any(sds[a] <= BOUNDARY_SD * sd_scale for pair in eff for a in pair):
                     comps[-1].boundary = True
             if not comps[-1].boundary and not fixed:
                 free_pos.append(len(free_idx))

@@ -1,13 +1,20 @@
-"""Dense-likelihood optima for the engine parity suite (tests/test_engine_parity.py).
+"""Dense-likelihood optima for the engine parity suite (tests/test_engine_parity.py)
+and for the structure tests (tests/test_structures.py).
 
-For each case of tests/engine_cases.py the log-likelihood is computed by brute force
-(V formed as an n x n matrix, DESIGN.md section 1) and maximised by scipy's L-BFGS-B
-from several starts, with numerical gradients; the residual variance of the
-profiled cases is a free parameter here (log sigma^2). The best optimum found is
-written to dense_optima.json. No part of mlmeta's fitting engine is used; the
-covariance structures' theta -> Sigma maps come from mlmeta.covstruct.
+The log-likelihood is computed by brute force (V formed as an n x n matrix,
+DESIGN.md section 1) and maximised by scipy from several starts, with numerical
+gradients. No part of mlmeta's fitting engine is used.
 
-    python tests/reference/make_dense_optima.py      # about a minute
+* ``dense_optima.json``: each case of tests/engine_cases.py, maximised by L-BFGS-B
+  over the structures' theta (maps from mlmeta.covstruct); the residual variance
+  of the profiled cases is a free parameter here (log sigma^2).
+* ``dense_structures.json``: the three-effect / two-effect model
+  ``y ~ x1 + x2 + (1 + x1 + x2 | g) + (1 + x1 | g:h)`` on
+  ``data/structures_synthetic.csv`` (written here from a seeded generator) under
+  pairs of structures, maximised by BFGS over an unconstrained parameterisation of
+  each Sigma written out below (independent of mlmeta.covstruct).
+
+    python tests/reference/make_dense_optima.py      # about two minutes
 """
 
 import json
@@ -20,7 +27,9 @@ from scipy import optimize
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from dense import dense_loglik, dense_V  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from dense import dense_loglik, dense_V, dense_Z  # noqa: E402
 from engine_cases import case_data, case_ids  # noqa: E402
 from mlmeta.covstruct import make_structure  # noqa: E402
 
@@ -71,10 +80,97 @@ def dense_optimum(case_id):
             "sigma2": float(np.exp(best.x[k])) if profiled else None}
 
 
+def structures_data(seed=11):
+    """16 groups g, 3 subgroups h each, 2-3 rows per subgroup; moderators x1, x2."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for g in range(16):
+        u = rng.multivariate_normal([0, 0, 0], [[.3, .1, .05], [.1, .2, .05], [.05, .05, .25]])
+        for h in range(3):
+            uh = rng.normal(0, 0.3, 2)
+            for _ in range(rng.integers(2, 4)):
+                x1, x2 = rng.normal(size=2)
+                v = rng.uniform(0.05, 0.2)
+                y = (0.2 + 0.3 * x1 - 0.1 * x2 + u[0] * x1 + u[1] * x2 + u[2] + uh[0] * x1 + uh[1]
+                     + rng.normal(0, np.sqrt(v)))
+                rows.append((g, h, x1, x2, v, y))
+    return pd.DataFrame(rows, columns=["g", "h", "x1", "x2", "v", "y"])
+
+
+def dense_sigma(kind, q, p):
+    """Sigma of a structure from unconstrained parameters p; (Sigma, parameters used)."""
+    if kind == "identity":
+        return np.eye(q) * p[0] ** 2, 1
+    if kind == "independent":
+        return np.diag(p[:q] ** 2), q
+    if kind == "exchangeable":
+        s, r = p[0], np.tanh(p[1])
+        return s ** 2 * ((1 - r) * np.eye(q) + r * np.ones((q, q))), 2
+    if kind == "unstructured":
+        L = np.zeros((q, q))
+        L[np.tril_indices(q)] = p[: q * (q + 1) // 2]
+        return L @ L.T, q * (q + 1) // 2
+    if kind == "custom":     # sds equal ("a"), correlations free
+        R = np.eye(q)
+        k = 1
+        for i in range(q):
+            for j in range(i + 1, q):
+                R[i, j] = R[j, i] = np.tanh(p[k])
+                k += 1
+        return p[0] ** 2 * R, k
+    raise ValueError(kind)
+
+
+STRUCTURE_PAIRS = [("independent", "identity"), ("exchangeable", "independent"),
+                   ("identity", "unstructured"), ("unstructured", "exchangeable"),
+                   ("custom", "identity")]
+
+
+def dense_structures(df, k3, k2, method):
+    n = len(df)
+    y = df.y.to_numpy()
+    X = np.column_stack([df.x1, df.x2, np.ones(n)])
+    Z = [np.column_stack([df.x1, df.x2, np.ones(n)]), np.column_stack([df.x1, np.ones(n)])]
+    groups = [df.g.to_numpy(), (df.g * 10 + df.h).to_numpy()]
+    Bs = [B.reshape(n, G, -1) for B, G in dense_Z(Z, groups)]
+
+    def sigmas(p):
+        S3, n3 = dense_sigma(k3, 3, p)
+        S2, _ = dense_sigma(k2, 2, p[n3:])
+        return S3, S2
+
+    def negll(p):
+        V = np.diag(df.v.to_numpy()) + sum(np.einsum("ngq,qr,mgr->nm", B, S, B, optimize=True)
+                                           for B, S in zip(Bs, sigmas(p)))
+        try:
+            return -dense_loglik(y, X, V, method)[0]
+        except np.linalg.LinAlgError:
+            return np.inf
+
+    n_par = dense_sigma(k3, 3, np.ones(10))[1] + dense_sigma(k2, 2, np.ones(10))[1]
+    best = None
+    for start in (np.full(n_par, 0.3), np.full(n_par, 0.1)):
+        r = optimize.minimize(negll, start, method="BFGS", options={"gtol": 1e-8})
+        if best is None or r.fun < best.fun:
+            best = r
+    S3, S2 = sigmas(best.x)
+    V = dense_V(Z, groups, [S3, S2], df.v.to_numpy())
+    beta = dense_loglik(y, X, V, method)[1]
+    return {"llf": -float(best.fun), "Sigma_g": S3.tolist(), "Sigma_gh": S2.tolist(),
+            "beta": [float(b) for b in beta]}
+
+
 def main():
     out = {cid: dense_optimum(cid) for cid in case_ids()}
     (HERE / "dense_optima.json").write_text(json.dumps(out, indent=1, sort_keys=True) + "\n")
-    print(f"wrote {len(out)} cases")
+    print(f"wrote {len(out)} engine cases")
+    df = structures_data()
+    df.to_csv(HERE / "data" / "structures_synthetic.csv", index=False, float_format="%.17g")
+    df = pd.read_csv(HERE / "data" / "structures_synthetic.csv")
+    out = {f"{k3}-{k2}-{m}": dense_structures(df, k3, k2, m)
+           for k3, k2 in STRUCTURE_PAIRS for m in ("reml", "ml")}
+    (HERE / "dense_structures.json").write_text(json.dumps(out, indent=1, sort_keys=True) + "\n")
+    print(f"wrote {len(out)} structure cases")
 
 
 if __name__ == "__main__":
