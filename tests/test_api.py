@@ -179,7 +179,7 @@ def test_t_tests_on_containment_df(schoolcal):
     """test="t": metafor's dfs="contain" (t p-values and intervals as predict.rma with t)."""
     res = mlmeta.meregress("stdmdiff ~ year_c + (1 | district) + (1 | district:school)",
                            schoolcal, variance="var", test="t")
-    assert list(res.df_resid) == [54.0, 9.0]
+    assert list(res.df) == [54.0, 9.0]
     assert res.pvalues["_cons"] == pytest.approx(0.0720292381523294, rel=1e-6)
     assert res.pvalues["year_c"] == pytest.approx(0.575803367109866, rel=1e-6)
     ci = res.conf_int().loc["_cons"]

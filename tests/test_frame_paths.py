@@ -253,7 +253,7 @@ def test_result_tables_are_stable_and_match_scipy(schoolcal):
                          schoolcal, variance="var", test="t")
     assert t.pvalues.name == "P>|t|" and t.tvalues.name == "t"
     np.testing.assert_array_equal(t.pvalues.values,
-                                  2 * stats.t.sf(np.abs(t.zvalues.values), t.df_resid.values))
+                                  2 * stats.t.sf(np.abs(t.zvalues.values), t.df.values))
 
 
 # --------------------------------------------------------------------------- #

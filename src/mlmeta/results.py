@@ -12,6 +12,7 @@ but the constant: ``chi2 = b' Var(b)^-1 b`` on their number of degrees of freedo
 
 from __future__ import annotations
 
+import warnings
 from functools import cached_property
 
 import numpy as np
@@ -99,17 +100,30 @@ class MeregressResults(PostestimationMixin):
         return pd.Series(self._fe_values[3], index=self._fe_index, name="z")
 
     @cached_property
-    def df_resid(self) -> pd.Series | None:
-        """Degrees of freedom of the t tests: metafor's containment df (``test="t"``),
-        Satterthwaite df (``test="satterthwaite"``, lmerTest), None for z tests.
-        Computed on first use."""
+    def df(self) -> pd.Series:
+        """Per-coefficient degrees of freedom of the tests and intervals, as every mlmeta
+        result has them: metafor's containment df (``test="t"``), Satterthwaite df
+        (``test="satterthwaite"``, lmerTest), inf for z tests. Computed on first use."""
         if self.test == "t":
-            return self.containment_df()
-        if self.test == "satterthwaite":
+            df = self.containment_df()
+        elif self.test == "satterthwaite":
             from mlmeta.satterthwaite import satterthwaite_df
 
-            return satterthwaite_df(self)
-        return None
+            df = satterthwaite_df(self)
+        else:
+            df = pd.Series(np.inf, index=self._fe_index)
+        return df.astype(float).rename("df")
+
+    @property
+    def df_resid(self) -> pd.Series | None:
+        """Deprecated spelling of :attr:`df` (None for z tests)."""
+        warnings.warn("df_resid is deprecated; use df (per-coefficient df, inf for z tests)",
+                      FutureWarning, stacklevel=2)
+        return None if self._z_tests else self.df
+
+    @property
+    def _z_tests(self) -> bool:
+        return self.test not in ("t", "satterthwaite")
 
     @cached_property
     def tvalues(self) -> pd.Series:
@@ -120,8 +134,8 @@ class MeregressResults(PostestimationMixin):
     @cached_property
     def pvalues(self) -> pd.Series:
         z = np.abs(self._fe_values[3])
-        if self.df_resid is not None:
-            return pd.Series(2 * stats.t.sf(z, self.df_resid.values), index=self._fe_index,
+        if not self._z_tests:
+            return pd.Series(2 * stats.t.sf(z, self.df.values), index=self._fe_index,
                              name="P>|t|")
         # 2 * stats.norm.sf(|z|), which scipy evaluates as ndtr(-|z|)
         return pd.Series(2 * special.ndtr(-z), index=self._fe_index, name="P>|z|")
@@ -132,8 +146,8 @@ class MeregressResults(PostestimationMixin):
 
     def _crit(self, level):
         q = 0.5 + confidence_level(level) / 200.0
-        if self.df_resid is not None:
-            return stats.t.ppf(q, self.df_resid.values)
+        if not self._z_tests:
+            return stats.t.ppf(q, self.df.values)
         return stats.norm.ppf(q)
 
     def conf_int(self, level: float = 95.0, *, alpha=None) -> pd.DataFrame:
@@ -404,7 +418,7 @@ class MeregressResults(PostestimationMixin):
             Q_M=self.Q_M, Q_M_df=self.Q_M_df, Q_M_p=self.Q_M_pvalue, random=blocks,
             level=level, notes=self.notes, show_header=header, show_groups=group,
             constraints=self.constraints.describe() if self.constraints is not None else [],
-            stat="t" if self.df_resid is not None else "z",
+            stat="z" if self._z_tests else "t",
             show_fixed=fixed, show_random=random, show_homtest=homtest)
 
     def _title(self) -> str:

@@ -118,7 +118,7 @@ def _fit(strategy, data, k, opts):
         res = mixed(f"{fixed} + {re}", data, safeguard=opts["mixed_safeguard"],
                     test="satterthwaite" if how == "satterthwaite" else "z")
         if how == "satterthwaite":
-            df = res.df_resid[order].to_numpy()
+            df = res.df[order].to_numpy()
         elif how == "residual":
             df = np.full(len(order), res.nobs - len(order), dtype=float)
         else:
