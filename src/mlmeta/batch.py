@@ -5,7 +5,7 @@
 variances without re-parsing. ``fit_batch(model, Y)`` fits every column of ``Y``
 (simulated replicates, bootstrap outcomes) with the whole optimisation (EM and
 Newton steps) in compiled code, the GIL released, and the columns shared out
-over threads (see :mod:`mlmeta._core._batch`).
+over threads (see :mod:`mlmeta._core._engine`).
 """
 
 from __future__ import annotations

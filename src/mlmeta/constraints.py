@@ -12,12 +12,62 @@ least-norm solution. The model is fitted on the constrained design
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
 from scipy import linalg
 
-__all__ = ["FixedConstraints", "parse_constraints"]
+__all__ = ["FixedConstraints", "parse_constraints", "linear_hypotheses"]
+
+
+def linear_hypotheses(spec, names, rhs=None, *, what="hypotheses"):
+    """``(L, r)`` of the linear hypotheses (or constraints) ``L beta = r`` over the
+    coefficients ``names``: the one parser of the package.
+
+    ``spec`` is text in formulaic's constraint syntax (``"x1 = 0, x2 = x3"``,
+    ``"_cons + 5*x = 0.1"``; a bare name means ``name = 0``), a list of such strings,
+    an ``(L, r)`` pair, or a matrix L (one row per hypothesis, columns in ``names``
+    order) with ``rhs`` (default 0). Names that are not Python identifiers
+    (``outcome[AL]``, ``x1:x2``) may be written as they are. ``what`` names the input
+    in error messages. Rank is not checked here (callers say what dependence means).
+    """
+    names = list(names)
+    if isinstance(spec, str) or (isinstance(spec, (list, tuple)) and len(spec) > 0
+                                 and all(isinstance(x, str) for x in spec)):
+        from formulaic.utils.constraints import LinearConstraints
+
+        if rhs is not None:
+            raise ValueError(f"give the values inside the {what} ('x1 = 0.5'), not as rhs=")
+        odd = sorted((nm for nm in names if not nm.isidentifier()), key=len, reverse=True)
+        pat = re.compile("|".join(map(re.escape, odd))) if odd else None
+        parts = [spec] if isinstance(spec, str) else list(spec)
+        parts = [pat.sub(lambda m: f"`{m.group()}`", x) if pat else x for x in parts]
+        try:
+            lc = LinearConstraints.from_spec(parts, variable_names=names)
+        except KeyError as exc:
+            raise ValueError(f"unknown coefficient {exc.args[0]!r} in {spec!r}: not a fixed "
+                             f"effect; coefficients are {names}") from None
+        except Exception as exc:  # formulaic's parse errors
+            raise ValueError(f"cannot parse {what} {spec!r}: {exc}") from None
+        L = np.asarray(lc.constraint_matrix, dtype=float)
+        r = np.asarray(lc.constraint_values, dtype=float)
+    elif (isinstance(spec, tuple) and len(spec) == 2 and rhs is None
+          and np.ndim(spec[0]) == 2 and np.ndim(spec[1]) <= 1):
+        L = np.atleast_2d(np.asarray(spec[0], dtype=float))
+        r = np.atleast_1d(np.asarray(spec[1], dtype=float))
+    else:
+        L = np.atleast_2d(np.asarray(spec, dtype=float))
+        r = np.broadcast_to(np.asarray(0.0 if rhs is None else rhs, dtype=float),
+                            (L.shape[0],)).copy()
+    if L.ndim != 2 or L.shape[1] != len(names):
+        raise ValueError(f"the {what} matrix needs {len(names)} columns (one per coefficient: "
+                         f"{names}), got shape {L.shape}")
+    if L.shape[0] != r.shape[0]:
+        raise ValueError(f"the {what} matrix and values have different numbers of rows")
+    if not (np.all(np.isfinite(L)) and np.all(np.isfinite(r))):
+        raise ValueError(f"the {what} must be finite")
+    return L, r
 
 
 @dataclass
@@ -58,27 +108,7 @@ def parse_constraints(spec, names) -> FixedConstraints:
     """Constraints from strings (``["x1 = x2", "x3 = 0.5"]`` or ``"x1 = x2, x3 = 0.5"``)
     or an ``(R, r)`` pair over the fixed effects ``names``."""
     names = list(names)
-    if isinstance(spec, tuple) and len(spec) == 2 and not isinstance(spec[0], str):
-        R = np.atleast_2d(np.asarray(spec[0], dtype=float))
-        r = np.atleast_1d(np.asarray(spec[1], dtype=float))
-    else:
-        from formulaic.utils.constraints import LinearConstraints
-
-        try:
-            lc = LinearConstraints.from_spec(spec, variable_names=names)
-        except KeyError as exc:
-            raise ValueError(f"constraint names {exc.args[0]!r}, which is not a fixed effect; "
-                             f"fixed effects are {names}") from None
-        except Exception as exc:  # formulaic's parse errors
-            raise ValueError(f"cannot parse constraints {spec!r}: {exc}") from None
-        R = np.asarray(lc.constraint_matrix, dtype=float)
-        r = np.asarray(lc.constraint_values, dtype=float)
-    if R.shape[1] != len(names):
-        raise ValueError(f"constraint matrix has {R.shape[1]} columns for {len(names)} fixed effects")
-    if R.shape[0] != r.shape[0]:
-        raise ValueError("constraint matrix and values have different numbers of rows")
-    if not (np.all(np.isfinite(R)) and np.all(np.isfinite(r))):
-        raise ValueError("constraints must be finite")
+    R, r = linear_hypotheses(spec, names, what="constraints")
     rank = np.linalg.matrix_rank(R)
     if rank < R.shape[0]:
         raise ValueError("constraints are redundant or contradictory (the constraint matrix is "

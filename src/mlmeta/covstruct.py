@@ -465,6 +465,16 @@ class Custom(CovStruct):
                 out.append(v)
         return np.asarray(out, dtype=float)
 
+    @property
+    def sd_groups(self) -> list:
+        """The free SDs: for each, the effect indices that share it."""
+        return [list(w) for w in self._sd_free]
+
+    @property
+    def corr_groups(self) -> list:
+        """The free correlations: for each, the (i, j) pairs that share it."""
+        return [list(w) for w in self._corr_free]
+
     def _free_keys(self):
         return [("sd", tuple(w)) for w in self._sd_free] + [("corr", tuple(w)) for w in self._corr_free]
 

@@ -18,9 +18,6 @@ from mlmeta.design import NestedDesign
 
 __all__ = ["NestedModel", "Evaluation"]
 
-LOG2PI = float(np.log(2.0 * np.pi))
-
-
 class Evaluation:
     """What one evaluation at theta produced (deviance, beta, cov of beta, ...)."""
 
@@ -163,7 +160,9 @@ class NestedModel:
                 return f"{name} = {labels[j]!r}"
         return f"#{j + 1}"
 
-    def _ll_label(self):
+    @property
+    def ll_label(self) -> str:
+        """How Stata labels the objective: "Log restricted-likelihood" or "Log likelihood"."""
         return "Log restricted-likelihood" if self.method == "reml" else "Log likelihood"
 
     def deviance(self, theta):

@@ -91,7 +91,7 @@ def alternative_starts(model: NestedModel, theta_em, theta_best):
 
 
 def _print_log(model, run, theta_em):
-    label = model._ll_label()
+    label = model.ll_label
     print("Performing EM optimization ...")
     for k, f in enumerate(run["log_em"][0][:int(run["n_em"][0])]):
         print(f"EM iteration {k}:  {label} = {-0.5 * f:.8g}")
@@ -204,10 +204,10 @@ def fit_nested(model: NestedModel, *, theta0=None, em_iter=20, em_tol=1e-10, em_
         dev_first = rec.candidates[0][1]
         rec.messages.append(
             f"the optimisation from the default start stopped at a local optimum "
-            f"({model._ll_label().lower()} {-0.5 * dev_first:.8g}); a higher optimum "
+            f"({model.ll_label.lower()} {-0.5 * dev_first:.8g}); a higher optimum "
             f"({-0.5 * f:.8g}) was found from another start and is reported")
     rec.theta, rec.deviance, rec.converged, rec.grad_max = theta, f, conv, gmax
     rec.seconds = time.perf_counter() - t0
     if verbose:
-        print(f"Iteration {rec.n_iter}:  {model._ll_label()} = {-0.5 * f:.8g}")
+        print(f"Iteration {rec.n_iter}:  {model.ll_label} = {-0.5 * f:.8g}")
     return rec

@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 from scipy import optimize, stats
 
+from mlmeta.constraints import linear_hypotheses
 from mlmeta.covstruct import Custom
 from mlmeta.optimize import fit_nested
 from mlmeta.summary import confidence_level
@@ -420,22 +421,7 @@ class PostestimationMixin:
         if test not in ("chi2", "t"):
             raise ValueError(f"test must be 'chi2' or 't', got {test!r}")
         names = self.fe_names
-        if isinstance(hypotheses, str):
-            from formulaic.utils.constraints import LinearConstraints
-            try:
-                c = LinearConstraints.from_spec(hypotheses, variable_names=names)
-            except KeyError as exc:
-                raise ValueError(f"unknown coefficient {exc} in {hypotheses!r}; "
-                                 f"coefficients are {names}") from None
-            except Exception as exc:
-                raise ValueError(f"cannot parse hypotheses {hypotheses!r}: {exc}") from None
-            L, r = np.asarray(c.constraint_matrix, float), np.asarray(c.constraint_values, float)
-        else:
-            L = np.atleast_2d(np.asarray(hypotheses, dtype=float))
-            r = np.zeros(L.shape[0]) if rhs is None else np.broadcast_to(
-                np.asarray(rhs, dtype=float), (L.shape[0],)).copy()
-        if L.shape[1] != len(names):
-            raise ValueError(f"L has {L.shape[1]} columns; the model has {len(names)} coefficients")
+        L, r = linear_hypotheses(hypotheses, names, rhs)
         q = L.shape[0]
         if np.linalg.matrix_rank(L) < q:
             raise ValueError("the hypotheses are linearly dependent (L does not have full row rank)")
@@ -485,11 +471,11 @@ class PostestimationMixin:
             elif s.kind == "independent":
                 params += [(off + i, g, f"var({e})", "var") for i, e in enumerate(names)]
             elif s.kind == "custom":
-                k = len(s._sd_free)
+                k = len(s.sd_groups)
                 params += [(off + a, g, f"var({' '.join(names[i] for i in w)})", "var")
-                           for a, w in enumerate(s._sd_free)]
+                           for a, w in enumerate(s.sd_groups)]
                 params += [(off + k + b, g, "corr(" + ",".join(f"{names[i]},{names[j]}" for i, j in w[:1])
-                            + ")", "corr") for b, w in enumerate(s._corr_free)]
+                            + ")", "corr") for b, w in enumerate(s.corr_groups)]
             structs.append(s)
             thetas.append(np.asarray(th, dtype=float))
             off += len(thetas[-1])

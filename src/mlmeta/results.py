@@ -414,7 +414,7 @@ class MeregressResults(PostestimationMixin):
         return _summary.Summary(
             title=title, depvar=self.depvar, nobs=self.nobs, groups=group_rows,
             wald_chi2=self.wald_chi2, wald_df=self.wald_df, wald_p=self.wald_pvalue,
-            ll_label=self.model._ll_label(), llf=self.llf, fixed=fixed_rows,
+            ll_label=self.model.ll_label, llf=self.llf, fixed=fixed_rows,
             Q_M=self.Q_M, Q_M_df=self.Q_M_df, Q_M_p=self.Q_M_pvalue, random=blocks,
             level=level, notes=self.notes, show_header=header, show_groups=group,
             constraints=self.constraints.describe() if self.constraints is not None else [],

@@ -47,13 +47,13 @@ processed together as (J_s, n_s, n_s) stacks.
 from __future__ import annotations
 
 import html
-import re
 
 import numpy as np
 import pandas as pd
 from scipy import linalg, sparse, stats
 
 from mlmeta._threads import blas_threads
+from mlmeta.constraints import linear_hypotheses
 from mlmeta.summary import confidence_level, t_table_lines
 
 __all__ = ["DF_METHODS", "TYPES", "RobustResults", "WaldTestResult", "cluster_robust", "robust"]
@@ -367,31 +367,7 @@ def constraint_matrix(spec, names, value=None):
     constraint syntax), a list of such strings or of names (each = 0), or a q x p array
     (null values ``value``, default 0)."""
     names = list(names)
-    if isinstance(spec, str) or (isinstance(spec, (list, tuple)) and spec
-                                 and all(isinstance(x, str) for x in spec)):
-        from formulaic.errors import FormulaicError
-        from formulaic.utils.constraints import LinearConstraints
-
-        if value is not None:
-            raise ValueError("give null values inside the constraint strings ('x1 = 0.5')")
-        odd = sorted((nm for nm in names if not nm.isidentifier()), key=len, reverse=True)
-        pat = re.compile("|".join(map(re.escape, odd))) if odd else None
-        parts = [spec] if isinstance(spec, str) else list(spec)
-        parts = [pat.sub(lambda m: f"`{m.group()}`", x) if pat else x for x in parts]
-        try:
-            lc = LinearConstraints.from_spec(parts, variable_names=names)
-        except KeyError as exc:
-            raise ValueError(f"unknown coefficient {exc.args[0]!r} in {spec!r}; "
-                             f"coefficients are {names}") from None
-        except (FormulaicError, RuntimeError, ValueError) as exc:
-            raise ValueError(f"cannot read constraints {spec!r}: {exc}") from None
-        C = np.asarray(lc.constraint_matrix, dtype=float)
-        c0 = np.asarray(lc.constraint_values, dtype=float)
-    else:
-        C = np.atleast_2d(np.asarray(spec, dtype=float))
-        if C.shape[1] != len(names):
-            raise ValueError(f"constraint matrix must have {len(names)} columns, got shape {C.shape}")
-        c0 = np.broadcast_to(np.asarray(0.0 if value is None else value, dtype=float), (C.shape[0],)).copy()
+    C, c0 = linear_hypotheses(spec, names, value, what="constraints")
     if np.linalg.matrix_rank(C) < C.shape[0]:
         raise ValueError("the constraints are linearly dependent")
     return C, c0, [_describe(row, val, names) for row, val in zip(C, c0)]

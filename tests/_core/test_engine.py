@@ -30,7 +30,7 @@ def _model(spec, seed=0, n=60):
 def _theta(s, rng):
     th = rng.uniform(0.2, 0.9, s.n_theta)
     if s.kind == "custom":         # correlations inside (-1, 1) and a PD matrix
-        th[len(s._sd_free):] = rng.uniform(-0.3, 0.3, s.n_theta - len(s._sd_free))
+        th[len(s.sd_groups):] = rng.uniform(-0.3, 0.3, s.n_theta - len(s.sd_groups))
     return th
 
 
