@@ -10,20 +10,23 @@ import sys
 import pandas as pd
 import pytest
 
-from mlmeta.cli import main
+import mlmeta
+from mlmeta.cli import EXAMPLES, main
 
 SCHOOLCAL_FORMULA = "stdmdiff ~ 1 + (1 | district) + (1 | district:school)"
 LLF_SCHOOLCAL = -7.9587239          # Stata / metafor, 3-level REML
 
 
+def bundled_csv(tmp_path_factory, name):
+    """The bundled data set ``name`` written to a CSV file, as a user would have it."""
+    path = tmp_path_factory.mktemp("data") / f"{name}.csv"
+    mlmeta.datasets.load(name).to_csv(path, index=False)
+    return path
+
+
 @pytest.fixture(scope="module")
 def schoolcal_csv(tmp_path_factory):
-    """The schoolcal data written to a CSV file, as a user would have it."""
-    from mlmeta.cli import _load_example
-
-    path = tmp_path_factory.mktemp("data") / "schoolcal.csv"
-    _load_example("schoolcal").to_csv(path, index=False)
-    return path
+    return bundled_csv(tmp_path_factory, "schoolcal")
 
 
 def run(capsys, *argv):
@@ -57,6 +60,20 @@ def test_se_and_ml(capsys, schoolcal_csv):
     assert code == 0, err
     assert "Multilevel ML meta-analysis" in out
     assert "Log likelihood" in out and "restricted" not in out
+
+
+@pytest.mark.parametrize("name", sorted(EXAMPLES))
+def test_example_is_the_bundled_data_set(capsys, tmp_path_factory, name):
+    """--example NAME fits the bundled data set NAME: the same results as its CSV copy
+    given as a data file with the example's formula and sampling option."""
+    formula, kind, column, _ = EXAMPLES[name]
+    code, example, err = run(capsys, "fit", "--example", name, "--json")
+    assert code == 0, err
+    code, from_file, err = run(capsys, "fit", str(bundled_csv(tmp_path_factory, name)), formula,
+                               f"--{kind}", column, "--json")
+    assert code == 0, err
+    assert json.loads(example) == json.loads(from_file)
+    assert json.loads(example)["nobs"] == len(mlmeta.datasets.load(name))
 
 
 def test_example_pupiliq(capsys):

@@ -2,15 +2,13 @@
 example 4), estimates tables (example 7); metafor values from
 tests/reference/postestimation_reference.json."""
 
-import json
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 import mlmeta
+from references import load
 
-REF = json.loads((Path(__file__).parent / "reference" / "postestimation_reference.json").read_text())
+REF = load("postestimation_reference")
 
 
 def close(value, printed, slack=1e-15):
@@ -20,8 +18,8 @@ def close(value, printed, slack=1e-15):
 
 
 @pytest.fixture(scope="module")
-def example4(schoolcal):
-    fit = lambda f, **kw: mlmeta.meregress(f, schoolcal, se="se", **kw)  # noqa: E731
+def example4(fitted):
+    fit = lambda f: fitted(f, "schoolcal", se="se")  # noqa: E731
     return {
         "main_model": fit("stdmdiff ~ 1 + (1 | district) + (1 | district:school)"),
         "dist_effect": fit("stdmdiff ~ 1 + (1 | study)"),
@@ -30,8 +28,8 @@ def example4(schoolcal):
 
 
 @pytest.fixture(scope="module")
-def ml_fits(schoolcal):
-    fit = lambda f: mlmeta.meregress(f, schoolcal, variance="var", method="ml")  # noqa: E731
+def ml_fits(fitted):
+    fit = lambda f: fitted(f, "schoolcal", variance="var", method="ml")  # noqa: E731
     return (fit("stdmdiff ~ 1 + (1 | district) + (1 | district:school)"),
             fit("stdmdiff ~ year_c + (1 | district) + (1 | district:school)"))
 
@@ -86,18 +84,18 @@ def test_lrtest_refusals(example4, ml_fits, schoolcal):
 
 
 @pytest.mark.filterwarnings("ignore::mlmeta.BoundaryWarning")     # corr = 1 at the optimum
-def test_lrtest_correlation_only_is_not_on_the_boundary(schoolcal):
+def test_lrtest_correlation_only_is_not_on_the_boundary(fitted):
     f = "stdmdiff ~ year_c + (1 + year_c {} district) + (1 | district:school)"
-    unstr = mlmeta.meregress(f.format("|"), schoolcal, variance="var")
-    indep = mlmeta.meregress(f.format("||"), schoolcal, variance="var")
+    unstr = fitted(f.format("|"), "schoolcal", variance="var")
+    indep = fitted(f.format("||"), "schoolcal", variance="var")
     lr = mlmeta.lrtest(unstr, indep)
     assert lr.df == 1 and not lr.boundary and lr.pvalue_mixture is None
     assert "boundary" not in str(lr)
 
 
-def test_lrtest_several_variances_give_conservative_p_only(schoolcal):
-    full = mlmeta.meregress("stdmdiff ~ year_c + (1 + year_c || district) + (1 | district:school)",
-                            schoolcal, variance="var")
+def test_lrtest_several_variances_give_conservative_p_only(schoolcal, fitted):
+    full = fitted("stdmdiff ~ year_c + (1 + year_c || district) + (1 | district:school)",
+                  "schoolcal", variance="var")
     reduced = mlmeta.meregress("stdmdiff ~ year_c + (1 | district:school)", schoolcal, variance="var")
     lr = mlmeta.lrtest(full, reduced)
     assert lr.df == 2 and lr.boundary and lr.pvalue_mixture is None

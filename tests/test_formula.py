@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mlmeta._errors import BoundaryWarning, ConvergenceWarning, MissingDataWarning
+from mlmeta import BoundaryWarning, ConvergenceWarning, MissingDataWarning
 from mlmeta.formula import ModelFrame, ParsedFormula, RandomTerm, build_model_frame, parse_formula
 
 

@@ -236,9 +236,8 @@ def test_single_column_rank_check_matches_qr(column):
 # --------------------------------------------------------------------------- #
 
 
-def test_result_tables_are_stable_and_match_scipy(schoolcal):
-    res = mlmeta.meregress("stdmdiff ~ year_c + (1 | district) + (1 | district:school)",
-                           schoolcal, variance="var")
+def test_result_tables_are_stable_and_match_scipy(schoolcal, fitted):
+    res = fitted("stdmdiff ~ year_c + (1 | district) + (1 | district:school)", "schoolcal", variance="var")
     ev = res.model.evaluate(res.theta)
     res.re_params()                                  # many further evaluations of the model
     np.testing.assert_array_equal(res.params.values, ev.beta)

@@ -64,9 +64,8 @@ def test_single_precision_storage(pupiliq):
     assert res.llf == pytest.approx(-3.7365412, abs=2e-7)
 
 
-def test_example2_three_level(schoolcal):
-    res = mlmeta.meregress("stdmdiff ~ 1 + (1 | district) + (1 | district:school)",
-                           schoolcal, se="se")
+def test_example2_three_level(fitted):
+    res = fitted("stdmdiff ~ 1 + (1 | district) + (1 | district:school)", "schoolcal", se="se")
     assert close(res.params["_cons"], 0.1847132)
     assert close(res.bse["_cons"], 0.0845559)
     sd = res.re_params().set_index("group").estimate
@@ -86,25 +85,25 @@ def test_example2_three_level(schoolcal):
         assert piece in text
 
 
-def test_example2_multilevel_shorthand(schoolcal):
+def test_example2_multilevel_shorthand(schoolcal, fitted):
     a = mlmeta.multilevel("stdmdiff ~ 1", schoolcal, levels=["district", "school"], se="se")
-    b = mlmeta.meregress("stdmdiff ~ 1 + (1 | district) + (1 | district:school)", schoolcal, se="se")
+    b = fitted("stdmdiff ~ 1 + (1 | district) + (1 | district:school)", "schoolcal", se="se")
     assert a.llf == pytest.approx(b.llf, rel=1e-12)
     assert a.params["_cons"] == pytest.approx(b.params["_cons"], rel=1e-10)
 
 
-def test_example4_reduced_models(schoolcal):
+def test_example4_reduced_models(fitted):
     """The two reduced models of example 4 (their log-likelihoods in estimates stats)."""
-    school = mlmeta.meregress("stdmdiff ~ 1 + (1 | district)", schoolcal, se="se")
-    dist = mlmeta.meregress("stdmdiff ~ 1 + (1 | study)", schoolcal, se="se")
+    school = fitted("stdmdiff ~ 1 + (1 | district)", "schoolcal", se="se")
+    dist = fitted("stdmdiff ~ 1 + (1 | study)", "schoolcal", se="se")
     assert close(school.llf, -32.21648)
     assert close(dist.llf, -16.8455)
     assert school.df_modelwc == 2 and dist.df_modelwc == 2
 
 
-def test_example5_finds_the_higher_maximum(schoolcal):
-    res = mlmeta.meregress("stdmdiff ~ year_c + (1 + year_c || district) + (1 | district:school)",
-                           schoolcal, variance="var")
+def test_example5_finds_the_higher_maximum(fitted):
+    res = fitted("stdmdiff ~ year_c + (1 + year_c || district) + (1 | district:school)",
+                 "schoolcal", variance="var")
     # Stata's printed optimum is a local maximum at -7.2095301
     assert res.llf > -7.2095301 + 0.02
     assert res.converged
@@ -114,9 +113,9 @@ def test_example5_finds_the_higher_maximum(schoolcal):
     assert "district: Independent" in res.summary().as_text()
 
 
-def test_example6_unstructured(schoolcal):
-    res = mlmeta.meregress("stdmdiff ~ year_c + (1 + year_c | district) + (1 | district:school)",
-                           schoolcal, variance="var")
+def test_example6_unstructured(fitted):
+    res = fitted("stdmdiff ~ year_c + (1 + year_c | district) + (1 | district:school)",
+                 "schoolcal", variance="var")
     assert close(res.params["year_c"], 0.007) and close(res.bse["year_c"], 0.010)
     assert close(res.params["_cons"], 0.160) and close(res.bse["_cons"], 0.076)
     est = res.re_params().set_index("param").estimate

@@ -8,8 +8,6 @@ lower optimum (on the boundary), mlmeta must reach a higher one, and a dense
 likelihood computed here confirms both values.
 """
 
-import json
-import os
 import warnings
 
 import numpy as np
@@ -17,14 +15,12 @@ import pandas as pd
 import pytest
 
 import mlmeta
-from mlmeta._errors import ConvergenceWarning
+from mlmeta import ConvergenceWarning
 from mlmeta.satterthwaite import satterthwaite_df
 from mlmeta.simulate import lmm
+from references import case_data, data_path, load
 
-HERE = os.path.dirname(__file__)
-ROOT = os.path.dirname(HERE)
-with open(os.path.join(HERE, "reference", "mixed_reference.json")) as fh:
-    REF = json.load(fh)
+REF = load("mixed_reference")
 CASES = {c["name"]: c for c in REF["cases"]}
 # lme4 (default and refit) stops at a boundary point with a lower likelihood here.
 LME4_LOWER = {"g30_o5_sd0.25_s10_full_reml", "g10_o5_sd1_s11_full_reml", "g30_o5_sd0.1_s12_full_ml"}
@@ -43,7 +39,7 @@ def _best(c):
 def _fit(name):
     if name not in _FITS:
         c = CASES[name]
-        data = pd.read_csv(os.path.join(ROOT, c["data"]))
+        data = case_data(c["data"])
         with warnings.catch_warnings(record=True) as rec:
             warnings.simplefilter("always")
             res = mlmeta.mixed(c["formula"], data, method=c["method"])
@@ -157,25 +153,28 @@ def test_satterthwaite_contrasts_and_table():
 
 
 def test_nonprofiled_gradient_matches_differences():
-    """The kernel gradient used for the Hessian is d dev(theta, sigma^2) / d theta."""
-    from mlmeta.satterthwaite import _grad_theta, nonprofiled_deviance
+    """The kernel gradient used for the Hessian is d dev(theta, sigma^2) / d theta
+    (``model.evaluate(theta, gradient=True, sigma2=s2).grad``)."""
     res, _, _ = _fit("essay_s2_full_reml")
     model, theta = res.model, res.theta
     rng = np.random.default_rng(0)
     th = theta + 0.05 * rng.standard_normal(theta.shape)
     s2 = res.scale * 1.3
-    g, _ = _grad_theta(model, th, s2)
+
+    def dev(t):                                   # the deviance at sigma^2 = s2, not profiled
+        return model.evaluate(t, sigma2=s2).deviance
+
+    g = model.evaluate(th, gradient=True, sigma2=s2).grad
     h = 1e-5
-    fd = np.array([(nonprofiled_deviance(model, th + h * e, s2) - nonprofiled_deviance(model, th - h * e, s2))
-                    / (2 * h) for e in np.eye(th.size)])
+    fd = np.array([(dev(th + h * e) - dev(th - h * e)) / (2 * h) for e in np.eye(th.size)])
     np.testing.assert_allclose(g, fd, rtol=1e-5, atol=1e-4)
     # at the optimum the non-profiled deviance equals the profiled one
-    assert abs(nonprofiled_deviance(model, theta, res.scale) + 2 * res.llf) < 1e-8
+    assert abs(model.evaluate(theta, sigma2=res.scale).deviance + 2 * res.llf) < 1e-8
 
 
 def test_stored_data_is_the_simulator_output():
     for c in REF["cases"][::4]:
-        stored = pd.read_csv(os.path.join(ROOT, c["data"]))
+        stored = case_data(c["data"])
         data, _, _ = lmm(int(c["obs_per_group"]), 3, int(c["groups"]), group_sd=c["group_sd"],
                          seed=int(c["seed"]))
         np.testing.assert_allclose(stored.to_numpy(dtype=float), data.to_numpy(dtype=float), rtol=1e-15)
@@ -183,14 +182,7 @@ def test_stored_data_is_the_simulator_output():
 
 def test_singular_fit_is_reported_like_lme4():
     """lme4 calls this fit singular (a rank-deficient 4 x 4 covariance, no zero SD)."""
-    import os
-    import warnings
-
-    import pandas as pd
-
-    import mlmeta
-
-    path = os.path.join(os.path.dirname(__file__), "reference", "data", "mixed_essay_sd0.1_s6.csv")
+    path = data_path("mixed_essay_sd0.1_s6.csv")
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
         res = mlmeta.mixed("DV ~ IV1 + IV2 + IV3 + (IV1 + IV2 + IV3 | Group)", pd.read_csv(path))

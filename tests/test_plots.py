@@ -2,7 +2,6 @@
 
 import pytest
 
-import mlmeta
 
 matplotlib = pytest.importorskip("matplotlib")
 matplotlib.use("Agg")
@@ -15,13 +14,13 @@ SLOPES = "stdmdiff ~ year_c + (1 + year_c || district) + (1 | district:school)"
 
 
 @pytest.fixture(scope="module")
-def main(schoolcal):
-    return mlmeta.meregress(MAIN, schoolcal, se="se")
+def main(fitted):
+    return fitted(MAIN, "schoolcal", se="se")
 
 
 @pytest.fixture(scope="module")
-def slopes(schoolcal):
-    return mlmeta.meregress(SLOPES, schoolcal, variance="var")
+def slopes(fitted):
+    return fitted(SLOPES, "schoolcal", variance="var")
 
 
 def _saved(fig, path):

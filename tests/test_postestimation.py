@@ -5,9 +5,6 @@ metafor values come from tests/reference/make_postestimation_references.R
 (stored in postestimation_reference.json); the tests never need R.
 """
 
-import json
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -15,8 +12,9 @@ import pytest
 import mlmeta
 from printed import close
 from dense import dense_V
+from references import load
 
-REF = json.loads((Path(__file__).parent / "reference" / "postestimation_reference.json").read_text())
+REF = load("postestimation_reference")
 MAIN = "stdmdiff ~ 1 + (1 | district) + (1 | district:school)"
 YEAR = "stdmdiff ~ year_c + (1 | district) + (1 | district:school)"
 SLOPES = "stdmdiff ~ year_c + (1 + year_c || district) + (1 | district:school)"
@@ -25,18 +23,18 @@ SLOPES = "stdmdiff ~ year_c + (1 + year_c || district) + (1 | district:school)"
 
 
 @pytest.fixture(scope="module")
-def main(schoolcal):
-    return mlmeta.meregress(MAIN, schoolcal, se="se")
+def main(fitted):
+    return fitted(MAIN, "schoolcal", se="se")
 
 
 @pytest.fixture(scope="module")
-def year(schoolcal):
-    return mlmeta.meregress(YEAR, schoolcal, variance="var")
+def year(fitted):
+    return fitted(YEAR, "schoolcal", variance="var")
 
 
 @pytest.fixture(scope="module")
-def slopes(schoolcal):
-    return mlmeta.meregress(SLOPES, schoolcal, variance="var")
+def slopes(fitted):
+    return fitted(SLOPES, "schoolcal", variance="var")
 
 
 def _metafor_label(label):
@@ -349,26 +347,26 @@ def test_mixed_model_uses_absolute_variances(schoolcal):
 
 
 # -- profile likelihood of correlated random effects (Berkey et al. 1998) -------------
-PROFILE_REF = json.loads((Path(__file__).parent / "reference" / "profile_reference.json").read_text())
+PROFILE_REF = load("profile_reference")
 
 
-def _berkey(case):
-    dat = mlmeta.datasets.load("berkey")
+def _berkey(case, fitted):
     f = "yi ~ 0 + outcome + (0 + outcome | trial)"
     if case == "un_V":
+        dat = mlmeta.datasets.load("berkey")
         blocks = [np.column_stack([g.v1i.values, g.v2i.values])
                   for _, g in dat.groupby("trial", sort=True)]
-        return mlmeta.meregress(f, dat, V=blocks)
+        return fitted(f, "berkey", V=blocks)
     cov = "exchangeable" if case == "cs_diag" else "unstructured"
-    return mlmeta.meregress(f, dat, variance="vi", covariance=cov)
+    return fitted(f, "berkey", variance="vi", covariance=cov)
 
 
 @pytest.mark.parametrize("case", ["un_V", "un_diag", "cs_diag"])
-def test_profile_ci_of_correlated_effects_matches_metafor(case):
+def test_profile_ci_of_correlated_effects_matches_metafor(case, fitted):
     """Unstructured and exchangeable levels: each variance and the correlation, as
     metafor's confint(rma.mv(..., struct = "UN" / "CS"))."""
     ref = PROFILE_REF[case]
-    res = _berkey(case)
+    res = _berkey(case, fitted)
     assert res.llf == pytest.approx(ref["llf"], abs=1e-7)
     ci = res.profile_ci()
     var, rho = ci[ci.param.str.startswith("var")], ci[ci.param.str.startswith("corr")]
@@ -387,8 +385,8 @@ def test_profile_ci_of_correlated_effects_matches_metafor(case):
     assert np.isnan(row.sd)
 
 
-def test_profile_of_a_correlation():
-    res = _berkey("un_diag")
+def test_profile_of_a_correlation(fitted):
+    res = _berkey("un_diag", fitted)
     label = [p for p in res.profile_ci().param if p.startswith("corr")][0]
     prof = res.profile(("trial", label), values=[-0.5, 0.0, 0.5, 0.9])
     assert list(prof.columns) == ["rho", "llf"]

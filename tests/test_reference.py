@@ -5,26 +5,22 @@ to run these tests). Each case stores the reference program's estimates refined
 on the dense likelihood, so the comparison is at the optimum itself.
 """
 
-import json
-import os
-
 import numpy as np
-import pandas as pd
 import pytest
 
 import mlmeta
+from references import case_data, load
 
-HERE = os.path.dirname(__file__)
-ROOT = os.path.dirname(HERE)
-with open(os.path.join(HERE, "reference", "meregress_reference.json")) as fh:
-    REF = json.load(fh)
+REF = load("meregress_reference")
 CASES = [c for c in REF["cases"] if not c.get("optimum", "").startswith("local maximum")]
 
 
-def _data(case):
+def _fit(case, fitted):
+    """The case's fit (bundled data sets: from the session's cache of fits)."""
+    kw = dict(variance=case["variance"], method=case["method"], covariance=case.get("covariance"))
     if "/" in case["data"]:
-        return pd.read_csv(os.path.join(ROOT, case["data"]))
-    return mlmeta.datasets.load(case["data"])
+        return mlmeta.meregress(case["formula"], case_data(case["data"]), **kw)
+    return fitted(case["formula"], case["data"], **kw)
 
 
 def _boundary(case):
@@ -32,9 +28,8 @@ def _boundary(case):
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
-def test_matches_reference(case):
-    res = mlmeta.meregress(case["formula"], _data(case), variance=case["variance"],
-                           method=case["method"], covariance=case.get("covariance"))
+def test_matches_reference(case, fitted):
+    res = _fit(case, fitted)
     assert res.converged
     assert res.nobs == case["nobs"]
     assert res.llf == pytest.approx(case["llf"], rel=1e-8, abs=1e-8)
@@ -51,12 +46,11 @@ def test_matches_reference(case):
         assert res.groups.loc[group, "n_groups"] == n
 
 
-def test_stata_local_maximum_is_not_reported():
+def test_stata_local_maximum_is_not_reported(fitted):
     """Stata's example 5 stops at a local maximum; mlmeta reports the higher one."""
     local = next(c for c in REF["cases"] if c["optimum"].startswith("local maximum"))
     best = next(c for c in REF["cases"] if c["name"] == "schoolcal_slope_indep_reml")
-    res = mlmeta.meregress(local["formula"], _data(local), variance=local["variance"],
-                           method=local["method"], covariance=local.get("covariance"))
+    res = _fit(local, fitted)
     assert res.llf > local["llf"] + 0.02
     assert res.llf == pytest.approx(best["llf"], rel=1e-8)
     # the stored local maximum is a genuine stationary point of our objective too

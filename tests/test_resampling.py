@@ -10,8 +10,8 @@ F = "stdmdiff ~ year_c + (1 | district) + (1 | district:school)"
 
 
 @pytest.fixture(scope="module")
-def fit():
-    return mlmeta.meregress(F, mlmeta.datasets.load("schoolcal"), variance="var")
+def fit(fitted):
+    return fitted(F, "schoolcal", variance="var")
 
 
 def test_parametric_bootstrap_seeded_and_thread_independent(fit):

@@ -5,40 +5,33 @@ needed to run these tests. Fits are compared first (mlmeta's REML optimum and
 metafor's agree to ~1e-8), then the robust quantities within 1e-6 relative.
 """
 
-import json
-import os
-
 import numpy as np
-import pandas as pd
 import pytest
 from scipy import sparse
 
 import mlmeta
 from mlmeta.robust import TYPES, cluster_robust, constraint_matrix, robust
+from references import case_data, load
 
-HERE = os.path.dirname(__file__)
-ROOT = os.path.dirname(HERE)
-with open(os.path.join(HERE, "reference", "robust_reference.json")) as fh:
-    REF = json.load(fh)
+REF = load("robust_reference")
 CASES = {c["name"]: c for c in REF["cases"]}
 MV_CASES = [n for n, c in CASES.items() if "model" not in c and "V" not in c]
 RTOL = 1e-6
 
 
-def _data(case):
-    if "/" in case["data"]:
-        return pd.read_csv(os.path.join(ROOT, case["data"]))
-    return mlmeta.datasets.load(case["data"])
-
-
 _FITS = {}
 
 
-def _fit(name):
+def _fit(name, fitted):
+    """(fit, data) of a stored case; fits on bundled data sets come from the session's
+    cache of fits, the others are fitted once per module."""
+    c = CASES[name]
+    kw = dict(variance=c["variance"], method=c["method"])
+    if "/" not in c["data"]:
+        return fitted(c["formula"], c["data"], **kw), mlmeta.datasets.load(c["data"])
     if name not in _FITS:
-        c = CASES[name]
-        dat = _data(c)
-        _FITS[name] = (mlmeta.meregress(c["formula"], dat, variance=c["variance"], method=c["method"]), dat)
+        dat = case_data(c["data"])
+        _FITS[name] = (mlmeta.meregress(c["formula"], dat, **kw), dat)
     return _FITS[name]
 
 
@@ -65,8 +58,8 @@ def _series(obj, names):
 
 
 # -- the seed answer: Berkey et al. (1998) -------------------------------------------------
-def test_berkey_res2_fit_matches_metafor():
-    res, _ = _fit("berkey_res2")
+def test_berkey_res2_fit_matches_metafor(fitted):
+    res, _ = _fit("berkey_res2", fitted)
     ref = CASES["berkey_res2"]["fit"]
     names = ref["names"]
     _close(res.params[names], _series(ref["params"], names), 1e-7)
@@ -79,9 +72,9 @@ def test_berkey_res2_fit_matches_metafor():
     _close(res.llf, ref["llf"], 1e-10)
 
 
-def test_berkey_res2_metafor_robust_default():
+def test_berkey_res2_metafor_robust_default(fitted):
     """metafor's robust(res2, cluster = trial): CR0 x J/(J-p), t on J - p = 3 df."""
-    res, _ = _fit("berkey_res2")
+    res, _ = _fit("berkey_res2", fitted)
     ref = CASES["berkey_res2"]["metafor_robust"]
     rr = robust(res, cluster="trial", type="CR1p", df="naive-tp")
     names = list(ref["se"])
@@ -99,8 +92,8 @@ def test_berkey_res2_metafor_robust_default():
     assert "CR1p" in rr.summary().as_text() and "df = J - p = 3" in str(rr.summary())
 
 
-def test_berkey_res2_clubsandwich_cr2():
-    res, _ = _fit("berkey_res2")
+def test_berkey_res2_clubsandwich_cr2(fitted):
+    res, _ = _fit("berkey_res2", fitted)
     ref = CASES["berkey_res2"]["clubSandwich"]["CR2"]
     rr = robust(res)                                           # CR2, Satterthwaite, clusters = trial
     names = list(ref["se"])
@@ -112,12 +105,12 @@ def test_berkey_res2_clubsandwich_cr2():
     assert "Cluster-robust CR2 (clubSandwich) standard errors, Satterthwaite df" in text
 
 
-def test_berkey_res1_full_V():
+def test_berkey_res1_full_V(fitted):
     """The model with the full sampling covariance V."""
     case = CASES["berkey_res1"]
     dat = mlmeta.datasets.load("berkey")
     V = sparse.block_diag([dat.loc[g.index, ["v1i", "v2i"]].to_numpy() for _, g in dat.groupby("trial")])
-    res = mlmeta.meregress(case["formula"], dat, V=V.toarray())
+    res = fitted(case["formula"], "berkey", V=V.toarray())
     names = case["fit"]["names"]
     _close(res.params[names], _series(case["fit"]["params"], names), 1e-6)
     S = res.re_cov["trial"].loc[names, names].to_numpy()
@@ -130,8 +123,8 @@ def test_berkey_res1_full_V():
 
 # -- every model case, every type ----------------------------------------------------------
 @pytest.mark.parametrize("name", MV_CASES)
-def test_fit_matches_reference(name):
-    res, _ = _fit(name)
+def test_fit_matches_reference(name, fitted):
+    res, _ = _fit(name, fitted)
     ref = CASES[name]["fit"]
     names = ref["names"]
     _close(res.params[names], _series(ref["params"], names), 1e-7)
@@ -160,8 +153,8 @@ def _check_cs(rr, ref, names):
 
 @pytest.mark.parametrize("type", TYPES)
 @pytest.mark.parametrize("name", MV_CASES)
-def test_meregress_matches_clubsandwich(name, type):
-    res, dat = _fit(name)
+def test_meregress_matches_clubsandwich(name, type, fitted):
+    res, dat = _fit(name, fitted)
     case = CASES[name]
     ref = case["clubSandwich"][type]
     rr = robust(res, cluster=case["cluster"], type=type, data=dat)
@@ -172,8 +165,8 @@ def test_meregress_matches_clubsandwich(name, type):
 
 
 @pytest.mark.parametrize("name", [n for n in MV_CASES if "metafor_robust" in CASES[n]])
-def test_meregress_matches_metafor_robust(name):
-    res, dat = _fit(name)
+def test_meregress_matches_metafor_robust(name, fitted):
+    res, dat = _fit(name, fitted)
     case = CASES[name]
     ref = case["metafor_robust"]
     rr = robust(res, cluster=case["cluster"], type="CR1p", df="naive-tp", data=dat)
@@ -183,9 +176,9 @@ def test_meregress_matches_metafor_robust(name):
     assert (rr.df == ref["df"]).all()
 
 
-def test_not_nested_clusters():
+def test_not_nested_clusters(fitted):
     """school ids repeat across districts: CR2 refuses, the CR1p sandwich matches metafor."""
-    res, dat = _fit("schoolcal_3level")
+    res, dat = _fit("schoolcal_3level", fitted)
     with pytest.raises(ValueError, match="not nested within the robust clusters"):
         robust(res, cluster="school", data=dat)
     with pytest.raises(ValueError, match="not nested"):
@@ -202,7 +195,7 @@ def test_not_nested_clusters():
 @pytest.mark.parametrize("name", ["synthetic_ols", "synthetic_wls"])
 def test_core_least_squares_matches_clubsandwich(name, type):
     case = CASES[name]
-    syn = _data(case)
+    syn = case_data(case["data"])
     names = ["_cons", "x1", "x2", "x3"]
     X = np.column_stack([np.ones(len(syn)), syn[["x1", "x2", "x3"]].to_numpy()])
     w = np.ones(len(syn)) if case["model"] == "ols" else 1.0 / syn["v"].to_numpy()
@@ -302,8 +295,8 @@ def test_constraint_forms_agree():
         constraint_matrix([[1, 0, 0], [2, 0, 0]], names)
 
 
-def test_cluster_forms():
-    res, dat = _fit("schoolcal_3level")
+def test_cluster_forms(fitted):
+    res, dat = _fit("schoolcal_3level", fitted)
     a = robust(res)                                                   # top level: district
     b = robust(res, cluster="district")
     c = robust(res, cluster=dat["district"].to_numpy())
@@ -350,7 +343,7 @@ def test_vcalc_feeds_the_core():
 
 def test_fixed_effect_constraints_match_reparametrised_model():
     """With x1 = x3 imposed, robust inference equals that of the model in x1 + x3."""
-    syn = _data(CASES["synthetic_study"])
+    syn = case_data(CASES["synthetic_study"]["data"])
     form = "y ~ x1 + x2 + x3 + (1 | study) + (1 | study:es)"
     res = mlmeta.meregress(form, syn, variance="v", constraints="x1 = x3")
     syn = syn.assign(x13=syn["x1"] + syn["x3"])

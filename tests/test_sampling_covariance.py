@@ -10,6 +10,7 @@ from dense import dense_loglik, dense_V, dense_Z
 from mlmeta.covstruct import make_structure
 from mlmeta.design import build_design
 from mlmeta.model import NestedModel
+from references import load
 
 
 def _data(seed, n_top=12, coupling="leaf"):
@@ -81,29 +82,29 @@ def test_model_with_V_matches_dense(coupling, method):
         np.testing.assert_allclose(Vj, Vfull[a:b, a:b], rtol=1e-12)
 
 
-def test_V_diagonal_equals_variance():
+def test_V_diagonal_equals_variance(fitted):
     df = mlmeta.datasets.load("schoolcal")
     f = "stdmdiff ~ year_c + (1 | district) + (1 | district:school)"
-    a = mlmeta.meregress(f, df, variance="var")
+    a = fitted(f, "schoolcal", variance="var")
     b = mlmeta.meregress(f, df, V=np.diag(df["var"].to_numpy()))
     c = mlmeta.meregress(f, df, V=sparse.diags(df["var"].to_numpy()))
     assert b.llf == pytest.approx(a.llf, rel=1e-12) and c.llf == pytest.approx(a.llf, rel=1e-12)
     np.testing.assert_allclose(b.params, a.params, rtol=1e-10)
 
 
-def test_berkey_full_versus_diagonal_V():
+def test_berkey_full_versus_diagonal_V(fitted):
     """The seed answer: true-effect correlation 0.6088 with the full V, 0.7752 with its diagonal."""
     dat = mlmeta.datasets.load("berkey")
     blocks = [np.column_stack([g.v1i.values, g.v2i.values]) for _, g in dat.groupby("trial", sort=True)]
     f = "yi ~ 0 + outcome + (0 + outcome | trial)"
-    res1 = mlmeta.meregress(f, dat, V=blocks)
+    res1 = fitted(f, "berkey", V=blocks)
     res2 = mlmeta.meregress(f, dat, variance="vi")
     assert round(res1.recovariance("trial", correlation=True).iloc[0, 1], 4) == 0.6088
     assert round(res2.recovariance("trial", correlation=True).iloc[0, 1], 4) == 0.7752
     dense = np.zeros((10, 10))
     for t in range(5):
         dense[2 * t:2 * t + 2, 2 * t:2 * t + 2] = blocks[t]
-    same = mlmeta.meregress(f, dat, V=dense)
+    same = fitted(f, "berkey", V=dense)
     assert same.llf == pytest.approx(res1.llf, rel=1e-12)
 
 
@@ -139,11 +140,7 @@ def test_V_validation():
 
 def test_V_matches_metafor_with_vcalc():
     """Sampling errors correlated within districts (across schools: the dense-cluster path)."""
-    import json
-    import os
-
-    with open(os.path.join(os.path.dirname(__file__), "reference", "V_reference.json")) as fh:
-        ref = json.load(fh)
+    ref = load("V_reference")
     dat = mlmeta.datasets.load("schoolcal")
     for case in ref["cases"]:
         V = mlmeta.vcalc("var", "district", rho=case["rho"], obs="school", data=dat)

@@ -1,17 +1,13 @@
 """Covariance structures, custom patterns and fixed-effect constraints (Stata's
 manual examples 6 and 7) and fits checked against a dense brute-force likelihood."""
 
-import json
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import pytest
 
 import mlmeta
 from printed import close
-
-REF = Path(__file__).parent / "reference"
+from references import data_path, load
 
 SLOPE = "stdmdiff ~ year_c + (1 + year_c | district) + (1 | district:school)"
 
@@ -140,7 +136,7 @@ def test_collinear_moderator_omitted(schoolcal):
 
 
 # ---- each structure against an independent dense brute-force optimum -------------
-STRUCTURES = json.loads((REF / "dense_structures.json").read_text())
+STRUCTURES = load("dense_structures")
 
 
 @pytest.mark.parametrize("case", sorted(STRUCTURES))
@@ -149,7 +145,7 @@ def test_structures_match_dense_optimum(case):
     stored by reference/make_dense_optima.py."""
     k3, k2, method = case.split("-")
     ref = STRUCTURES[case]
-    df = pd.read_csv(REF / "data" / "structures_synthetic.csv")
+    df = pd.read_csv(data_path("structures_synthetic.csv"))
     cov3 = [["a", None, None], [None, "a", None], [None, None, "a"]] if k3 == "custom" else k3
     res = mlmeta.meregress("y ~ x1 + x2 + (1 + x1 + x2 | g) + (1 + x1 | g:h)", df, variance="v",
                            method=method, covariance={"g": cov3, "g:h": k2})
@@ -161,12 +157,12 @@ def test_structures_match_dense_optimum(case):
                                atol=1e-6)
 
 
-def test_covariance_argument_forms(schoolcal):
+def test_covariance_argument_forms(schoolcal, fitted):
     """A string names the structure of the only grouping term; with several terms it
     must be a mapping, and anything else is a clear error."""
     dat = mlmeta.datasets.load("berkey")
     f = "yi ~ 0 + outcome + (0 + outcome | trial)"
-    a = mlmeta.meregress(f, dat, variance="vi", covariance="exchangeable")
+    a = fitted(f, "berkey", variance="vi", covariance="exchangeable")
     b = mlmeta.meregress(f, dat, variance="vi", covariance={"trial": "exchangeable"})
     assert a.llf == b.llf
     two = "stdmdiff ~ year_c + (1 + year_c | district) + (1 | district:school)"

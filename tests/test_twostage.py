@@ -3,8 +3,6 @@ t.test(), and the meta-analytic second stage vs metafor::rma.mv (stored referenc
 made by tests/reference/make_twostage_references.R)."""
 
 import inspect
-import json
-import os
 
 import numpy as np
 import pandas as pd
@@ -14,12 +12,10 @@ from scipy import stats
 import mlmeta
 from mlmeta.simulate import lmm
 from mlmeta.twostage import first_stage, mv_meta, two_stage
+from references import case_data, load
 
-HERE = os.path.dirname(__file__)
-ROOT = os.path.dirname(HERE)
-with open(os.path.join(HERE, "reference", "twostage_reference.json")) as fh:
-    REF = json.load(fh)
-DATA = pd.read_csv(os.path.join(ROOT, REF["data"]))
+REF = load("twostage_reference")
+DATA = case_data(REF["data"])
 ORDER = REF["names"]            # R's order, mlmeta names
 
 
@@ -68,8 +64,9 @@ def test_meta_second_stage_matches_metafor(method):
     assert (res_t.df == res_t.n_groups - 1).all()
 
 
-def _dense_mv_dev(b, S, Sigma, reml):
-    """-2 log-likelihood of the stacked model with a dense Jp x Jp covariance."""
+def _dense_mv(b, S, Sigma, reml):
+    """-2 log-likelihood, GLS beta and its covariance H^-1 of the stacked model with a
+    dense Jp x Jp covariance."""
     J, p = b.shape
     V = np.kron(np.eye(J), Sigma) + np.block([[S[i] if i == j else np.zeros((p, p)) for j in range(J)]
                                               for i in range(J)])
@@ -81,26 +78,59 @@ def _dense_mv_dev(b, S, Sigma, reml):
     r = y - X @ beta
     dev = np.linalg.slogdet(V)[1] + r @ Vi @ r
     if reml:
-        return dev + (J * p - p) * np.log(2 * np.pi) + np.linalg.slogdet(H)[1] - np.linalg.slogdet(X.T @ X)[1]
-    return dev + J * p * np.log(2 * np.pi)
+        dev += (J * p - p) * np.log(2 * np.pi) + np.linalg.slogdet(H)[1] - np.linalg.slogdet(X.T @ X)[1]
+    else:
+        dev += J * p * np.log(2 * np.pi)
+    return dev, beta, np.linalg.inv(H)
 
 
-@pytest.mark.parametrize("reml", [True, False])
-def test_mv_objective_and_gradient_against_dense(reml):
-    from mlmeta.twostage import _mv_objective, _vech_index
-    rng = np.random.default_rng(7)
-    J, p = 9, 3
-    b = rng.standard_normal((J, p))
-    A = rng.standard_normal((J, p, p))
-    S = 0.2 * A @ np.swapaxes(A, 1, 2) + 0.05 * np.eye(p)
-    idx = _vech_index(p)
-    lv = rng.standard_normal(idx[0].size) * 0.5
-    o = _mv_objective(lv, b, S, reml, idx)
-    assert abs(o["dev"] - _dense_mv_dev(b, S, o["Sigma"], reml)) < 1e-9
-    h = 1e-6
-    fd = np.array([(_mv_objective(lv + h * e, b, S, reml, idx)["dev"]
-                    - _mv_objective(lv - h * e, b, S, reml, idx)["dev"]) / (2 * h) for e in np.eye(lv.size)])
-    np.testing.assert_allclose(o["grad"], fd, rtol=1e-5, atol=1e-6)
+def _stacked(res):
+    """The first-stage coefficients and sampling covariances the meta second stage used."""
+    return res.first_stage.to_numpy()[res.used], res.first_stage_cov[res.used]
+
+
+@pytest.mark.parametrize("method", ["reml", "ml"])
+def test_meta_objective_is_the_dense_likelihood(method):
+    """The reported llf, beta and Var(beta) are the dense stacked model's at the reported
+    Sigma (interior and singular optima)."""
+    reml = method == "reml"
+    for data, formula in [(DATA, REF["formula"]), (lmm(8, 2, 12, group_sd=0.5, seed=12)[0], "DV ~ IV1 + IV2"),
+                          (lmm(6, 3, 15, group_sd=0.3, seed=21)[0], "DV ~ IV1 + IV2 + IV3")]:
+        res = two_stage(formula, data, "Group", second_stage="meta", method=method)
+        assert res.converged
+        b, S = _stacked(res)
+        dev, beta, Hinv = _dense_mv(b, S, res.re_cov.to_numpy(), reml)
+        assert abs(-0.5 * dev - res.llf) < 1e-9
+        np.testing.assert_allclose(res.params.to_numpy(), beta, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(res.cov_params().to_numpy(), Hinv, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("method", ["reml", "ml"])
+def test_meta_optimum_is_a_maximum_of_the_dense_likelihood(method):
+    """At an interior optimum (Sigma positive definite) the gradient of the dense
+    criterion over the Cholesky factor L of Sigma = L L' (the optimiser's parameters)
+    vanishes, and moving away from it lowers the likelihood."""
+    reml = method == "reml"
+    res = two_stage(REF["formula"], DATA, REF["group"], second_stage="meta", method=method)
+    b, S = _stacked(res)
+    Sigma = res.re_cov.to_numpy()
+    assert np.linalg.eigvalsh(Sigma).min() > 0.05            # interior for these data
+    L = np.linalg.cholesky(Sigma)
+    idx = np.tril_indices(L.shape[0])
+
+    def dev(lv):
+        M = np.zeros_like(L)
+        M[idx] = lv
+        return _dense_mv(b, S, M @ M.T, reml)[0]
+
+    lv = L[idx]
+    dev0 = dev(lv)
+    h = 1e-5
+    grad = np.array([(dev(lv + h * e) - dev(lv - h * e)) / (2 * h) for e in np.eye(lv.size)])
+    assert np.abs(grad).max() < 1e-5, grad
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        assert dev(lv * (1 + 0.05 * rng.standard_normal(lv.size))) > dev0
 
 
 def test_mv_meta_is_scale_equivariant():

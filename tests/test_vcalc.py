@@ -1,9 +1,6 @@
 """vcalc() against metafor's vcalc() and clubSandwich's impute_covariance_matrix()
 (stored by tests/reference/make_robust_references.R)."""
 
-import json
-import os
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -11,11 +8,10 @@ from scipy import sparse
 
 import mlmeta
 from mlmeta.vcalc import vcalc
+from references import data_path, load
 
-HERE = os.path.dirname(__file__)
-with open(os.path.join(HERE, "reference", "robust_reference.json")) as fh:
-    REF = {c["name"]: c for c in json.load(fh)["vcalc"]}
-DATA = pd.read_csv(os.path.join(HERE, "reference", "data", "robust_vcalc.csv"))
+REF = {c["name"]: c for c in load("robust_reference")["vcalc"]}
+DATA = pd.read_csv(data_path("robust_vcalc.csv"))
 
 
 def _call(case, **extra):

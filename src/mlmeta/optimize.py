@@ -208,6 +208,6 @@ def fit_nested(model: NestedModel, *, theta0=None, em_iter=20, em_tol=1e-10, em_
             f"({-0.5 * f:.8g}) was found from another start and is reported")
     rec.theta, rec.deviance, rec.converged, rec.grad_max = theta, f, conv, gmax
     rec.seconds = time.perf_counter() - t0
-    if verbose:
-        print(f"Iteration {rec.n_iter}:  {model.ll_label} = {-0.5 * f:.8g}")
+    if verbose and rec.better_optimum:
+        print(f"A higher optimum from another start:  {model.ll_label} = {-0.5 * f:.8g}")
     return rec

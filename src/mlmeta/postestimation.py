@@ -408,18 +408,19 @@ class PostestimationMixin:
                              "lower": self.params - crit * self.bse,
                              "upper": self.params + crit * self.bse})
 
-    def wald_test(self, hypotheses, rhs=None, test: str = "chi2") -> WaldTest:
+    def wald_test(self, hypotheses, rhs=None, test: str = "z") -> WaldTest:
         """Wald test of linear hypotheses on the fixed effects.
 
         ``hypotheses``: text such as ``"x1 = 0, x2 = x3"`` or ``"_cons + 5*x = 0.1"``
         (a bare name means ``name = 0``), or a matrix L (one row per hypothesis,
         columns in ``params`` order) with ``rhs``. chi2 = (Lb - r)'(L V L')^-1 (Lb - r)
-        on q = rows(L) df; ``test="t"``: F = chi2 / q on (q, df_denom) where a
+        on q = rows(L) df (``test="z"``, normal theory, as the coefficients' z tests;
+        ``"chi2"`` is the same); ``test="t"``: F = chi2 / q on (q, df_denom) where a
         row's df is the smallest containment df of its coefficients and df_denom
         the smallest over rows (metafor's ``anova(..., X=)`` with ``dfs="contain"``).
         """
-        if test not in ("chi2", "t"):
-            raise ValueError(f"test must be 'chi2' or 't', got {test!r}")
+        if test not in ("z", "chi2", "t"):
+            raise ValueError(f"test must be 'z' (chi2 test) or 't' (F test), got {test!r}")
         names = self.fe_names
         L, r = linear_hypotheses(hypotheses, names, rhs)
         q = L.shape[0]
@@ -432,7 +433,7 @@ class PostestimationMixin:
             raise ValueError("L Var(beta) L' is singular: the hypotheses involve a combination "
                              "of coefficients fixed by constraints") from None
         Ldf = pd.DataFrame(L, columns=names)
-        if test == "chi2":
+        if test in ("z", "chi2"):
             return WaldTest(Ldf, r, chi2, q, float(stats.chi2.sf(chi2, q)))
         cdf = self.containment_df().values
         ddf = float(min(cdf[row != 0].min() for row in L))

@@ -151,6 +151,48 @@ class FixedRow:
 
 
 @dataclass
+class CoefTable:
+    """The coefficient table of every result family (meregress, mixed, OLS, robust,
+    two-stage): one row per coefficient, the test statistic's name (``z`` or ``t``),
+    per-coefficient df (None: normal tests, no df column) and the confidence level.
+    :meth:`text_lines` is its one text renderer: Stata's estimation-table layout, with
+    a df column when the tests have df."""
+    rows: list[FixedRow]
+    stat: str = "z"
+    df: list | None = None
+    level: float = 95.0
+
+    def text_lines(self, depvar: str, width: int = WIDTH) -> list[str]:
+        """Header, rule and one line per coefficient (no closing rule)."""
+        name = f"{abbrev(depvar or '', 12):>12} |"
+        if self.df is None:
+            st = self.stat
+            ci = f"[{self.level:g}% conf. interval]"
+            lines = [f"{name[:-1]}| Coefficient  Std. err.      {st}    P>|{st}|{ci:>25}"]
+        else:
+            lines = [f"{name}{'Coef.':>10}{'Std. err.':>10}{self.stat:>8}{'df':>8}"
+                     f"{'P>|' + self.stat + '|':>7}{f'[{self.level:g}% conf.':>12}{'interval]':>10}"]
+        lines.append("-" * 13 + "+" + "-" * (width - 14))
+        for k, r in enumerate(self.rows):
+            label = f"{abbrev(r.name, 12):>12} |"
+            if r.status:
+                lines.append(f"{label}{fmt_g(r.coef, 9):>11}  ({r.status})")
+            elif self.df is None:
+                lines.append(f"{label}{fmt_g(r.coef, 9):>11}{fmt_g(r.se, 9):>11}"
+                             f"{fmt_f(r.z, 2):>9}{fmt_f(r.p, 3):>8}"
+                             f"{fmt_g(r.lo, 9):>13}{fmt_g(r.hi, 9):>12}")
+            else:
+                t, d = r.z, self.df[k]
+                t = fmt_f(t, 2) if math.isfinite(t) and abs(t) < 1e4 else fmt_g(t, 7)
+                d = ("inf" if math.isinf(d) else fmt_f(d, 2) if math.isfinite(d) and d < 1e4
+                     else fmt_g(d, 8))
+                lines.append(f"{label}{fmt_g(r.coef, 9):>10}{fmt_g(r.se, 9):>10}"
+                             f"{t:>8}{d:>8}{fmt_f(r.p, 3):>7}"
+                             f"{fmt_g(r.lo, 9):>11}{fmt_g(r.hi, 9):>11}")
+        return lines
+
+
+@dataclass
 class RandomRow:
     """One random-effects parameter (``sd(_cons)``, ``corr(year_c,_cons)``, ...).
 
@@ -289,20 +331,8 @@ class Summary:
 
     def _text_fixed(self) -> list[str]:
         rule = "-" * WIDTH
-        st = self.stat
-        head = (f"{abbrev(self.depvar, 12):>12} | Coefficient  Std. err.      {st}"
-                f"    P>|{st}|{self._ci_label():>25}")
-        lines = [rule, head, "-" * 13 + "+" + "-" * (WIDTH - 14)]
-        for r in self.fixed:
-            if r.status:
-                lines.append(f"{abbrev(r.name, 12):>12} |{fmt_g(r.coef, 9):>11}  ({r.status})")
-                continue
-            lines.append(
-                f"{abbrev(r.name, 12):>12} |"
-                f"{fmt_g(r.coef, 9):>11}{fmt_g(r.se, 9):>11}"
-                f"{fmt_f(r.z, 2):>9}{fmt_f(r.p, 3):>8}"
-                f"{fmt_g(r.lo, 9):>13}{fmt_g(r.hi, 9):>12}")
-        lines.append(rule)
+        table = CoefTable(self.fixed, stat=self.stat, level=self.level)
+        lines = [rule] + table.text_lines(self.depvar) + [rule]
         if self.constraints:
             cons = [f" ({k + 1:>2})  {c}" for k, c in enumerate(self.constraints)]
             lines = ["Constraints:"] + cons + [""] + lines
@@ -509,20 +539,10 @@ def confidence_level(level=95.0, alpha=None) -> float:
 
 
 def t_table_lines(depvar, names, params, bse, tvalues, df, pvalues, ci, level=95.0, width=WIDTH):
-    """Coefficient table with t statistics and their degrees of freedom (OLS, robust
-    inference): Coef., Std. err., t, df, P>|t| and the confidence interval ``ci``
-    (a DataFrame with columns lower/upper indexed by ``names``)."""
-    level = f"[{level:g}% conf."
-    lines = [f"{abbrev(depvar or '', 12):>12} |{'Coef.':>10}{'Std. err.':>10}{'t':>8}{'df':>8}"
-             f"{'P>|t|':>7}{level:>12}{'interval]':>10}",
-             "-" * 13 + "+" + "-" * (width - 14)]
-    for nm in names:
-        t, d = tvalues[nm], df[nm]
-        t = fmt_f(t, 2) if math.isfinite(t) and abs(t) < 1e4 else fmt_g(t, 7)
-        d = ("inf" if math.isinf(d) else fmt_f(d, 2) if math.isfinite(d) and d < 1e4
-             else fmt_g(d, 8))
-        lines.append(f"{abbrev(nm, 12):>12} |{fmt_g(params[nm], 9):>10}{fmt_g(bse[nm], 9):>10}"
-                     f"{t:>8}{d:>8}{fmt_f(pvalues[nm], 3):>7}"
-                     f"{fmt_g(ci.loc[nm, 'lower'], 9):>11}{fmt_g(ci.loc[nm, 'upper'], 9):>11}")
-    lines.append("-" * width)
-    return lines
+    """The :class:`CoefTable` of t tests with per-coefficient df (OLS, robust inference,
+    two-stage), rendered with its closing rule; ``ci`` is a DataFrame with columns
+    lower/upper indexed by ``names``."""
+    rows = [FixedRow(nm, params[nm], bse[nm], tvalues[nm], pvalues[nm], ci.loc[nm, "lower"],
+                     ci.loc[nm, "upper"]) for nm in names]
+    table = CoefTable(rows, stat="t", df=[df[nm] for nm in names], level=level)
+    return table.text_lines(depvar, width) + ["-" * width]
