@@ -444,17 +444,61 @@ class Custom(CovStruct):
                 "corr_map": corr_map, "sd_fixed": self._fixed_sd.copy(),
                 "corr_fixed": self._fixed_corr.copy()}
 
-    def from_Sigma(self, Sigma, corr_bound=0.95):
-        """theta of Sigma: the free SDs, then the free correlations clipped to
-        +-corr_bound (0.95 keeps starting values off the boundary; CORR_BOUND gives
-        the exact parameters of an attainable Sigma)."""
+    def from_Sigma(self, Sigma, corr_bound=0.95, theta_prev=None):
+        """theta of Sigma: each free SD the mean of its elements' SDs, each free
+        correlation the mean of its elements' correlations clipped to +-corr_bound (0.95
+        keeps starting values off the boundary; CORR_BOUND gives the exact parameters of
+        an attainable Sigma), the correlations then kept feasible (:meth:`_feasible`,
+        anchored at ``theta_prev`` when given)."""
         sd_all = np.sqrt(np.clip(np.diag(Sigma), 0.0, None))
         theta = [float(np.mean(sd_all[where])) for where in self._sd_free]
         for where in self._corr_free:
             vals = [Sigma[i, j] / (sd_all[i] * sd_all[j]) if sd_all[i] > 0 and sd_all[j] > 0 else 0.0
                     for i, j in where]
             theta.append(float(np.clip(np.mean(vals), -corr_bound, corr_bound)))
-        return np.asarray(theta)
+        return self._feasible(np.asarray(theta), theta_prev)
+
+    def _min_pivot(self, theta):
+        """Smallest Cholesky pivot of the correlation matrix at theta (-1: not PD)."""
+        try:
+            return float(np.diag(np.linalg.cholesky(self._sd_R(theta)[1])).min())
+        except np.linalg.LinAlgError:
+            return -1.0
+
+    def _feasible(self, theta, theta_prev=None):
+        """theta with its free correlations kept feasible (the engine's EM projection does
+        the same): averaged correlations need not form a positive definite matrix with the
+        fixed ones; then they move from an anchor towards these targets, halving the step
+        until it is. The anchor is ``theta_prev``'s correlations when feasible, else the
+        common value of all free correlations on the grid -0.95, -0.90, ..., 0.95 with the
+        largest smallest Cholesky pivot."""
+        k = len(self._sd_free)
+        theta = np.array(theta, dtype=float)
+        if theta.size == k or self._min_pivot(theta) > 0:
+            return theta
+        target = theta[k:].copy()
+        anchor = (np.asarray(theta_prev, dtype=float)[k:].copy() if theta_prev is not None
+                  else np.zeros(target.size))
+        theta[k:] = anchor
+        if not self._min_pivot(theta) > 0:
+            best = -1.0
+            for g in range(39):
+                rho = -0.95 + 0.05 * g
+                theta[k:] = rho
+                m = self._min_pivot(theta)
+                if m > best:
+                    best, anchor = m, np.full(target.size, rho)
+            theta[k:] = anchor
+            if not best > 0:
+                return theta
+        lam = 1.0
+        for _ in range(50):
+            lam *= 0.5
+            theta[k:] = anchor + lam * (target - anchor)
+            if self._min_pivot(theta) > 0:
+                return theta
+        theta[k:] = anchor
+        return theta
 
     def theta_from_report(self, values):
         """Exact inverse of :meth:`report_values` (fixed entries are ignored)."""

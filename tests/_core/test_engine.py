@@ -65,6 +65,23 @@ def test_em_projection_matches_covstruct(spec, seed):
     np.testing.assert_allclose(got, s.from_Sigma(Sigma), rtol=1e-12, atol=1e-14)
 
 
+def test_em_projection_stays_feasible_like_covstruct():
+    """Fixed correlations 0.9, 0.9 with a free third one: a Sigma whose third correlation
+    is negative averages to an infeasible matrix. The engine and covstruct both move from
+    the previous (feasible) correlation towards it only as far as stays positive definite,
+    and from the best common value when the previous one is not feasible either."""
+    pattern = [[None, .9, .9], [.9, None, None], [.9, None, None]]
+    m = _model(pattern)
+    s = m.structs[0]
+    Sigma = np.array([[1.0, -0.3, 0.3], [-0.3, 1.0, -0.8], [0.3, -0.8, 1.0]])
+    for prev in (np.array([1.0, 1.0, 1.0, 0.9]), np.array([1.0, 1.0, 1.0, 0.0])):
+        got = m.problem.em_project(0, Sigma, prev)
+        np.testing.assert_allclose(got, s.from_Sigma(Sigma, theta_prev=prev), rtol=1e-12)
+        assert np.linalg.eigvalsh(s._sd_R(got)[1]).min() > 0
+        assert got[3] > 0.62            # the feasible set: corr > 2 * 0.81 - 1
+    assert s.from_Sigma(np.eye(3))[3] > 0.62          # starting values, too
+
+
 @pytest.mark.parametrize("spec", SPECS, ids=range(len(SPECS)))
 def test_gradient_matches_finite_differences(spec):
     m = _model(spec, seed=4)

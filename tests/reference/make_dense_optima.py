@@ -8,11 +8,13 @@ gradients. No part of mlmeta's fitting engine is used.
 * ``dense_optima.json``: each case of tests/engine_cases.py, maximised by L-BFGS-B
   over the structures' theta (maps from mlmeta.covstruct); the residual variance
   of the profiled cases is a free parameter here (log sigma^2).
-* ``dense_structures.json``: the three-effect / two-effect model
+* ``dense_structures.json``: (a) the three-effect / two-effect model
   ``y ~ x1 + x2 + (1 + x1 + x2 | g) + (1 + x1 | g:h)`` on
   ``data/structures_synthetic.csv`` (written here from a seeded generator) under
   pairs of structures, maximised by BFGS over an unconstrained parameterisation of
-  each Sigma written out below (independent of mlmeta.covstruct).
+  each Sigma written out below (independent of mlmeta.covstruct); (b) ``custom3-*``: a
+  custom pattern whose fixed correlations conflict with the data
+  (``data/custom3_synthetic.csv``), by Nelder-Mead over (SDs, correlation).
 
     python tests/reference/make_dense_optima.py      # about two minutes
 """
@@ -160,6 +162,50 @@ def dense_structures(df, k3, k2, method):
             "beta": [float(b) for b in beta]}
 
 
+CUSTOM3 = [[None, .9, .9], [.9, None, None], [.9, None, None]]
+
+
+def custom3_data(seed=0):
+    """40 groups x 5 rows, effects (x1, x2, _cons) with corr(x2, _cons) = -0.9 in the
+    generating Sigma, which the fixed correlations of CUSTOM3 (0.9, 0.9) rule out."""
+    rng = np.random.default_rng(seed)
+    S = np.array([[1, -0.5, 0.5], [-0.5, 1, -0.9], [0.5, -0.9, 1.0]]) * 0.3 + 0.05 * np.eye(3)
+    rows = []
+    for g in range(40):
+        u = rng.multivariate_normal(np.zeros(3), S)
+        for _ in range(5):
+            x = rng.normal(size=2)
+            v = rng.uniform(0.05, 0.2)
+            y = 0.1 + x @ (np.array([0.2, -0.1]) + u[:2]) + u[2] + rng.normal(0, np.sqrt(v))
+            rows.append((g, *x, v, y))
+    return pd.DataFrame(rows, columns=["g", "x1", "x2", "v", "y"])
+
+
+def dense_custom3(df, method):
+    """Free SDs (>= 0) and the free correlation; Nelder-Mead from several starts."""
+    s = make_structure(CUSTOM3, ["x1", "x2", "_cons"])
+    n = len(df)
+    X = np.column_stack([df.x1, df.x2, np.ones(n)])
+
+    def negll(th):
+        if np.any(th[:3] < 0) or abs(th[3]) >= 1:
+            return 1e10
+        sd, R = s._sd_R(th)
+        if np.linalg.eigvalsh(R).min() <= 0:
+            return 1e10
+        V = dense_V([X], [df.g.to_numpy()], [s.Sigma(th)], df.v.to_numpy())
+        return -dense_loglik(df.y.to_numpy(), X, V, method)[0]
+
+    best = None
+    for start in ([1, 1, 1, 0.7], [0.5, 0.5, 0.5, 0.8], [1, 0.1, 1, 0.9], [2, 1, 1, 0.75]):
+        r = optimize.minimize(negll, start, method="Nelder-Mead",
+                              options={"xatol": 1e-10, "fatol": 1e-12, "maxiter": 20000,
+                                       "maxfev": 40000})
+        if best is None or r.fun < best.fun:
+            best = r
+    return {"llf": -float(best.fun), "theta": [float(t) for t in best.x]}
+
+
 def main():
     out = {cid: dense_optimum(cid) for cid in case_ids()}
     (HERE / "dense_optima.json").write_text(json.dumps(out, indent=1, sort_keys=True) + "\n")
@@ -169,6 +215,11 @@ def main():
     df = pd.read_csv(HERE / "data" / "structures_synthetic.csv")
     out = {f"{k3}-{k2}-{m}": dense_structures(df, k3, k2, m)
            for k3, k2 in STRUCTURE_PAIRS for m in ("reml", "ml")}
+    df3 = custom3_data()
+    df3.to_csv(HERE / "data" / "custom3_synthetic.csv", index=False, float_format="%.17g")
+    df3 = pd.read_csv(HERE / "data" / "custom3_synthetic.csv")
+    for m in ("reml", "ml"):
+        out[f"custom3-fixedcorr-{m}"] = dense_custom3(df3, m)
     (HERE / "dense_structures.json").write_text(json.dumps(out, indent=1, sort_keys=True) + "\n")
     print(f"wrote {len(out)} structure cases")
 

@@ -177,7 +177,8 @@ cdef class Problem:
         P.tn_len = K._tn_ptr[K._tn_ptr.shape[0] - 1]
         P.t_len = t_len
         P.maxq = K.maxq
-        P.scratch_len = 3 * P.maxq * max(P.maxq, <Py_ssize_t>P.tree.ncol) + 16
+        # the kernels' scratch, and (EM) Sigma, a product and the projections' q x q room
+        P.scratch_len = 3 * P.maxq * max(P.maxq, <Py_ssize_t>P.tree.ncol) + 3 * P.maxq * P.maxq + 16
         P.n_theta = k
         P.p = p
         P.ncol = p + 1

@@ -86,10 +86,17 @@ cdef int fit_one(const Prob* P, Work* W, const double* y, double* th, const Opti
             th[i] = P.upper[i]
     for it in range(O.em_iter):
         f = evaluate(P, W, th, NULL, True, 0.0)
+        if it > 0 and not (f <= fc + 1e-10 * (fabs(fc) if fabs(fc) > 1.0 else 1.0)):
+            # the last update lowered the likelihood or left the parameter space (the
+            # projection of a constrained structure is not an exact M-step): undo it
+            copy(tp, th, k)
+            R.n_em[0] = it - 1
+            break
         if f == INFINITY:
             break
         if R.log_em != NULL:
             R.log_em[it] = f
+        copy(th, tp, k)
         em_update(P, W, th)
         R.n_em[0] = it + 1
         if fabs(fc - f) <= O.em_tol * (fabs(f) + O.em_tol):
@@ -132,7 +139,14 @@ cdef int fit_one(const Prob* P, Work* W, const double* y, double* th, const Opti
                     h = 1e-6 * (P.scale if P.scale > fabs(th[i]) else fabs(th[i]))
                     copy(th, tp, k)
                     tp[i] = tp[i] + h
-                    evaluate(P, W, tp, gp, False, 0.0)
+                    if evaluate(P, W, tp, gp, False, 0.0) == INFINITY:
+                        # at the edge of the feasible set (a custom level's correlations):
+                        # difference backwards
+                        h = -h
+                        tp[i] = th[i] + h
+                        if evaluate(P, W, tp, gp, False, 0.0) == INFINITY:
+                            for j in range(k):
+                                gp[j] = g[j]
                     for j in range(nf):
                         H[j + m * nf] = (gp[idx[j]] - g[idx[j]]) / h
                 for m in range(nf):

@@ -166,6 +166,8 @@ cdef void em_project(const Prob* P, Py_ssize_t l, const double* Sig, double* th,
     else:
         smap = P.cmap + P.c_off[l]
         cmap = smap + q
+        n = P.n_th[l] - P.n_sd[l]
+        copy(th + o + P.n_sd[l], scratch + q, n)          # the previous correlations
         for i in range(q):
             scratch[i] = sqrt(Sig[i + i * q]) if Sig[i + i * q] > 0 else 0.0
         for c in range(P.n_sd[l]):
@@ -187,6 +189,73 @@ cdef void em_project(const Prob* P, Py_ssize_t l, const double* Sig, double* th,
                         n += 1
             acc = acc / n if n > 0 else 0.0
             th[o + c] = -0.95 if acc < -0.95 else (0.95 if acc > 0.95 else acc)
+        n = P.n_th[l] - P.n_sd[l]
+        feasible_correlations(P, l, th, scratch + q, scratch + q + n)
+
+
+cdef double min_pivot(const Prob* P, Py_ssize_t l, const double* th, double* R) noexcept nogil:
+    """The smallest diagonal element of the Cholesky factor of the custom level's
+    correlation matrix at theta (-1 if it is not positive definite)."""
+    cdef Py_ssize_t q = P.q[l], o = P.th_off[l], i, j
+    cdef const Py_ssize_t* cmap = P.cmap + P.c_off[l] + q
+    cdef const double* cfix = P.cfix + P.c_off[l] + q
+    cdef double m
+    for j in range(q):
+        for i in range(q):
+            if i == j:
+                R[i + j * q] = 1.0
+            elif cmap[i + j * q] >= 0:
+                R[i + j * q] = th[o + cmap[i + j * q]]
+            else:
+                R[i + j * q] = cfix[i + j * q]
+    if potrf_lower(<int>q, R, <int>q) != 0:
+        return -1.0
+    m = R[0]
+    for i in range(q):
+        if R[i + i * q] < m:
+            m = R[i + i * q]
+    return m
+
+
+cdef void feasible_correlations(const Prob* P, Py_ssize_t l, double* th, double* prev,
+                                double* work) noexcept nogil:
+    """Keep a custom level's EM projection inside the feasible set. The averaged free
+    correlations (the target) need not form a positive definite matrix with the fixed
+    ones; then they move from an anchor towards the target by halving the step until
+    it is. The anchor is ``prev`` (the previous correlations) when feasible, else the
+    common value of all free correlations on the grid -0.95, -0.90, ..., 0.95 with the
+    largest smallest Cholesky pivot. ``work``: n_corr + q^2 doubles."""
+    cdef Py_ssize_t o = P.th_off[l] + P.n_sd[l], n = P.n_th[l] - P.n_sd[l], c
+    cdef double* target = work
+    cdef double* R = work + n
+    cdef double lam, best, m, rho
+    cdef int g
+    if n == 0 or min_pivot(P, l, th, R) > 0:
+        return
+    copy(th + o, target, n)
+    copy(prev, th + o, n)
+    if not min_pivot(P, l, th, R) > 0:
+        best = -1.0
+        for g in range(39):
+            rho = -0.95 + 0.05 * g
+            for c in range(n):
+                th[o + c] = rho
+            m = min_pivot(P, l, th, R)
+            if m > best:
+                best = m
+                for c in range(n):
+                    prev[c] = rho
+        copy(prev, th + o, n)
+        if not best > 0:
+            return                   # no feasible anchor: the evaluation will say so
+    lam = 1.0
+    for _ in range(50):
+        lam *= 0.5
+        for c in range(n):
+            th[o + c] = prev[c] + lam * (target[c] - prev[c])
+        if min_pivot(P, l, th, R) > 0:
+            return
+    copy(prev, th + o, n)
 
 
 cdef void em_update(const Prob* P, Work* W, double* th) noexcept nogil:
