@@ -203,3 +203,61 @@ def test_confidence_level_is_one_percentage_everywhere(fit, schoolcal):
     assert "[99% conf." in rr.summary(level=99) and "[90% conf." in o.summary(level=90)
     assert "[90% conf. interval]" in fit.summary(level=90).as_text()
 
+
+
+def test_dfs_option_validates_and_is_stored(schoolcal):
+    """dfs= (metafor's dfs): "contain" (default) or "residual" (k - p), stored on the
+    results; values against metafor are in test_postestimation."""
+    res = mlmeta.meregress(FORMULA, schoolcal, variance="var", test="t", dfs="residual")
+    assert res.dfs == "residual" and list(res.df) == [55.0]
+    assert list(res.residual_df()) == [55.0]
+    assert res.t_test().df.iloc[0] == 55.0
+    assert res.wald_test("_cons", test="t").df_denom == 55.0
+    assert mlmeta.meregress(FORMULA, schoolcal, variance="var").dfs == "contain"
+    with pytest.raises(ValueError, match="dfs must be"):
+        mlmeta.meregress(FORMULA, schoolcal, variance="var", test="t", dfs="between")
+
+
+def _zero_sd_exchangeable():
+    """12 studies x 2 outcomes with no between-study variation beyond sampling error:
+    the exchangeable level's SD is estimated at 0 (seed 1)."""
+    rng = np.random.default_rng(1)
+    df = pd.DataFrame({"study": np.repeat(np.arange(12), 2), "outcome": np.tile(["A", "B"], 12)})
+    df["v"] = 0.05
+    df["y"] = rng.normal(0, np.sqrt(0.05), 24) + 0.3 * (df.outcome == "B")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", mlmeta.BoundaryWarning)
+        return mlmeta.meregress("y ~ outcome + (0 + outcome | study)", df, variance="v",
+                                covariance={"study": "exchangeable"})
+
+
+def test_correlation_of_a_zero_sd_level_is_reported_as_not_identified():
+    """An exchangeable level whose SD is 0: its correlation is flagged only because the
+    SD is zero, and the note says so (not "corr(...) is -0" / "+0" / "+1")."""
+    import dataclasses
+
+    from mlmeta.results import MeregressResults
+
+    res = _zero_sd_exchangeable()
+    # the fit ends at the boundary point; the exact point theta = 0 has the same
+    # likelihood, and there the SD is exactly 0 (and the correlation 0/0)
+    at_zero = MeregressResults(res.model, res.frame,
+                               dataclasses.replace(res.fit_record, theta=np.zeros(2)),
+                               depvar=res.depvar, options=res.options)
+    assert at_zero.llf == pytest.approx(res.llf, abs=1e-10)
+    for r, exact in ((res, False), (at_zero, True)):
+        rp = r.re_params()
+        sd = rp[rp.param.str.startswith("sd(")]
+        assert len(sd) == 1 and bool(sd.boundary.iloc[0])
+        if exact:
+            assert sd.estimate.iloc[0] == 0.0
+        else:
+            assert sd.estimate.iloc[0] < 1e-15
+        label = "corr(outcome[A],outcome[B]) at level study"
+        assert r.boundary == ["sd(outcome[A] outcome[B]) at level study is zero",
+                              f"{label} is not identified because sd(outcome[A] outcome[B]) "
+                              f"is zero"]
+        text = r.summary().as_text()
+        assert "is not identified because" in text
+        assert not any(s in " ".join(r.boundary) for s in ("is -0", "is +0", "is +1", "is -1"))
+        assert f"{label} is not identified because sd(outcome[A] outcome[B]) is zero." in r.notes

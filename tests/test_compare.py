@@ -102,6 +102,63 @@ def test_lrtest_several_variances_give_conservative_p_only(schoolcal, fitted):
     assert any("only the conservative p-value" in note for note in lr.notes)
 
 
+# -- nulls on the boundary or in the interior: metafor's anova(full, reduced) on Berkey ----------
+# tests/reference/lrtest_robust_reference.json, made by make_lrtest_robust_references.R: REML
+# fits with V = vcalc(vi, cluster = trial, obs = outcome, rho = 0.6).
+LR_REF = load("lrtest_robust_reference")
+LR_CASES = {c["name"]: c for c in LR_REF["lrtest"]}
+
+
+def _berkey_fit(fitted, side):
+    """The full or reduced model of a stored case (``side``: its "full" or "reduced" entry)."""
+    spec = side["mlmeta"]
+    V = mlmeta.vcalc("vi", "trial", rho=0.6, data=mlmeta.datasets.load("berkey")).toarray()
+    kw = {"covariance": {"trial": spec["covariance"]}} if "covariance" in spec else {}
+    return fitted(spec["formula"], "berkey", V=V, **kw)
+
+
+# an SD fixed at 0 makes the level's covariance matrix singular: mlmeta says so
+_SINGULAR = pytest.mark.filterwarnings("ignore::mlmeta.BoundaryWarning")
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=_SINGULAR) if "fixed_zero" in n else n
+                                  for n in LR_CASES])
+def test_lrtest_nested_structures_match_metafor(name, fitted):
+    """Equality constraints (UN -> CS, DIAG -> ID) and a correlation fixed at 0
+    (UN -> DIAG) are interior nulls: the plain chi2 p-value, no mixture, no boundary
+    note. A variance fixed at 0 (tau2(PD) = 0) or a level removed is a boundary null:
+    metafor's chi2 p-value plus the 50:50 chi-bar-square mixture."""
+    case = LR_CASES[name]
+    full, reduced = _berkey_fit(fitted, case["full"]), _berkey_fit(fitted, case["reduced"])
+    assert full.llf == pytest.approx(case["full"]["llf"], rel=1e-8, abs=1e-8)
+    assert reduced.llf == pytest.approx(case["reduced"]["llf"], rel=1e-8, abs=1e-8)
+    assert (full.df_modelwc, reduced.df_modelwc) == (case["full"]["parms"], case["reduced"]["parms"])
+    lr = mlmeta.lrtest(full, reduced)
+    assert lr.df == case["df"] == 1
+    assert lr.statistic == pytest.approx(case["LRT"], abs=1e-6)
+    assert lr.pvalue == pytest.approx(case["pval"], rel=1e-5)
+    assert lr.boundary is case["boundary"]
+    text = str(lr)
+    if case["boundary"]:
+        assert lr.pvalue_mixture == pytest.approx(0.5 * lr.pvalue)
+        assert "Prob > chibar2" in text and "the boundary of the parameter space" in text
+    else:
+        assert lr.pvalue_mixture is None
+        assert "chibar2" not in text and "boundary" not in text and "set to zero" not in text
+        assert [n for n in lr.notes if "REML" not in n] == []
+
+
+def test_lrtest_unstructured_vs_exchangeable_printed(fitted):
+    """The reported case: LRT 0.5661, p 0.4518 (metafor), not the mixture's 0.2259."""
+    case = LR_CASES["un_vs_cs"]
+    lr = mlmeta.lrtest(_berkey_fit(fitted, case["reduced"]), _berkey_fit(fitted, case["full"]),
+                       names=("cs", "un"))
+    assert lr.names == ("un", "cs")
+    assert round(lr.statistic, 4) == 0.5661 and round(lr.pvalue, 4) == 0.4518
+    assert round(case["LRT"], 4) == 0.5661 and round(case["pval"], 4) == 0.4518
+    assert "Prob > chi2 =   0.4518" in str(lr)
+
+
 # -- information criteria ---------------------------------------------------------------
 def test_example4_information_criteria(example4):
     """Stata's log-likelihoods differ from metafor's and the dense likelihood's by

@@ -216,7 +216,7 @@ def test_group_codes_with_repeated_inner_ids(schools):
 def test_nesting_violation_message(schools):
     msg = (
         r"grouping 'school' is not nested within 'district': 3 school groups span several "
-        r"district groups\. Crossed random effects are not supported\. If ids are local to each "
+        r"district groups\. Crossed random effects are not supported yet\. If ids are local to each "
         r"outer group, write the inner term as \(1 \| district:school\) or \(1 \| district/school\)\."
     )
     with pytest.raises(ValueError, match=msg):

@@ -191,3 +191,74 @@ def test_singular_fit_is_reported_like_lme4():
     # t tests on Satterthwaite df by default (lmerTest's summary)
     assert (res.df > 1).all() and np.isfinite(res.df).all()
     assert "P>|t|" in res.summary().as_text()
+
+
+# -- one df rule per model: Satterthwaite everywhere (lmerTest's contest) --------------
+DF_REF = load("df_reference")
+DF_FORMULAS = {"mixed_slope": "y ~ x1 + x2 + f + (1 + x1 | subj)",
+               "sleepstudy": "Reaction ~ Days + (1 + Days | Subject)",
+               "nested": "y ~ x + z + (1 | school) + (1 | school:class)"}
+_DF_FITS = {}
+
+
+def _df_fit(case):
+    if case not in _DF_FITS:
+        data = pd.DataFrame(DF_REF["data"][case])
+        _DF_FITS[case] = mlmeta.mixed(DF_FORMULAS[case], data)
+    return _DF_FITS[case]
+
+
+def _in_our_order(res, ref, row):
+    order = [ref["names"].index(n) for n in res.fe_names]
+    return np.asarray(row, dtype=float)[..., order]
+
+
+@pytest.mark.parametrize("case", sorted(DF_FORMULAS))
+def test_t_test_and_wald_test_use_satterthwaite_df_as_lmerTest(case):
+    """summary, t_test and wald_test(test="t") of a mixed model share one df rule:
+    Satterthwaite df per contrast (lmerTest's contest1D) and the multi-df F test of
+    lmerTest's contest(fit, L, joint=TRUE); F, df and p to 1e-4 relative (p-values
+    below 1e-6 to 1e-10 absolute: there a 1e-5 relative difference in df, both sides
+    numerical Hessians, moves p by more than 1e-4 relative)."""
+    ref = DF_REF["mixed"][case]
+    res = _df_fit(case)
+    names = res.fe_names
+    assert set(names) == set(ref["names"])
+    assert res.params.values == pytest.approx(_in_our_order(res, ref, ref["beta"]), rel=1e-5)
+    df_ref = _in_our_order(res, ref, ref["df"])
+    assert res.df.values == pytest.approx(df_ref, rel=1e-4)
+    assert res.t_test().df.values == pytest.approx(df_ref, rel=1e-4)
+    assert res.t_test().pvalue.values == pytest.approx(res.pvalues.values, rel=1e-10)
+    for c in ref["contrasts"]:
+        L = _in_our_order(res, ref, c["L"])[None, :]
+        t = res.t_test(L).iloc[0]
+        assert t.coef == pytest.approx(c["estimate"], rel=1e-5)
+        assert t.std_err == pytest.approx(c["se"], rel=1e-4)
+        assert t.df == pytest.approx(c["df"], rel=1e-4)
+        assert t.pvalue == pytest.approx(c["p"], rel=1e-4, abs=1e-10)
+        w = res.wald_test(L, test="t")
+        assert w.df_denom == pytest.approx(c["df"], rel=1e-4)
+        assert w.statistic == pytest.approx(c["t"] ** 2, rel=1e-4)
+        assert w.pvalue == pytest.approx(c["p"], rel=1e-4, abs=1e-10)
+    for j in ref["joint"]:
+        L = _in_our_order(res, ref, j["L"])
+        w = res.wald_test(L, rhs=j["rhs"], test="t")
+        assert w.df == j["ndf"]
+        assert w.statistic == pytest.approx(j["F"], rel=1e-4)
+        assert w.df_denom == pytest.approx(j["ddf"], rel=1e-4)
+        assert w.pvalue == pytest.approx(j["p"], rel=1e-4, abs=1e-10)
+
+
+def test_mixed_t_test_hypothesis_string():
+    """t_test("x = 0") works on mixed models and agrees with summary()'s row."""
+    res = _df_fit("mixed_slope")
+    one = res.t_test("x1 = 0")
+    assert list(one.index) == ["x1 = 0"]
+    assert one.df.iloc[0] == pytest.approx(res.df["x1"], rel=1e-10)
+    assert one.pvalue.iloc[0] == pytest.approx(res.pvalues["x1"], rel=1e-10)
+    ci = res.conf_int().loc["x1"]
+    assert (one.lower.iloc[0], one.upper.iloc[0]) == pytest.approx((ci.lower, ci.upper))
+    two = res.t_test("x1 - x2 = 0, x1 = 0.2")
+    ref = DF_REF["mixed"]["mixed_slope"]["contrasts"][2]          # x1 - x2
+    assert two.df.iloc[0] == pytest.approx(ref["df"], rel=1e-4)
+    assert two.df.iloc[1] == pytest.approx(res.df["x1"], rel=1e-10)

@@ -5,6 +5,8 @@ metafor values come from tests/reference/make_postestimation_references.R
 (stored in postestimation_reference.json); the tests never need R.
 """
 
+import warnings
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -393,3 +395,96 @@ def test_profile_of_a_correlation(fitted):
     assert (prof.llf <= res.llf + 1e-9).all()
     at_est = res.profile(("trial", label), values=[prof.attrs["estimate"]])
     assert at_est.llf.iloc[0] == pytest.approx(res.llf, abs=1e-7)
+
+
+# -- containment df with random slopes, residual df (metafor's dfs=) -------------------
+DF_REF = load("df_reference")
+
+
+def _df_case(case, dfs):
+    """The mlmeta fits of make_df_references.R's metafor cases, test="t"."""
+    kw = {"test": "t", "dfs": dfs}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", mlmeta.BoundaryWarning)   # schoolcal: corr = +1
+        if case == "schoolcal_gen":
+            return mlmeta.meregress("stdmdiff ~ year_c + (1 + year_c | district) "
+                                    "+ (1 | district:school)", mlmeta.datasets.load("schoolcal"),
+                                    variance="var", **kw)
+        if case == "berkey_un":
+            dat = mlmeta.datasets.load("berkey")
+            blocks = [np.column_stack([g.v1i.values, g.v2i.values])
+                      for _, g in dat.groupby("trial", sort=True)]
+            return mlmeta.meregress("yi ~ outcome + (0 + outcome | trial)", dat, V=blocks, **kw)
+        dat = pd.DataFrame(DF_REF["data"]["synth_un"])
+        return mlmeta.meregress("y ~ type + w + (0 + type | study) + (1 | study:esid)", dat,
+                                variance="v", **kw)
+
+
+def _ref_vector(ref, key, names):
+    """A metafor per-coefficient vector reordered to mlmeta's coefficient order."""
+    return np.array([dict(zip(ref["names"], ref[key]))[n] for n in names])
+
+
+@pytest.mark.parametrize("case", ["schoolcal_gen", "berkey_un", "synth_un"])
+def test_containment_and_residual_df_match_metafor_with_random_slopes(case):
+    """metafor's dfs="contain" counts the (x, study) cells of a slope term `~ x | study`
+    as containing x (schoolcal: year_c has 10 df, not 54; the synthetic factor slope:
+    type 57 = 60 cells - 3, not 119), and dfs="residual" is k - p; p-values, intervals
+    and anova(X=) F tests (per contrast and joint) follow them."""
+    ref = DF_REF["meta"][case]
+    for dfs in ("contain", "residual"):
+        res = _df_case(case, dfs)
+        names = res.fe_names
+        assert set(names) == set(ref["names"])
+        assert res.llf == pytest.approx(ref["ll"], abs=1e-6)
+        assert res.params.values == pytest.approx(_ref_vector(ref, "beta", names), rel=1e-5, abs=1e-8)
+        ddf = _ref_vector(ref, f"ddf_{dfs}", names)
+        assert list(res.df) == list(ddf)
+        assert list(res.t_test().df) == list(ddf)
+        if dfs == "contain":
+            assert list(res.containment_df()) == list(ddf)
+        assert res.pvalues.values == pytest.approx(_ref_vector(ref, f"pval_{dfs}", names), rel=1e-4)
+        ci = res.conf_int()
+        assert ci.lower.values == pytest.approx(_ref_vector(ref, f"ci_lb_{dfs}", names), rel=1e-4)
+        assert ci.upper.values == pytest.approx(_ref_vector(ref, f"ci_ub_{dfs}", names), rel=1e-4)
+        order = [ref["names"].index(n) for n in names]
+        for c in ref["contrasts"]:
+            L = np.array(c["L"], dtype=float)[order][None, :]
+            w = res.wald_test(L, test="t")
+            assert w.df_denom == c[f"ddf_{dfs}"]
+            assert w.statistic == pytest.approx(c[f"F_{dfs}"], rel=1e-4)
+            assert w.pvalue == pytest.approx(c[f"p_{dfs}"], rel=1e-4)
+            t = res.t_test(L)
+            assert t.df.iloc[0] == c[f"ddf_{dfs}"]
+            assert t.t.iloc[0] ** 2 == pytest.approx(c[f"F_{dfs}"], rel=1e-4)
+            assert t.pvalue.iloc[0] == pytest.approx(c[f"p_{dfs}"], rel=1e-4)
+        j = ref["joint"]
+        L = np.array(j["L"], dtype=float)[:, order]
+        w = res.wald_test(L, test="t")
+        assert (w.df, w.df_denom) == (L.shape[0], j[f"ddf_{dfs}"])
+        assert w.statistic == pytest.approx(j[f"F_{dfs}"], rel=1e-4)
+        assert w.pvalue == pytest.approx(j[f"p_{dfs}"], rel=1e-4)
+        assert "P>|t|" in res.summary().as_text()
+
+
+def test_t_test_takes_hypotheses(year):
+    """t_test("x = 0") (and a matrix with rhs) gives one row per hypothesis; a number
+    as the only positional argument is still the level."""
+    one = year.t_test("year_c = 0")
+    assert list(one.index) == ["year_c = 0"]
+    row, ref = one.iloc[0], year.t_test().loc["year_c"]
+    for col in ("coef", "std_err", "t", "df", "pvalue", "lower", "upper"):
+        assert row[col] == pytest.approx(ref[col])
+    two = year.t_test("year_c + _cons = 0.1, year_c = 0")
+    L = np.array([[1.0, 1.0], [1.0, 0.0]])
+    est = L @ year.params.values
+    se = np.sqrt(np.diag(L @ year.cov_params().values @ L.T))
+    assert two.coef.values == pytest.approx(est)
+    assert two.t.values == pytest.approx((est - [0.1, 0.0]) / se)
+    cdf = year.containment_df()
+    assert list(two.df) == [cdf.min(), cdf["year_c"]]
+    m = year.t_test([[1.0, 1.0]], rhs=0.1)
+    assert m.t.iloc[0] == pytest.approx(two.t.iloc[0])
+    assert year.t_test(90).equals(year.t_test(level=90))
+    with pytest.raises(ValueError, match="unknown coefficient"):
+        year.t_test("nothere = 0")

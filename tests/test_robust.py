@@ -116,9 +116,80 @@ def test_berkey_res1_full_V(fitted):
     S = res.re_cov["trial"].loc[names, names].to_numpy()
     assert round(S[0, 1] / np.sqrt(S[0, 0] * S[1, 1]), 4) == 0.6088
     for ty in ("CR1p", "CR2"):
-        rr = robust(res, type=ty)
+        rr = robust(res, type=ty, df="satterthwaite")                # clubSandwich's df for both
         _close(rr.bse[names], _series(case["clubSandwich"][ty]["se"], names))
         _close(rr.df[names], _series(case["clubSandwich"][ty]["df_satterthwaite"], names))
+
+
+# -- type="CR1p" without df is metafor's robust(fit, cluster) -----------------------------------
+# tests/reference/lrtest_robust_reference.json, made by make_lrtest_robust_references.R
+LR_REF = load("lrtest_robust_reference")
+METAFOR_ROBUST = {c["name"]: c for c in LR_REF["robust"]}
+
+
+def _berkey_V():
+    return mlmeta.vcalc("vi", "trial", rho=0.6, data=mlmeta.datasets.load("berkey")).toarray()
+
+
+def test_vcalc_matches_metafor_vcalc_berkey():
+    """mlmeta.vcalc("vi", "trial", rho=0.6) is metafor's vcalc(vi, trial, obs=outcome, rho=0.6)."""
+    np.testing.assert_allclose(_berkey_V(), LR_REF["V"]["matrix"], rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("name", ["berkey_vi", "berkey_V"])
+def test_cr1p_default_is_metafor_robust(name, fitted):
+    """robust(res, type="CR1p") with no df: SEs, t tests and CIs on J - p df and the
+    omnibus F(q, J - p) test of metafor's robust(fit, cluster = trial)."""
+    ref = METAFOR_ROBUST[name]
+    formula = "yi ~ 0 + outcome + (0 + outcome | trial)"
+    kw = {"variance": "vi"} if "variance" in ref else {"V": _berkey_V()}
+    res = fitted(formula, "berkey", **kw)
+    names = list(ref["se"])
+    _close(res.params[names], _series(ref["params"], names), 1e-7)
+    rr = robust(res, type="CR1p")
+    assert rr.df_method == "naive-tp" and rr.n_clusters == ref["n_clusters"] == 5
+    assert (rr.df == ref["df"]).all() and ref["df"] == 3
+    _close(rr.bse[names], _series(ref["se"], names))
+    _close(rr.tvalues[names], _series(ref["tstat"], names))
+    _close_p(rr.pvalues[names], _series(ref["pval"], names))
+    ci = rr.conf_int()
+    _close(ci.loc[names, "lower"], _series(ref["ci_lb"], names))
+    _close(ci.loc[names, "upper"], _series(ref["ci_ub"], names))
+    _close_cov(rr.cov_params().loc[names, names], ref["vcov"])
+    om = rr.wald_test(names)                                    # default: the F test of the df method
+    assert om.test == "naive-Fp" and [om.df_num, om.df_denom] == ref["QMdf"] == [2, 3]
+    _close([om.statistic, om.pvalue], [ref["QM"], ref["QMp"]])
+    text = rr.summary().as_text()
+    assert f"F(2, 3.00) = {ref['QM']:.2f}, Prob > F = {ref['QMp']:.4f}" in text
+    assert "CR1p (metafor's robust(), J/(J-p)) standard errors, df = J - p = 3" in text
+    if name == "berkey_vi":                                     # the reported values
+        assert np.round(rr.bse[names].to_numpy(), 6).tolist() == [0.100912, 0.062488]
+        assert np.round(rr.pvalues[names].to_numpy(), 3).tolist() == [0.048, 0.012]
+    # the explicit spelling gives the same; the generic core has the same default
+    same = robust(res, type="CR1p", df="naive-tp")
+    np.testing.assert_array_equal(same.bse, rr.bse)
+    np.testing.assert_array_equal(same.df, rr.df)
+
+
+def test_labels_name_a_reference_only_for_its_procedure(fitted):
+    res = fitted("yi ~ 0 + outcome + (0 + outcome | trial)", "berkey", variance="vi")
+    sat = robust(res, type="CR1p", df="satterthwaite")          # clubSandwich's CR1p
+    assert sat.df_method == "satterthwaite" and "metafor" not in sat.description
+    assert sat.description == "Cluster-robust CR1p (J/(J-p)) standard errors, Satterthwaite df"
+    assert sat.wald_test(list(res.fe_names)).test == "HTZ"
+    cr2 = robust(res)                                           # the default is unchanged
+    assert cr2.type == "CR2" and cr2.df_method == "satterthwaite"
+    assert cr2.description == "Cluster-robust CR2 (clubSandwich) standard errors, Satterthwaite df"
+    assert cr2.wald_test(list(res.fe_names)).test == "HTZ"
+    s_t = robust(res, type="CR1S", df="naive-t")
+    assert "CR1S (Stata's regress, J(N-1)/((J-1)(N-p))) standard errors, df = J - 1 = 4" in s_t.description
+    assert s_t.wald_test(list(res.fe_names)).df_denom == 4
+    s_sat = robust(res, type="CR1S")
+    assert s_sat.df_method == "satterthwaite" and "Stata" not in s_sat.description
+    X, r, cl, V, _ = _toy(4)
+    core = cluster_robust(X, r, cl, V_blocks=V, type="CR1p")
+    assert core.df_method == "naive-tp" and (core.df == 12 - 3).all()
+    assert cluster_robust(X, r, cl, V_blocks=V, type="CR1").df_method == "satterthwaite"
 
 
 # -- every model case, every type ----------------------------------------------------------
@@ -157,7 +228,7 @@ def test_meregress_matches_clubsandwich(name, type, fitted):
     res, dat = _fit(name, fitted)
     case = CASES[name]
     ref = case["clubSandwich"][type]
-    rr = robust(res, cluster=case["cluster"], type=type, data=dat)
+    rr = robust(res, cluster=case["cluster"], type=type, df="satterthwaite", data=dat)
     _check_cs(rr, ref, list(ref["se"]))
     for df, key in (("naive-t", "p_naive_t"), ("naive-tp", "p_naive_tp"), ("z", "p_z")):
         other = robust(res, cluster=case["cluster"], type=type, df=df, data=dat)
@@ -188,6 +259,9 @@ def test_not_nested_clusters(fitted):
     names = list(ref["se"])
     _close(rr.bse[names], _series(ref["se"], names))
     assert rr.n_clusters == ref["n_clusters"]
+    default = robust(res, cluster="school", type="CR1p", data=dat)    # metafor's df by default
+    np.testing.assert_array_equal(default.bse, rr.bse)
+    np.testing.assert_array_equal(default.df, rr.df)
 
 
 # -- the generic core: OLS and WLS ---------------------------------------------------------
@@ -203,7 +277,7 @@ def test_core_least_squares_matches_clubsandwich(name, type):
     _close(beta, _series(case["fit"]["params"], names), 1e-10)
     kw = {} if case["model"] == "ols" else {"W_blocks": w, "V_blocks": np.ones(len(syn))}
     rr = cluster_robust(X, syn["y"].to_numpy() - X @ beta, syn["study"].to_numpy(), type=type,
-                        params=beta, names=names, **kw)
+                        params=beta, names=names, df="satterthwaite", **kw)
     _check_cs(rr, case["clubSandwich"][type], names)
 
 

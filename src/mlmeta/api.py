@@ -160,8 +160,9 @@ def build_model(formula, data, *, se=None, variance=None, V=None, method="reml",
 
 
 def meregress(formula, data, *, se=None, variance=None, V=None, method="reml", covariance=None,
-              constraints=None, collinear=False, test="z", em_iter=20, em_tol=1e-10, em_only=False,
-              maxiter=1000, tol=1e-6, safeguard="auto", verbose=False) -> MeregressResults:
+              constraints=None, collinear=False, test="z", dfs="contain", em_iter=20,
+              em_tol=1e-10, em_only=False, maxiter=1000, tol=1e-6, safeguard="auto",
+              verbose=False) -> MeregressResults:
     """Multilevel meta-regression (Stata's ``meta meregress``, metafor's ``rma.mv``).
 
     Parameters
@@ -184,8 +185,11 @@ def meregress(formula, data, *, se=None, variance=None, V=None, method="reml", c
         constrains those elements equal, e.g. ``[["a", .5], [.5, "a"]]``.
     constraints : linear constraints on the fixed effects, ``["x1 = x2", "x3 = 0.5"]``
         (formulaic's syntax) or an ``(R, r)`` pair meaning ``R beta = r``; fitted exactly.
-    test : "z" (normal inference, Stata's default) or "t": t tests and intervals on
-        metafor's containment degrees of freedom (``dfs="contain"``).
+    test : "z" (normal inference, Stata's default) or "t": t tests and intervals (F
+        tests for ``wald_test(test="t")``) on the degrees of freedom chosen by ``dfs``.
+    dfs : the df rule of the t references (``test="t"``, ``t_test()``,
+        ``wald_test(test="t")``), as metafor's ``dfs=``: "contain" (containment df,
+        the default) or "residual" (k - p).
     collinear : keep collinear random-effect columns (Stata's ``collinear``); by default
         they are an error. Collinear moderators are omitted with a note (Stata's rule).
     em_iter, em_tol, em_only : EM iterations before the gradient-based optimiser (Stata's
@@ -205,6 +209,8 @@ def meregress(formula, data, *, se=None, variance=None, V=None, method="reml", c
         raise ValueError("tol and em_tol must be positive")
     if test not in ("z", "t"):
         raise ValueError(f"test must be 'z' or 't', got {test!r}")
+    if dfs not in ("contain", "residual"):
+        raise ValueError(f"dfs must be 'contain' or 'residual', got {dfs!r}")
     model, frame, parsed = build_model(formula, data, se=se, variance=variance, V=V,
                                        method=method, covariance=covariance,
                                        constraints=constraints, collinear=collinear)
@@ -215,7 +221,7 @@ def meregress(formula, data, *, se=None, variance=None, V=None, method="reml", c
     res = MeregressResults(model, frame, record, depvar=parsed.response,
                            sampling="se" if se is not None else ("V" if V is not None else "variance"),
                            options={"formula": formula, "em_iter": em_iter, "tol": tol,
-                                    "test": test})
+                                    "test": test, "dfs": dfs})
     if not res.converged:
         warnings.warn("the optimiser did not converge; see res.fit_record.messages",
                       ConvergenceWarning, stacklevel=2)

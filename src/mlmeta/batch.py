@@ -11,19 +11,20 @@ over threads (see :mod:`mlmeta._core._engine`).
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import numpy as np
 import pandas as pd
 
 from mlmeta.api import build_model, constrained_design
 from mlmeta.design import build_design
-from mlmeta.mixed import MixedResults, build_mixed_model
+from mlmeta.mixed import MixedResults, build_mixed_model, check_outcome
 from mlmeta.model import NestedModel
 from mlmeta.optimize import fit_nested
 from mlmeta.refit import fit_outcomes, simulate_outcomes
 from mlmeta.summary import confidence_level
 from mlmeta.results import MeregressResults
+from mlmeta.validate import aligned
+from mlmeta.validate import n_jobs as _n_jobs
 
 __all__ = ["Model", "fit_batch", "BatchResults"]
 
@@ -55,11 +56,23 @@ class Model:
     def nobs(self) -> int:
         return int(self.model.n_obs)
 
+    def _aligned(self, values, what):
+        """Rows over every data row or over the used ones: arrays by position, a pandas
+        Series or DataFrame aligned on the data's index (see :func:`mlmeta.validate.aligned`)."""
+        index, sample = self.frame.data_index, self.frame.sample
+        if index is not None and isinstance(values, (pd.Series, pd.DataFrame)):
+            used = len(values) != len(index) and len(values) == self.nobs
+            values = aligned(values, index[sample] if used else index, what)
+        a = np.asarray(values, dtype=float)
+        if a.ndim and a.shape[0] == sample.shape[0]:
+            a = a[sample]
+        return a
+
     def _used(self, values, what):
         """Values over the used rows, given over them or over every data row."""
-        a = np.asarray(values, dtype=float)
-        if a.shape[0] == self.frame.sample.shape[0]:
-            a = a[self.frame.sample]
+        a = self._aligned(values, what)
+        if a.ndim != 1:
+            raise ValueError(f"{what} must be one-dimensional, got shape {a.shape}")
         if a.shape[0] != self.nobs:
             raise ValueError(f"{what} has {a.shape[0]} rows; the model uses {self.nobs} of "
                              f"{self.frame.sample.shape[0]} data rows")
@@ -72,6 +85,8 @@ class Model:
         if y is not None:
             frame = dataclasses.replace(frame, y=self._used(y, "y"))
         yc, Xc, fc = constrained_design(frame, self._constraints)
+        if y is not None and self.mixed:
+            check_outcome(yc, Xc, self.parsed.response)
         d = self.model.design
         if variance is not None:
             v = self._used(variance, "variance")
@@ -162,16 +177,15 @@ def fit_batch(model: Model, Y, *, n_jobs=None, em_iter=20, maxiter=200, tol=1e-6
     A fit that fails (the objective undefined at its optimum) has NaN estimates
     and standard errors and ``converged=False``.
     """
-    Y = np.asarray(Y, dtype=float)
-    if Y.ndim == 1:
-        Y = Y[:, None]
-    if Y.shape[0] == model.frame.sample.shape[0] and Y.shape[0] != model.nobs:
-        Y = Y[model.frame.sample]
+    n_jobs = _n_jobs(n_jobs)
+    if np.ndim(Y) not in (1, 2):
+        raise ValueError(f"Y must be a vector or a 2-D array (rows x replicates), got shape {np.shape(Y)}")
+    Y = model._aligned(Y, "Y")
+    Y = Y[:, None] if Y.ndim == 1 else Y
     if Y.shape[0] != model.nobs:
         raise ValueError(f"Y has {Y.shape[0]} rows; the model uses {model.nobs} rows")
     if not np.all(np.isfinite(Y)):
         raise ValueError("Y has missing or infinite values")
-    n_jobs = int(n_jobs or os.cpu_count() or 1)
     m = model.model
     names = model.frame.fe_names
     groups = [t.group for t in model.frame.terms]

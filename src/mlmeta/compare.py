@@ -18,6 +18,18 @@ half the conservative p-value when df = 1. When several variances are set to
 zero at once the weights of the mixture depend on the information matrix and
 only the conservative p-value is given.
 
+Which variances the null sets to zero is read off the two models' random
+parts, not off parameter counts or structure names: a free standard deviation
+of the full model is on the boundary when every effect it belongs to has a
+variance of exactly zero in the reduced model -- its grouping term is absent
+(no term of the reduced model partitions the observations the same way), the
+effect is absent from that term (no column of the reduced term's random design
+equals the effect's column), or the reduced structure fixes its SD at 0. A
+null that only imposes equality constraints (unstructured -> exchangeable,
+independent -> identity) or fixes correlations inside (-1, 1) (unstructured ->
+independent) is an interior null: plain chi2(df) p-value, no mixture, no
+boundary note (metafor's ``anova(full, reduced)`` gives the same p-value).
+
 Information criteria, with N observations (``n=`` overrides, as Stata's
 ``estimates stats, n()``; with REML the manual uses n - p) and k parameters:
 
@@ -56,9 +68,48 @@ def _wrap(text, width=78, indent=6):
     return lines + [line]
 
 
-def _n_sd_corr(res):
-    kinds = [k for s in res.model.structs for k, _ in s.report_params()]
-    return kinds.count("sd"), kinds.count("corr")
+def _free_sds(struct):
+    """The free standard deviations of a structure: for each, the effects sharing it."""
+    is_fixed = getattr(struct, "is_fixed", None)
+    return [eff for i, (kind, eff) in enumerate(struct.report_params())
+            if kind == "sd" and not (is_fixed is not None and is_fixed(i))]
+
+
+def _zero_sd_effects(struct, theta):
+    """Effects whose SD the structure fixes at exactly 0 (whatever theta is)."""
+    is_fixed = getattr(struct, "is_fixed", None)
+    if is_fixed is None:
+        return set()
+    values = struct.report_values(theta)
+    return {e for i, ((kind, eff), v) in enumerate(zip(struct.report_params(), values))
+            if kind == "sd" and is_fixed(i) and v == 0 for e in eff}
+
+
+def _random_terms(res):
+    """Per grouping term: (codes of its groups over the model frame's rows, in order
+    of first appearance; random design (n, q); structure; effects fixed at SD 0)."""
+    frame, model = res.frame, res.model
+    theta = np.asarray(res.theta, dtype=float)
+    out = []
+    for groups, Z, struct, sl in zip(frame.groups, frame.Z, model.structs, model.theta_slices):
+        codes = pd.factorize(pd.Series(np.asarray(groups)))[0]
+        out.append((codes, np.asarray(Z, dtype=float).reshape(len(codes), -1), struct,
+                    _zero_sd_effects(struct, theta[sl])))
+    return out
+
+
+def _n_boundary(full, reduced):
+    """How many free SDs of ``full`` the reduced model sets to zero (module docstring)."""
+    red = _random_terms(reduced)
+    count = 0
+    for codes, Z, struct, _ in _random_terms(full):
+        # the reduced model's effects with a free variance over the same groups
+        kept = [Zr[:, m] for cr, Zr, _, zr in red if np.array_equal(cr, codes)
+                for m in range(Zr.shape[1]) if m not in zr]
+        for eff in _free_sds(struct):
+            if not any(np.array_equal(col, Z[:, k]) for k in eff for col in kept):
+                count += 1
+    return count
 
 
 def _fixed_design(res):
@@ -130,7 +181,7 @@ def lrtest(full, reduced, names=("full", "reduced")) -> LRTest:
                          "nested in the other")
     stat = 2.0 * (full.llf - reduced.llf)
     p = float(sps.chi2.sf(stat, df))
-    d_sd = _n_sd_corr(full)[0] - _n_sd_corr(reduced)[0]
+    d_sd = _n_boundary(full, reduced)
     boundary = d_sd >= 1
     notes = []
     p_mix = None

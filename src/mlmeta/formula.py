@@ -31,6 +31,7 @@ from formulaic.transforms import TRANSFORMS
 from formulaic.utils.variables import get_required_variables
 
 from mlmeta._errors import MissingDataWarning
+from mlmeta.validate import aligned, reserved_name
 
 __all__ = ["RandomTerm", "ParsedFormula", "ModelFrame", "parse_formula", "build_model_frame"]
 
@@ -38,8 +39,9 @@ INTERCEPT = "_cons"
 _FORMULAIC_INTERCEPT = "Intercept"
 _CONTEXT = {"np": np, "numpy": np}
 _RANK_TOL = 1e-10
-_PLAIN_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_NAME = re.compile(r"[A-Za-z_.][A-Za-z0-9_.]*|`[^`]+`")
+_PLAIN_NAME = re.compile(r"[^\W\d]\w*")  # identifiers, non-ASCII letters included
+_NAME = re.compile(r"(?:[^\W\d]|\.)[\w.]*|`[^`]+`")
+_Q_CALL = re.compile(r"""(?<![\w.])Q\(\s*(['"])(.*?)\1\s*\)""")  # Q('my x') reads column 'my x'
 _OPEN, _CLOSE = "([{", ")]}"
 _QUOTES = "'\"`"
 
@@ -162,7 +164,7 @@ def _scan(text: str) -> tuple[list[int], list[int], list[bool]]:
     """
     depth, opener, quoted = [], [], []
     stack: list[int] = []
-    quote = None
+    quote, start = None, -1
     for i, ch in enumerate(text):
         if quote is None and ch in _CLOSE:
             if not stack or text[stack[-1]] != _OPEN[_CLOSE.index(ch)]:
@@ -172,9 +174,11 @@ def _scan(text: str) -> tuple[list[int], list[int], list[bool]]:
         opener.append(stack[-1] if stack else -1)
         quoted.append(quote is not None or ch in _QUOTES)
         if quote is not None:
+            if ch == quote == "`" and start == i - 1:
+                raise ValueError(f"empty backtick name at position {start} in {text!r}")
             quote = None if ch == quote else quote
         elif ch in _QUOTES:
-            quote = ch
+            quote, start = ch, i
         elif ch in _OPEN:
             stack.append(i)
     if quote is not None:
@@ -349,8 +353,7 @@ def _parse_formula(formula: str) -> ParsedFormula:
                 f"grouping term {term.group!r} appears in more than one random term "
                 f"(({seen[key].rhs} | {seen[key].group}) and ({term.rhs} | {term.group})); "
                 f"put all effects of one grouping in a single term, e.g. (1 + x || {term.group}) "
-                f"for independent or (1 + x | {term.group}) for correlated effects"
-            )
+                f"for independent or (1 + x | {term.group}) for correlated effects")
         seen[key] = term
     return ParsedFormula(response, fixed_rhs, tuple(random))
 
@@ -369,9 +372,11 @@ def _formula_columns(formula: Formula, columns: pd.Index, where: str) -> list[st
             elif method == "python":
                 found = sorted(str(v) for v in get_required_variables(factor.expr)
                                if any(r.value == "value" for r in v.roles))
+                found += [m[1] for m in _Q_CALL.findall(str(factor.expr))]  # Q('my x')
             else:
                 continue
             for name in found:
+                reserved_name(name, where)
                 if name in columns:
                     names.append(name)
                 elif name.split(".", 1)[0] not in _CONTEXT and name.split(".", 1)[0] not in TRANSFORMS:
@@ -421,7 +426,7 @@ def _extra_values(key: str, spec, frame: pd.DataFrame) -> tuple[str, np.ndarray]
         if spec not in frame.columns:
             raise _unknown_column(spec, frame.columns, f"{key}={spec!r}")
         return spec, _numeric_values(frame[spec], f"column {spec!r} ({key})")
-    values = spec.to_numpy() if isinstance(spec, (pd.Series, pd.Index)) else np.asarray(spec)
+    values = np.asarray(aligned(spec, frame.index, key))
     if values.ndim != 1:
         raise ValueError(f"{key} must be one-dimensional, got shape {values.shape}")
     if values.shape[0] != len(frame):
@@ -588,8 +593,7 @@ def _check_fixed_rank(X: np.ndarray, names: list[str], has_intercept: bool, coll
         raise ValueError(
             f"fixed-effects design is rank deficient ({X.shape[1] - len(problems)} of {X.shape[1]} "
             f"columns independent): {'; '.join(p for _, p in problems)}. Remove or recode the "
-            f"collinear moderator(s)."
-        )
+            f"collinear moderator(s).")
     drop = [j for j, _ in problems]
     keep = [j for j in range(X.shape[1]) if j not in drop]
     omitted = [INTERCEPT if names[j] == _FORMULAIC_INTERCEPT else names[j] for j in drop]
@@ -600,32 +604,34 @@ def _check_fixed_rank(X: np.ndarray, names: list[str], has_intercept: bool, coll
 
 def _check_random_rank(term: RandomTerm, Z: np.ndarray, names: list[str], collinear: bool):
     """Collinear random-effect columns are an error unless ``collinear=True`` (Stata)."""
-    if collinear:
-        return
-    problems = _rank_problems(Z, names, INTERCEPT in names)
+    problems = [] if collinear else _rank_problems(Z, names, INTERCEPT in names)
     if problems:
         raise ValueError(
             f"random-effects columns of ({term.rhs} | {term.group}) are collinear: "
             f"{'; '.join(p for _, p in problems)}. Drop them, or pass collinear=True when the "
-            f"covariance structure identifies the model."
-        )
+            f"covariance structure identifies the model.")
 
 
 def _check_nested(inner: RandomTerm, outer: RandomTerm, codes: np.ndarray, first: np.ndarray,
-                  parent: np.ndarray):
-    """Every group of ``inner`` must lie inside exactly one group of ``outer``."""
+                  parent: np.ndarray, residual: bool = False):
+    """Every group of ``inner`` must lie inside exactly one group of ``outer``. The advice
+    names a nested term only if it is identifiable: with an estimated ``residual`` variance,
+    not when each (outer, inner) combination has a single row."""
     spans = parent != parent[first][codes]
     if not spans.any():
         return
     n_bad = np.unique(codes[spans]).size
     local = outer.group_vars + tuple(v for v in inner.group_vars if v not in outer.group_vars)
     o, i = outer.group, ":".join(local[len(outer.group_vars) :])
-    raise ValueError(
-        f"grouping {inner.group!r} is not nested within {outer.group!r}: {n_bad} {inner.group} groups "
-        f"span several {outer.group} groups. Crossed random effects are not supported. If ids are "
-        f"local to each outer group, write the inner term as ({inner.rhs} | {':'.join(local)}) "
-        f"or ({inner.rhs} | {o}/{i})."
-    )
+    msg = (f"grouping {inner.group!r} is not nested within {outer.group!r}: {n_bad} {inner.group} groups "
+           f"span several {outer.group} groups. Crossed random effects are not supported yet. ")
+    if residual and np.unique(parent * (int(codes.max()) + 1) + codes).size == codes.size:
+        raise ValueError(msg + f"A nested term ({inner.rhs} | {':'.join(local)}) is no substitute: it "
+                         f"has one row per group, which cannot be separated from the residual variance. "
+                         f"Valid nested models keep one grouping: ({outer.rhs} | {o}) or "
+                         f"({inner.rhs} | {inner.group}).")
+    raise ValueError(msg + f"If ids are local to each outer group, write the inner term as "
+                     f"({inner.rhs} | {':'.join(local)}) or ({inner.rhs} | {o}/{i}).")
 
 
 def _check_slopes(term: RandomTerm, Z: np.ndarray, names: list[str], codes: np.ndarray, first: np.ndarray):
@@ -641,8 +647,7 @@ def _check_slopes(term: RandomTerm, Z: np.ndarray, names: list[str], codes: np.n
         which = ", ".join(repr(n) for n in flat)
         raise ValueError(
             f"random slope on {which} at level {term.group!r} has no variation within its groups; "
-            f"it cannot be separated from the random intercept"
-        )
+            f"it cannot be separated from the random intercept")
 
 
 def _missing(name: str, values) -> np.ndarray | None:
@@ -668,17 +673,21 @@ def _missing(name: str, values) -> np.ndarray | None:
 
 
 def build_model_frame(parsed: ParsedFormula, data, extra: Mapping | None = None, *,
-                      collinear_fixed: str = "omit", collinear_random: bool = False) -> ModelFrame:
+                      collinear_fixed: str = "omit", collinear_random: bool = False,
+                      residual: bool = False) -> ModelFrame:
     """Evaluate a parsed formula on ``data`` and return aligned model arrays.
 
     Args:
         parsed: output of :func:`parse_formula`.
         data: a DataFrame or a mapping of column name to values.
-        extra: maps a key (e.g. ``"variance"``) to a column name, to an array
-            with one value per row of ``data`` (taken by position), or to None (ignored).
+        extra: maps a key (e.g. ``"variance"``) to a column name, to an array with one
+            value per row of ``data`` (taken by position; a pandas Series is aligned on
+            the data's index, see :func:`mlmeta.validate.aligned`), or to None (ignored).
         collinear_fixed: "omit" (Stata: drop a moderator that is a linear
             combination of earlier columns, with a note) or "error".
         collinear_random: keep collinear random-effect columns (Stata's collinear).
+        residual: the residual variance is estimated (mixed models); only changes the
+            advice of the error on non-nested groupings.
 
     Rows with a missing value (NaN, None, pd.NA) in the response, in any
     variable of the fixed or random parts, in a grouping variable or in an
@@ -768,10 +777,9 @@ def build_model_frame(parsed: ParsedFormula, data, extra: Mapping | None = None,
         codes, labels, first = _group_codes([coded[var] for var in term.group_vars])
         if len(labels) < 2:
             raise ValueError(
-                f"level {term.group!r} has only {len(labels)} group; a random effect needs at least 2 groups"
-            )
+                f"level {term.group!r} has only {len(labels)} group; a random effect needs at least 2 groups")
         if level > 0:
-            _check_nested(term, parsed.random[level - 1], codes, first, groups[-1])
+            _check_nested(term, parsed.random[level - 1], codes, first, groups[-1], residual)
         _check_slopes(term, Z_l, names_l, codes, first)
         _check_random_rank(term, Z_l, names_l, collinear_random)
         Z.append(Z_l)
@@ -785,5 +793,4 @@ def build_model_frame(parsed: ParsedFormula, data, extra: Mapping | None = None,
         terms=parsed.random, response=parsed.response, sample=sample, n_dropped=n_dropped,
         extra={key: values[rows] if n_dropped else values for key, (_, values) in extras.items()},
         fixed_spec=fixed_spec, re_specs=re_specs, omitted=omitted, notes=notes,
-        data_index=frame.index,
-    )
+        data_index=frame.index)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 
 from mlmeta._errors import BoundaryWarning, ConvergenceWarning
 from mlmeta.api import _structures, constrained_design
@@ -26,6 +27,28 @@ from mlmeta.optimize import fit_nested
 from mlmeta.results import MeregressResults
 
 __all__ = ["mixed", "MixedResults", "build_mixed_model"]
+
+
+def check_levels(frame):
+    """A level with one row per group (as many groups as used rows) cannot be separated from
+    the residual variance: refuse it, as lme4 does ("number of levels of each grouping factor
+    must be < number of observations")."""
+    n = frame.y.shape[0]
+    for term, labels in zip(frame.terms, frame.group_labels):
+        if len(labels) >= n:
+            raise ValueError(
+                f"random term ({term.rhs} | {term.group}) has one observation per group ({len(labels)} "
+                f"groups, {n} observations): its variance cannot be separated from the residual "
+                f"variance. Remove the term; lme4 refuses such a model too.")
+
+
+def check_outcome(y, X, response):
+    """The residual variance cannot be estimated when the fixed effects fit ``y`` exactly
+    (a constant outcome, or an exact linear function of the moderators)."""
+    r = y - X @ np.linalg.lstsq(X, y, rcond=None)[0] if X.shape[1] else y
+    if np.linalg.norm(r) <= 1e-12 * np.linalg.norm(y):
+        what = f"is constant ({y[0]:.8g})" if np.ptp(y) == 0 else "is fitted exactly by the fixed effects"
+        raise ValueError(f"the outcome {response!r} {what}: the residual variance cannot be estimated")
 
 
 class MixedResults(MeregressResults):
@@ -94,12 +117,14 @@ def build_mixed_model(formula, data, *, method="reml", covariance=None, constrai
     if not parsed.random:
         raise ValueError("the formula has no random-effects term such as (1 | group); "
                          "use mlmeta.ols for a model without random effects")
-    frame = build_model_frame(parsed, data, collinear_random=bool(collinear))
+    frame = build_model_frame(parsed, data, collinear_random=bool(collinear), residual=True)
+    check_levels(frame)
     structs = _structures(frame, covariance)
     y, X, fc = constrained_design(frame, constraints)
     if frame.y.shape[0] <= X.shape[1] + 1:
         raise ValueError(f"{frame.y.shape[0]} observations for {X.shape[1]} fixed effects and a "
                          f"residual variance: more observations are needed")
+    check_outcome(y, X, parsed.response)
     design = build_design(y, X, frame.Z, frame.groups, None)
     model = NestedModel(design, structs, method, residual="profiled", fe_constraints=fc,
                         cluster_labels=(frame.terms[0].group, frame.group_labels[0]))

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mlmeta.model import NestedModel
+from mlmeta.validate import safeguard as _safeguard
 
 __all__ = ["FitRecord", "fit_nested", "start_theta", "alternative_starts"]
 
@@ -93,7 +94,8 @@ def alternative_starts(model: NestedModel, theta_em, theta_best):
 def _print_log(model, run, theta_em):
     label = model.ll_label
     print("Performing EM optimization ...")
-    for k, f in enumerate(run["log_em"][0][:int(run["n_em"][0])]):
+    log_em = run["log_em"][0]
+    for k, f in enumerate(log_em[np.isfinite(log_em)]):
         print(f"EM iteration {k}:  {label} = {-0.5 * f:.8g}")
     print("Performing gradient-based optimization:")
     try:
@@ -130,6 +132,7 @@ def fit_nested(model: NestedModel, *, theta0=None, em_iter=20, em_tol=1e-10, em_
     changes by at most em_tol. ``verbose``: print the engine's iteration log.
     """
     t0 = time.perf_counter()
+    safeguard = _safeguard(safeguard)
     theta = start_theta(model) if theta0 is None else np.asarray(theta0, dtype=float)
     lower, upper = model.lower.copy(), model.upper.copy()
     if fixed is not None:

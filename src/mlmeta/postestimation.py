@@ -7,8 +7,9 @@ postestimation, metafor's methods for ``rma.mv``).
 * ``random_effects()`` -- BLUPs with comparative and diagnostic standard errors;
 * ``predict()`` / ``predict_interval()`` -- linear predictions, fitted values,
   residuals, standardized residuals, prediction intervals for a new study;
-* ``wald_test()``, ``containment_df()``, ``t_test()`` -- linear hypotheses on the
-  fixed effects with normal or containment-df reference distributions;
+* ``wald_test()``, ``containment_df()``, ``residual_df()``, ``t_test()`` -- linear
+  hypotheses on the fixed effects with normal or t/F reference distributions (the
+  model's df rule: containment or residual df, Satterthwaite for mixed models);
 * ``profile()`` / ``profile_ci()`` -- profile likelihood of a variance component;
 * ``e`` / ``estat()`` -- stored results comparable to Stata's ``e()``.
 
@@ -40,6 +41,13 @@ _KINDS = ("xb", "fitted", "residuals", "residuals_marginal", "rstandard")
 
 def _z(level):
     return float(stats.norm.ppf(0.5 + confidence_level(level) / 200.0))
+
+
+def _hypothesis_label(row, names, r) -> str:
+    """``"x1 - 2*x2 = 0.5"`` for the hypothesis row' beta = r."""
+    terms = " + ".join(n if c == 1 else f"-{n}" if c == -1 else f"{c:g}*{n}"
+                       for c, n in zip(row, names) if c != 0)
+    return f"{terms.replace('+ -', '- ')} = {r:g}"
 
 
 # --------------------------------------------------------------------------- #
@@ -90,9 +98,7 @@ class WaldTest:
     def __str__(self):
         lines = []
         for i, (row, r) in enumerate(zip(self.L.values, self.rhs), start=1):
-            terms = " + ".join(n if c == 1 else f"-{n}" if c == -1 else f"{c:g}*{n}"
-                               for c, n in zip(row, self.L.columns) if c != 0)
-            lines.append(f" ({i:2d})  {terms.replace('+ -', '- ')} = {r:g}")
+            lines.append(f" ({i:2d})  {_hypothesis_label(row, self.L.columns, r)}")
         if self.test == "chi2":
             lines += ["", f"{'chi2(' + str(self.df) + ')':>20} = {self.statistic:8.2f}",
                       f"{'Prob > chi2':>20} = {self.pvalue:8.4f}"]
@@ -379,14 +385,29 @@ class PostestimationMixin:
         For coefficient j, the levels whose groups all hold a single value of
         column x_j "contain" it; df_j = min(G_l over those levels, else n) - p,
         at least 1. (The intercept is contained in every level: df = G_top - p.)
+
+        As metafor, a term with random slopes (``(1 + x | study)``, metafor's
+        ``~ x | study``) adds one more candidate level: the distinct cells of the
+        term's effect values and its groups (the (x, study) combinations), so the
+        coefficient of x is contained in them even when it varies within studies.
         """
         f = self.frame
         n, p = f.X.shape
+        levels = []
+        for g, labels, Z in zip(f.groups, f.group_labels, f.Z):
+            g = np.asarray(g)
+            levels.append((g, len(labels)))
+            Z = np.asarray(Z.toarray() if hasattr(Z, "toarray") else Z, dtype=float)
+            if Z.ndim == 2 and Z.shape[1] and np.ptp(Z, axis=0).any():
+                _, cells = np.unique(np.column_stack([g, Z]), axis=0, return_inverse=True)
+                cells = np.asarray(cells).ravel()
+                G = int(cells.max()) + 1
+                if G > len(labels):
+                    levels.append((cells, G))
         out = np.full(p, float(n))
         for j in range(p):
             x = f.X[:, j]
-            for g, labels in zip(f.groups, f.group_labels):
-                G = len(labels)
+            for g, G in levels:
                 lo = np.full(G, np.inf)
                 hi = np.full(G, -np.inf)
                 np.minimum.at(lo, g, x)
@@ -395,18 +416,84 @@ class PostestimationMixin:
                     out[j] = min(out[j], G)
         return pd.Series(np.maximum(out - p, 1.0), index=self.fe_names, name="df")
 
-    def t_test(self, level: float = 95.0) -> pd.DataFrame:
-        """Coefficient table with t statistics on containment df:
-        t = b / se, p = 2 P(T_df > |t|), CI = b -+ t_{df, 1-alpha/2} se."""
-        _z(level)
-        df = self.containment_df()
+    def residual_df(self) -> pd.Series:
+        """Residual degrees of freedom k - p for every fixed effect (metafor's
+        ``dfs="residual"``), at least 1."""
+        n, p = self.frame.X.shape
+        return pd.Series(float(max(n - p, 1)), index=self.fe_names, name="df")
+
+    @property
+    def _df_rule(self) -> str:
+        """The df rule of the t references of this model: "satterthwaite" for mixed
+        models with Satterthwaite tests, else the ``dfs=`` of the fit ("contain",
+        metafor's default for ``test="t"``, or "residual")."""
+        if getattr(self, "test", "z") == "satterthwaite":
+            return "satterthwaite"
+        return str(getattr(self, "options", {}).get("dfs", "contain"))
+
+    def _coef_df(self) -> pd.Series:
+        """Per-coefficient df of the t references under the model's df rule."""
+        rule = self._df_rule
+        if rule == "satterthwaite":
+            from mlmeta.satterthwaite import satterthwaite_df
+
+            return satterthwaite_df(self).astype(float)
+        if rule == "residual":
+            return self.residual_df()
+        return self.containment_df()
+
+    def _row_df(self, L) -> np.ndarray:
+        """df of each contrast row of L: its Satterthwaite df (lmerTest's contest1D),
+        or the smallest df of the coefficients it involves (metafor's
+        ``anova(..., X=)``)."""
+        if self._df_rule == "satterthwaite":
+            from mlmeta.satterthwaite import satterthwaite_df
+
+            return np.asarray(satterthwaite_df(self, L), dtype=float)
+        cdf = self._coef_df().values
+        return np.array([float(cdf[row != 0].min()) if np.any(row != 0) else np.nan for row in L])
+
+    def t_test(self, hypotheses=None, level: float = 95.0, rhs=None) -> pd.DataFrame:
+        """t tests of the coefficients, or of linear hypotheses ``L beta = r``.
+
+        Without ``hypotheses``: the coefficient table, t = b / se, p = 2 P(T_df > |t|),
+        CI = b -+ t_{df, 1-alpha/2} se. With ``hypotheses`` (text such as
+        ``"x = 0"`` or ``"x1 - x2 = 0.5"``, a list of such strings, or a matrix L with
+        ``rhs``; as :meth:`wald_test`): one row per hypothesis with ``coef`` = L b,
+        t = (L b - r) / se and the interval for L b.
+
+        df: the model's one df rule, as its summary uses for ``test="t"`` --
+        Satterthwaite df of each contrast for mixed models (lmerTest's
+        ``contest1D``), else the ``dfs=`` of the fit: containment df (metafor's
+        ``dfs="contain"``, the default; a contrast gets the smallest df of its
+        coefficients) or residual df k - p. (A number as the only positional
+        argument is read as ``level``, as before.)
+        """
+        if (hypotheses is not None and not isinstance(hypotheses, (bool, np.bool_))
+                and isinstance(hypotheses, (int, float, np.integer, np.floating))):
+            level, hypotheses = hypotheses, None
+        q = 0.5 + confidence_level(level) / 200.0
+        if hypotheses is None:
+            df = self._coef_df()
+            b, se = self.params, self.bse
+            with np.errstate(divide="ignore", invalid="ignore"):
+                t = (b / se).where(se > 0)
+            crit = stats.t.ppf(q, df)
+            return pd.DataFrame({"coef": b, "std_err": se, "t": t, "df": df,
+                                 "pvalue": 2 * stats.t.sf(np.abs(t), df),
+                                 "lower": b - crit * se, "upper": b + crit * se})
+        names = self.fe_names
+        L, r = linear_hypotheses(hypotheses, names, rhs)
+        est = L @ self.params.values
+        se = np.sqrt(np.clip(np.einsum("ia,ab,ib->i", L, self.cov_params().values, L), 0.0, None))
         with np.errstate(divide="ignore", invalid="ignore"):
-            t = (self.params / self.bse).where(self.bse > 0)
-        crit = stats.t.ppf(0.5 + level / 200.0, df)
-        return pd.DataFrame({"coef": self.params, "std_err": self.bse, "t": t, "df": df,
+            t = np.where(se > 0, (est - r) / np.where(se > 0, se, 1.0), np.nan)
+        df = self._row_df(L)
+        crit = stats.t.ppf(q, df)
+        index = [_hypothesis_label(row, names, v) for row, v in zip(L, r)]
+        return pd.DataFrame({"coef": est, "std_err": se, "t": t, "df": df,
                              "pvalue": 2 * stats.t.sf(np.abs(t), df),
-                             "lower": self.params - crit * self.bse,
-                             "upper": self.params + crit * self.bse})
+                             "lower": est - crit * se, "upper": est + crit * se}, index=index)
 
     def wald_test(self, hypotheses, rhs=None, test: str = "z") -> WaldTest:
         """Wald test of linear hypotheses on the fixed effects.
@@ -415,9 +502,12 @@ class PostestimationMixin:
         (a bare name means ``name = 0``), or a matrix L (one row per hypothesis,
         columns in ``params`` order) with ``rhs``. chi2 = (Lb - r)'(L V L')^-1 (Lb - r)
         on q = rows(L) df (``test="z"``, normal theory, as the coefficients' z tests;
-        ``"chi2"`` is the same); ``test="t"``: F = chi2 / q on (q, df_denom) where a
-        row's df is the smallest containment df of its coefficients and df_denom
-        the smallest over rows (metafor's ``anova(..., X=)`` with ``dfs="contain"``).
+        ``"chi2"`` is the same); ``test="t"``: F = chi2 / q on (q, df_denom), with the
+        model's df rule: for mixed models (Satterthwaite tests) lmerTest's
+        multi-df Satterthwaite df (``contest(fit, L, joint=TRUE)``, see
+        :func:`satterthwaite_Fdf`); otherwise a row's df is the smallest df of its
+        coefficients (containment, or k - p with ``dfs="residual"``) and df_denom
+        the smallest over rows (metafor's ``anova(..., X=)``).
         """
         if test not in ("z", "chi2", "t"):
             raise ValueError(f"test must be 'z' (chi2 test) or 't' (F test), got {test!r}")
@@ -435,8 +525,12 @@ class PostestimationMixin:
         Ldf = pd.DataFrame(L, columns=names)
         if test in ("z", "chi2"):
             return WaldTest(Ldf, r, chi2, q, float(stats.chi2.sf(chi2, q)))
-        cdf = self.containment_df().values
-        ddf = float(min(cdf[row != 0].min() for row in L))
+        if self._df_rule == "satterthwaite":
+            from mlmeta.satterthwaite import satterthwaite_Fdf
+
+            ddf = float(satterthwaite_Fdf(self, L))
+        else:
+            ddf = float(np.nanmin(self._row_df(L)))
         F = chi2 / q
         return WaldTest(Ldf, r, F, q, float(stats.f.sf(F, q, ddf)), "t", ddf)
 

@@ -15,7 +15,6 @@ results do not depend on the number of threads.
 
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -27,6 +26,7 @@ from mlmeta.model import NestedModel
 from mlmeta.optimize import fit_nested
 from mlmeta.refit import fit_outcomes, simulate_outcomes
 from mlmeta.summary import confidence_level
+from mlmeta.validate import n_jobs as _n_jobs
 
 __all__ = ["bootstrap", "permutation_test"]
 
@@ -95,7 +95,7 @@ def bootstrap(res, n=1000, *, kind="parametric", level=95.0, seed=None, n_jobs=N
     estimates.update({k: float(v[0]) for k, v in
                       _sd_table({g: res.re_cov[g].values[None] for g in groups}, groups,
                                 structs).items()})
-    n_jobs = int(n_jobs or os.cpu_count() or 1)
+    n_jobs = _n_jobs(n_jobs)
     if kind == "parametric":
         m = res.model
         fc = m.fe_constraints
@@ -148,6 +148,7 @@ def permutation_test(res, n=1000, *, seed=None, n_jobs=None):
     with the omnibus test first."""
     if not (isinstance(n, (int, np.integer)) and n >= 1):
         raise ValueError("n must be a positive integer")
+    n_jobs = _n_jobs(n_jobs)
     names = list(res.fe_names)
     idx = [i for i, nm in enumerate(names) if nm != "_cons"]
     if not idx:
@@ -172,7 +173,7 @@ def permutation_test(res, n=1000, *, seed=None, n_jobs=None):
         se = np.sqrt(np.diag(ev.cov_beta))
         return np.abs(ev.beta / se), _wald(ev.beta, ev.cov_beta, idx)
 
-    with ThreadPoolExecutor(max_workers=int(n_jobs or os.cpu_count() or 1)) as ex:
+    with ThreadPoolExecutor(max_workers=n_jobs) as ex:
         out = list(ex.map(one, seeds))
     z_perm = np.array([o[0] for o in out])
     q_perm = np.array([o[1] for o in out])

@@ -69,6 +69,7 @@ class MeregressResults(PostestimationMixin):
         self._fe_values = (np.array(beta, dtype=float), np.array(cov, dtype=float), se, z)
         self.omitted = list(frame.omitted)
         self.test = str(self.options.get("test", "z"))
+        self.dfs = str(self.options.get("dfs", "contain"))
         self.llf = -0.5 * ev.deviance
         self.nobs = int(model.n_obs)
         self.converged = bool(record.converged)
@@ -102,14 +103,11 @@ class MeregressResults(PostestimationMixin):
     @cached_property
     def df(self) -> pd.Series:
         """Per-coefficient degrees of freedom of the tests and intervals, as every mlmeta
-        result has them: metafor's containment df (``test="t"``), Satterthwaite df
-        (``test="satterthwaite"``, lmerTest), inf for z tests. Computed on first use."""
-        if self.test == "t":
-            df = self.containment_df()
-        elif self.test == "satterthwaite":
-            from mlmeta.satterthwaite import satterthwaite_df
-
-            df = satterthwaite_df(self)
+        result has them: with ``test="t"`` metafor's containment df (``dfs="contain"``)
+        or k - p (``dfs="residual"``), Satterthwaite df (``test="satterthwaite"``,
+        lmerTest), inf for z tests. Computed on first use."""
+        if self.test in ("t", "satterthwaite"):
+            df = self._coef_df()
         else:
             df = pd.Series(np.inf, index=self._fe_index)
         return df.astype(float).rename("df")
@@ -151,8 +149,8 @@ class MeregressResults(PostestimationMixin):
         return stats.norm.ppf(q)
 
     def conf_int(self, level: float = 95.0, *, alpha=None) -> pd.DataFrame:
-        """Wald confidence intervals beta -+ z se at ``level`` percent (t quantiles on the
-        containment df with ``test="t"``); ``alpha=`` as in statsmodels."""
+        """Wald confidence intervals beta -+ z se at ``level`` percent (t quantiles on
+        :attr:`df` with ``test="t"`` or ``"satterthwaite"``); ``alpha=`` as in statsmodels."""
         z = self._crit(confidence_level(level, alpha))
         return pd.DataFrame({"lower": self.params - z * self.bse, "upper": self.params + z * self.bse})
 
@@ -255,7 +253,7 @@ class MeregressResults(PostestimationMixin):
     def _vc(self):
         return variance_components(self.model, self.theta, self.group_names, sd_scale=self._sd_scale)
 
-    def robust(self, cluster=None, type="CR2", df="satterthwaite", *, data=None):
+    def robust(self, cluster=None, type="CR2", df=None, *, data=None):
         """Cluster-robust inference with the fitted model as working covariance
         (see :func:`mlmeta.robust.robust`)."""
         from mlmeta.robust import robust
@@ -324,7 +322,18 @@ class MeregressResults(PostestimationMixin):
         flagged = set()
         for c in comps:
             if c.boundary and not c.fixed:
-                what = "is zero" if c.kind == "sd" else f"is {c.value:+.0f}"
+                if c.kind == "sd":
+                    what = "is zero"
+                else:
+                    # flagged because an SD it involves is zero (vcomp): not identified
+                    zero = [d.label_sd for d in comps
+                            if d.level == c.level and d.kind == "sd" and d.boundary
+                            and set(d.effects) & {a for pair in c.effects for a in pair}]
+                    if zero:
+                        what = (f"is not identified because {' and '.join(zero)} "
+                                f"{'is' if len(zero) == 1 else 'are'} zero")
+                    else:
+                        what = f"is {c.value:+.0f}"
                 out.append(f"{c.label_sd} at level {c.group} {what}")
                 flagged.add(c.group)
         # a singular covariance matrix without a zero SD or a +-1 correlation (lme4's
@@ -360,7 +369,10 @@ class MeregressResults(PostestimationMixin):
         elif self.fit_record.better_optimum:
             notes.extend(m for m in self.fit_record.messages if "local optimum" in m)
         for b in self.boundary:
-            notes.append(f"{b}: the estimate is on the boundary of the parameter space.")
+            if " is not identified because " in b:
+                notes.append(f"{b}.")
+            else:
+                notes.append(f"{b}: the estimate is on the boundary of the parameter space.")
         notes.extend(self.frame.notes)
         if self.n_dropped:
             notes.append(f"{self.n_dropped} observation{'s' if self.n_dropped != 1 else ''} "

@@ -17,8 +17,13 @@ clusters, N rows and p coefficients:
           1e-12 times the largest set to zero (Pustejovsky & Tipton 2018)
     CR3   A_j = (I - X_j M X_j' W_j)^-1  (approximate jackknife)
 
-metafor's ``robust(fit, cluster)`` is CR1p with t tests on J - p df; clubSandwich's
-CR1 is J / (J - 1).
+metafor's ``robust(fit, cluster)`` is CR1p with t tests on J - p df and the omnibus
+test Q_W / q ~ F(q, J - p) ("naive-tp" df, "naive-Fp" test), and that is what
+``type="CR1p"`` gives when no ``df`` is asked for; every other type defaults to
+Satterthwaite df and the HTZ test (clubSandwich's ``coef_test`` / ``Wald_test``),
+as does CR1p with ``df="satterthwaite"`` (clubSandwich's CR1p). clubSandwich's CR1
+is J / (J - 1); CR1S is the factor of Stata's ``regress, vce(cluster)`` (whose t
+tests use J - 1 df: ``df="naive-t"``).
 
 Degrees of freedom. For a q x p constraint matrix C write, per cluster,
 ``g_j = C M E_j`` (``S_j = g_j Phi_j g_j'``) and ``h_j^(m) = C M E_j F_m`` with
@@ -61,6 +66,16 @@ __all__ = ["DF_METHODS", "TYPES", "RobustResults", "WaldTestResult", "cluster_ro
 TYPES = ("CR0", "CR1", "CR1p", "CR1S", "CR2", "CR3")
 DF_METHODS = ("satterthwaite", "naive-t", "naive-tp", "z")
 _EIG_TOL = 1e-12
+# the Wald test that goes with each df method (the summary's omnibus test, wald_test's default)
+_TEST_OF_DF = {"satterthwaite": "HTZ", "naive-t": "naive-F", "naive-tp": "naive-Fp", "z": "chi2"}
+
+
+def default_df(type, df=None):
+    """The df method used when ``df`` is None: "naive-tp" (J - p, metafor's
+    ``robust()``) for CR1p, "satterthwaite" (clubSandwich) for every other type."""
+    if df is not None:
+        return df
+    return "naive-tp" if type == "CR1p" else "satterthwaite"
 
 
 def _factorize(values):
@@ -172,7 +187,7 @@ def _scale(type, J, N, p):
 
 
 def cluster_robust(X, resid, cluster, W_blocks=None, V_blocks=None, type="CR2", bread=None, *,
-                   params=None, names=None, df="satterthwaite", cluster_name=None, label=None, A=None):
+                   params=None, names=None, df=None, cluster_name=None, label=None, A=None):
     """See :func:`_cluster_robust`; runs with BLAS on one thread (per-cluster blocks are small)."""
     with blas_threads(1):
         return _cluster_robust(X, resid, cluster, W_blocks, V_blocks, type, bread, params=params,
@@ -180,7 +195,7 @@ def cluster_robust(X, resid, cluster, W_blocks=None, V_blocks=None, type="CR2", 
 
 
 def _cluster_robust(X, resid, cluster, W_blocks=None, V_blocks=None, type="CR2", bread=None, *,
-                    params=None, names=None, df="satterthwaite", cluster_name=None, label=None,
+                    params=None, names=None, df=None, cluster_name=None, label=None,
                     A=None):
     """Cluster-robust covariance, Satterthwaite df and HTZ tests for a linear estimator.
 
@@ -200,13 +215,14 @@ def _cluster_robust(X, resid, cluster, W_blocks=None, V_blocks=None, type="CR2",
     A : report ``beta = b0 + A gamma`` for the estimator gamma of X (fixed-effect
         constraints): covariance ``A V A'``, df and tests of ``C beta`` from ``C A``;
         ``params`` and ``names`` are then beta's.
-    df : "satterthwaite", "naive-t" (J - 1), "naive-tp" (J - p) or "z".
+    df : "satterthwaite", "naive-t" (J - 1), "naive-tp" (J - p) or "z"; None (default):
+        "naive-tp" for CR1p (metafor's ``robust()``), else "satterthwaite".
 
     Returns a :class:`RobustResults`.
     """
     if type not in TYPES:
         raise ValueError(f"type must be one of {TYPES}, got {type!r}")
-    df = str(df).lower()
+    df = str(default_df(type, df)).lower()
     if df not in DF_METHODS:
         raise ValueError(f"df must be one of {DF_METHODS}, got {df!r}")
     X = np.asarray(X, dtype=float)
@@ -421,7 +437,7 @@ class RobustResults:
         crit = stats.t.ppf(0.5 + confidence_level(level, alpha) / 200.0, self.df)
         return pd.DataFrame({"lower": self.params - crit * self.bse, "upper": self.params + crit * self.bse})
 
-    def wald_test(self, R, value=None, test="HTZ"):
+    def wald_test(self, R, value=None, test=None):
         """Test linear constraints ``R beta = value`` with the robust covariance.
 
         ``R``: a string such as ``"x1 = 0, x2 = 0"`` or ``"x1 = x2"``, a list of
@@ -429,7 +445,12 @@ class RobustResults:
         ``test``: "HTZ" (Hotelling-T^2 approximation, clubSandwich's default),
         "chi2" (Q_W ~ chi2(q)), "naive-F" (Q_W / q ~ F(q, J - 1)) or "naive-Fp"
         (F(q, J - p), metafor's robust() omnibus test); a list gives a DataFrame.
+        None (default): the test that goes with the results' df method, as in the
+        summary -- HTZ for Satterthwaite df, naive-F for J - 1, naive-Fp for J - p
+        (so metafor's F test after ``type="CR1p"``), chi2 for "z".
         """
+        if test is None:
+            test = _TEST_OF_DF[self.df_method]
         if not isinstance(test, str):
             return pd.DataFrame([self.wald_test(R, value, t).to_dict() for t in test])
         C, c0, labels = constraint_matrix(R, self.fe_names, value)
@@ -463,9 +484,15 @@ class RobustResults:
 
     @property
     def description(self) -> str:
-        kind = {"CR1": "CR1 (clubSandwich's J/(J-1))", "CR1p": "CR1p (metafor's default, J/(J-p))",
-                "CR1S": "CR1S (Stata's J(N-1)/((J-1)(N-p)))", "CR2": "CR2 (clubSandwich)",
-                "CR3": "CR3 (approximate jackknife)"}.get(self.type, self.type)
+        """What was computed. metafor and Stata are named only where the whole
+        procedure is theirs: CR1p with J - p df (and the F(q, J - p) omnibus test) is
+        metafor's ``robust()``, CR1S with J - 1 df (and F(q, J - 1)) Stata's
+        ``regress, vce(cluster)``; with other df only the factor is given."""
+        cr1p = "CR1p (metafor's robust(), J/(J-p))" if self.df_method == "naive-tp" else "CR1p (J/(J-p))"
+        cr1s = ("CR1S (Stata's regress, J(N-1)/((J-1)(N-p)))" if self.df_method == "naive-t"
+                else "CR1S (J(N-1)/((J-1)(N-p)))")
+        kind = {"CR1": "CR1 (clubSandwich's J/(J-1))", "CR1p": cr1p, "CR1S": cr1s,
+                "CR2": "CR2 (clubSandwich)", "CR3": "CR3 (approximate jackknife)"}.get(self.type, self.type)
         J, p = self.n_clusters, self.n_fe
         dft = {"satterthwaite": "Satterthwaite df", "naive-t": f"df = J - 1 = {J - 1}",
                "naive-tp": f"df = J - p = {J - p}", "z": "normal reference"}[self.df_method]
@@ -476,8 +503,7 @@ class RobustResults:
         idx = [nm for nm in self.fe_names if nm != "_cons"]
         if not idx:
             return None
-        test = {"satterthwaite": "HTZ", "naive-t": "naive-F", "naive-tp": "naive-Fp", "z": "chi2"}
-        return self.wald_test(idx, test=test[self.df_method])
+        return self.wald_test(idx, test=_TEST_OF_DF[self.df_method])
 
     def summary(self, level: float = 95.0) -> RobustSummary:
         """Coefficient table with robust SEs, df, t tests and confidence intervals."""
@@ -558,7 +584,7 @@ def _robust_labels(res, cluster, data):
     return values, label
 
 
-def robust(res, cluster=None, type="CR2", df="satterthwaite", *, data=None) -> RobustResults:
+def robust(res, cluster=None, type="CR2", df=None, *, data=None) -> RobustResults:
     """Cluster-robust inference after :func:`mlmeta.meregress`, with the fitted model
     as working covariance (``Phi_j = V_j``, ``W_j = V_j^-1``; module docstring).
 
@@ -569,14 +595,19 @@ def robust(res, cluster=None, type="CR2", df="satterthwaite", *, data=None) -> R
         of ``data`` (the data the model was fitted to), or an array with one value
         per data row (restricted to ``res.sample``) or per row used in the fit.
     type : "CR0", "CR1" (x J/(J-1)), "CR1p" (x J/(J-p)), "CR1S", "CR2" (default) or "CR3".
-    df : "satterthwaite" (default), "naive-t" (J - 1), "naive-tp" (J - p) or "z".
+    df : "satterthwaite", "naive-t" (J - 1), "naive-tp" (J - p) or "z"; None (default):
+        "naive-tp" for CR1p, "satterthwaite" for every other type.
 
     clubSandwich's ``coef_test(fit, vcov = "CR2", test = "Satterthwaite")`` is the
-    default; metafor's ``robust(fit, cluster)`` is ``type="CR1p", df="naive-tp"``.
-    The model's top-level groups must nest within the robust clusters. Otherwise
-    only CR0/CR1/CR1p/CR1S with naive or z df are available (the sandwich then uses
-    the weighted design V^-1 X row by row, as metafor does).
+    default. ``type="CR1p"`` is metafor's ``robust(fit, cluster)``: the CR0 matrix
+    times J/(J-p), t tests and intervals on J - p df, and the omnibus test (summary,
+    and ``wald_test``'s default) Q_W / q on (q, J - p) df; ``df="satterthwaite"``
+    gives clubSandwich's CR1p instead. The model's top-level groups must nest within
+    the robust clusters. Otherwise only CR0/CR1/CR1p/CR1S with naive or z df are
+    available (the sandwich then uses the weighted design V^-1 X row by row, as
+    metafor does).
     """
+    df = default_df(type, df)
     model, theta = res.model, np.asarray(res.theta, dtype=float)
     d = model.design
     labels, name = _robust_labels(res, cluster, data if data is not None else getattr(res, "data", None))

@@ -33,9 +33,11 @@ from scipy import stats
 
 from mlmeta.summary import confidence_level
 
-__all__ = ["satterthwaite_df", "satterthwaite", "SatterthwaitePieces", "nonprofiled_deviance"]
+__all__ = ["satterthwaite_df", "satterthwaite_Fdf", "satterthwaite", "SatterthwaitePieces",
+           "nonprofiled_deviance"]
 
 _EIG_TOL = 1e-8
+_CONTRAST_EPS = float(np.sqrt(np.finfo(float).eps))   # lmerTest's contestMD eps
 
 
 def nonprofiled_deviance(model, theta, s2):
@@ -118,6 +120,42 @@ def satterthwaite_df(res, L=None) -> pd.Series | np.ndarray:
         return pieces.df(L)
     eye = np.eye(len(pieces.names))
     return pd.Series(pieces.df(eye), index=pieces.names, name="df")
+
+
+def _fstat_ddf(nu, tol=1e-8) -> float:
+    """lmerTest's ``get_Fstat_ddf``: one nu -> nu; (nearly) equal nus -> their mean;
+    any nu <= 2 -> 2; else 2E / (E - q) with E = sum nu / (nu - 2)."""
+    nu = np.asarray(nu, dtype=float)
+    if nu.size == 1:
+        return float(nu[0])
+    if np.all(np.abs(np.diff(nu)) < tol):
+        return float(nu.mean())
+    if np.any(nu <= 2):
+        return 2.0
+    E = float(np.sum(nu / (nu - 2)))
+    return 2.0 * E / (E - nu.size)
+
+
+def satterthwaite_Fdf(res, L, eps=_CONTRAST_EPS) -> float:
+    """Denominator df of the F test of ``L beta = r`` (lmerTest's ``contestMD``, the
+    multi-df Satterthwaite approximation).
+
+    With the eigen-decomposition ``L V L' = P D P'`` (eigenvalues d_m above
+    ``eps * d_1``, q of them), each rotated contrast ``c_m = P_m' L`` has the 1-df
+    Satterthwaite df ``nu_m = 2 d_m^2 / (g_m' A g_m)``; then ddf = nu_1 when q = 1,
+    the mean of the nus when they are all equal, 2 when one is <= 2, and otherwise
+    ``2E / (E - q)`` with ``E = sum_m nu_m / (nu_m - 2)``."""
+    pieces = SatterthwaitePieces(res)
+    L = np.atleast_2d(np.asarray(L, dtype=float))
+    VL = L @ pieces.V @ L.T
+    d, P = np.linalg.eigh(0.5 * (VL + VL.T))
+    order = np.argsort(d)[::-1]
+    d, P = d[order], P[:, order]
+    pos = d > max(eps * d[0], 0.0)
+    if not pos.any():
+        return float("nan")
+    PtL = P[:, pos].T @ L
+    return _fstat_ddf(pieces.df(PtL))
 
 
 def satterthwaite(res, level: float = 95.0) -> pd.DataFrame:
