@@ -1,8 +1,6 @@
 """Argument and data validation: identifiability, index alignment, shared argument rules, names."""
 
 import os
-import shutil
-import subprocess
 import warnings
 
 import numpy as np
@@ -15,6 +13,7 @@ from mlmeta import MissingDataWarning
 from mlmeta.batch import Model, fit_batch
 from mlmeta.formula import build_model_frame, parse_formula
 from mlmeta.validate import aligned, n_jobs, safeguard
+from references import data_path, load
 
 F_META = "stdmdiff ~ year_c + (1 | district) + (1 | district:school)"
 
@@ -25,23 +24,14 @@ def _quiet(fn, *args, **kwargs):
         return fn(*args, **kwargs)
 
 
-def _rscript(code: str) -> str:
-    """stdout of an R script run with lme4 loaded (skips the test without R/lme4)."""
-    if shutil.which("Rscript") is None:
-        pytest.skip("Rscript not installed")
-    proc = subprocess.run(["Rscript", "-e", "suppressMessages(library(lme4))\n" + code],
-                          capture_output=True, text=True, timeout=120)
-    if "there is no package called" in proc.stderr:
-        pytest.skip("lme4 not installed")
-    return proc.stdout + proc.stderr
-
-
 @pytest.fixture(scope="module")
-def penicillin(tmp_path_factory):
-    """lme4's Penicillin data (24 plates crossed with 6 samples, one row per plate:sample)."""
-    path = tmp_path_factory.mktemp("r") / "penicillin.csv"
-    _rscript(f'write.csv(Penicillin, "{path.as_posix()}", row.names = FALSE)')
-    return pd.read_csv(path)
+def penicillin():
+    """lme4's Penicillin data (24 plates crossed with 6 samples, one row per plate:sample),
+    written by reference/make_validation_references.R."""
+    return pd.read_csv(data_path("penicillin.csv"))
+
+
+LME4 = load("validation_reference")
 
 
 def _grouped(seed=0, n_groups=10, per_group=4):
@@ -58,8 +48,8 @@ def _grouped(seed=0, n_groups=10, per_group=4):
 
 def test_one_row_per_group_refused_like_lme4(penicillin):
     f = "diameter ~ 1 + (1 | plate) + (1 | plate:sample)"
-    out = _rscript(f"r <- try(lmer({f}, Penicillin), silent = TRUE); cat(r)")
-    assert "number of levels of each grouping factor must be < number of observations" in out
+    assert ("number of levels of each grouping factor must be < number of observations"
+            in LME4["one_row_per_group_error"])
     with pytest.raises(ValueError, match=r"random term \(1 \| plate:sample\) has one observation per "
                                          r"group \(144 groups, 144 observations\)"):
         mlmeta.mixed(f, penicillin)
@@ -78,9 +68,7 @@ def test_crossed_advice_suggests_only_identifiable_models(penicillin):
     assert "no substitute" in msg and "(1 | plate) or (1 | sample)" in msg
     assert "write the inner term" not in msg
     # the models it suggests fit, with lme4's estimates
-    out = _rscript("m <- lmer(diameter ~ 1 + (1 | plate), Penicillin, REML = TRUE)\n"
-                   "cat(sprintf('%.10f %.10f', logLik(m), sigma(m)^2))")
-    ll, s2 = map(float, out.split()[-2:])
+    ll, s2 = LME4["plate_only"]["loglik_reml"], LME4["plate_only"]["sigma2"]
     res = mlmeta.mixed("diameter ~ 1 + (1 | plate)", penicillin)
     assert res.llf_lme4 == pytest.approx(ll, abs=1e-5)
     assert res.scale == pytest.approx(s2, rel=1e-5)
