@@ -108,3 +108,36 @@ def test_exploratory_runs_reach_the_full_newton_optima(schoolcal, formula, metho
             assert joined["deviance"][i] == pytest.approx(quasi["deviance"][i], abs=1e-6)
     assert joined["joined"].any()
     assert joined["n_evals"].sum() < full["n_evals"].sum()
+
+
+@pytest.mark.parametrize("method", ["ml", "reml"])
+def test_uncentred_slopes_reach_the_centred_optimum(schoolcal, method):
+    """A correlated random slope on the uncentred year (1976-2002) is the model on the
+    centred one reparameterised: the same optimum (it stopped at -8.2099 instead of
+    -7.6694 under ML), the same slope and slope variance; scaling the moderator changes
+    nothing."""
+    un = "stdmdiff ~ {x} + (1 + {x} | district) + (1 | district:school)"
+    ref = mlmeta.meregress(un.format(x="year_c"), schoolcal, variance="var", method=method)
+    for x, data, scale in (("year", schoolcal, 1.0),
+                           ("yk", schoolcal.assign(yk=schoolcal.year * 1000.0), 1000.0)):
+        res = mlmeta.meregress(un.format(x=x), data, variance="var", method=method)
+        assert res.converged
+        assert res.llf == pytest.approx(ref.llf, rel=1e-8)
+        assert res.params[x] * scale == pytest.approx(ref.params["year_c"], rel=1e-5)
+        S, R = res.re_cov["district"], ref.re_cov["district"]
+        assert S.loc[x, x] * scale ** 2 == pytest.approx(R.loc["year_c", "year_c"], rel=1e-4)
+
+
+@pytest.mark.parametrize("method", ["ml", "reml"])
+def test_uncentred_independent_slope_reaches_dense_optimum(schoolcal, method):
+    """With independent effects the uncentred model is a different model; its optimum
+    is the dense likelihood's (reference/make_dense_optima.py)."""
+    from references import load
+
+    ref = load("dense_structures")[f"schoolcal-uncentred-{method}"]
+    res = mlmeta.meregress("stdmdiff ~ year + (1 + year || district) + (1 | district:school)",
+                           schoolcal, variance="var", method=method)
+    assert res.converged
+    assert res.llf >= ref["llf"] - 1e-7
+    assert res.llf == pytest.approx(ref["llf"], abs=1e-7)
+

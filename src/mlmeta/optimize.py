@@ -17,7 +17,7 @@ import numpy as np
 from mlmeta.model import NestedModel
 from mlmeta.validate import safeguard as _safeguard
 
-__all__ = ["FitRecord", "fit_nested", "start_theta", "alternative_starts"]
+__all__ = ["FitRecord", "fit_nested", "start_theta", "alternative_starts", "conditioning"]
 
 
 @dataclass
@@ -133,6 +133,11 @@ def fit_nested(model: NestedModel, *, theta0=None, em_iter=20, em_tol=1e-10, em_
     """
     t0 = time.perf_counter()
     safeguard = _safeguard(safeguard)
+    if theta0 is None and fixed is None and not em_only:
+        A = conditioning(model)
+        if A is not None:
+            return _fit_conditioned(model, A, em_iter=em_iter, em_tol=em_tol, maxiter=maxiter,
+                                    tol=tol, safeguard=safeguard, verbose=verbose, t0=t0)
     theta = start_theta(model) if theta0 is None else np.asarray(theta0, dtype=float)
     lower, upper = model.lower.copy(), model.upper.copy()
     if fixed is not None:
@@ -213,4 +218,85 @@ def fit_nested(model: NestedModel, *, theta0=None, em_iter=20, em_tol=1e-10, em_
     rec.seconds = time.perf_counter() - t0
     if verbose and rec.better_optimum:
         print(f"A higher optimum from another start:  {model.ll_label} = {-0.5 * f:.8g}")
+    return rec
+
+
+def conditioning(model: NestedModel):
+    """Per level, a matrix A_l that makes the random-effects design Z_l A_l well
+    conditioned, or None when every level is already fine.
+
+    The likelihood depends on Z_l and Sigma_l only through Z_l Sigma_l Z_l', so a level
+    may be fitted as Z~_l = Z_l A_l with Sigma~_l = A_l^-1 Sigma_l A_l^-T whenever the
+    structure is closed under that map: an unstructured level under any invertible A
+    (each slope centred on the intercept column and scaled to unit SD), an independent
+    level under a diagonal A (each column scaled to unit root mean square). Uncentred
+    or badly scaled slopes (year = 1976..2002; scales 100 times apart) otherwise make
+    the optimiser stop at a worse optimum."""
+    out, any_ = [], False
+    for s, Z in zip(model.structs, model.design.Z):
+        q = Z.shape[1]
+        A = np.eye(q)
+        if q >= 2 and s.kind in ("unstructured", "independent"):
+            mean, sd = Z.mean(axis=0), Z.std(axis=0)
+            rms = np.sqrt(np.mean(Z * Z, axis=0))
+            const = sd <= 1e-12 * np.maximum(rms, 1e-300)
+            icol = next((j for j in range(q) if const[j] and abs(mean[j]) > 0), None)
+            for j in range(q):
+                if const[j]:
+                    continue
+                if s.kind == "unstructured" and icol is not None:
+                    A[j, j] = 1.0 / sd[j]
+                    A[icol, j] = -(mean[j] / mean[icol]) / sd[j]
+                elif rms[j] > 0:
+                    A[j, j] = 1.0 / rms[j]
+            off = np.abs(A - np.diag(np.diag(A))).max()
+            d = np.abs(np.diag(A))
+            if off > 1.0 or d.max() > 100.0 or d.min() < 0.01:
+                any_ = True
+            else:
+                A = np.eye(q)
+        out.append(A)
+    return out if any_ else None
+
+
+def _fit_conditioned(model, A, *, t0, **options):
+    """Fit the model with each level's design Z_l A_l (:func:`conditioning`) and map the
+    optimum back (Sigma_l = A_l Sigma~_l A_l'). The likelihood is the same, so the working
+    fit's convergence check holds (it is made where the Hessian is well scaled); the
+    deviance is recomputed on the model as given and must agree to 1e-8."""
+    from mlmeta.design import build_design
+
+    d = model.design
+    work_design = build_design(d.y, d.X, [Z @ Al for Z, Al in zip(d.Z, A)], d.groups,
+                               d.variance, V=d.Lambda)
+    work = NestedModel(work_design, model.structs, model.method, residual=model.residual,
+                       fe_constraints=model.fe_constraints, cluster_labels=model.cluster_labels)
+    rec_w = fit_nested(work, theta0=None, **{**options, "em_only": False}) \
+        if conditioning(work) is None else None
+    if rec_w is None:        # the working design is no better: fit the model as given
+        return fit_nested(model, theta0=start_theta(model), **options)
+
+    def back(theta):
+        S = [Al @ Sl @ Al.T for Al, Sl in zip(A, work.Sigma_list(theta))]
+        return model.theta_from_Sigmas([0.5 * (Sl + Sl.T) for Sl in S])
+
+    theta = back(rec_w.theta)
+    rec = rec_w
+    try:
+        dev = model.evaluate(theta).deviance
+    except FloatingPointError:
+        dev = np.inf
+    if not abs(dev - rec_w.deviance) <= 1e-8 * max(1.0, abs(rec_w.deviance)):
+        # the map back lost precision (a singular Sigma): finish on the model itself
+        opts = {k: v for k, v in options.items() if k in ("maxiter", "tol")}
+        rec = fit_nested(model, theta0=theta, em_iter=0, safeguard=False, **opts)
+        rec.n_evals += rec_w.n_evals
+        rec.messages = rec_w.messages + rec.messages
+        return rec
+    # the same likelihood in another basis: the working fit's record, in the model's theta
+    rec.theta, rec.deviance = theta, dev
+    rec.theta_start = back(rec_w.theta_start)
+    rec.theta_em = back(rec_w.theta_em) if rec_w.theta_em is not None else None
+    rec.candidates = [(label, f, back(th), c) for label, f, th, c in rec_w.candidates]
+    rec.seconds = time.perf_counter() - t0
     return rec

@@ -14,7 +14,8 @@ gradients. No part of mlmeta's fitting engine is used.
   pairs of structures, maximised by BFGS over an unconstrained parameterisation of
   each Sigma written out below (independent of mlmeta.covstruct); (b) ``custom3-*``: a
   custom pattern whose fixed correlations conflict with the data
-  (``data/custom3_synthetic.csv``), by Nelder-Mead over (SDs, correlation).
+  (``data/custom3_synthetic.csv``), by Nelder-Mead over (SDs, correlation); (c)
+  ``schoolcal-uncentred-*``: an independent random slope on the uncentred year.
 
     python tests/reference/make_dense_optima.py      # about two minutes
 """
@@ -206,6 +207,33 @@ def dense_custom3(df, method):
     return {"llf": -float(best.fun), "theta": [float(t) for t in best.x]}
 
 
+def dense_schoolcal_uncentred(method):
+    """schoolcal with an independent random slope on the uncentred year:
+    ``stdmdiff ~ year + (1 + year || district) + (1 | district:school)``; the SDs by
+    Nelder-Mead from several starts (sign-free: the SD is |p|)."""
+    sys.path.insert(0, str(HERE.parent.parent / "src"))
+    df = pd.read_csv(HERE.parent.parent / "src" / "mlmeta" / "datasets" / "schoolcal.csv")
+    n = len(df)
+    X = np.column_stack([df.year, np.ones(n)])
+    Z = [X.copy(), np.ones((n, 1))]
+    groups = [df.district.to_numpy(), (df.district * 100 + df.school).to_numpy()]
+
+    def negll(p):
+        S = [np.diag([p[0] ** 2, p[1] ** 2]), np.array([[p[2] ** 2]])]
+        V = dense_V(Z, groups, S, df["var"].to_numpy())
+        return -dense_loglik(df.stdmdiff.to_numpy(), X, V, method)[0]
+
+    best = None
+    for start in ([0.01, 0.3, 0.2], [0.001, 1, 0.1], [0.05, 5, 0.2], [0.0, 0.25, 0.18],
+                  [0.02, 40, 0.2]):
+        r = optimize.minimize(negll, start, method="Nelder-Mead",
+                              options={"xatol": 1e-12, "fatol": 1e-13, "maxiter": 40000,
+                                       "maxfev": 80000})
+        if best is None or r.fun < best.fun:
+            best = r
+    return {"llf": -float(best.fun), "sd": [float(abs(t)) for t in best.x]}
+
+
 def main():
     out = {cid: dense_optimum(cid) for cid in case_ids()}
     (HERE / "dense_optima.json").write_text(json.dumps(out, indent=1, sort_keys=True) + "\n")
@@ -220,6 +248,7 @@ def main():
     df3 = pd.read_csv(HERE / "data" / "custom3_synthetic.csv")
     for m in ("reml", "ml"):
         out[f"custom3-fixedcorr-{m}"] = dense_custom3(df3, m)
+        out[f"schoolcal-uncentred-{m}"] = dense_schoolcal_uncentred(m)
     (HERE / "dense_structures.json").write_text(json.dumps(out, indent=1, sort_keys=True) + "\n")
     print(f"wrote {len(out)} structure cases")
 
