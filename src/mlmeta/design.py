@@ -46,7 +46,11 @@ class NestedDesign:
     logdet_XtX : log|X'X| (unweighted), used by the REML constant.
     Lambda : the known sampling covariance (scipy.sparse, sorted rows) when one was
         given instead of variances; None otherwise.
-    Xw, yw : the whitened fixed design and response (Lambda^-1/2 X, Lambda^-1/2 y).
+    Xw, yw : the whitened fixed design and response in the working basis the kernel
+        uses: Xw = Lambda^-1/2 X B (orthonormal columns) and yw = Lambda^-1/2 (y - X b0).
+    B, b0 : the working basis: the coefficients of X are beta = B beta~ + b0 where
+        beta~ are those of (Xw, yw) (for another outcome, not shifted by X b0: B beta~).
+    logdet_XtX_work : log|B' X'X B|, the REML constant in the working basis.
     """
 
     perm: np.ndarray
@@ -67,6 +71,9 @@ class NestedDesign:
     Lambda: object = None
     Xw: np.ndarray | None = None
     yw: np.ndarray | None = None
+    B: np.ndarray | None = None
+    b0: np.ndarray | None = None
+    logdet_XtX_work: float = 0.0
 
     @property
     def n_obs(self) -> int:
@@ -128,6 +135,32 @@ def _whiten_blocks(Vs, starts, rows_sel, Zs, Xs, ys):
         for M in Zs + [Xs, ys]:
             M[a:b] = linalg.solve_triangular(Lc, M[a:b], lower=True)
     return logdet, -1
+
+
+def _centring(X) -> np.ndarray:
+    """C with X C = the columns centred on X's constant column (if any) and scaled to
+    unit SD; the constant column itself is kept."""
+    p = X.shape[1]
+    C = np.eye(p)
+    mean = X.mean(axis=0)
+    sd = X.std(axis=0)
+    const = np.ptp(X, axis=0) == 0
+    icol = next((j for j in range(p) if const[j] and mean[j] != 0), None)
+    for j in range(p):
+        if const[j] or not sd[j] > 0:
+            continue
+        C[j, j] = 1.0 / sd[j]
+        if icol is not None:
+            C[icol, j] = -(mean[j] / mean[icol]) / sd[j]
+    return C
+
+
+def _logdet_gram(X) -> float:
+    """log|X'X| from the R factor of X (no squared condition number)."""
+    if X.shape[1] == 0:
+        return 0.0
+    R = np.linalg.qr(X, mode="r")
+    return 2.0 * float(np.sum(np.log(np.abs(np.diag(R)))))
 
 
 def build_design(y, X, Z, groups, variance=None, V=None) -> NestedDesign:
@@ -233,6 +266,30 @@ def build_design(y, X, Z, groups, variance=None, V=None) -> NestedDesign:
                                  f"not positive definite")
             logdet_Lambda += ld
 
+    # a well-conditioned basis for the fixed part (shifted or scaled moderators and
+    # outcomes lose no precision in the cross-products): Xw = Q R, the kernel sees
+    # Xw B = Q (B = R^-1) and yw - Xw b0 (b0 = least squares); beta = B beta~ + b0
+    p = X_s.shape[1]
+    B_fe, b0_fe = np.eye(p), np.zeros(p)
+    # first centre the columns on the constant one (an offset of 1e7 would leave the QR
+    # below a relative accuracy of 1e-16 * 1e7 / sd), then orthonormalise;
+    # log|X'X| = log|C'X'XC| - 2 log|det C|
+    C = _centring(X_s) if p else np.eye(0)
+    logdet_CXXC = _logdet_gram(X_s @ C) if p <= n else 0.0
+    logdet_XtX = logdet_CXXC - 2.0 * float(np.linalg.slogdet(C)[1]) if p <= n else 0.0
+    logdet_XtX_work = logdet_XtX
+    if 0 < p <= n:
+        Xc = A[:, :p] @ C
+        Qw, Rw = np.linalg.qr(Xc)
+        dR = np.abs(np.diag(Rw))
+        if dR.min() > 1e-12 * dR.max():
+            B_fe = C @ linalg.solve_triangular(Rw, np.eye(p))
+            qty = Qw.T @ A[:, -1]
+            b0_fe = C @ linalg.solve_triangular(Rw, qty)
+            A[:, -1] -= Qw @ qty
+            A[:, :p] = Qw
+            logdet_XtX_work = logdet_CXXC - 2.0 * float(np.sum(np.log(dR)))
+
     # nodes: cluster-major, deepest level first; a merged cluster is one node
     keep = [~merged[top_of_row[starts[lvl][:-1]]] for lvl in range(L)]
     node_cluster, node_level, node_code = [], [], []
@@ -326,9 +383,9 @@ def build_design(y, X, Z, groups, variance=None, V=None) -> NestedDesign:
                           cluster_ptr, ZZ, ZA, AA, nq=nq,
                           sub_node=np.concatenate(sub_node), sub_level=np.concatenate(sub_level),
                           sub_off=np.concatenate(sub_off))
-    sign, logdet_XtX = np.linalg.slogdet(X_s.T @ X_s) if X.shape[1] else (1.0, 0.0)
     return NestedDesign(perm=perm, y=y_s, X=X_s, Z=Z_s, variance=var_s, weights=w,
                         groups=codes, n_groups=n_groups, group_start=starts,
                         node_of_group=node_of_group, kernel=kernel,
                         logdet_Lambda=logdet_Lambda, logdet_XtX=float(logdet_XtX), q=q,
-                        offset_of_group=offset_of_group, Lambda=Vs, Xw=Xw, yw=yw)
+                        offset_of_group=offset_of_group, Lambda=Vs, Xw=Xw, yw=yw, B=B_fe, b0=b0_fe,
+                        logdet_XtX_work=logdet_XtX_work)

@@ -22,7 +22,7 @@ class Evaluation:
     """What one evaluation at theta produced (deviance, beta, cov of beta, ...)."""
 
     __slots__ = ("theta", "deviance", "beta", "cov_beta", "rss", "grad", "E", "logdet_C",
-                 "logdet_H", "Hinv", "sigma2")
+                 "logdet_H", "Hinv", "sigma2", "beta_work", "Hinv_work")
 
     def __init__(self, **kw):
         for k in self.__slots__:
@@ -98,7 +98,7 @@ class NestedModel:
             new = dict(Zw=[z * w[:, None] for z in d.Z], Xw=d.Xw, node_rows=(node_r0, node_r1))
         return Problem(K, [s.engine_spec() for s in self.structs], self.lower, self.upper,
                        np.asarray(d.n_groups, dtype=float), d.n_obs, self.method == "reml",
-                       self.residual == "profiled", float(d.logdet_Lambda), float(d.logdet_XtX),
+                       self.residual == "profiled", float(d.logdet_Lambda), float(d.logdet_XtX_work),
                        self.scale, **new)
 
     # -- theta <-> per-level quantities ---------------------------------------
@@ -128,12 +128,16 @@ class NestedModel:
                                     sigma2=sigma2)
         if not np.isfinite(out["deviance"]):
             raise FloatingPointError(self.failure_message(out["status"]))
-        Hinv = out["Hinv"]
+        d = self.design
+        # the kernel works in the design's basis (Xw B, yw - Xw b0): map back
+        beta = d.B @ out["beta"] + d.b0
+        Hinv = d.B @ out["Hinv"] @ d.B.T
         cov_beta = out["sigma2"] * Hinv if self.residual == "profiled" else Hinv
         return Evaluation(theta=np.asarray(theta, dtype=float), deviance=float(out["deviance"]),
-                          beta=out["beta"], cov_beta=cov_beta, rss=out["rss"],
+                          beta=beta, cov_beta=cov_beta, rss=out["rss"],
                           logdet_C=out["logdet_C"], logdet_H=out["logdet_H"], Hinv=Hinv,
-                          sigma2=float(out["sigma2"]), grad=out.get("grad"), E=out.get("E"))
+                          sigma2=float(out["sigma2"]), grad=out.get("grad"), E=out.get("E"),
+                          beta_work=out["beta"], Hinv_work=out["Hinv"])
 
     def failure_message(self, status) -> str:
         """What an engine status code means, naming the top-level cluster and level of a
@@ -192,7 +196,7 @@ class NestedModel:
         WW, SB = self.problem.node_solution(np.asarray(theta, dtype=np.float64))
         p = self.design.n_fe
         nc = p + 1
-        gamma = np.append(-ev.beta, 1.0)
+        gamma = np.append(-ev.beta_work, 1.0)
         out = []
         for lvl, T in enumerate(self.T_list(theta)):
             q = T.shape[0]
@@ -210,7 +214,7 @@ class NestedModel:
             Sig = SB[idx]                                                    # (G, q, q)
             u = np.einsum("ij,gjk,k->gi", T, W, gamma)
             WX = W[:, :, :p]
-            inner = Sig + np.einsum("gip,pr,gjr->gij", WX, ev.Hinv, WX)
+            inner = Sig + np.einsum("gip,pr,gjr->gij", WX, ev.Hinv_work, WX)
             pev = ev.sigma2 * np.einsum("ij,gjk,lk->gil", T, inner, T)
             out.append((u, pev))
         return out

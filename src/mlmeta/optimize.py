@@ -45,7 +45,7 @@ def start_theta(model: NestedModel) -> np.ndarray:
     d = model.design
     if d.n_fe:
         beta, *_ = np.linalg.lstsq(d.Xw, d.yw, rcond=None)
-        r = d.y - d.X @ beta
+        r = d.y - d.X @ (d.B @ beta + d.b0)
     else:
         r = d.y.copy()
     v = d.variance if d.variance is not None else np.zeros(d.n_obs)

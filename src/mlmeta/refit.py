@@ -87,6 +87,12 @@ def fit_outcomes(model: NestedModel, Y, *, theta0=None, em_iter=20, maxiter=200,
     else:
         out = _fit_rebuilt(model, Y, theta0, em_iter, maxiter, tol)
     failed = ~np.isfinite(out["deviance"])
+    if model.problem.new_outcomes:     # the kernel's basis: beta = B beta~ (no shift: new y)
+        B = d.B
+        out["beta"] = out["beta"] @ B.T
+        cov = np.einsum("ij,mjk,lk->mil", B, out["Hinv"], B)
+        s2 = out["sigma2"] if model.residual == "profiled" else np.ones(m)
+        out["se"] = np.sqrt(np.einsum("mii->mi", cov) * s2[:, None])
     sigma2 = np.where(failed, np.nan, out["sigma2"] if model.residual == "profiled" else 1.0)
     out["sigma2"] = np.where(failed, np.nan, out["sigma2"])
     out["Sigma"] = _sigmas(model, out["theta"], sigma2)

@@ -49,7 +49,8 @@ def _dense_pieces(d, Ts):
     blocks = dense_Z(Zt, d.groups)
     Zf = np.hstack([B for B, _ in blocks])
     Tf = block_diag(*[np.kron(np.eye(G), Tl) for (_, G), Tl in zip(blocks, Ts)])
-    A = np.column_stack([d.X * w[:, None], d.y * w])
+    # the kernel works in the design's basis for the fixed part: X B and y - X b0
+    A = np.column_stack([(d.X @ d.B) * w[:, None], (d.y - d.X @ d.b0) * w])
     C = np.eye(Zf.shape[1]) + Tf.T @ Zf.T @ Zf @ Tf
     return blocks, Zf, Tf, A, C
 
@@ -120,8 +121,9 @@ def test_zero_factor_is_harmless():
     d = build_design(y, X, Z, codes, np.full(30, 0.5))
     logdet, S, status = _Kernel(d).factor(np.zeros(d.kernel.t_off[-1]))
     assert status == 0 and logdet == 0.0
-    A = np.column_stack([X, y]) / np.sqrt(0.5)
+    A = np.column_stack([d.Xw, d.yw])          # the design's whitened working basis
     np.testing.assert_allclose(S, A.T @ A)
+    np.testing.assert_allclose(d.Xw, (d.X @ d.B) / np.sqrt(0.5), rtol=1e-12, atol=1e-14)
 
 
 def test_nonfinite_T_reports_node():
@@ -147,7 +149,17 @@ def test_row_order_and_relabelling_invariance():
     l1, S1, _ = K1.factor(T)
     l2, S2, _ = K2.factor(T)
     assert l1 == pytest.approx(l2, rel=1e-12)
-    np.testing.assert_allclose(S1, S2, rtol=1e-11)
+
+    def in_x_basis(d, S):
+        """A'V^-1A with A = [X, y] (the kernel's basis is X B, y - X b0)."""
+        p = d.n_fe
+        M = np.eye(p + 1)
+        M[:p, :p] = d.B
+        M[:p, p] = -d.b0
+        Mi = np.linalg.inv(M)
+        return Mi.T @ S @ Mi
+
+    np.testing.assert_allclose(in_x_basis(d1, S1), in_x_basis(d2, S2), rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("n_levels,fanout", [(1, 5), (2, 3), (3, 2), (5, 2)])

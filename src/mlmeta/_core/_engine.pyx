@@ -411,9 +411,11 @@ cdef class Problem:
 
         ``lower``/``upper`` replace the problem's bounds (equal bounds fix a parameter).
         Runs are shared out over ``n_threads`` threads, each with its own workspace.
-        Returns a dict of arrays: theta, theta_em (after EM), deviance, beta, se,
-        converged, n_iter (Newton), n_em, n_evals, sigma2, joined, status and, with
-        ``log``, log_em / log_newton (deviance per iteration, NaN past the end)."""
+        Returns a dict of arrays: theta, theta_em (after EM), deviance, beta, se, Hinv
+        ((X'V^-1X)^-1 per fit; beta, se and Hinv in the design's working basis, see
+        :class:`mlmeta.design.NestedDesign`), converged, n_iter (Newton), n_em, n_evals,
+        sigma2, joined, status and, with ``log``, log_em / log_newton (deviance per
+        iteration, NaN past the end)."""
         cdef Prob P = self.P
         cdef int k = P.n_theta
         cdef int p = P.p
@@ -442,6 +444,7 @@ cdef class Problem:
         n_log_nt = max(maxiter, 1) if log else 1
         res = dict(theta=theta, theta_em=np.empty_like(theta), deviance=np.empty(m),
                    beta=np.zeros((m, max(p, 1))), se=np.zeros((m, max(p, 1))),
+                   Hinv=np.zeros((m, max(p, 1), max(p, 1))),
                    sigma2=np.ones(m), converged=np.zeros(m, dtype=np.intc),
                    n_iter=np.zeros(m, dtype=np.intc), n_em=np.zeros(m, dtype=np.intc),
                    n_evals=np.zeros(m, dtype=np.intc), joined=np.zeros(m, dtype=np.intc),
@@ -473,6 +476,8 @@ cdef class Problem:
             res[key] = res[key].astype(bool)
         res["beta"] = res["beta"][:, :p]
         res["se"] = res["se"][:, :p]
+        # the kernel's cells are column-major: transpose each p x p block
+        res["Hinv"] = np.ascontiguousarray(res["Hinv"][:, :p, :p].transpose(0, 2, 1))
         if not log:
             del res["log_em"], res["log_newton"]
         return res
@@ -488,6 +493,7 @@ cdef class _Runner:
     cdef const double[:, ::1] Yw
     cdef bint own, log
     cdef double[:, ::1] th, bt, sv, tem, lem, lnt
+    cdef double[:, :, ::1] hv
     cdef double[::1] dv, s2
     cdef int[::1] cv, itv, ev, jv, emv, stv
     cdef Py_ssize_t n_rows
@@ -501,6 +507,7 @@ cdef class _Runner:
             self.Yw = Yw
         self.log = log
         self.th, self.bt, self.sv, self.tem = res["theta"], res["beta"], res["se"], res["theta_em"]
+        self.hv = res["Hinv"]
         self.lem, self.lnt = res["log_em"], res["log_newton"]
         self.dv, self.s2 = res["deviance"], res["sigma2"]
         self.cv, self.itv, self.ev = res["converged"], res["n_iter"], res["n_evals"]
@@ -517,6 +524,7 @@ cdef class _Runner:
                 R.dev = &self.dv[r]
                 R.beta = &self.bt[r, 0]
                 R.se = &self.sv[r, 0]
+                R.Hinv = &self.hv[r, 0, 0]
                 R.sig2 = &self.s2[r]
                 R.theta_em = &self.tem[r, 0] if self.P.n_theta else &dummy
                 R.log_em = &self.lem[r, 0] if self.log else NULL

@@ -14,6 +14,7 @@ cdef struct Out:
     double* dev
     double* beta
     double* se
+    double* Hinv         # (X'V^-1X)^-1 at the end (p x p), in the design's working basis
     double* sig2
     double* theta_em
     double* log_em       # deviance after each EM iteration (NULL: not kept)

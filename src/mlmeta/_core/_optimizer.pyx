@@ -290,9 +290,12 @@ cdef int fit_one(const Prob* P, Work* W, const double* y, double* th, const Opti
         for j in range(P.p):
             R.beta[j] = W.beta[j]
             R.se[j] = sqrt(W.sigma2 * W.Hinv[j + j * P.p])
+        copy(W.Hinv, R.Hinv, P.p * P.p)
     else:
         converged = 0
         for j in range(P.p):
             R.beta[j] = NAN
             R.se[j] = NAN
+        for j in range(P.p * P.p):
+            R.Hinv[j] = NAN
     return converged
