@@ -44,3 +44,30 @@ def test_mixed_model_outcome_shift(schoolcal):
     assert b.llf == pytest.approx(a.llf, rel=1e-8)
     assert b.bse["year_c"] == pytest.approx(a.bse["year_c"], rel=1e-7)
     assert b.scale == pytest.approx(a.scale, rel=1e-7)
+
+
+@pytest.mark.parametrize("kind", ["meregress", "mixed"])
+def test_row_order_and_group_relabelling_change_nothing(schoolcal, kind):
+    """Rows in another order and groups under other labels: the same fit."""
+    import numpy as np
+
+    f = "stdmdiff ~ year_c + (1 + year_c | district) + (1 | district:school)"
+    rng = np.random.default_rng(7)
+    perm = rng.permutation(len(schoolcal))
+    relabel = {d: f"d{k}" for k, d in enumerate(rng.permutation(schoolcal.district.unique()))}
+    other = schoolcal.iloc[perm].assign(district=lambda d: d.district.map(relabel),
+                                        school=lambda d: d.school * 7 + 3)
+    if kind == "meregress":
+        def fit(data):
+            return mlmeta.meregress(f, data, variance="var")
+    else:                      # raw data: one row per school would not be identified
+        f = "stdmdiff ~ year_c + (1 + year_c | district)"
+
+        def fit(data):
+            return mlmeta.mixed(f, data)
+    a, b = fit(schoolcal), fit(other)
+    assert b.llf == pytest.approx(a.llf, rel=1e-9)
+    np.testing.assert_allclose(b.params.values, a.params.values, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(b.bse.values, a.bse.values, rtol=1e-6)
+    for g in a.re_cov:
+        np.testing.assert_allclose(b.re_cov[g].values, a.re_cov[g].values, rtol=1e-5, atol=1e-9)
