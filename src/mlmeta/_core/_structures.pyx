@@ -22,6 +22,23 @@ from mlmeta._core._linalg cimport gemm, copy, potrf_lower, trsm_left_lower
 from mlmeta._core._problem cimport (Prob, Work, K_IDENTITY, K_INDEPENDENT, K_EXCHANGEABLE,
                                     K_UNSTRUCTURED, K_CUSTOM, ST_OK, ST_R, ST_NONFINITE)
 
+cdef inline void correlation_matrix(const Prob* P, Py_ssize_t l, const double* th,
+                                    double* R) noexcept nogil:
+    """R (q x q) of a custom level at theta: 1 on the diagonal, free correlations from
+    theta, fixed ones from the pattern."""
+    cdef Py_ssize_t q = P.q[l], o = P.th_off[l], i, j
+    cdef const Py_ssize_t* cmap = P.cmap + P.c_off[l] + q
+    cdef const double* cfix = P.cfix + P.c_off[l] + q
+    for j in range(q):
+        for i in range(q):
+            if i == j:
+                R[i + j * q] = 1.0
+            elif cmap[i + j * q] >= 0:
+                R[i + j * q] = th[o + cmap[i + j * q]]
+            else:
+                R[i + j * q] = cfix[i + j * q]
+
+
 cdef int custom_T(const Prob* P, Py_ssize_t l, const double* th, double* T, double* D,
                   double* cs) noexcept nogil:
     """T = D chol(R) of a custom level and its derivatives (columns th_off..th_off+n_th
@@ -30,7 +47,6 @@ cdef int custom_T(const Prob* P, Py_ssize_t l, const double* th, double* T, doub
     cdef const Py_ssize_t* smap = P.cmap + P.c_off[l]
     cdef const Py_ssize_t* cmap = smap + q
     cdef const double* sfix = P.cfix + P.c_off[l]
-    cdef const double* cfix = sfix + q
     cdef double* sd = cs
     cdef double* L = sd + q
     cdef double* Li = L + q * q
@@ -40,14 +56,7 @@ cdef int custom_T(const Prob* P, Py_ssize_t l, const double* th, double* T, doub
     cdef int qi = <int>q
     for i in range(q):
         sd[i] = th[o + smap[i]] if smap[i] >= 0 else sfix[i]
-    for j in range(q):
-        for i in range(q):
-            if i == j:
-                L[i + j * q] = 1.0
-            elif cmap[i + j * q] >= 0:
-                L[i + j * q] = th[o + cmap[i + j * q]]
-            else:
-                L[i + j * q] = cfix[i + j * q]
+    correlation_matrix(P, l, th, L)
     if potrf_lower(qi, L, qi) != 0:
         return ST_R
     for j in range(q):
@@ -196,18 +205,9 @@ cdef void em_project(const Prob* P, Py_ssize_t l, const double* Sig, double* th,
 cdef double min_pivot(const Prob* P, Py_ssize_t l, const double* th, double* R) noexcept nogil:
     """The smallest diagonal element of the Cholesky factor of the custom level's
     correlation matrix at theta (-1 if it is not positive definite)."""
-    cdef Py_ssize_t q = P.q[l], o = P.th_off[l], i, j
-    cdef const Py_ssize_t* cmap = P.cmap + P.c_off[l] + q
-    cdef const double* cfix = P.cfix + P.c_off[l] + q
+    cdef Py_ssize_t q = P.q[l], i
     cdef double m
-    for j in range(q):
-        for i in range(q):
-            if i == j:
-                R[i + j * q] = 1.0
-            elif cmap[i + j * q] >= 0:
-                R[i + j * q] = th[o + cmap[i + j * q]]
-            else:
-                R[i + j * q] = cfix[i + j * q]
+    correlation_matrix(P, l, th, R)
     if potrf_lower(<int>q, R, <int>q) != 0:
         return -1.0
     m = R[0]
