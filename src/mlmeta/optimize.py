@@ -133,11 +133,18 @@ def fit_nested(model: NestedModel, *, theta0=None, em_iter=20, em_tol=1e-10, em_
     """
     t0 = time.perf_counter()
     safeguard = _safeguard(safeguard)
+    options = dict(em_iter=em_iter, em_tol=em_tol, maxiter=maxiter, tol=tol,
+                   safeguard=safeguard, verbose=verbose)
     if theta0 is None and fixed is None and not em_only:
         A = conditioning(model)
         if A is not None:
-            return _fit_conditioned(model, A, em_iter=em_iter, em_tol=em_tol, maxiter=maxiter,
-                                    tol=tol, safeguard=safeguard, verbose=verbose, t0=t0)
+            return _fit_conditioned(model, A, t0=t0, **options)
+    return _fit(model, theta0=theta0, em_only=em_only, fixed=fixed, t0=t0, **options)
+
+
+def _fit(model, *, theta0, em_iter, em_tol, em_only, maxiter, tol, safeguard, verbose, fixed,
+         t0) -> FitRecord:
+    """The fit of :func:`fit_nested` in the model's own basis (arguments checked)."""
     theta = start_theta(model) if theta0 is None else np.asarray(theta0, dtype=float)
     lower, upper = model.lower.copy(), model.upper.copy()
     if fixed is not None:
@@ -271,10 +278,7 @@ def _fit_conditioned(model, A, *, t0, **options):
                                d.variance, V=d.Lambda)
     work = NestedModel(work_design, model.structs, model.method, residual=model.residual,
                        fe_constraints=model.fe_constraints, cluster_labels=model.cluster_labels)
-    rec_w = fit_nested(work, theta0=None, **{**options, "em_only": False}) \
-        if conditioning(work) is None else None
-    if rec_w is None:        # the working design is no better: fit the model as given
-        return fit_nested(model, theta0=start_theta(model), **options)
+    rec_w = _fit(work, theta0=None, em_only=False, fixed=None, t0=t0, **options)
 
     def back(theta):
         S = [Al @ Sl @ Al.T for Al, Sl in zip(A, work.Sigma_list(theta))]
@@ -288,8 +292,8 @@ def _fit_conditioned(model, A, *, t0, **options):
         dev = np.inf
     if not abs(dev - rec_w.deviance) <= 1e-8 * max(1.0, abs(rec_w.deviance)):
         # the map back lost precision (a singular Sigma): finish on the model itself
-        opts = {k: v for k, v in options.items() if k in ("maxiter", "tol")}
-        rec = fit_nested(model, theta0=theta, em_iter=0, safeguard=False, **opts)
+        rec = _fit(model, theta0=theta, em_only=False, fixed=None, t0=t0,
+                   **{**options, "em_iter": 0, "safeguard": False})
         rec.n_evals += rec_w.n_evals
         rec.messages = rec_w.messages + rec.messages
         return rec
