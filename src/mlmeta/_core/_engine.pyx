@@ -244,6 +244,7 @@ cdef class Problem:
                 copy(P.M, Ws[c].D, P.t_len * k)
             Ws[c].n_evals = 0
             Ws[c].status = 0
+            Ws[c].own = 0
         free(self.Ws)
         self.Ws = Ws
         self._bufs = (buf, offs)
@@ -251,7 +252,8 @@ cdef class Problem:
 
     cdef Work* _slot0(self) except NULL:
         self._ensure_slots(1)
-        set_response(&self.P, &self.Ws[0], NULL)
+        if not self.Ws[0].own:       # a batch fit left another outcome there
+            set_response(&self.P, &self.Ws[0], NULL)
         return &self.Ws[0]
 
     cdef double _eval(self, double[::1] tv, double* grad, bint em, double s2) except? -1:

@@ -36,6 +36,7 @@ cdef void set_response(const Prob* P, Work* W, const double* y) noexcept nogil:
     cdef double acc
     copy(P.ZA0, W.ZA, P.za_len)
     copy(P.AA0, W.AA, P.ncol * P.ncol)
+    W.own = y == NULL
     if y == NULL:
         return
     for a in range(P.n_nodes):

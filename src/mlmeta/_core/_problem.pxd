@@ -75,3 +75,4 @@ cdef struct Work:
     double* tmp      # optimiser scratch: see fit_one
     double sigma2, rss, logdet_C, logdet_H
     int n_evals, status
+    bint own         # ZA and AA hold the design's own outcome (set_response(NULL))
