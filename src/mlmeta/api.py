@@ -153,7 +153,7 @@ def build_model(formula, data, *, se=None, variance=None, V=None, method="reml",
     if frame.y.shape[0] <= X.shape[1]:
         raise ValueError(f"{frame.y.shape[0]} observations for {X.shape[1]} fixed effects: at "
                          f"least one more observation than fixed effects is needed")
-    design = build_design(y, X, frame.Z, frame.groups, v, V=Vm)
+    design = build_design(y, X, frame.Z, frame.groups, v, V=Vm, n_tree=frame.n_tree)
     model = NestedModel(design, structs, method, fe_constraints=fc,
                         cluster_labels=(frame.terms[0].group, frame.group_labels[0]))
     return model, frame, parsed

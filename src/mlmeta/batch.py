@@ -100,7 +100,7 @@ class Model:
         if variance is None and d.Lambda is not None:
             inv = np.argsort(d.perm)
             V = d.Lambda[inv][:, inv]
-        design = build_design(yc, Xc, frame.Z, frame.groups, v, V=V)
+        design = build_design(yc, Xc, frame.Z, frame.groups, v, V=V, n_tree=frame.n_tree)
         model = NestedModel(design, self.model.structs, self.method,
                             residual="profiled" if self.mixed else "known", fe_constraints=fc,
                             cluster_labels=self.model.cluster_labels)

@@ -117,7 +117,7 @@ def build_mixed_model(formula, data, *, method="reml", covariance=None, constrai
     if not parsed.random:
         raise ValueError("the formula has no random-effects term such as (1 | group); "
                          "use mlmeta.ols for a model without random effects")
-    frame = build_model_frame(parsed, data, collinear_random=bool(collinear), residual=True)
+    frame = build_model_frame(parsed, data, collinear_random=bool(collinear))
     check_levels(frame)
     structs = _structures(frame, covariance)
     y, X, fc = constrained_design(frame, constraints)
@@ -125,7 +125,7 @@ def build_mixed_model(formula, data, *, method="reml", covariance=None, constrai
         raise ValueError(f"{frame.y.shape[0]} observations for {X.shape[1]} fixed effects and a "
                          f"residual variance: more observations are needed")
     check_outcome(y, X, parsed.response)
-    design = build_design(y, X, frame.Z, frame.groups, None)
+    design = build_design(y, X, frame.Z, frame.groups, None, n_tree=frame.n_tree)
     model = NestedModel(design, structs, method, residual="profiled", fe_constraints=fc,
                         cluster_labels=(frame.terms[0].group, frame.group_labels[0]))
     return model, frame, parsed

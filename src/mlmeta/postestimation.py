@@ -174,6 +174,8 @@ class PostestimationMixin:
     def _group_labels(self, lvl):
         """Labels of the design's groups at level ``lvl`` (design order)."""
         d, f = self.model.design, self.frame
+        if d.group_start[lvl] is None:      # a crossed level: codes in label order
+            return list(f.group_labels[lvl])
         first_rows = d.perm[d.group_start[lvl][:-1]]
         labels = f.group_labels[lvl]
         return [labels[c] for c in f.groups[lvl][first_rows]]

@@ -103,7 +103,7 @@ def _fit_rebuilt(model, Y, theta0, em_iter, maxiter, tol):
     d = model.design
     rows = []
     for j in range(Y.shape[1]):
-        design = build_design(Y[d.perm, j], d.X, d.Z, d.groups, None, V=d.Lambda)
+        design = build_design(Y[d.perm, j], d.X, d.Z, d.groups, None, V=d.Lambda, n_tree=d.n_tree)
         mj = NestedModel(design, model.structs, model.method, residual=model.residual)
         try:
             rec = fit_nested(mj, theta0=theta0[j], em_iter=em_iter, maxiter=maxiter, tol=tol,

@@ -68,7 +68,9 @@ def _resample_clusters(res, rng):
     draw = rng.integers(0, J, J)
     rows = np.concatenate([np.arange(starts[j], starts[j + 1]) for j in draw])
     copy = np.repeat(np.arange(J), np.diff(starts)[draw])
-    groups = [g[rows] + copy * (int(g.max()) + 1) for g in d.groups]
+    # drawn clusters are new groups at every nested level; crossed groups stay shared
+    groups = [g[rows] + copy * (int(g.max()) + 1) if lvl < d.n_tree else g[rows]
+              for lvl, g in enumerate(d.groups)]
     Lam = None
     var = d.variance[rows] if d.variance is not None and d.Lambda is None else None
     if d.Lambda is not None:
@@ -76,7 +78,7 @@ def _resample_clusters(res, rng):
                                  for j in draw], format="csr")
     if res.model.residual == "profiled":
         var = None
-    design = build_design(d.y[rows], d.X[rows], [z[rows] for z in d.Z], groups, var, V=Lam)
+    design = build_design(d.y[rows], d.X[rows], [z[rows] for z in d.Z], groups, var, V=Lam, n_tree=d.n_tree)
     return design
 
 
@@ -166,7 +168,7 @@ def permutation_test(res, n=1000, *, seed=None, n_jobs=None):
     def one(ss):
         perm = np.random.default_rng(ss).permutation(d.n_obs)
         X = d.X[perm]
-        design = build_design(d.y, X, d.Z, d.groups, var, V=Lam)
+        design = build_design(d.y, X, d.Z, d.groups, var, V=Lam, n_tree=d.n_tree)
         m = NestedModel(design, structs, res.method, residual=res.model.residual)
         rec = fit_nested(m, theta0=res.theta, em_iter=0, safeguard=False)
         ev = m.evaluate(rec.theta)

@@ -351,13 +351,17 @@ class MeregressResults(PostestimationMixin):
 
     @cached_property
     def groups(self) -> pd.DataFrame:
-        """Per level: number of groups and min/avg/max observations per group."""
+        """Per level: number of groups, min/avg/max observations per group, and how the
+        level relates to the others (``nesting``: "top", "in <outer group>" or "crossed")."""
         d = self.model.design
         rows = []
-        for name, starts in zip(self.group_names, d.group_start):
-            sizes = np.diff(starts)
-            rows.append((name, len(sizes), int(sizes.min()), float(sizes.mean()), int(sizes.max())))
-        return pd.DataFrame(rows, columns=["group", "n_groups", "min", "avg", "max"]).set_index("group")
+        nesting = self.frame.nesting or [None] * len(self.group_names)
+        for lvl, (name, how) in enumerate(zip(self.group_names, nesting)):
+            sizes = d.group_sizes(lvl)
+            rel = "crossed" if how == "crossed" else ("top" if how is None else f"in {how}")
+            rows.append((name, len(sizes), int(sizes.min()), float(sizes.mean()), int(sizes.max()), rel))
+        return pd.DataFrame(rows, columns=["group", "n_groups", "min", "avg", "max",
+                                           "nesting"]).set_index("group")
 
     # -- reporting ----------------------------------------------------------------
     @property
@@ -374,6 +378,7 @@ class MeregressResults(PostestimationMixin):
             else:
                 notes.append(f"{b}: the estimate is on the boundary of the parameter space.")
         notes.extend(self.frame.notes)
+        notes.extend(getattr(self.frame, "crossing", []))
         if self.n_dropped:
             notes.append(f"{self.n_dropped} observation{'s' if self.n_dropped != 1 else ''} "
                          f"dropped because of missing values.")
@@ -420,7 +425,8 @@ class MeregressResults(PostestimationMixin):
                     fixed=bool(c.fixed), boundary=bool(c.boundary and not c.fixed)))
             blocks.append(_summary.RandomBlock(name, title, rows))
         g = self.groups
-        group_rows = [_summary.GroupRow(nm, int(r.n_groups), int(r["min"]), float(r.avg), int(r["max"]))
+        group_rows = [_summary.GroupRow(nm, int(r.n_groups), int(r["min"]), float(r.avg), int(r["max"]),
+                                        crossed=r.nesting == "crossed")
                       for nm, r in g.iterrows()]
         title = self._title()
         return _summary.Summary(

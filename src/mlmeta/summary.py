@@ -229,6 +229,7 @@ class GroupRow:
     min: int
     avg: float
     max: int
+    crossed: bool = False     # crossed with the nested levels (not nested in the one above)
 
 
 @dataclass
@@ -483,7 +484,13 @@ def _text_groups(groups: list[GroupRow]) -> list[str]:
     for g in groups:
         lines.append(f"{abbrev(g.name, 15):>15} |{_fmt_int(g.n_groups):>11}"
                      f"{_fmt_int(g.min):>11}{fmt_f(g.avg, 1):>11}{_fmt_int(g.max):>11}")
-    return lines + [rule]
+    lines.append(rule)
+    crossed = [g.name for g in groups if g.crossed]
+    if crossed:
+        nested = [g.name for g in groups if not g.crossed]
+        lines += textwrap.wrap(f"Crossed: {', '.join(crossed)} crossed with "
+                               f"{' > '.join(nested)}", WIDTH)
+    return lines
 
 
 def _level_title(level: str, structure: str, n: int) -> str:
