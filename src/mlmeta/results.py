@@ -260,19 +260,23 @@ class MeregressResults(PostestimationMixin):
 
         return robust(self, cluster=cluster, type=type, df=df, data=data)
 
-    def bootstrap(self, n=1000, *, kind="parametric", level=95.0, seed=None, n_jobs=None):
+    def bootstrap(self, n=1000, *, kind="parametric", level=95.0, seed=None, n_jobs=None,
+                  executor=None):
         """Bootstrap percentile intervals (parametric or cluster); see
-        :func:`mlmeta.resampling.bootstrap`. Returns (table, replicates)."""
+        :func:`mlmeta.resampling.bootstrap`. Returns (table, replicates). ``executor``: a
+        concurrent.futures executor or Dask client running the refits."""
         from mlmeta.resampling import bootstrap
 
-        return bootstrap(self, n, kind=kind, level=level, seed=seed, n_jobs=n_jobs)
+        return bootstrap(self, n, kind=kind, level=level, seed=seed, n_jobs=n_jobs,
+                         executor=executor)
 
-    def permutation_test(self, n=1000, *, seed=None, n_jobs=None):
+    def permutation_test(self, n=1000, *, seed=None, n_jobs=None, executor=None):
         """Permutation test of the moderators (metafor's permutest); see
-        :func:`mlmeta.resampling.permutation_test`."""
+        :func:`mlmeta.resampling.permutation_test`. ``executor``: a concurrent.futures
+        executor or Dask client running the refits."""
         from mlmeta.resampling import permutation_test
 
-        return permutation_test(self, n, seed=seed, n_jobs=n_jobs)
+        return permutation_test(self, n, seed=seed, n_jobs=n_jobs, executor=executor)
 
     def recovariance(self, level=None, correlation: bool = False):
         """Random-effects covariance (or correlation) matrix of a level (Stata's
