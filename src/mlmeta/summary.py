@@ -703,6 +703,7 @@ _CSS = """<style>
 .mlmeta-summary tbody th { text-align: right; font-weight: normal; }
 .mlmeta-summary thead th { border-bottom: 1px solid; }
 .mlmeta-summary th.mlmeta-level { text-align: left; font-weight: bold; }
+.mlmeta-summary th.mlmeta-factor { text-align: left; }
 .mlmeta-summary .mlmeta-header th { text-align: left; }
 </style>"""
 
