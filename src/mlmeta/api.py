@@ -8,12 +8,11 @@ design -> build the objective -> optimise -> results.
 from __future__ import annotations
 
 import re
-import warnings
 
 import numpy as np
 from scipy import sparse
 
-from mlmeta._errors import BoundaryWarning, ConvergenceWarning
+from mlmeta._errors import BoundaryWarning, ConvergenceWarning, warn
 from mlmeta.constraints import parse_constraints
 from mlmeta.covstruct import make_structure
 from mlmeta.design import build_design
@@ -215,7 +214,7 @@ def meregress(formula, data, *, se=None, variance=None, V=None, method="reml", c
                                        method=method, covariance=covariance,
                                        constraints=constraints, collinear=collinear)
     for note in frame.notes:
-        warnings.warn(note, UserWarning, stacklevel=2)
+        warn(note, UserWarning)
     record = fit_nested(model, em_iter=em_iter, em_tol=em_tol, em_only=em_only,
                         maxiter=maxiter, tol=tol, safeguard=safeguard, verbose=verbose)
     res = MeregressResults(model, frame, record, depvar=parsed.response,
@@ -223,11 +222,10 @@ def meregress(formula, data, *, se=None, variance=None, V=None, method="reml", c
                            options={"formula": formula, "em_iter": em_iter, "tol": tol,
                                     "test": test, "dfs": dfs})
     if not res.converged:
-        warnings.warn("the optimiser did not converge; see res.fit_record.messages",
-                      ConvergenceWarning, stacklevel=2)
+        warn("the optimiser did not converge; see res.fit_record.messages", ConvergenceWarning)
     if res.boundary:
-        warnings.warn("estimates on the boundary of the parameter space: " + "; ".join(res.boundary),
-                      BoundaryWarning, stacklevel=2)
+        warn("estimates on the boundary of the parameter space: " + "; ".join(res.boundary),
+             BoundaryWarning)
     return res
 
 

@@ -5,7 +5,9 @@
 variances without re-parsing. ``fit_batch(model, Y)`` fits every column of ``Y``
 (simulated replicates, bootstrap outcomes) with the whole optimisation (EM and
 Newton steps) in compiled code, the GIL released, and the columns shared out
-over threads (see :mod:`mlmeta._core._engine`).
+over threads (see :mod:`mlmeta._core._engine`), or over the workers of an
+``executor`` (processes, a Dask cluster). Models pickle (the compiled problem is
+rebuilt on first use), so they travel to other processes.
 """
 
 from __future__ import annotations
@@ -15,12 +17,13 @@ import dataclasses
 import numpy as np
 import pandas as pd
 
+from mlmeta import _executor
 from mlmeta.api import build_model, constrained_design
 from mlmeta.design import build_design
 from mlmeta.mixed import MixedResults, build_mixed_model, check_outcome
 from mlmeta.model import NestedModel
 from mlmeta.optimize import fit_nested
-from mlmeta.refit import fit_outcomes, simulate_outcomes
+from mlmeta.refit import concat_fits, fit_outcomes, simulate_outcomes
 from mlmeta.summary import confidence_level
 from mlmeta.results import MeregressResults
 from mlmeta.validate import aligned
@@ -166,7 +169,7 @@ def _batchable(model: Model):
 
 
 def fit_batch(model: Model, Y, *, n_jobs=None, em_iter=20, maxiter=200, tol=1e-6,
-              theta0=None) -> BatchResults:
+              theta0=None, executor=None) -> BatchResults:
     """Fit every column of ``Y`` (rows as the used data rows, or as all data rows)
     with the model's design and sampling variances.
 
@@ -176,8 +179,15 @@ def fit_batch(model: Model, Y, *, n_jobs=None, em_iter=20, maxiter=200, tol=1e-6
     are rebuilt per column with :meth:`Model.fit`, which runs the same engine.
     A fit that fails (the objective undefined at its optimum) has NaN estimates
     and standard errors and ``converged=False``.
+
+    ``executor``: a :class:`concurrent.futures.Executor` or a Dask
+    ``distributed.Client``. The columns are then cut into a few contiguous chunks per
+    worker, each fitted there (with ``n_jobs`` threads, default 1) and the model sent
+    once per chunk (once per worker on Dask); every column is fitted as in a serial
+    run, so the results are the same numbers.
     """
-    n_jobs = _n_jobs(n_jobs)
+    _executor.check(executor)
+    n_jobs = _n_jobs(1 if executor is not None and n_jobs is None else n_jobs)
     if np.ndim(Y) not in (1, 2):
         raise ValueError(f"Y must be a vector or a 2-D array (rows x replicates), got shape {np.shape(Y)}")
     Y = model._aligned(Y, "Y")
@@ -186,29 +196,42 @@ def fit_batch(model: Model, Y, *, n_jobs=None, em_iter=20, maxiter=200, tol=1e-6
         raise ValueError(f"Y has {Y.shape[0]} rows; the model uses {model.nobs} rows")
     if not np.all(np.isfinite(Y)):
         raise ValueError("Y has missing or infinite values")
-    m = model.model
+    options = (n_jobs, em_iter, maxiter, tol, theta0)
+    if executor is None:
+        out = _fit_columns(model, Y, options)
+    else:
+        m = Y.shape[1]
+        parts = [Y[:, a:b] for a, b in _executor.chunks(m, executor)]
+        out = concat_fits(_executor.run(executor, _fit_columns, model, parts, options))
     names = model.frame.fe_names
     groups = [t.group for t in model.frame.terms]
-    why = _batchable(model)
-    if why is not None:
+    profiled = model.model.residual == "profiled"
+    return BatchResults(params=pd.DataFrame(out["beta"], columns=names),
+                        bse=pd.DataFrame(out["se"], columns=names), llf=out["llf"],
+                        theta=out["theta"], converged=out["converged"], n_iter=out["n_iter"],
+                        n_evals=out["n_evals"], re_cov=dict(zip(groups, out["Sigma"])),
+                        scale=out["sigma2"] if profiled and "sigma2" in out else None)
+
+
+def _fit_columns(model: Model, Y, options) -> dict:
+    """Fits of the columns of Y (one task of :func:`fit_batch`): a dict of per-column
+    arrays beta, se, llf, theta, converged, n_iter, n_evals, Sigma (per level) and, from
+    the engine's batch path, sigma2."""
+    n_jobs, em_iter, maxiter, tol, theta0 = options
+    groups = [t.group for t in model.frame.terms]
+    if _batchable(model) is not None:
         fits = [model.fit(Y[:, j], em_iter=em_iter, maxiter=maxiter, tol=tol, safeguard=False)
                 for j in range(Y.shape[1])]
-        return BatchResults(
-            params=pd.DataFrame([f.params.values for f in fits], columns=names),
-            bse=pd.DataFrame([f.bse.values for f in fits], columns=names),
-            llf=np.array([f.llf for f in fits]), theta=np.array([f.theta for f in fits]),
-            converged=np.array([f.converged for f in fits]),
-            n_iter=np.array([f.n_iter for f in fits]),
-            n_evals=np.array([f.fit_record.n_evals for f in fits]),
-            re_cov={g: np.array([f.re_cov[g].values for f in fits]) for g in groups})
-    out = fit_outcomes(m, Y, theta0=theta0, em_iter=em_iter, maxiter=maxiter, tol=tol,
+        return dict(beta=np.array([f.params.values for f in fits]),
+                    se=np.array([f.bse.values for f in fits]),
+                    llf=np.array([f.llf for f in fits]), theta=np.array([f.theta for f in fits]),
+                    converged=np.array([f.converged for f in fits]),
+                    n_iter=np.array([f.n_iter for f in fits]),
+                    n_evals=np.array([f.fit_record.n_evals for f in fits]),
+                    Sigma=[np.array([f.re_cov[g].values for f in fits]) for g in groups])
+    out = fit_outcomes(model.model, Y, theta0=theta0, em_iter=em_iter, maxiter=maxiter, tol=tol,
                        n_jobs=n_jobs)
     failed = ~np.isfinite(out["deviance"])
-    re_cov = dict(zip(groups, out["Sigma"]))
-    sig2 = out["sigma2"]
-    return BatchResults(params=pd.DataFrame(out["beta"], columns=names),
-                        bse=pd.DataFrame(out["se"], columns=names),
-                        llf=np.where(failed, np.nan, -0.5 * out["deviance"]),
-                        theta=out["theta"], converged=out["converged"], n_iter=out["n_iter"],
-                        n_evals=out["n_evals"],
-                        re_cov=re_cov, scale=sig2 if m.residual == "profiled" else None)
+    return dict(beta=out["beta"], se=out["se"], llf=np.where(failed, np.nan, -0.5 * out["deviance"]),
+                theta=out["theta"], converged=out["converged"], n_iter=out["n_iter"],
+                n_evals=out["n_evals"], Sigma=out["Sigma"], sigma2=out["sigma2"])

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import re
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -30,7 +29,7 @@ from formulaic.formula import SimpleFormula
 from formulaic.transforms import TRANSFORMS
 from formulaic.utils.variables import get_required_variables
 
-from mlmeta._errors import MissingDataWarning
+from mlmeta._errors import MissingDataWarning, warn
 from mlmeta.nesting import crossing_notes, tree_order
 from mlmeta.validate import aligned, reserved_name
 
@@ -722,8 +721,8 @@ def build_model_frame(parsed: ParsedFormula, data, extra: Mapping | None = None,
     n_dropped = int(missing.sum())
     if n_dropped:
         where = ", ".join(f"{name!r} ({k})" for name, k in counts.items())
-        warnings.warn(f"dropped {n_dropped} of {n_rows} rows with missing values in: {where}",
-                      MissingDataWarning, stacklevel=2)
+        warn(f"dropped {n_dropped} of {n_rows} rows with missing values in: {where}",
+             MissingDataWarning)
     if n_rows - n_dropped == 0:
         raise ValueError(f"no rows to fit: data has {n_rows} rows and {n_dropped} have missing values")
 

@@ -14,11 +14,10 @@ ML log-likelihoods are identical to lme4's.
 
 from __future__ import annotations
 
-import warnings
 
 import numpy as np
 
-from mlmeta._errors import BoundaryWarning, ConvergenceWarning
+from mlmeta._errors import BoundaryWarning, ConvergenceWarning, warn
 from mlmeta.api import _structures, constrained_design
 from mlmeta.design import build_design
 from mlmeta.formula import build_model_frame, parse_formula
@@ -148,15 +147,14 @@ def mixed(formula, data, *, method="reml", covariance=None, constraints=None, co
     model, frame, parsed = build_mixed_model(formula, data, method=method, covariance=covariance,
                                              constraints=constraints, collinear=collinear)
     for note in frame.notes:
-        warnings.warn(note, UserWarning, stacklevel=2)
+        warn(note, UserWarning)
     record = fit_nested(model, em_iter=em_iter, em_tol=em_tol, em_only=em_only, maxiter=maxiter,
                         tol=tol, safeguard=safeguard, verbose=verbose)
     res = MixedResults(model, frame, record, depvar=parsed.response, sampling="residual",
                        options={"formula": formula, "em_iter": em_iter, "tol": tol, "test": test})
     if not res.converged:
-        warnings.warn("the optimiser did not converge; see res.fit_record.messages",
-                      ConvergenceWarning, stacklevel=2)
+        warn("the optimiser did not converge; see res.fit_record.messages", ConvergenceWarning)
     if res.boundary:
-        warnings.warn("singular fit: estimates on the boundary of the parameter space: "
-                      + "; ".join(res.boundary), BoundaryWarning, stacklevel=2)
+        warn("singular fit: estimates on the boundary of the parameter space: "
+             + "; ".join(res.boundary), BoundaryWarning)
     return res

@@ -10,14 +10,38 @@ Python-level access to it (results, postestimation, inference).
 
 from __future__ import annotations
 
+import copyreg
+from functools import cached_property
+
 import numpy as np
 from scipy import linalg, sparse
 
 from mlmeta._core._engine import Problem
+from mlmeta._core._nested import NestedKernel
 from mlmeta.covstruct import CovStruct
 from mlmeta.design import NestedDesign
 
 __all__ = ["NestedModel", "Evaluation"]
+
+
+def _kernel_from_pieces(args, kwargs, force_general):
+    kernel = NestedKernel(*args, **kwargs)
+    kernel.force_general = force_general
+    return kernel
+
+
+def _reduce_kernel(kernel):
+    """Pickle a :class:`NestedKernel` by the arrays it is built from (its workspaces are
+    the engine's, made anew)."""
+    K = kernel
+    return _kernel_from_pieces, ((K.q, K.level, K.parent, K.zz_ptr, K.za_ptr, K.cluster_ptr, K.ZZ,
+                                  K.ZA, K.AA),
+                                 {"nq": K.nq, "sub_node": K.sub_node, "sub_level": K.sub_level,
+                                  "sub_off": K.sub_off}, bool(K.force_general))
+
+
+copyreg.pickle(NestedKernel, _reduce_kernel)
+
 
 class Evaluation:
     """What one evaluation at theta produced (deviance, beta, cov of beta, ...)."""
@@ -53,7 +77,8 @@ class NestedModel:
     problem : the engine's :class:`~mlmeta._core._engine.Problem` (objective,
         optimiser and workspaces), built once here.
 
-    The model is not changed after construction.
+    The model is not changed after construction. It pickles without its problem (C
+    workspaces), which is rebuilt from the design and structures on first use.
     """
 
     def __init__(self, design: NestedDesign, structs: list[CovStruct], method: str = "reml",
@@ -103,6 +128,14 @@ class NestedModel:
                        np.asarray(d.n_groups, dtype=float), d.n_obs, self.method == "reml",
                        self.residual == "profiled", float(d.logdet_Lambda), float(d.logdet_XtX_work),
                        self.scale, **new)
+
+    #: after unpickling, the problem is built again on first use
+    problem = cached_property(_problem)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("problem", None)
+        return state
 
     # -- theta <-> per-level quantities ---------------------------------------
     def T_list(self, theta):

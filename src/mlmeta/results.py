@@ -12,7 +12,6 @@ but the constant: ``chi2 = b' Var(b)^-1 b`` on their number of degrees of freedo
 
 from __future__ import annotations
 
-import warnings
 from functools import cached_property
 
 import numpy as np
@@ -20,6 +19,7 @@ import pandas as pd
 from scipy import special, stats
 
 from mlmeta import summary as _summary
+from mlmeta._errors import warn
 from mlmeta.summary import confidence_level
 from mlmeta.postestimation import PostestimationMixin
 from mlmeta.vcomp import component_table, variance_components
@@ -32,7 +32,9 @@ class MeregressResults(PostestimationMixin):
 
     Attributes
     ----------
-    params, bse, zvalues, pvalues : pandas.Series over the fixed effects.
+    params, bse, zvalues, tvalues, pvalues : pandas.Series over the fixed effects
+        (``tvalues``: statsmodels' name of the statistics b / se, t or z).
+    fittedvalues, resid : pandas.Series over the used rows (BLUPs included).
     llf, aic, bic, nobs, method, converged, n_iter : scalars as in statsmodels.
     sample : bool mask over the rows of the data that were used.
     re_cov : dict grouping term -> covariance DataFrame labelled by effect names.
@@ -115,8 +117,7 @@ class MeregressResults(PostestimationMixin):
     @property
     def df_resid(self) -> pd.Series | None:
         """Deprecated spelling of :attr:`df` (None for z tests)."""
-        warnings.warn("df_resid is deprecated; use df (per-coefficient df, inf for z tests)",
-                      FutureWarning, stacklevel=2)
+        warn("df_resid is deprecated; use df (per-coefficient df, inf for z tests)", FutureWarning)
         return None if self._z_tests else self.df
 
     @property
@@ -125,9 +126,23 @@ class MeregressResults(PostestimationMixin):
 
     @cached_property
     def tvalues(self) -> pd.Series:
-        if self.test not in ("t", "satterthwaite"):
-            raise AttributeError("tvalues: the tests are z tests (test='z'); see zvalues")
-        return self.zvalues.rename("t")
+        """The test statistics b / se under statsmodels' name (as its MixedLM and GLM
+        results): t statistics (named "t") when the tests are t tests, z statistics
+        (named "z", the values of :attr:`zvalues`) otherwise."""
+        return self.zvalues.rename("z" if self._z_tests else "t")
+
+    @cached_property
+    def fittedvalues(self) -> pd.Series:
+        """Fitted values over the used rows, indexed as the data (statsmodels' MixedLM,
+        Stata's ``predict, fitted``): ``x'b + sum_l z_l' u_l`` with the BLUPs of every
+        level. ``predict("xb")`` gives the marginal ``x'b``."""
+        return self.predict("fitted").iloc[np.flatnonzero(self.sample)]
+
+    @cached_property
+    def resid(self) -> pd.Series:
+        """Residuals over the used rows: ``y - fittedvalues`` (conditional on the BLUPs, as
+        statsmodels' MixedLM); ``predict("residuals_marginal")`` gives ``y - x'b``."""
+        return self.predict("residuals").iloc[np.flatnonzero(self.sample)].rename("resid")
 
     @cached_property
     def pvalues(self) -> pd.Series:
@@ -260,19 +275,23 @@ class MeregressResults(PostestimationMixin):
 
         return robust(self, cluster=cluster, type=type, df=df, data=data)
 
-    def bootstrap(self, n=1000, *, kind="parametric", level=95.0, seed=None, n_jobs=None):
+    def bootstrap(self, n=1000, *, kind="parametric", level=95.0, seed=None, n_jobs=None,
+                  executor=None):
         """Bootstrap percentile intervals (parametric or cluster); see
-        :func:`mlmeta.resampling.bootstrap`. Returns (table, replicates)."""
+        :func:`mlmeta.resampling.bootstrap`. Returns (table, replicates). ``executor``: a
+        concurrent.futures executor or Dask client running the refits."""
         from mlmeta.resampling import bootstrap
 
-        return bootstrap(self, n, kind=kind, level=level, seed=seed, n_jobs=n_jobs)
+        return bootstrap(self, n, kind=kind, level=level, seed=seed, n_jobs=n_jobs,
+                         executor=executor)
 
-    def permutation_test(self, n=1000, *, seed=None, n_jobs=None):
+    def permutation_test(self, n=1000, *, seed=None, n_jobs=None, executor=None):
         """Permutation test of the moderators (metafor's permutest); see
-        :func:`mlmeta.resampling.permutation_test`."""
+        :func:`mlmeta.resampling.permutation_test`. ``executor``: a concurrent.futures
+        executor or Dask client running the refits."""
         from mlmeta.resampling import permutation_test
 
-        return permutation_test(self, n, seed=seed, n_jobs=n_jobs)
+        return permutation_test(self, n, seed=seed, n_jobs=n_jobs, executor=executor)
 
     def recovariance(self, level=None, correlation: bool = False):
         """Random-effects covariance (or correlation) matrix of a level (Stata's
