@@ -197,6 +197,15 @@ class MixedResults(MeregressResults):
             out[k].attrs = attrs
         return out
 
+    def profile_ci(self, level: float = 95.0, ml: bool = True) -> pd.DataFrame:
+        """Profile-likelihood confidence intervals of the random-effect SDs, their correlations
+        and the residual SD (lme4's ``confint(fit, method="profile")``, which profiles the ML
+        deviance of a REML fit; ``ml=False`` profiles the REML deviance); see
+        :func:`mlmeta.mixed_profile.mixed_profile_ci`."""
+        from mlmeta.mixed_profile import mixed_profile_ci
+
+        return mixed_profile_ci(self, level, ml=ml)
+
     @property
     def notes(self) -> list:
         what = {"satterthwaite": "t tests and intervals on Satterthwaite degrees of freedom.",
