@@ -96,7 +96,8 @@ def test_tables_do_not_depend_on_row_order():
 
 def test_zapsmall_as_R():
     np.testing.assert_array_equal(zapsmall([1.0, 1e-12, -0.3333333333]), [1.0, 0.0, -0.3333333])
-    np.testing.assert_array_equal(zapsmall([250.0, 1.23456789]), [250.0, 1.2346])   # R: round(x, 7 - ceiling(log10(250)))
+    # R: round(x, 7 - ceiling(log10(250)))
+    np.testing.assert_array_equal(zapsmall([250.0, 1.23456789]), [250.0, 1.2346])
 
 
 def test_type3_needs_the_data():

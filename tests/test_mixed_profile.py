@@ -31,8 +31,8 @@ def ours(table, lme4_name, groups):
     what, group = lme4_name.split("|")
     group = next(g for g in groups if set(g.split(":")) == set(group.split(":")))
     kind, effects = what.split("_", 1)
-    effects = {"_cons" if e == "(Intercept)" else e
-               for e in (effects.replace(".(Intercept)", " (Intercept)").split() if kind == "cor" else [effects])}
+    parts = effects.replace(".(Intercept)", " (Intercept)").split() if kind == "cor" else [effects]
+    effects = {"_cons" if e == "(Intercept)" else e for e in parts}
     for _, row in table[table.group == group].iterrows():
         inside = set(row.param[row.param.index("(") + 1:-1].replace(",", " ").split())
         if row.param.startswith("sd" if kind == "sd" else "corr") and inside == effects:
