@@ -220,7 +220,7 @@ def meregress(formula, data, *, se=None, variance=None, V=None, method="reml", c
     res = MeregressResults(model, frame, record, depvar=parsed.response,
                            sampling="se" if se is not None else ("V" if V is not None else "variance"),
                            options={"formula": formula, "em_iter": em_iter, "tol": tol,
-                                    "test": test, "dfs": dfs})
+                                    "test": test, "dfs": dfs}, data=data)
     if not res.converged:
         warn("the optimiser did not converge; see res.fit_record.messages", ConvergenceWarning)
     if res.boundary:

@@ -42,6 +42,7 @@ class Model:
     def __init__(self, formula, data, *, se=None, variance=None, V=None, method="reml",
                  covariance=None, constraints=None, collinear=False):
         self.formula = formula
+        self.data = data
         self.method = method
         self._covariance = covariance
         self._constraints = constraints
@@ -122,7 +123,7 @@ class Model:
         record = fit_nested(model, **options)
         cls = MixedResults if self.mixed else MeregressResults
         return cls(model, frame, record, depvar=self.parsed.response,
-                   options={"formula": self.formula})
+                   options={"formula": self.formula}, data=self.data)
 
     def simulate(self, n, *, seed=None, theta=None, beta=None):
         """Outcomes simulated from the model (n columns, rows as the used data):

@@ -336,8 +336,8 @@ class PostestimationMixin:
         """The df rule of the t references of this model: "satterthwaite" for mixed
         models with Satterthwaite tests, else the ``dfs=`` of the fit ("contain",
         metafor's default for ``test="t"``, or "residual")."""
-        if getattr(self, "test", "z") == "satterthwaite":
-            return "satterthwaite"
+        if getattr(self, "test", "z") in ("satterthwaite", "kenward-roger"):
+            return self.test
         return str(getattr(self, "options", {}).get("dfs", "contain"))
 
     def _coef_df(self) -> pd.Series:

@@ -20,6 +20,7 @@ from scipy import special, stats
 
 from mlmeta import summary as _summary
 from mlmeta._errors import warn
+from mlmeta.anova import anova as _anova
 from mlmeta.summary import confidence_level
 from mlmeta.postestimation import PostestimationMixin
 from mlmeta.vcomp import component_table, variance_components
@@ -45,8 +46,9 @@ class MeregressResults(PostestimationMixin):
     fit_record : how the optimum was reached (starts, evaluations, messages).
     """
 
-    def __init__(self, model, frame, record, *, depvar, sampling="variance", options=None):
+    def __init__(self, model, frame, record, *, depvar, sampling="variance", options=None, data=None):
         self.model = model
+        self.data = data            # the data the model was fitted to (ANOVA, marginal means)
         self.frame = frame
         self.fit_record = record
         self.depvar = depvar
@@ -107,8 +109,9 @@ class MeregressResults(PostestimationMixin):
         """Per-coefficient degrees of freedom of the tests and intervals, as every mlmeta
         result has them: with ``test="t"`` metafor's containment df (``dfs="contain"``)
         or k - p (``dfs="residual"``), Satterthwaite df (``test="satterthwaite"``,
-        lmerTest), inf for z tests. Computed on first use."""
-        if self.test in ("t", "satterthwaite"):
+        lmerTest) or Kenward-Roger df (``test="kenward-roger"``, pbkrtest), inf for z tests.
+        Computed on first use."""
+        if not self._z_tests:
             df = self._coef_df()
         else:
             df = pd.Series(np.inf, index=self._fe_index)
@@ -122,7 +125,7 @@ class MeregressResults(PostestimationMixin):
 
     @property
     def _z_tests(self) -> bool:
-        return self.test not in ("t", "satterthwaite")
+        return self.test == "z"
 
     @cached_property
     def tvalues(self) -> pd.Series:
@@ -165,7 +168,8 @@ class MeregressResults(PostestimationMixin):
 
     def conf_int(self, level: float = 95.0, *, alpha=None) -> pd.DataFrame:
         """Wald confidence intervals beta -+ z se at ``level`` percent (t quantiles on
-        :attr:`df` with ``test="t"`` or ``"satterthwaite"``); ``alpha=`` as in statsmodels."""
+        :attr:`df` with ``test="t"``, ``"satterthwaite"`` or ``"kenward-roger"``); ``alpha=`` as in
+        statsmodels."""
         z = self._crit(confidence_level(level, alpha))
         return pd.DataFrame({"lower": self.params - z * self.bse, "upper": self.params + z * self.bse})
 
@@ -267,6 +271,11 @@ class MeregressResults(PostestimationMixin):
     @cached_property
     def _vc(self):
         return variance_components(self.model, self.theta, self.group_names, sd_scale=self._sd_scale)
+
+    def anova(self, type=3, ddf=None, *, data=None) -> pd.DataFrame:
+        """ANOVA table, one test per formula term (Type III or I, lmerTest's hypotheses);
+        see :func:`mlmeta.anova.anova`."""
+        return _anova(self, type=type, ddf=ddf, data=data)
 
     def robust(self, cluster=None, type="CR2", df=None, *, data=None):
         """Cluster-robust inference with the fitted model as working covariance
