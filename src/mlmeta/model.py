@@ -297,8 +297,15 @@ class NestedModel:
 
         (times sigma^2, with Lambda_j = I, when the residual variance is profiled).
 
-        For per-cluster postestimation (robust variances, diagnostics); O(n_j^2) each."""
+        For per-cluster postestimation (robust variances, diagnostics); O(n_j^2) each.
+        Raises ValueError when crossed levels couple the clusters (V is then not
+        block-diagonal by top-level cluster)."""
         d = self.design
+        if d.crossed:
+            raise ValueError(
+                "this needs the marginal covariance block-diagonal by top-level cluster, but "
+                "crossed random effects couple the clusters: it is not available for crossed "
+                "designs yet")
         Sigmas = self.Sigma_list(theta)
         starts = d.group_start[0]
         lam = d.variance if d.variance is not None else np.ones(d.n_obs)

@@ -284,6 +284,25 @@ class MeregressResults(PostestimationMixin):
 
         return robust(self, cluster=cluster, type=type, df=df, data=data)
 
+    def influence(self, cluster=None, *, data=None, reestimate=True, n_jobs=None) -> pd.DataFrame:
+        """Influence diagnostics by deletion refits, one row per used data row or per
+        cluster: Cook's distance, hat values, studentized deleted residuals (or the
+        cluster statistic X2) and DFBETAS, as metafor's methods for ``rma.mv`` (lme4's
+        ``influence.merMod`` for mixed models); see :func:`mlmeta.influence.influence`."""
+        from mlmeta.influence import influence
+
+        return influence(self, cluster, data=data, reestimate=reestimate, n_jobs=n_jobs)
+
+    def egger_test(self, robust=None, *, cluster=None, predictor="sei", test=None, level=95.0,
+                   data=None):
+        """Multilevel Egger-type test of funnel-plot asymmetry: the model refitted with
+        sqrt(v_i) as a moderator (optionally cluster-robust CR2); see
+        :func:`mlmeta.pubbias.egger_test`."""
+        from mlmeta.pubbias import egger_test
+
+        return egger_test(self, robust, cluster=cluster, predictor=predictor, test=test,
+                          level=level, data=data)
+
     def bootstrap(self, n=1000, *, kind="parametric", level=95.0, seed=None, n_jobs=None,
                   executor=None):
         """Bootstrap percentile intervals (parametric or cluster); see
