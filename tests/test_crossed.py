@@ -193,3 +193,16 @@ def test_border_random_effects_match_dense_blups(shape):
             B[rows] = Zl[rows]
             np.testing.assert_allclose(u[k], S @ B.T @ Vi @ (y - X @ beta), rtol=1e-8, atol=1e-10)
             np.testing.assert_allclose(pev[k], S - S @ B.T @ P @ B @ S, rtol=1e-8, atol=1e-10)
+
+
+def test_both_border_paths_are_exercised_by_the_references():
+    """Clusters that see most of the border go through one dense product (wide), the
+    others through per-cluster blocks; the lme4 and metafor references cover both."""
+    from mlmeta.api import build_model
+    from mlmeta.mixed import build_mixed_model
+
+    case = REF["lme4"]["sim_slopes_reml"]
+    wide, _, _ = build_mixed_model(case["formula"], _data(case["data"]))
+    df = _data("tests/reference/data/moura2021.csv")
+    narrow, _, _ = build_model("yi ~ 1 + (1 | study/esid) + (1 | species)", df, variance="vi")
+    assert wide.problem.wide and not narrow.problem.wide

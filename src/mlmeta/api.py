@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 
 import numpy as np
+import pandas as pd
 from scipy import sparse
 
 from mlmeta._errors import BoundaryWarning, ConvergenceWarning, warn
@@ -97,7 +98,9 @@ def _sampling_variance(frame, se, variance):
     return v
 
 
-def _structures(frame, covariance):
+def _structures(frame, covariance, known=None):
+    """One structure per level; a level with a known correlation matrix across its groups
+    (``known``: {level: R}) is sigma^2 R, an identity structure over its one effect."""
     names = [t.group for t in frame.terms]
     if isinstance(covariance, str):
         if len(names) != 1:
@@ -114,8 +117,18 @@ def _structures(frame, covariance):
         if key not in names:
             raise ValueError(f"covariance= names grouping term {key!r}, which is not in the "
                              f"formula; grouping terms are {names}")
-    return [make_structure(covariance.get(t.group), frame.re_names[i], t.correlated)
-            for i, t in enumerate(frame.terms)]
+    structs = []
+    for i, t in enumerate(frame.terms):
+        if i in (known or {}):
+            if covariance.get(t.group) not in (None, "identity"):
+                raise ValueError(f"term {t.group!r} has a known correlation matrix R; its covariance "
+                                 f"is sigma^2 R, so covariance={covariance[t.group]!r} cannot apply")
+            s = make_structure("identity", frame.re_names[i])
+            s.title = "Known correlation R"
+        else:
+            s = make_structure(covariance.get(t.group), frame.re_names[i], t.correlated)
+        structs.append(s)
+    return structs
 
 
 def constrained_design(frame, constraints):
@@ -127,8 +140,52 @@ def constrained_design(frame, constraints):
     return frame.y - frame.X @ fc.beta0, np.asfortranarray(frame.X @ fc.N), fc
 
 
+def known_correlations(frame, R) -> dict:
+    """{level: R_l} from ``R={term: matrix}`` (metafor's ``R=``): a known correlation matrix
+    across the groups of a term with a random intercept only, Sigma = sigma^2 R_l. A
+    DataFrame is matched on the group labels (rows and columns; extra labels are dropped),
+    an array must list the term's groups in sorted label order. R_l is returned in the
+    level's code order (the frame's group labels)."""
+    out = {}
+    for term, M in (R or {}).items():
+        lvl = next((i for i, t in enumerate(frame.terms) if t.group == term), None)
+        if lvl is None:
+            raise ValueError(f"R: no random term is grouped by {term!r}; the terms are grouped by "
+                             f"{', '.join(repr(t.group) for t in frame.terms)}")
+        if frame.Z[lvl].shape[1] != 1 or frame.re_names[lvl] != ["_cons"]:
+            raise ValueError(f"R[{term!r}]: a known correlation matrix applies to a random intercept "
+                             f"(1 | {term}), not to ({frame.terms[lvl].rhs} | {term})")
+        labels = list(frame.group_labels[lvl])
+        if isinstance(M, pd.DataFrame):
+            missing = [g for g in labels if g not in M.index or g not in M.columns]
+            if missing:
+                raise ValueError(f"R[{term!r}] has no row/column for {len(missing)} group(s) of "
+                                 f"{term}: {', '.join(map(repr, missing[:5]))}"
+                                 f"{' ...' if len(missing) > 5 else ''}")
+            A = M.loc[labels, labels].to_numpy(dtype=float)
+        else:
+            A = np.asarray(M, dtype=float)
+            if A.shape != (len(labels), len(labels)):
+                raise ValueError(f"R[{term!r}] must be {len(labels)} x {len(labels)} (one row and "
+                                 f"column per group of {term}, in sorted label order); got {A.shape}. "
+                                 f"A labelled DataFrame may hold more groups.")
+        if not np.isfinite(A).all():
+            raise ValueError(f"R[{term!r}] has non-finite entries")
+        if np.abs(A - A.T).max() > 1e-8 * max(1.0, np.abs(A).max()):
+            raise ValueError(f"R[{term!r}] is not symmetric")
+        if np.abs(np.diag(A) - 1.0).max() > 1e-8:
+            raise ValueError(f"R[{term!r}] is not a correlation matrix (its diagonal is not 1); "
+                             f"rescale a covariance matrix C by D^-1/2 C D^-1/2, D = diag(C)")
+        try:
+            np.linalg.cholesky(0.5 * (A + A.T))
+        except np.linalg.LinAlgError:
+            raise ValueError(f"R[{term!r}] is not positive definite") from None
+        out[lvl] = 0.5 * (A + A.T)
+    return out
+
+
 def build_model(formula, data, *, se=None, variance=None, V=None, method="reml",
-                covariance=None, constraints=None, collinear=False):
+                covariance=None, constraints=None, collinear=False, R=None):
     """Parse, build the frame and the nested model; return (model, frame, parsed).
 
     With ``constraints`` the model is fitted on the constrained design
@@ -139,7 +196,7 @@ def build_model(formula, data, *, se=None, variance=None, V=None, method="reml",
                          "meregress needs at least one level")
     extra = {"se": se, "variance": variance}
     frame = build_model_frame(parsed, data, extra={k: v for k, v in extra.items() if v is not None},
-                              collinear_random=bool(collinear))
+                              collinear_random=bool(collinear), crossed=tuple(R or ()))
     if V is not None:
         if se is not None or variance is not None:
             raise ValueError("give exactly one of se= (sampling standard errors), variance= "
@@ -147,12 +204,13 @@ def build_model(formula, data, *, se=None, variance=None, V=None, method="reml",
         Vm, v = _sampling_covariance(frame, data, V), None
     else:
         Vm, v = None, _sampling_variance(frame, se, variance)
-    structs = _structures(frame, covariance)
+    known = known_correlations(frame, R)
+    structs = _structures(frame, covariance, known)
     y, X, fc = constrained_design(frame, constraints)
     if frame.y.shape[0] <= X.shape[1]:
         raise ValueError(f"{frame.y.shape[0]} observations for {X.shape[1]} fixed effects: at "
                          f"least one more observation than fixed effects is needed")
-    design = build_design(y, X, frame.Z, frame.groups, v, V=Vm, n_tree=frame.n_tree)
+    design = build_design(y, X, frame.Z, frame.groups, v, V=Vm, n_tree=frame.n_tree, known_R=known)
     model = NestedModel(design, structs, method, fe_constraints=fc,
                         cluster_labels=(frame.terms[0].group, frame.group_labels[0]))
     return model, frame, parsed
@@ -161,7 +219,7 @@ def build_model(formula, data, *, se=None, variance=None, V=None, method="reml",
 def meregress(formula, data, *, se=None, variance=None, V=None, method="reml", covariance=None,
               constraints=None, collinear=False, test="z", dfs="contain", em_iter=20,
               em_tol=1e-10, em_only=False, maxiter=1000, tol=1e-6, safeguard="auto",
-              verbose=False) -> MeregressResults:
+              verbose=False, R=None) -> MeregressResults:
     """Multilevel meta-regression (Stata's ``meta meregress``, metafor's ``rma.mv``).
 
     Parameters
@@ -182,6 +240,11 @@ def meregress(formula, data, *, se=None, variance=None, V=None, method="reml", c
         ``custom matname``): diagonal = SDs, off-diagonal = correlations; a number
         fixes the value, None/NaN is free, a string label used at two or more places
         constrains those elements equal, e.g. ``[["a", .5], [.5, "a"]]``.
+    R : dict grouping term -> known correlation matrix across that term's groups
+        (metafor's ``R=``, e.g. a phylogenetic correlation over species): a DataFrame
+        labelled by group on both axes (extra groups are ignored) or an array in sorted
+        label order. The term must be a random intercept, ``(1 | phylogeny)``; its
+        covariance is sigma^2 R and it is fitted as crossed with the other terms.
     constraints : linear constraints on the fixed effects, ``["x1 = x2", "x3 = 0.5"]``
         (formulaic's syntax) or an ``(R, r)`` pair meaning ``R beta = r``; fitted exactly.
     test : "z" (normal inference, Stata's default) or "t": t tests and intervals (F
@@ -212,7 +275,7 @@ def meregress(formula, data, *, se=None, variance=None, V=None, method="reml", c
         raise ValueError(f"dfs must be 'contain' or 'residual', got {dfs!r}")
     model, frame, parsed = build_model(formula, data, se=se, variance=variance, V=V,
                                        method=method, covariance=covariance,
-                                       constraints=constraints, collinear=collinear)
+                                       constraints=constraints, collinear=collinear, R=R)
     for note in frame.notes:
         warn(note, UserWarning)
     record = fit_nested(model, em_iter=em_iter, em_tol=em_tol, em_only=em_only,

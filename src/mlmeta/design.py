@@ -240,7 +240,7 @@ def _gram(Zc, A) -> np.ndarray:
     return S0
 
 
-def build_design(y, X, Z, groups, variance=None, V=None, n_tree=None) -> NestedDesign:
+def build_design(y, X, Z, groups, variance=None, V=None, n_tree=None, known_R=None) -> NestedDesign:
     """Sort rows by cluster and precompute the nested kernel's blocks.
 
     Parameters
@@ -255,6 +255,9 @@ def build_design(y, X, Z, groups, variance=None, V=None, n_tree=None) -> NestedD
         stays inside one, otherwise the cluster becomes one dense node.
     n_tree : the first ``n_tree`` levels form the nested tree; the others are crossed
         with it (any codes), fitted through the engine's border. Default: all levels.
+    known_R : {level: R} known correlation matrices across the groups of crossed levels with
+        one effect (metafor's ``R=``), rows and columns in the level's code order:
+        Sigma of that level is sigma^2 R.
     """
     y = np.asarray(y, dtype=np.float64)
     X = np.asarray(X, dtype=np.float64)
@@ -453,7 +456,15 @@ def build_design(y, X, Z, groups, variance=None, V=None, n_tree=None) -> NestedD
         offset_of_group += [None] * (L_all - L)
         b_off = np.full(L_all, -1, dtype=np.intp)
         b_off[L:] = b_off_c[:-1]
-        border = dict(n_tree=L, b_off=b_off, cmap_ptr=cmap_ptr, bmap=bmap, S0=None)
+        border = dict(n_tree=L, b_off=b_off, cmap_ptr=cmap_ptr, bmap=bmap, S0=None, known_R={})
+        for lvl, R in (known_R or {}).items():
+            R = np.asarray(R, dtype=float)
+            if not L <= lvl < L_all or q[lvl] != 1 or R.shape != (n_groups[lvl],) * 2:
+                raise ValueError(f"a known correlation matrix needs a crossed level with one "
+                                 f"effect and {n_groups[lvl]} x {n_groups[lvl]} entries")
+            border["known_R"][lvl] = np.linalg.cholesky(R)
+    elif known_R:
+        raise ValueError("known correlation matrices apply to crossed levels (n_tree < levels)")
 
     # block sizes and pointers (a node's ZA block: its cluster's local columns, then A)
     anc_sum = np.concatenate([[0], np.cumsum(q[:L])])     # sum of q over levels < l

@@ -30,7 +30,7 @@ from formulaic.transforms import TRANSFORMS
 from formulaic.utils.variables import get_required_variables
 
 from mlmeta._errors import MissingDataWarning, warn
-from mlmeta.nesting import crossing_notes, tree_order
+from mlmeta.nesting import arrange_terms
 from mlmeta.validate import aligned, reserved_name
 
 __all__ = ["RandomTerm", "ParsedFormula", "ModelFrame", "parse_formula", "build_model_frame"]
@@ -662,7 +662,8 @@ def _missing(name: str, values) -> np.ndarray | None:
 
 
 def build_model_frame(parsed: ParsedFormula, data, extra: Mapping | None = None, *,
-                      collinear_fixed: str = "omit", collinear_random: bool = False) -> ModelFrame:
+                      collinear_fixed: str = "omit", collinear_random: bool = False,
+                      crossed=()) -> ModelFrame:
     """Evaluate a parsed formula on ``data`` and return aligned model arrays.
 
     Args:
@@ -674,6 +675,8 @@ def build_model_frame(parsed: ParsedFormula, data, extra: Mapping | None = None,
         collinear_fixed: "omit" (Stata: drop a moderator that is a linear
             combination of earlier columns, with a note) or "error".
         collinear_random: keep collinear random-effect columns (Stata's collinear).
+        crossed: grouping terms (as written, e.g. ``"phylogeny"``) kept out of the nested
+            tree whatever their ids say (their groups are correlated with each other).
 
     Rows with a missing value (NaN, None, pd.NA) in the response, in any
     variable of the fixed or random parts, in a grouping variable or in an
@@ -773,17 +776,11 @@ def build_model_frame(parsed: ParsedFormula, data, extra: Mapping | None = None,
         group_labels.append(labels)
 
     # nested by the ids, crossed otherwise: the tree's chain first, then the crossed terms
-    terms, crossing = parsed.random, []
-    order, n_tree, parent = tree_order(groups, [z.shape[1] for z in Z])
-    nesting = [None if parent[i] is None else terms[parent[i]].group for i in range(len(terms))]
-    if n_tree < len(terms):
-        crossing = crossing_notes([t.group for t in terms], groups, order, n_tree)
-        nesting = ["crossed" if k >= n_tree else nesting[i] for k, i in enumerate(order)]
-        Z, re_names, re_specs, groups, group_labels = ([v[i] for i in order] for v in
-                                                       (Z, re_names, re_specs, groups, group_labels))
-        terms = tuple(terms[i] for i in order)
-    else:
-        nesting = nesting[:len(terms)]
+    order, n_tree, nesting, crossing = arrange_terms(parsed.random, groups, [z.shape[1] for z in Z],
+                                                     crossed)
+    terms = tuple(parsed.random[i] for i in order)
+    Z, re_names, re_specs, groups, group_labels = ([v[i] for i in order] for v in
+                                                   (Z, re_names, re_specs, groups, group_labels))
 
     return ModelFrame(
         y=y, X=X, fe_names=fe_names, Z=Z, re_names=re_names, groups=groups, group_labels=group_labels,

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from mlmeta._errors import BoundaryWarning, ConvergenceWarning, warn
-from mlmeta.api import _structures, constrained_design
+from mlmeta.api import _structures, constrained_design, known_correlations
 from mlmeta.design import build_design
 from mlmeta.formula import build_model_frame, parse_formula
 from mlmeta.kenward_roger import kenward_roger
@@ -223,21 +223,22 @@ class MixedResults(MeregressResults):
 
 
 def build_mixed_model(formula, data, *, method="reml", covariance=None, constraints=None,
-                      collinear=False):
+                      collinear=False, R=None):
     """Parse and build a profiled-residual nested model; return (model, frame, parsed)."""
     parsed = parse_formula(formula)
     if not parsed.random:
         raise ValueError("the formula has no random-effects term such as (1 | group); "
                          "use mlmeta.ols for a model without random effects")
-    frame = build_model_frame(parsed, data, collinear_random=bool(collinear))
+    frame = build_model_frame(parsed, data, collinear_random=bool(collinear), crossed=tuple(R or ()))
     check_levels(frame)
-    structs = _structures(frame, covariance)
+    known = known_correlations(frame, R)
+    structs = _structures(frame, covariance, known)
     y, X, fc = constrained_design(frame, constraints)
     if frame.y.shape[0] <= X.shape[1] + 1:
         raise ValueError(f"{frame.y.shape[0]} observations for {X.shape[1]} fixed effects and a "
                          f"residual variance: more observations are needed")
     check_outcome(y, X, parsed.response)
-    design = build_design(y, X, frame.Z, frame.groups, None, n_tree=frame.n_tree)
+    design = build_design(y, X, frame.Z, frame.groups, None, n_tree=frame.n_tree, known_R=known)
     model = NestedModel(design, structs, method, residual="profiled", fe_constraints=fc,
                         cluster_labels=(frame.terms[0].group, frame.group_labels[0]))
     return model, frame, parsed
@@ -245,7 +246,7 @@ def build_mixed_model(formula, data, *, method="reml", covariance=None, constrai
 
 def mixed(formula, data, *, method="reml", covariance=None, constraints=None, collinear=False,
           test="satterthwaite", em_iter=20, em_tol=1e-10, em_only=False, maxiter=1000, tol=1e-6,
-          safeguard="auto", verbose=False) -> MixedResults:
+          safeguard="auto", verbose=False, R=None) -> MixedResults:
     """Linear mixed model on raw (individual-level) data, lme4's ``lmer`` model.
 
     ``mlmeta.mixed("DV ~ IV1 + IV2 + (IV1 + IV2 | Group)", df)`` — formula, covariance
@@ -261,7 +262,7 @@ def mixed(formula, data, *, method="reml", covariance=None, constraints=None, co
     if test == "kenward-roger" and str(method).lower() != "reml":
         raise ValueError("Kenward-Roger inference is only available for REML fits")
     model, frame, parsed = build_mixed_model(formula, data, method=method, covariance=covariance,
-                                             constraints=constraints, collinear=collinear)
+                                             constraints=constraints, collinear=collinear, R=R)
     for note in frame.notes:
         warn(note, UserWarning)
     record = fit_nested(model, em_iter=em_iter, em_tol=em_tol, em_only=em_only, maxiter=maxiter,

@@ -246,12 +246,14 @@ class NestedModel:
         gamma = np.append(-ev.beta_work, 1.0)
         Ts = self.T_list(theta)
         m_local = np.zeros(d.n_clusters, dtype=np.intp)
+        known = d.border.get("known_R") or {} if d.crossed else {}
         if d.crossed:
             with blas_threads(1):
                 Wb, Lb = self.problem.border_solution(theta)
             nb = Wb.shape[0]
             Sig_b = linalg.cho_solve((Lb, True), np.eye(nb))
-            Tc = sparse.block_diag([sparse.kron(sparse.identity(d.n_groups[lvl]), Ts[lvl])
+            Tc = sparse.block_diag([Ts[lvl][0, 0] * known[lvl] if lvl in known else
+                                    sparse.kron(sparse.identity(d.n_groups[lvl]), Ts[lvl])
                                     for lvl in range(d.n_tree, d.n_levels)], format="csr")
             TcWc = Tc @ Wb
             TcSTc = Tc @ (Tc @ Sig_b).T
@@ -261,6 +263,16 @@ class NestedModel:
         for lvl, T in enumerate(Ts):
             q = T.shape[0]
             r = np.arange(q)
+            if lvl in known:          # t L_R across the groups: u = t L_R v, PEV = t^2 L_R Var L_R'
+                o = d.border["b_off"][lvl]
+                blk = slice(o, o + d.n_groups[lvl])
+                WX = Wb[blk, :p]
+                inner = Sig_b[blk, blk] + WX @ ev.Hinv_work @ WX.T
+                LR = T[0, 0] * known[lvl]
+                u = (LR @ (Wb[blk] @ gamma))[:, None]
+                pev = ev.sigma2 * np.einsum("gi,ij,gj->g", LR, inner, LR)[:, None, None]
+                out.append((u, pev))
+                continue
             if lvl >= d.n_tree:       # a crossed level: the border's rows
                 o = d.border["b_off"][lvl] + np.arange(d.n_groups[lvl]) * q
                 W = Wb[o[:, None] + r[None, :]]                                    # (G, q, ncol)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["nested_in", "tree_order", "crossing_notes"]
+__all__ = ["nested_in", "tree_order", "crossing_notes", "arrange_terms"]
 
 
 def nested_in(codes_i: np.ndarray, codes_j: np.ndarray) -> bool:
@@ -26,29 +26,35 @@ def nested_in(codes_i: np.ndarray, codes_j: np.ndarray) -> bool:
     return pairs.size == gi
 
 
-def tree_order(codes: list, q: list) -> tuple[list[int], int, list[int | None]]:
+def tree_order(codes: list, q: list, exclude=()) -> tuple[list[int], int, list[int | None]]:
     """(order, n_tree, parent): the terms reordered as the tree's chain (outermost
     first) followed by the crossed terms in formula order; ``n_tree`` the length of the
     chain; ``parent[k]`` the term (original index) that term ``k`` is nested in inside
     the chain, None for the chain's top and for crossed terms.
 
     When each term is nested in the one before it (the usual multilevel model), the
-    order is unchanged and every term is in the tree."""
+    order is unchanged and every term is in the tree. Terms in ``exclude`` (indices:
+    levels whose groups are correlated, e.g. by a known correlation matrix) are kept out
+    of the tree; a ValueError says so when no term is left for it."""
     L = len(codes)
     G = [int(c.max()) + 1 for c in codes]
+    exclude = set(exclude)
     nest = [[i != j and nested_in(codes[i], codes[j]) and (G[i] > G[j] or j < i)
              for j in range(L)] for i in range(L)]
-    if all(nest[i][i - 1] for i in range(1, L)):
+    if not exclude and all(nest[i][i - 1] for i in range(1, L)):
         return list(range(L)), L, [None] + list(range(L - 1))
-    weight = [G[i] * q[i] for i in range(L)]
+    if len(exclude) >= L:
+        raise ValueError("a term whose groups are correlated (a known correlation matrix) needs "
+                         "another random term, e.g. (1 | study), for the groups to be nested in")
+    weight = [0 if i in exclude else G[i] * q[i] for i in range(L)]
     # longest weighted chain, outermost (fewest groups) first
     by_size = sorted(range(L), key=lambda i: (G[i], i))
-    best = {i: (weight[i], [i]) for i in range(L)}
+    best = {i: (weight[i], [i]) for i in range(L) if i not in exclude}
     for i in by_size:
         for j in by_size:
-            if nest[i][j] and best[j][0] + weight[i] > best[i][0]:
+            if i in best and j in best and nest[i][j] and best[j][0] + weight[i] > best[i][0]:
                 best[i] = (best[j][0] + weight[i], best[j][1] + [i])
-    top = max(range(L), key=lambda i: (best[i][0], -i))
+    top = max(best, key=lambda i: (best[i][0], -i))
     chain = best[top][1]
     rest = [i for i in range(L) if i not in chain]
     parent = [None] * L
@@ -73,3 +79,20 @@ def crossing_notes(names: list[str], codes: list, order: list[int], n_tree: int)
                      f"{names[j]} groups. If they are local to each {names[j]} (as school 1 in "
                      f"every district), write the term with | {names[j]}:{names[i]} to nest it.")
     return notes
+
+
+def arrange_terms(terms, codes: list, q: list, crossed=()):
+    """For random terms (with ``.group``) and their group codes: (order, n_tree, nesting,
+    notes): the terms' new order (:func:`tree_order`; terms grouped by a name in
+    ``crossed`` are kept out of the tree), per reordered term the group it is nested in
+    (None for the top of the tree, "crossed" for the border) and the crossing notes."""
+    names = [t.group for t in terms]
+    unknown = set(crossed) - set(names)
+    if unknown:
+        raise ValueError(f"no random term is grouped by {', '.join(sorted(map(repr, unknown)))}; "
+                         f"the terms are grouped by {', '.join(map(repr, names))}")
+    order, n_tree, parent = tree_order(codes, q, exclude=[i for i, g in enumerate(names) if g in crossed])
+    nesting = [None if parent[i] is None else names[parent[i]] for i in order]
+    nesting = [("crossed" if k >= n_tree else nest) for k, nest in enumerate(nesting)]
+    notes = crossing_notes(names, codes, order, n_tree) if n_tree < len(terms) else []
+    return order, n_tree, nesting, notes

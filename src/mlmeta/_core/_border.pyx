@@ -4,7 +4,8 @@
 The random effects split into those of the nested tree (the largest chain of nested
 grouping terms, factored cluster by cluster as in :mod:`mlmeta._core._nested`) and
 the ``nb`` effects of the crossed terms (the border, relative factor ``T_c``, block
-diagonal over the crossed groups or dense for a known correlation across groups).
+diagonal over the crossed groups, except for a level with a known correlation matrix R
+across its groups, metafor's ``R=``, whose block is ``t chol(R)``).
 With ``M = [Z~_c, A]`` (the crossed terms' whitened columns, X and y) and the tree's
 marginal covariance ``V_t = I + Z~_t T_t T_t' Z~_t'``:
 
@@ -40,18 +41,26 @@ from mlmeta._core._problem cimport Prob, Work, ST_BORDER
 cdef void t_left(const Prob* P, const double* Tlev, bint trans, double alpha, const double* X,
                  Py_ssize_t ldx, double* out, Py_ssize_t ldo, Py_ssize_t ncols) noexcept nogil:
     """out = alpha op(T_c) X over the border rows (X and out nb x ncols; op(T) = T' when
-    ``trans``), T_c block diagonal over the crossed groups; column by column, so every
-    access is contiguous."""
-    cdef Py_ssize_t c, l, g, o, i, k
+    ``trans``), T_c block diagonal over the crossed groups (column by column, so every
+    access is contiguous), or t L_R over a level with a known correlation (one product)."""
+    cdef Py_ssize_t c, l, g, o, i, k, G
     cdef int q
     cdef const double* Tl
     cdef const double* x
     cdef double* y
     cdef double acc
+    for l in range(P.n_tree, P.n_levels):
+        if P.b_lo[l] >= 0:
+            G = <Py_ssize_t>P.n_groups[l]
+            o = P.b_off[l]
+            gemm(b'T' if trans else b'N', b'N', <int>G, <int>ncols, <int>G, alpha * Tlev[P.t_off[l]],
+                 P.bL + P.b_lo[l], <int>G, X + o, <int>ldx, 0.0, out + o, <int>ldo)
     for c in range(ncols):
         x = X + c * ldx
         y = out + c * ldo
         for l in range(P.n_tree, P.n_levels):
+            if P.b_lo[l] >= 0:
+                continue
             q = <int>P.q[l]
             Tl = Tlev + P.t_off[l]
             for g in range(<Py_ssize_t>P.n_groups[l]):
@@ -69,8 +78,8 @@ cdef void t_left(const Prob* P, const double* Tlev, bint trans, double alpha, co
 
 cdef void t_right(const Prob* P, const double* Tlev, bint trans, const double* X, Py_ssize_t ldx,
                   double* out, Py_ssize_t ldo, Py_ssize_t nrows) noexcept nogil:
-    """out = X op(T_c) over the border columns (X and out nrows x nb), T_c block diagonal."""
-    cdef Py_ssize_t l, g, o, j, k, r
+    """out = X op(T_c) over the border columns (X and out nrows x nb)."""
+    cdef Py_ssize_t l, g, o, j, k, r, G
     cdef int q
     cdef const double* Tl
     cdef const double* x
@@ -79,6 +88,12 @@ cdef void t_right(const Prob* P, const double* Tlev, bint trans, const double* X
     for l in range(P.n_tree, P.n_levels):
         q = <int>P.q[l]
         Tl = Tlev + P.t_off[l]
+        if P.b_lo[l] >= 0:
+            G = <Py_ssize_t>P.n_groups[l]
+            o = P.b_off[l]
+            gemm(b'N', b'T' if trans else b'N', <int>nrows, <int>G, <int>G, Tl[0], X + o * ldx,
+                 <int>ldx, P.bL + P.b_lo[l], <int>G, 0.0, out + o * ldo, <int>ldo)
+            continue
         for g in range(<Py_ssize_t>P.n_groups[l]):
             o = P.b_off[l] + g * q
             for j in range(q):
@@ -92,6 +107,65 @@ cdef void t_right(const Prob* P, const double* Tlev, bint trans, const double* X
                         y[r] = y[r] + x[r] * t
 
 
+cdef void to_rows(const Prob* P, const Tree* t, Py_ssize_t j, const double* B, double* Y) noexcept nogil:
+    """Copy cluster j's node blocks of B (nq_a x w_j, za_ptr layout) into the rows y_row[a]..
+    of Y (ny x bw), each local column at its border column."""
+    cdef Py_ssize_t a, i, c, qa, w = P.cw[j], ny = P.ny
+    cdef const Py_ssize_t* mp = P.bmap + P.cmap_ptr[j]
+    for a in range(P.cluster_ptr[j], P.cluster_ptr[j + 1]):
+        qa = t.nq[a]
+        for c in range(w):
+            for i in range(qa):
+                Y[P.y_row[a] + i + mp[c] * ny] = B[t.za_ptr[a] + i + c * qa]
+
+
+cdef void from_rows(const Prob* P, const Tree* t, Py_ssize_t j, const double* Y, double* B) noexcept nogil:
+    """The inverse of :func:`to_rows`: cluster j's local columns of Y's rows into B."""
+    cdef Py_ssize_t a, i, c, qa, w = P.cw[j], ny = P.ny
+    cdef const Py_ssize_t* mp = P.bmap + P.cmap_ptr[j]
+    for a in range(P.cluster_ptr[j], P.cluster_ptr[j + 1]):
+        qa = t.nq[a]
+        for c in range(w):
+            for i in range(qa):
+                B[t.za_ptr[a] + i + c * qa] = Y[P.y_row[a] + i + mp[c] * ny]
+
+
+cdef void known_R_pieces(const Prob* P, Work* W, Py_ssize_t l, const double* Phi,
+                         double* s) noexcept nogil:
+    """G_l and E_l of a level with a known correlation R (T_l = t L_R, q = 1):
+
+        G_l = sum_ij L_ij [(S_cc T_c Sig)_ij - (K Phi W')_ij]  (the block's rows and columns)
+        E_l = tr(Sig_bb + W_b Phi W_b')
+
+    with the first sum taken as sum_h sum_i Pb[o+i, h] (Sig[:, block] L')[h, i] and the
+    second as sum_i (K_b Phi)_i . (L W_b)_i; ``s`` has room for nb x G + 2 G x ncol."""
+    cdef Py_ssize_t nb = P.nb, G = <Py_ssize_t>P.n_groups[l], o = P.b_off[l], h, i, c
+    cdef int nc = P.ncol
+    cdef const double* LR = P.bL + P.b_lo[l]
+    cdef double* M = s
+    cdef double* KP = s + nb * G
+    cdef double* LW = KP + G * nc
+    cdef double acc = 0.0
+    cdef double tr = 0.0
+    gemm(b'N', b'T', <int>nb, <int>G, <int>G, 1.0, W.Sg + o * nb, <int>nb, LR, <int>G, 0.0, M, <int>nb)
+    for i in range(G):
+        for h in range(nb):
+            acc = acc + W.Pb[o + i + h * nb] * M[h + i * nb]
+    gemm(b'N', b'N', <int>G, nc, nc, 1.0, W.Kb + o, <int>nb, Phi, nc, 0.0, KP, <int>G)
+    gemm(b'N', b'N', <int>G, nc, <int>G, 1.0, LR, <int>G, W.Wb + o, <int>nb, 0.0, LW, <int>G)
+    for c in range(nc):
+        for i in range(G):
+            acc = acc - KP[i + c * G] * LW[i + c * G]
+    gemm(b'N', b'N', <int>G, nc, nc, 1.0, W.Wb + o, <int>nb, Phi, nc, 0.0, KP, <int>G)
+    for c in range(nc):
+        for i in range(G):
+            tr = tr + KP[i + c * G] * W.Wb[o + i + c * nb]
+    for i in range(G):
+        tr = tr + W.Sg[o + i + (o + i) * nb]
+    W.G[P.t_off[l]] += acc
+    W.E[P.t_off[l]] += tr
+
+
 cdef Py_ssize_t factor_crossed(const Prob* P, Work* W, Tree* t, double* logdet) noexcept nogil:
     """Factor the tree (t: node factors assembled) cluster by cluster into W.Sb, then the
     border: W.Cb = chol(C_c), W.Wb = L^-1 R, W.S = A'V^-1A; logdet += log|C|. Returns 0,
@@ -103,18 +177,32 @@ cdef Py_ssize_t factor_crossed(const Prob* P, Work* W, Tree* t, double* logdet) 
     cdef const Py_ssize_t* mp
     cdef int info
     copy(P.S0, W.Sb, bw * bw)
+    if P.wide:
+        zero(W.Ym, P.ny * bw)
+        t.no_S = 1
     for j in range(P.n_clusters):
         w = P.cw[j]
         t.ncol = <int>w
+        mp = P.bmap + P.cmap_ptr[j]
+        if P.wide:
+            st = factor_cluster(t, P.cluster_ptr[j], P.cluster_ptr[j + 1], W.WB, W.WR, W.Sl, logdet,
+                                W.scratch)
+            if st != 0:
+                return st
+            to_rows(P, t, j, W.WR, W.Ym)
+            continue
         zero(W.Sl, w * w)
         st = factor_cluster(t, P.cluster_ptr[j], P.cluster_ptr[j + 1], W.WB, W.WR, W.Sl, logdet,
                             W.scratch)
         if st != 0:
             return st
-        mp = P.bmap + P.cmap_ptr[j]
         for k in range(w):
             for i in range(w):
                 W.Sb[mp[i] + mp[k] * bw] += W.Sl[i + k * w]
+    if P.wide:      # Sb = S0 - Y'Y in one product
+        t.no_S = 0
+        gemm(b'T', b'N', <int>bw, <int>bw, <int>P.ny, -1.0, W.Ym, <int>P.ny, W.Ym, <int>P.ny, 1.0,
+             W.Sb, <int>bw)
     # Pb = S_cc T_c, then C_c = I + T_c' Pb and R = T_c' S_cA
     t_right(P, W.Tlev, False, W.Sb, bw, W.Pb, nb, nb)
     t_left(P, W.Tlev, True, 1.0, W.Pb, nb, W.Cb, nb, nb)
@@ -157,6 +245,8 @@ cdef void solve_crossed(const Prob* P, Work* W, Tree* t, const double* Phi) noex
     # (S_cc T_c Sig)_gg = sum_h Pb[g, h] Sig[g, h] (Sig symmetric): down the columns
     for h in range(nb):
         for l in range(P.n_tree, P.n_levels):
+            if P.b_lo[l] >= 0:
+                continue
             q = <int>P.q[l]
             Gl = W.G + P.t_off[l]
             for g in range(<Py_ssize_t>P.n_groups[l]):
@@ -165,6 +255,9 @@ cdef void solve_crossed(const Prob* P, Work* W, Tree* t, const double* Phi) noex
                     for i in range(q):
                         Gl[i + k * q] += W.Pb[o + i + h * nb] * W.Sg[o + k + h * nb]
     for l in range(P.n_tree, P.n_levels):
+        if P.b_lo[l] >= 0:
+            known_R_pieces(P, W, l, Phi, W.PhiB)     # PhiB is free until the tree's Phi below
+            continue
         q = <int>P.q[l]
         Gl = W.G + P.t_off[l]
         El = W.E + P.t_off[l]
@@ -188,6 +281,24 @@ cdef void solve_crossed(const Prob* P, Work* W, Tree* t, const double* Phi) noex
         for i in range(nc):
             W.PhiB[nb + i + (nb + k) * bw] = Phi[i + k * nc]
     # the tree, each cluster with its rows and columns of Phi_b
+    if P.wide:     # W Phi_b for every node in one product, handed to the kernel as PW
+        zero(W.Ym, P.ny * bw)
+        for j in range(P.n_clusters):
+            t.ncol = <int>P.cw[j]
+            invert_cluster(t, P.cluster_ptr[j], P.cluster_ptr[j + 1], W.WB, W.WR, W.SB, W.WW)
+            to_rows(P, t, j, W.WW, W.Ym)
+        gemm(b'N', b'N', <int>P.ny, <int>bw, <int>bw, 1.0, W.Ym, <int>P.ny, W.PhiB, <int>bw, 0.0,
+             W.Yp, <int>P.ny)
+        for j in range(P.n_clusters):
+            t.ncol = <int>P.cw[j]
+            from_rows(P, t, j, W.Yp, W.PWn)
+        t.PW = W.PWn
+        for j in range(P.n_clusters):
+            t.ncol = <int>P.cw[j]
+            accumulate_cluster(t, P.cluster_ptr[j], P.cluster_ptr[j + 1], W.SB, W.WW, W.KK, W.Sl,
+                               W.GN, W.EN, W.scratch, P.maxq)
+        t.PW = NULL
+        return
     for j in range(P.n_clusters):
         w = P.cw[j]
         t.ncol = <int>w

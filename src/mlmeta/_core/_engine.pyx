@@ -63,8 +63,9 @@ cdef class Problem:
         kernel's tree levels; the levels after them are crossed), ``b_off`` (per level,
         the first border effect of a crossed level), ``cmap_ptr`` and ``bmap`` (per
         top-level cluster, the rows of ``S0`` of its local columns: its border effects,
-        then the ncol of [X, y]) and ``S0`` (the Gram matrix of the whitened
-        [Z_cross, X, y]); None for a nested model.
+        then the ncol of [X, y]), ``S0`` (the Gram matrix of the whitened
+        [Z_cross, X, y]) and optionally ``known_R`` ({level: lower Cholesky factor of a
+        known correlation matrix across the level's groups}); None for a nested model.
     """
     cdef Prob P
     cdef NestedKernel K
@@ -137,6 +138,8 @@ cdef class Problem:
             b_off = np.full(L, -1, dtype=np.intp)
             cmap_ptr = np.zeros(K.n_clusters + 1, dtype=np.intp)
             bmap = np.zeros(1, dtype=np.intp)
+            b_lo = np.full(L, -1, dtype=np.intp)
+            bL = np.zeros(1)
             S0 = np.zeros((1, 1), order="F")
             cw = np.full(K.n_clusters, ncol, dtype=np.intp)
         else:
@@ -149,6 +152,19 @@ cdef class Problem:
             S0 = np.asfortranarray(border["S0"], dtype=float)
             nb = S0.shape[0] - ncol
             cw = np.diff(cmap_ptr).astype(np.intp)
+            b_lo = np.full(L, -1, dtype=np.intp)
+            known_R = border.get("known_R") or {}
+            pieces, at = [], 0
+            for l, LR in sorted(known_R.items()):
+                LR = np.asfortranarray(LR, dtype=float)
+                G = int(n_groups[l])
+                if not n_tree <= l < L or q[l] != 1 or LR.shape != (G, G):
+                    raise ValueError(f"border: level {l}'s known correlation factor must be a "
+                                     f"{G} x {G} matrix on a crossed level with one effect")
+                b_lo[l] = at
+                pieces.append(LR.ravel(order="F"))
+                at += G * G
+            bL = np.concatenate(pieces) if pieces else np.zeros(1)
             if not 1 <= n_tree < L or b_off.shape[0] != L or cmap_ptr.shape[0] != K.n_clusters + 1:
                 raise ValueError("border: n_tree, b_off or cmap_ptr do not match the kernel")
             if nb < 1 or S0.shape != (nb + ncol, nb + ncol) or bmap.shape[0] != cmap_ptr[-1]:
@@ -159,10 +175,20 @@ cdef class Problem:
             if (b_off[n_tree:] < 0).any() or ends.max() > nb:
                 raise ValueError("border: the crossed levels' effects do not fit in S0")
         maxw = int(cw.max()) if cw.shape[0] else ncol
+        # wide clusters: one ny x bw product beats per-cluster w_j^2 loops when the clusters
+        # see most of the border (subjects x items); kept to ny x bw <= 2e7 doubles
+        nq_nodes = np.asarray(K.nq)
+        y_row = np.concatenate([[0], np.cumsum(nq_nodes)]).astype(np.intp)
+        ny = int(y_row[-1])
+        bw = nb + ncol
+        loops = float(np.sum(nq_nodes * cw[np.searchsorted(np.asarray(K.cluster_ptr),
+                                                           np.arange(K.n_nodes), side="right") - 1]
+                             .astype(float) ** 2)) if nb else 0.0
+        wide = bool(nb and ny * bw * bw <= 2.0 * loops and ny * bw <= 2e7)
         self.nb = nb
         self._keep = (q, t_off, n_th, th_off, kind, M, n_sd, c_off, cmap, cfix, lower, upper,
                       n_groups, Zw_flat, zw_off, Xw, node_r0, node_r1, AA, b_off, cmap_ptr, bmap,
-                      S0, cw)
+                      S0, cw, b_lo, bL, y_row)
         self.lower, self.upper, self.t_off, self.q = lower, upper, t_off, q
         self.n_theta = k
         self.p = p
@@ -178,6 +204,8 @@ cdef class Problem:
         cdef double[::1, :] v_AA = AA
         cdef double[::1, :] v_S0 = S0
         cdef Py_ssize_t[::1] v_boff = b_off, v_cptr = cmap_ptr, v_bmap = bmap, v_cw = cw
+        cdef Py_ssize_t[::1] v_blo = b_lo, v_yrow = y_row
+        cdef double[::1] v_bL = bL
         cdef const double[:, ::1] v_Xw = Xw
         cdef Prob* P = &self.P
         P.tree = K._tree()
@@ -224,6 +252,11 @@ cdef class Problem:
         P.bmap = &v_bmap[0]
         P.b_off = &v_boff[0]
         P.S0 = &v_S0[0, 0]
+        P.b_lo = &v_blo[0]
+        P.wide = wide
+        P.ny = ny
+        P.y_row = &v_yrow[0]
+        P.bL = &v_bL[0]
         # the kernels' scratch, and (EM) Sigma, a product and the projections' q x q room
         P.scratch_len = 3 * P.maxq * max(P.maxq, maxw) + 3 * P.maxq * P.maxq + 16
         P.n_theta = k
@@ -243,6 +276,11 @@ cdef class Problem:
     def n_obs(self):
         return self.P.n_obs
 
+    @property
+    def wide(self):
+        """Whether the tree's clusters go through the border as one dense product."""
+        return bool(self.P.wide)
+
     cdef void _ensure_slots(self, int n) except *:
         """Workspaces for n simultaneous fits (kept; grown when more are asked for)."""
         if n <= self.n_slots:
@@ -258,8 +296,10 @@ cdef class Problem:
                  5 * ms * ms + ms + 8, 16 * k + 2 * k * k + 32]
         nb = P.nb
         bw = nb + nc if nb else 0
+        wide = P.ny * bw if P.wide else 0
         sizes += [max(x, 1) for x in (bw * bw, nb * nb, nb * nb, nb * nb, nb * nc, nb * nc, bw * bw,
-                                      P.maxw * P.maxw if nb else 0)]
+                                      P.maxw * P.maxw if nb else 0, wide, wide,
+                                      P.za_len if P.wide else 0)]
         offs = np.concatenate([[0], np.cumsum(sizes)]).astype(np.intp)
         buf = np.zeros((n, int(offs[-1])), dtype=np.float64)
         cdef double[:, ::1] B = buf
@@ -299,6 +339,9 @@ cdef class Problem:
             Ws[c].Kb = &B[c, o[27]]
             Ws[c].PhiB = &B[c, o[28]]
             Ws[c].Sl = &B[c, o[29]]
+            Ws[c].Ym = &B[c, o[30]]
+            Ws[c].Yp = &B[c, o[31]]
+            Ws[c].PWn = &B[c, o[32]]
             if k:
                 copy(P.M, Ws[c].D, P.t_len * k)
             Ws[c].n_evals = 0

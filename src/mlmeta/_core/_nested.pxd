@@ -18,6 +18,8 @@ cdef struct Tree:
     const double* ZA
     const double* T             # per-node factors Tn (assembled from the level factors)
     bint scalar                 # every node carries one effect (nq == 1): scalar loops
+    bint no_S                   # factor without accumulating S -= Y'Y (the caller uses Y)
+    const double* PW            # NULL, or per node W_a Phi (za_ptr layout) given by the caller
 
 
 cdef Py_ssize_t factor_cluster(const Tree* t, Py_ssize_t a0, Py_ssize_t a1,

@@ -138,9 +138,10 @@ cdef Py_ssize_t factor_scalar(const Tree* t, Py_ssize_t a0, Py_ssize_t a1, doubl
             rc = t.za_ptr[anc[k]]
             for i in range(nc):
                 WR[rc + i] -= uk * WR[ra + i]
-        for j in range(nc):
-            for i in range(nc):
-                S[i + j * nc] -= WR[ra + i] * WR[ra + j]
+        if not t.no_S:
+            for j in range(nc):
+                for i in range(nc):
+                    S[i + j * nc] -= WR[ra + i] * WR[ra + j]
     logdet[0] += log(prod)
     return 0
 
@@ -217,12 +218,17 @@ cdef void accumulate_scalar(const Tree* t, Py_ssize_t a0, Py_ssize_t a1, const d
         # E_a += Sig_aa + W_a s3
         f = 0.0
         g = 0.0
-        for j in range(nc):         # (one pass: no stores reloaded as wide vectors)
-            acc = 0.0
-            for i in range(nc):
-                acc += Phi[j + i * nc] * WW[ra + i]
-            f += KK[ra + j] * acc
-            g += WW[ra + j] * acc
+        if t.PW != NULL:            # (Phi W_a')_j given
+            for j in range(nc):
+                f += KK[ra + j] * t.PW[ra + j]
+                g += WW[ra + j] * t.PW[ra + j]
+        else:
+            for j in range(nc):         # (one pass: no stores reloaded as wide vectors)
+                acc = 0.0
+                for i in range(nc):
+                    acc += Phi[j + i * nc] * WW[ra + i]
+                f += KK[ra + j] * acc
+                g += WW[ra + j] * acc
         GN[t.tn_ptr[a]] -= f
         EN[t.tn_ptr[a]] += g + SB[t.zz_ptr[a] + l]
 
@@ -284,7 +290,8 @@ cdef Py_ssize_t factor_cluster(const Tree* t, Py_ssize_t a0, Py_ssize_t a1,
                 gemm(b'T', b'N', qk, qm, qa, -1.0, Ua_k, qa, WB + t.zz_ptr[a] + off[m], qa,
                      1.0, WB + t.zz_ptr[c] + offc[m], qk)
             gemm(b'T', b'N', qk, nc, qa, -1.0, Ua_k, qa, Ya, qa, 1.0, WR + t.za_ptr[c], qk)
-        gemm(b'T', b'N', nc, nc, qa, -1.0, Ya, qa, Ya, qa, 1.0, S, nc)
+        if not t.no_S:
+            gemm(b'T', b'N', nc, nc, qa, -1.0, Ya, qa, Ya, qa, 1.0, S, nc)
     return 0
 
 
@@ -398,8 +405,13 @@ cdef void accumulate_cluster(const Tree* t, Py_ssize_t a0, Py_ssize_t a1, const 
         l = t.level[a]
         qa = <int>t.nq[a]
         chain(t, a, anc, off)
-        # s3 = Phi W_a' ; G_a -= K_a s3 ; E_a += Sig_aa + W_a s3
-        gemm(b'N', b'T', nc, qa, nc, 1.0, Phi, nc, WW + t.za_ptr[a], qa, 0.0, s3, nc)
+        # s3 = Phi W_a' (given transposed in PW) ; G_a -= K_a s3 ; E_a += Sig_aa + W_a s3
+        if t.PW != NULL:
+            for i in range(qa):
+                for k in range(nc):
+                    s3[k + i * nc] = t.PW[t.za_ptr[a] + i + k * qa]
+        else:
+            gemm(b'N', b'T', nc, qa, nc, 1.0, Phi, nc, WW + t.za_ptr[a], qa, 0.0, s3, nc)
         gemm(b'N', b'N', qa, qa, nc, -1.0, KK + t.za_ptr[a], qa, s3, nc, 1.0, GN + t.tn_ptr[a], qa)
         gemm(b'N', b'N', qa, qa, nc, 1.0, WW + t.za_ptr[a], qa, s3, nc, 1.0, EN + t.tn_ptr[a], qa)
         Ea = EN + t.tn_ptr[a]
@@ -507,6 +519,8 @@ cdef class NestedKernel:
         t.ZA = &self._ZA[0] if self._ZA.shape[0] > 0 else NULL
         t.T = NULL     # the node factors live in the engine's workspaces
         t.scalar = self.maxq == 1 and self.force_general == 0
+        t.no_S = 0
+        t.PW = NULL
         return t
 
     def pack_T(self, Ts):

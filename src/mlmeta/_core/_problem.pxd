@@ -53,6 +53,16 @@ cdef struct Prob:
     # (its nodes' ZA blocks are cw[j] = m_j + ncol wide); S0 is the Gram matrix of the
     # whitened [Z_cross, X, y] ((nb + ncol)^2, column-major)
     Py_ssize_t nb, n_tree, maxw
+    # a crossed level with a known correlation R across its groups (q = 1): its block of
+    # T_c is t L_R (L_R = chol(R), G x G at bL + b_lo[l]); b_lo[l] = -1 otherwise
+    const Py_ssize_t* b_lo
+    const double* bL
+    # wide clusters (each sees most of the border): the tree's Y rows and node solutions
+    # go through one ny x bw matrix and two BLAS products instead of per-cluster blocks;
+    # y_row[a] = the first of node a's rows (ny = total effects of the tree)
+    bint wide
+    Py_ssize_t ny
+    const Py_ssize_t* y_row
     const Py_ssize_t* cw
     const Py_ssize_t* cmap_ptr
     const Py_ssize_t* bmap
@@ -94,6 +104,9 @@ cdef struct Work:
     double* Kb       # nb x ncol: S_cA - S_cc T_c W
     double* PhiB     # bw x bw: d dev / d Sb (the tree's Phi)
     double* Sl       # maxw^2: a cluster's local S / Phi
+    double* Ym       # wide: ny x bw, the tree's Y (then W) rows at their border columns
+    double* Yp       # wide: ny x bw, W Phi_b
+    double* PWn      # wide: za_len, W_a Phi_b per node in the local layout
     double sigma2, rss, logdet_C, logdet_H
     int n_evals, status
     bint own         # ZA and AA hold the design's own outcome (set_response(NULL))
