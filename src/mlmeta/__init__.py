@@ -19,7 +19,12 @@ from mlmeta.results import MeregressResults
 from mlmeta.robust import RobustResults, cluster_robust, robust
 from mlmeta.vcalc import vcalc
 
-__version__ = "0.1.0"
+try:                                    # the one version number is project(version:) in meson.build
+    from importlib.metadata import PackageNotFoundError, version as _version
+
+    __version__ = _version("mlmeta")
+except PackageNotFoundError:            # pragma: no cover - imported from a source tree
+    __version__ = "0+unknown"
 
 
 def __getattr__(name):
