@@ -52,14 +52,32 @@ def check_outcome(y, X, response):
 
 
 class MixedResults(MeregressResults):
-    """A fitted linear mixed model (statsmodels-style names, lme4-comparable values).
+    r"""A fitted linear mixed model (statsmodels-style names, lme4-comparable values).
 
-    ``re_cov`` holds absolute covariances (sigma^2 T T'); ``scale`` is the residual
-    variance sigma^2; ``llf_lme4`` the log-likelihood in lme4's REML convention."""
+    Everything :class:`MeregressResults` has, with the residual variance estimated:
+    ``re_cov`` holds absolute covariances :math:`\sigma^2 T T'`, ``scale`` is the
+    residual variance :math:`\sigma^2` and ``llf_lme4`` the log-likelihood in lme4's
+    REML convention. Tests and intervals use Satterthwaite df (lmerTest) unless the
+    model was fitted with ``test="z"``; there is no homogeneity test (``Q_M`` is None).
+
+    Examples
+    --------
+    >>> import mlmeta
+    >>> data, _, _ = mlmeta.simulate.lmm(20, 1, 15, group_sd=0.5, seed=1)
+    >>> res = mlmeta.mixed("DV ~ IV1 + (IV1 | Group)", data)
+    >>> print(f"sigma^2 = {res.scale:.3f}, lme4 REML criterion = {-2 * res.llf_lme4:.2f}")
+    sigma^2 = 1.013, lme4 REML criterion = 899.50
+    >>> res.re_cov["Group"].round(3)
+             IV1  _cons
+    IV1    0.088  0.021
+    _cons  0.021  0.304
+    """
 
     @property
     def scale(self) -> float:
-        """Residual variance sigma^2 (profiled estimate: rss / (n - p) REML, rss / n ML)."""
+        """Residual variance sigma^2 (profiled out of the likelihood: at the optimum
+        theta, rss(theta) / (n - p) for REML and rss(theta) / n for ML, with rss the
+        penalised residual sum of squares of lme4's formulation)."""
         return float(self._eval.sigma2)
 
     @property
@@ -68,12 +86,16 @@ class MixedResults(MeregressResults):
 
     @property
     def llf_lme4(self) -> float:
+        """Log-likelihood in lme4's convention: ``llf - 1/2 log|X'X|`` for REML
+        (lme4's REML criterion is ``-2 * llf_lme4``), ``llf`` for ML."""
         if self.method == "reml":
             return self.llf - 0.5 * self.model.design.logdet_XtX
         return self.llf
 
     @property
     def re_cov(self) -> dict:
+        """Grouping term -> covariance matrix sigma^2 T T' of its random effects
+        (absolute, as lme4's ``VarCorr``)."""
         return {k: v * self.scale for k, v in super().re_cov.items()}
 
     @property
@@ -89,6 +111,8 @@ class MixedResults(MeregressResults):
         return None
 
     def recovariance(self, level=None, correlation=False):
+        """Random-effects covariance (absolute) or correlation matrix of a level, or a
+        dict over all levels; see :meth:`MeregressResults.recovariance`."""
         out = super().recovariance(level=level, correlation=correlation)
         if correlation:
             return out
@@ -106,6 +130,8 @@ class MixedResults(MeregressResults):
         return f"Mixed-effects {'REML' if self.method == 'reml' else 'ML'} regression"
 
     def summary(self, *args, **kwargs):
+        """Stata-like estimation table with the residual SD (no homogeneity test); the
+        options of :meth:`MeregressResults.summary`."""
         kwargs.setdefault("homtest", False)
         return super().summary(*args, **kwargs)
 
@@ -134,14 +160,69 @@ def build_mixed_model(formula, data, *, method="reml", covariance=None, constrai
 def mixed(formula, data, *, method="reml", covariance=None, constraints=None, collinear=False,
           test="satterthwaite", em_iter=20, em_tol=1e-10, em_only=False, maxiter=1000, tol=1e-6,
           safeguard="auto", verbose=False) -> MixedResults:
-    """Linear mixed model on raw (individual-level) data, lme4's ``lmer`` model.
+    r"""Linear mixed model on raw (individual-level) data, lme4's ``lmer`` model.
 
-    ``mlmeta.mixed("DV ~ IV1 + IV2 + (IV1 + IV2 | Group)", df)`` — formula, covariance
-    structures, nesting and options as :func:`mlmeta.meregress`, with the residual
-    variance estimated (profiled out) instead of known sampling variances.
+    .. math::
 
-    ``test="satterthwaite"`` (default) gives t tests and intervals on Satterthwaite
-    degrees of freedom, as lmerTest; ``test="z"`` normal ones.
+        y = X\beta + \sum_l Z^{(l)} u^{(l)} + e, \qquad
+        u^{(l)}_g \sim N(0, \sigma^2 T_l T_l'), \qquad e \sim N(0, \sigma^2 I)
+
+    with :math:`\sigma^2` profiled out of the likelihood, as lme4 does. Formula,
+    covariance structures, nesting and options are those of :func:`meregress`.
+    Log-likelihoods follow Stata's and metafor's convention,
+    ``llf = llf_lme4 + 1/2 log|X'X|`` for REML (identical for ML).
+
+    Parameters
+    ----------
+    formula : str
+        ``"DV ~ IV1 + IV2 + (IV1 + IV2 | Group)"``: fixed part and lme4 bars.
+    data : pandas.DataFrame
+        One row per observation.
+    method : {"reml", "ml"}
+        Restricted (default) or full maximum likelihood.
+    covariance, constraints, collinear
+        As in :func:`meregress`.
+    test : {"satterthwaite", "z"}
+        t tests and intervals on Satterthwaite df (default, as lmerTest) or normal
+        ones.
+    em_iter, em_tol, em_only, maxiter, tol, safeguard, verbose
+        Optimiser settings, as in :func:`meregress`.
+
+    Returns
+    -------
+    MixedResults
+
+    Raises
+    ------
+    ValueError
+        For a formula without random-effects terms, a level with one observation per
+        group (its variance cannot be told from the residual's), an outcome the
+        fixed effects fit exactly, too few observations, and the input problems
+        :func:`meregress` rejects.
+
+    Warns
+    -----
+    BoundaryWarning
+        A singular fit: a variance at zero or a correlation at +-1.
+
+    See Also
+    --------
+    meregress : known sampling variances instead of an estimated residual variance.
+    ols, two_stage : the other strategies for repeated-measures data.
+
+    Examples
+    --------
+    >>> import mlmeta
+    >>> data, group_coefs, beta = mlmeta.simulate.lmm(20, 1, 15, group_sd=0.5, seed=1)
+    >>> res = mlmeta.mixed("DV ~ IV1 + (IV1 | Group)", data)
+    >>> res.params.round(3)
+    IV1      0.962
+    _cons    0.598
+    Name: coef, dtype: float64
+    >>> res.df.round(1)               # Satterthwaite, as lmerTest
+    IV1      11.5
+    _cons    13.7
+    Name: df, dtype: float64
     """
     if test not in ("satterthwaite", "z"):
         raise ValueError(f"test must be 'satterthwaite' or 'z', got {test!r}")
