@@ -204,10 +204,39 @@ class PostestimationMixin:
             s^2 = (n - p) / tr(P),   I^2_l = tau_l^2 / (sum_k tau_k^2 + s^2),
             I^2_total = sum_k tau_k^2 / (sum_k tau_k^2 + s^2).
 
-        ``relevel``: a grouping term or list of them to report (default: all);
-        the total always covers every level. With random slopes the variance a
-        level adds to an effect size, z' Sigma_l z, changes with the moderators,
-        so no single share per level exists and I^2 is reported as not defined.
+        With random slopes the variance a level adds to an effect size,
+        z' Sigma_l z, changes with the moderators, so no single share per level
+        exists and I^2 is reported as not defined.
+
+        Parameters
+        ----------
+        relevel : str or list of str, optional
+            Grouping terms to report (default: all); the total always covers every
+            level.
+
+        Returns
+        -------
+        Heterogeneity
+            ``I2_Q``, ``I2`` (level -> percent), ``I2_total``, ``s2``; prints as
+            Stata's ``estat heterogeneity``.
+
+        Raises
+        ------
+        ValueError
+            For a mixed model on raw data (no sampling variances) or an unknown
+            level.
+
+        Examples
+        --------
+        >>> import mlmeta
+        >>> df = mlmeta.datasets.load("schoolcal")
+        >>> res = mlmeta.meregress("stdmdiff ~ 1 + (1 | district) + (1 | district:school)",
+        ...                        df, variance="var")
+        >>> h = res.heterogeneity()
+        >>> print(f"I2_Q {h.I2_Q:.2f}%, total {h.I2_total:.2f}%")
+        I2_Q 90.50%, total 95.19%
+        >>> {k: round(v, 2) for k, v in h.I2.items()}
+        {'district': 63.32, 'district:school': 31.86}
         """
         if self._profiled() or self.Q_M is None:
             raise ValueError("heterogeneity statistics need known sampling variances")
@@ -251,6 +280,30 @@ class PostestimationMixin:
         PEV = Var(u - u_hat), including the uncertainty of beta-hat, as metafor's
         ``ranef``), ``se_diag`` (diagnostic: sqrt diag(Sigma - PEV) = SD of u_hat)
         and ``lower``/``upper`` = blup -+ z se.
+
+        Parameters
+        ----------
+        level : float
+            Level of the intervals, in percent.
+
+        Returns
+        -------
+        dict
+            Grouping term -> DataFrame.
+
+        Examples
+        --------
+        >>> import mlmeta
+        >>> df = mlmeta.datasets.load("schoolcal")
+        >>> res = mlmeta.meregress("stdmdiff ~ 1 + (1 | district) + (1 | district:school)",
+        ...                        df, variance="var")
+        >>> re = res.random_effects()["district"]
+        >>> re.head(3).round(4)
+                 effect    blup      se  se_diag   lower   upper
+        district
+        11        _cons -0.1900  0.1665   0.1932 -0.5164  0.1364
+        12        _cons -0.0847  0.1241   0.2229 -0.3279  0.1585
+        18        _cons  0.1407  0.1372   0.2150 -0.1283  0.4097
         """
         z = _z(level)
         out = {}
@@ -294,8 +347,38 @@ class PostestimationMixin:
         Per-row outputs carry the data's index.
 
         ``newdata`` (a DataFrame) is only used by ``xb``; the fixed part is
-        re-encoded with the stored formula spec. Returns a Series, or a DataFrame
-        (xb, stdp) when ``stdp=True``.
+        re-encoded with the stored formula spec.
+
+        Parameters
+        ----------
+        kind : {"xb", "fitted", "residuals", "residuals_marginal", "rstandard"}
+            What to predict.
+        newdata : pandas.DataFrame, optional
+            New moderator values (``kind="xb"`` only).
+        stdp : bool
+            Also return the standard error of x'beta.
+
+        Returns
+        -------
+        pandas.Series or pandas.DataFrame
+            A Series, or a DataFrame (xb, stdp) when ``stdp=True``.
+
+        Raises
+        ------
+        ValueError
+            For an unknown ``kind``, or ``newdata`` with another kind than "xb".
+
+        Examples
+        --------
+        >>> import mlmeta
+        >>> df = mlmeta.datasets.load("schoolcal")
+        >>> res = mlmeta.meregress("stdmdiff ~ 1 + (1 | district) + (1 | district:school)",
+        ...                        df, variance="var")
+        >>> res.predict("fitted").head(3).round(4)
+        0   -0.0432
+        1   -0.0519
+        2    0.0383
+        Name: fitted, dtype: float64
         """
         if kind not in _KINDS:
             raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
@@ -354,6 +437,31 @@ class PostestimationMixin:
         ``predict.rma`` (which adds sum(sigma2)); metafor ignores random slopes.
         Columns: pred, se, ci_lower, ci_upper, pi_lower, pi_upper, tau2 (the
         variance a new study adds).
+
+        Parameters
+        ----------
+        newdata : pandas.DataFrame, optional
+            Moderator values of the new studies.
+        level : float
+            Level of both intervals, in percent.
+        sampling_variance : float or array-like, optional
+            Known sampling variance of the new study's estimate.
+
+        Returns
+        -------
+        pandas.DataFrame
+
+        Examples
+        --------
+        >>> import mlmeta
+        >>> df = mlmeta.datasets.load("schoolcal")
+        >>> res = mlmeta.meregress("stdmdiff ~ year_c + (1 | district) + (1 | district:school)",
+        ...                        df, variance="var")
+        >>> import pandas as pd
+        >>> res.predict_interval(pd.DataFrame({"year_c": [0, 10]})).round(4)
+             pred      se  ci_lower  ci_upper  pi_lower  pi_upper    tau2
+        0  0.1807  0.0887    0.0069    0.3545   -0.4775    0.8389  0.1049
+        1  0.2338  0.1240   -0.0092    0.4768   -0.4459    0.9136  0.1049
         """
         z = _z(level)
         b, Vb = self.params.values, self.cov_params().values
@@ -390,6 +498,22 @@ class PostestimationMixin:
         ``~ x | study``) adds one more candidate level: the distinct cells of the
         term's effect values and its groups (the (x, study) combinations), so the
         coefficient of x is contained in them even when it varies within studies.
+
+        Returns
+        -------
+        pandas.Series
+            df per coefficient.
+
+        Examples
+        --------
+        >>> import mlmeta
+        >>> df = mlmeta.datasets.load("schoolcal")
+        >>> res = mlmeta.meregress("stdmdiff ~ year_c + (1 | district) + (1 | district:school)",
+        ...                        df, variance="var")
+        >>> res.containment_df()
+        year_c    54.0
+        _cons      9.0
+        Name: df, dtype: float64
         """
         f = self.frame
         n, p = f.X.shape
@@ -418,7 +542,24 @@ class PostestimationMixin:
 
     def residual_df(self) -> pd.Series:
         """Residual degrees of freedom k - p for every fixed effect (metafor's
-        ``dfs="residual"``), at least 1."""
+        ``dfs="residual"``), at least 1.
+
+        Returns
+        -------
+        pandas.Series
+            df per coefficient.
+
+        Examples
+        --------
+        >>> import mlmeta
+        >>> df = mlmeta.datasets.load("schoolcal")
+        >>> res = mlmeta.meregress("stdmdiff ~ year_c + (1 | district) + (1 | district:school)",
+        ...                        df, variance="var")
+        >>> res.residual_df()
+        year_c    54.0
+        _cons     54.0
+        Name: df, dtype: float64
+        """
         n, p = self.frame.X.shape
         return pd.Series(float(max(n - p, 1)), index=self.fe_names, name="df")
 
@@ -468,6 +609,35 @@ class PostestimationMixin:
         ``dfs="contain"``, the default; a contrast gets the smallest df of its
         coefficients) or residual df k - p. (A number as the only positional
         argument is read as ``level``, as before.)
+
+        Parameters
+        ----------
+        hypotheses : str, list of str or array-like, optional
+            Linear hypotheses; default the coefficients.
+        level : float
+            Confidence level in percent.
+        rhs : array-like, optional
+            Right-hand sides r when ``hypotheses`` is a matrix L.
+
+        Returns
+        -------
+        pandas.DataFrame
+            coef, std_err, t, df, pvalue, lower, upper; one row per hypothesis.
+
+        Raises
+        ------
+        ValueError
+            For malformed hypotheses or unknown coefficient names.
+
+        Examples
+        --------
+        >>> import mlmeta
+        >>> df = mlmeta.datasets.load("schoolcal")
+        >>> res = mlmeta.meregress("stdmdiff ~ year_c + (1 | district) + (1 | district:school)",
+        ...                        df, variance="var")
+        >>> res.t_test("_cons + 5*year_c = 0").round(4)
+                              coef  std_err       t   df  pvalue  lower   upper
+        5*year_c + _cons = 0  0.2073   0.0969  2.1387  9.0  0.0612 -0.012  0.4265
         """
         if (hypotheses is not None and not isinstance(hypotheses, (bool, np.bool_))
                 and isinstance(hypotheses, (int, float, np.integer, np.floating))):
@@ -508,6 +678,38 @@ class PostestimationMixin:
         :func:`satterthwaite_Fdf`); otherwise a row's df is the smallest df of its
         coefficients (containment, or k - p with ``dfs="residual"``) and df_denom
         the smallest over rows (metafor's ``anova(..., X=)``).
+
+        Parameters
+        ----------
+        hypotheses : str, list of str or array-like
+            Linear hypotheses.
+        rhs : array-like, optional
+            Right-hand sides r when ``hypotheses`` is a matrix L.
+        test : {"z", "chi2", "t"}
+            chi2 test, or F test on the model's df.
+
+        Returns
+        -------
+        WaldTest
+            ``statistic``, ``df``, ``pvalue`` (and ``df_denom`` for F); prints as
+            Stata's ``test``.
+
+        Raises
+        ------
+        ValueError
+            For malformed hypotheses, unknown names or an unknown ``test``.
+
+        Examples
+        --------
+        >>> import mlmeta
+        >>> df = mlmeta.datasets.load("schoolcal")
+        >>> res = mlmeta.meregress("stdmdiff ~ year_c + (1 | district) + (1 | district:school)",
+        ...                        df, variance="var")
+        >>> print(res.wald_test("year_c = 0"))
+         ( 1)  year_c = 0
+        <BLANKLINE>
+                     chi2(1) =     0.32
+                 Prob > chi2 =   0.5735
         """
         if test not in ("z", "chi2", "t"):
             raise ValueError(f"test must be 'z' (chi2 test) or 't' (F test), got {test!r}")
@@ -635,8 +837,40 @@ class PostestimationMixin:
         the first. Variances are profiled in the variance metric sigma^2 (metafor's
         ``profile.rma.mv``), correlations in rho: llf = max over the other covariance
         parameters (beta profiled out). ``values`` sets the grid; by default ``n``
-        points spanning the profile-likelihood CI with a margin. Columns: sigma2, sd,
-        llf (variances) or rho, llf (correlations).
+        points spanning the profile-likelihood CI with a margin.
+
+        Parameters
+        ----------
+        param : str, tuple or int, optional
+            The parameter (see above); default the first variance.
+        n : int
+            Number of grid points.
+        values : array-like, optional
+            The grid, in the variance (or correlation) metric.
+
+        Returns
+        -------
+        pandas.DataFrame
+            Columns sigma2, sd, llf (variances) or rho, llf (correlations);
+            ``attrs`` hold the estimate, llf_max, the parameter and its theta index.
+
+        Raises
+        ------
+        ValueError
+            For an unknown parameter or one held fixed.
+
+        Examples
+        --------
+        >>> import mlmeta
+        >>> df = mlmeta.datasets.load("schoolcal")
+        >>> res = mlmeta.meregress("stdmdiff ~ 1 + (1 | district) + (1 | district:school)",
+        ...                        df, variance="var")
+        >>> prof = res.profile("district", values=[0.0, 0.0651, 0.2])
+        >>> prof.round(4)
+           sigma2      sd      llf
+        0  0.0000  0.0000 -16.8455
+        1  0.0651  0.2551  -7.9587
+        2  0.2000  0.4472  -9.7741
         """
         i, g, label, kind = self._resolve_param(param if param is not None
                                                 else self._profile_params()[0][0])
@@ -676,6 +910,28 @@ class PostestimationMixin:
         variance (and each correlation of unstructured, exchangeable and custom
         levels). Columns: group, param, estimate, lower, upper (variances or
         correlations), sd, sd_lower, sd_upper (NaN for correlations).
+
+        Parameters
+        ----------
+        level : float
+            Confidence level in percent.
+        params : list of int, optional
+            Theta indices to compute (default all).
+
+        Returns
+        -------
+        pandas.DataFrame
+
+        Examples
+        --------
+        >>> import mlmeta
+        >>> df = mlmeta.datasets.load("schoolcal")
+        >>> res = mlmeta.meregress("stdmdiff ~ 1 + (1 | district) + (1 | district:school)",
+        ...                        df, variance="var")
+        >>> res.profile_ci()[["group", "param", "estimate", "lower", "upper"]].round(4)
+                     group       param  estimate   lower   upper
+        0         district  var(_cons)    0.0651  0.0222  0.2072
+        1  district:school  var(_cons)    0.0327  0.0163  0.0628
         """
         _z(level)
         cut = self.llf - 0.5 * stats.chi2.ppf(level / 100.0, 1)
@@ -727,6 +983,25 @@ class PostestimationMixin:
         information has no cross block), so V is block diagonal. Reporting
         metric (delta method): Var(sd) = sd^2 Var(log sd), Var(r) = (1 - r^2)^2
         Var(atanh r). Parameters on the boundary or fixed have NaN variances.
+
+        Returns
+        -------
+        StoredResults
+
+        Examples
+        --------
+        >>> import mlmeta
+        >>> df = mlmeta.datasets.load("schoolcal")
+        >>> res = mlmeta.meregress("stdmdiff ~ 1 + (1 | district) + (1 | district:school)",
+        ...                        df, variance="var")
+        >>> e = res.estat()
+        >>> e["N"], round(e["ll"], 4)
+        (56, -7.9587)
+        >>> e.b.round(4)
+        stdmdiff         _cons          0.1847
+        district         lnsd(_cons)   -1.3662
+        district:school  lnsd(_cons)   -1.7096
+        Name: b, dtype: float64
         """
         comps, cov_eta, free_pos = variance_components(self.model, self.theta, self.group_names,
                                                        sd_scale=self.model.scale)

@@ -188,7 +188,92 @@ def _scale(type, J, N, p):
 
 def cluster_robust(X, resid, cluster, W_blocks=None, V_blocks=None, type="CR2", bread=None, *,
                    params=None, names=None, df=None, cluster_name=None, label=None, A=None):
-    """See :func:`_cluster_robust`; runs with BLAS on one thread (per-cluster blocks are small)."""
+    """Cluster-robust covariance, Satterthwaite df and HTZ tests for a linear estimator.
+
+    The sandwich ``V_CR = c M (sum_j E_j r_j r_j' E_j') M`` of the module
+    :mod:`mlmeta.robust` (``E_j = X_j' W_j A_j``, ``M = (sum_j X_j' W_j X_j)^-1``) for
+    any estimator ``beta = M sum_j X_j' W_j y_j``: OLS (``W = I``), GLS with a working
+    covariance, or a fitted mixed model (what :func:`robust` passes). The small-sample
+    corrections are
+
+    ====  =====================================================================
+    CR0   ``A_j = I``, ``c = 1``
+    CR1   ``c = J / (J - 1)``
+    CR1p  ``c = J / (J - p)`` (metafor's ``robust()``)
+    CR1S  ``c = J (N - 1) / ((J - 1)(N - p))`` (Stata's ``vce(cluster)``)
+    CR2   ``A_j = B_j^-1/2`` adjusted to the working model (Bell-McCaffrey,
+          Pustejovsky-Tipton; clubSandwich's default)
+    CR3   ``A_j = (I - X_j M X_j' W_j)^-1`` (approximate jackknife)
+    ====  =====================================================================
+
+    and Satterthwaite df (one constraint) and the HTZ test (several) are those of
+    clubSandwich's ``coef_test`` and ``Wald_test``.
+
+    Parameters
+    ----------
+    X : array-like
+        (N, p) design.
+    resid : array-like
+        (N,) residuals ``y - X beta``.
+    cluster : array-like
+        (N,) cluster labels.
+    W_blocks, V_blocks : optional
+        Weights W_j of the estimator ``beta = (X'WX)^-1 X'Wy`` and the working
+        covariance Phi_j (the target of CR2 and of the df). Each is None, an (N,)
+        diagonal, a dense or scipy.sparse (N, N) matrix that is block-diagonal by
+        cluster, or a list of J dense blocks (clusters in sorted label order, rows in
+        input order). Missing one: ``W_j = Phi_j^-1`` or ``Phi_j = W_j^-1``; both
+        missing: ``W_j = Phi_j = I`` (OLS).
+    type : {"CR2", "CR0", "CR1", "CR1p", "CR1S", "CR3"}
+        Small-sample correction (table above).
+    bread : array-like, optional
+        (p, p) matrix M of the sandwich; default ``(sum_j X_j'W_jX_j)^-1``. The
+        CR2/CR3 adjustments always use the latter.
+    params, names : array-like, list of str, optional
+        Estimates and coefficient names for the results.
+    df : {None, "satterthwaite", "naive-t", "naive-tp", "z"}
+        Satterthwaite, J - 1, J - p or normal reference; None (default):
+        "naive-tp" for CR1p (metafor's ``robust()``), else "satterthwaite".
+    A : array-like, optional
+        Report ``beta = b0 + A gamma`` for the estimator gamma of X (fixed-effect
+        constraints): covariance ``A V A'``, df and tests of ``C beta`` from ``C A``;
+        ``params`` and ``names`` are then beta's.
+    cluster_name : str, optional
+        Name of the clusters for the summary.
+    label : str, optional
+        Title of the summary (the outcome's name).
+
+    Returns
+    -------
+    RobustResults
+
+    Raises
+    ------
+    ValueError
+        For an unknown ``type`` or ``df``, inputs of different lengths, non-finite
+        values, fewer than 2 clusters, or a working covariance that is not
+        block-diagonal by cluster or not positive definite in a cluster.
+
+    Examples
+    --------
+    Cluster-robust OLS by hand (what :func:`mlmeta.ols` does):
+
+    >>> import numpy as np
+    >>> import mlmeta
+    >>> data, _, _ = mlmeta.simulate.lmm(10, 1, 8, seed=2)
+    >>> X = np.column_stack([np.ones(len(data)), data["IV1"]])
+    >>> b = np.linalg.lstsq(X, data["DV"], rcond=None)[0]
+    >>> rob = mlmeta.cluster_robust(X, data["DV"] - X @ b, data["Group"], type="CR2",
+    ...                             params=b, names=["_cons", "IV1"])
+    >>> rob.bse.round(4)
+    _cons    0.0863
+    IV1      0.1216
+    Name: robust se, dtype: float64
+    >>> rob.df.round(2)
+    _cons    7.00
+    IV1      6.02
+    Name: df, dtype: float64
+    """
     with blas_threads(1):
         return _cluster_robust(X, resid, cluster, W_blocks, V_blocks, type, bread, params=params,
                                names=names, df=df, cluster_name=cluster_name, label=label, A=A)
@@ -197,29 +282,7 @@ def cluster_robust(X, resid, cluster, W_blocks=None, V_blocks=None, type="CR2", 
 def _cluster_robust(X, resid, cluster, W_blocks=None, V_blocks=None, type="CR2", bread=None, *,
                     params=None, names=None, df=None, cluster_name=None, label=None,
                     A=None):
-    """Cluster-robust covariance, Satterthwaite df and HTZ tests for a linear estimator.
-
-    Parameters
-    ----------
-    X : (N, p) design; resid : (N,) residuals ``y - X beta``; cluster : (N,) labels.
-    W_blocks : weights W_j of the estimator ``beta = (X'WX)^-1 X'Wy``.
-    V_blocks : working covariance Phi_j (the target of CR2 and of the df).
-        Each is None, an (N,) diagonal, a dense or scipy.sparse (N, N) matrix that
-        is block-diagonal by cluster, or a list of J dense blocks (clusters in
-        sorted label order, rows in input order). Missing one: ``W_j = Phi_j^-1``
-        or ``Phi_j = W_j^-1``; both missing: ``W_j = Phi_j = I`` (OLS).
-    type : one of CR0, CR1, CR1p, CR1S, CR2, CR3 (module docstring).
-    bread : (p, p) matrix M of the sandwich; default ``(sum_j X_j'W_jX_j)^-1``.
-        The CR2/CR3 adjustments always use the latter.
-    params, names : estimates and coefficient names for the results.
-    A : report ``beta = b0 + A gamma`` for the estimator gamma of X (fixed-effect
-        constraints): covariance ``A V A'``, df and tests of ``C beta`` from ``C A``;
-        ``params`` and ``names`` are then beta's.
-    df : "satterthwaite", "naive-t" (J - 1), "naive-tp" (J - p) or "z"; None (default):
-        "naive-tp" for CR1p (metafor's ``robust()``), else "satterthwaite".
-
-    Returns a :class:`RobustResults`.
-    """
+    """The body of :func:`cluster_robust` (its docstring states the parameters)."""
     if type not in TYPES:
         raise ValueError(f"type must be one of {TYPES}, got {type!r}")
     df = str(default_df(type, df)).lower()
@@ -350,9 +413,35 @@ class _Pieces:
 class WaldTestResult:
     """A Wald test of ``C beta = c0`` with a cluster-robust covariance.
 
-    Attributes: test, statistic (F, or Q_W / q for chi2), df_num, df_denom,
-    pvalue, Q (the Wald quadratic form), delta (HTZ scaling), constraints, and
-    dropped (constraints implied by the model's fixed-effect constraints)."""
+    Attributes
+    ----------
+    test : str
+        "HTZ", "chi2", "naive-F" or "naive-Fp".
+    statistic : float
+        The F statistic (Q_W / q for chi2).
+    df_num, df_denom : float
+        Numerator and denominator df.
+    pvalue : float
+        p-value.
+    Q : float
+        The Wald quadratic form ``Q_W = (C beta - c0)' (C V_CR C')^-1 (C beta - c0)``.
+    delta : float
+        HTZ scaling ``(nu - q + 1) / nu``.
+    constraints : list of str
+        The constraints tested.
+    dropped : list of str
+        Constraints implied by the model's fixed-effect constraints (left out).
+
+    Examples
+    --------
+    >>> import mlmeta
+    >>> dat = mlmeta.datasets.load("berkey")
+    >>> res = mlmeta.meregress("yi ~ 0 + outcome + (0 + outcome | trial)", dat, variance="vi")
+    >>> rob = res.robust(cluster="trial", type="CR2")
+    >>> w = rob.wald_test("outcome[AL] = 0, outcome[PD] = 0")
+    >>> print(f"{w.test}: F({w.df_num}, {w.df_denom:.2f}) = {w.statistic:.2f}, p = {w.pvalue:.4f}")
+    HTZ: F(2, 2.62) = 48.39, p = 0.0085
+    """
 
     def __init__(self, test, statistic, df_num, df_denom, pvalue, Q, delta, constraints, dropped=()):
         self.test, self.statistic, self.df_num, self.df_denom = test, statistic, df_num, df_denom
@@ -400,6 +489,19 @@ class RobustResults:
     df_method : "satterthwaite", "naive-t" (J - 1), "naive-tp" (J - p) or "z".
     n_clusters, nobs, n_fe, cluster_name, cluster_sizes.
     description : e.g. "Cluster-robust CR2 (clubSandwich) standard errors, Satterthwaite df".
+
+    Examples
+    --------
+    >>> import mlmeta
+    >>> dat = mlmeta.datasets.load("berkey")
+    >>> res = mlmeta.meregress("yi ~ 0 + outcome + (0 + outcome | trial)", dat, variance="vi")
+    >>> rob = res.robust(cluster="trial", type="CR2")
+    >>> rob
+    <RobustResults CR2 J=5 n=10 df=satterthwaite>
+    >>> rob.conf_int().round(4)
+                  lower   upper
+    outcome[AL] -0.5771 -0.0737
+    outcome[PD]  0.1919  0.4972
     """
 
     def __init__(self, params, names, vcov, pieces, *, type, df, n_clusters, nobs,
@@ -428,12 +530,29 @@ class RobustResults:
                                  name="P>|t|")
 
     def cov_params(self) -> pd.DataFrame:
-        """The cluster-robust covariance matrix of the coefficients."""
+        """The cluster-robust covariance matrix of the coefficients, ``V_CR``.
+
+        Returns
+        -------
+        pandas.DataFrame
+        """
         return pd.DataFrame(self._vcov, index=self.fe_names, columns=self.fe_names)
 
     def conf_int(self, level: float = 95.0, *, alpha=None) -> pd.DataFrame:
-        """beta -+ t_{df} se at ``level`` percent, with each coefficient's df (``alpha=``
-        as in statsmodels)."""
+        """Confidence intervals ``beta -+ t_df se`` with each coefficient's df.
+
+        Parameters
+        ----------
+        level : float
+            Confidence level in percent.
+        alpha : float, optional
+            ``1 - level / 100``, as statsmodels spells it.
+
+        Returns
+        -------
+        pandas.DataFrame
+            Columns ``lower`` and ``upper``.
+        """
         crit = stats.t.ppf(0.5 + confidence_level(level, alpha) / 200.0, self.df)
         return pd.DataFrame({"lower": self.params - crit * self.bse, "upper": self.params + crit * self.bse})
 
@@ -448,6 +567,35 @@ class RobustResults:
         None (default): the test that goes with the results' df method, as in the
         summary -- HTZ for Satterthwaite df, naive-F for J - 1, naive-Fp for J - p
         (so metafor's F test after ``type="CR1p"``), chi2 for "z".
+
+        Parameters
+        ----------
+        R : str, list of str or array-like
+            Constraints.
+        value : array-like, optional
+            Right-hand sides when ``R`` is a matrix (default 0).
+        test : str or list of str, optional
+            The test(s).
+
+        Returns
+        -------
+        WaldTestResult or pandas.DataFrame
+            One test, or one row per test when ``test`` is a list.
+
+        Raises
+        ------
+        ValueError
+            For malformed or linearly dependent constraints or an unknown test.
+
+        Examples
+        --------
+    >>> import mlmeta
+        >>> dat = mlmeta.datasets.load("berkey")
+        >>> res = mlmeta.meregress("yi ~ 0 + outcome + (0 + outcome | trial)", dat, variance="vi")
+        >>> rob = res.robust(cluster="trial", type="CR1p")          # metafor's robust()
+        >>> w = rob.wald_test("outcome[AL] = outcome[PD]")
+        >>> print(f"{w.test}: F({w.df_num}, {w.df_denom:.0f}) = {w.statistic:.2f}")
+        naive-Fp: F(1, 3) = 71.68
         """
         if test is None:
             test = _TEST_OF_DF[self.df_method]
@@ -506,7 +654,19 @@ class RobustResults:
         return self.wald_test(idx, test=_TEST_OF_DF[self.df_method])
 
     def summary(self, level: float = 95.0) -> RobustSummary:
-        """Coefficient table with robust SEs, df, t tests and confidence intervals."""
+        """Coefficient table with robust SEs, df, t tests and confidence intervals, and
+        the omnibus Wald test of the moderators.
+
+        Parameters
+        ----------
+        level : float
+            Confidence level in percent.
+
+        Returns
+        -------
+        RobustSummary
+            A str (print it) with HTML for notebooks.
+        """
         w = 78
         head = "Cluster-robust inference" + (f": {self.label}" if self.label else "")
         clus = f"Clusters ({self.cluster_name})" if self.cluster_name else "Clusters"
@@ -590,13 +750,19 @@ def robust(res, cluster=None, type="CR2", df=None, *, data=None) -> RobustResult
 
     Parameters
     ----------
-    res : MeregressResults.
-    cluster : None (the top-level grouping), a grouping term of the model, a column
-        of ``data`` (the data the model was fitted to), or an array with one value
-        per data row (restricted to ``res.sample``) or per row used in the fit.
-    type : "CR0", "CR1" (x J/(J-1)), "CR1p" (x J/(J-p)), "CR1S", "CR2" (default) or "CR3".
-    df : "satterthwaite", "naive-t" (J - 1), "naive-tp" (J - p) or "z"; None (default):
-        "naive-tp" for CR1p, "satterthwaite" for every other type.
+    res : MeregressResults
+        A fit of :func:`meregress` (or :func:`mixed`).
+    cluster : str or array-like, optional
+        None (the top-level grouping), a grouping term of the model, a column of
+        ``data`` (the data the model was fitted to), or an array with one value per
+        data row (restricted to ``res.sample``) or per row used in the fit.
+    type : {"CR2", "CR0", "CR1", "CR1p", "CR1S", "CR3"}
+        Small-sample correction: CR1 multiplies CR0 by J/(J-1), CR1p by J/(J-p).
+    df : {None, "satterthwaite", "naive-t", "naive-tp", "z"}
+        Satterthwaite, J - 1, J - p or normal reference; None (default): "naive-tp"
+        for CR1p, "satterthwaite" for every other type.
+    data : pandas.DataFrame, optional
+        The data holding a ``cluster`` column that is not a grouping term.
 
     clubSandwich's ``coef_test(fit, vcov = "CR2", test = "Satterthwaite")`` is the
     default. ``type="CR1p"`` is metafor's ``robust(fit, cluster)``: the CR0 matrix
@@ -606,6 +772,36 @@ def robust(res, cluster=None, type="CR2", df=None, *, data=None) -> RobustResult
     the robust clusters. Otherwise only CR0/CR1/CR1p/CR1S with naive or z df are
     available (the sandwich then uses the weighted design V^-1 X row by row, as
     metafor does).
+
+    Returns
+    -------
+    RobustResults
+
+    Raises
+    ------
+    ValueError
+        For an unknown cluster column, cluster labels of the wrong length or with
+        missing values, fewer than 2 clusters, or CR2/CR3/Satterthwaite df when the
+        model's top-level groups span several clusters.
+
+    Examples
+    --------
+    Two correlated outcomes per trial (berkey), an unstructured trial level and
+    sampling errors treated as independent; CR2 guards against the misspecified
+    sampling covariance (clubSandwich's ``coef_test(fit, vcov = "CR2")``):
+
+    >>> import mlmeta
+    >>> dat = mlmeta.datasets.load("berkey")
+    >>> res = mlmeta.meregress("yi ~ 0 + outcome + (0 + outcome | trial)", dat, variance="vi")
+    >>> rob = mlmeta.robust(res, cluster="trial", type="CR2")
+    >>> rob.bse.round(4)
+    outcome[AL]    0.0891
+    outcome[PD]    0.0536
+    Name: robust se, dtype: float64
+    >>> rob.df.round(2)
+    outcome[AL]    3.84
+    outcome[PD]    3.76
+    Name: df, dtype: float64
     """
     df = default_df(type, df)
     model, theta = res.model, np.asarray(res.theta, dtype=float)
