@@ -589,7 +589,7 @@ class RobustResults:
 
         Examples
         --------
-    >>> import mlmeta
+        >>> import mlmeta
         >>> dat = mlmeta.datasets.load("berkey")
         >>> res = mlmeta.meregress("yi ~ 0 + outcome + (0 + outcome | trial)", dat, variance="vi")
         >>> rob = res.robust(cluster="trial", type="CR1p")          # metafor's robust()
