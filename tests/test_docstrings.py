@@ -18,7 +18,7 @@ PUBLIC_MODULES = ["mlmeta", "mlmeta.datasets", "mlmeta.plots", "mlmeta.simulate"
 EXAMPLE_MODULES = [
     "mlmeta", "mlmeta.api", "mlmeta.mixed", "mlmeta.batch", "mlmeta.results",
     "mlmeta.postestimation", "mlmeta.robust", "mlmeta.vcalc", "mlmeta.compare", "mlmeta.ols",
-    "mlmeta.twostage", "mlmeta.satterthwaite", "mlmeta.resampling", "mlmeta.datasets",
+    "mlmeta.twostage", "mlmeta.satterthwaite", "mlmeta.datasets",
     "mlmeta.plots", "mlmeta.simulate", "mlmeta.simstudy", "mlmeta._errors",
 ]
 FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE

@@ -40,10 +40,45 @@ def _label(lab):
 
 
 def forest_plot(res, level: float = 95.0, ax=None, figsize=None):
-    """Forest plot: every effect size with its sampling CI, in cluster order,
-    labelled by its innermost group; for a model without moderators the pooled
-    estimate is drawn as a diamond (CI) with its prediction-interval whiskers,
-    for a meta-regression each study's fitted x'beta is marked instead."""
+    """Forest plot: every effect size with its sampling confidence interval.
+
+    Effect sizes are drawn in cluster order as ``y_i -+ z sigma_i`` (sigma_i the
+    sampling SD), labelled by their innermost group. For a model without moderators
+    the pooled estimate is a diamond ``beta -+ z se`` with the prediction interval
+    ``beta -+ z sqrt(se^2 + sum_l tau_l^2)`` as whiskers; for a meta-regression each
+    study's fitted x'beta is marked instead.
+
+    Parameters
+    ----------
+    res : MeregressResults
+        A fit with known sampling variances.
+    level : float
+        Level of the intervals, in percent.
+    ax : matplotlib.axes.Axes, optional
+        Axes to draw into; default a new figure.
+    figsize : tuple, optional
+        Size of a new figure (default grows with the number of effect sizes).
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+
+    Raises
+    ------
+    ValueError
+        For a model without sampling variances (a mixed model).
+
+    Examples
+    --------
+    >>> import mlmeta
+    >>> from mlmeta import plots
+    >>> df = mlmeta.datasets.load("schoolcal")
+    >>> res = mlmeta.meregress("stdmdiff ~ 1 + (1 | district) + (1 | district:school)",
+    ...                        df, variance="var")
+    >>> fig = plots.forest_plot(res)
+    >>> fig.axes[0].get_title()
+    'Forest plot'
+    """
     d = res.model.design
     if d.variance is None:
         raise ValueError("a forest plot needs known sampling variances")
@@ -85,8 +120,46 @@ def forest_plot(res, level: float = 95.0, ax=None, figsize=None):
 
 def caterpillar_plot(res, group=None, effect: str = "_cons", level: float = 95.0,
                      ax=None, figsize=None):
-    """BLUPs of ``effect`` at grouping term ``group`` (default: the top level),
-    sorted, with comparative intervals u -+ z se (see ``res.random_effects``)."""
+    """Caterpillar plot: the BLUPs of one level, sorted, with their intervals.
+
+    Each group's ``u_hat -+ z se`` with the comparative standard error
+    ``se = sqrt(diag PEV)`` of :meth:`MeregressResults.random_effects`.
+
+    Parameters
+    ----------
+    res : MeregressResults
+        A fitted model.
+    group : str, optional
+        Grouping term (default the top level).
+    effect : str
+        Random effect to show (``"_cons"``, or a random slope's name).
+    level : float
+        Level of the intervals, in percent.
+    ax : matplotlib.axes.Axes, optional
+        Axes to draw into.
+    figsize : tuple, optional
+        Size of a new figure.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+
+    Raises
+    ------
+    ValueError
+        For an unknown grouping term or effect.
+
+    Examples
+    --------
+    >>> import mlmeta
+    >>> from mlmeta import plots
+    >>> df = mlmeta.datasets.load("schoolcal")
+    >>> res = mlmeta.meregress("stdmdiff ~ 1 + (1 | district) + (1 | district:school)",
+    ...                        df, variance="var")
+    >>> fig = plots.caterpillar_plot(res, group="district")
+    >>> len(fig.axes[0].get_yticklabels())          # one row per district
+    11
+    """
     group = res.group_names[0] if group is None else group
     if group not in res.group_names:
         raise ValueError(f"unknown grouping term {group!r}; terms are {res.group_names}")
@@ -111,8 +184,42 @@ def caterpillar_plot(res, group=None, effect: str = "_cons", level: float = 95.0
 
 
 def profile_plot(res, param=None, n: int = 20, level: float = 95.0, ax=None, figsize=(5.5, 4.0)):
-    """Profile log-likelihood of a variance component (see ``res.profile``) with
-    the estimate, the cutoff llf_max - chi2_1(level)/2 and the profile CI."""
+    """Profile (restricted) log-likelihood of a variance component.
+
+    The curve of :meth:`MeregressResults.profile` with the estimate, the cutoff
+    ``llf_max - chi2_1(level) / 2`` and the profile-likelihood interval of
+    :meth:`MeregressResults.profile_ci` where the curve crosses it.
+
+    Parameters
+    ----------
+    res : MeregressResults
+        A fitted model.
+    param : str, tuple or int, optional
+        The variance component, as :meth:`MeregressResults.profile` takes it.
+    n : int
+        Number of grid points.
+    level : float
+        Level of the interval, in percent.
+    ax : matplotlib.axes.Axes, optional
+        Axes to draw into.
+    figsize : tuple
+        Size of a new figure.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+
+    Examples
+    --------
+    >>> import mlmeta
+    >>> from mlmeta import plots
+    >>> df = mlmeta.datasets.load("schoolcal")
+    >>> res = mlmeta.meregress("stdmdiff ~ 1 + (1 | district) + (1 | district:school)",
+    ...                        df, variance="var")
+    >>> fig = plots.profile_plot(res, "district", n=10)
+    >>> fig.axes[0].get_ylabel()
+    'restricted log-likelihood'
+    """
     prof = res.profile(param, n=n)
     group, label = prof.attrs["param"]
     cut = prof.attrs["llf_max"] - 0.5 * stats.chi2.ppf(level / 100.0, 1)
