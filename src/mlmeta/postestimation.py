@@ -597,7 +597,7 @@ class PostestimationMixin:
     def t_test(self, hypotheses=None, level: float = 95.0, rhs=None) -> pd.DataFrame:
         """t tests of the coefficients, or of linear hypotheses ``L beta = r``.
 
-        Without ``hypotheses``: the coefficient table, t = b / se, p = 2 P(T_df > |t|),
+        Without ``hypotheses``: the coefficient table, t = b / se, p = 2 P(T_df > ``|t|``),
         CI = b -+ t_{df, 1-alpha/2} se. With ``hypotheses`` (text such as
         ``"x = 0"`` or ``"x1 - x2 = 0.5"``, a list of such strings, or a matrix L with
         ``rhs``; as :meth:`wald_test`): one row per hypothesis with ``coef`` = L b,

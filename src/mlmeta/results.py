@@ -439,7 +439,7 @@ class MeregressResults(PostestimationMixin):
         """Permutation test of the moderators (metafor's ``permutest``).
 
         The rows of the moderators are permuted, the model refitted, and the observed
-        omnibus Wald statistic Q_M and each |z| compared with their permutation
+        omnibus Wald statistic Q_M and each ``|z|`` compared with their permutation
         distributions: ``p = (1 + #{T* >= T}) / (n + 1)``.
 
         Parameters

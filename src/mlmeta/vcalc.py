@@ -120,10 +120,12 @@ def vcalc(variance, cluster, rho=None, obs=None, type=None, time=None, phi=None,
         Cluster labels (e.g. study); rows of different clusters are independent.
     rho : float, tuple, dict, array-like or DataFrame, optional
         Correlation of concurrent estimates (formula in the module docstring):
+
         * without ``type``: a scalar, or per observation pair (see below);
         * with ``type``: the between-type correlation (scalar or per type pair),
           or ``(within, between)`` -- a pair of such specs, as metafor's
           ``rho = c(within, between)`` with ``type=`` and ``obs=``.
+
         Per-pair specs: a labelled DataFrame, a dict ``{("PD", "AL"): 0.4}``, or
         a square array ordered like the sorted labels. Values in (-1, 1).
     obs, type, time, subgroup : str or array-like, optional
