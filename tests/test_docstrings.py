@@ -1,7 +1,8 @@
 """The public API's docstrings: their examples run (doctest) and every public function
 and class has the numpydoc sections the API reference promises.
 
-The same examples run with ``python -m pytest --doctest-modules --pyargs mlmeta``.
+With an editable install the same examples run with
+``python -m pytest --doctest-modules src/mlmeta``.
 """
 
 import doctest
@@ -10,8 +11,6 @@ import inspect
 import re
 
 import pytest
-
-import mlmeta
 
 PUBLIC_MODULES = ["mlmeta", "mlmeta.datasets", "mlmeta.plots", "mlmeta.simulate", "mlmeta.simstudy"]
 # modules whose docstrings hold the examples of the public names (where they are defined)
