@@ -18,7 +18,7 @@ EXAMPLE_MODULES = [
     "mlmeta", "mlmeta.api", "mlmeta.mixed", "mlmeta.batch", "mlmeta.results",
     "mlmeta.postestimation", "mlmeta.robust", "mlmeta.vcalc", "mlmeta.compare", "mlmeta.ols",
     "mlmeta.twostage", "mlmeta.satterthwaite", "mlmeta.datasets",
-    "mlmeta.plots", "mlmeta.simulate", "mlmeta.simstudy", "mlmeta._errors",
+    "mlmeta.plots", "mlmeta.simulate", "mlmeta.simstudy", "mlmeta._errors", "mlmeta.marginal_means",
 ]
 FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 

@@ -213,14 +213,13 @@ def test_group_codes_with_repeated_inner_ids(schools):
     np.testing.assert_array_equal(same.groups[1], mf.groups[1])
 
 
-def test_nesting_violation_message(schools):
-    msg = (
-        r"grouping 'school' is not nested within 'district': 3 school groups span several "
-        r"district groups\. Crossed random effects are not supported yet\. If ids are local to each "
-        r"outer group, write the inner term as \(1 \| district:school\) or \(1 \| district/school\)\."
-    )
-    with pytest.raises(ValueError, match=msg):
-        frame("y ~ x + (1 | district) + (1 | school)", schools)
+def test_repeating_inner_ids_are_crossed_with_a_note(schools):
+    mf = frame("y ~ x + (1 | district) + (1 | school)", schools)
+    assert mf.n_tree == 1 and mf.nesting == [None, "crossed"]
+    assert [t.group for t in mf.terms] == ["district", "school"]
+    assert len(mf.crossing) == 1
+    assert "school is crossed with district" in mf.crossing[0]
+    assert "| district:school" in mf.crossing[0]
 
 
 def test_nesting_with_unique_inner_ids(schools):

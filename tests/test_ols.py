@@ -124,7 +124,7 @@ def test_errors_and_summary():
     res = ols("DV ~ IV1 + IV2", dat, cluster="Group")
     text = res.summary().as_text()
     assert "Clusters (Group)" in text and "df = J - p = 3" in text and "IV1" in text
-    assert "<pre>" in res.summary()._repr_html_()
+    assert "<table" in res.summary()._repr_html_() and "IV1" in res.summary()._repr_html_()
     plain = ols("DV ~ IV1 + IV2", dat)
     assert "Classical standard errors" in str(plain.summary())
     assert 0 < plain.rsquared < 1

@@ -345,7 +345,9 @@ def test_mixed_model_uses_absolute_variances(schoolcal):
     with pytest.raises(ValueError, match="known sampling variances"):
         m.heterogeneity()
     with pytest.raises(ValueError, match="known sampling variances"):
-        m.profile_ci()
+        m.profile()
+    # profile intervals on the SD scale, sigma included (lme4's; tested in test_mixed_profile)
+    assert list(m.profile_ci().param) == ["sd(_cons)", "sd(Residual)"]
 
 
 # -- profile likelihood of correlated random effects (Berkey et al. 1998) -------------

@@ -5,6 +5,7 @@ needed to run these tests. Fits are compared first (mlmeta's REML optimum and
 metafor's agree to ~1e-8), then the robust quantities within 1e-6 relative.
 """
 
+import copy
 import numpy as np
 import pytest
 from scipy import sparse
@@ -378,8 +379,13 @@ def test_cluster_forms(fitted):
     for other in (b, c, d):
         np.testing.assert_allclose(a.bse, other.bse, rtol=1e-12)
     assert a.n_clusters == 11 and a.cluster_name == "district"
-    with pytest.raises(ValueError, match="pass data="):
+    # the results keep their data: a column of it names the clusters (not nested here)
+    with pytest.raises(ValueError, match="not nested within the robust clusters"):
         robust(res, cluster="school")
+    bare = copy.copy(res)
+    bare.data = None
+    with pytest.raises(ValueError, match="pass data="):
+        robust(bare, cluster="school")
     with pytest.raises(ValueError, match="values"):
         robust(res, cluster=np.arange(5))
 

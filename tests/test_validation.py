@@ -60,29 +60,21 @@ def test_one_row_per_group_refused_like_lme4(penicillin):
     assert np.isfinite(res.llf)
 
 
-def test_crossed_advice_suggests_only_identifiable_models(penicillin):
-    with pytest.raises(ValueError) as err:
-        mlmeta.mixed("diameter ~ 1 + (1 | plate) + (1 | sample)", penicillin)
-    msg = str(err.value)
-    assert "Crossed random effects are not supported yet" in msg
-    assert "no substitute" in msg and "(1 | plate) or (1 | sample)" in msg
-    assert "write the inner term" not in msg
-    # the models it suggests fit, with lme4's estimates
+def test_penicillin_crossed_fits_and_one_factor_model_matches_lme4(penicillin):
+    res = mlmeta.mixed("diameter ~ 1 + (1 | plate) + (1 | sample)", penicillin)
+    assert res.converged and list(res.groups.nesting) == ["top", "crossed"]
     ll, s2 = LME4["plate_only"]["loglik_reml"], LME4["plate_only"]["sigma2"]
     res = mlmeta.mixed("diameter ~ 1 + (1 | plate)", penicillin)
     assert res.llf_lme4 == pytest.approx(ll, abs=1e-5)
     assert res.scale == pytest.approx(s2, rel=1e-5)
-    # a meta-regression (known variances) may use the nested term: the advice names it
-    with pytest.raises(ValueError, match=r"write the inner term as \(1 \| plate:sample\)"):
-        mlmeta.meregress("diameter ~ 1 + (1 | plate) + (1 | sample)", penicillin.assign(v=1.0),
-                         variance="v")
 
 
-def test_crossed_advice_with_replicates_keeps_nested_suggestion():
+def test_repeated_local_ids_are_crossed_and_the_note_says_how_to_nest():
     d = _grouped(per_group=8).assign(c=np.tile(np.repeat([0, 1, 2, 3], 2), 10))
-    with pytest.raises(ValueError, match=r"If ids are local to each outer group, write the inner "
-                                         r"term as \(1 \| g:c\) or \(1 \| g/c\)\."):
-        mlmeta.mixed("y ~ 1 + (1 | g) + (1 | c)", d)
+    res = _quiet(mlmeta.mixed, "y ~ 1 + (1 | g) + (1 | c)", d)
+    assert any("write the term with | g:c" in n for n in res.notes)
+    nested = _quiet(mlmeta.mixed, "y ~ 1 + (1 | g) + (1 | g:c)", d)
+    assert not any("crossed" in n for n in nested.notes)
 
 
 def test_groups_with_single_rows_but_fewer_groups_than_rows_are_fitted():

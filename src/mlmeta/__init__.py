@@ -12,6 +12,7 @@ from mlmeta._errors import BoundaryWarning, ConvergenceWarning, MissingDataWarni
 from mlmeta.api import meregress, multilevel, sensitivity
 from mlmeta.batch import BatchResults, Model, fit_batch
 from mlmeta.compare import compare, estimates_table, lrtest
+from mlmeta.marginal_means import EMMeans, emmeans
 from mlmeta.mixed import MixedResults, mixed
 from mlmeta.ols import OLSResults, ols
 from mlmeta.satterthwaite import satterthwaite_df
@@ -40,6 +41,6 @@ __all__ = [
     "meregress", "multilevel", "sensitivity", "mixed", "MeregressResults", "MixedResults",
     "ols", "OLSResults", "two_stage", "TwoStageResults", "satterthwaite_df", "simulate",
     "simstudy", "Model", "fit_batch", "BatchResults", "lrtest", "compare", "estimates_table",
-    "robust", "cluster_robust", "RobustResults", "vcalc", "datasets",
+    "robust", "cluster_robust", "RobustResults", "vcalc", "datasets", "emmeans", "EMMeans",
     "MissingDataWarning", "ConvergenceWarning", "BoundaryWarning", "__version__",
 ]

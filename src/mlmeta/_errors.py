@@ -1,6 +1,11 @@
-"""Warning classes shared across mlmeta."""
+"""Warning classes shared across mlmeta, and :func:`warn`, which points every warning
+mlmeta raises at the user's line."""
 
-__all__ = ["MissingDataWarning", "ConvergenceWarning", "BoundaryWarning"]
+import os
+import sys
+import warnings
+
+__all__ = ["MissingDataWarning", "ConvergenceWarning", "BoundaryWarning", "warn"]
 
 
 class MissingDataWarning(UserWarning):
@@ -61,3 +66,20 @@ class BoundaryWarning(UserWarning):
     >>> [str(w.message) for w in caught if w.category is mlmeta.BoundaryWarning]
     ['singular fit: estimates on the boundary of the parameter space: corr(IV1,_cons) at level Group is +1']
     """
+
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _inside(filename: str) -> bool:
+    return os.path.abspath(filename).startswith(_PACKAGE)
+
+
+def warn(message, category=UserWarning) -> None:
+    """``warnings.warn`` attributed to the user's line: the stack level is that of the
+    first frame outside the mlmeta package, however deep inside mlmeta the warning is
+    raised (``meregress`` -> model frame, ``Model`` -> ``build_model`` -> ...)."""
+    frame, level = sys._getframe(0), 1
+    while frame is not None and _inside(frame.f_code.co_filename):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)

@@ -8,12 +8,11 @@ design -> build the objective -> optimise -> results.
 from __future__ import annotations
 
 import re
-import warnings
 
 import numpy as np
 from scipy import sparse
 
-from mlmeta._errors import BoundaryWarning, ConvergenceWarning
+from mlmeta._errors import BoundaryWarning, ConvergenceWarning, warn
 from mlmeta.constraints import parse_constraints
 from mlmeta.covstruct import make_structure
 from mlmeta.design import build_design
@@ -153,7 +152,7 @@ def build_model(formula, data, *, se=None, variance=None, V=None, method="reml",
     if frame.y.shape[0] <= X.shape[1]:
         raise ValueError(f"{frame.y.shape[0]} observations for {X.shape[1]} fixed effects: at "
                          f"least one more observation than fixed effects is needed")
-    design = build_design(y, X, frame.Z, frame.groups, v, V=Vm)
+    design = build_design(y, X, frame.Z, frame.groups, v, V=Vm, n_tree=frame.n_tree)
     model = NestedModel(design, structs, method, fe_constraints=fc,
                         cluster_labels=(frame.terms[0].group, frame.group_labels[0]))
     return model, frame, parsed
@@ -190,10 +189,15 @@ def meregress(formula, data, *, se=None, variance=None, V=None, method="reml", c
     formula : str
         ``"y ~ x1 + x2 + (1 + x1 || district) + (1 | district:school)"``. Fixed part
         in formulaic syntax (factors, interactions, ``0 +``); random terms as lme4
-        bars, outermost level first, each nested in the one before it: ``|``
-        correlated (unstructured), ``||`` independent, ``0 +`` no random intercept,
-        ``(1 | a/b)`` = ``(1 | a) + (1 | a:b)``. The intercept is reported as
-        ``_cons``, after the moderators.
+        bars: ``|`` correlated (unstructured), ``||`` independent, ``0 +`` no random
+        intercept, ``(1 | a/b)`` = ``(1 | a) + (1 | a:b)``. Grouping terms are nested
+        when their ids say so (every group of one lies inside a group of another) and
+        crossed otherwise, as in lme4 and metafor: ``(1 | study/esid) + (1 | species)``
+        nests effect sizes in studies and crosses species with both; the summary's
+        "Crossed:" line names the crossed terms. Ids that repeat across outer groups
+        (school 1 in every district) must be nested explicitly
+        (``(1 | district/school)``), or they are read as one crossed group. The
+        intercept is reported as ``_cons``, after the moderators.
     data : pandas.DataFrame or dict of columns
         The data, one row per effect size.
     se, variance : str or array-like, optional
@@ -246,9 +250,9 @@ def meregress(formula, data, *, se=None, variance=None, V=None, method="reml", c
     ------
     ValueError
         For a formula without a random-effects term, unknown columns, non-positive
-        or infinite sampling variances, crossed (non-nested) grouping, a ``V`` that
-        is not symmetric or not block-diagonal within the outermost level, a
-        covariance structure for an unknown term, or too few observations.
+        or infinite sampling variances, a ``V`` that is not symmetric or not
+        block-diagonal within the outermost level, a covariance structure for an
+        unknown term, or too few observations.
 
     Warns
     -----
@@ -303,19 +307,18 @@ def meregress(formula, data, *, se=None, variance=None, V=None, method="reml", c
                                        method=method, covariance=covariance,
                                        constraints=constraints, collinear=collinear)
     for note in frame.notes:
-        warnings.warn(note, UserWarning, stacklevel=2)
+        warn(note, UserWarning)
     record = fit_nested(model, em_iter=em_iter, em_tol=em_tol, em_only=em_only,
                         maxiter=maxiter, tol=tol, safeguard=safeguard, verbose=verbose)
     res = MeregressResults(model, frame, record, depvar=parsed.response,
                            sampling="se" if se is not None else ("V" if V is not None else "variance"),
                            options={"formula": formula, "em_iter": em_iter, "tol": tol,
-                                    "test": test, "dfs": dfs})
+                                    "test": test, "dfs": dfs}, data=data)
     if not res.converged:
-        warnings.warn("the optimiser did not converge; see res.fit_record.messages",
-                      ConvergenceWarning, stacklevel=2)
+        warn("the optimiser did not converge; see res.fit_record.messages", ConvergenceWarning)
     if res.boundary:
-        warnings.warn("estimates on the boundary of the parameter space: " + "; ".join(res.boundary),
-                      BoundaryWarning, stacklevel=2)
+        warn("estimates on the boundary of the parameter space: " + "; ".join(res.boundary),
+             BoundaryWarning)
     return res
 
 

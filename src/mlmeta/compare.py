@@ -46,7 +46,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
-from mlmeta.summary import abbrev, fmt_g
+from mlmeta.summary import Display, Section, Table, abbrev, factor_level, fmt_g
 
 __all__ = ["lrtest", "LRTest", "compare", "estimates_table", "EstimatesTable"]
 
@@ -123,9 +123,12 @@ def _same_fixed_part(a, b):
     return Xa.shape == Xb.shape and np.allclose(Xa.values, Xb.values, rtol=1e-12, atol=0)
 
 
-@dataclass
-class LRTest:
-    """Result of :func:`lrtest`; prints as Stata's ``lrtest``.
+@dataclass(repr=False)
+class LRTest(Display):
+    """Result of :func:`lrtest`; prints (and shows at the REPL) as Stata's ``lrtest``.
+
+    ``as_html()``, ``as_markdown()`` and ``as_latex()`` render the same test as a
+    table with its notes.
 
     Attributes
     ----------
@@ -165,18 +168,29 @@ class LRTest:
     names: tuple
     notes: list = field(default_factory=list)
 
-    def __str__(self):
+    def as_text(self) -> str:
         full, reduced = self.names
         out = ["Likelihood-ratio test", f"Assumption: {reduced} nested within {full}", "",
                f"{f'LR chi2({self.df})':>14} = {self.statistic:8.2f}",
                f"{'Prob > chi2':>14} = {self.pvalue:8.4f}"]
         if self.pvalue_mixture is not None:
             out.append(f"{'Prob > chibar2':>14} = {self.pvalue_mixture:8.4f}   "
-                       f"(50:50 mixture of chi2({self.df - 1}) and chi2({self.df}))")
+                       f"({self._mixture()})")
         out.append("")
         for note in self.notes:
             out += _wrap(note)
         return "\n".join(out)
+
+    def _mixture(self) -> str:
+        return f"50:50 mixture of chi2({self.df - 1}) and chi2({self.df})"
+
+    def tables(self) -> list[Table]:
+        full, reduced = self.names
+        rows = [[f"LR chi2({self.df})", f"{self.statistic:.2f}"], ["Prob > chi2", f"{self.pvalue:.4f}"]]
+        if self.pvalue_mixture is not None:
+            rows.append([f"Prob > chibar2 ({self._mixture()})", f"{self.pvalue_mixture:.4f}"])
+        notes = [f"Assumption: {reduced} nested within {full}."] + list(self.notes)
+        return [Table(["", ""], rows, "Likelihood-ratio test", notes)]
 
 
 def lrtest(full, reduced, names=("full", "reduced")) -> LRTest:
@@ -349,9 +363,13 @@ def _formatter(fmt):
 _STATS = {"b": "coefficient", "se": "standard error", "z": "z statistic", "p": "p-value"}
 
 
-@dataclass
-class EstimatesTable:
+@dataclass(repr=False)
+class EstimatesTable(Display):
     """Side-by-side estimates (:func:`estimates_table`).
+
+    ``str()`` (and the REPL) renders Stata's layout; ``as_html()``, ``as_markdown()``
+    and ``as_latex()`` the same table with labels in full (factors and random-effects
+    equations as sections, the model statistics after the estimates).
 
     Attributes
     ----------
@@ -380,6 +398,15 @@ class EstimatesTable:
     variable stat
     _cons    b     0.1847  0.196
              se    0.0846  0.090
+    >>> print(tab.as_markdown())
+    **Estimates**
+    <BLANKLINE>
+    | Variable | three | two |
+    |:---|---:|---:|
+    | \\_cons | .1847132 | .1960299 |
+    | (se) | .0845559 | .0899834 |
+    <BLANKLINE>
+    Legend: b/se
     """
 
     table: pd.DataFrame
@@ -388,7 +415,7 @@ class EstimatesTable:
     fmt: str
     equations: dict = field(default_factory=dict)     # variable -> (equation, name)
 
-    def __str__(self):
+    def as_text(self) -> str:
         width, f = _formatter(self.fmt)
         models = list(self.table.columns)
         names = [self.equations.get(v, (None, v))[1] for v in self.table.index.get_level_values(0)]
@@ -414,6 +441,24 @@ class EstimatesTable:
         out.append("-" * len(line))
         out.append(f"{'Legend: ' + '/'.join(self.stats):>{len(line)}}")
         return "\n".join(out)
+
+    def tables(self) -> list[Table]:
+        """One row per (variable, statistic), labels in full: equations (random=True)
+        and factors as sections, the scalars after the estimates."""
+        _, f = _formatter(self.fmt)
+        rows, section = [], None
+        for (var, st), row in self.table.iterrows():
+            v_eq, name = self.equations.get(var, (None, var))
+            head, lab = (v_eq, name) if self.equations else factor_level(name)
+            if st == self.stats[0] and head is not None and head != section:
+                rows.append(Section(head))
+            if st == self.stats[0]:
+                section = head
+            label = lab if st == self.stats[0] else f"({st})"
+            rows.append([label] + [f(v) if np.isfinite(v) else "" for v in row.values])
+        rows += [[name] + [fmt_g(v, 9) for v in row.values] for name, row in self.scalars.iterrows()]
+        return [Table(["Variable", *self.table.columns], rows, "Estimates",
+                      ["Legend: " + "/".join(self.stats)])]
 
 
 def estimates_table(*results, names=None, keep=None, stats=("b", "se"), fmt="%9.0g",

@@ -51,6 +51,12 @@ class NestedDesign:
     B, b0 : the working basis: the coefficients of X are beta = B beta~ + b0 where
         beta~ are those of (Xw, yw) (for another outcome, not shifted by X b0: B beta~).
     logdet_XtX_work : log|B' X'X B|, the REML constant in the working basis.
+    n_tree : the levels of the nested tree (the first ``n_tree`` terms, outermost first);
+        the levels after them are crossed with the tree (their ``groups`` are codes in
+        label order, their ``group_start`` and ``node_of_group`` are None).
+    border : for crossed levels, the engine's border pieces (see
+        :class:`mlmeta._core._engine.Problem`): ``n_tree``, ``b_off``, ``cmap_ptr``,
+        ``bmap``, ``S0``; None for a nested design.
     """
 
     perm: np.ndarray
@@ -74,6 +80,8 @@ class NestedDesign:
     B: np.ndarray | None = None
     b0: np.ndarray | None = None
     logdet_XtX_work: float = 0.0
+    n_tree: int = 0
+    border: dict | None = None
 
     @property
     def n_obs(self) -> int:
@@ -90,6 +98,15 @@ class NestedDesign:
     @property
     def n_clusters(self) -> int:
         return self.n_groups[0]
+
+    @property
+    def crossed(self) -> bool:
+        """Whether some levels are crossed with the nested tree."""
+        return self.border is not None
+
+    def group_sizes(self, lvl: int) -> np.ndarray:
+        """Rows per group of level ``lvl`` (group code order)."""
+        return np.bincount(self.groups[lvl], minlength=self.n_groups[lvl])
 
 
 def _contiguous_codes(codes_sorted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -120,9 +137,10 @@ def _cross_sums(U: np.ndarray, W: np.ndarray, starts: np.ndarray, gsel: np.ndarr
     return out
 
 
-def _whiten_blocks(Vs, starts, rows_sel, Zs, Xs, ys):
+def _whiten_blocks(Vs, starts, rows_sel, Zs, Xs, ys, factors=None):
     """Whiten rows ``starts[g]:starts[g+1]`` for each selected block g by L^-1,
-    L = chol(V block); returns the sum of log|V block| and the failing block or -1."""
+    L = chol(V block); returns the sum of log|V block| and the failing block or -1.
+    ``factors`` (a list) collects (first row, last row + 1, L) of each block."""
     logdet = 0.0
     for g in rows_sel:
         a, b = int(starts[g]), int(starts[g + 1])
@@ -132,6 +150,8 @@ def _whiten_blocks(Vs, starts, rows_sel, Zs, Xs, ys):
         except np.linalg.LinAlgError:
             return logdet, g
         logdet += 2.0 * float(np.sum(np.log(np.diag(Lc))))
+        if factors is not None:
+            factors.append((a, b, Lc))
         for M in Zs + [Xs, ys]:
             M[a:b] = linalg.solve_triangular(Lc, M[a:b], lower=True)
     return logdet, -1
@@ -163,7 +183,64 @@ def _logdet_gram(X) -> float:
     return 2.0 * float(np.sum(np.log(np.abs(np.diag(R)))))
 
 
-def build_design(y, X, Z, groups, variance=None, V=None) -> NestedDesign:
+def _border(Z_c, codes_c, q_c, whiten, A, top_of_row, n_clusters):
+    """The crossed levels' border: their whitened columns as one sparse n x nb matrix
+    (level by level, group by group; ``whiten`` is Lambda^-1/2 as a sparse operator, as
+    a coupled block mixes rows of different crossed groups), each top-level cluster's
+    border columns, and S0.
+
+    Returns (Zc, b_off, cmap_ptr, bmap, local_pos, m): ``bmap[cmap_ptr[j]:cmap_ptr[j+1]]``
+    lists cluster j's border columns (sorted) then ``nb + 0..ncol-1``; ``local_pos(j, c)``
+    maps (cluster, border column) pairs to their local column."""
+    n = A.shape[0]
+    ncol = A.shape[1]
+    G = [int(c.max()) + 1 for c in codes_c]
+    b_off = np.concatenate([[0], np.cumsum([g * q for g, q in zip(G, q_c)])]).astype(np.intp)
+    nb = int(b_off[-1])
+    rows, cols, vals = [], [], []
+    for Zl, cl, ql, o in zip(Z_c, codes_c, q_c, b_off):
+        for i in range(ql):
+            rows.append(np.arange(n))
+            cols.append(o + cl * ql + i)
+            vals.append(Zl[:, i])
+    rows, cols, vals = np.concatenate(rows), np.concatenate(cols), np.concatenate(vals)
+    Zc = sparse.csc_matrix(whiten @ sparse.csr_matrix((vals, (rows, cols)), shape=(n, nb)))
+    rows, cols = Zc.nonzero()
+    # cluster j's border columns: the pattern of Cl' Zc (structural, zeros included)
+    pattern = sparse.csr_matrix((np.ones(rows.shape[0]), (top_of_row[rows], cols)),
+                                shape=(n_clusters, nb))
+    pattern.sum_duplicates()
+    pattern.sort_indices()
+    m = np.diff(pattern.indptr)
+    cmap_ptr = np.concatenate([[0], np.cumsum(m + ncol)]).astype(np.intp)
+    bmap = np.empty(int(cmap_ptr[-1]), dtype=np.intp)
+    pos_in_map = cmap_ptr[:-1][np.repeat(np.arange(n_clusters), m)] + (
+        np.arange(pattern.indices.shape[0]) - np.repeat(pattern.indptr[:-1], m))
+    bmap[pos_in_map] = pattern.indices
+    tail = cmap_ptr[:-1][:, None] + m[:, None] + np.arange(ncol)[None, :]
+    bmap[tail.ravel()] = (nb + np.tile(np.arange(ncol), n_clusters))
+    key_sorted = np.repeat(np.arange(n_clusters), m).astype(np.int64) * nb + pattern.indices
+
+    def local_pos(j, c):
+        k = np.searchsorted(key_sorted, np.asarray(j, dtype=np.int64) * nb + c)
+        return k - pattern.indptr[j]
+
+    return Zc, b_off, cmap_ptr, bmap, local_pos, m
+
+
+def _gram(Zc, A) -> np.ndarray:
+    """S0 = [Zc, A]' [Zc, A] (dense, column-major)."""
+    nb, ncol = Zc.shape[1], A.shape[1]
+    ZcA = Zc.T @ A
+    S0 = np.empty((nb + ncol, nb + ncol), order="F")
+    S0[:nb, :nb] = (Zc.T @ Zc).toarray()
+    S0[:nb, nb:] = ZcA
+    S0[nb:, :nb] = ZcA.T
+    S0[nb:, nb:] = A.T @ A
+    return S0
+
+
+def build_design(y, X, Z, groups, variance=None, V=None, n_tree=None) -> NestedDesign:
     """Sort rows by cluster and precompute the nested kernel's blocks.
 
     Parameters
@@ -176,14 +253,19 @@ def build_design(y, X, Z, groups, variance=None, V=None) -> NestedDesign:
         within top-level clusters; replaces ``variance``. Rows are whitened by the
         Cholesky factor of each block: within a deepest-level group when the block
         stays inside one, otherwise the cluster becomes one dense node.
+    n_tree : the first ``n_tree`` levels form the nested tree; the others are crossed
+        with it (any codes), fitted through the engine's border. Default: all levels.
     """
     y = np.asarray(y, dtype=np.float64)
     X = np.asarray(X, dtype=np.float64)
     n = y.shape[0]
-    L = len(Z)
-    if L != len(groups):
+    L_all = len(Z)
+    if L_all != len(groups):
         raise ValueError("one group code array is needed per random-effects level")
-    keys = [np.asarray(g) for g in groups]
+    L = L_all if n_tree is None else int(n_tree)
+    if not 1 <= L <= L_all:
+        raise ValueError("n_tree must be between 1 and the number of levels")
+    keys = [np.asarray(g) for g in groups[:L]]
     perm = np.lexsort(keys[::-1]) if L else np.arange(n)
     in_order = bool(np.all(perm[1:] > perm[:-1]))   # rows already sorted: no copies to take
     y_s = y if in_order else y[perm]
@@ -207,6 +289,7 @@ def build_design(y, X, Z, groups, variance=None, V=None) -> NestedDesign:
 
     # whitening: diagonal rows scaled; coupled blocks by their Cholesky factor
     Vs = None
+    factors = []          # (a, b, L) of the coupled blocks
     merged = np.zeros(n_groups[0], dtype=bool)
     Zw = [z.copy() for z in Z_s]
     A = np.empty((n, X_s.shape[1] + 1), order="F")      # A = [Xw, yw] (whitened), one buffer
@@ -254,10 +337,11 @@ def build_design(y, X, Z, groups, variance=None, V=None) -> NestedDesign:
             yw[plain] *= w[plain]
             logdet_Lambda = float(np.sum(np.log(var_s[plain])))
         if Vs is not None:
-            ld, fail = _whiten_blocks(Vs, starts[-1], coupled_leaf, Zw, Xw, yw)
+            ld, fail = _whiten_blocks(Vs, starts[-1], coupled_leaf, Zw, Xw, yw, factors)
             bad_top = top_of_row[starts[-1][fail]] if fail >= 0 else -1
             if bad_top < 0:
-                ld2, bad_top = _whiten_blocks(Vs, starts[0], np.flatnonzero(merged), Zw, Xw, yw)
+                ld2, bad_top = _whiten_blocks(Vs, starts[0], np.flatnonzero(merged), Zw, Xw, yw,
+                                              factors)
                 ld += ld2
             if bad_top >= 0:
                 j = int(bad_top)
@@ -346,15 +430,40 @@ def build_design(y, X, Z, groups, variance=None, V=None) -> NestedDesign:
         nq[a] = pos
         merged_layout[a] = (a0, b0, cols)
 
-    # block sizes and pointers
+    # crossed levels: the border's columns and each cluster's local columns
+    border = None
     ncol = X.shape[1] + 1
-    anc_sum = np.concatenate([[0], np.cumsum(q)])         # sum of q over levels < l
+    width = np.full(n_groups[0], ncol, dtype=np.intp)
+    if L < L_all:
+        codes_c = [np.unique(np.asarray(g) if in_order else np.asarray(g)[perm], return_inverse=True)[1]
+                   .astype(np.intp) for g in groups[L:]]
+        whiten = sparse.diags(w if var_s is not None else np.ones(n))
+        if factors:
+            whiten = whiten.tolil()
+            for a, b, Lc in factors:
+                whiten[a:b, a:b] = linalg.solve_triangular(Lc, np.eye(b - a), lower=True)
+        Zc, b_off_c, cmap_ptr, bmap, local_pos, m_local = _border(Z_s[L:], codes_c, q[L:],
+                                                                whiten.tocsr(), A, top_of_row,
+                                                                n_groups[0])
+        width = m_local + ncol
+        codes += codes_c
+        n_groups += [int(c.max()) + 1 for c in codes_c]
+        starts += [None] * (L_all - L)
+        node_of_group += [None] * (L_all - L)
+        offset_of_group += [None] * (L_all - L)
+        b_off = np.full(L_all, -1, dtype=np.intp)
+        b_off[L:] = b_off_c[:-1]
+        border = dict(n_tree=L, b_off=b_off, cmap_ptr=cmap_ptr, bmap=bmap, S0=None)
+
+    # block sizes and pointers (a node's ZA block: its cluster's local columns, then A)
+    anc_sum = np.concatenate([[0], np.cumsum(q[:L])])     # sum of q over levels < l
     zz_size = nq * (anc_sum[level] + nq)           # merged nodes are top-level: nq * nq
-    za_size = nq * ncol
+    za_size = nq * width[cluster_of_node]
     zz_ptr = np.concatenate([[0], np.cumsum(zz_size)]).astype(np.intp)
     za_ptr = np.concatenate([[0], np.cumsum(za_size)]).astype(np.intp)
     ZZ = np.empty(zz_ptr[-1])
-    ZA = np.empty(za_ptr[-1])
+    ZA = np.zeros(za_ptr[-1])
+    a_start = (width - ncol)[cluster_of_node] * nq         # where A's columns start in a ZA block
 
     buf = np.empty(n)
     for lvl in range(L):
@@ -367,8 +476,20 @@ def build_design(y, X, Z, groups, variance=None, V=None) -> NestedDesign:
         idx = zz_ptr[nodes][:, None] + np.arange(packed.shape[1])[None, :]
         ZZ[idx] = packed
         B = _cross_sums(Zw[lvl], A, starts[lvl], gsel, buf)
-        idx = za_ptr[nodes][:, None] + np.arange(B.shape[1])[None, :]
+        idx = (za_ptr[nodes] + a_start[nodes])[:, None] + np.arange(B.shape[1])[None, :]
         ZA[idx] = B
+        if border is not None:      # Z~_a' Z~_c at the cluster's local columns
+            ql = q[lvl]
+            r = np.arange(n)
+            Zt = sparse.csr_matrix((Zw[lvl].ravel(), (np.repeat(r, ql), (codes[lvl][:, None] * ql
+                                    + np.arange(ql)[None, :]).ravel())), shape=(n, n_groups[lvl] * ql))
+            prod = (Zt.T @ Zc).tocoo()
+            g, i = prod.row // ql, prod.row % ql
+            sel = keep[lvl][g] if lvl else ~merged[g]
+            g, i, c, v = g[sel], i[sel], prod.col[sel], prod.data[sel]
+            node = node_of_group[lvl][g]
+            j = top_of_row[starts[lvl][g]]
+            ZA[za_ptr[node] + i + local_pos(j, c) * ql] = v
     for a, (a0, b0, cols) in merged_layout.items():
         Zf = np.zeros((b0 - a0, nq[a]))
         for lvl, g, pos in cols:
@@ -377,7 +498,14 @@ def build_design(y, X, Z, groups, variance=None, V=None) -> NestedDesign:
         Lc = np.linalg.cholesky(Vs[a0:b0, a0:b0].toarray())
         Zt = linalg.solve_triangular(Lc, Zf, lower=True)
         ZZ[zz_ptr[a]:zz_ptr[a + 1]] = (Zt.T @ Zt).ravel(order="F")
-        ZA[za_ptr[a]:za_ptr[a + 1]] = (Zt.T @ A[a0:b0]).ravel(order="F")
+        Mj = A[a0:b0]
+        if border is not None:
+            j = int(top_of_row[a0])
+            mine = bmap[cmap_ptr[j]:cmap_ptr[j + 1] - ncol]
+            Mj = np.hstack([Zc[a0:b0][:, mine].toarray(), Mj])
+        ZA[za_ptr[a]:za_ptr[a + 1]] = (Zt.T @ Mj).ravel(order="F")
+    if border is not None:
+        border["S0"] = _gram(Zc, A)
     AA = A.T @ A
     kernel = NestedKernel(np.asarray(q, dtype=np.intp), level, parent, zz_ptr, za_ptr,
                           cluster_ptr, ZZ, ZA, AA, nq=nq,
@@ -388,4 +516,4 @@ def build_design(y, X, Z, groups, variance=None, V=None) -> NestedDesign:
                         node_of_group=node_of_group, kernel=kernel,
                         logdet_Lambda=logdet_Lambda, logdet_XtX=float(logdet_XtX), q=q,
                         offset_of_group=offset_of_group, Lambda=Vs, Xw=Xw, yw=yw, B=B_fe, b0=b0_fe,
-                        logdet_XtX_work=logdet_XtX_work)
+                        logdet_XtX_work=logdet_XtX_work, n_tree=L, border=border)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import re
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -30,7 +29,8 @@ from formulaic.formula import SimpleFormula
 from formulaic.transforms import TRANSFORMS
 from formulaic.utils.variables import get_required_variables
 
-from mlmeta._errors import MissingDataWarning
+from mlmeta._errors import MissingDataWarning, warn
+from mlmeta.nesting import crossing_notes, tree_order
 from mlmeta.validate import aligned, reserved_name
 
 __all__ = ["RandomTerm", "ParsedFormula", "ModelFrame", "parse_formula", "build_model_frame"]
@@ -130,7 +130,15 @@ class ModelFrame:
         re_specs: formulaic ModelSpec of each random term's rhs.
         omitted: fixed-effect columns omitted because of collinearity (Stata's rule:
             a column that is a linear combination of earlier ones is dropped).
-        notes: messages about the frame (omitted columns).
+        notes: messages about the frame (omitted columns, crossed terms).
+        n_tree: the first ``n_tree`` terms form a chain, each nested in the one before
+            (the engine's tree); the others are crossed with it (:mod:`mlmeta.nesting`).
+            Terms are reordered so: the chain first (outermost first), then the crossed
+            terms in formula order.
+        nesting: per term, the group of the term it is nested in, None for the top of
+            the chain, or "crossed".
+        crossing: notes on crossed terms listed after a term they are not nested in (ids
+            that repeat across outer groups: nested only if written ``a:b``).
     """
 
     y: np.ndarray
@@ -150,6 +158,9 @@ class ModelFrame:
     omitted: list = field(default_factory=list)
     notes: list = field(default_factory=list)
     data_index: object = None       # index of the data's rows (per-row outputs use it)
+    n_tree: int = 0                 # the first n_tree terms are nested (the tree); the rest crossed
+    nesting: list = field(default_factory=list)   # per term: the term it is nested in, None, "crossed"
+    crossing: list = field(default_factory=list)  # notes on crossed terms (shown with the results)
 
 
 # Parsing ------------------------------------------------------------------
@@ -612,28 +623,6 @@ def _check_random_rank(term: RandomTerm, Z: np.ndarray, names: list[str], collin
             f"covariance structure identifies the model.")
 
 
-def _check_nested(inner: RandomTerm, outer: RandomTerm, codes: np.ndarray, first: np.ndarray,
-                  parent: np.ndarray, residual: bool = False):
-    """Every group of ``inner`` must lie inside exactly one group of ``outer``. The advice
-    names a nested term only if it is identifiable: with an estimated ``residual`` variance,
-    not when each (outer, inner) combination has a single row."""
-    spans = parent != parent[first][codes]
-    if not spans.any():
-        return
-    n_bad = np.unique(codes[spans]).size
-    local = outer.group_vars + tuple(v for v in inner.group_vars if v not in outer.group_vars)
-    o, i = outer.group, ":".join(local[len(outer.group_vars) :])
-    msg = (f"grouping {inner.group!r} is not nested within {outer.group!r}: {n_bad} {inner.group} groups "
-           f"span several {outer.group} groups. Crossed random effects are not supported yet. ")
-    if residual and np.unique(parent * (int(codes.max()) + 1) + codes).size == codes.size:
-        raise ValueError(msg + f"A nested term ({inner.rhs} | {':'.join(local)}) is no substitute: it "
-                         f"has one row per group, which cannot be separated from the residual variance. "
-                         f"Valid nested models keep one grouping: ({outer.rhs} | {o}) or "
-                         f"({inner.rhs} | {inner.group}).")
-    raise ValueError(msg + f"If ids are local to each outer group, write the inner term as "
-                     f"({inner.rhs} | {':'.join(local)}) or ({inner.rhs} | {o}/{i}).")
-
-
 def _check_slopes(term: RandomTerm, Z: np.ndarray, names: list[str], codes: np.ndarray, first: np.ndarray):
     """With a random intercept, each slope must vary within at least one group."""
     slopes = [j for j, n in enumerate(names) if n != INTERCEPT]
@@ -673,8 +662,7 @@ def _missing(name: str, values) -> np.ndarray | None:
 
 
 def build_model_frame(parsed: ParsedFormula, data, extra: Mapping | None = None, *,
-                      collinear_fixed: str = "omit", collinear_random: bool = False,
-                      residual: bool = False) -> ModelFrame:
+                      collinear_fixed: str = "omit", collinear_random: bool = False) -> ModelFrame:
     """Evaluate a parsed formula on ``data`` and return aligned model arrays.
 
     Args:
@@ -686,8 +674,6 @@ def build_model_frame(parsed: ParsedFormula, data, extra: Mapping | None = None,
         collinear_fixed: "omit" (Stata: drop a moderator that is a linear
             combination of earlier columns, with a note) or "error".
         collinear_random: keep collinear random-effect columns (Stata's collinear).
-        residual: the residual variance is estimated (mixed models); only changes the
-            advice of the error on non-nested groupings.
 
     Rows with a missing value (NaN, None, pd.NA) in the response, in any
     variable of the fixed or random parts, in a grouping variable or in an
@@ -697,8 +683,8 @@ def build_model_frame(parsed: ParsedFormula, data, extra: Mapping | None = None,
     Raises:
         ValueError: unknown or non-numeric columns, infinite values, arrays of
             the wrong length, no usable rows, a rank-deficient fixed design, a
-            random term without columns, fewer than 2 groups at a level,
-            non-nested levels, or a random slope constant within every group.
+            random term without columns, fewer than 2 groups at a level, or a random
+            slope constant within every group.
     """
     frame = _as_frame(data)
     columns, n_rows = frame.columns, len(frame)
@@ -735,8 +721,8 @@ def build_model_frame(parsed: ParsedFormula, data, extra: Mapping | None = None,
     n_dropped = int(missing.sum())
     if n_dropped:
         where = ", ".join(f"{name!r} ({k})" for name, k in counts.items())
-        warnings.warn(f"dropped {n_dropped} of {n_rows} rows with missing values in: {where}",
-                      MissingDataWarning, stacklevel=2)
+        warn(f"dropped {n_dropped} of {n_rows} rows with missing values in: {where}",
+             MissingDataWarning)
     if n_rows - n_dropped == 0:
         raise ValueError(f"no rows to fit: data has {n_rows} rows and {n_dropped} have missing values")
 
@@ -762,7 +748,7 @@ def build_model_frame(parsed: ParsedFormula, data, extra: Mapping | None = None,
     Z, re_names, re_specs, groups, group_labels = [], [], [], [], []
     designs: dict[str, tuple] = {}
     coded: dict[str, tuple] = {}  # grouping variable -> (values, codes, count)
-    for level, (term, formula) in enumerate(zip(parsed.random, re_formulas)):
+    for term, formula in zip(parsed.random, re_formulas):
         where = f"random term ({term.rhs} | {term.group})"
         if term.rhs not in designs:
             designs[term.rhs] = design(formula, where)
@@ -778,8 +764,6 @@ def build_model_frame(parsed: ParsedFormula, data, extra: Mapping | None = None,
         if len(labels) < 2:
             raise ValueError(
                 f"level {term.group!r} has only {len(labels)} group; a random effect needs at least 2 groups")
-        if level > 0:
-            _check_nested(term, parsed.random[level - 1], codes, first, groups[-1], residual)
         _check_slopes(term, Z_l, names_l, codes, first)
         _check_random_rank(term, Z_l, names_l, collinear_random)
         Z.append(Z_l)
@@ -788,9 +772,22 @@ def build_model_frame(parsed: ParsedFormula, data, extra: Mapping | None = None,
         groups.append(codes)
         group_labels.append(labels)
 
+    # nested by the ids, crossed otherwise: the tree's chain first, then the crossed terms
+    terms, crossing = parsed.random, []
+    order, n_tree, parent = tree_order(groups, [z.shape[1] for z in Z])
+    nesting = [None if parent[i] is None else terms[parent[i]].group for i in range(len(terms))]
+    if n_tree < len(terms):
+        crossing = crossing_notes([t.group for t in terms], groups, order, n_tree)
+        nesting = ["crossed" if k >= n_tree else nesting[i] for k, i in enumerate(order)]
+        Z, re_names, re_specs, groups, group_labels = ([v[i] for i in order] for v in
+                                                       (Z, re_names, re_specs, groups, group_labels))
+        terms = tuple(terms[i] for i in order)
+    else:
+        nesting = nesting[:len(terms)]
+
     return ModelFrame(
         y=y, X=X, fe_names=fe_names, Z=Z, re_names=re_names, groups=groups, group_labels=group_labels,
-        terms=parsed.random, response=parsed.response, sample=sample, n_dropped=n_dropped,
+        terms=terms, response=parsed.response, sample=sample, n_dropped=n_dropped,
         extra={key: values[rows] if n_dropped else values for key, (_, values) in extras.items()},
         fixed_spec=fixed_spec, re_specs=re_specs, omitted=omitted, notes=notes,
-        data_index=frame.index)
+        data_index=frame.index, n_tree=n_tree, nesting=nesting, crossing=crossing)

@@ -10,13 +10,38 @@ Python-level access to it (results, postestimation, inference).
 
 from __future__ import annotations
 
+import copyreg
+from functools import cached_property
+
 import numpy as np
+from scipy import linalg, sparse
 
 from mlmeta._core._engine import Problem
+from mlmeta._core._nested import NestedKernel
 from mlmeta.covstruct import CovStruct
 from mlmeta.design import NestedDesign
 
 __all__ = ["NestedModel", "Evaluation"]
+
+
+def _kernel_from_pieces(args, kwargs, force_general):
+    kernel = NestedKernel(*args, **kwargs)
+    kernel.force_general = force_general
+    return kernel
+
+
+def _reduce_kernel(kernel):
+    """Pickle a :class:`NestedKernel` by the arrays it is built from (its workspaces are
+    the engine's, made anew)."""
+    K = kernel
+    return _kernel_from_pieces, ((K.q, K.level, K.parent, K.zz_ptr, K.za_ptr, K.cluster_ptr, K.ZZ,
+                                  K.ZA, K.AA),
+                                 {"nq": K.nq, "sub_node": K.sub_node, "sub_level": K.sub_level,
+                                  "sub_off": K.sub_off}, bool(K.force_general))
+
+
+copyreg.pickle(NestedKernel, _reduce_kernel)
+
 
 class Evaluation:
     """What one evaluation at theta produced (deviance, beta, cov of beta, ...)."""
@@ -52,7 +77,8 @@ class NestedModel:
     problem : the engine's :class:`~mlmeta._core._engine.Problem` (objective,
         optimiser and workspaces), built once here.
 
-    The model is not changed after construction.
+    The model is not changed after construction. It pickles without its problem (C
+    workspaces), which is rebuilt from the design and structures on first use.
     """
 
     def __init__(self, design: NestedDesign, structs: list[CovStruct], method: str = "reml",
@@ -88,7 +114,9 @@ class NestedModel:
         d = self.design
         K = d.kernel
         new = {}
-        if d.Lambda is None:     # a diagonal whitening: new outcomes can be whitened alike
+        if d.crossed:
+            new = dict(border=d.border)
+        elif d.Lambda is None:     # a diagonal whitening: new outcomes can be whitened alike
             w = d.weights
             node_r0 = np.zeros(K.n_nodes, dtype=np.intp)
             node_r1 = np.zeros(K.n_nodes, dtype=np.intp)
@@ -100,6 +128,14 @@ class NestedModel:
                        np.asarray(d.n_groups, dtype=float), d.n_obs, self.method == "reml",
                        self.residual == "profiled", float(d.logdet_Lambda), float(d.logdet_XtX_work),
                        self.scale, **new)
+
+    #: after unpickling, the problem is built again on first use
+    problem = cached_property(_problem)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("problem", None)
+        return state
 
     # -- theta <-> per-level quantities ---------------------------------------
     def T_list(self, theta):
@@ -190,28 +226,62 @@ class NestedModel:
         ``Sig_aa`` is the (a, a) block of C^-1 and ``W_aX`` the first p columns of
         W_a; the second term carries the uncertainty of beta-hat (as metafor's ranef).
         Returns a list of (u: (G_l, q_l), pev: (G_l, q_l, q_l)).
+
+        With crossed levels (the border, :mod:`mlmeta._core._border`) the same formulas
+        hold with the full solution: for a crossed group ``W_g`` and ``Sig_gg`` come from
+        the border (``W_c = C_c^-1 R``, ``Sig_c = C_c^-1``); a tree node's tree-only
+        solution is corrected by its columns ``W_ac`` for the crossed effects,
+        ``W_a <- W_aA - W_ac T_c W_c`` and ``Sig_aa <- Sig_aa + W_ac T_c Sig_c T_c' W_ac'``.
         """
+        theta = np.asarray(theta, dtype=np.float64)
         ev = self.evaluate(theta)
-        K = self.design.kernel
-        WW, SB = self.problem.node_solution(np.asarray(theta, dtype=np.float64))
-        p = self.design.n_fe
+        d = self.design
+        K = d.kernel
+        WW, SB = self.problem.node_solution(theta)
+        p = d.n_fe
         nc = p + 1
         gamma = np.append(-ev.beta_work, 1.0)
+        Ts = self.T_list(theta)
+        m_local = np.zeros(d.n_clusters, dtype=np.intp)
+        if d.crossed:
+            Wb, Lb = self.problem.border_solution(theta)
+            nb = Wb.shape[0]
+            Sig_b = linalg.cho_solve((Lb, True), np.eye(nb))
+            Tc = sparse.block_diag([sparse.kron(sparse.identity(d.n_groups[lvl]), Ts[lvl])
+                                    for lvl in range(d.n_tree, d.n_levels)], format="csr")
+            TcWc = Tc @ Wb
+            TcSTc = Tc @ (Tc @ Sig_b).T
+            cmap_ptr, bmap = d.border["cmap_ptr"], d.border["bmap"]
+            m_local = np.diff(cmap_ptr) - nc
         out = []
-        for lvl, T in enumerate(self.T_list(theta)):
+        for lvl, T in enumerate(Ts):
             q = T.shape[0]
-            nodes = self.design.node_of_group[lvl]
-            o = self.design.offset_of_group[lvl]
-            na = K.nq[nodes]
             r = np.arange(q)
-            # W_a rows o..o+q, all columns (node blocks are column-major nq_a x ncol)
-            idx = (K.za_ptr[nodes][:, None, None] + (o[:, None, None] + r[None, :, None])
-                   + np.arange(nc)[None, None, :] * na[:, None, None])
-            W = WW[idx]                                                      # (G, q, ncol)
-            base = K.zz_ptr[nodes] + K.diag_offset(nodes)
-            idx = (base[:, None, None] + (o[:, None, None] + r[None, :, None])
-                   + (o[:, None, None] + r[None, None, :]) * na[:, None, None])
-            Sig = SB[idx]                                                    # (G, q, q)
+            if lvl >= d.n_tree:       # a crossed level: the border's rows
+                o = d.border["b_off"][lvl] + np.arange(d.n_groups[lvl]) * q
+                W = Wb[o[:, None] + r[None, :]]                                    # (G, q, ncol)
+                Sig = Sig_b[(o[:, None] + r[None, :])[:, :, None], (o[:, None] + r[None, :])[:, None, :]]
+            else:
+                nodes = d.node_of_group[lvl]
+                o = d.offset_of_group[lvl]
+                na = K.nq[nodes]
+                cl = np.searchsorted(K.cluster_ptr, nodes, side="right") - 1
+                m = m_local[cl]
+                # W_a rows o..o+q, the ncol columns of A (after the cluster's m crossed columns;
+                # node blocks are column-major nq_a x width)
+                rows = K.za_ptr[nodes][:, None, None] + (o[:, None, None] + r[None, :, None])
+                idx = rows + (m[:, None, None] + np.arange(nc)[None, None, :]) * na[:, None, None]
+                W = WW[idx]                                                      # (G, q, ncol)
+                base = K.zz_ptr[nodes] + K.diag_offset(nodes)
+                idx = (base[:, None, None] + (o[:, None, None] + r[None, :, None])
+                       + (o[:, None, None] + r[None, None, :]) * na[:, None, None])
+                Sig = SB[idx]                                                    # (G, q, q)
+                if d.crossed:
+                    for g in np.flatnonzero(m):
+                        cols = bmap[cmap_ptr[cl[g]]:cmap_ptr[cl[g]] + m[g]]
+                        Wac = WW[rows[g, :, 0][:, None] + np.arange(m[g])[None, :] * na[g]]
+                        W[g] -= Wac @ TcWc[cols]
+                        Sig[g] += Wac @ TcSTc[np.ix_(cols, cols)] @ Wac.T
             u = np.einsum("ij,gjk,k->gi", T, W, gamma)
             WX = W[:, :, :p]
             inner = Sig + np.einsum("gip,pr,gjr->gij", WX, ev.Hinv_work, WX)
@@ -227,8 +297,15 @@ class NestedModel:
 
         (times sigma^2, with Lambda_j = I, when the residual variance is profiled).
 
-        For per-cluster postestimation (robust variances, diagnostics); O(n_j^2) each."""
+        For per-cluster postestimation (robust variances, diagnostics); O(n_j^2) each.
+        Raises ValueError when crossed levels couple the clusters (V is then not
+        block-diagonal by top-level cluster)."""
         d = self.design
+        if d.crossed:
+            raise ValueError(
+                "this needs the marginal covariance block-diagonal by top-level cluster, but "
+                "crossed random effects couple the clusters: it is not available for crossed "
+                "designs yet")
         Sigmas = self.Sigma_list(theta)
         starts = d.group_start[0]
         lam = d.variance if d.variance is not None else np.ones(d.n_obs)

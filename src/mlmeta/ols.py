@@ -23,30 +23,23 @@ pymer4's ``Lm(robust="cluster")``; default except for CR2), ``"satterthwaite"``
 
 from __future__ import annotations
 
-import html
-import warnings
 
 import numpy as np
 import pandas as pd
 from scipy import linalg, stats
 
-from mlmeta._errors import MissingDataWarning
+from mlmeta._errors import MissingDataWarning, warn
 from mlmeta.formula import build_model_frame, parse_formula
-from mlmeta.summary import confidence_level, fmt_f, fmt_g, t_table_lines
+from mlmeta.summary import Table, TextDisplay, confidence_level, fmt_f, fmt_g, t_table
 
 __all__ = ["ols", "OLSResults", "LinearResults", "TextSummary"]
 
 _WIDTH = 78
 
 
-class TextSummary(str):
-    """A rendered table: a str (print it), with ``as_text()`` and HTML for notebooks."""
-
-    def as_text(self) -> str:
-        return str(self)
-
-    def _repr_html_(self):
-        return "<pre>" + html.escape(self) + "</pre>"
+class TextSummary(TextDisplay):
+    """A rendered table: a str (print it; the REPL shows the table), with ``as_text()``,
+    HTML tables for notebooks, ``as_markdown()`` and ``as_latex()``."""
 
 
 class LinearResults:
@@ -93,19 +86,27 @@ class LinearResults:
         return pd.DataFrame({"lower": self.params - crit * self.bse,
                              "upper": self.params + crit * self.bse})
 
+    def _header_items(self) -> list:
+        """(label, value) of the header's right-hand column, values padded as printed."""
+        return [("Number of obs", f"{self.nobs:>9,}")]
+
     def _header(self) -> list:
-        return [f"{self._title:<48}{'Number of obs':<18}= {self.nobs:>9,}"]
+        return [f"{self._title if i == 0 else '':<48}{lab[:17]:<18}= {val}"
+                for i, (lab, val) in enumerate(self._header_items())]
 
     def _footer(self) -> list:
         return []
 
     def summary(self, level: float = 95.0) -> TextSummary:
         """Coefficient table with standard errors, t tests, df and confidence intervals."""
-        lines = self._header() + ["-" * _WIDTH]
-        lines += t_table_lines(self.depvar, self.fe_names, self.params, self.bse, self.tvalues,
-                               self.df, self.pvalues, self.conf_int(level), level, _WIDTH)
+        table = t_table(self.fe_names, self.params, self.bse, self.tvalues, self.df, self.pvalues,
+                        self.conf_int(level), level)
+        rule = "-" * table.width(_WIDTH)
+        lines = self._header() + [rule] + table.text_lines(self.depvar, _WIDTH) + [rule]
         lines.extend(self._footer())
-        return TextSummary("\n".join(lines))
+        header = Table(["", ""], [[lab, val.strip()] for lab, val in self._header_items()], self._title)
+        return TextSummary("\n".join(lines),
+                           [header, table.table(self.depvar or "", "Coefficients", self._footer())])
 
     def to_frame(self, level: float = 95.0) -> pd.DataFrame:
         """The coefficient table as a DataFrame."""
@@ -161,14 +162,14 @@ class OLSResults(LinearResults):
     def _title(self):
         return "Linear regression" if self.robust is None else "Linear regression, cluster-robust SEs"
 
-    def _header(self):
-        lines = [f"{self._title:<48}{'Number of obs':<18}= {self.nobs:>9,}"]
+    def _header_items(self):
+        items = [("Number of obs", f"{self.nobs:>9,}")]
         if self.robust is not None:
             clus = f"Clusters ({self.cluster_name})" if self.cluster_name else "Clusters"
-            lines.append(f"{'':<48}{clus[:17]:<18}= {self.n_clusters:>9,}")
-        lines.append(f"{'':<48}{'R-squared':<18}= {fmt_f(self.rsquared, 4):>9}")
-        lines.append(f"{'':<48}{'Root MSE':<18}= {fmt_g(np.sqrt(self.scale), 9):>9}")
-        return lines
+            items.append((clus, f"{self.n_clusters:>9,}"))
+        items.append(("R-squared", f"{fmt_f(self.rsquared, 4):>9}"))
+        items.append(("Root MSE", f"{fmt_g(np.sqrt(self.scale), 9):>9}"))
+        return items
 
     def _footer(self):
         if self.robust is None:
@@ -243,8 +244,8 @@ def labelled_frame(parsed, data, labels, what):
     values, name = _cluster_values(labels, data, n_rows)
     keep = ~np.asarray(pd.isna(values), dtype=bool)
     if not keep.all():
-        warnings.warn(f"dropped {int((~keep).sum())} of {n_rows} rows with a missing {what} label",
-                      MissingDataWarning, stacklevel=3)
+        warn(f"dropped {int((~keep).sum())} of {n_rows} rows with a missing {what} label",
+             MissingDataWarning)
     sub = data if keep.all() else data.iloc[np.flatnonzero(keep)]
     return build_model_frame(parsed, sub), values, name, keep
 
@@ -317,7 +318,7 @@ def ols(formula, data, cluster=None, type="CR1", df=None) -> OLSResults:
     else:
         frame, cl_all, cl_name, keep = labelled_frame(parsed, data, cluster, "cluster")
     for note in frame.notes:
-        warnings.warn(note, UserWarning, stacklevel=2)
+        warn(note, UserWarning)
     sample = keep.copy()
     sample[np.flatnonzero(keep)] = frame.sample
     y, X, names = frame.y, np.asarray(frame.X), frame.fe_names

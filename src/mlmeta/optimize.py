@@ -275,7 +275,7 @@ def _fit_conditioned(model, A, *, t0, **options):
 
     d = model.design
     work_design = build_design(d.y, d.X, [Z @ Al for Z, Al in zip(d.Z, A)], d.groups,
-                               d.variance, V=d.Lambda)
+                               d.variance, V=d.Lambda, n_tree=d.n_tree)
     work = NestedModel(work_design, model.structs, model.method, residual=model.residual,
                        fe_constraints=model.fe_constraints, cluster_labels=model.cluster_labels)
     rec_w = _fit(work, theta0=None, em_only=False, fixed=None, t0=t0, **options)

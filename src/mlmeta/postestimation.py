@@ -21,7 +21,6 @@ one value per data row, NaN for rows not used in the fit.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from functools import cached_property
 
 import numpy as np
@@ -31,109 +30,17 @@ from scipy import optimize, stats
 from mlmeta.constraints import linear_hypotheses
 from mlmeta.covstruct import Custom
 from mlmeta.optimize import fit_nested
+from mlmeta.reports import Heterogeneity, StoredResults, TTestTable, WaldTest, hypothesis_label
 from mlmeta.summary import confidence_level
 from mlmeta.vcomp import variance_components
 
-__all__ = ["PostestimationMixin", "Heterogeneity", "WaldTest", "StoredResults"]
+__all__ = ["PostestimationMixin", "Heterogeneity", "WaldTest", "StoredResults", "TTestTable"]
 
 _KINDS = ("xb", "fitted", "residuals", "residuals_marginal", "rstandard")
 
 
 def _z(level):
     return float(stats.norm.ppf(0.5 + confidence_level(level) / 200.0))
-
-
-def _hypothesis_label(row, names, r) -> str:
-    """``"x1 - 2*x2 = 0.5"`` for the hypothesis row' beta = r."""
-    terms = " + ".join(n if c == 1 else f"-{n}" if c == -1 else f"{c:g}*{n}"
-                       for c, n in zip(row, names) if c != 0)
-    return f"{terms.replace('+ -', '- ')} = {r:g}"
-
-
-# --------------------------------------------------------------------------- #
-# result containers
-# --------------------------------------------------------------------------- #
-@dataclass
-class Heterogeneity:
-    """Heterogeneity statistics (Stata's ``estat heterogeneity``), in percent.
-
-    I2_Q: Cochran's ``max(0, (Q_M - df) / Q_M)``. I2: level -> Higgins-Thompson
-    ``tau_l^2 / (sum_k tau_k^2 + s^2)``, I2_total ``sum tau^2 / (sum tau^2 + s^2)``
-    with the typical sampling variance ``s2``; None with ``note`` saying why when
-    the statistic is not defined."""
-
-    I2_Q: float
-    Q_M: float
-    df: int
-    I2: dict | None
-    I2_total: float | None
-    s2: float | None
-    note: str = ""
-
-    def __str__(self):
-        out = ["Method: Cochran", "Joint:", f"  I2 (%) = {self.I2_Q:.2f}", ""]
-        out.append("Method: Higgins-Thompson")
-        if self.I2 is None:
-            out.append(f"  not defined: {self.note}")
-        else:
-            for name, v in self.I2.items():
-                out += [f"{name}:", f"  I2 (%) = {v:.2f}"]
-            out += ["Total:", f"  I2 (%) = {self.I2_total:.2f}"]
-        return "\n".join(out)
-
-
-@dataclass
-class WaldTest:
-    """Wald test of ``L beta = r``: ``chi2 = (L b - r)' (L V L')^-1 (L b - r)`` on
-    q = rows(L) df; with ``test="t"``: ``F = chi2 / q`` on (q, df_denom)."""
-
-    L: pd.DataFrame
-    rhs: np.ndarray
-    statistic: float
-    df: int
-    pvalue: float
-    test: str = "chi2"
-    df_denom: float | None = None
-
-    def __str__(self):
-        lines = []
-        for i, (row, r) in enumerate(zip(self.L.values, self.rhs), start=1):
-            lines.append(f" ({i:2d})  {_hypothesis_label(row, self.L.columns, r)}")
-        if self.test == "chi2":
-            lines += ["", f"{'chi2(' + str(self.df) + ')':>20} = {self.statistic:8.2f}",
-                      f"{'Prob > chi2':>20} = {self.pvalue:8.4f}"]
-        else:
-            lines += ["", f"{f'F({self.df}, {self.df_denom:g})':>20} = {self.statistic:8.2f}",
-                      f"{'Prob > F':>20} = {self.pvalue:8.4f}"]
-        return "\n".join(lines)
-
-
-@dataclass
-class StoredResults:
-    """Stored results in the spirit of Stata's ``e()``.
-
-    scalars: N, k, k_f, k_r, k_rs, k_rc, rank, df_m, ic, converged, ll, chi2, p,
-    Q_M, df_Q_M, p_Q_M. ``b``/``V``: fixed effects and variance parameters in the
-    estimation metric (log SD, atanh correlation); ``b_report``/``V_report`` the
-    same in the reporting metric (SD, correlation), by the delta method. Index:
-    (equation, name). ``e["ll"]`` reads a scalar or a macro."""
-
-    scalars: dict
-    macros: dict
-    b: pd.Series
-    V: pd.DataFrame
-    b_report: pd.Series
-    V_report: pd.DataFrame
-    sample: np.ndarray = field(repr=False, default=None)
-
-    def __getitem__(self, key):
-        if key in self.scalars:
-            return self.scalars[key]
-        if key in self.macros:
-            return self.macros[key]
-        if key in ("b", "V", "b_report", "V_report", "sample"):
-            return getattr(self, key)
-        raise KeyError(key)
 
 
 # --------------------------------------------------------------------------- #
@@ -174,6 +81,8 @@ class PostestimationMixin:
     def _group_labels(self, lvl):
         """Labels of the design's groups at level ``lvl`` (design order)."""
         d, f = self.model.design, self.frame
+        if d.group_start[lvl] is None:      # a crossed level: codes in label order
+            return list(f.group_labels[lvl])
         first_rows = d.perm[d.group_start[lvl][:-1]]
         labels = f.group_labels[lvl]
         return [labels[c] for c in f.groups[lvl][first_rows]]
@@ -568,8 +477,8 @@ class PostestimationMixin:
         """The df rule of the t references of this model: "satterthwaite" for mixed
         models with Satterthwaite tests, else the ``dfs=`` of the fit ("contain",
         metafor's default for ``test="t"``, or "residual")."""
-        if getattr(self, "test", "z") == "satterthwaite":
-            return "satterthwaite"
+        if getattr(self, "test", "z") in ("satterthwaite", "kenward-roger"):
+            return self.test
         return str(getattr(self, "options", {}).get("dfs", "contain"))
 
     def _coef_df(self) -> pd.Series:
@@ -594,7 +503,7 @@ class PostestimationMixin:
         cdf = self._coef_df().values
         return np.array([float(cdf[row != 0].min()) if np.any(row != 0) else np.nan for row in L])
 
-    def t_test(self, hypotheses=None, level: float = 95.0, rhs=None) -> pd.DataFrame:
+    def t_test(self, hypotheses=None, level: float = 95.0, rhs=None) -> TTestTable:
         """t tests of the coefficients, or of linear hypotheses ``L beta = r``.
 
         Without ``hypotheses``: the coefficient table, t = b / se, p = 2 P(T_df > ``|t|``),
@@ -621,8 +530,11 @@ class PostestimationMixin:
 
         Returns
         -------
-        pandas.DataFrame
-            coef, std_err, t, df, pvalue, lower, upper; one row per hypothesis.
+        TTestTable
+            A DataFrame with columns coef, std_err, t, df, pvalue, lower, upper (one
+            row per hypothesis) that also has statsmodels' ``ContrastResults`` names
+            (``effect``, ``sd``, ``tvalue``, ``pvalue``, ``df_denom``, ``conf_int()``,
+            ``summary()``) and exports ``as_markdown()`` and ``as_latex()``.
 
         Raises
         ------
@@ -649,9 +561,11 @@ class PostestimationMixin:
             with np.errstate(divide="ignore", invalid="ignore"):
                 t = (b / se).where(se > 0)
             crit = stats.t.ppf(q, df)
-            return pd.DataFrame({"coef": b, "std_err": se, "t": t, "df": df,
-                                 "pvalue": 2 * stats.t.sf(np.abs(t), df),
-                                 "lower": b - crit * se, "upper": b + crit * se})
+            out = TTestTable({"coef": b, "std_err": se, "t": t, "df": df,
+                              "pvalue": 2 * stats.t.sf(np.abs(t), df),
+                              "lower": b - crit * se, "upper": b + crit * se})
+            out.level = level
+            return out
         names = self.fe_names
         L, r = linear_hypotheses(hypotheses, names, rhs)
         est = L @ self.params.values
@@ -660,10 +574,12 @@ class PostestimationMixin:
             t = np.where(se > 0, (est - r) / np.where(se > 0, se, 1.0), np.nan)
         df = self._row_df(L)
         crit = stats.t.ppf(q, df)
-        index = [_hypothesis_label(row, names, v) for row, v in zip(L, r)]
-        return pd.DataFrame({"coef": est, "std_err": se, "t": t, "df": df,
-                             "pvalue": 2 * stats.t.sf(np.abs(t), df),
-                             "lower": est - crit * se, "upper": est + crit * se}, index=index)
+        index = [hypothesis_label(row, names, v) for row, v in zip(L, r)]
+        out = TTestTable({"coef": est, "std_err": se, "t": t, "df": df,
+                          "pvalue": 2 * stats.t.sf(np.abs(t), df),
+                          "lower": est - crit * se, "upper": est + crit * se}, index=index)
+        out.level = level
+        return out
 
     def wald_test(self, hypotheses, rhs=None, test: str = "z") -> WaldTest:
         """Wald test of linear hypotheses on the fixed effects.

@@ -9,7 +9,8 @@ nothing is parsed or re-sorted per outcome:
 * :func:`fit_outcomes` fits every column with the engine (:meth:`Problem.fit
   <mlmeta._core._engine.Problem.fit>`), the columns shared out over threads; a design
   whitened by a full sampling covariance V cannot take a new outcome in its
-  precomputed problem, so it is rebuilt per column (the same engine fits it).
+  precomputed problem, so it is rebuilt per column (the same engine fits it). With an
+  ``executor`` the columns are fitted in chunks on it (see :mod:`mlmeta._executor`).
 
 Outcomes are in the model frame's row order (the rows used by the fit) and in the
 design's metric (with fixed-effect constraints, ``y - X beta_0``).
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from mlmeta import _executor
 from mlmeta.design import build_design
 from mlmeta.model import NestedModel
 from mlmeta.optimize import fit_nested, start_theta
@@ -67,12 +69,16 @@ def _sigmas(model, theta, sigma2):
 
 
 def fit_outcomes(model: NestedModel, Y, *, theta0=None, em_iter=20, maxiter=200, tol=1e-6,
-                 n_jobs=1) -> dict:
+                 n_jobs=1, executor=None) -> dict:
     """Fit every column of ``Y`` (n_obs x m). Returns a dict of per-fit arrays: beta and
     se (m x p, the design's coefficients), deviance, theta, converged, n_iter, n_evals,
     sigma2 (the residual variance of a profiled model, else 1) and Sigma (per level,
     m x q x q). A fit whose objective is undefined at its end has NaN estimates and
-    ``converged=False``."""
+    ``converged=False``.
+
+    ``executor``: a concurrent.futures executor or a Dask client fitting chunks of
+    columns (``n_jobs`` threads within each); each column's fit is the one of a serial
+    run, so the results do not depend on the executor."""
     d = model.design
     Y = np.asarray(Y, dtype=float)
     m = Y.shape[1]
@@ -80,6 +86,10 @@ def fit_outcomes(model: NestedModel, Y, *, theta0=None, em_iter=20, maxiter=200,
         theta0 = start_theta(model)
     theta0 = np.ascontiguousarray(np.broadcast_to(np.asarray(theta0, dtype=float),
                                                   (m, model.n_theta)))
+    if executor is not None:
+        parts = [(Y[:, a:b], theta0[a:b]) for a, b in _executor.chunks(m, executor)]
+        return concat_fits(_executor.run(executor, _fit_part, model, parts,
+                                         (em_iter, maxiter, tol, n_jobs)))
     if model.problem.new_outcomes:
         Yw = np.ascontiguousarray((Y[d.perm] * d.weights[:, None]).T)
         out = model.problem.fit(theta0, Yw, em_iter=int(em_iter), maxiter=int(maxiter),
@@ -99,11 +109,31 @@ def fit_outcomes(model: NestedModel, Y, *, theta0=None, em_iter=20, maxiter=200,
     return out
 
 
+def _fit_part(model, part, options):
+    """One executor task: :func:`fit_outcomes` of a chunk of columns."""
+    Y, theta0 = part
+    em_iter, maxiter, tol, n_jobs = options
+    return fit_outcomes(model, Y, theta0=theta0, em_iter=em_iter, maxiter=maxiter, tol=tol,
+                        n_jobs=n_jobs)
+
+
+def concat_fits(parts) -> dict:
+    """The dicts of :func:`fit_outcomes` for consecutive chunks of columns, joined: arrays
+    along their first axis, lists of arrays (Sigma per level) element by element."""
+    out = {}
+    for key, first in parts[0].items():
+        if isinstance(first, list):
+            out[key] = [np.concatenate([p[key][i] for p in parts]) for i in range(len(first))]
+        else:
+            out[key] = np.concatenate([np.asarray(p[key]) for p in parts])
+    return out
+
+
 def _fit_rebuilt(model, Y, theta0, em_iter, maxiter, tol):
     d = model.design
     rows = []
     for j in range(Y.shape[1]):
-        design = build_design(Y[d.perm, j], d.X, d.Z, d.groups, None, V=d.Lambda)
+        design = build_design(Y[d.perm, j], d.X, d.Z, d.groups, None, V=d.Lambda, n_tree=d.n_tree)
         mj = NestedModel(design, model.structs, model.method, residual=model.residual)
         try:
             rec = fit_nested(mj, theta0=theta0[j], em_iter=em_iter, maxiter=maxiter, tol=tol,

@@ -12,7 +12,6 @@ but the constant: ``chi2 = b' Var(b)^-1 b`` on their number of degrees of freedo
 
 from __future__ import annotations
 
-import warnings
 from functools import cached_property
 
 import numpy as np
@@ -20,6 +19,8 @@ import pandas as pd
 from scipy import special, stats
 
 from mlmeta import summary as _summary
+from mlmeta._errors import warn
+from mlmeta.anova import anova as _anova
 from mlmeta.summary import confidence_level
 from mlmeta.postestimation import PostestimationMixin
 from mlmeta.vcomp import component_table, variance_components
@@ -32,10 +33,14 @@ class MeregressResults(PostestimationMixin):
 
     Attributes
     ----------
-    params, bse, zvalues, pvalues : pandas.Series
+    params, bse, zvalues, tvalues, pvalues : pandas.Series
         Fixed effects (GLS at the estimated covariance), standard errors
-        ``sqrt(diag((X'V^-1 X)^-1))``, z (or t) statistics and p-values, over the
-        coefficients (``_cons`` last, Stata's order).
+        ``sqrt(diag((X'V^-1 X)^-1))``, z (or t) statistics ``b / se`` (``tvalues`` is
+        statsmodels' name of the same numbers) and p-values, over the coefficients
+        (``_cons`` last, Stata's order).
+    fittedvalues, resid : pandas.Series
+        Fitted values ``X beta + Z u`` (BLUPs included) and residuals ``y - fitted``
+        over the used rows, indexed as the data (statsmodels' MixedLM names).
     df : pandas.Series
         Per-coefficient degrees of freedom of the tests and intervals (inf for z
         tests).
@@ -66,7 +71,9 @@ class MeregressResults(PostestimationMixin):
         Joint Wald test of the moderators, ``chi2 = b' Var(b)^-1 b`` (None without
         moderators).
     groups : pandas.DataFrame
-        Group counts and min/avg/max observations per group, per level.
+        Group counts and min/avg/max observations per group, per level, and how the
+        level relates to the others (``nesting``: "top", "in <outer term>" or
+        "crossed").
     boundary : list of str
         Estimates on the boundary of the parameter space.
     notes : list of str
@@ -75,6 +82,9 @@ class MeregressResults(PostestimationMixin):
         How the optimum was reached (starts, evaluations, messages).
     model, frame
         The model object and the model frame (the fit's inputs).
+    data : pandas.DataFrame or None
+        The data the model was fitted to (for :meth:`anova` and marginal means by
+        data column); results pickle with it.
 
     Examples
     --------
@@ -90,14 +100,15 @@ class MeregressResults(PostestimationMixin):
     >>> print(f"Q_M = {res.Q_M:.2f} on {res.Q_M_df} df")
     Q_M = 578.86 on 55 df
     >>> res.groups
-                     n_groups  min       avg  max
+                     n_groups  min       avg  max      nesting
     group
-    district               11    3  5.090909   11
-    district:school        56    1  1.000000    1
+    district               11    3  5.090909   11          top
+    district:school        56    1  1.000000    1  in district
     """
 
-    def __init__(self, model, frame, record, *, depvar, sampling="variance", options=None):
+    def __init__(self, model, frame, record, *, depvar, sampling="variance", options=None, data=None):
         self.model = model
+        self.data = data            # the data the model was fitted to (ANOVA, marginal means)
         self.frame = frame
         self.fit_record = record
         self.depvar = depvar
@@ -158,8 +169,9 @@ class MeregressResults(PostestimationMixin):
         """Per-coefficient degrees of freedom of the tests and intervals, as every mlmeta
         result has them: with ``test="t"`` metafor's containment df (``dfs="contain"``)
         or k - p (``dfs="residual"``), Satterthwaite df (``test="satterthwaite"``,
-        lmerTest), inf for z tests. Computed on first use."""
-        if self.test in ("t", "satterthwaite"):
+        lmerTest) or Kenward-Roger df (``test="kenward-roger"``, pbkrtest), inf for z tests.
+        Computed on first use."""
+        if not self._z_tests:
             df = self._coef_df()
         else:
             df = pd.Series(np.inf, index=self._fe_index)
@@ -168,19 +180,32 @@ class MeregressResults(PostestimationMixin):
     @property
     def df_resid(self) -> pd.Series | None:
         """Deprecated spelling of :attr:`df` (None for z tests)."""
-        warnings.warn("df_resid is deprecated; use df (per-coefficient df, inf for z tests)",
-                      FutureWarning, stacklevel=2)
+        warn("df_resid is deprecated; use df (per-coefficient df, inf for z tests)", FutureWarning)
         return None if self._z_tests else self.df
 
     @property
     def _z_tests(self) -> bool:
-        return self.test not in ("t", "satterthwaite")
+        return self.test == "z"
 
     @cached_property
     def tvalues(self) -> pd.Series:
-        if self.test not in ("t", "satterthwaite"):
-            raise AttributeError("tvalues: the tests are z tests (test='z'); see zvalues")
-        return self.zvalues.rename("t")
+        """The test statistics b / se under statsmodels' name (as its MixedLM and GLM
+        results): t statistics (named "t") when the tests are t tests, z statistics
+        (named "z", the values of :attr:`zvalues`) otherwise."""
+        return self.zvalues.rename("z" if self._z_tests else "t")
+
+    @cached_property
+    def fittedvalues(self) -> pd.Series:
+        """Fitted values over the used rows, indexed as the data (statsmodels' MixedLM,
+        Stata's ``predict, fitted``): ``x'b + sum_l z_l' u_l`` with the BLUPs of every
+        level. ``predict("xb")`` gives the marginal ``x'b``."""
+        return self.predict("fitted").iloc[np.flatnonzero(self.sample)]
+
+    @cached_property
+    def resid(self) -> pd.Series:
+        """Residuals over the used rows: ``y - fittedvalues`` (conditional on the BLUPs, as
+        statsmodels' MixedLM); ``predict("residuals_marginal")`` gives ``y - x'b``."""
+        return self.predict("residuals").iloc[np.flatnonzero(self.sample)].rename("resid")
 
     @cached_property
     def pvalues(self) -> pd.Series:
@@ -220,8 +245,8 @@ class MeregressResults(PostestimationMixin):
     def conf_int(self, level: float = 95.0, *, alpha=None) -> pd.DataFrame:
         """Wald confidence intervals ``beta -+ z se`` at ``level`` percent.
 
-        With ``test="t"`` (or Satterthwaite tests of mixed models) the quantiles are
-        those of t on each coefficient's :attr:`df`.
+        With ``test="t"`` (or the Satterthwaite and Kenward-Roger tests of mixed
+        models) the quantiles are those of t on each coefficient's :attr:`df`.
 
         Parameters
         ----------
@@ -347,6 +372,52 @@ class MeregressResults(PostestimationMixin):
     def _vc(self):
         return variance_components(self.model, self.theta, self.group_names, sd_scale=self._sd_scale)
 
+    def anova(self, type=3, ddf=None, *, data=None) -> pd.DataFrame:
+        """ANOVA table of the fixed effects: one test per formula term.
+
+        Each term's hypothesis ``L beta = 0`` is lmerTest's: Type III contrasts
+        (each term's columns after residualising out the terms that contain it, in
+        the over-parameterised coding) or Type I (sequential: the rows of the
+        Doolittle factor of ``X'X``). A meta-regression tests it by the Wald
+        statistic ``chi2 = (L b)' (L Var(b) L')^-1 (L b)`` on q = rows(L) df
+        (``test="z"``), or ``F = chi2 / q`` on (q, smallest df of the coefficients
+        involved) (``test="t"``), as metafor's ``anova(res, btt=)``. Mixed models use
+        F tests on Satterthwaite or Kenward-Roger df (:meth:`MixedResults.anova`).
+
+        Parameters
+        ----------
+        type : {3, 1, "III", "I"}
+            Type III (default) or Type I (sequential) hypotheses.
+        ddf : {None, "satterthwaite", "kenward-roger"}
+            Mixed models only (a meta-regression's ``test=`` decides).
+        data : pandas.DataFrame, optional
+            The data of the fit, when the results do not hold it (Type III).
+
+        Returns
+        -------
+        pandas.DataFrame
+            Indexed by term: ``F, df_num, df_den, pvalue`` (mixed models and
+            ``test="t"`` meta-regressions) or ``chi2, df_num, pvalue`` (``test="z"``).
+
+        Raises
+        ------
+        ValueError
+            For an unknown ``type`` or ``ddf``.
+
+        Examples
+        --------
+        >>> import mlmeta
+        >>> df = mlmeta.datasets.load("pupiliq")
+        >>> res = mlmeta.meregress("stdmdiff ~ tester + weeks + (1 | study)", df, se="se",
+        ...                        test="t")
+        >>> res.anova().round(4)
+                     F  df_num  df_den  pvalue
+        term
+        tester  0.1219       1    16.0  0.7316
+        weeks   6.5485       1    16.0  0.0210
+        """
+        return _anova(self, type=type, ddf=ddf, data=data)
+
     def robust(self, cluster=None, type="CR2", df=None, *, data=None):
         """Cluster-robust inference with the fitted model as working covariance.
 
@@ -383,7 +454,147 @@ class MeregressResults(PostestimationMixin):
 
         return robust(self, cluster=cluster, type=type, df=df, data=data)
 
-    def bootstrap(self, n=1000, *, kind="parametric", level=95.0, seed=None, n_jobs=None):
+    def influence(self, cluster=None, *, data=None, reestimate=True, n_jobs=None) -> pd.DataFrame:
+        """Influence diagnostics by deletion refits, per data row or per cluster.
+
+        Each unit c (a row, or every row of a cluster) is deleted and the model refitted
+        (warm-started; the variance components re-estimated unless
+        ``reestimate=False``), giving ``b_(-c)``, ``theta_(-c)``. For a meta-regression,
+        as metafor's methods for ``rma.mv``:
+
+        * ``cooks_distance = (b - b_(-c))' Var(b)^-1 (b - b_(-c))``;
+        * ``dfbetas:k = (b_k - b_(-c),k) / sqrt(Var_theta_(-c)(b)_kk)``;
+        * ``hat``: the diagonal of ``H = X (X'V^-1X)^-1 X'V^-1`` (rows only);
+        * ``rstudent = r_i / sqrt(M_i(theta_(-i)) + x_i' Var(b_(-i)) x_i)`` with
+          ``r_i = y_i - x_i'b_(-i)`` and M the marginal variance (rows only);
+        * ``X2 = r_c' (M_c(theta_(-c)) + X_c Var(b_(-c)) X_c')^-1 r_c`` (clusters only).
+
+        Mixed models follow lme4's ``influence.merMod`` (Cook's distance scaled by
+        ``(m - p) / (m p)``, DFBETAS with the deletion fit's own variance and the
+        opposite sign, conditional hat values and internally studentized residuals);
+        see :mod:`mlmeta.influence`.
+
+        Parameters
+        ----------
+        cluster : str or array-like, optional
+            None (one row at a time), a grouping term, a column of ``data``, or one
+            value per data row or per used row: the units deleted together.
+        data : pandas.DataFrame, optional
+            Data holding the ``cluster`` column.
+        reestimate : bool
+            Re-estimate the variance components in each deletion fit (default, as
+            metafor and lme4) or hold them at the full-data estimates.
+        n_jobs : int, optional
+            Threads for the deletion fits; default all cores.
+
+        Returns
+        -------
+        pandas.DataFrame
+            One row per used data row (the data's index) with ``cooks_distance``,
+            ``hat``, ``rstudent`` and ``dfbetas:<coef>``, or one per cluster with
+            ``cooks_distance``, ``X2`` and ``dfbetas:<coef>``. A unit whose deletion
+            leaves the fixed effects unidentified has NaN values;
+            ``attrs["not_converged"]`` and ``attrs["failed"]`` list the units whose
+            deletion fit did not converge or gave NaN.
+
+        Raises
+        ------
+        ValueError
+            For a crossed design (per-cluster deletion is not defined there yet) or
+            an unknown ``cluster``.
+
+        Examples
+        --------
+        >>> import mlmeta
+        >>> df = mlmeta.datasets.load("schoolcal")
+        >>> res = mlmeta.meregress("stdmdiff ~ year_c + (1 | district) + (1 | district:school)",
+        ...                        df, variance="var")
+        >>> inf = res.influence(cluster="district")
+        >>> inf.sort_values("cooks_distance").tail(2).round(3)
+                  cooks_distance     X2  dfbetas:year_c  dfbetas:_cons
+        district
+        ...
+        """
+        from mlmeta.influence import influence
+
+        return influence(self, cluster, data=data, reestimate=reestimate, n_jobs=n_jobs)
+
+    def egger_test(self, robust=None, *, cluster=None, predictor="sei", test=None, level=95.0,
+                   data=None):
+        """Multilevel Egger-type regression test of funnel-plot asymmetry.
+
+        The model is refitted with the sampling standard error ``s_i = sqrt(v_i)``
+        (``predictor="sei"``, Egger's test) or the sampling variance ``v_i``
+        (``predictor="vi"``) as one more moderator, with the same random effects,
+        sampling covariance and method:
+
+        ``y = X beta + alpha s_i + sum_l Z_l u_l + e``,  H0: ``alpha = 0``
+
+        metafor's ``rma.mv(yi, V, mods = ~ sqrt(vi), random = ...)``, the multilevel
+        form of ``regtest``. alpha is tested by z, by t on the model's df rule, or,
+        with ``robust="CR2"``, by its cluster-robust CR2 standard error on
+        Satterthwaite df (clubSandwich's ``coef_test``), robust to a misspecified
+        within-cluster covariance. With an intercept, the intercept of the refit is
+        the limit estimate: the effect of a study of infinite precision (PET for
+        ``"sei"``, PEESE for ``"vi"``).
+
+        Parameters
+        ----------
+        robust : {None, "CR2"}
+            Model-based (default) or cluster-robust inference.
+        cluster : str or array-like, optional
+            The robust clusters: a grouping term (default the top level), a column of
+            ``data`` or values per row; only with ``robust="CR2"``.
+        predictor : {"sei", "vi"}
+            sqrt(v_i) (Egger's test) or v_i.
+        test : {None, "z", "t"}
+            Reference distribution of model-based inference; default the fit's.
+        level : float
+            Confidence level of the limit estimate's interval, in percent.
+        data : pandas.DataFrame, optional
+            Data holding the ``cluster`` column.
+
+        Returns
+        -------
+        EggerTest
+            ``statistic``, ``pvalue``, ``coef`` and ``se`` of alpha, ``df``, the
+            ``limit`` estimate with ``limit_ci``, and the refit as ``fit``; prints as
+            metafor's ``regtest``.
+
+        Raises
+        ------
+        ValueError
+            For a mixed model (no sampling variances), fixed-effect constraints,
+            equal sampling variances (no information), a predictor collinear with the
+            moderators, or ``cluster`` without ``robust="CR2"``.
+
+        See Also
+        --------
+        mlmeta.plots.funnel_plot : the plot whose asymmetry the test measures.
+
+        Examples
+        --------
+        >>> import mlmeta
+        >>> df = mlmeta.datasets.load("schoolcal")
+        >>> res = mlmeta.meregress("stdmdiff ~ 1 + (1 | district) + (1 | district:school)",
+        ...                        df, variance="var")
+        >>> print(res.egger_test(robust="CR2"))
+        Regression test for funnel plot asymmetry (multilevel)
+        <BLANKLINE>
+        predictor: standard error sqrt(v_i)
+        inference: cluster-robust CR2, Satterthwaite df, clusters: district
+        coefficient: -0.9846 (se 0.7056)
+        <BLANKLINE>
+        test for funnel plot asymmetry: t(4.693) = -1.3954, p = 0.2253
+        limit estimate (as sei -> 0): 0.3201 (95% CI -0.0658, 0.7060)
+        """
+        from mlmeta.pubbias import egger_test
+
+        return egger_test(self, robust, cluster=cluster, predictor=predictor, test=test,
+                          level=level, data=data)
+
+    def bootstrap(self, n=1000, *, kind="parametric", level=95.0, seed=None, n_jobs=None,
+                  executor=None):
         """Bootstrap percentile intervals of the fixed effects and the random-effects
         SDs and correlations.
 
@@ -391,7 +602,8 @@ class MeregressResults(PostestimationMixin):
         (``y* = X beta + sum_l Z_l u_l* + e*``) and refitted in one batch run of the
         engine; ``kind="cluster"``: top-level clusters drawn with replacement (each
         copy a new cluster) and refitted. Replicate b draws from
-        ``SeedSequence(seed).spawn``, so results do not depend on ``n_jobs``.
+        ``SeedSequence(seed).spawn``, so results do not depend on ``n_jobs`` nor on
+        the ``executor`` and its number of workers.
 
         Parameters
         ----------
@@ -404,7 +616,10 @@ class MeregressResults(PostestimationMixin):
         seed : int, optional
             Seed of the replicates.
         n_jobs : int, optional
-            Threads; default all cores.
+            Threads; default all cores (1 per task with an ``executor``).
+        executor : concurrent.futures.Executor or distributed.Client, optional
+            Runs the refits in contiguous chunks of replicates on its workers
+            (processes, a Dask cluster); the fitted model is pickled to them.
 
         Returns
         -------
@@ -433,9 +648,10 @@ class MeregressResults(PostestimationMixin):
         """
         from mlmeta.resampling import bootstrap
 
-        return bootstrap(self, n, kind=kind, level=level, seed=seed, n_jobs=n_jobs)
+        return bootstrap(self, n, kind=kind, level=level, seed=seed, n_jobs=n_jobs,
+                         executor=executor)
 
-    def permutation_test(self, n=1000, *, seed=None, n_jobs=None):
+    def permutation_test(self, n=1000, *, seed=None, n_jobs=None, executor=None):
         """Permutation test of the moderators (metafor's ``permutest``).
 
         The rows of the moderators are permuted, the model refitted, and the observed
@@ -449,7 +665,10 @@ class MeregressResults(PostestimationMixin):
         seed : int, optional
             Seed of the permutations.
         n_jobs : int, optional
-            Threads; default all cores.
+            Threads; default all cores (1 per task with an ``executor``).
+        executor : concurrent.futures.Executor or distributed.Client, optional
+            Runs the refits in contiguous chunks of permutations on its workers; the
+            results do not depend on it.
 
         Returns
         -------
@@ -473,7 +692,7 @@ class MeregressResults(PostestimationMixin):
         """
         from mlmeta.resampling import permutation_test
 
-        return permutation_test(self, n, seed=seed, n_jobs=n_jobs)
+        return permutation_test(self, n, seed=seed, n_jobs=n_jobs, executor=executor)
 
     def recovariance(self, level=None, correlation: bool = False):
         """Random-effects covariance (or correlation) matrix of a level (Stata's
@@ -610,13 +829,17 @@ class MeregressResults(PostestimationMixin):
 
     @cached_property
     def groups(self) -> pd.DataFrame:
-        """Per level: number of groups and min/avg/max observations per group."""
+        """Per level: number of groups, min/avg/max observations per group, and how the
+        level relates to the others (``nesting``: "top", "in <outer group>" or "crossed")."""
         d = self.model.design
         rows = []
-        for name, starts in zip(self.group_names, d.group_start):
-            sizes = np.diff(starts)
-            rows.append((name, len(sizes), int(sizes.min()), float(sizes.mean()), int(sizes.max())))
-        return pd.DataFrame(rows, columns=["group", "n_groups", "min", "avg", "max"]).set_index("group")
+        nesting = self.frame.nesting or [None] * len(self.group_names)
+        for lvl, (name, how) in enumerate(zip(self.group_names, nesting)):
+            sizes = d.group_sizes(lvl)
+            rel = "crossed" if how == "crossed" else ("top" if how is None else f"in {how}")
+            rows.append((name, len(sizes), int(sizes.min()), float(sizes.mean()), int(sizes.max()), rel))
+        return pd.DataFrame(rows, columns=["group", "n_groups", "min", "avg", "max",
+                                           "nesting"]).set_index("group")
 
     # -- reporting ----------------------------------------------------------------
     @property
@@ -633,6 +856,7 @@ class MeregressResults(PostestimationMixin):
             else:
                 notes.append(f"{b}: the estimate is on the boundary of the parameter space.")
         notes.extend(self.frame.notes)
+        notes.extend(getattr(self.frame, "crossing", []))
         if self.n_dropped:
             notes.append(f"{self.n_dropped} observation{'s' if self.n_dropped != 1 else ''} "
                          f"dropped because of missing values.")
@@ -658,7 +882,9 @@ class MeregressResults(PostestimationMixin):
         Returns
         -------
         Summary
-            Prints as text; ``as_text()``, ``as_html()``.
+            Prints as text (also at the REPL), shows as HTML in notebooks, and
+            exports ``as_text()``, ``as_html()``, ``as_markdown()`` (pipe tables) and
+            ``as_latex()`` (booktabs ``tabular`` environments), labels in full.
 
         Examples
         --------
@@ -673,6 +899,14 @@ class MeregressResults(PostestimationMixin):
                _cons |   .1847132   .0845559     2.18   0.029     .0189866    .3504397
         ------------------------------------------------------------------------------
         Test of homogeneity: Q_M = chi2(55) = 578.86               Prob > Q_M = 0.0000
+        >>> tex = res.summary(header=False, group=False, random=False).as_latex()
+        >>> print("\\n".join(tex.splitlines()[:6]))
+        \\begin{tabular}{lrrrrrr}
+        \\multicolumn{7}{l}{\\textbf{Fixed effects}} \\\\
+        \\toprule
+        stdmdiff & Coefficient & Std. err. & z & ... & {[}95\\% conf. & interval{]} \\\\
+        \\midrule
+        \\_cons & .1847132 & .0845559 & 2.18 & 0.029 & .0189866 & .3504397 \\\\
         """
         crit = pd.Series(np.broadcast_to(self._crit(level), (len(self.fe_names),)),
                          index=self.fe_names)
@@ -707,7 +941,8 @@ class MeregressResults(PostestimationMixin):
                     fixed=bool(c.fixed), boundary=bool(c.boundary and not c.fixed)))
             blocks.append(_summary.RandomBlock(name, title, rows))
         g = self.groups
-        group_rows = [_summary.GroupRow(nm, int(r.n_groups), int(r["min"]), float(r.avg), int(r["max"]))
+        group_rows = [_summary.GroupRow(nm, int(r.n_groups), int(r["min"]), float(r.avg), int(r["max"]),
+                                        crossed=r.nesting == "crossed")
                       for nm, r in g.iterrows()]
         title = self._title()
         return _summary.Summary(

@@ -51,7 +51,6 @@ processed together as (J_s, n_s, n_s) stacks.
 
 from __future__ import annotations
 
-import html
 
 import numpy as np
 import pandas as pd
@@ -59,7 +58,7 @@ from scipy import linalg, sparse, stats
 
 from mlmeta._threads import blas_threads
 from mlmeta.constraints import linear_hypotheses
-from mlmeta.summary import confidence_level, t_table_lines
+from mlmeta.summary import Display, Table, TextDisplay, confidence_level, fmt_f, t_table
 
 __all__ = ["DF_METHODS", "TYPES", "RobustResults", "WaldTestResult", "cluster_robust", "robust"]
 
@@ -410,8 +409,11 @@ class _Pieces:
         return np.einsum("jsa,ab,jtb->jst", Z, self.Qb, Z)
 
 
-class WaldTestResult:
+class WaldTestResult(Display):
     """A Wald test of ``C beta = c0`` with a cluster-robust covariance.
+
+    Prints (and shows at the REPL) as the hypotheses and the test; ``as_html()``,
+    ``as_markdown()`` and ``as_latex()`` render the same tables.
 
     Attributes
     ----------
@@ -452,12 +454,22 @@ class WaldTestResult:
         return {k: getattr(self, k) for k in ("test", "statistic", "df_num", "df_denom", "pvalue",
                                               "Q", "delta")}
 
-    def __repr__(self):
+    def _stats(self) -> list[tuple[str, str]]:
         if self.test == "chi2":
-            return (f"<Wald test (chi2): chi2({self.df_num}) = {self.Q:.4f}, "
-                    f"p = {self.pvalue:.4g}; {'; '.join(self.constraints)}>")
-        return (f"<Wald test ({self.test}): F({self.df_num}, {self.df_denom:.4g}) = {self.statistic:.4f}, "
-                f"p = {self.pvalue:.4g}; {'; '.join(self.constraints)}>")
+            return [(f"chi2({self.df_num})", fmt_f(self.Q, 2)), ("Prob > chi2", fmt_f(self.pvalue, 4))]
+        dd = "inf" if not np.isfinite(self.df_denom) else f"{self.df_denom:.4g}"
+        return [(f"F({self.df_num}, {dd})", fmt_f(self.statistic, 2)), ("Prob > F", fmt_f(self.pvalue, 4))]
+
+    def as_text(self) -> str:
+        lines = [f"Wald test ({self.test}) of:"]
+        lines += [f" ({i:2d})  {c}" for i, c in enumerate(self.constraints, start=1)]
+        lines += [""] + [f"{lab:>20} = {val:>8}" for lab, val in self._stats()]
+        return "\n".join(lines) + "\n"
+
+    def tables(self) -> list[Table]:
+        rows = [[f"({i})", c] for i, c in enumerate(self.constraints, start=1)]
+        return [Table(["", "Hypothesis"], rows, f"Wald test ({self.test})"),
+                Table(["", ""], [list(r) for r in self._stats()])]
 
 
 def _describe(row, val, names):
@@ -670,34 +682,32 @@ class RobustResults:
         w = 78
         head = "Cluster-robust inference" + (f": {self.label}" if self.label else "")
         clus = f"Clusters ({self.cluster_name})" if self.cluster_name else "Clusters"
-        lines = [f"{head:<48}{'Number of obs':<18}= {self.nobs:>9,}",
-                 f"{'':<48}{clus[:17]:<18}= {self.n_clusters:>9,}"]
+        items = [("Number of obs", f"{self.nobs:>9,}"), (clus[:17], f"{self.n_clusters:>9,}")]
         if self.cluster_sizes is not None:
             sz = self.cluster_sizes
-            lines.append(f"{'':<48}{'Obs per cluster':<18}= {int(sz.min())}/{sz.mean():.1f}/{int(sz.max())}")
-        lines.append("-" * w)
-        lines += t_table_lines("", self.fe_names, self.params, self.bse, self.tvalues, self.df,
-                               self.pvalues, self.conf_int(level), level, w)
+            items.append(("Obs per cluster", f"{int(sz.min())}/{sz.mean():.1f}/{int(sz.max())}"))
+        lines = [f"{head if i == 0 else '':<48}{lab:<18}= {val}" for i, (lab, val) in enumerate(items)]
+        table = t_table(self.fe_names, self.params, self.bse, self.tvalues, self.df, self.pvalues,
+                        self.conf_int(level), level)
+        rule = "-" * table.width(w)
+        lines += [rule] + table.text_lines("", w) + [rule]
+        notes = []
         om = self._omnibus
         if om is not None:
             dd = "inf" if not np.isfinite(om.df_denom) else f"{om.df_denom:.2f}"
-            lines.append(f"Wald test ({om.test}) of all coefficients but _cons: F({om.df_num}, {dd}) = "
+            notes.append(f"Wald test ({om.test}) of all coefficients but _cons: F({om.df_num}, {dd}) = "
                          f"{om.statistic:.2f}, Prob > F = {om.pvalue:.4f}")
-        lines.append(self.description + ".")
-        return RobustSummary("\n".join(lines))
+        notes.append(self.description + ".")
+        header = Table(["", ""], [[lab, val.strip()] for lab, val in items], head)
+        return RobustSummary("\n".join(lines + notes), [header, table.table("", "Coefficients", notes)])
 
     def __repr__(self):
         return f"<RobustResults {self.type} J={self.n_clusters} n={self.nobs} df={self.df_method}>"
 
 
-class RobustSummary(str):
-    """The rendered table: a str (print it), with ``as_text()`` and HTML for notebooks."""
-
-    def as_text(self) -> str:
-        return str(self)
-
-    def _repr_html_(self):
-        return "<pre>" + html.escape(self) + "</pre>"
+class RobustSummary(TextDisplay):
+    """The rendered table: a str (print it; the REPL shows the table), with ``as_text()``,
+    HTML tables for notebooks, ``as_markdown()`` and ``as_latex()``."""
 
 
 def _model_covariance(model, theta, n):
@@ -781,8 +791,9 @@ def robust(res, cluster=None, type="CR2", df=None, *, data=None) -> RobustResult
     ------
     ValueError
         For an unknown cluster column, cluster labels of the wrong length or with
-        missing values, fewer than 2 clusters, or CR2/CR3/Satterthwaite df when the
-        model's top-level groups span several clusters.
+        missing values, fewer than 2 clusters, CR2/CR3/Satterthwaite df when the
+        model's top-level groups span several clusters, or a crossed design (its
+        marginal covariance is not block-diagonal by cluster; not available yet).
 
     Examples
     --------

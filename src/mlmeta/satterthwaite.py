@@ -34,7 +34,7 @@ from scipy import stats
 from mlmeta.summary import confidence_level
 
 __all__ = ["satterthwaite_df", "satterthwaite_Fdf", "satterthwaite", "SatterthwaitePieces",
-           "nonprofiled_deviance"]
+           "nonprofiled_deviance", "satterthwaite_pieces", "satterthwaite_ftest"]
 
 _EIG_TOL = 1e-8
 _CONTRAST_EPS = float(np.sqrt(np.finfo(float).eps))   # lmerTest's contestMD eps
@@ -112,6 +112,14 @@ class SatterthwaitePieces:
         return out
 
 
+def satterthwaite_pieces(res) -> SatterthwaitePieces:
+    """The :class:`SatterthwaitePieces` of a fit, computed once and kept on the results."""
+    pieces = res.__dict__.get("_satterthwaite_pieces")
+    if pieces is None:
+        pieces = res.__dict__["_satterthwaite_pieces"] = SatterthwaitePieces(res)
+    return pieces
+
+
 def satterthwaite_df(res, L=None) -> pd.Series | np.ndarray:
     """Satterthwaite df of the fixed effects of a mixed model (lmerTest's method).
 
@@ -149,7 +157,7 @@ def satterthwaite_df(res, L=None) -> pd.Series | np.ndarray:
     >>> mlmeta.satterthwaite_df(res, [[1, 1]]).shape              # IV1 + _cons
     (1,)
     """
-    pieces = SatterthwaitePieces(res)
+    pieces = satterthwaite_pieces(res)
     if L is not None:
         return pieces.df(L)
     eye = np.eye(len(pieces.names))
@@ -170,6 +178,18 @@ def _fstat_ddf(nu, tol=1e-8) -> float:
     return 2.0 * E / (E - nu.size)
 
 
+def _rotated(pieces, L, eps):
+    """lmerTest's ``contestMD`` rotation: the eigen-decomposition L V L' = P D P' with the
+    eigenvalues above ``eps * d_1`` (q of them) -> (d, P_q' L)."""
+    L = np.atleast_2d(np.asarray(L, dtype=float))
+    VL = L @ pieces.V @ L.T
+    d, P = np.linalg.eigh(0.5 * (VL + VL.T))
+    order = np.argsort(d)[::-1]
+    d, P = d[order], P[:, order]
+    pos = d > max(eps * d[0], 0.0)
+    return d[pos], P[:, pos].T @ L
+
+
 def satterthwaite_Fdf(res, L, eps=_CONTRAST_EPS) -> float:
     """Denominator df of the F test of ``L beta = r`` (lmerTest's ``contestMD``, the
     multi-df Satterthwaite approximation).
@@ -179,17 +199,29 @@ def satterthwaite_Fdf(res, L, eps=_CONTRAST_EPS) -> float:
     Satterthwaite df ``nu_m = 2 d_m^2 / (g_m' A g_m)``; then ddf = nu_1 when q = 1,
     the mean of the nus when they are all equal, 2 when one is <= 2, and otherwise
     ``2E / (E - q)`` with ``E = sum_m nu_m / (nu_m - 2)``."""
-    pieces = SatterthwaitePieces(res)
-    L = np.atleast_2d(np.asarray(L, dtype=float))
-    VL = L @ pieces.V @ L.T
-    d, P = np.linalg.eigh(0.5 * (VL + VL.T))
-    order = np.argsort(d)[::-1]
-    d, P = d[order], P[:, order]
-    pos = d > max(eps * d[0], 0.0)
-    if not pos.any():
+    pieces = satterthwaite_pieces(res)
+    d, PtL = _rotated(pieces, L, eps)
+    if not d.size:
         return float("nan")
-    PtL = P[:, pos].T @ L
     return _fstat_ddf(pieces.df(PtL))
+
+
+def satterthwaite_ftest(res, L, rhs=None, eps=_CONTRAST_EPS) -> dict:
+    """F test of ``L beta = rhs`` with Satterthwaite df (lmerTest's ``contestMD``):
+    F = sum_m (c_m' b - r_m)^2 / d_m / q over the q rotated contrasts of
+    :func:`satterthwaite_Fdf`, on (q, ddf). Returns F, df_num, df_den, pvalue."""
+    pieces = satterthwaite_pieces(res)
+    L = np.atleast_2d(np.asarray(L, dtype=float))
+    b = np.asarray(res.params.values, dtype=float)
+    if rhs is not None and np.any(np.asarray(rhs) != 0):
+        b = b - np.linalg.pinv(L) @ np.broadcast_to(np.asarray(rhs, float), (L.shape[0],))
+    d, PtL = _rotated(pieces, L, eps)
+    q = d.size
+    if q == 0:
+        return {"F": np.nan, "df_num": 0, "df_den": np.nan, "pvalue": np.nan}
+    F = float(np.sum((PtL @ b) ** 2 / d)) / q
+    ddf = _fstat_ddf(pieces.df(PtL))
+    return {"F": F, "df_num": q, "df_den": ddf, "pvalue": float(stats.f.sf(F, q, ddf))}
 
 
 def satterthwaite(res, level: float = 95.0) -> pd.DataFrame:

@@ -41,6 +41,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from mlmeta import _executor
 from mlmeta._threads import blas_threads
 
 __all__ = ["run", "cells", "replicate", "summarize", "plot", "STRATEGIES", "ESSAY_GRID",
@@ -340,16 +341,6 @@ class _Progress:
 
 
 # -- execution -----------------------------------------------------------------------
-def _completed(futures, executor):
-    """Futures in completion order when the executor type allows it, else in order."""
-    if isinstance(executor, cf.Executor):
-        return cf.as_completed(futures)
-    if type(executor).__module__.split(".")[0] == "distributed":
-        from distributed import as_completed
-        return as_completed(futures)
-    return iter(futures)
-
-
 def run(grid=None, strategies=STRATEGIES, n_sim=50, seed=0, *, executor=None, n_jobs=None, path=None,
         progress=True, chunksize=5, options=None, detail=False) -> pd.DataFrame:
     """Run a simulation study; return one row per cell x replicate x strategy.
@@ -415,6 +406,7 @@ def run(grid=None, strategies=STRATEGIES, n_sim=50, seed=0, *, executor=None, n_
     Name: fit_success, dtype: float64
     """
     grid = ESSAY_GRID if grid is None else grid
+    _executor.check(executor)
     strategies = tuple(strategies)
     bad = [s for s in strategies if s not in STRATEGIES]
     if bad:
@@ -458,9 +450,10 @@ def run(grid=None, strategies=STRATEGIES, n_sim=50, seed=0, *, executor=None, n_
                 own = executor = cf.ProcessPoolExecutor(max_workers=n_jobs, mp_context=ctx)
             futures = {}
             for cell, reps in tasks:
-                fut = executor.submit(_run_chunk, cell, reps, seed, strategies, options, detail)
+                fut = _executor.submit(executor, _run_chunk, cell, reps, seed, strategies, options,
+                                       detail)
                 futures[fut] = len(reps)
-            for fut in _completed(list(futures), executor):
+            for fut in _executor.completed(list(futures), executor):
                 out = fut.result()
                 rows.extend(out)
                 store.add(out)

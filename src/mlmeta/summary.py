@@ -26,9 +26,12 @@ import re
 import textwrap
 from dataclasses import dataclass, field
 
+from mlmeta.display import Display, Section, Table, TextDisplay
+
 __all__ = [
     "FixedRow", "RandomRow", "RandomBlock", "GroupRow", "Summary",
-    "fmt_g", "fmt_f", "abbrev", "t_table_lines",
+    "fmt_g", "fmt_f", "abbrev", "t_table", "t_table_lines", "factor_level", "CoefTable",
+    "Display", "TextDisplay", "Table", "Section",
 ]
 
 WIDTH = 78
@@ -150,21 +153,105 @@ class FixedRow:
     status: str = ""       # "", "omitted" (collinear) or "constrained" (fixed by constraints)
 
 
+_LEVEL = re.compile(r"^(?P<var>.+)\[(?:T\.)?(?P<level>[^\[\]]*)\]$")
+_CALL = re.compile(r"^C\(\s*(?P<var>[^,()]+?)\s*(?:,.*)?\)$")
+
+
+def _split_top(name: str, sep: str = ":") -> list[str]:
+    """``name`` split at ``sep`` outside brackets and parentheses."""
+    parts, depth, cur = [], 0, []
+    for ch in name:
+        depth += (ch in "([") - (ch in ")]")
+        if ch == sep and depth == 0:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    return parts + ["".join(cur)]
+
+
+def factor_level(name: str) -> tuple[str | None, str]:
+    """(factor, level) of a coefficient named by formulaic's factor coding, else (None,
+    name): ``region[T.north]`` -> ("region", "north"), ``outcome[AL]`` -> ("outcome",
+    "AL"), ``C(dose)[T.2]:year`` -> ("dose:year", "2")."""
+    heads, levels = [], []
+    for part in _split_top(str(name)):
+        m = _LEVEL.match(part)
+        if m is None:
+            heads.append(part)
+            continue
+        var = m.group("var")
+        c = _CALL.match(var)
+        heads.append(c.group("var") if c else var)
+        levels.append(m.group("level"))
+    if not levels:
+        return None, str(name)
+    return ":".join(heads), ":".join(levels)
+
+
+def _distinct_at(names, n) -> bool:
+    """Whether abbreviating the distinct ``names`` to ``n`` characters keeps them distinct."""
+    names = set(names)
+    return len({abbrev(x, n) for x in names}) == len(names)
+
+
 @dataclass
 class CoefTable:
     """The coefficient table of every result family (meregress, mixed, OLS, robust,
     two-stage): one row per coefficient, the test statistic's name (``z`` or ``t``),
     per-coefficient df (None: normal tests, no df column) and the confidence level.
     :meth:`text_lines` is its one text renderer: Stata's estimation-table layout, with
-    a df column when the tests have df."""
+    a df column when the tests have df; :meth:`table` the neutral table.
+
+    Factor levels are shown as Stata does: the factor's name on a line of its own and
+    its levels under it (``outcome`` above ``AL`` and ``PD``). Labels are abbreviated
+    to the 12-character column only while they stay distinct; otherwise the label
+    column widens until they are."""
     rows: list[FixedRow]
     stat: str = "z"
     df: list | None = None
     level: float = 95.0
 
+    def entries(self) -> list[tuple[str | None, str, int]]:
+        """(factor or None, label, row index) per coefficient, in row order."""
+        return [(*factor_level(r.name), k) for k, r in enumerate(self.rows)]
+
+    def label_width(self, base: int = 12) -> int:
+        """Width of the label column: ``base`` unless abbreviating would make two
+        labels (names and factor names, or two levels of a factor) look the same."""
+        entries = self.entries()
+        tops = [lab if head is None else head for head, lab, _ in entries]
+        blocks = {}
+        for head, lab, _ in entries:
+            if head is not None:
+                blocks.setdefault(head, []).append(lab)
+        longest = max([len(t) for t in tops] + [len(x) + 1 for b in blocks.values() for x in b]
+                      + [base])
+        w = base
+        while w < longest and not (_distinct_at(tops, w)
+                                   and all(_distinct_at(b, w - 1) for b in blocks.values())):
+            w += 1
+        return w
+
+    def width(self, width: int = WIDTH) -> int:
+        """Total width of the text table (``width`` unless the label column widens)."""
+        return width + self.label_width() - 12
+
+    def _blocks(self):
+        """Runs of rows: (factor or None, [(label, row index), ...])."""
+        out = []
+        for head, lab, k in self.entries():
+            if head is not None and out and out[-1][0] == head:
+                out[-1][1].append((lab, k))
+            else:
+                out.append((head, [(lab, k)]))
+        return out
+
     def text_lines(self, depvar: str, width: int = WIDTH) -> list[str]:
-        """Header, rule and one line per coefficient (no closing rule)."""
-        name = f"{abbrev(depvar or '', 12):>12} |"
+        """Header, rule and one line per coefficient (no closing rule); each factor's
+        name on a line above its levels, set off by blank lines from other rows."""
+        w = self.label_width()
+        name = f"{abbrev(depvar or '', w):>{w}} |"
         if self.df is None:
             st = self.stat
             ci = f"[{self.level:g}% conf. interval]"
@@ -172,24 +259,66 @@ class CoefTable:
         else:
             lines = [f"{name}{'Coef.':>10}{'Std. err.':>10}{self.stat:>8}{'df':>8}"
                      f"{'P>|' + self.stat + '|':>7}{f'[{self.level:g}% conf.':>12}{'interval]':>10}"]
-        lines.append("-" * 13 + "+" + "-" * (width - 14))
-        for k, r in enumerate(self.rows):
-            label = f"{abbrev(r.name, 12):>12} |"
-            if r.status:
-                lines.append(f"{label}{fmt_g(r.coef, 9):>11}  ({r.status})")
-            elif self.df is None:
-                lines.append(f"{label}{fmt_g(r.coef, 9):>11}{fmt_g(r.se, 9):>11}"
-                             f"{fmt_f(r.z, 2):>9}{fmt_f(r.p, 3):>8}"
-                             f"{fmt_g(r.lo, 9):>13}{fmt_g(r.hi, 9):>12}")
-            else:
-                t, d = r.z, self.df[k]
-                t = fmt_f(t, 2) if math.isfinite(t) and abs(t) < 1e4 else fmt_g(t, 7)
-                d = ("inf" if math.isinf(d) else fmt_f(d, 2) if math.isfinite(d) and d < 1e4
-                     else fmt_g(d, 8))
-                lines.append(f"{label}{fmt_g(r.coef, 9):>10}{fmt_g(r.se, 9):>10}"
-                             f"{t:>8}{d:>8}{fmt_f(r.p, 3):>7}"
-                             f"{fmt_g(r.lo, 9):>11}{fmt_g(r.hi, 9):>11}")
+        lines.append("-" * (w + 1) + "+" + "-" * (width - 14))
+        blank = " " * w + " |"
+        blocks = self._blocks()
+        for b, (head, items) in enumerate(blocks):
+            if head is None:
+                lines += [self._text_row(f"{abbrev(lab, w):>{w}} |", k) for lab, k in items]
+                continue
+            if b > 0 and lines[-1] != blank:
+                lines.append(blank)
+            lines.append(f"{abbrev(head, w):>{w}} |")
+            lines += [self._text_row(f"{abbrev(lab, w - 1):>{w - 1}}  |", k) for lab, k in items]
+            if b < len(blocks) - 1:
+                lines.append(blank)
         return lines
+
+    def _text_row(self, label: str, k: int) -> str:
+        r = self.rows[k]
+        if r.status:
+            return f"{label}{fmt_g(r.coef, 9):>11}  ({r.status})"
+        if self.df is None:
+            return (f"{label}{fmt_g(r.coef, 9):>11}{fmt_g(r.se, 9):>11}"
+                    f"{fmt_f(r.z, 2):>9}{fmt_f(r.p, 3):>8}"
+                    f"{fmt_g(r.lo, 9):>13}{fmt_g(r.hi, 9):>12}")
+        t, d = r.z, self.df[k]
+        t = fmt_f(t, 2) if math.isfinite(t) and abs(t) < 1e4 else fmt_g(t, 7)
+        d = ("inf" if math.isinf(d) else fmt_f(d, 2) if math.isfinite(d) and d < 1e4
+             else fmt_g(d, 8))
+        return (f"{label}{fmt_g(r.coef, 9):>10}{fmt_g(r.se, 9):>10}"
+                f"{t:>8}{d:>8}{fmt_f(r.p, 3):>7}"
+                f"{fmt_g(r.lo, 9):>11}{fmt_g(r.hi, 9):>11}")
+
+    def columns(self, depvar: str) -> list[str]:
+        st = self.stat
+        df = [] if self.df is None else ["df"]
+        return [depvar or "", "Coefficient", "Std. err.", st, *df, f"P>|{st}|",
+                f"[{self.level:g}% conf.", "interval]"]
+
+    def cells(self, k: int) -> list[str]:
+        """The formatted cells of row ``k`` after its label."""
+        r = self.rows[k]
+        n = 6 if self.df is None else 7
+        if r.status:
+            return [fmt_g(r.coef, 9), f"({r.status})"] + [""] * (n - 2)
+        df = [] if self.df is None else [
+            "inf" if math.isinf(self.df[k]) else fmt_f(self.df[k], 2)]
+        return [fmt_g(r.coef, 9), fmt_g(r.se, 9), fmt_f(r.z, 2), *df, fmt_f(r.p, 3),
+                fmt_g(r.lo, 9), fmt_g(r.hi, 9)]
+
+    def table_rows(self) -> list:
+        """Neutral rows: each factor as a :class:`~mlmeta.display.Section` above its
+        levels, labels in full."""
+        out = []
+        for head, items in self._blocks():
+            if head is not None:
+                out.append(Section(head))
+            out += [[lab, *self.cells(k)] for lab, k in items]
+        return out
+
+    def table(self, depvar: str, caption: str = "", notes=()) -> Table:
+        return Table(self.columns(depvar), self.table_rows(), caption, list(notes))
 
 
 @dataclass
@@ -229,15 +358,18 @@ class GroupRow:
     min: int
     avg: float
     max: int
+    crossed: bool = False     # crossed with the nested levels (not nested in the one above)
 
 
-@dataclass
-class Summary:
+@dataclass(repr=False)
+class Summary(Display):
     """Everything an estimation summary shows, ready to render.
 
-    ``as_text()`` gives Stata's plain-text layout, ``as_html()`` the same
-    content as HTML tables. The ``show_*`` switches drop sections (Stata's
-    ``noheader``, ``nogroup``, ``nofetable``, ``noretable``, ``nohomtest``).
+    ``as_text()`` gives Stata's plain-text layout (also its ``repr``, so the REPL
+    shows the table), ``as_html()`` the same content as HTML tables (notebooks),
+    ``as_markdown()`` and ``as_latex()`` the parts as Markdown and LaTeX tables. The
+    ``show_*`` switches drop sections (Stata's ``noheader``, ``nogroup``,
+    ``nofetable``, ``noretable``, ``nohomtest``).
     """
     title: str
     depvar: str
@@ -306,9 +438,6 @@ class Summary:
         text = "\n\n".join("\n".join(p) for p in parts if p)
         return text + "\n" if text else ""
 
-    def __str__(self) -> str:
-        return self.as_text()
-
     def _text_header(self) -> list[str]:
         lines = _pair(self.title, _kv("Number of obs", _fmt_int(self.nobs)))
         groups = self.groups if self.show_groups else []
@@ -329,9 +458,12 @@ class Summary:
                        _kv("Prob > chi2", p))
         return lines
 
+    def _coef_table(self) -> CoefTable:
+        return CoefTable(self.fixed, stat=self.stat, level=self.level)
+
     def _text_fixed(self) -> list[str]:
-        rule = "-" * WIDTH
-        table = CoefTable(self.fixed, stat=self.stat, level=self.level)
+        table = self._coef_table()
+        rule = "-" * table.width()
         lines = [rule] + table.text_lines(self.depvar) + [rule]
         if self.constraints:
             cons = [f" ({k + 1:>2})  {c}" for k, c in enumerate(self.constraints)]
@@ -344,18 +476,30 @@ class Summary:
         gap = WIDTH - len(left) - len(right)
         return left + " " * max(gap, 4) + right
 
+    def _random_label_width(self, base: int = 27) -> int:
+        """Labels are abbreviated to ``base`` characters while those of each level stay
+        distinct; otherwise the label column widens until they are."""
+        blocks = [{r.label for r in b.rows} for b in self.random]
+        longest = max([len(x) for b in blocks for x in b] + [base])
+        w = base
+        while w < longest and not all(len({_abbrev_label(x, w) for x in b}) == len(b) for b in blocks):
+            w += 1
+        return w
+
     def _text_random(self) -> list[str]:
         with_se = any(not _missing(r.se) for b in self.random for r in b.rows)
+        lw = self._random_label_width()
+        extra = lw - 27
         rest = WIDTH - 30 if with_se else 14
-        rule = "-" * (30 + rest)
-        mid = "-" * 29 + "+" + "-" * rest
-        head = "  Random-effects parameters  |   Estimate"
+        rule = "-" * (30 + extra + rest)
+        mid = "-" * (29 + extra) + "+" + "-" * rest
+        head = " " * extra + "  Random-effects parameters  |   Estimate"
         if with_se:
             head += f"   Std. err.{self._ci_label():>25}"
         lines = [rule, head]
         for b in self.random:
             lines.append(mid)
-            lines.append(f"{_level_title(b.level, b.structure, 28):<29}|")
+            lines.append(f"{_level_title(b.level, b.structure, 28 + extra):<{29 + extra}}|")
             for r in b.rows:
                 cells = f"{fmt_g(r.estimate, 9):>11}"
                 if with_se:
@@ -367,9 +511,50 @@ class Summary:
                               if ci else "")
                 else:
                     cells += r.marker
-                lines.append(f"{_abbrev_label(r.label, 27):>28} |{cells}".rstrip())
+                lines.append(f"{_abbrev_label(r.label, lw):>{lw + 1}} |{cells}".rstrip())
         lines.append(rule)
         return lines
+
+    # ---- neutral tables (Markdown, LaTeX) --------------------------------- #
+    def tables(self) -> list[Table]:
+        """The summary's parts as neutral tables: header, grouping information,
+        fixed effects (with the homogeneity test and constraints as notes), random
+        effects (with footnotes); the notes go under the last part."""
+        out = []
+        groups = self.groups if self.show_groups else []
+        if self.show_header:
+            label, chi2, p = self._wald()
+            rows = [["Dependent variable", self.depvar], ["Number of obs", _fmt_int(self.nobs)]]
+            rows += [[label, chi2], ["Prob > chi2", p], [self.ll_label, fmt_g(self.llf, 10)]]
+            out.append(Table(["", ""], rows, self.title))
+            if groups:
+                out.append(Table(["Group variable", "No. of groups", "Minimum", "Average", "Maximum"],
+                                 [[g.name, _fmt_int(g.n_groups), _fmt_int(g.min), fmt_f(g.avg, 1),
+                                   _fmt_int(g.max)] for g in groups], "Grouping information"))
+        homtest = ["Test of homogeneity: " + ", ".join(self._homtest())] if self.show_homtest else []
+        if self.show_fixed and self.fixed:
+            cons = [f"Constraint ({k + 1}): {c}" for k, c in enumerate(self.constraints)]
+            out.append(self._coef_table().table(self.depvar, "Fixed effects", homtest + cons))
+        elif homtest:
+            out.append(Table(["", ""], [["Test of homogeneity", ", ".join(self._homtest())]]))
+        if self.show_random and self.random:
+            with_se = any(not _missing(r.se) for b in self.random for r in b.rows)
+            cols = ["Random-effects parameters", "Estimate"]
+            cols += ["Std. err.", f"[{self.level:g}% conf.", "interval]"] if with_se else []
+            rows = []
+            for b in self.random:
+                rows.append(Section(f"{b.level}: {b.structure}" if b.structure else b.level))
+                for r in b.rows:
+                    cells = [r.label, fmt_g(r.estimate, 9) + r.marker]
+                    if with_se:
+                        cells += ["" if _missing(v) else fmt_g(v, 9) for v in (r.se, r.lo, r.hi)]
+                    rows.append(cells)
+            out.append(Table(cols, rows, "Random effects", self._footnotes()))
+        if self.notes:
+            if not out:
+                out.append(Table(["", ""], []))
+            out[-1].notes = list(out[-1].notes) + [f"Note: {n}" for n in self.notes]
+        return out
 
     # ---- HTML ------------------------------------------------------------- #
     def _repr_html_(self) -> str:
@@ -425,16 +610,17 @@ class Summary:
         return out
 
     def _html_fixed(self) -> list[str]:
+        table = self._coef_table()
         out = ['<table class="mlmeta-fixed">',
                f"<thead><tr><th>{_e(self.depvar)}</th><th>Coefficient</th>"
                f"<th>Std. err.</th><th>{self.stat}</th><th>P&gt;|{self.stat}|</th>"
                f'<th colspan="2">{_e(self._ci_label())}</th></tr></thead>',
                "<tbody>"]
-        out += [_html_row(r.name, [fmt_g(r.coef, 9), f"({r.status})", "", "", "", ""])
-                if r.status else
-                _html_row(r.name, [fmt_g(r.coef, 9), fmt_g(r.se, 9), fmt_f(r.z, 2),
-                                   fmt_f(r.p, 3), fmt_g(r.lo, 9), fmt_g(r.hi, 9)])
-                for r in self.fixed]
+        for row in table.table_rows():
+            if isinstance(row, Section):
+                out.append(f'<tr><th colspan="7" class="mlmeta-factor">{_e(row.label)}</th></tr>')
+            else:
+                out.append(_html_row(row[0], row[1:]))
         out.append("</tbody></table>")
         return out
 
@@ -483,7 +669,13 @@ def _text_groups(groups: list[GroupRow]) -> list[str]:
     for g in groups:
         lines.append(f"{abbrev(g.name, 15):>15} |{_fmt_int(g.n_groups):>11}"
                      f"{_fmt_int(g.min):>11}{fmt_f(g.avg, 1):>11}{_fmt_int(g.max):>11}")
-    return lines + [rule]
+    lines.append(rule)
+    crossed = [g.name for g in groups if g.crossed]
+    if crossed:
+        nested = [g.name for g in groups if not g.crossed]
+        lines += textwrap.wrap(f"Crossed: {', '.join(crossed)} crossed with "
+                               f"{' > '.join(nested)}", WIDTH)
+    return lines
 
 
 def _level_title(level: str, structure: str, n: int) -> str:
@@ -518,6 +710,7 @@ _CSS = """<style>
 .mlmeta-summary tbody th { text-align: right; font-weight: normal; }
 .mlmeta-summary thead th { border-bottom: 1px solid; }
 .mlmeta-summary th.mlmeta-level { text-align: left; font-weight: bold; }
+.mlmeta-summary th.mlmeta-factor { text-align: left; }
 .mlmeta-summary .mlmeta-header th { text-align: left; }
 </style>"""
 
@@ -538,11 +731,15 @@ def confidence_level(level=95.0, alpha=None) -> float:
     return level
 
 
-def t_table_lines(depvar, names, params, bse, tvalues, df, pvalues, ci, level=95.0, width=WIDTH):
+def t_table(names, params, bse, tvalues, df, pvalues, ci, level=95.0) -> CoefTable:
     """The :class:`CoefTable` of t tests with per-coefficient df (OLS, robust inference,
-    two-stage), rendered with its closing rule; ``ci`` is a DataFrame with columns
-    lower/upper indexed by ``names``."""
+    two-stage); ``ci`` is a DataFrame with columns lower/upper indexed by ``names``."""
     rows = [FixedRow(nm, params[nm], bse[nm], tvalues[nm], pvalues[nm], ci.loc[nm, "lower"],
                      ci.loc[nm, "upper"]) for nm in names]
-    table = CoefTable(rows, stat="t", df=[df[nm] for nm in names], level=level)
-    return table.text_lines(depvar, width) + ["-" * width]
+    return CoefTable(rows, stat="t", df=[df[nm] for nm in names], level=level)
+
+
+def t_table_lines(depvar, names, params, bse, tvalues, df, pvalues, ci, level=95.0, width=WIDTH):
+    """:func:`t_table` rendered as text, with its closing rule."""
+    table = t_table(names, params, bse, tvalues, df, pvalues, ci, level)
+    return table.text_lines(depvar, width) + ["-" * table.width(width)]

@@ -41,7 +41,7 @@ import numpy as np
 import pandas as pd
 from scipy import optimize
 
-from mlmeta._errors import ConvergenceWarning
+from mlmeta._errors import ConvergenceWarning, warn
 from mlmeta.formula import parse_formula
 from mlmeta.ols import LinearResults, labelled_frame
 from mlmeta.summary import fmt_g
@@ -239,16 +239,15 @@ class TwoStageResults(LinearResults):
     def _title(self):
         return "Two-stage regression" + (", meta second stage" if self.second_stage == "meta" else "")
 
-    def _header(self):
+    def _header_items(self):
         n = self.group_sizes[self.used]
-        lines = [f"{self._title:<48}{'Number of obs':<18}= {self.nobs:>9,}"]
         grp = f"Groups ({self.group_name})" if self.group_name else "Groups"
-        lines.append(f"{'':<48}{grp[:17]:<18}= {self.n_groups:>9,}")
-        lines.append(f"{'':<48}{'Obs per group':<18}= {int(n.min())}/{n.mean():.1f}/{int(n.max())}")
+        items = [("Number of obs", f"{self.nobs:>9,}"), (grp, f"{self.n_groups:>9,}"),
+                 ("Obs per group", f"{int(n.min())}/{n.mean():.1f}/{int(n.max())}")]
         if self.llf is not None:
             lab = "Log restr. lik." if self.method == "reml" else "Log likelihood"
-            lines.append(f"{'':<48}{lab:<18}= {fmt_g(self.llf, 10):>9}")
-        return lines
+            items.append((lab, f"{fmt_g(self.llf, 10):>9}"))
+        return items
 
     def _footer(self):
         J = self.n_groups
@@ -355,8 +354,7 @@ def two_stage(formula, data, group, second_stage="ols", *, method="reml", test="
     if dropped:
         shown = ", ".join(map(repr, dropped[:5])) + (", ..." if len(dropped) > 5 else "")
         why = "singular first-stage design" + (" or no residual df" if second_stage == "meta" else "")
-        warnings.warn(f"{len(dropped)} group(s) left out of the second stage ({shown}): {why}",
-                      UserWarning, stacklevel=2)
+        warn(f"{len(dropped)} group(s) left out of the second stage ({shown}): {why}", UserWarning)
     J = int(used.sum())
     if J < 2:
         raise ValueError(f"only {J} group(s) with an estimable first stage; at least 2 are needed")
@@ -374,7 +372,7 @@ def two_stage(formula, data, group, second_stage="ols", *, method="reml", test="
     else:
         meta = _meta_meregress(B, first["S"][used], names, method)
     if not meta["converged"]:
-        warnings.warn("the meta-analytic second stage did not converge", ConvergenceWarning, stacklevel=2)
+        warn("the meta-analytic second stage did not converge", ConvergenceWarning)
     df = float(J - 1) if test == "t" else np.inf
     return TwoStageResults(meta["beta"], meta["cov"], names, df, nobs, meta=meta,
                            method=str(method).lower(), **kw)

@@ -4,6 +4,7 @@
 * :func:`safeguard`: the ``safeguard=`` option of the optimiser (True, False, "auto").
 * :func:`aligned`: pandas objects aligned on the data's index, arrays by position.
 * :func:`reserved_name`: moderators may not be called like the intercept.
+* :func:`cluster_values`: a ``cluster=`` argument as codes over the rows used by a fit.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import os
 import numpy as np
 import pandas as pd
 
-__all__ = ["n_jobs", "safeguard", "aligned", "reserved_name", "RESERVED_NAMES"]
+__all__ = ["n_jobs", "safeguard", "aligned", "reserved_name", "cluster_values", "RESERVED_NAMES"]
 
 RESERVED_NAMES = ("_cons", "Intercept")  # mlmeta's (Stata's) and formulaic's intercept labels
 
@@ -67,6 +68,54 @@ def reserved_name(name: str, where: str) -> None:
         raise ValueError(
             f"column {name!r} in {where} has the name of the intercept (reported as '_cons'); "
             f"rename the column, e.g. data.rename(columns={{{name!r}: '{name.lstrip('_')}_x'}})")
+
+
+def cluster_values(res, cluster, data=None):
+    """``(codes, index)`` of a ``cluster=`` argument over the rows a fit used (model-frame
+    order): ``codes`` numbers the clusters 0..J-1 in the order of ``index``, their labels.
+
+    ``cluster`` is a grouping term of the model (its labels; a tuple-labelled term gives
+    a MultiIndex over its variables), a column of ``data``, or values with one entry
+    per data row or per used row (a pandas Series aligned on the data's index). Labels
+    are sorted when they can be compared."""
+    frame = res.frame
+    terms = list(frame.terms)
+    names = [t.group for t in terms]
+    if isinstance(cluster, str) and cluster in names:
+        lvl = names.index(cluster)
+        used, codes = np.unique(np.asarray(frame.groups[lvl]), return_inverse=True)
+        labels = [frame.group_labels[lvl][c] for c in used]
+        if labels and isinstance(labels[0], tuple):
+            return codes, pd.MultiIndex.from_tuples(labels, names=list(terms[lvl].group_vars))
+        return codes, pd.Index(labels, name=cluster)
+    sample = np.asarray(frame.sample, dtype=bool)
+    index = frame.data_index if frame.data_index is not None else pd.RangeIndex(sample.shape[0])
+    if isinstance(cluster, str):
+        if data is None:
+            raise ValueError(f"cluster={cluster!r} is not a grouping term of the model ({names}); "
+                             f"pass data= to take it from a column of the data")
+        if cluster not in data:
+            raise ValueError(f"unknown column {cluster!r} in data")
+        values, name = data[cluster], cluster
+    else:
+        values, name = cluster, getattr(cluster, "name", None)
+    if isinstance(values, (pd.Series, pd.DataFrame)) and len(values) == sample.shape[0]:
+        values = aligned(values, index, "cluster")
+    values = np.asarray(values)
+    if values.ndim != 1:
+        raise ValueError(f"cluster must be one-dimensional, got shape {values.shape}")
+    if values.shape[0] == sample.shape[0]:
+        values = values[sample]
+    elif values.shape[0] != int(sample.sum()):
+        raise ValueError(f"cluster has {values.shape[0]} values; expected one per data row "
+                         f"({sample.shape[0]}) or per row used in the fit ({int(sample.sum())})")
+    if pd.isna(values).any():
+        raise ValueError("cluster has missing values in rows used by the model")
+    try:
+        codes, labels = pd.factorize(values, sort=True)
+    except TypeError:
+        codes, labels = pd.factorize(values, sort=False)
+    return np.asarray(codes, dtype=np.intp), pd.Index(labels, name=name)
 
 
 def _is_int(value) -> bool:

@@ -59,6 +59,12 @@ cdef class Problem:
     Zw, Xw, node_rows : per level the whitened random design (n x q_l), the whitened
         fixed design and each node's sorted rows (first, last + 1): needed only to fit
         new outcome vectors (a diagonal Lambda); None when the problem fits its own.
+    border : for crossed terms (:mod:`mlmeta._core._border`), a dict with ``n_tree`` (the
+        kernel's tree levels; the levels after them are crossed), ``b_off`` (per level,
+        the first border effect of a crossed level), ``cmap_ptr`` and ``bmap`` (per
+        top-level cluster, the rows of ``S0`` of its local columns: its border effects,
+        then the ncol of [X, y]) and ``S0`` (the Gram matrix of the whitened
+        [Z_cross, X, y]); None for a nested model.
     """
     cdef Prob P
     cdef NestedKernel K
@@ -66,12 +72,13 @@ cdef class Problem:
     cdef Work* Ws
     cdef int n_slots
     cdef readonly int n_theta, p
+    cdef readonly Py_ssize_t nb
     cdef readonly bint new_outcomes
     cdef readonly object lower, upper, t_off, q
 
     def __init__(self, NestedKernel kernel, structs, lower, upper, n_groups, Py_ssize_t n_obs,
                  bint reml, bint profiled, double logdet_Lambda, double logdet_XtX,
-                 double scale, Zw=None, Xw=None, node_rows=None):
+                 double scale, Zw=None, Xw=None, node_rows=None, border=None):
         K = kernel
         self.K = K
         L = K.n_levels
@@ -124,8 +131,38 @@ cdef class Problem:
         node_r0 = np.ascontiguousarray(node_rows[0], dtype=np.intp)
         node_r1 = np.ascontiguousarray(node_rows[1], dtype=np.intp)
         AA = np.asfortranarray(K.AA)
+        ncol = int(K.ncol)
+        if border is None:
+            n_tree, nb = L, 0
+            b_off = np.full(L, -1, dtype=np.intp)
+            cmap_ptr = np.zeros(K.n_clusters + 1, dtype=np.intp)
+            bmap = np.zeros(1, dtype=np.intp)
+            S0 = np.zeros((1, 1), order="F")
+            cw = np.full(K.n_clusters, ncol, dtype=np.intp)
+        else:
+            if Zw is not None and Zw[0].shape[0]:
+                raise ValueError("a problem with crossed terms fits only its own outcome")
+            n_tree = int(border["n_tree"])
+            b_off = np.ascontiguousarray(border["b_off"], dtype=np.intp)
+            cmap_ptr = np.ascontiguousarray(border["cmap_ptr"], dtype=np.intp)
+            bmap = np.ascontiguousarray(border["bmap"], dtype=np.intp)
+            S0 = np.asfortranarray(border["S0"], dtype=float)
+            nb = S0.shape[0] - ncol
+            cw = np.diff(cmap_ptr).astype(np.intp)
+            if not 1 <= n_tree < L or b_off.shape[0] != L or cmap_ptr.shape[0] != K.n_clusters + 1:
+                raise ValueError("border: n_tree, b_off or cmap_ptr do not match the kernel")
+            if nb < 1 or S0.shape != (nb + ncol, nb + ncol) or bmap.shape[0] != cmap_ptr[-1]:
+                raise ValueError("border: S0 or bmap has the wrong shape")
+            if bmap.shape[0] and (bmap.min() < 0 or bmap.max() >= nb + ncol):
+                raise ValueError("border: bmap indexes outside S0")
+            ends = b_off[n_tree:] + q[n_tree:] * n_groups[n_tree:].astype(np.intp)
+            if (b_off[n_tree:] < 0).any() or ends.max() > nb:
+                raise ValueError("border: the crossed levels' effects do not fit in S0")
+        maxw = int(cw.max()) if cw.shape[0] else ncol
+        self.nb = nb
         self._keep = (q, t_off, n_th, th_off, kind, M, n_sd, c_off, cmap, cfix, lower, upper,
-                      n_groups, Zw_flat, zw_off, Xw, node_r0, node_r1, AA)
+                      n_groups, Zw_flat, zw_off, Xw, node_r0, node_r1, AA, b_off, cmap_ptr, bmap,
+                      S0, cw)
         self.lower, self.upper, self.t_off, self.q = lower, upper, t_off, q
         self.n_theta = k
         self.p = p
@@ -139,6 +176,8 @@ cdef class Problem:
         cdef double[::1] v_cfix = cfix, v_ng = n_groups, v_lo = lower, v_up = upper, v_zw = Zw_flat
         cdef double[::1, :] v_M = M
         cdef double[::1, :] v_AA = AA
+        cdef double[::1, :] v_S0 = S0
+        cdef Py_ssize_t[::1] v_boff = b_off, v_cptr = cmap_ptr, v_bmap = bmap, v_cw = cw
         cdef const double[:, ::1] v_Xw = Xw
         cdef Prob* P = &self.P
         P.tree = K._tree()
@@ -176,9 +215,17 @@ cdef class Problem:
         P.za_len = K._ZA.shape[0]
         P.tn_len = K._tn_ptr[K._tn_ptr.shape[0] - 1]
         P.t_len = t_len
-        P.maxq = K.maxq
+        P.maxq = max(K.maxq, int(q.max()))
+        P.nb = nb
+        P.n_tree = n_tree
+        P.maxw = maxw
+        P.cw = &v_cw[0] if cw.shape[0] else NULL
+        P.cmap_ptr = &v_cptr[0]
+        P.bmap = &v_bmap[0]
+        P.b_off = &v_boff[0]
+        P.S0 = &v_S0[0, 0]
         # the kernels' scratch, and (EM) Sigma, a product and the projections' q x q room
-        P.scratch_len = 3 * P.maxq * max(P.maxq, <Py_ssize_t>P.tree.ncol) + 3 * P.maxq * P.maxq + 16
+        P.scratch_len = 3 * P.maxq * max(P.maxq, maxw) + 3 * P.maxq * P.maxq + 16
         P.n_theta = k
         P.p = p
         P.ncol = p + 1
@@ -209,6 +256,10 @@ cdef class Problem:
                  P.za_len, nc * nc, nc * nc, P.scratch_len, P.t_len, P.t_len, P.t_len,
                  max(p * p, 1), max(p * p, 1), max(p, 1), nc * nc, max(P.t_len * k, 1),
                  5 * ms * ms + ms + 8, 16 * k + 2 * k * k + 32]
+        nb = P.nb
+        bw = nb + nc if nb else 0
+        sizes += [max(x, 1) for x in (bw * bw, nb * nb, nb * nb, nb * nb, nb * nc, nb * nc, bw * bw,
+                                      P.maxw * P.maxw if nb else 0)]
         offs = np.concatenate([[0], np.cumsum(sizes)]).astype(np.intp)
         buf = np.zeros((n, int(offs[-1])), dtype=np.float64)
         cdef double[:, ::1] B = buf
@@ -240,6 +291,14 @@ cdef class Problem:
             Ws[c].D = &B[c, o[19]]
             Ws[c].cs = &B[c, o[20]]
             Ws[c].tmp = &B[c, o[21]]
+            Ws[c].Sb = &B[c, o[22]]
+            Ws[c].Cb = &B[c, o[23]]
+            Ws[c].Pb = &B[c, o[24]]
+            Ws[c].Sg = &B[c, o[25]]
+            Ws[c].Wb = &B[c, o[26]]
+            Ws[c].Kb = &B[c, o[27]]
+            Ws[c].PhiB = &B[c, o[28]]
+            Ws[c].Sl = &B[c, o[29]]
             if k:
                 copy(P.M, Ws[c].D, P.t_len * k)
             Ws[c].n_evals = 0
@@ -367,6 +426,23 @@ cdef class Problem:
             if dev == INFINITY:
                 raise FloatingPointError(f"the objective is not defined at theta = {th}")
             return self._vec(self.Ws[0].WW, self.P.za_len), self._vec(self.Ws[0].SB, self.P.zz_len)
+
+    def border_solution(self, theta):
+        """Evaluate at theta and return (W, L) of the crossed terms' border: W = C_c^-1 R
+        (nb x ncol) and the lower Cholesky factor L of C_c (nb x nb, C_c^-1 = L^-T L^-1)."""
+        th = self._check_theta(theta)
+        cdef double[::1] tv = th
+        cdef double dev
+        cdef Py_ssize_t nb = self.nb
+        if nb == 0:
+            raise ValueError("the model has no crossed terms")
+        with self._lock:
+            dev = self._eval(tv, NULL, True, 0.0)
+            if dev == INFINITY:
+                raise FloatingPointError(f"the objective is not defined at theta = {th}")
+            Wb = self._vec(self.Ws[0].Wb, nb * self.P.ncol).reshape(nb, self.P.ncol, order="F")
+            Lb = np.tril(self._vec(self.Ws[0].Cb, nb * nb).reshape(nb, nb, order="F"))
+        return Wb, Lb
 
     def pieces(self, T, Phi):
         """Kernel test twin: for a flat T (level blocks) and a symmetric Phi, refactor and

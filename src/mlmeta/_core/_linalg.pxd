@@ -3,7 +3,7 @@
 # The small ones are inline so the kernels' many tiny products cost no call.
 
 from scipy.linalg.cython_blas cimport dgemm, dtrsm
-from scipy.linalg.cython_lapack cimport dpotrf
+from scipy.linalg.cython_lapack cimport dpotrf, dpotri
 from libc.math cimport sqrt
 
 cdef enum:
@@ -127,6 +127,21 @@ cdef inline int potrf_lower(int n, double* A, int lda) noexcept nogil:
                 A[i + j * lda] = acc * d
         return 0
     dpotrf(&uplo, &n, A, &lda, &info)
+    return info
+
+
+cdef inline int potri_lower(int n, double* A, int lda) noexcept nogil:
+    """A <- (L L')^-1 from the lower Cholesky factor in A, both triangles filled;
+    returns LAPACK info."""
+    cdef char uplo = b'L'
+    cdef int info = 0
+    cdef int i, j
+    if n == 0:
+        return 0
+    dpotri(&uplo, &n, A, &lda, &info)
+    for j in range(n):
+        for i in range(j):
+            A[i + j * lda] = A[j + i * lda]
     return info
 
 

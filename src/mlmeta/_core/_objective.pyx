@@ -25,6 +25,7 @@ from mlmeta._core._nested cimport (Tree, factor_cluster, invert_cluster, accumul
                                    assemble_factors, reduce_factors)
 from mlmeta._core._problem cimport Prob, Work, ST_OK, ST_H, ST_SIGMA
 from mlmeta._core._structures cimport set_factors
+from mlmeta._core._border cimport factor_crossed, solve_crossed
 
 cdef double LOG2PI = 1.8378770664093453
 
@@ -68,6 +69,8 @@ cdef Py_ssize_t factor_all(const Prob* P, Work* W, double* logdet) noexcept nogi
     t.T = W.Tn
     zero(W.Tn, P.tn_len)
     assemble_factors(&P.sb, W.Tlev, W.Tn)
+    if P.nb > 0:
+        return factor_crossed(P, W, &t, logdet)
     copy(W.AA, W.S, P.ncol * P.ncol)
     for j in range(P.n_clusters):
         st = factor_cluster(&t, P.cluster_ptr[j], P.cluster_ptr[j + 1], W.WB, W.WR, W.S, logdet,
@@ -85,15 +88,18 @@ cdef void solve_all(const Prob* P, Work* W, const double* Phi, bint want_G,
     cdef Py_ssize_t j
     t.ZA = W.ZA
     t.T = W.Tn
-    for j in range(P.n_clusters):
-        invert_cluster(&t, P.cluster_ptr[j], P.cluster_ptr[j + 1], W.WB, W.WR, W.SB, W.WW)
-        accumulate_cluster(&t, P.cluster_ptr[j], P.cluster_ptr[j + 1], W.SB, W.WW, W.KK, Phi,
-                           W.GN, W.EN, W.scratch, P.maxq)
+    zero(W.G, P.t_len)
+    zero(W.E, P.t_len)
+    if P.nb > 0:     # the border's levels go straight into G and E
+        solve_crossed(P, W, &t, Phi)
+    else:
+        for j in range(P.n_clusters):
+            invert_cluster(&t, P.cluster_ptr[j], P.cluster_ptr[j + 1], W.WB, W.WR, W.SB, W.WW)
+            accumulate_cluster(&t, P.cluster_ptr[j], P.cluster_ptr[j + 1], W.SB, W.WW, W.KK, Phi,
+                               W.GN, W.EN, W.scratch, P.maxq)
     if want_G:
-        zero(W.G, P.t_len)
         reduce_factors(&P.sb, W.GN, W.G)
     if want_E:
-        zero(W.E, P.t_len)
         reduce_factors(&P.sb, W.EN, W.E)
 
 

@@ -18,6 +18,7 @@ cdef enum:
     ST_R = -2          # a custom level's correlation matrix not positive definite
     ST_SIGMA = -3      # profiled residual variance not positive
     ST_NONFINITE = -4  # theta not finite
+    ST_BORDER = -5     # the crossed terms' block (after eliminating the tree) not positive definite
 
 
 cdef struct Prob:
@@ -46,6 +47,17 @@ cdef struct Prob:
     const Py_ssize_t* node_r0
     const Py_ssize_t* node_r1
     Py_ssize_t zz_len, za_len, tn_len, t_len, maxq, scratch_len
+    # crossed terms (the border; nb = 0 for a nested model): levels n_tree.. are crossed;
+    # a crossed level l's effects are border rows b_off[l] + g q_l + i; top-level cluster j
+    # sees the border effects bmap[cmap_ptr[j] : cmap_ptr[j + 1]] as its first local columns
+    # (its nodes' ZA blocks are cw[j] = m_j + ncol wide); S0 is the Gram matrix of the
+    # whitened [Z_cross, X, y] ((nb + ncol)^2, column-major)
+    Py_ssize_t nb, n_tree, maxw
+    const Py_ssize_t* cw
+    const Py_ssize_t* cmap_ptr
+    const Py_ssize_t* bmap
+    const Py_ssize_t* b_off
+    const double* S0
     int n_theta, p, ncol, reml, profiled, has_custom
     double logdet_Lambda, logdet_XtX, scale
 
@@ -73,6 +85,15 @@ cdef struct Work:
     double* D        # dT/dtheta (t_len x n_theta): M, with custom levels' columns per evaluation
     double* cs       # custom-structure scratch
     double* tmp      # optimiser scratch: see fit_one
+    # crossed terms (see _border.pyx): nb = border size, bw = nb + ncol
+    double* Sb       # bw x bw: [Z_c, A]' V_tree^-1 [Z_c, A]
+    double* Cb       # nb x nb: I + T_c' S_cc T_c, then its Cholesky factor
+    double* Pb       # nb x nb: S_cc T_c
+    double* Sg       # nb x nb: C_c^-1
+    double* Wb       # nb x ncol: T_c' S_cA, then L^-1 of it, then C_c^-1 T_c' S_cA
+    double* Kb       # nb x ncol: S_cA - S_cc T_c W
+    double* PhiB     # bw x bw: d dev / d Sb (the tree's Phi)
+    double* Sl       # maxw^2: a cluster's local S / Phi
     double sigma2, rss, logdet_C, logdet_H
     int n_evals, status
     bint own         # ZA and AA hold the design's own outcome (set_response(NULL))

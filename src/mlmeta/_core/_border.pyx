@@ -1,0 +1,163 @@
+# cython: language_level=3
+"""Crossed random effects: the nested tree plus a dense border.
+
+The random effects split into those of the nested tree (the largest chain of nested
+grouping terms, factored cluster by cluster as in :mod:`mlmeta._core._nested`) and
+the ``nb`` effects of the crossed terms (the border, relative factor ``T_c``, block
+diagonal over the crossed groups or dense for a known correlation across groups).
+With ``M = [Z~_c, A]`` (the crossed terms' whitened columns, X and y) and the tree's
+marginal covariance ``V_t = I + Z~_t T_t T_t' Z~_t'``:
+
+    Sb   = M' V_t^-1 M = M'M - sum_j Y_j' Y_j          (the tree kernel, one pass:
+                                                        cluster j's columns of M as its
+                                                        right-hand sides, m_j + ncol wide)
+    C_c  = I + T_c' S_cc T_c = L L',   R = T_c' S_cA
+    log|C| = log|C_t| + log|C_c|,      A'V^-1A = S_AA - R' C_c^-1 R
+
+(Woodbury applied twice: ``V = V_t + Z~_c T_c T_c' Z~_c'``). The gradient and EM
+moments of the crossed levels come from the border exactly as a dense node's in the
+tree kernel, with ``W = C_c^-1 R``, ``Sig = C_c^-1`` and ``K = S_cA - S_cc T_c W``:
+
+    df/dT_l / 2 = sum_g [ (S_cc T_c Sig)_gg - K_g Phi W_g' ],   E_l = sum_g [ Sig_gg + W_g Phi W_g' ]
+
+The tree's levels see the objective through ``Sb`` only; its derivative
+
+    Phi_b = d dev / d Sb = [[ T_c (Sig + W Phi W') T_c',  -T_c W Phi ],
+                            [ -Phi W' T_c',                Phi        ]]
+
+is handed to the tree kernel as each cluster's Phi (its local rows and columns), which
+then yields the tree levels' gradient and their full (not tree-conditional) EM
+moments. Cost per evaluation: the tree's O(sum_j m_j^2) plus O(nb^3) for the border.
+"""
+
+from libc.math cimport log
+
+from mlmeta._core._linalg cimport gemm, trsm_left_lower, potrf_lower, potri_lower, zero, copy
+from mlmeta._core._nested cimport Tree, factor_cluster, invert_cluster, accumulate_cluster
+from mlmeta._core._problem cimport Prob, Work, ST_BORDER
+
+
+cdef Py_ssize_t factor_crossed(const Prob* P, Work* W, Tree* t, double* logdet) noexcept nogil:
+    """Factor the tree (t: node factors assembled) cluster by cluster into W.Sb, then the
+    border: W.Cb = chol(C_c), W.Wb = L^-1 R, W.S = A'V^-1A; logdet += log|C|. Returns 0,
+    1 + a failed tree node, or ST_BORDER."""
+    cdef Py_ssize_t nb = P.nb
+    cdef int nc = P.ncol
+    cdef Py_ssize_t bw = nb + nc
+    cdef Py_ssize_t j, w, i, k, st, l, g, o
+    cdef const Py_ssize_t* mp
+    cdef int q, info
+    cdef const double* Tl
+    copy(P.S0, W.Sb, bw * bw)
+    for j in range(P.n_clusters):
+        w = P.cw[j]
+        t.ncol = <int>w
+        zero(W.Sl, w * w)
+        st = factor_cluster(t, P.cluster_ptr[j], P.cluster_ptr[j + 1], W.WB, W.WR, W.Sl, logdet,
+                            W.scratch)
+        if st != 0:
+            return st
+        mp = P.bmap + P.cmap_ptr[j]
+        for k in range(w):
+            for i in range(w):
+                W.Sb[mp[i] + mp[k] * bw] += W.Sl[i + k * w]
+    # Pb = S_cc T_c (column blocks), then C_c = I + T_c' Pb and R = T_c' S_cA (row blocks)
+    for l in range(P.n_tree, P.n_levels):
+        q = <int>P.q[l]
+        Tl = W.Tlev + P.t_off[l]
+        for g in range(<Py_ssize_t>P.n_groups[l]):
+            o = P.b_off[l] + g * q
+            gemm(b'N', b'N', <int>nb, q, q, 1.0, W.Sb + o * bw, <int>bw, Tl, q, 0.0,
+                 W.Pb + o * nb, <int>nb)
+    for l in range(P.n_tree, P.n_levels):
+        q = <int>P.q[l]
+        Tl = W.Tlev + P.t_off[l]
+        for g in range(<Py_ssize_t>P.n_groups[l]):
+            o = P.b_off[l] + g * q
+            gemm(b'T', b'N', q, <int>nb, q, 1.0, Tl, q, W.Pb + o, <int>nb, 0.0, W.Cb + o, <int>nb)
+            gemm(b'T', b'N', q, nc, q, 1.0, Tl, q, W.Sb + o + nb * bw, <int>bw, 0.0, W.Wb + o,
+                 <int>nb)
+    for i in range(nb):
+        W.Cb[i + i * nb] += 1.0
+    info = potrf_lower(<int>nb, W.Cb, <int>nb)
+    if info != 0:
+        return ST_BORDER
+    for i in range(nb):
+        logdet[0] += 2.0 * log(W.Cb[i + i * nb])
+    trsm_left_lower(b'N', <int>nb, nc, W.Cb, <int>nb, W.Wb, <int>nb)
+    for k in range(nc):
+        for i in range(nc):
+            W.S[i + k * nc] = W.Sb[nb + i + (nb + k) * bw]
+    gemm(b'T', b'N', nc, nc, <int>nb, -1.0, W.Wb, <int>nb, W.Wb, <int>nb, 1.0, W.S, nc)
+    return 0
+
+
+cdef void solve_crossed(const Prob* P, Work* W, Tree* t, const double* Phi) noexcept nogil:
+    """After factor_crossed: W.Wb = C_c^-1 R; the crossed levels' gradient pieces and EM
+    moments added into W.G and W.E; Phi_b (module docstring) into W.PhiB; then the tree's
+    selected inverse, node solutions and per-node pieces (W.GN, W.EN) with each
+    cluster's rows and columns of Phi_b. W.G and W.E must be zeroed by the caller."""
+    cdef Py_ssize_t nb = P.nb
+    cdef int nc = P.ncol
+    cdef Py_ssize_t bw = nb + nc
+    cdef Py_ssize_t i, k, j, w, l, g, o
+    cdef int q
+    cdef const Py_ssize_t* mp
+    cdef const double* Tl
+    cdef double* Gl
+    cdef double* El
+    cdef double* s = W.Sl        # nc x q scratch (the local Phi buffer is free until the tree)
+    trsm_left_lower(b'T', <int>nb, nc, W.Cb, <int>nb, W.Wb, <int>nb)
+    copy(W.Cb, W.Sg, nb * nb)
+    potri_lower(<int>nb, W.Sg, <int>nb)
+    for k in range(nc):
+        copy(W.Sb + (nb + k) * bw, W.Kb + k * nb, nb)
+    gemm(b'N', b'N', <int>nb, nc, <int>nb, -1.0, W.Pb, <int>nb, W.Wb, <int>nb, 1.0, W.Kb, <int>nb)
+    for l in range(P.n_tree, P.n_levels):
+        q = <int>P.q[l]
+        Gl = W.G + P.t_off[l]
+        El = W.E + P.t_off[l]
+        for g in range(<Py_ssize_t>P.n_groups[l]):
+            o = P.b_off[l] + g * q
+            gemm(b'N', b'N', q, q, <int>nb, 1.0, W.Pb + o, <int>nb, W.Sg + o * nb, <int>nb, 1.0,
+                 Gl, q)
+            gemm(b'N', b'T', nc, q, nc, 1.0, Phi, nc, W.Wb + o, <int>nb, 0.0, s, nc)
+            gemm(b'N', b'N', q, q, nc, -1.0, W.Kb + o, <int>nb, s, nc, 1.0, Gl, q)
+            gemm(b'N', b'N', q, q, nc, 1.0, W.Wb + o, <int>nb, s, nc, 1.0, El, q)
+            for k in range(q):
+                for i in range(q):
+                    El[i + k * q] += W.Sg[o + i + (o + k) * nb]
+    # Phi_b: Kb <- W Phi; Sg <- Sig + W Phi W'; Pb <- Sg T_c'; blocks of T_c Pb and -T_c Kb
+    gemm(b'N', b'N', <int>nb, nc, nc, 1.0, W.Wb, <int>nb, Phi, nc, 0.0, W.Kb, <int>nb)
+    gemm(b'N', b'T', <int>nb, <int>nb, nc, 1.0, W.Kb, <int>nb, W.Wb, <int>nb, 1.0, W.Sg, <int>nb)
+    for l in range(P.n_tree, P.n_levels):
+        q = <int>P.q[l]
+        Tl = W.Tlev + P.t_off[l]
+        for g in range(<Py_ssize_t>P.n_groups[l]):
+            o = P.b_off[l] + g * q
+            gemm(b'N', b'T', <int>nb, q, q, 1.0, W.Sg + o * nb, <int>nb, Tl, q, 0.0,
+                 W.Pb + o * nb, <int>nb)
+    for l in range(P.n_tree, P.n_levels):
+        q = <int>P.q[l]
+        Tl = W.Tlev + P.t_off[l]
+        for g in range(<Py_ssize_t>P.n_groups[l]):
+            o = P.b_off[l] + g * q
+            gemm(b'N', b'N', q, <int>nb, q, 1.0, Tl, q, W.Pb + o, <int>nb, 0.0, W.PhiB + o, <int>bw)
+            gemm(b'N', b'N', q, nc, q, -1.0, Tl, q, W.Kb + o, <int>nb, 0.0, W.PhiB + o + nb * bw,
+                 <int>bw)
+    for k in range(nc):
+        for i in range(nb):
+            W.PhiB[nb + k + i * bw] = W.PhiB[i + (nb + k) * bw]
+        for i in range(nc):
+            W.PhiB[nb + i + (nb + k) * bw] = Phi[i + k * nc]
+    # the tree, each cluster with its rows and columns of Phi_b
+    for j in range(P.n_clusters):
+        w = P.cw[j]
+        t.ncol = <int>w
+        mp = P.bmap + P.cmap_ptr[j]
+        for k in range(w):
+            for i in range(w):
+                W.Sl[i + k * w] = W.PhiB[mp[i] + mp[k] * bw]
+        invert_cluster(t, P.cluster_ptr[j], P.cluster_ptr[j + 1], W.WB, W.WR, W.SB, W.WW)
+        accumulate_cluster(t, P.cluster_ptr[j], P.cluster_ptr[j + 1], W.SB, W.WW, W.KK, W.Sl,
+                           W.GN, W.EN, W.scratch, P.maxq)
