@@ -56,13 +56,30 @@ def parallel_calls(fn, args, n_threads: int):
     return [first] + [f.result() for f in futures]
 
 
+_controller = None
+
+
+def _blas_controller():
+    """One threadpoolctl controller per process (finding the BLAS libraries costs ~0.1 ms;
+    a limit through a kept controller a few microseconds). Made on first use, after the
+    compiled core has loaded SciPy's BLAS."""
+    global _controller
+    if _controller is None:
+        from threadpoolctl import ThreadpoolController
+
+        _controller = ThreadpoolController()
+    return _controller
+
+
 def blas_threads(n=1):
     """Context manager limiting BLAS to ``n`` threads (a no-op when ``n`` is None or
-    threadpoolctl is missing)."""
+    threadpoolctl is missing). Every fit runs inside ``blas_threads(1)``: its BLAS calls
+    are on blocks of a few effects (a per-cluster tree) or, for crossed terms, one border
+    whose factorisation is cheap next to the thread start-up and oversubscription costs."""
     if n is None:
         return contextlib.nullcontext()
     try:
-        from threadpoolctl import threadpool_limits
+        controller = _blas_controller()
     except ImportError:
         return contextlib.nullcontext()
-    return threadpool_limits(limits=int(n), user_api="blas")
+    return controller.limit(limits=int(n), user_api="blas")

@@ -17,6 +17,7 @@ import numpy as np
 from scipy import linalg, sparse
 
 from mlmeta._core._engine import Problem
+from mlmeta._threads import blas_threads
 from mlmeta._core._nested import NestedKernel
 from mlmeta.covstruct import CovStruct
 from mlmeta.design import NestedDesign
@@ -160,8 +161,9 @@ class NestedModel:
         """Deviance (-2 log-likelihood) at theta; optionally its gradient and EM moments.
         ``sigma2``: for a profiled-residual model, the deviance at that residual variance
         (not profiled over it). Raises FloatingPointError where it is not defined."""
-        out = self.problem.evaluate(np.asarray(theta, dtype=np.float64), gradient=gradient, em=em,
-                                    sigma2=sigma2)
+        with blas_threads(1 if self.design.crossed else None):
+            out = self.problem.evaluate(np.asarray(theta, dtype=np.float64), gradient=gradient,
+                                        em=em, sigma2=sigma2)
         if not np.isfinite(out["deviance"]):
             raise FloatingPointError(self.failure_message(out["status"]))
         d = self.design
@@ -237,14 +239,16 @@ class NestedModel:
         ev = self.evaluate(theta)
         d = self.design
         K = d.kernel
-        WW, SB = self.problem.node_solution(theta)
+        with blas_threads(1):
+            WW, SB = self.problem.node_solution(theta)
         p = d.n_fe
         nc = p + 1
         gamma = np.append(-ev.beta_work, 1.0)
         Ts = self.T_list(theta)
         m_local = np.zeros(d.n_clusters, dtype=np.intp)
         if d.crossed:
-            Wb, Lb = self.problem.border_solution(theta)
+            with blas_threads(1):
+                Wb, Lb = self.problem.border_solution(theta)
             nb = Wb.shape[0]
             Sig_b = linalg.cho_solve((Lb, True), np.eye(nb))
             Tc = sparse.block_diag([sparse.kron(sparse.identity(d.n_groups[lvl]), Ts[lvl])

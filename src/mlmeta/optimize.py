@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from mlmeta._threads import blas_threads
 from mlmeta.model import NestedModel
 from mlmeta.validate import safeguard as _safeguard
 
@@ -65,10 +66,12 @@ def _run(model, thetas, *, lower, upper, em_iter=0, em_tol=0.0, em_only=False, m
          tol=1e-6, quasi=False, known=None, threads=1, log=False):
     """Engine runs from each row of ``thetas``; the engine's dict of per-run arrays."""
     kt, kd = (None, np.inf) if known is None else (known[0], float(known[1]))
-    return model.problem.fit(np.atleast_2d(thetas), lower=lower, upper=upper, em_iter=int(em_iter),
-                             em_tol=float(em_tol), em_only=em_only, maxiter=int(maxiter),
-                             tol=float(tol), quasi=quasi, known_theta=kt, known_dev=kd,
-                             n_threads=int(threads), log=log)
+    with blas_threads(1):
+        return model.problem.fit(np.atleast_2d(thetas), lower=lower, upper=upper,
+                                 em_iter=int(em_iter), em_tol=float(em_tol), em_only=em_only,
+                                 maxiter=int(maxiter),
+                                 tol=float(tol), quasi=quasi, known_theta=kt, known_dev=kd,
+                                 n_threads=int(threads), log=log)
 
 
 def alternative_starts(model: NestedModel, theta_em, theta_best):

@@ -37,6 +37,61 @@ from mlmeta._core._nested cimport Tree, factor_cluster, invert_cluster, accumula
 from mlmeta._core._problem cimport Prob, Work, ST_BORDER
 
 
+cdef void t_left(const Prob* P, const double* Tlev, bint trans, double alpha, const double* X,
+                 Py_ssize_t ldx, double* out, Py_ssize_t ldo, Py_ssize_t ncols) noexcept nogil:
+    """out = alpha op(T_c) X over the border rows (X and out nb x ncols; op(T) = T' when
+    ``trans``), T_c block diagonal over the crossed groups; column by column, so every
+    access is contiguous."""
+    cdef Py_ssize_t c, l, g, o, i, k
+    cdef int q
+    cdef const double* Tl
+    cdef const double* x
+    cdef double* y
+    cdef double acc
+    for c in range(ncols):
+        x = X + c * ldx
+        y = out + c * ldo
+        for l in range(P.n_tree, P.n_levels):
+            q = <int>P.q[l]
+            Tl = Tlev + P.t_off[l]
+            for g in range(<Py_ssize_t>P.n_groups[l]):
+                o = P.b_off[l] + g * q
+                for i in range(q):
+                    acc = 0.0
+                    if trans:
+                        for k in range(q):
+                            acc = acc + Tl[k + i * q] * x[o + k]
+                    else:
+                        for k in range(q):
+                            acc = acc + Tl[i + k * q] * x[o + k]
+                    y[o + i] = alpha * acc
+
+
+cdef void t_right(const Prob* P, const double* Tlev, bint trans, const double* X, Py_ssize_t ldx,
+                  double* out, Py_ssize_t ldo, Py_ssize_t nrows) noexcept nogil:
+    """out = X op(T_c) over the border columns (X and out nrows x nb), T_c block diagonal."""
+    cdef Py_ssize_t l, g, o, j, k, r
+    cdef int q
+    cdef const double* Tl
+    cdef const double* x
+    cdef double* y
+    cdef double t
+    for l in range(P.n_tree, P.n_levels):
+        q = <int>P.q[l]
+        Tl = Tlev + P.t_off[l]
+        for g in range(<Py_ssize_t>P.n_groups[l]):
+            o = P.b_off[l] + g * q
+            for j in range(q):
+                y = out + (o + j) * ldo
+                for r in range(nrows):
+                    y[r] = 0.0
+                for k in range(q):
+                    t = Tl[j + k * q] if trans else Tl[k + j * q]
+                    x = X + (o + k) * ldx
+                    for r in range(nrows):
+                        y[r] = y[r] + x[r] * t
+
+
 cdef Py_ssize_t factor_crossed(const Prob* P, Work* W, Tree* t, double* logdet) noexcept nogil:
     """Factor the tree (t: node factors assembled) cluster by cluster into W.Sb, then the
     border: W.Cb = chol(C_c), W.Wb = L^-1 R, W.S = A'V^-1A; logdet += log|C|. Returns 0,
@@ -44,10 +99,9 @@ cdef Py_ssize_t factor_crossed(const Prob* P, Work* W, Tree* t, double* logdet) 
     cdef Py_ssize_t nb = P.nb
     cdef int nc = P.ncol
     cdef Py_ssize_t bw = nb + nc
-    cdef Py_ssize_t j, w, i, k, st, l, g, o
+    cdef Py_ssize_t j, w, i, k, st
     cdef const Py_ssize_t* mp
-    cdef int q, info
-    cdef const double* Tl
+    cdef int info
     copy(P.S0, W.Sb, bw * bw)
     for j in range(P.n_clusters):
         w = P.cw[j]
@@ -61,22 +115,10 @@ cdef Py_ssize_t factor_crossed(const Prob* P, Work* W, Tree* t, double* logdet) 
         for k in range(w):
             for i in range(w):
                 W.Sb[mp[i] + mp[k] * bw] += W.Sl[i + k * w]
-    # Pb = S_cc T_c (column blocks), then C_c = I + T_c' Pb and R = T_c' S_cA (row blocks)
-    for l in range(P.n_tree, P.n_levels):
-        q = <int>P.q[l]
-        Tl = W.Tlev + P.t_off[l]
-        for g in range(<Py_ssize_t>P.n_groups[l]):
-            o = P.b_off[l] + g * q
-            gemm(b'N', b'N', <int>nb, q, q, 1.0, W.Sb + o * bw, <int>bw, Tl, q, 0.0,
-                 W.Pb + o * nb, <int>nb)
-    for l in range(P.n_tree, P.n_levels):
-        q = <int>P.q[l]
-        Tl = W.Tlev + P.t_off[l]
-        for g in range(<Py_ssize_t>P.n_groups[l]):
-            o = P.b_off[l] + g * q
-            gemm(b'T', b'N', q, <int>nb, q, 1.0, Tl, q, W.Pb + o, <int>nb, 0.0, W.Cb + o, <int>nb)
-            gemm(b'T', b'N', q, nc, q, 1.0, Tl, q, W.Sb + o + nb * bw, <int>bw, 0.0, W.Wb + o,
-                 <int>nb)
+    # Pb = S_cc T_c, then C_c = I + T_c' Pb and R = T_c' S_cA
+    t_right(P, W.Tlev, False, W.Sb, bw, W.Pb, nb, nb)
+    t_left(P, W.Tlev, True, 1.0, W.Pb, nb, W.Cb, nb, nb)
+    t_left(P, W.Tlev, True, 1.0, W.Sb + nb * bw, bw, W.Wb, nb, nc)
     for i in range(nb):
         W.Cb[i + i * nb] += 1.0
     info = potrf_lower(<int>nb, W.Cb, <int>nb)
@@ -100,10 +142,9 @@ cdef void solve_crossed(const Prob* P, Work* W, Tree* t, const double* Phi) noex
     cdef Py_ssize_t nb = P.nb
     cdef int nc = P.ncol
     cdef Py_ssize_t bw = nb + nc
-    cdef Py_ssize_t i, k, j, w, l, g, o
+    cdef Py_ssize_t i, k, j, w, l, g, o, h
     cdef int q
     cdef const Py_ssize_t* mp
-    cdef const double* Tl
     cdef double* Gl
     cdef double* El
     cdef double* s = W.Sl        # nc x q scratch (the local Phi buffer is free until the tree)
@@ -113,14 +154,22 @@ cdef void solve_crossed(const Prob* P, Work* W, Tree* t, const double* Phi) noex
     for k in range(nc):
         copy(W.Sb + (nb + k) * bw, W.Kb + k * nb, nb)
     gemm(b'N', b'N', <int>nb, nc, <int>nb, -1.0, W.Pb, <int>nb, W.Wb, <int>nb, 1.0, W.Kb, <int>nb)
+    # (S_cc T_c Sig)_gg = sum_h Pb[g, h] Sig[g, h] (Sig symmetric): down the columns
+    for h in range(nb):
+        for l in range(P.n_tree, P.n_levels):
+            q = <int>P.q[l]
+            Gl = W.G + P.t_off[l]
+            for g in range(<Py_ssize_t>P.n_groups[l]):
+                o = P.b_off[l] + g * q
+                for k in range(q):
+                    for i in range(q):
+                        Gl[i + k * q] += W.Pb[o + i + h * nb] * W.Sg[o + k + h * nb]
     for l in range(P.n_tree, P.n_levels):
         q = <int>P.q[l]
         Gl = W.G + P.t_off[l]
         El = W.E + P.t_off[l]
         for g in range(<Py_ssize_t>P.n_groups[l]):
             o = P.b_off[l] + g * q
-            gemm(b'N', b'N', q, q, <int>nb, 1.0, W.Pb + o, <int>nb, W.Sg + o * nb, <int>nb, 1.0,
-                 Gl, q)
             gemm(b'N', b'T', nc, q, nc, 1.0, Phi, nc, W.Wb + o, <int>nb, 0.0, s, nc)
             gemm(b'N', b'N', q, q, nc, -1.0, W.Kb + o, <int>nb, s, nc, 1.0, Gl, q)
             gemm(b'N', b'N', q, q, nc, 1.0, W.Wb + o, <int>nb, s, nc, 1.0, El, q)
@@ -130,21 +179,9 @@ cdef void solve_crossed(const Prob* P, Work* W, Tree* t, const double* Phi) noex
     # Phi_b: Kb <- W Phi; Sg <- Sig + W Phi W'; Pb <- Sg T_c'; blocks of T_c Pb and -T_c Kb
     gemm(b'N', b'N', <int>nb, nc, nc, 1.0, W.Wb, <int>nb, Phi, nc, 0.0, W.Kb, <int>nb)
     gemm(b'N', b'T', <int>nb, <int>nb, nc, 1.0, W.Kb, <int>nb, W.Wb, <int>nb, 1.0, W.Sg, <int>nb)
-    for l in range(P.n_tree, P.n_levels):
-        q = <int>P.q[l]
-        Tl = W.Tlev + P.t_off[l]
-        for g in range(<Py_ssize_t>P.n_groups[l]):
-            o = P.b_off[l] + g * q
-            gemm(b'N', b'T', <int>nb, q, q, 1.0, W.Sg + o * nb, <int>nb, Tl, q, 0.0,
-                 W.Pb + o * nb, <int>nb)
-    for l in range(P.n_tree, P.n_levels):
-        q = <int>P.q[l]
-        Tl = W.Tlev + P.t_off[l]
-        for g in range(<Py_ssize_t>P.n_groups[l]):
-            o = P.b_off[l] + g * q
-            gemm(b'N', b'N', q, <int>nb, q, 1.0, Tl, q, W.Pb + o, <int>nb, 0.0, W.PhiB + o, <int>bw)
-            gemm(b'N', b'N', q, nc, q, -1.0, Tl, q, W.Kb + o, <int>nb, 0.0, W.PhiB + o + nb * bw,
-                 <int>bw)
+    t_right(P, W.Tlev, True, W.Sg, nb, W.Pb, nb, nb)
+    t_left(P, W.Tlev, False, 1.0, W.Pb, nb, W.PhiB, bw, nb)
+    t_left(P, W.Tlev, False, -1.0, W.Kb, nb, W.PhiB + nb * bw, bw, nc)
     for k in range(nc):
         for i in range(nb):
             W.PhiB[nb + k + i * bw] = W.PhiB[i + (nb + k) * bw]
