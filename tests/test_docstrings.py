@@ -19,6 +19,7 @@ EXAMPLE_MODULES = [
     "mlmeta.postestimation", "mlmeta.robust", "mlmeta.vcalc", "mlmeta.compare", "mlmeta.ols",
     "mlmeta.twostage", "mlmeta.satterthwaite", "mlmeta.datasets",
     "mlmeta.plots", "mlmeta.simulate", "mlmeta.simstudy", "mlmeta._errors", "mlmeta.marginal_means",
+    "mlmeta.inference_methods", "mlmeta.profile_likelihood", "mlmeta.robust_results",
 ]
 FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 

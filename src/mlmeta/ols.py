@@ -210,7 +210,7 @@ class OLSResults(LinearResults):
             test = test or {"satterthwaite": "HTZ", "naive-t": "naive-F", "naive-tp": "naive-Fp",
                             "z": "chi2"}.get(self.df_method, "naive-Fp")
             return self.robust.wald_test(R, value, test)
-        from mlmeta.robust import WaldTestResult, constraint_matrix
+        from mlmeta.robust_results import WaldTestResult, constraint_matrix
 
         C, c0, labels = constraint_matrix(R, self.fe_names, value)
         d = C @ self.params.to_numpy() - c0
