@@ -19,7 +19,8 @@ EXAMPLE_MODULES = [
     "mlmeta.postestimation", "mlmeta.robust", "mlmeta.vcalc", "mlmeta.compare", "mlmeta.ols",
     "mlmeta.twostage", "mlmeta.satterthwaite", "mlmeta.datasets",
     "mlmeta.plots", "mlmeta.simulate", "mlmeta.simstudy", "mlmeta._errors", "mlmeta.marginal_means",
-    "mlmeta.inference_methods", "mlmeta.profile_likelihood", "mlmeta.robust_results",
+    "mlmeta.inference_methods", "mlmeta.profile_likelihood", "mlmeta.robust_results", "mlmeta.display",
+    "mlmeta.pubbias",
 ]
 FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 
