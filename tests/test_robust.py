@@ -11,7 +11,8 @@ import pytest
 from scipy import sparse
 
 import mlmeta
-from mlmeta.robust import TYPES, cluster_robust, constraint_matrix, robust
+from mlmeta.robust import TYPES, cluster_robust, robust
+from mlmeta.robust_results import constraint_matrix
 from references import case_data, load
 
 REF = load("robust_reference")

@@ -4,7 +4,8 @@
 >>> df = mlmeta.datasets.load("schoolcal")
 >>> res = mlmeta.meregress("stdmdiff ~ 1 + (1 | district) + (1 | district:school)",
 ...                        data=df, variance="var")
->>> print(res.summary())                                        # doctest: +SKIP
+>>> print(f"{res.params['_cons']:.4f}")
+0.1847
 """
 
 from mlmeta._errors import BoundaryWarning, ConvergenceWarning, MissingDataWarning
@@ -20,7 +21,12 @@ from mlmeta.results import MeregressResults
 from mlmeta.robust import RobustResults, cluster_robust, robust
 from mlmeta.vcalc import vcalc
 
-__version__ = "0.1.0"
+try:                                    # the one version number is project(version:) in meson.build
+    from importlib.metadata import PackageNotFoundError, version as _version
+
+    __version__ = _version("mlmeta")
+except PackageNotFoundError:            # pragma: no cover - imported from a source tree
+    __version__ = "0+unknown"
 
 
 def __getattr__(name):

@@ -220,49 +220,143 @@ def meregress(formula, data, *, se=None, variance=None, V=None, method="reml", c
               constraints=None, collinear=False, test="z", dfs="contain", em_iter=20,
               em_tol=1e-10, em_only=False, maxiter=1000, tol=1e-6, safeguard="auto",
               verbose=False, R=None) -> MeregressResults:
-    """Multilevel meta-regression (Stata's ``meta meregress``, metafor's ``rma.mv``).
+    r"""Multilevel meta-regression (Stata's ``meta meregress``, metafor's ``rma.mv``).
+
+    Fits, for effect sizes in top-level clusters j,
+
+    .. math::
+
+        y_j = X_j \beta + \sum_l Z_j^{(l)} u^{(l)} + e_j, \qquad
+        u^{(l)}_g \sim N(0, \Sigma^{(l)}), \qquad e_j \sim N(0, \Lambda_j)
+
+    with the sampling covariance :math:`\Lambda_j` known (diagonal from ``se=`` or
+    ``variance=``, or blocks of ``V=``). With :math:`V_j = \Lambda_j + Z_j G_j Z_j'`
+    and :math:`r = y - X\hat\beta` (:math:`\hat\beta` by GLS), the (restricted)
+    log-likelihood maximised is, in Stata's and metafor's convention,
+
+    .. math::
+
+        \ell_{ML} &= -\tfrac12 \bigl[n \log 2\pi + \textstyle\sum_j \log|V_j|
+                    + \sum_j r_j' V_j^{-1} r_j\bigr] \\
+        \ell_{REML} &= -\tfrac12 \bigl[(n-p) \log 2\pi + \textstyle\sum_j \log|V_j|
+                    + \sum_j r_j' V_j^{-1} r_j + \log|\sum_j X_j' V_j^{-1} X_j|
+                    - \log|X'X|\bigr]
 
     Parameters
     ----------
-    formula : ``"y ~ x1 + x2 + (1 + x1 || district) + (1 | district:school)"``.
-        Fixed part in formulaic syntax; random terms as lme4 bars, outermost level
-        first: ``|`` correlated (unstructured), ``||`` independent, ``0 +`` no
-        random intercept, ``(1 | a/b)`` = ``(1 | a) + (1 | a:b)``.
-    data : DataFrame (or dict of columns).
-    se, variance : sampling standard errors or variances (column name or array).
-    V : known sampling covariance instead: a dense n x n array, a scipy.sparse matrix
+    formula : str
+        ``"y ~ x1 + x2 + (1 + x1 || district) + (1 | district:school)"``. Fixed part
+        in formulaic syntax (factors, interactions, ``0 +``); random terms as lme4
+        bars: ``|`` correlated (unstructured), ``||`` independent, ``0 +`` no random
+        intercept, ``(1 | a/b)`` = ``(1 | a) + (1 | a:b)``. Grouping terms are nested
+        when their ids say so (every group of one lies inside a group of another) and
+        crossed otherwise, as in lme4 and metafor: ``(1 | study/esid) + (1 | species)``
+        nests effect sizes in studies and crosses species with both; the summary's
+        "Crossed:" line names the crossed terms. Ids that repeat across outer groups
+        (school 1 in every district) must be nested explicitly
+        (``(1 | district/school)``), or they are read as one crossed group. The
+        intercept is reported as ``_cons``, after the moderators.
+    data : pandas.DataFrame or dict of columns
+        The data, one row per effect size.
+    se, variance : str or array-like, optional
+        Sampling standard errors or sampling variances (a column name or one value per
+        row). Give exactly one of ``se``, ``variance`` and ``V``.
+    V : array-like, scipy.sparse matrix or list of arrays, optional
+        Known sampling covariance instead: a dense n x n array, a scipy.sparse matrix
         (rows as the data), or a list of per-cluster blocks (one per group of the
         outermost level, in sorted label order, rows in data order). It must be
-        block-diagonal within the outermost grouping. Give exactly one of se, variance, V.
-    method : "reml" (default) or "ml".
-    covariance : dict grouping term -> "independent" | "exchangeable" | "identity" |
-        "unstructured", or a custom square pattern over the term's effects (Stata's
-        ``custom matname``): diagonal = SDs, off-diagonal = correlations; a number
-        fixes the value, None/NaN is free, a string label used at two or more places
-        constrains those elements equal, e.g. ``[["a", .5], [.5, "a"]]``.
-    R : dict grouping term -> known correlation matrix across that term's groups
-        (metafor's ``R=``, e.g. a phylogenetic correlation over species): a DataFrame
-        labelled by group on both axes (extra groups are ignored) or an array in sorted
-        label order. The term must be a random intercept, ``(1 | phylogeny)``; its
-        covariance is sigma^2 R and it is fitted as crossed with the other terms.
-    constraints : linear constraints on the fixed effects, ``["x1 = x2", "x3 = 0.5"]``
-        (formulaic's syntax) or an ``(R, r)`` pair meaning ``R beta = r``; fitted exactly.
-    test : "z" (normal inference, Stata's default) or "t": t tests and intervals (F
-        tests for ``wald_test(test="t")``) on the degrees of freedom chosen by ``dfs``.
-    dfs : the df rule of the t references (``test="t"``, ``t_test()``,
-        ``wald_test(test="t")``), as metafor's ``dfs=``: "contain" (containment df,
-        the default) or "residual" (k - p).
-    collinear : keep collinear random-effect columns (Stata's ``collinear``); by default
-        they are an error. Collinear moderators are omitted with a note (Stata's rule).
-    em_iter, em_tol, em_only : EM iterations before the gradient-based optimiser (Stata's
-        emiterate(20), emtolerance(1e-10), emonly).
-    maxiter, tol : limits of the gradient-based optimiser; ``tol`` bounds the largest
-        free gradient component relative to max(1, |deviance|).
-    safeguard : extra starts that guard against local optima (True, False, "auto").
-    verbose : print the EM and iteration log.
+        block-diagonal within the outermost grouping; see :func:`mlmeta.vcalc`.
+    method : {"reml", "ml"}
+        Restricted (default) or full maximum likelihood.
+    covariance : dict or str, optional
+        Grouping term -> ``"independent"``, ``"exchangeable"``, ``"identity"`` or
+        ``"unstructured"``, or a custom square pattern over the term's effects
+        (Stata's ``covariance(custom matname)``): diagonal = SDs, off-diagonal =
+        correlations; a number fixes the value, None/NaN is free, a string label used
+        at two or more places constrains those elements equal, e.g.
+        ``[["a", .5], [.5, "a"]]``. A string applies to the only grouping term.
+    constraints : list of str or (R, r), optional
+        Exact linear constraints on the fixed effects, ``["x1 = x2", "x3 = 0.5"]``
+        (formulaic's syntax) or a pair ``(R, r)`` meaning ``R beta = r``.
+    collinear : bool
+        Keep collinear random-effect columns (Stata's ``collinear``); by default they
+        are an error. Collinear moderators are omitted with a note (Stata's rule).
+    test : {"z", "t"}
+        Normal inference (Stata's default) or t tests and intervals (F tests for
+        ``wald_test(test="t")``) on the degrees of freedom chosen by ``dfs``.
+    dfs : {"contain", "residual"}
+        The df rule of the t references, as metafor's ``dfs=``: containment df
+        (default) or k - p.
+    em_iter, em_tol, em_only : int, float, bool
+        EM iterations before the gradient-based optimiser and their tolerance; EM
+        only (Stata's ``emiterate(20)``, ``emtolerance(1e-10)``, ``emonly``).
+    maxiter, tol : int, float
+        Limits of the Newton optimiser; ``tol`` bounds the largest free gradient
+        component relative to max(1, \|deviance\|).
+    safeguard : {"auto", True, False}
+        Extra starts that guard against local optima ("auto": on up to 50,000 effect
+        sizes).
+    verbose : bool
+        Print the EM and iteration log.
+    R : dict, optional
+        Grouping term -> known correlation matrix across that term's groups (metafor's
+        ``R=``, e.g. a phylogenetic correlation over species): a DataFrame labelled by
+        group on both axes (extra groups are ignored) or an array in sorted label order.
+        The term must be a random intercept, ``(1 | phylogeny)``; its covariance is
+        :math:`\sigma^2 R` and it is fitted as crossed with the other terms.
 
-    Rows with a missing value in any variable the model uses are dropped, counted
-    (``res.n_dropped``) and reported with a :class:`mlmeta.MissingDataWarning`.
+    Returns
+    -------
+    MeregressResults
+        Estimates, standard errors, variance components and postestimation methods.
+
+    Raises
+    ------
+    ValueError
+        For a formula without a random-effects term, unknown columns, non-positive
+        or infinite sampling variances, a ``V`` that is not symmetric or not
+        block-diagonal within the outermost level, a covariance structure for an
+        unknown term, or too few observations.
+
+    Warns
+    -----
+    MissingDataWarning
+        Rows with a missing value in a variable the model uses are dropped and
+        counted (``res.n_dropped``).
+    ConvergenceWarning, BoundaryWarning
+        The optimiser did not converge; a variance is zero or a correlation +-1.
+
+    See Also
+    --------
+    multilevel : random intercepts at every level, Stata's ``meta multilevel``.
+    mixed : the same model on raw data, with the residual variance estimated.
+    Model : one specification fitted to many outcomes.
+
+    Examples
+    --------
+    The three-level model of Stata's manual, example 2 (schools within districts):
+
+    >>> import mlmeta
+    >>> df = mlmeta.datasets.load("schoolcal")
+    >>> res = mlmeta.meregress("stdmdiff ~ 1 + (1 | district) + (1 | district:school)",
+    ...                        data=df, variance="var")
+    >>> print(f"{res.params['_cons']:.4f} (SE {res.bse['_cons']:.4f}), llf {res.llf:.4f}")
+    0.1847 (SE 0.0846), llf -7.9587
+    >>> {g: round(float(S.iloc[0, 0]) ** 0.5, 4) for g, S in res.re_cov.items()}
+    {'district': 0.2551, 'district:school': 0.1809}
+
+    A moderator, ML, and t tests on containment df:
+
+    >>> res = mlmeta.meregress("stdmdiff ~ year_c + (1 | district) + (1 | district:school)",
+    ...                        data=df, variance="var", method="ml", test="t")
+    >>> res.params.round(4)
+    year_c    0.0051
+    _cons     0.1803
+    Name: coef, dtype: float64
+    >>> res.df
+    year_c    54.0
+    _cons      9.0
+    Name: df, dtype: float64
     """
     for name, val in (("em_iter", em_iter), ("maxiter", maxiter)):
         if not isinstance(val, (int, np.integer)) or val < 0:
@@ -299,8 +393,47 @@ def multilevel(formula, data, *, levels, se=None, variance=None, method="reml", 
     """Random-intercepts multilevel meta-regression (Stata's ``meta multilevel``).
 
     ``levels=["district", "school"]`` lists the grouping variables from the top down;
-    each is nested in the ones before it, so ids may repeat across outer groups.
-    Equivalent to ``meregress("y ~ x + (1 | district) + (1 | district:school)", ...)``.
+    each is nested in the ones before it, so ids may repeat across outer groups. The
+    model is :func:`meregress` with the formula
+    ``"y ~ x + (1 | district) + (1 | district:school)"``: for effect size i of school
+    s in district d, ``y = x'beta + u_d + w_ds + e_i`` with ``u_d ~ N(0, tau_1^2)``,
+    ``w_ds ~ N(0, tau_2^2)`` and ``e_i ~ N(0, v_i)``.
+
+    Parameters
+    ----------
+    formula : str
+        Fixed part only, e.g. ``"stdmdiff ~ year_c"`` or ``"stdmdiff ~ 1"``.
+    data : pandas.DataFrame
+        The data, one row per effect size.
+    levels : str or list of str
+        Grouping variables, outermost first.
+    se, variance : str or array-like, optional
+        Sampling standard errors or variances (exactly one).
+    method : {"reml", "ml"}
+        Estimation method.
+    **kwargs
+        Any other option of :func:`meregress`.
+
+    Returns
+    -------
+    MeregressResults
+
+    Raises
+    ------
+    ValueError
+        If the formula has random-effects bars, ``levels`` is empty, repeats a
+        variable or holds something other than column names.
+
+    Examples
+    --------
+    >>> import mlmeta
+    >>> df = mlmeta.datasets.load("schoolcal")
+    >>> res = mlmeta.multilevel("stdmdiff ~ 1", df, levels=["district", "school"],
+    ...                         variance="var")
+    >>> res.group_names
+    ['district', 'district:school']
+    >>> print(f"{res.llf:.4f}")
+    -7.9587
     """
     if "|" in formula:
         raise ValueError("multilevel() takes a formula without random-effects terms; "
@@ -326,10 +459,46 @@ def multilevel(formula, data, *, levels, se=None, variance=None, method="reml", 
 
 
 def sensitivity(formula, data, *, term, covariances, **kwargs):
-    """Fit the same model once per covariance pattern of grouping ``term`` (Stata's
-    example 7: a list of custom matrices with fixed correlations); returns the fits.
+    """Fit the same model once per covariance pattern of one grouping term.
 
-    ``mlmeta.sensitivity(f, df, term="district", covariances=[S1, S2, S3], variance="var")``
+    Stata's example 7: a list of custom matrices with fixed correlations, to see how
+    the estimates move with an assumption the data cannot settle.
+
+    Parameters
+    ----------
+    formula : str
+        Model formula, as :func:`meregress`.
+    data : pandas.DataFrame
+        The data.
+    term : str
+        The grouping term whose covariance pattern changes.
+    covariances : list
+        One ``covariance=`` specification of ``term`` per fit (a structure name or a
+        custom pattern, see :func:`meregress`).
+    **kwargs
+        Other options of :func:`meregress` (``variance=``, ``method=``, a
+        ``covariance=`` dict for the other terms, ...).
+
+    Returns
+    -------
+    list of MeregressResults
+        One fit per pattern, in order; compare them with :func:`estimates_table`.
+
+    Raises
+    ------
+    ValueError
+        If ``covariances`` is empty or not a list.
+
+    Examples
+    --------
+    >>> import mlmeta
+    >>> df = mlmeta.datasets.load("schoolcal")
+    >>> fits = mlmeta.sensitivity(
+    ...     "stdmdiff ~ year_c + (1 + year_c | district) + (1 | district:school)", df,
+    ...     term="district", variance="var",
+    ...     covariances=[[[None, r], [r, None]] for r in (0.0, 0.5)])
+    >>> [round(float(f.params["year_c"]), 4) for f in fits]
+    [0.006, 0.0073]
     """
     if isinstance(covariances, (str, bytes)) or not hasattr(covariances, "__iter__"):
         raise ValueError("covariances= must be a list of covariance specifications")

@@ -34,9 +34,66 @@ __all__ = ["Model", "fit_batch", "BatchResults"]
 class Model:
     """A parsed model, ready to be fitted to new outcomes or sampling variances.
 
-    ``mlmeta.Model(formula, data, variance="var")`` (or ``se=``, ``V=``) is a
-    meta-regression; without sampling variances it is a mixed model on raw data
-    (the residual variance estimated, as :func:`mlmeta.mixed`).
+    The formula is parsed and the sorted, precomputed design built once; each
+    :meth:`fit` then only swaps in the outcome (or the sampling variances) and runs
+    the compiled engine. With ``se=``, ``variance=`` or ``V=`` the model is a
+    meta-regression (:func:`meregress`); without, a mixed model on raw data with
+    the residual variance estimated (:func:`mixed`).
+
+    Parameters
+    ----------
+    formula : str
+        Model formula, as :func:`meregress`.
+    data : pandas.DataFrame
+        The data; its used rows fix the design.
+    se, variance, V : optional
+        Sampling standard errors, variances or covariance (at most one).
+    method : {"reml", "ml"}
+        Estimation method.
+    covariance, constraints, collinear
+        As in :func:`meregress`.
+
+    Attributes
+    ----------
+    formula : str
+        The formula.
+    data : pandas.DataFrame
+        The data, handed to every fit's results (for :meth:`~MeregressResults.anova`,
+        marginal means and plots by data column).
+    method : str
+        "reml" or "ml".
+    mixed : bool
+        True for a mixed model on raw data (no sampling variances).
+    nobs : int
+        Rows used by the model.
+
+    Raises
+    ------
+    ValueError
+        For the input problems :func:`meregress` and :func:`mixed` reject.
+
+    See Also
+    --------
+    fit_batch : fit many outcome vectors in one call of the compiled engine.
+
+    Notes
+    -----
+    A model pickles (the compiled problem is rebuilt on first use after unpickling),
+    so it can be sent to worker processes or a Dask cluster (``executor=``).
+
+    Examples
+    --------
+    >>> import mlmeta
+    >>> df = mlmeta.datasets.load("schoolcal")
+    >>> M = mlmeta.Model("stdmdiff ~ 1 + (1 | district) + (1 | district:school)", df,
+    ...                  variance="var")
+    >>> print(f"{M.fit().llf:.4f}")
+    -7.9587
+    >>> Y = M.simulate(4, seed=1)           # 4 outcome vectors from the fitted model
+    >>> Y.shape
+    (56, 4)
+    >>> print(f"{M.fit(y=Y[:, 0]).params['_cons']:.4f}")
+    0.1114
     """
 
     def __init__(self, formula, data, *, se=None, variance=None, V=None, method="reml",
@@ -58,6 +115,7 @@ class Model:
 
     @property
     def nobs(self) -> int:
+        """Number of rows the model uses."""
         return int(self.model.n_obs)
 
     def _aligned(self, values, what):
@@ -111,8 +169,40 @@ class Model:
         return model, frame
 
     def fit(self, y=None, *, variance=None, se=None, **options):
-        """Fit to a new outcome and/or new sampling variances (or SEs); returns the
-        same results object as :func:`mlmeta.meregress` / :func:`mlmeta.mixed`."""
+        """Fit to the model's data, or to a new outcome and/or new sampling variances.
+
+        Parameters
+        ----------
+        y : array-like or pandas.Series, optional
+            New outcome: one value per used row, or per data row (a Series is
+            aligned on the data's index). Default: the data's outcome.
+        variance, se : array-like, optional
+            New sampling variances or standard errors (meta-regressions only).
+        **options
+            Optimiser options of :func:`meregress` (``em_iter``, ``maxiter``,
+            ``tol``, ``safeguard``, ...).
+
+        Returns
+        -------
+        MeregressResults or MixedResults
+            The same results object as :func:`meregress` / :func:`mixed`.
+
+        Raises
+        ------
+        ValueError
+            For values of the wrong length, missing or infinite values,
+            non-positive variances, both ``variance`` and ``se``, or sampling
+            variances for a mixed model.
+
+        Examples
+        --------
+        >>> import mlmeta
+        >>> df = mlmeta.datasets.load("schoolcal")
+        >>> M = mlmeta.Model("stdmdiff ~ 1 + (1 | district)", df, variance="var")
+        >>> res = M.fit(variance=2 * df["var"])       # twice the sampling variances
+        >>> print(f"{res.params['_cons']:.4f}")
+        0.1996
+        """
         if se is not None:
             if variance is not None:
                 raise ValueError("give variance= or se=, not both")
@@ -126,10 +216,34 @@ class Model:
                    options={"formula": self.formula}, data=self.data)
 
     def simulate(self, n, *, seed=None, theta=None, beta=None):
-        """Outcomes simulated from the model (n columns, rows as the used data):
-        y = X beta + sum_l Z_l u_l + e with u ~ N(0, Sigma_l) per group and
-        e ~ N(0, Lambda) (or N(0, sigma^2 I) for a mixed model). Defaults: the
-        estimates of a fit to the model's own data."""
+        """Outcomes simulated from the model, one column per replicate.
+
+        ``y = X beta + sum_l Z_l u_l + e`` with ``u_l ~ N(0, Sigma_l)`` per group and
+        ``e ~ N(0, Lambda)`` (``N(0, sigma^2 I)`` for a mixed model).
+
+        Parameters
+        ----------
+        n : int
+            Number of replicates.
+        seed : int, numpy.random.SeedSequence or numpy.random.Generator, optional
+            Seed of the draws.
+        theta, beta : array-like, optional
+            Covariance parameters (estimation metric) and fixed effects; default the
+            estimates of a fit to the model's own data.
+
+        Returns
+        -------
+        numpy.ndarray
+            (nobs, n) outcomes, rows as the used data rows.
+
+        Examples
+        --------
+        >>> import mlmeta
+        >>> df = mlmeta.datasets.load("schoolcal")
+        >>> M = mlmeta.Model("stdmdiff ~ 1 + (1 | district)", df, variance="var")
+        >>> M.simulate(3, seed=0).shape
+        (56, 3)
+        """
         if theta is None or beta is None:
             res = self.fit()
             theta = res.theta if theta is None else theta
@@ -140,7 +254,42 @@ class Model:
 
 @dataclasses.dataclass
 class BatchResults:
-    """Fits of many outcome vectors: one row per column of Y."""
+    """Fits of many outcome vectors (:func:`fit_batch`): one row per column of Y.
+
+    Attributes
+    ----------
+    params, bse : pandas.DataFrame
+        Fixed effects and their standard errors, one row per fit.
+    llf : numpy.ndarray
+        Log-likelihoods (NaN where a fit failed).
+    theta : numpy.ndarray
+        (n_fits, n_theta) covariance parameters in the estimation metric.
+    converged : numpy.ndarray of bool
+        Whether each fit met the convergence criterion.
+    n_iter, n_evals : numpy.ndarray
+        Newton iterations and objective evaluations per fit.
+    re_cov : dict
+        Grouping term -> (n_fits, q, q) random-effects covariance matrices
+        (relative to sigma^2 for mixed models: multiply by ``scale``).
+    scale : numpy.ndarray or None
+        Residual variances (mixed models), else None.
+
+    Examples
+    --------
+    >>> import mlmeta
+    >>> df = mlmeta.datasets.load("schoolcal")
+    >>> M = mlmeta.Model("stdmdiff ~ 1 + (1 | district) + (1 | district:school)", df,
+    ...                  variance="var")
+    >>> batch = mlmeta.fit_batch(M, M.simulate(4, seed=1), n_jobs=1)
+    >>> batch.params.round(4)
+        _cons
+    0  0.1114
+    1  0.1715
+    2  0.1939
+    3  0.1971
+    >>> batch.re_cov["district"].shape
+    (4, 1, 1)
+    """
 
     params: pd.DataFrame
     bse: pd.DataFrame
@@ -153,7 +302,20 @@ class BatchResults:
     scale: np.ndarray | None = None       # residual variances (mixed models)
 
     def conf_int(self, level=95.0, *, alpha=None):
-        """Wald intervals per fit at ``level`` percent: (lower, upper) DataFrames."""
+        """Wald intervals ``params -+ z bse`` per fit at ``level`` percent.
+
+        Parameters
+        ----------
+        level : float
+            Confidence level in percent.
+        alpha : float, optional
+            ``1 - level / 100``, as statsmodels spells it.
+
+        Returns
+        -------
+        tuple of pandas.DataFrame
+            (lower, upper), each shaped like :attr:`params`.
+        """
         from scipy import stats
 
         z = stats.norm.ppf(0.5 + confidence_level(level, alpha) / 200.0)
@@ -171,21 +333,71 @@ def _batchable(model: Model):
 
 def fit_batch(model: Model, Y, *, n_jobs=None, em_iter=20, maxiter=200, tol=1e-6,
               theta0=None, executor=None) -> BatchResults:
-    """Fit every column of ``Y`` (rows as the used data rows, or as all data rows)
-    with the model's design and sampling variances.
+    """Fit every column of ``Y`` with the model's design and sampling variances.
 
-    The optimisation runs in the compiled engine with the GIL released; columns are
-    shared out over ``n_jobs`` Python threads (default: all cores). Models whose
-    outcome cannot be swapped in the precomputed problem (a full V, constraints)
-    are rebuilt per column with :meth:`Model.fit`, which runs the same engine.
-    A fit that fails (the objective undefined at its optimum) has NaN estimates
-    and standard errors and ``converged=False``.
+    The whole optimisation (EM, then Newton steps) runs in the compiled engine with
+    the GIL released, reusing the model's precomputed design; the columns are shared
+    out over ``n_jobs`` Python threads. A fit costs tens of microseconds for a model
+    of the size of schoolcal, so thousands of replicates (simulation studies,
+    parametric bootstraps) take well under a second. Models whose outcome cannot be
+    swapped in the precomputed problem (a full ``V`` coupling rows, fixed-effect
+    constraints) are refitted column by column with :meth:`Model.fit`, which runs
+    the same engine.
 
-    ``executor``: a :class:`concurrent.futures.Executor` or a Dask
-    ``distributed.Client``. The columns are then cut into a few contiguous chunks per
-    worker, each fitted there (with ``n_jobs`` threads, default 1) and the model sent
-    once per chunk (once per worker on Dask); every column is fitted as in a serial
-    run, so the results are the same numbers.
+    With an ``executor`` the columns are cut into a few contiguous chunks per worker,
+    each fitted there (with ``n_jobs`` threads, default 1) and the model sent once per
+    chunk (once per worker on Dask); every column is fitted as in a serial run, so the
+    results are the same numbers whatever the executor and its number of workers.
+
+    Parameters
+    ----------
+    model : Model
+        The parsed model.
+    Y : array-like
+        (rows, replicates) outcomes, rows as the used data rows or as all data rows;
+        a vector is one replicate.
+    n_jobs : int, optional
+        Threads; default all cores.
+    em_iter, maxiter, tol : int, int, float
+        EM iterations, Newton iterations and gradient tolerance of each fit.
+    theta0 : array-like, optional
+        Start of every fit (estimation metric); default each column's own EM start.
+    executor : concurrent.futures.Executor or distributed.Client, optional
+        Runs the chunks of columns on its workers (threads, processes, a Dask
+        cluster); the model is pickled to them. Default: this process's threads.
+
+    Returns
+    -------
+    BatchResults
+        One row per column. A fit that fails (the objective undefined at its
+        optimum) has NaN estimates and ``converged=False``.
+
+    Raises
+    ------
+    ValueError
+        If ``Y`` is not 1-D or 2-D, has the wrong number of rows, or has missing or
+        infinite values, or if ``executor`` has no ``submit`` method.
+
+    Examples
+    --------
+    >>> import mlmeta
+    >>> df = mlmeta.datasets.load("schoolcal")
+    >>> M = mlmeta.Model("stdmdiff ~ 1 + (1 | district) + (1 | district:school)", df,
+    ...                  variance="var")
+    >>> Y = M.simulate(200, seed=1)
+    >>> batch = mlmeta.fit_batch(M, Y, n_jobs=2)
+    >>> bool(batch.converged.all()), batch.params.shape
+    (True, (200, 1))
+    >>> print(f"{batch.params['_cons'].mean():.2f}")          # the truth is 0.18
+    0.18
+
+    The same fits on two worker processes give the same numbers:
+
+    >>> from concurrent.futures import ProcessPoolExecutor
+    >>> with ProcessPoolExecutor(2) as ex:
+    ...     on_pool = mlmeta.fit_batch(M, Y, executor=ex)
+    >>> bool((on_pool.params == batch.params).all().all())
+    True
     """
     _executor.check(executor)
     n_jobs = _n_jobs(1 if executor is not None and n_jobs is None else n_jobs)

@@ -125,9 +125,40 @@ def _same_fixed_part(a, b):
 
 @dataclass(repr=False)
 class LRTest(Display):
-    """Result of :func:`lrtest`. ``pvalue`` is the chi2(df) p-value; with a
-    variance on the boundary under the null, ``pvalue_mixture`` is the 50:50
-    mixture p-value (else None). Prints (and shows at the REPL) as Stata's ``lrtest``."""
+    """Result of :func:`lrtest`; prints (and shows at the REPL) as Stata's ``lrtest``.
+
+    ``as_html()``, ``as_markdown()`` and ``as_latex()`` render the same test as a
+    table with its notes.
+
+    Attributes
+    ----------
+    statistic : float
+        ``LR = 2 (ll_full - ll_reduced)``.
+    df : int
+        Difference in the number of parameters.
+    pvalue : float
+        ``P(chi2_df > LR)``.
+    pvalue_mixture : float or None
+        With one variance on the boundary under the null, the 50:50 mixture
+        p-value ``0.5 P(chi2_{df-1} > LR) + 0.5 P(chi2_df > LR)``; else None.
+    boundary : bool
+        Whether the null sets a variance to zero.
+    names : tuple of str
+        (full, reduced) model names.
+    notes : list of str
+        Notes printed under the test.
+
+    Examples
+    --------
+    >>> import mlmeta
+    >>> df = mlmeta.datasets.load("schoolcal")
+    >>> full = mlmeta.meregress("stdmdiff ~ 1 + (1 | district) + (1 | district:school)",
+    ...                         df, variance="var")
+    >>> reduced = mlmeta.meregress("stdmdiff ~ 1 + (1 | district)", df, variance="var")
+    >>> lr = mlmeta.lrtest(full, reduced)
+    >>> print(f"LR = {lr.statistic:.2f} on {lr.df} df, boundary: {lr.boundary}")
+    LR = 48.52 on 1 df, boundary: True
+    """
 
     statistic: float
     df: int
@@ -167,10 +198,49 @@ def lrtest(full, reduced, names=("full", "reduced")) -> LRTest:
     docstring for the statistic and the boundary mixture).
 
     The models are ordered by their number of parameters (the one with more is
-    the full model). Raises ValueError for models fitted to different data, by
-    different methods (ML vs REML), REML models whose fixed parts differ (their
-    restricted likelihoods are not comparable), and models with the same
-    number of parameters.
+    the full model).
+
+    Parameters
+    ----------
+    full, reduced : MeregressResults
+        Two fits to the same data by the same method.
+    names : tuple of str
+        Names of the two models in the output.
+
+    Returns
+    -------
+    LRTest
+
+    Raises
+    ------
+    ValueError
+        For models fitted to different data or by different methods (ML vs REML),
+        REML models whose fixed parts differ (their restricted likelihoods are not
+        comparable), and models with the same number of parameters.
+
+    Examples
+    --------
+    Is the school level needed? Its variance is 0 under the null, on the boundary,
+    so the 50:50 mixture p-value applies:
+
+    >>> import mlmeta
+    >>> df = mlmeta.datasets.load("schoolcal")
+    >>> full = mlmeta.meregress("stdmdiff ~ 1 + (1 | district) + (1 | district:school)",
+    ...                         df, variance="var")
+    >>> reduced = mlmeta.meregress("stdmdiff ~ 1 + (1 | district)", df, variance="var")
+    >>> print(mlmeta.lrtest(full, reduced))
+    Likelihood-ratio test
+    Assumption: reduced nested within full
+    <BLANKLINE>
+        LR chi2(1) =    48.52
+       Prob > chi2 =   0.0000
+    Prob > chibar2 =   0.0000   (50:50 mixture of chi2(0) and chi2(1))
+    <BLANKLINE>
+    Note: The reported degrees of freedom assumes the null hypothesis is not on
+          the boundary of the parameter space. If this is not true, then the
+          reported test is conservative.
+    Note: LR tests based on REML are valid only when the fixed-effects
+          specification is identical for both models.
     """
     if full.method != reduced.method:
         raise ValueError(f"cannot compare a {full.method.upper()} fit with a "
@@ -229,6 +299,38 @@ def compare(*results, names=None, n=None) -> pd.DataFrame:
     ``df`` counts fixed effects and covariance parameters, ``n`` replaces the
     number of observations in BIC, AICc and CAIC (for REML the manual uses
     n - p).
+
+    Parameters
+    ----------
+    *results : MeregressResults
+        Fitted models.
+    names : list of str, optional
+        Row labels (default model1, model2, ...).
+    n : int, optional
+        Number of observations N used in the criteria.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per model.
+
+    Raises
+    ------
+    ValueError
+        Without models, or with a wrong number of names.
+
+    Examples
+    --------
+    >>> import mlmeta
+    >>> df = mlmeta.datasets.load("schoolcal")
+    >>> full = mlmeta.meregress("stdmdiff ~ 1 + (1 | district) + (1 | district:school)",
+    ...                         df, variance="var")
+    >>> reduced = mlmeta.meregress("stdmdiff ~ 1 + (1 | district)", df, variance="var")
+    >>> mlmeta.compare(full, reduced, names=["three-level", "two-level"]).round(3)
+                  N      ll  df     AIC     BIC    AICc    CAIC
+    model
+    three-level  56  -7.959   3  21.917  27.994  22.379  30.994
+    two-level    56 -32.216   2  68.433  72.484  68.659  74.484
     """
     if not results:
         raise ValueError("give at least one fitted model")
@@ -263,9 +365,49 @@ _STATS = {"b": "coefficient", "se": "standard error", "z": "z statistic", "p": "
 
 @dataclass(repr=False)
 class EstimatesTable(Display):
-    """Side-by-side estimates. ``table``: rows (variable, stat), one column per
-    model (NaN where a model lacks the variable); random-effects rows are named
-    ``group:param``. ``str()`` (and the REPL) renders Stata's layout."""
+    """Side-by-side estimates (:func:`estimates_table`).
+
+    ``str()`` (and the REPL) renders Stata's layout; ``as_html()``, ``as_markdown()``
+    and ``as_latex()`` the same table with labels in full (factors and random-effects
+    equations as sections, the model statistics after the estimates).
+
+    Attributes
+    ----------
+    table : pandas.DataFrame
+        Rows (variable, stat), one column per model (NaN where a model lacks the
+        variable); random-effects rows are named ``group:param``.
+    stats : tuple of str
+        The statistics shown under each coefficient.
+    scalars : pandas.DataFrame
+        Model statistics (N, ll, aic, bic) shown at the bottom.
+    fmt : str
+        Stata format of the cells.
+    equations : dict
+        Variable -> (equation, name), for the layout with random effects.
+
+    Examples
+    --------
+    >>> import mlmeta
+    >>> df = mlmeta.datasets.load("schoolcal")
+    >>> full = mlmeta.meregress("stdmdiff ~ 1 + (1 | district) + (1 | district:school)",
+    ...                         df, variance="var")
+    >>> reduced = mlmeta.meregress("stdmdiff ~ 1 + (1 | district)", df, variance="var")
+    >>> tab = mlmeta.estimates_table(full, reduced, names=["three", "two"])
+    >>> tab.table.round(4)
+                    three    two
+    variable stat
+    _cons    b     0.1847  0.196
+             se    0.0846  0.090
+    >>> print(tab.as_markdown())
+    **Estimates**
+    <BLANKLINE>
+    | Variable | three | two |
+    |:---|---:|---:|
+    | \\_cons | .1847132 | .1960299 |
+    | (se) | .0845559 | .0899834 |
+    <BLANKLINE>
+    Legend: b/se
+    """
 
     table: pd.DataFrame
     stats: tuple
@@ -330,6 +472,52 @@ def estimates_table(*results, names=None, keep=None, stats=("b", "se"), fmt="%9.
     correlations, labelled ``group:sd(_cons)``). ``scalars``: any of ``"N"``,
     ``"ll"``, ``"aic"``, ``"bic"`` shown at the bottom. ``fmt``: a Stata
     format for the cells (``"%8.3f"``).
+
+    Parameters
+    ----------
+    *results : MeregressResults
+        Fitted models.
+    names : list of str, optional
+        Column labels.
+    keep : str or list of str, optional
+        Variables to show.
+    stats : tuple of str
+        Statistics under each coefficient.
+    fmt : str
+        Stata numeric format of the cells.
+    random : bool
+        Add the random-effects parameters.
+    scalars : tuple of str
+        Model statistics at the bottom.
+
+    Returns
+    -------
+    EstimatesTable
+        ``table`` holds the numbers; ``str()`` renders Stata's layout.
+
+    Raises
+    ------
+    ValueError
+        Without models, for unknown stats, formats or variables.
+
+    Examples
+    --------
+    >>> import mlmeta
+    >>> df = mlmeta.datasets.load("schoolcal")
+    >>> full = mlmeta.meregress("stdmdiff ~ 1 + (1 | district) + (1 | district:school)",
+    ...                         df, variance="var")
+    >>> reduced = mlmeta.meregress("stdmdiff ~ 1 + (1 | district)", df, variance="var")
+    >>> print(mlmeta.estimates_table(full, reduced, names=["three", "two"], fmt="%8.4f",
+    ...                              scalars=("ll",)))
+    ------------------------------------
+        Variable |     three       two
+    -------------+----------------------
+           _cons |    0.1847    0.1960
+                 |    0.0846    0.0900
+    -------------+----------------------
+              ll | -7.958724 -32.21648
+    ------------------------------------
+                            Legend: b/se
     """
     if not results:
         raise ValueError("give at least one fitted model")

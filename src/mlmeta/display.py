@@ -41,7 +41,32 @@ class Table:
 
 
 class Display:
-    """Mixin of printed results: subclasses give ``as_text()`` and ``tables()``."""
+    """What every printed result of mlmeta can show: text, HTML, Markdown and LaTeX.
+
+    Summaries (:meth:`MeregressResults.summary`), tests (``wald_test``, ``t_test``,
+    :func:`lrtest`, robust tests), comparisons (:func:`estimates_table`) and
+    heterogeneity statistics are ``Display`` objects: ``print(obj)`` and the REPL show
+    the text table (Stata's layout), notebooks the HTML tables, and ``as_markdown()``
+    and ``as_latex()`` export the same content for reports. Subclasses give
+    ``as_text()`` and ``tables()`` (a list of neutral :class:`Table` objects); labels
+    are never abbreviated outside the text layout.
+
+    Examples
+    --------
+    >>> import mlmeta
+    >>> df = mlmeta.datasets.load("schoolcal")
+    >>> res = mlmeta.meregress("stdmdiff ~ year_c + (1 | district) + (1 | district:school)",
+    ...                        df, variance="var")
+    >>> test = res.wald_test("year_c = 0")
+    >>> print(test)
+     ( 1)  year_c = 0
+    <BLANKLINE>
+                 chi2(1) =     0.32
+             Prob > chi2 =   0.5735
+    >>> print(test.as_markdown())
+    **Wald test**
+    ...
+    """
 
     def as_text(self) -> str:          # pragma: no cover - every subclass has its own
         raise NotImplementedError
@@ -59,15 +84,74 @@ class Display:
         return to_html(self.tables())
 
     def as_html(self) -> str:
-        """HTML tables (what notebooks show)."""
+        """HTML tables (what notebooks show).
+
+        Returns
+        -------
+        str
+            One ``<table class="mlmeta-table">`` per part, in a
+            ``<div class="mlmeta-display">``, notes as paragraphs.
+        """
         return self._repr_html_()
 
     def as_markdown(self) -> str:
-        """Markdown pipe tables, one per part, with captions in bold and notes as text."""
+        """Markdown pipe tables, one per part, with captions in bold and notes as text.
+
+        Numbers are right-aligned, the label column left-aligned; Markdown's special
+        characters are escaped.
+
+        Returns
+        -------
+        str
+            The tables, separated by blank lines (GitHub, Quarto and Jupyter render
+            them).
+
+        Examples
+        --------
+        >>> import mlmeta
+        >>> df = mlmeta.datasets.load("schoolcal")
+        >>> res = mlmeta.meregress("stdmdiff ~ 1 + (1 | district) + (1 | district:school)",
+        ...                        df, variance="var")
+        >>> print(res.summary(header=False, group=False, random=False).as_markdown())
+        **Fixed effects**
+        <BLANKLINE>
+        | stdmdiff | Coefficient | Std. err. | z | P\\>\\|z\\| | \\[95% conf. | interval\\] |
+        |:---|---:|---:|---:|---:|---:|---:|
+        | \\_cons | .1847132 | .0845559 | 2.18 | 0.029 | .0189866 | .3504397 |
+        <BLANKLINE>
+        Test of homogeneity: Q\\_M = chi2(55) = 578.86, Prob \\> Q\\_M = 0.0000
+        """
         return to_markdown(self.tables())
 
     def as_latex(self) -> str:
-        """LaTeX ``tabular`` environments with booktabs rules, one per part."""
+        """LaTeX ``tabular`` environments with booktabs rules, one per part.
+
+        Needs ``\\usepackage{booktabs}``; captions are bold rows spanning the table,
+        sections italic rows, notes ``\\footnotesize`` paragraphs; LaTeX's special
+        characters are escaped.
+
+        Returns
+        -------
+        str
+            The environments, separated by blank lines.
+
+        Examples
+        --------
+        >>> import mlmeta
+        >>> df = mlmeta.datasets.load("schoolcal")
+        >>> full = mlmeta.meregress("stdmdiff ~ 1 + (1 | district) + (1 | district:school)",
+        ...                         df, variance="var")
+        >>> reduced = mlmeta.meregress("stdmdiff ~ 1 + (1 | district)", df, variance="var")
+        >>> print(mlmeta.lrtest(full, reduced).as_latex())
+        \\begin{tabular}{lr}
+        \\multicolumn{2}{l}{\\textbf{Likelihood-ratio test}} \\\\
+        \\toprule
+        LR chi2(1) & 48.52 \\\\
+        Prob \\textgreater{} chi2 & 0.0000 \\\\
+        ...
+        \\end{tabular}
+        ...
+        """
         return to_latex(self.tables())
 
 

@@ -57,13 +57,41 @@ def _label(values) -> str:
 
 
 class EMMeans:
-    """Estimated marginal means of a fit (see the module docstring).
+    """Estimated marginal means of a fit (R's emmeans); returned by :func:`emmeans`.
+
+    The mean of a level combination c is ``l_c' beta`` with ``l_c`` the average of the
+    fixed-design rows of its reference-grid points (equal weights), its standard error
+    ``sqrt(l_c' V l_c)`` and its df that of the contrast ``l_c`` under the fit's df rule
+    (see :func:`emmeans`).
 
     Attributes
     ----------
-    table : DataFrame indexed by the levels of ``specs``: emmean, se, df, lower, upper.
-    L : DataFrame, the linear function l_c of the coefficients behind each mean.
-    grid : DataFrame, the reference grid (one row per grid point).
+    table : pandas.DataFrame
+        Indexed by the levels of ``specs``: emmean, se, df, lower, upper.
+    L : pandas.DataFrame
+        The linear function ``l_c`` of the coefficients behind each mean.
+    grid : pandas.DataFrame
+        The reference grid, one row per grid point.
+    specs : list of str
+        The variables whose levels index the means.
+    level : float
+        Confidence level of the intervals, in percent.
+
+    Examples
+    --------
+    >>> import mlmeta
+    >>> dat = mlmeta.datasets.load("berkey")
+    >>> res = mlmeta.meregress("yi ~ 0 + outcome + (0 + outcome | trial)", dat, variance="vi")
+    >>> em = mlmeta.emmeans(res, "outcome")
+    >>> em.table.round(4)
+             emmean      se   df   lower   upper
+    outcome
+    AL      -0.3254  0.0879  inf -0.4975 -0.1532
+    PD       0.3446  0.0546  inf  0.2375  0.4516
+    >>> em.pairs().round(4)
+              estimate      se   df       t  pvalue
+    contrast
+    AL - PD    -0.6699  0.0697  inf -9.6144     0.0
     """
 
     def __init__(self, res, specs, L, grid, level):
@@ -88,8 +116,33 @@ class EMMeans:
         return np.asarray(self._res._row_df(M), dtype=float)
 
     def pairs(self, adjust: str = "tukey") -> pd.DataFrame:
-        """Pairwise differences of the means (emmeans' ``pairs``): estimate, se, df, t,
-        pvalue, indexed by ``"a - b"``; ``adjust`` one of :data:`ADJUSTMENTS`."""
+        """Pairwise differences of the means (emmeans' ``pairs``).
+
+        Each pair ``a - b`` (a listed before b) is the contrast ``l_a - l_b``, tested by
+        ``t = (l_a - l_b)' beta / se`` on the df of that contrast; with k means and
+        ``m = k (k - 1) / 2`` pairs the p-values are adjusted for the family:
+
+        * ``"tukey"``: ``P(Q_{k, df} > sqrt(2) |t|)`` (studentized range);
+        * ``"scheffe"``: ``P(F_{k-1, df} > t^2 / (k - 1))``;
+        * ``"bonferroni"``: ``min(1, m p)``; ``"sidak"``: ``1 - (1 - p)^m``;
+        * ``"holm"``: step-down Bonferroni; ``"none"``: p.
+
+        Parameters
+        ----------
+        adjust : {"tukey", "scheffe", "bonferroni", "sidak", "holm", "none"}
+            Multiplicity adjustment of the p-values.
+
+        Returns
+        -------
+        pandas.DataFrame
+            estimate, se, df, t, pvalue, indexed by ``"a - b"``;
+            ``attrs["adjust"]`` names the adjustment.
+
+        Raises
+        ------
+        ValueError
+            For an unknown ``adjust`` or fewer than two means.
+        """
         adjust = str(adjust).lower()
         if adjust not in ADJUSTMENTS:
             raise ValueError(f"adjust must be one of {ADJUSTMENTS}, got {adjust!r}")
@@ -133,20 +186,76 @@ class EMMeans:
 
 
 def emmeans(res, specs, ddf=None, *, at=None, level: float = 95.0, data=None) -> EMMeans:
-    """Estimated marginal means of a :func:`mlmeta.mixed` or :func:`mlmeta.meregress` fit.
+    """Estimated marginal means of a :func:`mixed` or :func:`meregress` fit (R's ``emmeans``).
+
+    Reference grid (emmeans' default): every level of every categorical variable of
+    the fixed part, each numeric variable at its mean over the rows the model used
+    (or at the values of ``at=``). With ``x_g`` the row of the fixed design at grid
+    point g, the marginal mean of a level combination c of the ``specs`` variables
+    averages the grid points of c with equal weights, whatever the cell counts:
+
+    ``l_c = mean_{g in c} x_g``,  ``emmean_c = l_c' beta``,  ``se_c = sqrt(l_c' V l_c)``
+
+    with V the covariance of the coefficients (the Kenward-Roger adjusted one with
+    ``ddf="kenward-roger"``). The df is that of the contrast ``l_c`` under the fit's df
+    rule: Satterthwaite or Kenward-Roger for mixed models, inf for z tests, the
+    smallest df of the coefficients involved for meta-regressions with ``test="t"``.
+    Intervals are ``emmean -+ t_{df, 1 - alpha/2} se``.
 
     Parameters
     ----------
-    res : the fit.
-    specs : a categorical variable of the fixed part, or a list of them (their level
+    res : MeregressResults or MixedResults
+        The fit.
+    specs : str or list of str
+        A categorical variable of the fixed part, or a list of them (their level
         combinations, the first varying fastest as in emmeans).
-    ddf : mixed models: ``"satterthwaite"``, ``"kenward-roger"`` (R's emmeans default for
-        lmer fits) or ``"z"``; default the fit's ``test``. Not used for meta-regressions
-        (their ``test=`` decides).
-    at : dict variable -> value or list of values: numeric variables at these values instead
+    ddf : {None, "satterthwaite", "kenward-roger", "z"}
+        Mixed models only: the df rule (default the fit's ``test``; R's emmeans uses
+        Kenward-Roger for ``lmer`` fits). A meta-regression's ``test=`` decides.
+    at : dict, optional
+        Variable -> value or list of values: numeric variables at these values instead
         of their mean; categorical variables restricted to these levels.
-    level : confidence level in percent.
-    data : the data of the fit, when the results do not hold it.
+    level : float
+        Confidence level in percent.
+    data : pandas.DataFrame, optional
+        The data of the fit, when the results do not hold it.
+
+    Returns
+    -------
+    EMMeans
+        ``table`` of the means; ``pairs()`` for their pairwise comparisons.
+
+    Raises
+    ------
+    ValueError
+        If ``specs`` or ``at`` name a variable that is not in the fixed part or a
+        level it does not have, or ``ddf`` is given for a meta-regression.
+
+    See Also
+    --------
+    MixedResults.anova : F tests of the formula terms.
+
+    Examples
+    --------
+    A mixed model with a between-group factor; marginal means on Kenward-Roger df:
+
+    >>> import mlmeta
+    >>> data, _, _ = mlmeta.simulate.lmm(20, 1, 15, group_sd=0.5, seed=1)
+    >>> data["dose"] = data["Group"].map(lambda g: ["low", "mid", "high"][g % 3])
+    >>> fit = mlmeta.mixed("DV ~ IV1 + dose + (IV1 | Group)", data)
+    >>> em = mlmeta.emmeans(fit, "dose", ddf="kenward-roger")
+    >>> em.table.round(3)
+          emmean     se      df  lower  upper
+    dose
+    high   0.773  0.282  12.018  0.159  1.388
+    low    0.385  0.281  11.998 -0.227  0.998
+    mid    0.302  0.281  11.973 -0.311  0.915
+    >>> em.pairs(adjust="tukey").round(3)
+                estimate     se      df      t  pvalue
+    contrast
+    high - low     0.388  0.408  12.014  0.950   0.620
+    high - mid     0.471  0.409  11.993  1.153   0.502
+    low - mid      0.083  0.407  11.986  0.205   0.977
     """
     specs = [specs] if isinstance(specs, str) else list(specs)
     if not specs:

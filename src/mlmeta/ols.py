@@ -120,13 +120,21 @@ class LinearResults:
 
 
 class OLSResults(LinearResults):
-    """A fitted OLS regression (statsmodels-style names).
+    """A fitted OLS regression (statsmodels-style names), returned by :func:`ols`.
 
     Extra attributes: ``resid``, ``fittedvalues`` (Series over the used rows, indexed
     like the data), ``scale`` (s^2), ``df_resid``
     (N - p), ``rsquared``, ``rsquared_adj``, ``cov_type`` ("nonrobust" or the CR
     type), ``n_clusters``, ``cluster_name``, ``robust`` (the
     :class:`mlmeta.robust.RobustResults`, or None), ``sample`` (rows used).
+
+    Examples
+    --------
+    >>> import mlmeta
+    >>> data, _, _ = mlmeta.simulate.lmm(10, 1, 8, seed=2)
+    >>> fit = mlmeta.ols("DV ~ IV1", data)
+    >>> print(f"R2 = {fit.rsquared:.4f}, s2 = {fit.scale:.4f}, df = {fit.df_resid}")
+    R2 = 0.0282, s2 = 0.9365, df = 78
     """
 
     def __init__(self, params, cov, names, df, *, y, X, resid, robust=None, cov_type="nonrobust",
@@ -172,13 +180,37 @@ class OLSResults(LinearResults):
         return [self.robust.description + "."]
 
     def wald_test(self, R, value=None, test=None):
-        """Joint test of ``R beta = value`` (see :meth:`mlmeta.robust.RobustResults.wald_test`;
-        with classical SEs an F test on (q, N - p) df)."""
+        """Joint test of ``R beta = value``.
+
+        With cluster-robust SEs see :meth:`RobustResults.wald_test`; with classical
+        SEs an F test ``Q / q`` on (q, N - p) df.
+
+        Parameters
+        ----------
+        R : str, list of str or array-like
+            Constraints, e.g. ``"IV1 = 0, IV2 = 0"``.
+        value : array-like, optional
+            Right-hand sides when ``R`` is a matrix (default 0).
+        test : str, optional
+            Robust test (default the one of the df method).
+
+        Returns
+        -------
+        WaldTestResult
+
+        Examples
+        --------
+        >>> import mlmeta
+        >>> data, _, _ = mlmeta.simulate.lmm(10, 1, 8, seed=2)
+        >>> w = mlmeta.ols("DV ~ IV1", data, cluster="Group", type="CR2").wald_test("IV1 = 0")
+        >>> print(f"{w.test}: F({w.df_num}, {w.df_denom:.2f}) = {w.statistic:.4f}")
+        HTZ: F(1, 6.02) = 1.9198
+        """
         if self.robust is not None:
             test = test or {"satterthwaite": "HTZ", "naive-t": "naive-F", "naive-tp": "naive-Fp",
                             "z": "chi2"}.get(self.df_method, "naive-Fp")
             return self.robust.wald_test(R, value, test)
-        from mlmeta.robust import WaldTestResult, constraint_matrix
+        from mlmeta.robust_results import WaldTestResult, constraint_matrix
 
         C, c0, labels = constraint_matrix(R, self.fe_names, value)
         d = C @ self.params.to_numpy() - c0
@@ -232,19 +264,47 @@ def ols_fit(y, X):
 def ols(formula, data, cluster=None, type="CR1", df=None) -> OLSResults:
     """OLS regression, optionally with cluster-robust standard errors.
 
+    ``beta = (X'X)^-1 X'y``, ``s^2 = r'r / (N - p)``; classical
+    ``Var(beta) = s^2 (X'X)^-1`` with t tests on N - p df, or the cluster-robust
+    sandwich of :func:`cluster_robust` with working model I (sandwich's ``vcovCL``,
+    clubSandwich's ``vcovCR(lm, cluster, type)``, pymer4's
+    ``Lm(robust="cluster")``).
+
     Parameters
     ----------
-    formula : ``"DV ~ IV1 + IV2"`` (formulaic syntax; no random-effects bars).
-    data : DataFrame.
-    cluster : None (classical SEs), a column name, or one label per data row.
-        Rows with a missing cluster label are dropped like rows with missing values.
-    type : "CR0", "CR1" (J/(J-1), default), "CR1p", "CR1S", "CR2" or "CR3"
-        (module docstring); used with ``cluster``.
-    df : t reference df with ``cluster``: "naive-tp" (J - p; default, except
+    formula : str
+        ``"DV ~ IV1 + IV2"`` (formulaic syntax; no random-effects bars).
+    data : pandas.DataFrame
+        The data.
+    cluster : str or array-like, optional
+        None (classical SEs), a column name, or one label per data row. Rows with a
+        missing cluster label are dropped like rows with missing values.
+    type : {"CR1", "CR0", "CR1p", "CR1S", "CR2", "CR3"}
+        Small-sample correction with ``cluster`` (CR1: J/(J-1)).
+    df : str or float, optional
+        t reference df with ``cluster``: "naive-tp" (J - p; default, except
         "satterthwaite" for CR2), "satterthwaite", "naive-t" (J - 1), "z", or a number.
 
-    Returns an :class:`OLSResults`; coefficients are named after the columns with
-    the intercept ``_cons`` last.
+    Returns
+    -------
+    OLSResults
+        Coefficients named after the columns, the intercept ``_cons`` last.
+
+    Raises
+    ------
+    ValueError
+        For random-effects terms in the formula, collinear columns, or no more
+        observations than coefficients.
+
+    Examples
+    --------
+    >>> import mlmeta
+    >>> data, _, _ = mlmeta.simulate.lmm(10, 1, 8, seed=2)
+    >>> fit = mlmeta.ols("DV ~ IV1", data, cluster="Group", type="CR2")
+    >>> fit.to_frame().round(4)
+             coef  std err       t      df   P>|t|   lower   upper
+    IV1    0.1685   0.1216  1.3856  6.0215  0.2150 -0.1288  0.4658
+    _cons  0.3111   0.0863  3.6054  6.9974  0.0087  0.1071  0.5152
     """
     from mlmeta.robust import cluster_robust
 

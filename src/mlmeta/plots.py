@@ -180,28 +180,85 @@ def _ci_text(est, lo, hi, width):
 def forest_plot(res, level: float = 95.0, ax=None, figsize=None, *, label=None, data=None,
                 group=None, subtotals=False, annotate=True, weights=True, prediction=True,
                 refline=0.0, xlim=None, fontsize=8.0):
-    """Forest plot at metafor's standard: one row per effect size y_i with its sampling
-    interval y_i -+ z sqrt(v_i), a square of area proportional to its weight, and on the
-    right "estimate [CI]" and the weight in percent, metafor's ``weights()`` for
-    ``rma.mv``: w_i = (V^-1)_ii / sum_k (V^-1)_kk.
+    """Forest plot at metafor's standard: every effect size with its sampling interval.
 
-    Rows are grouped by cluster (``group``: a grouping term; by default the top level
-    when its groups hold several rows; False for none), each group under a header and,
-    with ``subtotals=True`` (models without moderators), closed by its mean effect: the
-    GLS mean of its rows, (1'W1)^-1 1'W y, with W^-1 their covariance without the
+    One row per effect size ``y_i`` with its sampling interval ``y_i -+ z sqrt(v_i)``, a
+    square of area proportional to its weight and, on the right, "estimate [CI]" and
+    the weight in percent, metafor's ``weights()`` for ``rma.mv``:
+    ``w_i = (V^-1)_ii / sum_k (V^-1)_kk``.
+
+    Rows are grouped by cluster, each group under a header and, with
+    ``subtotals=True`` (models without moderators), closed by its mean effect: the GLS
+    mean of its rows ``(1'W1)^-1 1'W y``, with ``W^-1`` their covariance without the
     variance components of the grouping level and above (the sampling errors and the
-    lower levels), a diamond of width -+ z (1'W1)^-1/2.
+    lower levels), drawn as a diamond of half-width ``z (1'W1)^-1/2``.
 
-    Without moderators the pooled estimate is a diamond b -+ z se, followed by the
-    prediction interval for a new study b -+ z sqrt(se^2 + sum_l tau_l^2) (the intercept
-    variances; ``prediction=False`` omits it). For a meta-regression each row also shows
-    its fitted value x_i'b -+ z sqrt(x_i' Var(b) x_i) as a grey diamond (metafor's addfit).
+    Without moderators the pooled estimate is a diamond ``b -+ z se``, followed by the
+    prediction interval for a new study ``b -+ z sqrt(se^2 + sum_l tau_l^2)`` (the
+    intercept variances). For a meta-regression each row also shows its fitted value
+    ``x_i'b -+ z sqrt(x_i' Var(b) x_i)`` as a grey diamond (metafor's ``addfit``).
 
-    ``label``: the row labels, a grouping term, a column of ``data`` or one value per
-    data row (default: the innermost group's label within the group, or the row's index
-    when the innermost level is the grouping). ``annotate``/``weights`` switch the text
-    columns; ``refline`` the vertical reference line (None: none); ``xlim`` the x range
-    (intervals beyond it end in arrows). Returns the Figure.
+    Parameters
+    ----------
+    res : MeregressResults
+        A fit with known sampling variances.
+    level : float
+        Level of the intervals, in percent.
+    ax : matplotlib.axes.Axes, optional
+        Axes to draw into; default a new figure.
+    figsize : tuple, optional
+        Size of a new figure (default grows with the number of rows).
+    label : str or array-like, optional
+        Row labels: a grouping term, a column of ``data``, or one value per data row.
+        Default: the innermost group's label within its group (the row's index when
+        the innermost level is the grouping).
+    data : pandas.DataFrame, optional
+        Data holding the ``label`` column.
+    group : str or False, optional
+        Grouping term whose groups form the blocks of rows; default the top level
+        when its groups hold several rows; False for none.
+    subtotals : bool
+        Close each group with its mean effect (models without moderators).
+    annotate : bool
+        Show the "estimate [CI]" column.
+    weights : bool
+        Show the weight column.
+    prediction : bool
+        Show the prediction interval under the pooled estimate.
+    refline : float or None
+        Position of the vertical reference line (None: none).
+    xlim : tuple, optional
+        x range; intervals beyond it end in arrows.
+    fontsize : float
+        Size of the labels and annotations.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+
+    Raises
+    ------
+    ValueError
+        For a model without sampling variances (a mixed model), a crossed design
+        (the weights need the covariance by cluster; not available yet), an unknown
+        ``group``, or ``subtotals=True`` for a meta-regression or without grouped
+        rows.
+
+    See Also
+    --------
+    funnel_plot : effects against their standard errors.
+
+    Examples
+    --------
+    >>> import mlmeta
+    >>> from mlmeta import plots
+    >>> df = mlmeta.datasets.load("schoolcal")
+    >>> res = mlmeta.meregress("stdmdiff ~ 1 + (1 | district) + (1 | district:school)",
+    ...                        df, variance="var")
+    >>> fig = plots.forest_plot(res, subtotals=True)
+    >>> labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    >>> labels[-2:]
+    ['Pooled estimate', 'Prediction interval']
     """
     d = _known_design(res, "forest plot")
     z = stats.norm.ppf(0.5 + confidence_level(level) / 200.0)
@@ -348,19 +405,60 @@ _BACKGROUND = "0.92"
 
 def funnel_plot(res, kind=None, *, level: float = 95.0, contours=None, refline=None, ax=None,
                 figsize=(5.5, 4.5)):
-    """Funnel plot: each effect against its sampling standard error sqrt(v_i) (0 at the
-    top), as metafor's ``funnel()``.
+    """Funnel plot: each effect against its sampling standard error, as metafor's ``funnel()``.
 
-    ``kind="effects"`` plots y_i around the pooled estimate b (a model without
-    moderators, the default there); ``kind="residuals"`` the marginal residuals
-    y_i - x_i'b around 0 (the default for a meta-regression). The pseudo confidence
-    region center -+ z_level se is drawn as a funnel.
+    The y axis is the standard error ``sqrt(v_i)``, 0 at the top. ``kind="effects"``
+    plots ``y_i`` around the pooled estimate ``b`` (a model without moderators, the
+    default there); ``kind="residuals"`` the marginal residuals ``y_i - x_i'b`` around 0
+    (the default for a meta-regression). The pseudo confidence region
+    ``center -+ z_level se`` is drawn as a funnel.
 
-    ``contours=True`` (levels 90, 95, 99) or a sequence of percentages draws a
-    contour-enhanced funnel instead: around ``refline`` (default 0) the regions where
-    a two-sided test of a single effect would be non-significant (white) or significant
-    at each level (darker to lighter grey: 0.10 > p > 0.05, 0.05 > p > 0.01, p < 0.01),
-    the display of Peters et al. (2008). Returns the Axes.
+    A contour-enhanced funnel (Peters et al., 2008) shades instead, around ``refline``,
+    the regions where a two-sided test of a single effect would be non-significant
+    (white) or significant at each level (darker to lighter grey:
+    ``0.10 > p > 0.05``, ``0.05 > p > 0.01``, ``p < 0.01``).
+
+    Parameters
+    ----------
+    res : MeregressResults
+        A fit with known sampling variances.
+    kind : {None, "effects", "residuals"}
+        What is plotted; default effects without moderators, residuals with.
+    level : float
+        Level of the pseudo confidence region, in percent.
+    contours : bool or sequence of float, optional
+        True (levels 90, 95, 99) or levels in percent: draw a contour-enhanced funnel.
+    refline : float, optional
+        Centre of the contours (default 0); without contours a dotted reference line.
+    ax : matplotlib.axes.Axes, optional
+        Axes to draw into; default a new figure.
+    figsize : tuple
+        Size of a new figure.
+
+    Returns
+    -------
+    matplotlib.axes.Axes
+
+    Raises
+    ------
+    ValueError
+        For a model without sampling variances, an unknown ``kind``,
+        ``kind="effects"`` with moderators, or contour levels outside (0, 100).
+
+    See Also
+    --------
+    MeregressResults.egger_test : the regression test of funnel-plot asymmetry.
+
+    Examples
+    --------
+    >>> import mlmeta
+    >>> from mlmeta import plots
+    >>> df = mlmeta.datasets.load("schoolcal")
+    >>> res = mlmeta.meregress("stdmdiff ~ 1 + (1 | district) + (1 | district:school)",
+    ...                        df, variance="var")
+    >>> ax = plots.funnel_plot(res, contours=True)
+    >>> ax.get_ylabel(), [t.get_text() for t in ax.get_legend().get_texts()]
+    ('Standard error', ['p > 0.1', '0.05 < p < 0.1', '0.01 < p < 0.05', 'p < 0.01'])
     """
     d = _known_design(res, "funnel plot")
     pooled = res.fe_names == ["_cons"]
@@ -428,8 +526,46 @@ def _p(level):
 
 def caterpillar_plot(res, group=None, effect: str = "_cons", level: float = 95.0,
                      ax=None, figsize=None):
-    """BLUPs of ``effect`` at grouping term ``group`` (default: the top level),
-    sorted, with comparative intervals u -+ z se (see ``res.random_effects``)."""
+    """Caterpillar plot: the BLUPs of one level, sorted, with their intervals.
+
+    Each group's ``u_hat -+ z se`` with the comparative standard error
+    ``se = sqrt(diag PEV)`` of :meth:`MeregressResults.random_effects`.
+
+    Parameters
+    ----------
+    res : MeregressResults
+        A fitted model.
+    group : str, optional
+        Grouping term (default the top level).
+    effect : str
+        Random effect to show (``"_cons"``, or a random slope's name).
+    level : float
+        Level of the intervals, in percent.
+    ax : matplotlib.axes.Axes, optional
+        Axes to draw into.
+    figsize : tuple, optional
+        Size of a new figure.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+
+    Raises
+    ------
+    ValueError
+        For an unknown grouping term or effect.
+
+    Examples
+    --------
+    >>> import mlmeta
+    >>> from mlmeta import plots
+    >>> df = mlmeta.datasets.load("schoolcal")
+    >>> res = mlmeta.meregress("stdmdiff ~ 1 + (1 | district) + (1 | district:school)",
+    ...                        df, variance="var")
+    >>> fig = plots.caterpillar_plot(res, group="district")
+    >>> len(fig.axes[0].get_yticklabels())          # one row per district
+    11
+    """
     group = res.group_names[0] if group is None else group
     if group not in res.group_names:
         raise ValueError(f"unknown grouping term {group!r}; terms are {res.group_names}")
@@ -454,8 +590,42 @@ def caterpillar_plot(res, group=None, effect: str = "_cons", level: float = 95.0
 
 
 def profile_plot(res, param=None, n: int = 20, level: float = 95.0, ax=None, figsize=(5.5, 4.0)):
-    """Profile log-likelihood of a variance component (see ``res.profile``) with
-    the estimate, the cutoff llf_max - chi2_1(level)/2 and the profile CI."""
+    """Profile (restricted) log-likelihood of a variance component.
+
+    The curve of :meth:`MeregressResults.profile` with the estimate, the cutoff
+    ``llf_max - chi2_1(level) / 2`` and the profile-likelihood interval of
+    :meth:`MeregressResults.profile_ci` where the curve crosses it.
+
+    Parameters
+    ----------
+    res : MeregressResults
+        A fitted model.
+    param : str, tuple or int, optional
+        The variance component, as :meth:`MeregressResults.profile` takes it.
+    n : int
+        Number of grid points.
+    level : float
+        Level of the interval, in percent.
+    ax : matplotlib.axes.Axes, optional
+        Axes to draw into.
+    figsize : tuple
+        Size of a new figure.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+
+    Examples
+    --------
+    >>> import mlmeta
+    >>> from mlmeta import plots
+    >>> df = mlmeta.datasets.load("schoolcal")
+    >>> res = mlmeta.meregress("stdmdiff ~ 1 + (1 | district) + (1 | district:school)",
+    ...                        df, variance="var")
+    >>> fig = plots.profile_plot(res, "district", n=10)
+    >>> fig.axes[0].get_ylabel()
+    'restricted log-likelihood'
+    """
     prof = res.profile(param, n=n)
     group, label = prof.attrs["param"]
     cut = prof.attrs["llf_max"] - 0.5 * stats.chi2.ppf(level / 100.0, 1)

@@ -10,8 +10,9 @@ postestimation, metafor's methods for ``rma.mv``).
 * ``wald_test()``, ``containment_df()``, ``residual_df()``, ``t_test()`` -- linear
   hypotheses on the fixed effects with normal or t/F reference distributions (the
   model's df rule: containment or residual df, Satterthwaite for mixed models);
-* ``profile()`` / ``profile_ci()`` -- profile likelihood of a variance component;
 * ``e`` / ``estat()`` -- stored results comparable to Stata's ``e()``.
+
+Profile likelihoods of the variance components are in :mod:`mlmeta.profile_likelihood`.
 
 Rows: the model sorts its rows into clusters (``model.design.perm`` maps sorted
 position k to model-frame row ``perm[k]``); the frame holds the used rows of the
@@ -25,11 +26,9 @@ from functools import cached_property
 
 import numpy as np
 import pandas as pd
-from scipy import optimize, stats
+from scipy import stats
 
 from mlmeta.constraints import linear_hypotheses
-from mlmeta.covstruct import Custom
-from mlmeta.optimize import fit_nested
 from mlmeta.reports import Heterogeneity, StoredResults, TTestTable, WaldTest, hypothesis_label
 from mlmeta.summary import confidence_level
 from mlmeta.vcomp import variance_components
@@ -113,10 +112,39 @@ class PostestimationMixin:
             s^2 = (n - p) / tr(P),   I^2_l = tau_l^2 / (sum_k tau_k^2 + s^2),
             I^2_total = sum_k tau_k^2 / (sum_k tau_k^2 + s^2).
 
-        ``relevel``: a grouping term or list of them to report (default: all);
-        the total always covers every level. With random slopes the variance a
-        level adds to an effect size, z' Sigma_l z, changes with the moderators,
-        so no single share per level exists and I^2 is reported as not defined.
+        With random slopes the variance a level adds to an effect size,
+        z' Sigma_l z, changes with the moderators, so no single share per level
+        exists and I^2 is reported as not defined.
+
+        Parameters
+        ----------
+        relevel : str or list of str, optional
+            Grouping terms to report (default: all); the total always covers every
+            level.
+
+        Returns
+        -------
+        Heterogeneity
+            ``I2_Q``, ``I2`` (level -> percent), ``I2_total``, ``s2``; prints as
+            Stata's ``estat heterogeneity``.
+
+        Raises
+        ------
+        ValueError
+            For a mixed model on raw data (no sampling variances) or an unknown
+            level.
+
+        Examples
+        --------
+        >>> import mlmeta
+        >>> df = mlmeta.datasets.load("schoolcal")
+        >>> res = mlmeta.meregress("stdmdiff ~ 1 + (1 | district) + (1 | district:school)",
+        ...                        df, variance="var")
+        >>> h = res.heterogeneity()
+        >>> print(f"I2_Q {h.I2_Q:.2f}%, total {h.I2_total:.2f}%")
+        I2_Q 90.50%, total 95.19%
+        >>> {k: round(v, 2) for k, v in h.I2.items()}
+        {'district': 63.32, 'district:school': 31.86}
         """
         if self._profiled() or self.Q_M is None:
             raise ValueError("heterogeneity statistics need known sampling variances")
@@ -160,6 +188,30 @@ class PostestimationMixin:
         PEV = Var(u - u_hat), including the uncertainty of beta-hat, as metafor's
         ``ranef``), ``se_diag`` (diagnostic: sqrt diag(Sigma - PEV) = SD of u_hat)
         and ``lower``/``upper`` = blup -+ z se.
+
+        Parameters
+        ----------
+        level : float
+            Level of the intervals, in percent.
+
+        Returns
+        -------
+        dict
+            Grouping term -> DataFrame.
+
+        Examples
+        --------
+        >>> import mlmeta
+        >>> df = mlmeta.datasets.load("schoolcal")
+        >>> res = mlmeta.meregress("stdmdiff ~ 1 + (1 | district) + (1 | district:school)",
+        ...                        df, variance="var")
+        >>> re = res.random_effects()["district"]
+        >>> re.head(3).round(4)
+                 effect    blup      se  se_diag   lower   upper
+        district
+        11        _cons -0.1900  0.1665   0.1932 -0.5164  0.1364
+        12        _cons -0.0847  0.1241   0.2229 -0.3279  0.1585
+        18        _cons  0.1407  0.1372   0.2150 -0.1283  0.4097
         """
         z = _z(level)
         out = {}
@@ -203,8 +255,38 @@ class PostestimationMixin:
         Per-row outputs carry the data's index.
 
         ``newdata`` (a DataFrame) is only used by ``xb``; the fixed part is
-        re-encoded with the stored formula spec. Returns a Series, or a DataFrame
-        (xb, stdp) when ``stdp=True``.
+        re-encoded with the stored formula spec.
+
+        Parameters
+        ----------
+        kind : {"xb", "fitted", "residuals", "residuals_marginal", "rstandard"}
+            What to predict.
+        newdata : pandas.DataFrame, optional
+            New moderator values (``kind="xb"`` only).
+        stdp : bool
+            Also return the standard error of x'beta.
+
+        Returns
+        -------
+        pandas.Series or pandas.DataFrame
+            A Series, or a DataFrame (xb, stdp) when ``stdp=True``.
+
+        Raises
+        ------
+        ValueError
+            For an unknown ``kind``, or ``newdata`` with another kind than "xb".
+
+        Examples
+        --------
+        >>> import mlmeta
+        >>> df = mlmeta.datasets.load("schoolcal")
+        >>> res = mlmeta.meregress("stdmdiff ~ 1 + (1 | district) + (1 | district:school)",
+        ...                        df, variance="var")
+        >>> res.predict("fitted").head(3).round(4)
+        0   -0.0432
+        1   -0.0519
+        2    0.0383
+        Name: fitted, dtype: float64
         """
         if kind not in _KINDS:
             raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
@@ -263,6 +345,31 @@ class PostestimationMixin:
         ``predict.rma`` (which adds sum(sigma2)); metafor ignores random slopes.
         Columns: pred, se, ci_lower, ci_upper, pi_lower, pi_upper, tau2 (the
         variance a new study adds).
+
+        Parameters
+        ----------
+        newdata : pandas.DataFrame, optional
+            Moderator values of the new studies.
+        level : float
+            Level of both intervals, in percent.
+        sampling_variance : float or array-like, optional
+            Known sampling variance of the new study's estimate.
+
+        Returns
+        -------
+        pandas.DataFrame
+
+        Examples
+        --------
+        >>> import mlmeta
+        >>> df = mlmeta.datasets.load("schoolcal")
+        >>> res = mlmeta.meregress("stdmdiff ~ year_c + (1 | district) + (1 | district:school)",
+        ...                        df, variance="var")
+        >>> import pandas as pd
+        >>> res.predict_interval(pd.DataFrame({"year_c": [0, 10]})).round(4)
+             pred      se  ci_lower  ci_upper  pi_lower  pi_upper    tau2
+        0  0.1807  0.0887    0.0069    0.3545   -0.4775    0.8389  0.1049
+        1  0.2338  0.1240   -0.0092    0.4768   -0.4459    0.9136  0.1049
         """
         z = _z(level)
         b, Vb = self.params.values, self.cov_params().values
@@ -299,6 +406,22 @@ class PostestimationMixin:
         ``~ x | study``) adds one more candidate level: the distinct cells of the
         term's effect values and its groups (the (x, study) combinations), so the
         coefficient of x is contained in them even when it varies within studies.
+
+        Returns
+        -------
+        pandas.Series
+            df per coefficient.
+
+        Examples
+        --------
+        >>> import mlmeta
+        >>> df = mlmeta.datasets.load("schoolcal")
+        >>> res = mlmeta.meregress("stdmdiff ~ year_c + (1 | district) + (1 | district:school)",
+        ...                        df, variance="var")
+        >>> res.containment_df()
+        year_c    54.0
+        _cons      9.0
+        Name: df, dtype: float64
         """
         f = self.frame
         n, p = f.X.shape
@@ -327,7 +450,24 @@ class PostestimationMixin:
 
     def residual_df(self) -> pd.Series:
         """Residual degrees of freedom k - p for every fixed effect (metafor's
-        ``dfs="residual"``), at least 1."""
+        ``dfs="residual"``), at least 1.
+
+        Returns
+        -------
+        pandas.Series
+            df per coefficient.
+
+        Examples
+        --------
+        >>> import mlmeta
+        >>> df = mlmeta.datasets.load("schoolcal")
+        >>> res = mlmeta.meregress("stdmdiff ~ year_c + (1 | district) + (1 | district:school)",
+        ...                        df, variance="var")
+        >>> res.residual_df()
+        year_c    54.0
+        _cons     54.0
+        Name: df, dtype: float64
+        """
         n, p = self.frame.X.shape
         return pd.Series(float(max(n - p, 1)), index=self.fe_names, name="df")
 
@@ -365,7 +505,7 @@ class PostestimationMixin:
     def t_test(self, hypotheses=None, level: float = 95.0, rhs=None) -> TTestTable:
         """t tests of the coefficients, or of linear hypotheses ``L beta = r``.
 
-        Without ``hypotheses``: the coefficient table, t = b / se, p = 2 P(T_df > |t|),
+        Without ``hypotheses``: the coefficient table, t = b / se, p = 2 P(T_df > ``|t|``),
         CI = b -+ t_{df, 1-alpha/2} se. With ``hypotheses`` (text such as
         ``"x = 0"`` or ``"x1 - x2 = 0.5"``, a list of such strings, or a matrix L with
         ``rhs``; as :meth:`wald_test`): one row per hypothesis with ``coef`` = L b,
@@ -378,9 +518,37 @@ class PostestimationMixin:
         coefficients) or residual df k - p. (A number as the only positional
         argument is read as ``level``, as before.)
 
-        Returns a :class:`~mlmeta.reports.TTestTable`: a DataFrame that also has
-        statsmodels' ``ContrastResults`` names (``effect``, ``sd``, ``tvalue``,
-        ``pvalue``, ``df_denom``, ``conf_int()``, ``summary()``).
+        Parameters
+        ----------
+        hypotheses : str, list of str or array-like, optional
+            Linear hypotheses; default the coefficients.
+        level : float
+            Confidence level in percent.
+        rhs : array-like, optional
+            Right-hand sides r when ``hypotheses`` is a matrix L.
+
+        Returns
+        -------
+        TTestTable
+            A DataFrame with columns coef, std_err, t, df, pvalue, lower, upper (one
+            row per hypothesis) that also has statsmodels' ``ContrastResults`` names
+            (``effect``, ``sd``, ``tvalue``, ``pvalue``, ``df_denom``, ``conf_int()``,
+            ``summary()``) and exports ``as_markdown()`` and ``as_latex()``.
+
+        Raises
+        ------
+        ValueError
+            For malformed hypotheses or unknown coefficient names.
+
+        Examples
+        --------
+        >>> import mlmeta
+        >>> df = mlmeta.datasets.load("schoolcal")
+        >>> res = mlmeta.meregress("stdmdiff ~ year_c + (1 | district) + (1 | district:school)",
+        ...                        df, variance="var")
+        >>> res.t_test("_cons + 5*year_c = 0").round(4)
+                              coef  std_err       t   df  pvalue  lower   upper
+        5*year_c + _cons = 0  0.2073   0.0969  2.1387  9.0  0.0612 -0.012  0.4265
         """
         if (hypotheses is not None and not isinstance(hypotheses, (bool, np.bool_))
                 and isinstance(hypotheses, (int, float, np.integer, np.floating))):
@@ -425,6 +593,38 @@ class PostestimationMixin:
         :func:`satterthwaite_Fdf`); otherwise a row's df is the smallest df of its
         coefficients (containment, or k - p with ``dfs="residual"``) and df_denom
         the smallest over rows (metafor's ``anova(..., X=)``).
+
+        Parameters
+        ----------
+        hypotheses : str, list of str or array-like
+            Linear hypotheses.
+        rhs : array-like, optional
+            Right-hand sides r when ``hypotheses`` is a matrix L.
+        test : {"z", "chi2", "t"}
+            chi2 test, or F test on the model's df.
+
+        Returns
+        -------
+        WaldTest
+            ``statistic``, ``df``, ``pvalue`` (and ``df_denom`` for F); prints as
+            Stata's ``test``.
+
+        Raises
+        ------
+        ValueError
+            For malformed hypotheses, unknown names or an unknown ``test``.
+
+        Examples
+        --------
+        >>> import mlmeta
+        >>> df = mlmeta.datasets.load("schoolcal")
+        >>> res = mlmeta.meregress("stdmdiff ~ year_c + (1 | district) + (1 | district:school)",
+        ...                        df, variance="var")
+        >>> print(res.wald_test("year_c = 0"))
+         ( 1)  year_c = 0
+        <BLANKLINE>
+                     chi2(1) =     0.32
+                 Prob > chi2 =   0.5735
         """
         if test not in ("z", "chi2", "t"):
             raise ValueError(f"test must be 'z' (chi2 test) or 't' (F test), got {test!r}")
@@ -451,189 +651,6 @@ class PostestimationMixin:
         F = chi2 / q
         return WaldTest(Ldf, r, F, q, float(stats.f.sf(F, q, ddf)), "t", ddf)
 
-    # -- profile likelihood -------------------------------------------------------------
-    @cached_property
-    def _profile_setup(self):
-        """(model, theta, params) for profiling. Levels with correlated effects are
-        written as Stata custom patterns (theta = SDs then correlations, ``Sigma = D R D``
-        exactly), so that every variance and correlation is one theta element; params
-        lists (theta index, grouping term, label, "var" | "corr")."""
-        from mlmeta.model import NestedModel
-
-        if self._profiled():
-            raise ValueError("profile likelihoods are available for models with known "
-                             "sampling variances")
-        m = self.model
-        structs, thetas, params, off = [], [], [], 0
-        for g, s, sl in zip(self.group_names, m.structs, m.theta_slices):
-            names = list(s.effect_names)
-            if s.kind in ("unstructured", "exchangeable"):
-                q = len(names)
-                if s.kind == "unstructured":
-                    pattern = [[None] * q for _ in range(q)]
-                else:    # one SD, one correlation (a label needs two or more places)
-                    pattern = [["sd" if i == j else (None if q == 2 else "rho") for j in range(q)]
-                               for i in range(q)]
-                c = Custom(names, pattern)
-                s, th = c, c.from_Sigma(s.Sigma(self.theta[sl]), corr_bound=c.CORR_BOUND)
-            else:
-                th = self.theta[sl]
-            if s.kind == "identity":
-                params.append((off, g, f"var({' '.join(names)})", "var"))
-            elif s.kind == "independent":
-                params += [(off + i, g, f"var({e})", "var") for i, e in enumerate(names)]
-            elif s.kind == "custom":
-                k = len(s.sd_groups)
-                params += [(off + a, g, f"var({' '.join(names[i] for i in w)})", "var")
-                           for a, w in enumerate(s.sd_groups)]
-                params += [(off + k + b, g, "corr(" + ",".join(f"{names[i]},{names[j]}" for i, j in w[:1])
-                            + ")", "corr") for b, w in enumerate(s.corr_groups)]
-            structs.append(s)
-            thetas.append(np.asarray(th, dtype=float))
-            off += len(thetas[-1])
-        if all(a is b for a, b in zip(structs, m.structs)):
-            return m, self.theta.copy(), params
-        pm = NestedModel(m.design, structs, m.method, residual=m.residual,
-                         fe_constraints=m.fe_constraints, cluster_labels=m.cluster_labels)
-        theta = np.concatenate(thetas)
-        if abs(pm.deviance(theta) + 2.0 * self.llf) > 1e-7 * max(1.0, abs(self.llf)):
-            raise RuntimeError("the profiling parameterisation does not reproduce the fit")
-        return pm, theta, params
-
-    def _profile_params(self):
-        """(theta index, grouping term, label, kind) of every profiled parameter."""
-        return self._profile_setup[2]
-
-    def _resolve_param(self, param):
-        params = self._profile_params()
-        if isinstance(param, (int, np.integer)):
-            hits = [p for p in params if p[0] == param]
-        elif isinstance(param, tuple):
-            hits = [p for p in params if p[1] == param[0] and p[2] in (param[1], f"var({param[1]})")]
-        else:
-            hits = [p for p in params if p[1] == param]
-        if len(hits) != 1:
-            avail = [(p[1], p[2]) for p in params]
-            raise ValueError(f"cannot profile {param!r}: give a grouping term with one variance, "
-                             f"a (term, effect) or (term, label) pair or a theta index; "
-                             f"profileable: {avail}")
-        return hits[0]
-
-    def _profile_llf(self, i, value, kind="var", start=None):
-        """max over the other parameters of the (restricted) log-likelihood with the
-        variance (theta_i = sqrt(value)) or correlation (theta_i = value) held;
-        returns (llf, theta)."""
-        model, theta_hat, _ = self._profile_setup
-        theta0 = (theta_hat if start is None else start).copy()
-        theta0[i] = np.sqrt(max(value, 0.0)) if kind == "var" else value
-        if model.n_theta == 1:
-            return -0.5 * model.deviance(theta0), theta0
-        # Newton from the warm start (EM steps would move the held element's partners as
-        # if it were free); a run that does not converge is repeated from the estimate
-        rec = fit_nested(model, theta0=theta0, fixed=[i], em_iter=0, safeguard=False)
-        if not rec.converged and start is not None:
-            theta1 = theta_hat.copy()
-            theta1[i] = theta0[i]
-            alt = fit_nested(model, theta0=theta1, fixed=[i], em_iter=0, safeguard=False)
-            if alt.deviance < rec.deviance:
-                rec = alt
-        return -0.5 * rec.deviance, np.asarray(rec.theta, float)
-
-    def _profile_estimate(self, i, kind):
-        t = self._profile_setup[1][i]
-        return float(t ** 2) if kind == "var" else float(t)
-
-    def profile(self, param=None, n: int = 20, values=None) -> pd.DataFrame:
-        """Profile (restricted) log-likelihood of a variance component or correlation.
-
-        ``param``: a grouping term (random intercept), a (term, effect) pair, a
-        (term, label) pair with a label of :meth:`profile_ci` (e.g.
-        ``("trial", "corr(outcome[AL],outcome[PD])")``) or a theta index; default:
-        the first. Variances are profiled in the variance metric sigma^2 (metafor's
-        ``profile.rma.mv``), correlations in rho: llf = max over the other covariance
-        parameters (beta profiled out). ``values`` sets the grid; by default ``n``
-        points spanning the profile-likelihood CI with a margin. Columns: sigma2, sd,
-        llf (variances) or rho, llf (correlations).
-        """
-        i, g, label, kind = self._resolve_param(param if param is not None
-                                                else self._profile_params()[0][0])
-        est = self._profile_estimate(i, kind)
-        if values is None:
-            ci = self.profile_ci(params=[i]).iloc[0]
-            lo, hi = float(ci.lower), float(ci.upper)
-            if kind == "corr":
-                values = np.linspace(max(-1.0, lo - 0.1), min(1.0, hi + 0.1), n)
-                values = np.clip(values, -Custom.CORR_BOUND, Custom.CORR_BOUND)
-            else:
-                if not np.isfinite(hi):
-                    hi = lo + 4.0 * max(est, 1e-8)
-                span = hi - lo
-                values = np.linspace(max(0.0, lo - 0.25 * span), hi + 0.25 * span, n)
-            values = np.union1d(values, [est])
-        values = np.asarray(values, dtype=float)
-        llf = np.empty(values.size)
-        start = None
-        order = np.argsort(np.abs(values - est))
-        for k in order:      # outward from the estimate, warm-starting each fit
-            llf[k], start = self._profile_llf(i, values[k], kind, start)
-        if kind == "corr":
-            df = pd.DataFrame({"rho": values, "llf": llf})
-        else:
-            df = pd.DataFrame({"sigma2": values, "sd": np.sqrt(values), "llf": llf})
-        df.attrs.update(param=(g, label), theta_index=i, estimate=est, llf_max=float(self.llf))
-        return df
-
-    def profile_ci(self, level: float = 95.0, params=None) -> pd.DataFrame:
-        """Profile-likelihood confidence intervals for the variance components and the
-        correlations of correlated random effects (metafor's ``confint``).
-
-        The limits solve 2 (llf_max - llf(value)) = chi2_1(level) (brentq on each side
-        of the estimate). When the profile at a variance of 0 (a correlation of -1 or
-        1) stays above the cutoff, that bound is the limit, as in metafor. Rows: each
-        variance (and each correlation of unstructured, exchangeable and custom
-        levels). Columns: group, param, estimate, lower, upper (variances or
-        correlations), sd, sd_lower, sd_upper (NaN for correlations).
-        """
-        _z(level)
-        cut = self.llf - 0.5 * stats.chi2.ppf(level / 100.0, 1)
-        v = self.model.design.variance
-        vscale = float(np.median(v)) if v is not None else 1.0
-        bound = Custom.CORR_BOUND
-        rows = []
-        for i, g, label, kind in self._profile_params():
-            if params is not None and i not in params:
-                continue
-            est = self._profile_estimate(i, kind)
-            cache = {}
-
-            def f(x, i=i, kind=kind, cache=cache):  # bound now: f is built anew for each parameter
-                if x not in cache:
-                    cache[x] = self._profile_llf(i, x, kind)[0]
-                return cache[x] - cut
-
-            if kind == "corr":
-                tol = 1e-10
-                lower = -1.0 if est <= -bound or f(-bound) >= 0 else optimize.brentq(f, -bound, est, xtol=tol)
-                upper = 1.0 if est >= bound or f(bound) >= 0 else optimize.brentq(f, est, bound, xtol=tol)
-                rows.append((g, label, est, lower, upper, kind))
-                continue
-            scale = max(est, 1e-4 * vscale)
-            tol = 1e-10 * scale
-            lower = 0.0 if est == 0 or f(0.0) >= 0 else optimize.brentq(f, 0.0, est, xtol=tol)
-            hi = est + scale
-            for _ in range(60):
-                if f(hi) < 0:
-                    break
-                hi = est + 2 * (hi - est)
-            upper = optimize.brentq(f, est, hi, xtol=tol) if f(hi) < 0 else np.inf
-            rows.append((g, label, est, lower, upper, kind))
-        df = pd.DataFrame(rows, columns=["group", "param", "estimate", "lower", "upper", "kind"])
-        is_var = (df.pop("kind") == "var").to_numpy()
-        for c in ("estimate", "lower", "upper"):
-            df["sd" if c == "estimate" else f"sd_{c}"] = np.where(
-                is_var, np.sqrt(np.where(is_var, df[c], 0.0)), np.nan)
-        return df
-
     # -- stored results ---------------------------------------------------------------------
     def estat(self) -> StoredResults:
         """Stored results comparable to Stata's ``e()``; see :class:`StoredResults`.
@@ -644,6 +661,25 @@ class PostestimationMixin:
         information has no cross block), so V is block diagonal. Reporting
         metric (delta method): Var(sd) = sd^2 Var(log sd), Var(r) = (1 - r^2)^2
         Var(atanh r). Parameters on the boundary or fixed have NaN variances.
+
+        Returns
+        -------
+        StoredResults
+
+        Examples
+        --------
+        >>> import mlmeta
+        >>> df = mlmeta.datasets.load("schoolcal")
+        >>> res = mlmeta.meregress("stdmdiff ~ 1 + (1 | district) + (1 | district:school)",
+        ...                        df, variance="var")
+        >>> e = res.estat()
+        >>> e["N"], round(e["ll"], 4)
+        (56, -7.9587)
+        >>> e.b.round(4)
+        stdmdiff         _cons          0.1847
+        district         lnsd(_cons)   -1.3662
+        district:school  lnsd(_cons)   -1.7096
+        Name: b, dtype: float64
         """
         comps, cov_eta, free_pos = variance_components(self.model, self.theta, self.group_names,
                                                        sd_scale=self.model.scale)

@@ -40,19 +40,51 @@ PREDICTORS = {"sei": "standard error sqrt(v_i)", "vi": "sampling variance v_i"}
 
 @dataclasses.dataclass
 class EggerTest:
-    """Result of :func:`egger_test`.
+    """Result of the multilevel Egger-type test (:meth:`MeregressResults.egger_test`).
+
+    Prints as metafor's ``regtest``: the predictor, the inference, the coefficient
+    alpha of the predictor with its standard error, the test of ``alpha = 0`` and the
+    limit estimate.
 
     Attributes
     ----------
-    statistic : z (``test="z"``) or t (``test="t"`` or ``robust="CR2"``) of alpha.
-    pvalue : two-sided p-value.
-    coef, se : alpha, the coefficient of the predictor, and its (robust) standard error.
-    df : df of the t reference (None for a z test).
-    test : "z" or "t"; robust : None or "CR2"; cluster : the robust clusters' name.
-    predictor : "sei" or "vi".
-    limit, limit_ci : the intercept of the refit (the limit estimate) and its confidence
-        interval at ``level`` (None without an intercept).
-    fit : the refitted model (a results object with the predictor as a moderator).
+    statistic : float
+        z (``test="z"``) or t (``test="t"`` or ``robust="CR2"``) of alpha.
+    pvalue : float
+        Two-sided p-value.
+    coef, se : float
+        alpha, the coefficient of the predictor, and its (robust) standard error.
+    df : float or None
+        df of the t reference (None for a z test).
+    test : str
+        "z" or "t".
+    predictor : str
+        "sei" (sqrt(v_i)) or "vi" (v_i).
+    robust : str or None
+        None or "CR2".
+    cluster : str or None
+        Name of the robust clusters.
+    limit, limit_ci : float, tuple
+        The intercept of the refit (the limit estimate) and its confidence interval at
+        ``level`` (None without an intercept).
+    level : float
+        Confidence level of ``limit_ci``, in percent.
+    fit : MeregressResults
+        The refitted model, with the predictor as a moderator.
+
+    Examples
+    --------
+    >>> import mlmeta
+    >>> df = mlmeta.datasets.load("schoolcal")
+    >>> res = mlmeta.meregress("stdmdiff ~ 1 + (1 | district) + (1 | district:school)",
+    ...                        df, variance="var")
+    >>> egger = res.egger_test()
+    >>> print(f"z = {egger.statistic:.4f}, p = {egger.pvalue:.4f}, limit = {egger.limit:.4f}")
+    z = -1.1784, p = 0.2386, limit = 0.3201
+    >>> egger.fit.params.round(4)
+    sei     -0.9846
+    _cons    0.3201
+    Name: coef, dtype: float64
     """
 
     statistic: float

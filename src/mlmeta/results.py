@@ -20,30 +20,91 @@ from scipy import special, stats
 
 from mlmeta import summary as _summary
 from mlmeta._errors import warn
-from mlmeta.anova import anova as _anova
-from mlmeta.summary import confidence_level
+from mlmeta.inference_methods import InferenceMethodsMixin
 from mlmeta.postestimation import PostestimationMixin
+from mlmeta.profile_likelihood import ProfileMixin
+from mlmeta.summary import confidence_level
 from mlmeta.vcomp import component_table, variance_components
 
 __all__ = ["MeregressResults"]
 
 
-class MeregressResults(PostestimationMixin):
-    """A fitted multilevel meta-regression.
+class MeregressResults(PostestimationMixin, ProfileMixin, InferenceMethodsMixin):
+    """A fitted multilevel meta-regression (returned by :func:`meregress`).
 
     Attributes
     ----------
-    params, bse, zvalues, tvalues, pvalues : pandas.Series over the fixed effects
-        (``tvalues``: statsmodels' name of the statistics b / se, t or z).
-    fittedvalues, resid : pandas.Series over the used rows (BLUPs included).
-    llf, aic, bic, nobs, method, converged, n_iter : scalars as in statsmodels.
-    sample : bool mask over the rows of the data that were used.
-    re_cov : dict grouping term -> covariance DataFrame labelled by effect names.
-    theta : estimated covariance parameters (estimation metric, see covstruct).
-    Q_M, Q_M_df, Q_M_pvalue : multilevel residual homogeneity test.
-    wald_chi2, wald_df, wald_pvalue : joint Wald test of the moderators.
-    groups : DataFrame of group counts and min/avg/max observations per group.
-    fit_record : how the optimum was reached (starts, evaluations, messages).
+    params, bse, zvalues, tvalues, pvalues : pandas.Series
+        Fixed effects (GLS at the estimated covariance), standard errors
+        ``sqrt(diag((X'V^-1 X)^-1))``, z (or t) statistics ``b / se`` (``tvalues`` is
+        statsmodels' name of the same numbers) and p-values, over the coefficients
+        (``_cons`` last, Stata's order).
+    fittedvalues, resid : pandas.Series
+        Fitted values ``X beta + Z u`` (BLUPs included) and residuals ``y - fitted``
+        over the used rows, indexed as the data (statsmodels' MixedLM names).
+    df : pandas.Series
+        Per-coefficient degrees of freedom of the tests and intervals (inf for z
+        tests).
+    llf, aic, bic : float
+        (Restricted) log-likelihood in Stata's and metafor's convention,
+        ``AIC = -2 llf + 2k`` and ``BIC = -2 llf + k log n`` with k =
+        :attr:`df_modelwc`.
+    nobs, n_dropped : int
+        Rows used; rows dropped for missing values.
+    method : str
+        "reml" or "ml".
+    converged : bool
+        Whether the optimiser met its convergence criterion.
+    n_iter : int
+        Newton iterations.
+    sample : numpy.ndarray of bool
+        Mask over the data rows used.
+    group_names : list of str
+        Grouping terms, outermost first.
+    re_cov : dict
+        Grouping term -> covariance DataFrame of its random effects.
+    theta : numpy.ndarray
+        Covariance parameters in the estimation metric.
+    Q_M, Q_M_df, Q_M_pvalue : float, int, float
+        Multilevel residual homogeneity test: ``Q_M = sum_j r_j' Lambda_j^-1 r_j`` at
+        the fixed-effects estimate, on n - p df.
+    wald_chi2, wald_df, wald_pvalue : float, int, float
+        Joint Wald test of the moderators, ``chi2 = b' Var(b)^-1 b`` (None without
+        moderators).
+    groups : pandas.DataFrame
+        Group counts and min/avg/max observations per group, per level, and how the
+        level relates to the others (``nesting``: "top", "in <outer term>" or
+        "crossed").
+    boundary : list of str
+        Estimates on the boundary of the parameter space.
+    notes : list of str
+        Notes of the summary (convergence, boundary, dropped rows).
+    fit_record : FitRecord
+        How the optimum was reached (starts, evaluations, messages).
+    model, frame
+        The model object and the model frame (the fit's inputs).
+    data : pandas.DataFrame or None
+        The data the model was fitted to (for :meth:`anova` and marginal means by
+        data column); results pickle with it.
+
+    Examples
+    --------
+    >>> import mlmeta
+    >>> df = mlmeta.datasets.load("schoolcal")
+    >>> res = mlmeta.meregress("stdmdiff ~ 1 + (1 | district) + (1 | district:school)",
+    ...                        df, variance="var")
+    >>> res
+    <MeregressResults REML n=56 llf=-7.958724 levels=['district', 'district:school']>
+    >>> res.conf_int().round(4)
+           lower   upper
+    _cons  0.019  0.3504
+    >>> print(f"Q_M = {res.Q_M:.2f} on {res.Q_M_df} df")
+    Q_M = 578.86 on 55 df
+    >>> res.groups
+                     n_groups  min       avg  max      nesting
+    group
+    district               11    3  5.090909   11          top
+    district:school        56    1  1.000000    1  in district
     """
 
     def __init__(self, model, frame, record, *, depvar, sampling="variance", options=None, data=None):
@@ -157,7 +218,23 @@ class MeregressResults(PostestimationMixin):
         return pd.Series(2 * special.ndtr(-z), index=self._fe_index, name="P>|z|")
 
     def cov_params(self) -> pd.DataFrame:
-        """Var(beta) = (X' V^-1 X)^-1."""
+        """Covariance matrix of the fixed effects, ``Var(beta) = (X' V^-1 X)^-1``.
+
+        Returns
+        -------
+        pandas.DataFrame
+            p x p, labelled by the coefficient names.
+
+        Examples
+        --------
+        >>> import mlmeta
+        >>> df = mlmeta.datasets.load("schoolcal")
+        >>> res = mlmeta.meregress("stdmdiff ~ 1 + (1 | district) + (1 | district:school)",
+        ...                        df, variance="var")
+        >>> res.cov_params().round(5)
+                 _cons
+        _cons  0.00715
+        """
         return self._cov.copy()
 
     def _crit(self, level):
@@ -167,9 +244,33 @@ class MeregressResults(PostestimationMixin):
         return stats.norm.ppf(q)
 
     def conf_int(self, level: float = 95.0, *, alpha=None) -> pd.DataFrame:
-        """Wald confidence intervals beta -+ z se at ``level`` percent (t quantiles on
-        :attr:`df` with ``test="t"``, ``"satterthwaite"`` or ``"kenward-roger"``); ``alpha=`` as in
-        statsmodels."""
+        """Wald confidence intervals ``beta -+ z se`` at ``level`` percent.
+
+        With ``test="t"`` (or the Satterthwaite and Kenward-Roger tests of mixed
+        models) the quantiles are those of t on each coefficient's :attr:`df`.
+
+        Parameters
+        ----------
+        level : float
+            Confidence level in percent (Stata's ``level()``).
+        alpha : float, optional
+            ``1 - level / 100``, as statsmodels spells it.
+
+        Returns
+        -------
+        pandas.DataFrame
+            Columns ``lower`` and ``upper``, one row per coefficient.
+
+        Examples
+        --------
+        >>> import mlmeta
+        >>> df = mlmeta.datasets.load("schoolcal")
+        >>> res = mlmeta.meregress("stdmdiff ~ 1 + (1 | district) + (1 | district:school)",
+        ...                        df, variance="var")
+        >>> res.conf_int(level=90).round(4)
+                lower   upper
+        _cons  0.0456  0.3238
+        """
         z = self._crit(confidence_level(level, alpha))
         return pd.DataFrame({"lower": self.params - z * self.bse, "upper": self.params + z * self.bse})
 
@@ -272,61 +373,42 @@ class MeregressResults(PostestimationMixin):
     def _vc(self):
         return variance_components(self.model, self.theta, self.group_names, sd_scale=self._sd_scale)
 
-    def anova(self, type=3, ddf=None, *, data=None) -> pd.DataFrame:
-        """ANOVA table, one test per formula term (Type III or I, lmerTest's hypotheses);
-        see :func:`mlmeta.anova.anova`."""
-        return _anova(self, type=type, ddf=ddf, data=data)
-
-    def robust(self, cluster=None, type="CR2", df=None, *, data=None):
-        """Cluster-robust inference with the fitted model as working covariance
-        (see :func:`mlmeta.robust.robust`)."""
-        from mlmeta.robust import robust
-
-        return robust(self, cluster=cluster, type=type, df=df, data=data)
-
-    def influence(self, cluster=None, *, data=None, reestimate=True, n_jobs=None) -> pd.DataFrame:
-        """Influence diagnostics by deletion refits, one row per used data row or per
-        cluster: Cook's distance, hat values, studentized deleted residuals (or the
-        cluster statistic X2) and DFBETAS, as metafor's methods for ``rma.mv`` (lme4's
-        ``influence.merMod`` for mixed models); see :func:`mlmeta.influence.influence`."""
-        from mlmeta.influence import influence
-
-        return influence(self, cluster, data=data, reestimate=reestimate, n_jobs=n_jobs)
-
-    def egger_test(self, robust=None, *, cluster=None, predictor="sei", test=None, level=95.0,
-                   data=None):
-        """Multilevel Egger-type test of funnel-plot asymmetry: the model refitted with
-        sqrt(v_i) as a moderator (optionally cluster-robust CR2); see
-        :func:`mlmeta.pubbias.egger_test`."""
-        from mlmeta.pubbias import egger_test
-
-        return egger_test(self, robust, cluster=cluster, predictor=predictor, test=test,
-                          level=level, data=data)
-
-    def bootstrap(self, n=1000, *, kind="parametric", level=95.0, seed=None, n_jobs=None,
-                  executor=None):
-        """Bootstrap percentile intervals (parametric or cluster); see
-        :func:`mlmeta.resampling.bootstrap`. Returns (table, replicates). ``executor``: a
-        concurrent.futures executor or Dask client running the refits."""
-        from mlmeta.resampling import bootstrap
-
-        return bootstrap(self, n, kind=kind, level=level, seed=seed, n_jobs=n_jobs,
-                         executor=executor)
-
-    def permutation_test(self, n=1000, *, seed=None, n_jobs=None, executor=None):
-        """Permutation test of the moderators (metafor's permutest); see
-        :func:`mlmeta.resampling.permutation_test`. ``executor``: a concurrent.futures
-        executor or Dask client running the refits."""
-        from mlmeta.resampling import permutation_test
-
-        return permutation_test(self, n, seed=seed, n_jobs=n_jobs, executor=executor)
-
     def recovariance(self, level=None, correlation: bool = False):
         """Random-effects covariance (or correlation) matrix of a level (Stata's
-        ``estat recovariance``), or a dict over all levels when ``level`` is None.
+        ``estat recovariance``).
 
-        Each matrix carries ``.attrs["fixed"]``: the parameters held fixed, e.g.
-        ``["corr(year_c,_cons) = .5"]``."""
+        Parameters
+        ----------
+        level : str, optional
+            A grouping term; None gives a dict over all levels.
+        correlation : bool
+            Correlations instead of covariances.
+
+        Returns
+        -------
+        pandas.DataFrame or dict
+            Each matrix carries ``.attrs["fixed"]``: the parameters held fixed,
+            e.g. ``["corr(year_c,_cons) = .5"]``.
+
+        Raises
+        ------
+        ValueError
+            For an unknown level.
+
+        Examples
+        --------
+        >>> import mlmeta
+        >>> df = mlmeta.datasets.load("schoolcal")
+        >>> res = mlmeta.meregress(
+        ...     "stdmdiff ~ year_c + (1 + year_c | district) + (1 | district:school)",
+        ...     df, variance="var", covariance={"district": [[None, 0.5], [0.5, None]]})
+        >>> res.recovariance("district", correlation=True)
+                year_c  _cons
+        year_c     1.0    0.5
+        _cons      0.5    1.0
+        >>> res.recovariance("district").attrs["fixed"]
+        ['corr(year_c,_cons) = 0.5']
+        """
         levels = self.group_names if level is None else [level]
         out = {}
         for name in levels:
@@ -351,8 +433,36 @@ class MeregressResults(PostestimationMixin):
         return out if level is None else out[level]
 
     def re_params(self, variance: bool = False, level: float = 95.0) -> pd.DataFrame:
-        """Random-effects parameters as SDs/correlations (or variances/covariances)
-        with delta-method standard errors and confidence intervals (Stata's metric)."""
+        """Random-effects parameters with standard errors and confidence intervals.
+
+        SDs and correlations (or variances and covariances) in Stata's metric:
+        standard errors by the delta method from the inverse observed information of
+        eta = (log SD, atanh correlation); intervals are Wald intervals on the eta
+        scale mapped back (so they stay inside the parameter space).
+
+        Parameters
+        ----------
+        variance : bool
+            Variances and covariances instead of SDs and correlations.
+        level : float
+            Confidence level in percent.
+
+        Returns
+        -------
+        pandas.DataFrame
+            group, param, estimate, std_err, lower, upper, boundary, fixed.
+
+        Examples
+        --------
+        >>> import mlmeta
+        >>> df = mlmeta.datasets.load("schoolcal")
+        >>> res = mlmeta.meregress("stdmdiff ~ 1 + (1 | district) + (1 | district:school)",
+        ...                        df, variance="var")
+        >>> res.re_params()[["group", "param", "estimate", "std_err"]].round(4)
+                     group      param  estimate  std_err
+        0         district  sd(_cons)    0.2551   0.0696
+        1  district:school  sd(_cons)    0.1809   0.0307
+        """
         comps, cov_eta, free_pos = self._vc
         rows = component_table(comps, cov_eta, free_pos, self.model, self.theta, level, variance)
         df = pd.DataFrame(rows, columns=["param", "estimate", "std_err", "lower", "upper"])
@@ -436,9 +546,47 @@ class MeregressResults(PostestimationMixin):
                 homtest: bool = True) -> _summary.Summary:
         """Stata-like estimation table (``print(res.summary())``; HTML in notebooks).
 
-        ``variance=True`` shows variances/covariances instead of SDs/correlations;
-        the switches drop the header, group table, fixed or random table, or the
-        homogeneity test (Stata's noheader, nogroup, nofetable, noretable, nohomtest)."""
+        Parameters
+        ----------
+        variance : bool
+            Variances/covariances instead of SDs/correlations (Stata's
+            ``variance``).
+        level : float
+            Confidence level in percent.
+        header, group, fixed, random, homtest : bool
+            Show the header, the group table, the fixed-effects table, the
+            random-effects table, the homogeneity test (Stata's ``noheader``,
+            ``nogroup``, ``nofetable``, ``noretable``, ``nohomtest`` when False).
+
+        Returns
+        -------
+        Summary
+            Prints as text (also at the REPL), shows as HTML in notebooks, and
+            exports ``as_text()``, ``as_html()``, ``as_markdown()`` (pipe tables) and
+            ``as_latex()`` (booktabs ``tabular`` environments), labels in full.
+
+        Examples
+        --------
+        >>> import mlmeta
+        >>> df = mlmeta.datasets.load("schoolcal")
+        >>> res = mlmeta.meregress("stdmdiff ~ 1 + (1 | district) + (1 | district:school)",
+        ...                        df, variance="var")
+        >>> print(res.summary(header=False, group=False, random=False))
+        ------------------------------------------------------------------------------
+            stdmdiff | Coefficient  Std. err.      z    P>|z|     [95% conf. interval]
+        -------------+----------------------------------------------------------------
+               _cons |   .1847132   .0845559     2.18   0.029     .0189866    .3504397
+        ------------------------------------------------------------------------------
+        Test of homogeneity: Q_M = chi2(55) = 578.86               Prob > Q_M = 0.0000
+        >>> tex = res.summary(header=False, group=False, random=False).as_latex()
+        >>> print("\\n".join(tex.splitlines()[:6]))
+        \\begin{tabular}{lrrrrrr}
+        \\multicolumn{7}{l}{\\textbf{Fixed effects}} \\\\
+        \\toprule
+        stdmdiff & Coefficient & Std. err. & z & ... & {[}95\\% conf. & interval{]} \\\\
+        \\midrule
+        \\_cons & .1847132 & .0845559 & 2.18 & 0.029 & .0189866 & .3504397 \\\\
+        """
         crit = pd.Series(np.broadcast_to(self._crit(level), (len(self.fe_names),)),
                          index=self.fe_names)
         fixed_rows = []
@@ -491,7 +639,25 @@ class MeregressResults(PostestimationMixin):
         return f"Multilevel {'REML' if self.method == 'reml' else 'ML'} {kind}"
 
     def to_dict(self) -> dict:
-        """Plain-Python view of the main results (for JSON output)."""
+        """Plain-Python view of the main results (for JSON output).
+
+        Returns
+        -------
+        dict
+            method, nobs, llf, aic, bic, converged, params, bse, conf_int, re_cov,
+            re_params, Q_M, the Wald test, groups and notes; floats, lists and dicts
+            only (non-finite values as None).
+
+        Examples
+        --------
+        >>> import mlmeta
+        >>> df = mlmeta.datasets.load("schoolcal")
+        >>> res = mlmeta.meregress("stdmdiff ~ 1 + (1 | district) + (1 | district:school)",
+        ...                        df, variance="var")
+        >>> import json
+        >>> round(json.loads(json.dumps(res.to_dict()))["llf"], 4)
+        -7.9587
+        """
         ci = self.conf_int()
         re = self.re_params()
         return {

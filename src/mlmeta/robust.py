@@ -47,26 +47,25 @@ The double sums never form J x J arrays: with ``z_j`` the stacked rows of the
 ``sum_{j,k} (z_j' Q z_k)^2 = tr(Q K Q K)``, and the j = k terms are corrected
 cluster by cluster. Memory is O(J p^2 + sum_j n_j^2): clusters of equal size are
 processed together as (J_s, n_s, n_s) stacks.
+
+The objects returned (:class:`RobustResults`, :class:`WaldTestResult`) live in
+:mod:`mlmeta.robust_results`.
 """
 
 from __future__ import annotations
 
-
 import numpy as np
 import pandas as pd
-from scipy import linalg, sparse, stats
+from scipy import linalg, sparse
 
 from mlmeta._threads import blas_threads
-from mlmeta.constraints import linear_hypotheses
-from mlmeta.summary import Display, Table, TextDisplay, confidence_level, fmt_f, t_table
+from mlmeta.robust_results import RobustResults, WaldTestResult
 
 __all__ = ["DF_METHODS", "TYPES", "RobustResults", "WaldTestResult", "cluster_robust", "robust"]
 
 TYPES = ("CR0", "CR1", "CR1p", "CR1S", "CR2", "CR3")
 DF_METHODS = ("satterthwaite", "naive-t", "naive-tp", "z")
 _EIG_TOL = 1e-12
-# the Wald test that goes with each df method (the summary's omnibus test, wald_test's default)
-_TEST_OF_DF = {"satterthwaite": "HTZ", "naive-t": "naive-F", "naive-tp": "naive-Fp", "z": "chi2"}
 
 
 def default_df(type, df=None):
@@ -187,7 +186,92 @@ def _scale(type, J, N, p):
 
 def cluster_robust(X, resid, cluster, W_blocks=None, V_blocks=None, type="CR2", bread=None, *,
                    params=None, names=None, df=None, cluster_name=None, label=None, A=None):
-    """See :func:`_cluster_robust`; runs with BLAS on one thread (per-cluster blocks are small)."""
+    """Cluster-robust covariance, Satterthwaite df and HTZ tests for a linear estimator.
+
+    The sandwich ``V_CR = c M (sum_j E_j r_j r_j' E_j') M`` of the module
+    :mod:`mlmeta.robust` (``E_j = X_j' W_j A_j``, ``M = (sum_j X_j' W_j X_j)^-1``) for
+    any estimator ``beta = M sum_j X_j' W_j y_j``: OLS (``W = I``), GLS with a working
+    covariance, or a fitted mixed model (what :func:`robust` passes). The small-sample
+    corrections are
+
+    ====  =====================================================================
+    CR0   ``A_j = I``, ``c = 1``
+    CR1   ``c = J / (J - 1)``
+    CR1p  ``c = J / (J - p)`` (metafor's ``robust()``)
+    CR1S  ``c = J (N - 1) / ((J - 1)(N - p))`` (Stata's ``vce(cluster)``)
+    CR2   ``A_j = B_j^-1/2`` adjusted to the working model (Bell-McCaffrey,
+          Pustejovsky-Tipton; clubSandwich's default)
+    CR3   ``A_j = (I - X_j M X_j' W_j)^-1`` (approximate jackknife)
+    ====  =====================================================================
+
+    and Satterthwaite df (one constraint) and the HTZ test (several) are those of
+    clubSandwich's ``coef_test`` and ``Wald_test``.
+
+    Parameters
+    ----------
+    X : array-like
+        (N, p) design.
+    resid : array-like
+        (N,) residuals ``y - X beta``.
+    cluster : array-like
+        (N,) cluster labels.
+    W_blocks, V_blocks : optional
+        Weights W_j of the estimator ``beta = (X'WX)^-1 X'Wy`` and the working
+        covariance Phi_j (the target of CR2 and of the df). Each is None, an (N,)
+        diagonal, a dense or scipy.sparse (N, N) matrix that is block-diagonal by
+        cluster, or a list of J dense blocks (clusters in sorted label order, rows in
+        input order). Missing one: ``W_j = Phi_j^-1`` or ``Phi_j = W_j^-1``; both
+        missing: ``W_j = Phi_j = I`` (OLS).
+    type : {"CR2", "CR0", "CR1", "CR1p", "CR1S", "CR3"}
+        Small-sample correction (table above).
+    bread : array-like, optional
+        (p, p) matrix M of the sandwich; default ``(sum_j X_j'W_jX_j)^-1``. The
+        CR2/CR3 adjustments always use the latter.
+    params, names : array-like, list of str, optional
+        Estimates and coefficient names for the results.
+    df : {None, "satterthwaite", "naive-t", "naive-tp", "z"}
+        Satterthwaite, J - 1, J - p or normal reference; None (default):
+        "naive-tp" for CR1p (metafor's ``robust()``), else "satterthwaite".
+    A : array-like, optional
+        Report ``beta = b0 + A gamma`` for the estimator gamma of X (fixed-effect
+        constraints): covariance ``A V A'``, df and tests of ``C beta`` from ``C A``;
+        ``params`` and ``names`` are then beta's.
+    cluster_name : str, optional
+        Name of the clusters for the summary.
+    label : str, optional
+        Title of the summary (the outcome's name).
+
+    Returns
+    -------
+    RobustResults
+
+    Raises
+    ------
+    ValueError
+        For an unknown ``type`` or ``df``, inputs of different lengths, non-finite
+        values, fewer than 2 clusters, or a working covariance that is not
+        block-diagonal by cluster or not positive definite in a cluster.
+
+    Examples
+    --------
+    Cluster-robust OLS by hand (what :func:`mlmeta.ols` does):
+
+    >>> import numpy as np
+    >>> import mlmeta
+    >>> data, _, _ = mlmeta.simulate.lmm(10, 1, 8, seed=2)
+    >>> X = np.column_stack([np.ones(len(data)), data["IV1"]])
+    >>> b = np.linalg.lstsq(X, data["DV"], rcond=None)[0]
+    >>> rob = mlmeta.cluster_robust(X, data["DV"] - X @ b, data["Group"], type="CR2",
+    ...                             params=b, names=["_cons", "IV1"])
+    >>> rob.bse.round(4)
+    _cons    0.0863
+    IV1      0.1216
+    Name: robust se, dtype: float64
+    >>> rob.df.round(2)
+    _cons    7.00
+    IV1      6.02
+    Name: df, dtype: float64
+    """
     with blas_threads(1):
         return _cluster_robust(X, resid, cluster, W_blocks, V_blocks, type, bread, params=params,
                                names=names, df=df, cluster_name=cluster_name, label=label, A=A)
@@ -196,29 +280,7 @@ def cluster_robust(X, resid, cluster, W_blocks=None, V_blocks=None, type="CR2", 
 def _cluster_robust(X, resid, cluster, W_blocks=None, V_blocks=None, type="CR2", bread=None, *,
                     params=None, names=None, df=None, cluster_name=None, label=None,
                     A=None):
-    """Cluster-robust covariance, Satterthwaite df and HTZ tests for a linear estimator.
-
-    Parameters
-    ----------
-    X : (N, p) design; resid : (N,) residuals ``y - X beta``; cluster : (N,) labels.
-    W_blocks : weights W_j of the estimator ``beta = (X'WX)^-1 X'Wy``.
-    V_blocks : working covariance Phi_j (the target of CR2 and of the df).
-        Each is None, an (N,) diagonal, a dense or scipy.sparse (N, N) matrix that
-        is block-diagonal by cluster, or a list of J dense blocks (clusters in
-        sorted label order, rows in input order). Missing one: ``W_j = Phi_j^-1``
-        or ``Phi_j = W_j^-1``; both missing: ``W_j = Phi_j = I`` (OLS).
-    type : one of CR0, CR1, CR1p, CR1S, CR2, CR3 (module docstring).
-    bread : (p, p) matrix M of the sandwich; default ``(sum_j X_j'W_jX_j)^-1``.
-        The CR2/CR3 adjustments always use the latter.
-    params, names : estimates and coefficient names for the results.
-    A : report ``beta = b0 + A gamma`` for the estimator gamma of X (fixed-effect
-        constraints): covariance ``A V A'``, df and tests of ``C beta`` from ``C A``;
-        ``params`` and ``names`` are then beta's.
-    df : "satterthwaite", "naive-t" (J - 1), "naive-tp" (J - p) or "z"; None (default):
-        "naive-tp" for CR1p (metafor's ``robust()``), else "satterthwaite".
-
-    Returns a :class:`RobustResults`.
-    """
+    """The body of :func:`cluster_robust` (its docstring states the parameters)."""
     if type not in TYPES:
         raise ValueError(f"type must be one of {TYPES}, got {type!r}")
     df = str(default_df(type, df)).lower()
@@ -346,208 +408,6 @@ class _Pieces:
         return np.einsum("jsa,ab,jtb->jst", Z, self.Qb, Z)
 
 
-class WaldTestResult(Display):
-    """A Wald test of ``C beta = c0`` with a cluster-robust covariance.
-
-    Attributes: test, statistic (F, or Q_W / q for chi2), df_num, df_denom,
-    pvalue, Q (the Wald quadratic form), delta (HTZ scaling), constraints, and
-    dropped (constraints implied by the model's fixed-effect constraints).
-    Prints as the hypotheses and the test (also at the REPL)."""
-
-    def __init__(self, test, statistic, df_num, df_denom, pvalue, Q, delta, constraints, dropped=()):
-        self.test, self.statistic, self.df_num, self.df_denom = test, statistic, df_num, df_denom
-        self.pvalue, self.Q, self.delta, self.constraints = pvalue, Q, delta, constraints
-        self.dropped = list(dropped)
-
-    def to_dict(self):
-        return {k: getattr(self, k) for k in ("test", "statistic", "df_num", "df_denom", "pvalue",
-                                              "Q", "delta")}
-
-    def _stats(self) -> list[tuple[str, str]]:
-        if self.test == "chi2":
-            return [(f"chi2({self.df_num})", fmt_f(self.Q, 2)), ("Prob > chi2", fmt_f(self.pvalue, 4))]
-        dd = "inf" if not np.isfinite(self.df_denom) else f"{self.df_denom:.4g}"
-        return [(f"F({self.df_num}, {dd})", fmt_f(self.statistic, 2)), ("Prob > F", fmt_f(self.pvalue, 4))]
-
-    def as_text(self) -> str:
-        lines = [f"Wald test ({self.test}) of:"]
-        lines += [f" ({i:2d})  {c}" for i, c in enumerate(self.constraints, start=1)]
-        lines += [""] + [f"{lab:>20} = {val:>8}" for lab, val in self._stats()]
-        return "\n".join(lines) + "\n"
-
-    def tables(self) -> list[Table]:
-        rows = [[f"({i})", c] for i, c in enumerate(self.constraints, start=1)]
-        return [Table(["", "Hypothesis"], rows, f"Wald test ({self.test})"),
-                Table(["", ""], [list(r) for r in self._stats()])]
-
-
-def _describe(row, val, names):
-    terms = [(("-" if c < 0 else "+"), ("" if abs(c) == 1 else f"{abs(c):g}*") + nm)
-             for c, nm in zip(row, names) if c != 0]
-    text = ("-" if terms[0][0] == "-" else "") + terms[0][1]
-    return text + "".join(f" {sg} {t}" for sg, t in terms[1:]) + f" = {val:g}"
-
-
-def constraint_matrix(spec, names, value=None):
-    """(C, c0, labels) for ``C beta = c0`` from ``"x1 = 0, x2 = x3"`` (formulaic's
-    constraint syntax), a list of such strings or of names (each = 0), or a q x p array
-    (null values ``value``, default 0)."""
-    names = list(names)
-    C, c0 = linear_hypotheses(spec, names, value, what="constraints")
-    if np.linalg.matrix_rank(C) < C.shape[0]:
-        raise ValueError("the constraints are linearly dependent")
-    return C, c0, [_describe(row, val, names) for row, val in zip(C, c0)]
-
-
-class RobustResults:
-    """Cluster-robust inference for the coefficients of a fitted model.
-
-    Attributes
-    ----------
-    params, bse, df, tvalues, pvalues : pandas.Series over the coefficients
-        (``bse`` from the robust covariance; ``df`` per coefficient).
-    type : small-sample correction (CR0, CR1, CR1p, CR1S, CR2, CR3).
-    df_method : "satterthwaite", "naive-t" (J - 1), "naive-tp" (J - p) or "z".
-    n_clusters, nobs, n_fe, cluster_name, cluster_sizes.
-    description : e.g. "Cluster-robust CR2 (clubSandwich) standard errors, Satterthwaite df".
-    """
-
-    def __init__(self, params, names, vcov, pieces, *, type, df, n_clusters, nobs,
-                 cluster_name=None, label=None, cluster_sizes=None, A=None):
-        self.fe_names = list(names)
-        self.params = pd.Series(params, index=self.fe_names, name="coef")
-        self._A = np.eye(len(self.fe_names)) if A is None else np.asarray(A, dtype=float)
-        self._vcov = self._A @ vcov @ self._A.T
-        self._pieces = pieces
-        self.type, self.df_method = type, df
-        self.n_clusters, self.nobs, self.n_fe = int(n_clusters), int(nobs), int(vcov.shape[0])
-        self.cluster_name, self.label, self.cluster_sizes = cluster_name, label, cluster_sizes
-        self.bse = pd.Series(np.sqrt(np.maximum(np.diag(self._vcov), 0)), index=self.fe_names,
-                             name="robust se")
-        J, p = self.n_clusters, self.n_fe
-        free = np.any(self._A != 0, axis=1)
-        if df == "satterthwaite":
-            vals = [pieces.nu(row) if f else np.nan for row, f in zip(self._A, free)]
-        else:
-            vals = np.where(free, {"naive-t": J - 1, "naive-tp": J - p, "z": np.inf}[df], np.nan)
-        self.df = pd.Series(np.asarray(vals, dtype=float), index=self.fe_names, name="df")
-        with np.errstate(divide="ignore", invalid="ignore"):
-            self.tvalues = pd.Series(np.where(free, self.params / self.bse, np.nan), index=self.fe_names,
-                                     name="t")
-        self.pvalues = pd.Series(2 * stats.t.sf(np.abs(self.tvalues), self.df), index=self.fe_names,
-                                 name="P>|t|")
-
-    def cov_params(self) -> pd.DataFrame:
-        """The cluster-robust covariance matrix of the coefficients."""
-        return pd.DataFrame(self._vcov, index=self.fe_names, columns=self.fe_names)
-
-    def conf_int(self, level: float = 95.0, *, alpha=None) -> pd.DataFrame:
-        """beta -+ t_{df} se at ``level`` percent, with each coefficient's df (``alpha=``
-        as in statsmodels)."""
-        crit = stats.t.ppf(0.5 + confidence_level(level, alpha) / 200.0, self.df)
-        return pd.DataFrame({"lower": self.params - crit * self.bse, "upper": self.params + crit * self.bse})
-
-    def wald_test(self, R, value=None, test=None):
-        """Test linear constraints ``R beta = value`` with the robust covariance.
-
-        ``R``: a string such as ``"x1 = 0, x2 = 0"`` or ``"x1 = x2"``, a list of
-        coefficient names (each = 0), or a q x p array (with ``value``, default 0).
-        ``test``: "HTZ" (Hotelling-T^2 approximation, clubSandwich's default),
-        "chi2" (Q_W ~ chi2(q)), "naive-F" (Q_W / q ~ F(q, J - 1)) or "naive-Fp"
-        (F(q, J - p), metafor's robust() omnibus test); a list gives a DataFrame.
-        None (default): the test that goes with the results' df method, as in the
-        summary -- HTZ for Satterthwaite df, naive-F for J - 1, naive-Fp for J - p
-        (so metafor's F test after ``type="CR1p"``), chi2 for "z".
-        """
-        if test is None:
-            test = _TEST_OF_DF[self.df_method]
-        if not isinstance(test, str):
-            return pd.DataFrame([self.wald_test(R, value, t).to_dict() for t in test])
-        C, c0, labels = constraint_matrix(R, self.fe_names, value)
-        keep = []                     # drop constraints implied by the model's own (Stata's rule)
-        for i in range(C.shape[0]):
-            if np.linalg.matrix_rank(C[keep + [i]] @ self._A) == len(keep) + 1:
-                keep.append(i)
-        if not keep:
-            raise ValueError("the constraints only involve coefficients that the model's own constraints fix")
-        dropped = [lab for i, lab in enumerate(labels) if i not in keep]
-        C, c0, labels = C[keep], c0[keep], [labels[i] for i in keep]
-        q, J, p = C.shape[0], self.n_clusters, self.n_fe
-        d = C @ self.params.to_numpy() - c0
-        Q = float(d @ np.linalg.solve(C @ self._vcov @ C.T, d))
-        t = test.lower()
-        if t == "htz":
-            nu = self._pieces.nu(C @ self._A)
-            delta, df2 = max((nu - q + 1) / nu, 0.0), nu - q + 1
-            F = delta * Q / q
-            pv = float(stats.f.sf(F, q, df2)) if df2 > 0 else np.nan
-            return WaldTestResult("HTZ", F, q, df2, pv, Q, delta, labels, dropped)
-        if t == "chi2":
-            pv = float(stats.chi2.sf(Q, q))
-            return WaldTestResult("chi2", Q / q, q, np.inf, pv, Q, 1.0, labels, dropped)
-        if t in ("naive-f", "naive-fp"):
-            df2 = J - 1 if t == "naive-f" else J - p
-            name = "naive-F" if t == "naive-f" else "naive-Fp"
-            return WaldTestResult(name, Q / q, q, df2, float(stats.f.sf(Q / q, q, df2)), Q, 1.0, labels,
-                                  dropped)
-        raise ValueError(f"test must be 'HTZ', 'chi2', 'naive-F' or 'naive-Fp', got {test!r}")
-
-    @property
-    def description(self) -> str:
-        """What was computed. metafor and Stata are named only where the whole
-        procedure is theirs: CR1p with J - p df (and the F(q, J - p) omnibus test) is
-        metafor's ``robust()``, CR1S with J - 1 df (and F(q, J - 1)) Stata's
-        ``regress, vce(cluster)``; with other df only the factor is given."""
-        cr1p = "CR1p (metafor's robust(), J/(J-p))" if self.df_method == "naive-tp" else "CR1p (J/(J-p))"
-        cr1s = ("CR1S (Stata's regress, J(N-1)/((J-1)(N-p)))" if self.df_method == "naive-t"
-                else "CR1S (J(N-1)/((J-1)(N-p)))")
-        kind = {"CR1": "CR1 (clubSandwich's J/(J-1))", "CR1p": cr1p, "CR1S": cr1s,
-                "CR2": "CR2 (clubSandwich)", "CR3": "CR3 (approximate jackknife)"}.get(self.type, self.type)
-        J, p = self.n_clusters, self.n_fe
-        dft = {"satterthwaite": "Satterthwaite df", "naive-t": f"df = J - 1 = {J - 1}",
-               "naive-tp": f"df = J - p = {J - p}", "z": "normal reference"}[self.df_method]
-        return f"Cluster-robust {kind} standard errors, {dft}"
-
-    @property
-    def _omnibus(self):
-        idx = [nm for nm in self.fe_names if nm != "_cons"]
-        if not idx:
-            return None
-        return self.wald_test(idx, test=_TEST_OF_DF[self.df_method])
-
-    def summary(self, level: float = 95.0) -> RobustSummary:
-        """Coefficient table with robust SEs, df, t tests and confidence intervals."""
-        w = 78
-        head = "Cluster-robust inference" + (f": {self.label}" if self.label else "")
-        clus = f"Clusters ({self.cluster_name})" if self.cluster_name else "Clusters"
-        items = [("Number of obs", f"{self.nobs:>9,}"), (clus[:17], f"{self.n_clusters:>9,}")]
-        if self.cluster_sizes is not None:
-            sz = self.cluster_sizes
-            items.append(("Obs per cluster", f"{int(sz.min())}/{sz.mean():.1f}/{int(sz.max())}"))
-        lines = [f"{head if i == 0 else '':<48}{lab:<18}= {val}" for i, (lab, val) in enumerate(items)]
-        table = t_table(self.fe_names, self.params, self.bse, self.tvalues, self.df, self.pvalues,
-                        self.conf_int(level), level)
-        rule = "-" * table.width(w)
-        lines += [rule] + table.text_lines("", w) + [rule]
-        notes = []
-        om = self._omnibus
-        if om is not None:
-            dd = "inf" if not np.isfinite(om.df_denom) else f"{om.df_denom:.2f}"
-            notes.append(f"Wald test ({om.test}) of all coefficients but _cons: F({om.df_num}, {dd}) = "
-                         f"{om.statistic:.2f}, Prob > F = {om.pvalue:.4f}")
-        notes.append(self.description + ".")
-        header = Table(["", ""], [[lab, val.strip()] for lab, val in items], head)
-        return RobustSummary("\n".join(lines + notes), [header, table.table("", "Coefficients", notes)])
-
-    def __repr__(self):
-        return f"<RobustResults {self.type} J={self.n_clusters} n={self.nobs} df={self.df_method}>"
-
-
-class RobustSummary(TextDisplay):
-    """The rendered table: a str (print it; the REPL shows the table), with ``as_text()``,
-    HTML tables for notebooks, ``as_markdown()`` and ``as_latex()``."""
-
-
 def _model_covariance(model, theta, n):
     """The fitted marginal covariance, block-diagonal by top-level cluster, as a sparse
     (n, n) matrix in the design's sorted row order."""
@@ -598,13 +458,19 @@ def robust(res, cluster=None, type="CR2", df=None, *, data=None) -> RobustResult
 
     Parameters
     ----------
-    res : MeregressResults.
-    cluster : None (the top-level grouping), a grouping term of the model, a column
-        of ``data`` (the data the model was fitted to), or an array with one value
-        per data row (restricted to ``res.sample``) or per row used in the fit.
-    type : "CR0", "CR1" (x J/(J-1)), "CR1p" (x J/(J-p)), "CR1S", "CR2" (default) or "CR3".
-    df : "satterthwaite", "naive-t" (J - 1), "naive-tp" (J - p) or "z"; None (default):
-        "naive-tp" for CR1p, "satterthwaite" for every other type.
+    res : MeregressResults
+        A fit of :func:`meregress` (or :func:`mixed`).
+    cluster : str or array-like, optional
+        None (the top-level grouping), a grouping term of the model, a column of
+        ``data`` (the data the model was fitted to), or an array with one value per
+        data row (restricted to ``res.sample``) or per row used in the fit.
+    type : {"CR2", "CR0", "CR1", "CR1p", "CR1S", "CR3"}
+        Small-sample correction: CR1 multiplies CR0 by J/(J-1), CR1p by J/(J-p).
+    df : {None, "satterthwaite", "naive-t", "naive-tp", "z"}
+        Satterthwaite, J - 1, J - p or normal reference; None (default): "naive-tp"
+        for CR1p, "satterthwaite" for every other type.
+    data : pandas.DataFrame, optional
+        The data holding a ``cluster`` column that is not a grouping term.
 
     clubSandwich's ``coef_test(fit, vcov = "CR2", test = "Satterthwaite")`` is the
     default. ``type="CR1p"`` is metafor's ``robust(fit, cluster)``: the CR0 matrix
@@ -614,6 +480,37 @@ def robust(res, cluster=None, type="CR2", df=None, *, data=None) -> RobustResult
     the robust clusters. Otherwise only CR0/CR1/CR1p/CR1S with naive or z df are
     available (the sandwich then uses the weighted design V^-1 X row by row, as
     metafor does).
+
+    Returns
+    -------
+    RobustResults
+
+    Raises
+    ------
+    ValueError
+        For an unknown cluster column, cluster labels of the wrong length or with
+        missing values, fewer than 2 clusters, CR2/CR3/Satterthwaite df when the
+        model's top-level groups span several clusters, or a crossed design (its
+        marginal covariance is not block-diagonal by cluster; not available yet).
+
+    Examples
+    --------
+    Two correlated outcomes per trial (berkey), an unstructured trial level and
+    sampling errors treated as independent; CR2 guards against the misspecified
+    sampling covariance (clubSandwich's ``coef_test(fit, vcov = "CR2")``):
+
+    >>> import mlmeta
+    >>> dat = mlmeta.datasets.load("berkey")
+    >>> res = mlmeta.meregress("yi ~ 0 + outcome + (0 + outcome | trial)", dat, variance="vi")
+    >>> rob = mlmeta.robust(res, cluster="trial", type="CR2")
+    >>> rob.bse.round(4)
+    outcome[AL]    0.0891
+    outcome[PD]    0.0536
+    Name: robust se, dtype: float64
+    >>> rob.df.round(2)
+    outcome[AL]    3.84
+    outcome[PD]    3.76
+    Name: df, dtype: float64
     """
     df = default_df(type, df)
     model, theta = res.model, np.asarray(res.theta, dtype=float)

@@ -121,8 +121,42 @@ def satterthwaite_pieces(res) -> SatterthwaitePieces:
 
 
 def satterthwaite_df(res, L=None) -> pd.Series | np.ndarray:
-    """Satterthwaite df of the fixed effects of a :class:`~mlmeta.mixed.MixedResults`
-    (lmerTest's ``summary(fit)`` df), or of each row of a contrast matrix ``L``."""
+    """Satterthwaite df of the fixed effects of a mixed model (lmerTest's method).
+
+    For a contrast c, ``df(c) = 2 (c'Vc)^2 / (g' A g)`` with ``V = sigma^2 H^-1`` the
+    covariance of the fixed effects, ``g_k = c' (dV / dphi_k) c`` over the variance
+    parameters phi = (theta, sigma^2) and A the asymptotic covariance of phi (twice
+    the inverse Hessian of the deviance); see the module :mod:`mlmeta.satterthwaite`.
+
+    Parameters
+    ----------
+    res : MixedResults
+        A fit of :func:`mixed`.
+    L : array-like, optional
+        Contrast matrix (one row per contrast, columns in ``params`` order).
+
+    Returns
+    -------
+    pandas.Series or numpy.ndarray
+        df per coefficient (lmerTest's ``summary(fit)``), or per row of ``L``.
+
+    Raises
+    ------
+    ValueError
+        For a model with known sampling variances (no residual variance).
+
+    Examples
+    --------
+    >>> import mlmeta
+    >>> data, _, _ = mlmeta.simulate.lmm(20, 1, 15, group_sd=0.5, seed=1)
+    >>> res = mlmeta.mixed("DV ~ IV1 + (IV1 | Group)", data)
+    >>> mlmeta.satterthwaite_df(res).round(1)
+    IV1      11.5
+    _cons    13.7
+    Name: df, dtype: float64
+    >>> mlmeta.satterthwaite_df(res, [[1, 1]]).shape              # IV1 + _cons
+    (1,)
+    """
     pieces = satterthwaite_pieces(res)
     if L is not None:
         return pieces.df(L)

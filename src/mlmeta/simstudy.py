@@ -3,7 +3,7 @@
 For every cell of a design grid and every replicate r = 0..n_sim-1, one dataset is
 drawn by :func:`mlmeta.simulate.lmm` (J = ``n_groups`` groups of ``n_obs`` rows,
 ``n_coef`` covariates, group coefficients ~ N(beta, group_sd^2), noise N(0, noise_sd^2);
-``null=True`` sets the true slopes to 0) and analysed by each strategy:
+``null=True`` sets the true slopes to 0) and analysed by each strategy::
 
     mixed_full       mixed(DV ~ IV1 + .. + IVk + (IV1 + .. + IVk | Group)), Satterthwaite t
     mixed_intercept  mixed(DV ~ IV1 + .. + IVk + (1 | Group)), Satterthwaite t
@@ -12,7 +12,7 @@ drawn by :func:`mlmeta.simulate.lmm` (J = ``n_groups`` groups of ``n_obs`` rows,
     two_stage_meta   two_stage(..., second_stage="meta"), REML, t on J - 1 df
 
 Metrics per fit, with b the estimates, beta the truth, se and t = b / se over the
-p = k + 1 coefficients (the first three are the study's of Jolly's essay):
+p = k + 1 coefficients (the first three are the study's of Jolly's essay)::
 
     coef_abs_err = sum |b - beta|        se_sum = sum se        t_sum = sum |t|
     fit_success  = the fit converged without error (mixed: no convergence failure)
@@ -60,8 +60,33 @@ METRICS = ("coef_abs_err", "se_sum", "t_sum", "fit_success", "converged", "singu
 
 # -- design ---------------------------------------------------------------------
 def cells(grid) -> list:
-    """The cartesian product of a grid (dict of lists; a scalar is a one-value list),
-    in the grid's key order, completed with the defaults n_coef=3, noise_sd=1, null=False."""
+    """The cells of a design grid: the cartesian product of its values.
+
+    Parameters
+    ----------
+    grid : dict
+        Lists over ``n_groups``, ``n_obs``, ``group_sd`` (required) and ``n_coef``,
+        ``noise_sd``, ``null``; a scalar is a one-value list.
+
+    Returns
+    -------
+    list of dict
+        One dict per cell, in the grid's key order, completed with the defaults
+        n_coef=3, noise_sd=1, null=False.
+
+    Raises
+    ------
+    ValueError
+        For unknown keys or a missing required key.
+
+    Examples
+    --------
+    >>> from mlmeta import simstudy
+    >>> len(simstudy.cells(simstudy.ESSAY_GRID))
+    45
+    >>> simstudy.cells({"n_groups": 10, "n_obs": 5, "group_sd": [0.1, 1]})[1]
+    {'n_groups': 10, 'n_obs': 5, 'group_sd': 1.0, 'n_coef': 3, 'noise_sd': 1.0, 'null': False}
+    """
     grid = dict(grid)
     bad = set(grid) - set(GRID_KEYS)
     if bad:
@@ -156,7 +181,38 @@ def _metrics(b, se, df, beta, alpha):
 
 
 def replicate(cell, rep, seed, strategies=STRATEGIES, options=None, detail=False) -> list:
-    """Simulate replicate ``rep`` of ``cell`` and fit each strategy; a list of row dicts."""
+    """Simulate replicate ``rep`` of ``cell`` and fit each strategy.
+
+    Parameters
+    ----------
+    cell : dict
+        One cell of :func:`cells`.
+    rep : int
+        Replicate number (with ``seed`` and the cell, it fixes the data).
+    seed : int
+        Base seed of the study.
+    strategies : tuple of str
+        Names from :data:`STRATEGIES`.
+    options : dict, optional
+        Overrides of the study's options (see :func:`run`).
+    detail : bool
+        Add per-coefficient columns true_*, est_*, se_*.
+
+    Returns
+    -------
+    list of dict
+        One row per strategy: the cell, the metrics of the module docstring, the
+        error message of a failed fit (a failure is a result, not a crash) and the
+        seconds taken.
+
+    Examples
+    --------
+    >>> from mlmeta import simstudy
+    >>> cell = simstudy.cells({"n_groups": 10, "n_obs": 5, "group_sd": 1.0})[0]
+    >>> rows = simstudy.replicate(cell, 0, seed=0, strategies=("ols_cluster", "two_stage_ols"))
+    >>> [(r["strategy"], round(r["coef_abs_err"], 4), r["n_covered"]) for r in rows]
+    [('ols_cluster', 1.088, 4), ('two_stage_ols', 1.6024, 4)]
+    """
     from mlmeta.simulate import lmm
 
     opts = dict(OPTIONS, **(options or {}))
@@ -291,25 +347,63 @@ def run(grid=None, strategies=STRATEGIES, n_sim=50, seed=0, *, executor=None, n_
 
     Parameters
     ----------
-    grid : dict of lists over n_groups, n_obs, group_sd (required) and n_coef,
-        noise_sd, null (defaults 3, 1.0, False); default :data:`ESSAY_GRID`.
-    strategies : names from :data:`STRATEGIES` (module docstring).
-    n_sim : replicates per cell;  seed : base seed of every replicate's SeedSequence.
-    executor : None (local processes), or anything with ``submit(fn, *args)``
-        returning futures with ``.result()``: a concurrent.futures executor, a Dask
+    grid : dict, optional
+        Lists over n_groups, n_obs, group_sd (required) and n_coef, noise_sd, null
+        (defaults 3, 1.0, False); default :data:`ESSAY_GRID`.
+    strategies : tuple of str
+        Names from :data:`STRATEGIES` (module docstring).
+    n_sim : int
+        Replicates per cell.
+    seed : int
+        Base seed of every replicate's SeedSequence.
+    executor : optional
+        None (local processes), or anything with ``submit(fn, *args)`` returning
+        futures with ``.result()``: a concurrent.futures executor, a Dask
         ``distributed.Client``, ...
-    n_jobs : processes when ``executor`` is None (default ``os.cpu_count()``;
-        1 runs in this process).
-    path : CSV or parquet file (by extension) receiving rows as replicates finish;
-        a rerun with the same path skips the replicates already there.
-    chunksize : replicates per task.  options : overrides of :data:`OPTIONS`
-        (alpha, ols_type, mixed_df "satterthwaite"|"residual"|"z", meta_test, meta_method,
-        mixed_safeguard: the ``safeguard`` of :func:`mlmeta.mixed`, blas_threads: BLAS
-        threads per worker while fitting, default 1, None leaves them).
-    detail : add per-coefficient columns true_*, est_*, se_*.
+    n_jobs : int, optional
+        Processes when ``executor`` is None (default ``os.cpu_count()``; 1 runs in
+        this process).
+    path : str, optional
+        CSV or parquet file (by extension) receiving rows as replicates finish; a
+        rerun with the same path skips the replicates already there.
+    progress : bool
+        Show a progress bar (tqdm if installed).
+    chunksize : int
+        Replicates per task.
+    options : dict, optional
+        Overrides of the options: alpha, ols_type, mixed_df
+        ("satterthwaite", "residual" or "z"), meta_test, meta_method,
+        mixed_safeguard (the ``safeguard`` of :func:`mlmeta.mixed`), blas_threads
+        (BLAS threads per worker while fitting, default 1, None leaves them).
+    detail : bool
+        Add per-coefficient columns true_*, est_*, se_*.
 
-    Columns: the cell parameters, ``cell`` (its label), ``sim``, ``strategy``, the
-    metrics of the module docstring, ``error``, ``seconds`` and ``seed``.
+    Returns
+    -------
+    pandas.DataFrame
+        One row per cell x replicate x strategy. Columns: the cell parameters,
+        ``cell`` (its label), ``sim``, ``strategy``, the metrics of the module
+        docstring, ``error``, ``seconds`` and ``seed``.
+
+    Raises
+    ------
+    ValueError
+        For unknown strategies or options, a bad grid, or a ``path`` holding
+        results of another seed.
+
+    Examples
+    --------
+    >>> from mlmeta import simstudy
+    >>> grid = {"n_groups": 10, "n_obs": 5, "group_sd": [0.25, 1.0]}
+    >>> results = simstudy.run(grid, strategies=("mixed_intercept", "ols_cluster"), n_sim=4,
+    ...                        seed=0, n_jobs=1, progress=False)
+    >>> results.shape
+    (16, 22)
+    >>> results.groupby("strategy")["fit_success"].mean()
+    strategy
+    mixed_intercept    1.0
+    ols_cluster        1.0
+    Name: fit_success, dtype: float64
     """
     grid = ESSAY_GRID if grid is None else grid
     _executor.check(executor)
@@ -395,8 +489,33 @@ def _assemble(previous, rows, all_cells, strategies, n_sim, seed):
 
 # -- summaries and figures -------------------------------------------------------------
 def summarize(results) -> pd.DataFrame:
-    """Means per cell and strategy: the metrics, fit-success / singular / coverage /
-    rejection rates, mean seconds per fit and the number of replicates."""
+    """Means per cell and strategy.
+
+    Parameters
+    ----------
+    results : pandas.DataFrame
+        The output of :func:`run`.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Per cell and strategy: the mean metrics, fit-success / singular / coverage /
+        rejection rates, mean seconds per fit and the number of replicates (n_sim).
+
+    Examples
+    --------
+    >>> from mlmeta import simstudy
+    >>> grid = {"n_groups": 10, "n_obs": 5, "group_sd": [0.25, 1.0]}
+    >>> results = simstudy.run(grid, strategies=("mixed_intercept", "ols_cluster"), n_sim=4,
+    ...                        seed=0, n_jobs=1, progress=False)
+    >>> summary = simstudy.summarize(results)
+    >>> summary[["group_sd", "strategy", "coverage", "n_sim"]]
+       group_sd         strategy  coverage  n_sim
+    0      0.25  mixed_intercept    1.0000      4
+    1      0.25      ols_cluster    1.0000      4
+    2      1.00  mixed_intercept    0.8125      4
+    3      1.00      ols_cluster    1.0000      4
+    """
     keys = [k for k in GRID_KEYS if k in results] + ["strategy"]
     num = {m: "mean" for m in ("coef_abs_err", "se_sum", "t_sum", "fit_success", "singular",
                                 "coverage", "reject_rate", "seconds") if m in results}
@@ -407,10 +526,35 @@ def summarize(results) -> pd.DataFrame:
 
 
 def plot(results, metric="coef_abs_err", strategies=None):
-    """The study's figure for one metric: rows = n_groups, columns = n_obs, x = group_sd,
-    one box (coef_abs_err, se_sum, t_sum) or one line of means (fit_success, coverage,
-    reject_rate, singular) per strategy. A list of metrics gives a dict of figures.
-    Needs matplotlib."""
+    """The study's figure for one metric.
+
+    Panels: rows = n_groups, columns = n_obs, x = group_sd; one box per strategy
+    (coef_abs_err, se_sum, t_sum) or one line of means (fit_success, coverage,
+    reject_rate, singular). Needs matplotlib.
+
+    Parameters
+    ----------
+    results : pandas.DataFrame
+        The output of :func:`run`.
+    metric : str or list of str
+        A metric column; a list gives a dict of figures.
+    strategies : list of str, optional
+        Strategies to show, in order (default: all in the results).
+
+    Returns
+    -------
+    matplotlib.figure.Figure or dict
+
+    Examples
+    --------
+    >>> from mlmeta import simstudy
+    >>> grid = {"n_groups": 10, "n_obs": 5, "group_sd": [0.25, 1.0]}
+    >>> results = simstudy.run(grid, strategies=("mixed_intercept", "ols_cluster"), n_sim=4,
+    ...                        seed=0, n_jobs=1, progress=False)
+    >>> fig = simstudy.plot(results, "coef_abs_err")
+    >>> len(fig.axes)                         # one panel: 1 n_groups x 1 n_obs
+    1
+    """
     if not isinstance(metric, str):
         return {m: plot(results, m, strategies) for m in metric}
     import matplotlib.pyplot as plt

@@ -56,8 +56,40 @@ def _per_coef(value, n, what):
 
 def lmm_arrays(n_obs_per_group, n_coef, n_groups, *, group_sd=0.25, noise_sd=1.0, coef=None,
                null=False, x_mean=0.0, x_sd=1.0, noise_mean=0.0, seed=None):
-    """The arrays behind :func:`lmm`: (y (n,), X (n, k) without intercept, group codes
-    (n,) in 0..J-1 with rows sorted by group, group coefficients (J, k+1), beta (k+1,))."""
+    """The arrays behind :func:`lmm`, without building a DataFrame.
+
+    Parameters
+    ----------
+    n_obs_per_group, n_coef, n_groups : int
+        Rows per group, covariates (k), groups (J).
+    group_sd, noise_sd, coef, null, x_mean, x_sd, noise_mean, seed
+        As in :func:`lmm`.
+
+    Returns
+    -------
+    y : numpy.ndarray
+        (n,) outcomes.
+    X : numpy.ndarray
+        (n, k) covariates, without the intercept.
+    codes : numpy.ndarray
+        (n,) group codes 0..J-1, rows sorted by group.
+    group_coefs : numpy.ndarray
+        (J, k+1) group coefficients, intercept first.
+    beta : numpy.ndarray
+        (k+1,) population coefficients.
+
+    Raises
+    ------
+    ValueError
+        For sizes below 1, negative SDs, or ``coef`` of the wrong length.
+
+    Examples
+    --------
+    >>> from mlmeta import simulate
+    >>> y, X, codes, B, beta = simulate.lmm_arrays(5, 2, 3, seed=0)
+    >>> y.shape, X.shape, B.shape, codes[:7].tolist()
+    ((15,), (15, 2), (3, 3), [0, 0, 0, 0, 0, 1, 1])
+    """
     n, k, J = int(n_obs_per_group), int(n_coef), int(n_groups)
     if n < 1 or k < 0 or J < 1:
         raise ValueError("n_obs_per_group and n_groups must be >= 1 and n_coef >= 0")
@@ -94,21 +126,47 @@ def lmm(n_obs_per_group, n_coef, n_groups, *, group_sd=0.25, noise_sd=1.0, coef=
         x_mean=0.0, x_sd=1.0, noise_mean=0.0, seed=None):
     """Simulate repeated-measures data (module docstring for the distributions).
 
+    ``b_g = beta + u_g`` with ``u_g ~ N(0, diag(group_sd^2))``, covariates
+    ``x ~ N(x_mean, x_sd^2)`` and ``DV = [1, x'] b_g + e``, ``e ~ N(noise_mean,
+    noise_sd^2)``, so ``DV ~ IV1 + ... + IVk + (IV1 + ... + IVk | Group)`` is the true
+    model.
+
     Parameters
     ----------
-    n_obs_per_group, n_coef, n_groups : rows per group, covariates (k), groups (J).
-    group_sd : SD of the group coefficients around beta; a scalar or k+1 values.
-    noise_sd, noise_mean : residual distribution (the essay's ``noise_params``).
-    coef : true beta (k+1 values, intercept first); default Uniform(0, 1) draws.
-    null : set the true slopes to 0.
-    x_mean, x_sd : distribution of the covariates.
-    seed : int, SeedSequence, Generator, or RandomState (pymer4's draw order).
+    n_obs_per_group, n_coef, n_groups : int
+        Rows per group, covariates (k), groups (J).
+    group_sd : float or array-like
+        SD of the group coefficients around beta; a scalar or k+1 values.
+    noise_sd, noise_mean : float
+        Residual distribution (the essay's ``noise_params``).
+    coef : array-like, optional
+        True beta (k+1 values, intercept first); default Uniform(0, 1) draws.
+    null : bool
+        Set the true slopes to 0.
+    x_mean, x_sd : float
+        Distribution of the covariates.
+    seed : int, SeedSequence, Generator or RandomState, optional
+        Seed; a RandomState reproduces pymer4's draw order.
 
     Returns
     -------
     data : DataFrame with columns DV, IV1..IVk, Group (1..J), rows sorted by group.
     group_coefs : DataFrame (J, k+1), index Grp1..GrpJ, columns Intercept, IV1..IVk.
     beta : ndarray (k+1,), the population coefficients (intercept first).
+
+    Raises
+    ------
+    ValueError
+        For sizes below 1, negative SDs, or ``coef`` of the wrong length.
+
+    Examples
+    --------
+    >>> import mlmeta
+    >>> data, group_coefs, beta = mlmeta.simulate.lmm(20, 2, 10, group_sd=0.5, seed=1)
+    >>> data.shape, list(data.columns)
+    ((200, 4), ['DV', 'IV1', 'IV2', 'Group'])
+    >>> group_coefs.shape, beta.shape
+    ((10, 3), (3,))
     """
     y, X, codes, B, beta = lmm_arrays(n_obs_per_group, n_coef, n_groups, group_sd=group_sd,
                                       noise_sd=noise_sd, coef=coef, null=null, x_mean=x_mean,
@@ -126,18 +184,32 @@ def meta(n_clusters, n_per_cluster=(2, 6), *, beta=(0.2, 0.1), tau=0.2, omega=0.
          rho=0.0, vi=(0.01, 0.1), x_sd=1.0, x_within=True, seed=None):
     """Simulate three-level meta-analytic data with known sampling variances.
 
+    ``y_ji = beta_0 + beta_1 x_ji + u_j + s_j x_ji + w_ji + e_ji`` with
+    ``u_j ~ N(0, tau^2)``, ``s_j ~ N(0, slope_sd^2)`` (``corr(u_j, s_j) = rho``),
+    ``w_ji ~ N(0, omega^2)`` and ``e_ji ~ N(0, v_ji)``: the model
+    ``y ~ x + (1 + x | cluster) + (1 | cluster:es)`` with ``variance="v"``.
+
     Parameters
     ----------
-    n_clusters : number of top-level clusters M.
-    n_per_cluster : effect sizes per cluster: an int, or (low, high) for uniform
-        integer sizes in [low, high].
-    beta : (intercept, slope of the moderator x).
-    tau : SD of the cluster intercepts u_j;  omega : SD of the within-cluster w_ji.
-    slope_sd : SD of the cluster slopes s_j (0: no random slope); rho: corr(u_j, s_j).
-    vi : sampling variances: (low, high) for Uniform(low, high) draws, or a scalar.
-    x_sd : SD of the moderator; ``x_within=False`` makes x constant within a cluster
-        (a cluster-level moderator), otherwise x varies by effect size.
-    seed : int, SeedSequence or Generator.
+    n_clusters : int
+        Number of top-level clusters M.
+    n_per_cluster : int or tuple
+        Effect sizes per cluster: an int, or (low, high) for uniform integer sizes
+        in [low, high].
+    beta : tuple
+        (intercept, slope of the moderator x).
+    tau, omega : float
+        SD of the cluster intercepts u_j and of the within-cluster w_ji.
+    slope_sd, rho : float
+        SD of the cluster slopes s_j (0: no random slope) and corr(u_j, s_j).
+    vi : float or tuple
+        Sampling variances: (low, high) for Uniform(low, high) draws, or a scalar.
+    x_sd : float
+        SD of the moderator.
+    x_within : bool
+        False makes x constant within a cluster (a cluster-level moderator).
+    seed : int, SeedSequence or Generator, optional
+        Seed.
 
     Returns
     -------
@@ -146,6 +218,26 @@ def meta(n_clusters, n_per_cluster=(2, 6), *, beta=(0.2, 0.1), tau=0.2, omega=0.
     cluster_effects : DataFrame (M, 2): the drawn u_j and s_j.
     truth : dict with beta, tau, omega, slope_sd, rho and the random-effects
         covariance ``Sigma`` of (u_j, s_j) (intercept first).
+
+    Raises
+    ------
+    ValueError
+        For fewer than one cluster or effect size, negative SDs, ``rho`` outside
+        [-1, 1] or non-positive sampling variances.
+
+    Examples
+    --------
+    >>> import mlmeta
+    >>> data, effects, truth = mlmeta.simulate.meta(30, omega=0.2, seed=1)
+    >>> list(data.columns)
+    ['y', 'v', 'se', 'x', 'cluster', 'es']
+    >>> res = mlmeta.meregress("y ~ x + (1 | cluster) + (1 | cluster:es)", data, variance="v")
+    >>> res.group_names
+    ['cluster', 'cluster:es']
+    >>> res.params.round(2)                   # truth: x 0.1, _cons 0.2
+    x        0.13
+    _cons    0.20
+    Name: coef, dtype: float64
     """
     rng = _generator(seed)
     M = int(n_clusters)

@@ -106,27 +106,74 @@ def vcalc(variance, cluster, rho=None, obs=None, type=None, time=None, phi=None,
           subgroup=None, blocks=False, check_pd=True):
     """Block-diagonal sampling covariance with assumed within-cluster correlations.
 
+    Within a cluster, ``V_ij = r_ij sqrt(v_i v_j)`` with ``r_ij = c_ij phi^|t_i - t_j|``
+    and c_ij 1 for the same type and observation, ``rho_obs`` for different
+    observations of the same type, ``rho_type`` across types (module
+    :mod:`mlmeta.vcalc`); metafor's ``vcalc()`` and clubSandwich's
+    ``impute_covariance_matrix()`` (the constant case).
+
     Parameters
     ----------
-    variance : sampling variances (array, column name, or a scalar for all rows).
-    cluster : cluster labels (e.g. study); rows of different clusters are independent.
-    rho : correlation of concurrent estimates (formula in the module docstring):
+    variance : str, float or array-like
+        Sampling variances (array, column name, or a scalar for all rows).
+    cluster : str or array-like
+        Cluster labels (e.g. study); rows of different clusters are independent.
+    rho : float, tuple, dict, array-like or DataFrame, optional
+        Correlation of concurrent estimates (formula in the module docstring):
+
         * without ``type``: a scalar, or per observation pair (see below);
         * with ``type``: the between-type correlation (scalar or per type pair),
           or ``(within, between)`` -- a pair of such specs, as metafor's
           ``rho = c(within, between)`` with ``type=`` and ``obs=``.
+
         Per-pair specs: a labelled DataFrame, a dict ``{("PD", "AL"): 0.4}``, or
         a square array ordered like the sorted labels. Values in (-1, 1).
-    obs, type, time, subgroup : optional labels per row (arrays or column names);
-        ``time`` numeric. Rows of different subgroups of a cluster are independent.
-    phi : autocorrelation per unit of time (needs ``time``), in [-1, 1].
-    data : DataFrame the column names refer to.
-    blocks : return a list of dense per-cluster blocks (clusters in sorted label
-        order, rows in data order) instead of a CSR matrix.
-    check_pd : raise if a block is not positive definite, naming the clusters.
+    obs, type, time, subgroup : str or array-like, optional
+        Labels per row (arrays or column names); ``time`` numeric. Rows of different
+        subgroups of a cluster are independent.
+    phi : float, optional
+        Autocorrelation per unit of time (needs ``time``), in [-1, 1].
+    data : pandas.DataFrame, optional
+        The data the column names refer to.
+    blocks : bool
+        Return a list of dense per-cluster blocks (clusters in sorted label order,
+        rows in data order) instead of a CSR matrix.
+    check_pd : bool
+        Raise if a block is not positive definite, naming the clusters.
 
-    Returns a scipy.sparse CSR (n, n) matrix with rows and columns in the data's
-    order (block-diagonal after sorting by cluster), or the list of blocks.
+    Returns
+    -------
+    scipy.sparse.csr_matrix or list of numpy.ndarray
+        (n, n) with rows and columns in the data's order (block-diagonal after
+        sorting by cluster), or the list of blocks. Pass it as ``V=`` to
+        :func:`meregress`.
+
+    Raises
+    ------
+    ValueError
+        For missing or non-positive variances, unknown columns, labels of the wrong
+        length or with missing values, correlations outside (-1, 1), ``obs=``,
+        ``type=`` or ``time=`` without the correlation they need, or a block that
+        is not positive definite.
+
+    Examples
+    --------
+    The berkey trials report two outcomes measured on the same patients; with an
+    assumed correlation of 0.6 between them:
+
+    >>> import mlmeta
+    >>> dat = mlmeta.datasets.load("berkey")
+    >>> V = mlmeta.vcalc("vi", "trial", rho=0.6, data=dat)
+    >>> V.shape, V.nnz
+    ((10, 10), 20)
+    >>> V.toarray()[:2, :2].round(5)              # trial 1: PD and AL
+    array([[0.0075 , 0.00456],
+           [0.00456, 0.0077 ]])
+    >>> res = mlmeta.meregress("yi ~ 0 + outcome + (0 + outcome | trial)", dat, V=V)
+    >>> res.params.round(4)
+    outcome[AL]   -0.3490
+    outcome[PD]    0.3607
+    Name: coef, dtype: float64
     """
     cl = _column(cluster, data, "cluster")
     n = cl.shape[0]

@@ -29,14 +29,16 @@ def pupiliq() -> pd.DataFrame:
     ``pupiliq.dta``, with Stata's variable names.
 
     Citations:
-        Raudenbush, S. W. (1984). Magnitude of teacher expectancy effects on
-        pupil IQ as a function of the credibility of expectancy induction: A
-        synthesis of findings from 18 experiments. Journal of Educational
-        Psychology, 76(1), 85-97.
-        Raudenbush, S. W., & Bryk, A. S. (1985). Empirical Bayes meta-analysis.
-        Journal of Educational Statistics, 10(2), 75-98.
 
-    Variables (19 rows):
+    * Raudenbush, S. W. (1984). Magnitude of teacher expectancy effects on
+      pupil IQ as a function of the credibility of expectancy induction: A
+      synthesis of findings from 18 experiments. Journal of Educational
+      Psychology, 76(1), 85-97.
+    * Raudenbush, S. W., & Bryk, A. S. (1985). Empirical Bayes meta-analysis.
+      Journal of Educational Statistics, 10(2), 75-98.
+
+    Variables (19 rows)::
+
         study     study id, 1..19 (int)
         author    study author(s)
         year      publication year (int)
@@ -55,6 +57,19 @@ def pupiliq() -> pd.DataFrame:
     (``meta summarize``: theta .0836939, tau2 .0188289; ``meta regress weeks``:
     slope -.0157453). metadat's ``vi`` column is ``var`` rounded to four
     decimals.
+
+    Returns
+    -------
+    pandas.DataFrame
+
+    Examples
+    --------
+    >>> from mlmeta import datasets
+    >>> df = datasets.pupiliq()
+    >>> df.shape
+    (19, 11)
+    >>> print(f"{df['stdmdiff'].mean():.4f}")
+    0.1637
     """
     return load("pupiliq")
 
@@ -69,15 +84,17 @@ def schoolcal() -> pd.DataFrame:
     Stata's ``schoolcal.dta``, with Stata's variable names.
 
     Citations:
-        Cooper, H., Valentine, J. C., Charlton, K., & Melson, A. (2003). The
-        effects of modified school calendars on student achievement and on
-        school and community attitudes. Review of Educational Research, 73(1),
-        1-52.
-        Konstantopoulos, S. (2011). Fixed effects and variance components
-        estimation in three-level meta-analysis. Research Synthesis Methods,
-        2(1), 61-76.
 
-    Variables (56 rows):
+    * Cooper, H., Valentine, J. C., Charlton, K., & Melson, A. (2003). The
+      effects of modified school calendars on student achievement and on
+      school and community attitudes. Review of Educational Research, 73(1),
+      1-52.
+    * Konstantopoulos, S. (2011). Fixed effects and variance components
+      estimation in three-level meta-analysis. Research Synthesis Methods,
+      2(1), 61-76.
+
+    Variables (56 rows)::
+
         district  district id (int; 11 districts)
         school    school id within its district (int; ids repeat across
                   districts, so a school is identified by district:school)
@@ -92,6 +109,21 @@ def schoolcal() -> pd.DataFrame:
     The three-level model ``stdmdiff ~ 1 + (1 | district) + (1 | district:school)``
     fitted by REML gives _cons .1847132 (SE .0845559), sd .2550724 and
     .1809324, log restricted-likelihood -7.95872 (Stata manual, example 2).
+
+    Returns
+    -------
+    pandas.DataFrame
+
+    Examples
+    --------
+    >>> from mlmeta import datasets
+    >>> df = datasets.schoolcal()
+    >>> df.groupby("district").size().head(3)
+    district
+    11    4
+    12    4
+    18    3
+    dtype: int64
     """
     return load("schoolcal")
 
@@ -106,11 +138,13 @@ def berkey() -> pd.DataFrame:
     Source: R package metadat, ``dat.berkey1998`` (same variable names).
 
     Citation:
-        Berkey, C. S., Hoaglin, D. C., Antczak-Bouckoms, A., Mosteller, F., &
-        Colditz, G. A. (1998). Meta-analysis of multiple outcomes by regression
-        with random effects. Statistics in Medicine, 17(22), 2537-2550.
 
-    Variables (10 rows, two per trial, PD first):
+    * Berkey, C. S., Hoaglin, D. C., Antczak-Bouckoms, A., Mosteller, F., &
+      Colditz, G. A. (1998). Meta-analysis of multiple outcomes by regression
+      with random effects. Statistics in Medicine, 17(22), 2537-2550.
+
+    Variables (10 rows, two per trial, PD first)::
+
         trial    trial id, 1..5 (int)
         author   trial author(s)
         year     publication year (int)
@@ -123,6 +157,19 @@ def berkey() -> pd.DataFrame:
 
     Within a trial the rows ``[v1i, v2i]`` form the 2x2 sampling covariance
     matrix of (PD, AL).
+
+    Returns
+    -------
+    pandas.DataFrame
+
+    Examples
+    --------
+    >>> from mlmeta import datasets
+    >>> df = datasets.berkey()
+    >>> df.loc[df.trial == 1, ["outcome", "yi", "v1i", "v2i"]]
+      outcome    yi     v1i     v2i
+    0      PD  0.47  0.0075  0.0030
+    1      AL -0.32  0.0030  0.0077
     """
     return load("berkey")
 
@@ -131,7 +178,18 @@ _LOADERS = {"berkey": berkey, "pupiliq": pupiliq, "schoolcal": schoolcal}
 
 
 def names() -> list[str]:
-    """Names of the bundled datasets, sorted."""
+    """Names of the bundled datasets, sorted.
+
+    Returns
+    -------
+    list of str
+
+    Examples
+    --------
+    >>> from mlmeta import datasets
+    >>> datasets.names()
+    ['berkey', 'pupiliq', 'schoolcal']
+    """
     return sorted(_LOADERS)
 
 
@@ -160,6 +218,12 @@ def load(name: str) -> pd.DataFrame:
     ------
     ValueError
         If ``name`` is not a bundled dataset; the message lists the available ones.
+
+    Examples
+    --------
+    >>> from mlmeta import datasets
+    >>> datasets.load("schoolcal").columns.tolist()
+    ['district', 'school', 'study', 'stdmdiff', 'var', 'se', 'year', 'year_c']
     """
     _check(name)
     with files("mlmeta.datasets").joinpath(f"{name}.csv").open("r", encoding="utf-8") as fh:
@@ -167,5 +231,27 @@ def load(name: str) -> pd.DataFrame:
 
 
 def describe(name: str) -> str:
-    """Source, citation and variables of a bundled dataset."""
+    """Source, citation and variables of a bundled dataset.
+
+    Parameters
+    ----------
+    name : str
+        One of :func:`names`.
+
+    Returns
+    -------
+    str
+        The docstring of the dataset's loader.
+
+    Raises
+    ------
+    ValueError
+        If ``name`` is not a bundled dataset.
+
+    Examples
+    --------
+    >>> from mlmeta import datasets
+    >>> print(datasets.describe("berkey").splitlines()[0])
+    Surgical versus non-surgical periodontal treatment: two outcomes per trial.
+    """
     return inspect.getdoc(_LOADERS[_check(name)])
