@@ -114,7 +114,7 @@ def _structures(frame, covariance):
         if key not in names:
             raise ValueError(f"covariance= names grouping term {key!r}, which is not in the "
                              f"formula; grouping terms are {names}")
-    return [make_structure(covariance.get(t.group), frame.re_names[i], t.correlated)
+    return [make_structure(covariance.get(t.group), frame.re_names[i], t.correlated, term=t.group)
             for i, t in enumerate(frame.terms)]
 
 
@@ -178,10 +178,13 @@ def meregress(formula, data, *, se=None, variance=None, V=None, method="reml", c
         block-diagonal within the outermost grouping. Give exactly one of se, variance, V.
     method : "reml" (default) or "ml".
     covariance : dict grouping term -> "independent" | "exchangeable" | "identity" |
-        "unstructured", or a custom square pattern over the term's effects (Stata's
-        ``custom matname``): diagonal = SDs, off-diagonal = correlations; a number
-        fixes the value, None/NaN is free, a string label used at two or more places
-        constrains those elements equal, e.g. ``[["a", .5], [.5, "a"]]``.
+        "unstructured" (or metafor's "DIAG", "CS", "ID", "UN"), metafor's "AR", "HAR",
+        "CAR", "HCS" for a factor term such as ``(0 + C(time) | study)`` (see
+        :mod:`mlmeta.covfactor`; names are case-insensitive), or a custom square
+        pattern over the term's effects (Stata's ``custom matname``): diagonal = SDs,
+        off-diagonal = correlations; a number fixes the value, None/NaN is free, a
+        string label used at two or more places constrains those elements equal, e.g.
+        ``[["a", .5], [.5, "a"]]``.
     constraints : linear constraints on the fixed effects, ``["x1 = x2", "x3 = 0.5"]``
         (formulaic's syntax) or an ``(R, r)`` pair meaning ``R beta = r``; fitted exactly.
     test : "z" (normal inference, Stata's default) or "t": t tests and intervals (F
