@@ -119,3 +119,76 @@ def test_unstructured_from_singular_sigma():
     s = make_structure("unstructured", ["x", "_cons"])
     S = np.array([[1.0, 2.0], [2.0, 4.0]])     # correlation 1
     np.testing.assert_allclose(s.Sigma(s.from_Sigma(S)), S, atol=1e-12)
+
+
+# ---- metafor's structures over a factor's levels ----------------------------------------
+LEVELS = ["C(time)[0.25]", "C(time)[0.5]", "C(time)[1.0]", "C(time)[2.0]"]
+
+
+@pytest.mark.parametrize("name", ["AR", "HAR", "CAR", "HCS"])
+def test_factor_structures_are_metafors(name):
+    """Sigma as metafor defines it: AR tau^2 rho^|i-j|, HAR tau_i tau_j rho^|i-j|, CAR
+    tau^2 rho^|t_i-t_j| over the levels' numeric values, HCS tau_i tau_j rho (i != j);
+    theta is its report (SDs, rho), and theta -> Sigma -> theta round-trips."""
+    s = make_structure(name, LEVELS, term="study")
+    q = len(LEVELS)
+    tau = np.array([0.3, 0.5, 0.7, 0.9]) if name in ("HAR", "HCS") else np.full(q, 0.4)
+    rho = 0.6
+    theta = np.concatenate([tau if name in ("HAR", "HCS") else tau[:1], [rho]])
+    i = np.arange(q)
+    t = np.array([0.25, 0.5, 1.0, 2.0])
+    lag = {"AR": np.abs(i[:, None] - i), "HAR": np.abs(i[:, None] - i),
+           "CAR": np.abs(t[:, None] - t), "HCS": (i[:, None] != i).astype(float)}[name]
+    np.testing.assert_allclose(s.Sigma(theta), np.outer(tau, tau) * rho ** lag, rtol=1e-14)
+    np.testing.assert_allclose(s.T(theta) @ s.T(theta).T, s.Sigma(theta), rtol=1e-12)
+    np.testing.assert_allclose(s.from_Sigma(s.Sigma(theta)), theta, rtol=1e-12)
+    np.testing.assert_array_equal(s.report_values(theta), theta)
+    np.testing.assert_array_equal(s.theta_from_report(theta), theta)
+    np.testing.assert_allclose(s.Sigma_from_report(theta), s.Sigma(theta), rtol=1e-15)
+    assert s.lower[-1] == (0.0 if name == "CAR" else -s.CORR_BOUND) and s.upper[-1] < 1
+    assert (s.lower[:-1] == 0).all() and np.isinf(s.upper[:-1]).all()
+    sd_labels = (["sd(C(time))"] if name in ("AR", "CAR") else [f"sd({n})" for n in LEVELS])
+    assert s.labels() == sd_labels + ["rho(C(time))"]
+    assert s.labels(variance=True)[-1] == "rho(C(time))"
+    assert s.labels(variance=True)[0].startswith("var(")
+    assert [k for k, _ in s.report_params()] == ["sd"] * (len(theta) - 1) + ["rho"]
+    h = 1e-6
+    num = np.array([(s.T(theta + h * e) - s.T(theta - h * e)) / (2 * h) for e in np.eye(theta.size)])
+    np.testing.assert_allclose(s.dT(theta), num, atol=1e-7)
+
+
+def test_factor_structure_names_and_two_levels():
+    assert make_structure("ar", LEVELS).title == "AR(1)"
+    assert make_structure(" Har ", LEVELS).title == "HAR(1)"
+    assert make_structure("CAR", LEVELS).title == "CAR(1)"
+    assert make_structure("hcs", ["x", "_cons"]).labels() == ["sd(x)", "sd(_cons)", "rho(x,_cons)"]
+    for alias, kind in [("CS", "exchangeable"), ("un", "unstructured"), ("DIAG", "independent"),
+                        ("Id", "identity"), ("exch", "exchangeable"), ("ind", "independent")]:
+        assert make_structure(alias, LEVELS).kind == kind
+    two = make_structure("AR", LEVELS[:2])                # one correlation: rho itself
+    assert two.n_theta == 2 and two.Sigma([1.0, 0.3])[0, 1] == pytest.approx(0.3)
+    with pytest.raises(ValueError, match="'CAR' of 'g' needs numeric levels"):
+        make_structure("CAR", ["C(arm)[a]", "C(arm)[b]"], term="g")
+    with pytest.raises(ValueError, match="'AR' needs a term whose effects are the levels"):
+        make_structure("AR", ["C(time)[T.2]", "C(time)[T.3]"])     # contrasts: an intercept
+    with pytest.raises(ValueError, match="'HAR' needs two or more levels"):
+        make_structure("HAR", ["C(time)[1]"])
+    with pytest.raises(ValueError, match="unknown covariance structure 'ARMA'"):
+        make_structure("ARMA", LEVELS)
+
+
+def test_custom_lags_validation_and_rho_range():
+    from mlmeta.covstruct import Custom
+
+    free = [[None, "r", "r"], ["r", None, "r"], ["r", "r", None]]
+    with pytest.raises(ValueError, match="non-integer lag d needs rho >= 0"):
+        Custom(["a", "b", "c"], free, lags=[[0, 0.5, 1], [0.5, 0, 1], [1, 1, 0]])
+    with pytest.raises(ValueError, match="lags must be symmetric"):
+        Custom(["a", "b", "c"], free, lags=[[0, 1, 2], [2, 0, 1], [1, 1, 0]])
+    with pytest.raises(ValueError, match="positive numbers off the diagonal"):
+        Custom(["a", "b", "c"], free, lags=[[0, 0, 1], [0, 0, 1], [1, 1, 0]])
+    s = Custom(["a", "b", "c"], free)                     # exchangeable: rho > -1/2
+    lo, hi = s.rho_range([1.0, 1.0, 1.0, 0.3], 3)
+    assert lo == pytest.approx(-0.5, abs=1e-9) and lo > -0.5 and hi == s.CORR_BOUND
+    car = make_structure("CAR", LEVELS)
+    assert car.rho_range([1.0, 0.5], 1) == (0.0, car.CORR_BOUND)

@@ -126,7 +126,7 @@ def _structures(frame, covariance, known=None):
             s = make_structure("identity", frame.re_names[i])
             s.title = "Known correlation R"
         else:
-            s = make_structure(covariance.get(t.group), frame.re_names[i], t.correlated)
+            s = make_structure(covariance.get(t.group), frame.re_names[i], t.correlated, term=t.group)
         structs.append(s)
     return structs
 
@@ -270,7 +270,11 @@ def meregress(formula, data, *, se=None, variance=None, V=None, method="reml", c
         Restricted (default) or full maximum likelihood.
     covariance : dict or str, optional
         Grouping term -> ``"independent"``, ``"exchangeable"``, ``"identity"`` or
-        ``"unstructured"``, or a custom square pattern over the term's effects
+        ``"unstructured"`` (or metafor's ``"DIAG"``, ``"CS"``, ``"ID"``, ``"UN"``);
+        metafor's ``"AR"``, ``"HAR"``, ``"CAR"`` or ``"HCS"`` for a factor term such as
+        ``(0 + C(time) | study)`` (AR and HAR over the levels in order, CAR over their
+        numeric values; see :mod:`mlmeta.covfactor`; names are case-insensitive); or a
+        custom square pattern over the term's effects
         (Stata's ``covariance(custom matname)``): diagonal = SDs, off-diagonal =
         correlations; a number fixes the value, None/NaN is free, a string label used
         at two or more places constrains those elements equal, e.g.

@@ -11,14 +11,20 @@ reporting metric (standard deviations and correlations, Stata's default).
       Sigma = a^2 I + (2 a g + q g^2) 1 1'  (every exchangeable PSD matrix)
 * ``unstructured``:  T lower triangular             theta = vech(T),      diag >= 0
 * ``custom``:        T = D chol(R)                  theta = (free SDs, free correlations)
-      with fixed values and equality labels (Stata's ``covariance(custom matname)``)
+      with fixed values and equality labels (Stata's ``covariance(custom matname)``);
+      R_ij = rho_c^(d_ij) with lags d (d = 1: a pattern; metafor's AR, HAR and CAR are
+      powers, see :mod:`mlmeta.covfactor`)
+* ``AR``, ``HAR``, ``CAR``, ``HCS``: metafor's structures over a factor's levels, custom
+      patterns (:class:`FactorLevels`) with theta = (SDs, rho)
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["CovStruct", "make_structure", "STRUCTURES"]
+from mlmeta.covfactor import FACTOR_STRUCTURES, level_structure
+
+__all__ = ["CovStruct", "Custom", "AR", "HAR", "CAR", "HCS", "make_structure", "STRUCTURES"]
 
 STRUCTURES = ("independent", "exchangeable", "identity", "unstructured")
 
@@ -245,6 +251,18 @@ class Unstructured(CovStruct):
         return out
 
 
+#: below this |rho|, d rho^(d - 1) with d < 1 (infinite at rho = 0) is taken at it
+RHO_FLOOR = 1e-8
+
+
+def dpower(rho, d):
+    """d rho^d / d rho = d rho^(d - 1), taken at ``RHO_FLOOR`` when d < 1 and |rho| is below
+    it (the one-sided derivative at 0 is infinite); d = 1 gives 1 (a pattern)."""
+    if d < 1.0 and abs(rho) < RHO_FLOOR:
+        rho = RHO_FLOOR
+    return 1.0 if d == 1.0 else float(d * np.power(rho, d - 1.0))
+
+
 def _chol_lower(R):
     """Cholesky factor of a correlation matrix; FloatingPointError if not positive definite."""
     try:
@@ -261,16 +279,23 @@ class Custom(CovStruct):
     or more places constrains those elements to one common value (SDs with SDs,
     correlations with correlations). With ``D = diag(sd)`` and ``R`` the correlation
     matrix, ``Sigma = D R D`` and ``T = D chol(R)``; theta holds the distinct free
-    SDs (>= 0) then the distinct free correlations (in (-1, 1)).
+    SDs (>= 0) then the distinct free correlation parameters rho (in (-1, 1), or
+    [0, 1) when ``nonnegative``).
+
+    ``lags``: a symmetric matrix d > 0 that makes a free correlation a power,
+    ``R_ij = rho^(d_ij)`` (metafor's AR: d_ij = |i - j|; CAR: |t_i - t_j|); the default
+    d = 1 is the pattern itself. Non-integer lags need ``nonnegative``.
     """
 
     kind, title = "custom", "Custom"
     CORR_BOUND = 1.0 - 1e-9
 
-    def __init__(self, effect_names, pattern):
+    def __init__(self, effect_names, pattern, lags=None, nonnegative=False):
         super().__init__(effect_names)
         P = self._validate(pattern)
         q = self.q
+        self._lags = self._validate_lags(lags, nonnegative)
+        self._rho_lower = 0.0 if nonnegative else -self.CORR_BOUND
         # positions of each parameter: list of (kind, [(i, j), ...], fixed value or None)
         sd_groups, corr_groups = {}, {}
         self.params = []
@@ -349,6 +374,24 @@ class Custom(CovStruct):
                                      f"lie in (-1, 1), got {v}")
         return P
 
+    def _validate_lags(self, lags, nonnegative):
+        q = self.q
+        if lags is None:
+            return np.ones((q, q))
+        d = np.asarray(lags, dtype=float)
+        off = ~np.eye(q, dtype=bool)
+        if d.shape != (q, q) or not np.isfinite(d).all() or not (d[off] > 0).all():
+            raise ValueError(f"custom covariance: lags must be a {q} x {q} matrix of positive "
+                             f"numbers off the diagonal")
+        if not np.array_equal(d, d.T):
+            raise ValueError("custom covariance: lags must be symmetric")
+        if not nonnegative and (d[off] != np.round(d[off])).any():
+            raise ValueError("custom covariance: rho^d with a non-integer lag d needs rho >= 0 "
+                             "(nonnegative=True)")
+        d = d.copy()
+        np.fill_diagonal(d, 1.0)
+        return d
+
     def _validate_fixed_psd(self):
         """Every principal submatrix of fully fixed correlations must be PSD."""
         q = self.q
@@ -378,7 +421,7 @@ class Custom(CovStruct):
     @property
     def lower(self):
         return np.concatenate([np.zeros(len(self._sd_free)),
-                               np.full(len(self._corr_free), -self.CORR_BOUND)])
+                               np.full(len(self._corr_free), self._rho_lower)])
 
     @property
     def upper(self):
@@ -395,7 +438,8 @@ class Custom(CovStruct):
             sd[where] = t
         for t, where in zip(theta[k:], self._corr_free):
             for i, j in where:
-                R[i, j] = R[j, i] = t
+                d = self._lags[i, j]
+                R[i, j] = R[j, i] = t if d == 1.0 else np.power(t, d)
         return sd, R
 
     def T(self, theta):
@@ -408,7 +452,9 @@ class Custom(CovStruct):
         return sd[:, None] * R * sd[None, :]
 
     def dT(self, theta):
-        """dT = dD L + D dL with dL = L Phi(L^-1 dR L^-T), Phi = lower part, half diagonal."""
+        """dT = dD L + D dL with dL = L Phi(L^-1 dR L^-T), Phi = lower part, half diagonal;
+        dR_ij / d rho = d_ij rho^(d_ij - 1) (:func:`dpower`)."""
+        theta = np.asarray(theta, dtype=float)
         sd, R = self._sd_R(theta)
         L = _chol_lower(R)
         Li = np.linalg.inv(L)
@@ -421,7 +467,7 @@ class Custom(CovStruct):
         for b, where in enumerate(self._corr_free):
             dR = np.zeros((self.q, self.q))
             for i, j in where:
-                dR[i, j] = dR[j, i] = 1.0
+                dR[i, j] = dR[j, i] = dpower(theta[k + b], self._lags[i, j])
             M = Li @ dR @ Li.T
             Phi = np.tril(M, -1) + 0.5 * np.diag(np.diag(M))
             out[k + b] = sd[:, None] * (L @ Phi)
@@ -430,7 +476,7 @@ class Custom(CovStruct):
     def engine_spec(self) -> dict:
         """The pattern as the engine's maps: sd_map[i] / corr_map[i, j] = index of the
         free parameter in theta (-1 where the value is fixed, then read from
-        sd_fixed / corr_fixed); the n_sd free SDs come first."""
+        sd_fixed / corr_fixed); the n_sd free SDs come first; corr_lag = the lags d."""
         q = self.q
         sd_map = np.full(q, -1, dtype=np.intp)
         corr_map = np.full((q, q), -1, dtype=np.intp)
@@ -442,21 +488,38 @@ class Custom(CovStruct):
                 corr_map[i, j] = corr_map[j, i] = k + b
         return {"kind": "custom", "q": q, "n_theta": self.n_theta, "n_sd": k, "sd_map": sd_map,
                 "corr_map": corr_map, "sd_fixed": self._fixed_sd.copy(),
-                "corr_fixed": self._fixed_corr.copy()}
+                "corr_fixed": self._fixed_corr.copy(), "corr_lag": self._lags.copy()}
 
     def from_Sigma(self, Sigma, corr_bound=0.95, theta_prev=None):
         """theta of Sigma: each free SD the mean of its elements' SDs, each free
-        correlation the mean of its elements' correlations clipped to +-corr_bound (0.95
-        keeps starting values off the boundary; CORR_BOUND gives the exact parameters of
-        an attainable Sigma), the correlations then kept feasible (:meth:`_feasible`,
-        anchored at ``theta_prev`` when given)."""
+        correlation parameter projected by :meth:`_project_rho` and clipped to its lower
+        bound and corr_bound (0.95 keeps starting values off the boundary; CORR_BOUND
+        gives the exact parameters of an attainable Sigma), the correlations then kept
+        feasible (:meth:`_feasible`, anchored at ``theta_prev`` when given)."""
         sd_all = np.sqrt(np.clip(np.diag(Sigma), 0.0, None))
         theta = [float(np.mean(sd_all[where])) for where in self._sd_free]
+        lo = max(self._rho_lower, -corr_bound)
         for where in self._corr_free:
-            vals = [Sigma[i, j] / (sd_all[i] * sd_all[j]) if sd_all[i] > 0 and sd_all[j] > 0 else 0.0
-                    for i, j in where]
-            theta.append(float(np.clip(np.mean(vals), -corr_bound, corr_bound)))
+            theta.append(float(np.clip(self._project_rho(Sigma, sd_all, where), lo, corr_bound)))
         return self._feasible(np.asarray(theta), theta_prev)
+
+    def _project_rho(self, Sigma, sd, where):
+        """rho of one correlation parameter from the correlations r_ij of Sigma over its
+        pairs (r = 0 where an SD is 0). With rho >= 0 (``nonnegative``): the least-squares
+        fit of log r_ij = d_ij log rho over the pairs with r_ij > 0 (0 if there are none);
+        otherwise the mean r of the pairs at the smallest lag d_min, as
+        sign(r) |r|^(1 / d_min) (for a pattern, d = 1: the mean correlation). The
+        engine's EM projection is the same."""
+        r = np.array([Sigma[i, j] / (sd[i] * sd[j]) if sd[i] > 0 and sd[j] > 0 else 0.0
+                      for i, j in where])
+        d = np.array([self._lags[i, j] for i, j in where])
+        if self._rho_lower >= 0.0:
+            pos = r > 0
+            sxx = float(np.sum(d[pos] * d[pos]))
+            return float(np.exp(np.sum(d[pos] * np.log(r[pos])) / sxx)) if sxx > 0 else 0.0
+        dmin = d.min()
+        m = float(np.mean(r[d == dmin]))
+        return m if dmin == 1.0 else float(np.copysign(abs(m) ** (1.0 / dmin), m))
 
     def _min_pivot(self, theta):
         """Smallest Cholesky pivot of the correlation matrix at theta (-1: not PD)."""
@@ -464,6 +527,27 @@ class Custom(CovStruct):
             return float(np.diag(np.linalg.cholesky(self._sd_R(theta)[1])).min())
         except np.linalg.LinAlgError:
             return -1.0
+
+    def rho_range(self, theta, index):
+        """(lo, hi): the values of correlation parameter ``theta[index]`` within its bounds
+        for which R stays positive definite, the other entries as in theta (which must be
+        feasible): a bound where R is positive definite there, else the last feasible
+        point of a bisection from theta[index] (an exchangeable pattern over q effects:
+        rho > -1 / (q - 1))."""
+        th = np.array(theta, dtype=float)
+        x0 = th[index]
+        out = []
+        for lim in (self.lower[index], self.upper[index]):
+            th[index] = lim
+            a, b = x0, lim
+            if self._min_pivot(th) > 0:
+                a = lim
+            else:
+                for _ in range(60):
+                    th[index] = 0.5 * (a + b)
+                    a, b = (th[index], b) if self._min_pivot(th) > 0 else (a, th[index])
+            out.append(float(a))
+        return out[0], out[1]
 
     def _feasible(self, theta, theta_prev=None):
         """theta with its free correlations kept feasible (the engine's EM projection does
@@ -553,12 +637,89 @@ class Custom(CovStruct):
         return not np.isnan(self._fixed_corr[i, j])
 
 
+class FactorLevels(Custom):
+    """metafor's AR, HAR, CAR and HCS (:mod:`mlmeta.covfactor`): a custom pattern whose
+    theta is its report, the free SDs then rho, labelled ``sd(C(time))`` (one SD for all
+    levels) or ``sd(C(time)[1])``, ... and ``rho(C(time))``. ``term`` names the grouping
+    term in error messages."""
+
+    name = ""
+
+    def __init__(self, effect_names, term=None):
+        spec = level_structure(self.name, effect_names, term)
+        super().__init__(effect_names, spec["pattern"], spec["lags"], spec["nonnegative"])
+        self.factor = spec["factor"]
+
+    def report_params(self):
+        """("sd", effects sharing it) per free SD, then ("rho", every pair): rho is a
+        structure parameter (the lag-1 correlation of AR and HAR), reported as itself in
+        both metrics."""
+        pairs = tuple(p for w in self._corr_free for p in w)
+        return [("sd", tuple(w)) for w in self._sd_free] + [("rho", pairs)]
+
+    def report_values(self, theta):
+        return np.array(theta, dtype=float)
+
+    def theta_from_report(self, values):
+        return np.array(values, dtype=float)
+
+    def Sigma_from_report(self, values):
+        return self.Sigma(values)
+
+    def is_fixed(self, index):
+        return False
+
+    def labels(self, variance=False):
+        out = []
+        for kind, eff in self.report_params():
+            if kind == "rho":
+                out.append(f"rho({self.factor})")
+            else:
+                what = self.factor if len(eff) > 1 else self.effect_names[eff[0]]
+                out.append(f"{'var' if variance else 'sd'}({what})")
+        return out
+
+
+class AR(FactorLevels):
+    """metafor's ``struct="AR"``: Sigma_ij = tau^2 rho^|i - j| over the levels in order."""
+
+    name, title = "AR", "AR(1)"
+
+
+class HAR(FactorLevels):
+    """metafor's ``struct="HAR"``: Sigma_ij = tau_i tau_j rho^|i - j|."""
+
+    name, title = "HAR", "HAR(1)"
+
+
+class CAR(FactorLevels):
+    """metafor's ``struct="CAR"``: Sigma_ij = tau^2 rho^|t_i - t_j| over the numeric
+    levels t (the times), rho in [0, 1)."""
+
+    name, title = "CAR", "CAR(1)"
+
+
+class HCS(FactorLevels):
+    """metafor's ``struct="HCS"``: Sigma_ii = tau_i^2, Sigma_ij = tau_i tau_j rho."""
+
+    name, title = "HCS", "HCS"
+
+
 _CLASSES = {"identity": Identity, "independent": Independent,
             "exchangeable": Exchangeable, "unstructured": Unstructured}
+#: metafor's names: CS = exchangeable, UN = unstructured, ID = identity, DIAG = independent
+_ALIASES = {"cs": "exchangeable", "un": "unstructured", "id": "identity", "diag": "independent"}
+_FACTOR_CLASSES = {"ar": AR, "har": HAR, "car": CAR, "hcs": HCS}
+_NAMES = (f"{', '.join(STRUCTURES)} (or a prefix), or metafor's CS, UN, ID, DIAG, "
+          f"{', '.join(FACTOR_STRUCTURES)}")
 
 
-def make_structure(spec, effect_names, correlated=True):
-    """Build a structure from a name (or None: the bar's default).
+def make_structure(spec, effect_names, correlated=True, term=None):
+    """Build a structure from a name (or None: the bar's default), case-insensitive:
+    ``independent``, ``exchangeable``, ``identity``, ``unstructured`` or a prefix of one,
+    metafor's ``CS``, ``UN``, ``ID``, ``DIAG`` (the same four) and ``AR``, ``HAR``,
+    ``CAR``, ``HCS`` (:class:`FactorLevels`); a square array is a :class:`Custom`
+    pattern. ``term`` names the grouping term in error messages.
 
     Defaults follow lme4's bars: ``|`` unstructured, ``||`` independent; a
     single effect is always ``identity`` (Stata labels it so)."""
@@ -573,12 +734,15 @@ def make_structure(spec, effect_names, correlated=True):
         if np.ndim(spec) == 2 or (isinstance(spec, (list, tuple)) and spec and
                                   isinstance(spec[0], (list, tuple, np.ndarray))):
             return Custom(effect_names, spec)
-        raise ValueError(f"unknown covariance structure {spec!r}; use one of {', '.join(STRUCTURES)}")
+        raise ValueError(f"unknown covariance structure {spec!r}; use one of {_NAMES}")
     key = spec.strip().lower()
+    if key in _FACTOR_CLASSES:
+        return _FACTOR_CLASSES[key](effect_names, term=term)
+    key = _ALIASES.get(key, key)
     matches = [s for s in STRUCTURES if s.startswith(key)] if key else []
     if len(matches) != 1:
-        raise ValueError(f"unknown covariance structure {spec!r}; use one of {', '.join(STRUCTURES)}")
+        raise ValueError(f"unknown covariance structure {spec!r}; use one of {_NAMES}")
     key = matches[0]
-    if q == 1 or (key == "exchangeable" and q == 1):
+    if q == 1:
         return Identity(effect_names)
     return _CLASSES[key](effect_names)

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 from scipy import optimize, stats
 
-from mlmeta.covstruct import Custom
+from mlmeta.covstruct import Custom, FactorLevels
 from mlmeta.model import NestedModel
 from mlmeta.optimize import fit_nested
 from mlmeta.summary import confidence_level
@@ -71,6 +71,10 @@ class MixedProfile:
                 params.append(("sd", off, g, f"sd({' '.join(names)})"))
             elif s.kind == "independent":
                 params += [("sd", off + i, g, f"sd({e})") for i, e in enumerate(names)]
+            elif isinstance(s, FactorLevels):      # theta = (SDs, rho), labelled as reported
+                k = len(s.sd_groups)
+                params += [("sd" if j < k else "corr", off + j, g, lab)
+                           for j, lab in enumerate(s.labels())]
             elif s.kind == "custom":
                 k = len(s.sd_groups)
                 params += [("sd", off + a, g, f"sd({' '.join(names[i] for i in w)})")
@@ -104,6 +108,15 @@ class MixedProfile:
         if kind == "sigma":
             return self.sigma
         return float(self.theta[i] * (self.sigma if kind == "sd" else 1.0))
+
+    def corr_range(self, k):
+        """Where correlation parameter k can go, the others at the estimate: its bounds
+        (CAR: rho >= 0), within which R is positive definite (exchangeable, HCS)."""
+        i = self.params[k][1]
+        for s, sl in zip(self.model.structs, self.model.theta_slices):
+            if sl.start <= i < sl.stop:
+                return s.rho_range(self.theta[sl], i - sl.start)
+        raise ValueError(f"no parameter {k}")
 
     def _dev(self, theta, s, grad):
         """dev(theta, s) and its gradient in (theta, s)."""
@@ -189,8 +202,11 @@ def mixed_profile_ci(res, level: float = 95.0, ml: bool = True) -> pd.DataFrame:
 
         if kind == "corr":
             b = Custom.CORR_BOUND
-            lower = -1.0 if est <= -b or f(-b) <= 0 else optimize.brentq(f, -b, est, xtol=1e-10)
-            upper = 1.0 if est >= b or f(b) <= 0 else optimize.brentq(f, est, b, xtol=1e-10)
+            lo, hi = prof.corr_range(k)
+            lower = ((-1.0 if lo <= -b else lo) if est <= lo or f(lo) <= 0
+                     else optimize.brentq(f, lo, est, xtol=1e-10))
+            upper = ((1.0 if hi >= b else hi) if est >= hi or f(hi) <= 0
+                     else optimize.brentq(f, est, hi, xtol=1e-10))
         else:
             scale = max(est, 1e-4 * prof.sigma)
             tol = 1e-10 * scale

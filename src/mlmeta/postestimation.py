@@ -694,7 +694,7 @@ class PostestimationMixin:
                 b_est.append(np.log(c.value) if c.value > 0 else -np.inf)
                 jac.append(c.value)
             else:
-                name = c.label_sd.replace("corr(", "atr(", 1)
+                name = "atr(" + c.label_sd.split("(", 1)[1]        # corr(a,b), rho(f)
                 b_est.append(np.arctanh(np.clip(c.value, -1.0, 1.0)))
                 jac.append(1.0 - c.value ** 2)
             b_rep.append(c.value)

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 from scipy import optimize, stats
 
-from mlmeta.covstruct import Custom
+from mlmeta.covstruct import Custom, FactorLevels
 from mlmeta.optimize import fit_nested
 from mlmeta.summary import confidence_level
 
@@ -64,6 +64,10 @@ class ProfileMixin:
                 params.append((off, g, f"var({' '.join(names)})", "var"))
             elif s.kind == "independent":
                 params += [(off + i, g, f"var({e})", "var") for i, e in enumerate(names)]
+            elif isinstance(s, FactorLevels):      # theta = (SDs, rho), labelled as reported
+                k = len(s.sd_groups)
+                params += [(off + j, g, lab, "var" if j < k else "corr")
+                           for j, lab in enumerate(s.labels(variance=True))]
             elif s.kind == "custom":
                 k = len(s.sd_groups)
                 params += [(off + a, g, f"var({' '.join(names[i] for i in w)})", "var")
@@ -121,6 +125,16 @@ class ProfileMixin:
                 rec = alt
         return -0.5 * rec.deviance, np.asarray(rec.theta, float)
 
+    def _corr_range(self, i):
+        """Where correlation parameter theta_i can go, the others at the estimate: its
+        bounds (CAR: rho >= 0), within which R is positive definite (exchangeable and HCS
+        over q effects: rho > -1 / (q - 1))."""
+        model, theta, _ = self._profile_setup
+        for s, sl in zip(model.structs, model.theta_slices):
+            if sl.start <= i < sl.stop:
+                return s.rho_range(theta[sl], i - sl.start)
+        raise ValueError(f"no parameter {i}")
+
     def _profile_estimate(self, i, kind):
         t = self._profile_setup[1][i]
         return float(t ** 2) if kind == "var" else float(t)
@@ -177,7 +191,7 @@ class ProfileMixin:
             lo, hi = float(ci.lower), float(ci.upper)
             if kind == "corr":
                 values = np.linspace(max(-1.0, lo - 0.1), min(1.0, hi + 0.1), n)
-                values = np.clip(values, -Custom.CORR_BOUND, Custom.CORR_BOUND)
+                values = np.clip(values, *self._corr_range(i))
             else:
                 if not np.isfinite(hi):
                     hi = lo + 4.0 * max(est, 1e-8)
@@ -203,10 +217,12 @@ class ProfileMixin:
 
         The limits solve 2 (llf_max - llf(value)) = chi2_1(level) (brentq on each side
         of the estimate). When the profile at a variance of 0 (a correlation of -1 or
-        1) stays above the cutoff, that bound is the limit, as in metafor. Rows: each
-        variance (and each correlation of unstructured, exchangeable and custom
-        levels). Columns: group, param, estimate, lower, upper (variances or
-        correlations), sd, sd_lower, sd_upper (NaN for correlations).
+        1, or the end of its feasible range: rho > -1 / (q - 1) for exchangeable and
+        HCS, rho >= 0 for CAR) stays above the cutoff, that bound is the limit, as in
+        metafor. Rows: each variance (and each correlation of unstructured,
+        exchangeable and custom levels, rho of AR, HAR, CAR and HCS). Columns: group,
+        param, estimate, lower, upper (variances or correlations), sd, sd_lower,
+        sd_upper (NaN for correlations).
 
         Parameters
         ----------
@@ -249,8 +265,11 @@ class ProfileMixin:
 
             if kind == "corr":
                 tol = 1e-10
-                lower = -1.0 if est <= -bound or f(-bound) >= 0 else optimize.brentq(f, -bound, est, xtol=tol)
-                upper = 1.0 if est >= bound or f(bound) >= 0 else optimize.brentq(f, est, bound, xtol=tol)
+                lo, hi = self._corr_range(i)
+                lower = ((-1.0 if lo <= -bound else lo) if est <= lo or f(lo) >= 0
+                         else optimize.brentq(f, lo, est, xtol=tol))
+                upper = ((1.0 if hi >= bound else hi) if est >= hi or f(hi) >= 0
+                         else optimize.brentq(f, est, hi, xtol=tol))
                 rows.append((g, label, est, lower, upper, kind))
                 continue
             scale = max(est, 1e-4 * vscale)

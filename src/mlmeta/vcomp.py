@@ -39,7 +39,7 @@ class VarComp:
 
     level: int           # index of the level (0 = top)
     group: str           # grouping term
-    kind: str            # "sd" or "corr"
+    kind: str            # "sd", "corr" or "rho" (a structure's correlation parameter)
     effects: tuple       # effect indices (sd) or index pairs (corr)
     label_sd: str        # e.g. "sd(year_c)" / "corr(year_c,_cons)"
     label_var: str       # e.g. "var(year_c)" / "cov(year_c,_cons)"
@@ -122,7 +122,7 @@ def variance_components(model: NestedModel, theta, groups, sd_scale=1.0, with_co
             comps.append(VarComp(lvl, groups[lvl], kind, eff, labels_sd[i], labels_var[i],
                                  float(v), bool(boundary), fixed))
             # a correlation is not identified when one of its SDs is zero
-            if kind == "corr":
+            if kind != "sd":
                 sds = np.sqrt(np.clip(np.diag(s.Sigma(theta[sl])), 0, None))
                 if any(sds[a] <= BOUNDARY_SD * sd_scale for pair in eff for a in pair):
                     comps[-1].boundary = True
@@ -219,7 +219,7 @@ def component_table(comps, cov_eta, free_pos, model, theta, level=95.0, variance
             rows.append((c.label_var if variance else c.label_sd, est, se,
                          np.exp(mult * (eta - z * se_eta)), np.exp(mult * (eta + z * se_eta))))
         else:
-            if not variance:
+            if not variance or c.kind == "rho":      # rho: a structure's parameter, as itself
                 if se_eta is None:
                     rows.append((c.label_sd, c.value, None, None, None))
                     continue

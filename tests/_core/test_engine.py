@@ -160,3 +160,111 @@ def test_problem_is_safe_to_share_between_threads():
         assert ev.deviance == ref.deviance
         np.testing.assert_array_equal(ev.grad, ref.grad)
         np.testing.assert_array_equal(ev.beta, ref.beta)
+
+
+# ---- metafor's structures over a factor's levels: R_ij = rho^(d_ij) ---------------------
+LEVELS = ["C(t)[0.5]", "C(t)[1.0]", "C(t)[2.5]"]     # CAR lags 0.5, 1.5, 2: one below 1
+FACTOR_SPECS = ["AR", "HAR", "CAR", "HCS"]
+
+
+def _level_model(spec, seed=0, n=60):
+    rng = np.random.default_rng(seed)
+    g = np.repeat(np.arange(n // 3), 3)
+    level = np.tile(np.arange(3), n // 3)
+    Z = [np.eye(3)[level]]
+    X = np.column_stack([rng.normal(size=n), np.ones(n)])
+    d = build_design(rng.normal(size=n), X, Z, [g], rng.uniform(0.1, 0.5, n))
+    return NestedModel(d, [make_structure(spec, LEVELS, term="g")], "reml")
+
+
+def _level_theta(s, rng):
+    k = len(s.sd_groups)
+    rho = rng.uniform(0.1, 0.8) if s.lower[k] >= 0 else rng.uniform(-0.45, 0.8)   # HCS: > -1/2
+    return np.concatenate([rng.uniform(0.2, 0.9, k), [rho]])
+
+
+@pytest.mark.parametrize("spec", FACTOR_SPECS)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_factor_structure_maps_match_covstruct(spec, seed):
+    """T and dT/dtheta of the engine against covstruct, and dT against central
+    differences of T (the power rho^d, d = |i - j| or |t_i - t_j|)."""
+    m = _level_model(spec)
+    s = m.structs[0]
+    th = _level_theta(s, np.random.default_rng(seed))
+    T, D = m.problem.factors(th)
+    np.testing.assert_allclose(T.reshape(3, 3, order="F"), s.T(th), rtol=1e-13, atol=1e-15)
+    dT = np.stack([D[:, k].reshape(3, 3, order="F") for k in range(s.n_theta)])
+    np.testing.assert_allclose(dT, s.dT(th), rtol=1e-11, atol=1e-13)
+    h = 1e-6
+    for k in range(s.n_theta):
+        e = np.zeros(s.n_theta)
+        e[k] = h
+        num = (s.T(th + e) - s.T(th - e)) / (2 * h)
+        np.testing.assert_allclose(dT[k], num, rtol=1e-6, atol=1e-8)
+
+
+def test_car_derivative_at_rho_zero_is_finite_and_shared():
+    """At rho = 0 (CAR's bound) d rho^0.5 / d rho is infinite: both maps take it at
+    RHO_FLOOR, so the gradient stays finite and the twins agree."""
+    m = _level_model("CAR")
+    s = m.structs[0]
+    th = np.array([0.5, 0.0])
+    T, D = m.problem.factors(th)
+    np.testing.assert_allclose(T.reshape(3, 3, order="F"), 0.5 * np.eye(3), atol=1e-15)
+    np.testing.assert_allclose(D[:, 1].reshape(3, 3, order="F"), s.dT(th)[1], rtol=1e-12)
+    assert np.isfinite(D).all() and np.abs(D[:, 1]).max() > 1.0
+    assert np.isfinite(m.evaluate(th, gradient=True).grad).all()
+
+
+@pytest.mark.parametrize("spec", FACTOR_SPECS)
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_factor_em_projection_matches_covstruct(spec, seed):
+    """The EM projection of a random Sigma (some correlations negative): SDs averaged,
+    rho from the lag-1 correlations (AR, HAR), a fit of log r on d (CAR), the mean
+    correlation (HCS), clipped into the bounds; engine and covstruct agree."""
+    m = _level_model(spec)
+    s = m.structs[0]
+    rng = np.random.default_rng(seed)
+    A = rng.normal(size=(3, 3))
+    Sigma = A @ A.T + 0.1 * np.eye(3)
+    got = m.problem.em_project(0, Sigma, np.full(s.n_theta, 0.3))
+    np.testing.assert_allclose(got, s.from_Sigma(Sigma), rtol=1e-12, atol=1e-14)
+    assert (got >= s.lower).all() and (got <= s.upper).all()
+    # a Sigma of the structure is projected onto its own parameters
+    th = _level_theta(s, rng)
+    th[-1] = min(th[-1], 0.9)
+    np.testing.assert_allclose(m.problem.em_project(0, s.Sigma(th), th), th, rtol=1e-10)
+
+
+def test_car_projection_fits_log_correlations_on_lags():
+    """CAR's rho: the least-squares fit of log r_ij = d_ij log rho over the pairs with
+    r_ij > 0 (0 when none is positive)."""
+    m = _level_model("CAR")
+    s = m.structs[0]
+    R = np.array([[1.0, 0.8, -0.2], [0.8, 1.0, 0.5], [-0.2, 0.5, 1.0]])
+    d = np.array([0.5, 1.5])                  # lags of the positive pairs (0,1), (1,2)
+    rho = np.exp(np.sum(d * np.log([0.8, 0.5])) / np.sum(d * d))
+    got = m.problem.em_project(0, 4.0 * R, np.zeros(2))
+    np.testing.assert_allclose(got, [2.0, rho], rtol=1e-12)
+    np.testing.assert_allclose(s.from_Sigma(4.0 * R), got, rtol=1e-12)
+    R = np.array([[1.0, -0.1, -0.2], [-0.1, 1.0, -0.3], [-0.2, -0.3, 1.0]])
+    np.testing.assert_allclose(m.problem.em_project(0, R, np.zeros(2)), [1.0, 0.0], atol=1e-15)
+
+
+@pytest.mark.parametrize("spec", FACTOR_SPECS)
+def test_factor_gradient_and_em_steps(spec):
+    """The deviance gradient against central differences; EM steps stay feasible and
+    within the bounds (the optimiser undoes steps that lower the likelihood)."""
+    m = _level_model(spec, seed=4)
+    th = _level_theta(m.structs[0], np.random.default_rng(5))
+    ev = m.evaluate(th, gradient=True)
+    h = 1e-6
+    num = np.array([(m.evaluate(th + h * e).deviance - m.evaluate(th - h * e).deviance) / (2 * h)
+                    for e in np.eye(th.size)])
+    np.testing.assert_allclose(ev.grad, num, rtol=1e-5, atol=1e-6)
+    s = m.structs[0]
+    t = th.copy()
+    for _ in range(10):
+        t, dev = m.problem.em_step(t)
+        assert np.isfinite(dev) and (t >= s.lower).all() and (t <= s.upper).all()
+        assert np.isfinite(m.evaluate(t).deviance)

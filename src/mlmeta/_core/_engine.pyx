@@ -49,7 +49,7 @@ cdef class Problem:
     structs : per level, a dict with ``kind`` (a key of ``KINDS``), ``q``, ``n_theta``,
         ``dT`` ((n_theta, q, q), the constant derivatives of a linear structure) and,
         for ``custom``, ``n_sd``, ``sd_map`` (q), ``corr_map`` (q x q), ``sd_fixed``,
-        ``corr_fixed``.
+        ``corr_fixed`` and optionally ``corr_lag`` (q x q lags d, R_ij = rho^d_ij; default 1).
     lower, upper : bounds of theta.
     n_groups : groups per level.
     n_obs : number of observations.
@@ -95,7 +95,7 @@ cdef class Problem:
         M = np.zeros((t_len, max(k, 1)), order="F")
         n_sd = np.zeros(L, dtype=np.intp)
         c_off = np.zeros(L + 1, dtype=np.intp)
-        cmap, cfix = [], []
+        cmap, cfix, clag = [], [], []
         for l, s in enumerate(structs):
             ql = int(q[l])
             if int(s["q"]) != ql:
@@ -106,6 +106,11 @@ cdef class Problem:
                          np.asarray(s["corr_map"], dtype=np.intp).ravel(order="F")]
                 cfix += [np.nan_to_num(np.asarray(s["sd_fixed"], dtype=float)),
                          np.nan_to_num(np.asarray(s["corr_fixed"], dtype=float)).ravel(order="F")]
+                lag = np.asarray(s.get("corr_lag", np.ones((ql, ql))), dtype=float)
+                if lag.shape != (ql, ql) or not (lag[~np.eye(ql, dtype=bool)] > 0).all():
+                    raise ValueError(f"corr_lag of level {l} must be {ql} x {ql}, positive off "
+                                     f"the diagonal")
+                clag += [np.ones(ql), lag.ravel(order="F")]
                 c_off[l + 1] = c_off[l] + ql + ql * ql
             else:
                 c_off[l + 1] = c_off[l]
@@ -114,6 +119,7 @@ cdef class Problem:
                     M[t_off[l]:t_off[l + 1], th_off[l] + i] = dT[i].ravel(order="F")
         cmap = np.concatenate(cmap) if cmap else np.zeros(1, dtype=np.intp)
         cfix = np.concatenate(cfix) if cfix else np.zeros(1)
+        clag = np.concatenate(clag) if clag else np.ones(1)
         lower = np.ascontiguousarray(lower, dtype=float)
         upper = np.ascontiguousarray(upper, dtype=float)
         if lower.shape[0] != k or upper.shape[0] != k:
@@ -186,7 +192,7 @@ cdef class Problem:
                              .astype(float) ** 2)) if nb else 0.0
         wide = bool(nb and ny * bw * bw <= 2.0 * loops and ny * bw <= 2e7)
         self.nb = nb
-        self._keep = (q, t_off, n_th, th_off, kind, M, n_sd, c_off, cmap, cfix, lower, upper,
+        self._keep = (q, t_off, n_th, th_off, kind, M, n_sd, c_off, cmap, cfix, clag, lower, upper,
                       n_groups, Zw_flat, zw_off, Xw, node_r0, node_r1, AA, b_off, cmap_ptr, bmap,
                       S0, cw, b_lo, bL, y_row)
         self.lower, self.upper, self.t_off, self.q = lower, upper, t_off, q
@@ -199,6 +205,7 @@ cdef class Problem:
         cdef Py_ssize_t[::1] v_kind = kind, v_thoff = th_off, v_nth = n_th, v_nsd = n_sd
         cdef Py_ssize_t[::1] v_coff = c_off, v_cmap = cmap, v_zwoff = zw_off
         cdef Py_ssize_t[::1] v_r0 = node_r0, v_r1 = node_r1
+        cdef double[::1] v_clag = clag
         cdef double[::1] v_cfix = cfix, v_ng = n_groups, v_lo = lower, v_up = upper, v_zw = Zw_flat
         cdef double[::1, :] v_M = M
         cdef double[::1, :] v_AA = AA
@@ -226,6 +233,7 @@ cdef class Problem:
         P.c_off = &v_coff[0]
         P.cmap = &v_cmap[0]
         P.cfix = &v_cfix[0]
+        P.clag = &v_clag[0]
         P.n_groups = &v_ng[0]
         P.M = &v_M[0, 0]
         P.lower = &v_lo[0] if k else NULL

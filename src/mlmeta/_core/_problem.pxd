@@ -35,6 +35,7 @@ cdef struct Prob:
     const Py_ssize_t* c_off      # custom levels: offset into cmap / cfix (q + q*q entries)
     const Py_ssize_t* cmap       # sd_map (q) then corr_map (q x q): local theta index or -1
     const double* cfix           # the fixed values where the map is -1
+    const double* clag           # custom levels: lags d (R_ij = rho^d_ij; 1 for a pattern), as cfix
     const double* n_groups
     const double* M              # t_len x n_theta, column-major: dT/dtheta of linear levels
     const double* lower

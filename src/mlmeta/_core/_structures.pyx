@@ -5,36 +5,58 @@ and the EM projection Sigma -> theta, per level.
 Identity, independent, exchangeable and unstructured levels are linear in theta:
 ``T_flat = M theta`` with the constant ``M`` (the problem's ``M``, the structures'
 ``dT`` from :mod:`mlmeta.covstruct`). A custom (Stata pattern) level has
-``T = D chol(R)``, ``D = diag(sd)``, with
+``T = D chol(R)``, ``D = diag(sd)``, ``R_ij = rho_c^(d_ij)`` for a free correlation
+(c = corr_map[i, j]; lags d = 1 for a Stata pattern, ``|i - j|`` or ``|t_i - t_j|`` for
+metafor's AR, HAR, CAR) and the fixed value otherwise, with
 
     dT / d sd_a   = diag(1[sd_map == a]) chol(R)
-    dT / d rho_b  = D L Psi(L^-1 dR_b L^-T),  Psi(M) = tril(M, -1) + diag(M) / 2 .
+    dT / d rho_b  = D L Psi(L^-1 dR_b L^-T),  Psi(M) = tril(M, -1) + diag(M) / 2 ,
+    (dR_b)_ij     = d_ij rho_b^(d_ij - 1)  where corr_map[i, j] == b  (0 elsewhere),
+
+the derivative taken at |rho| = RHO_FLOOR when d < 1 and |rho| is below it (it is
+infinite at 0), as :func:`mlmeta.covstruct.dpower`.
 
 The maps are tested against :mod:`mlmeta.covstruct` through
 :meth:`Problem.factors <mlmeta._core._engine.Problem.factors>` and
 :meth:`Problem.em_project <mlmeta._core._engine.Problem.em_project>`.
 """
 
-from libc.math cimport sqrt, fabs, INFINITY
+from libc.math cimport sqrt, fabs, pow, log, exp, copysign, INFINITY
 from scipy.linalg.cython_lapack cimport dpotrf
 
 from mlmeta._core._linalg cimport gemm, copy, potrf_lower, trsm_left_lower
 from mlmeta._core._problem cimport (Prob, Work, K_IDENTITY, K_INDEPENDENT, K_EXCHANGEABLE,
                                     K_UNSTRUCTURED, K_CUSTOM, ST_OK, ST_R, ST_NONFINITE)
 
+cdef double RHO_FLOOR = 1e-8
+
+
+cdef inline double dpower(double rho, double d) noexcept nogil:
+    """d rho^d / d rho = d rho^(d - 1), at RHO_FLOOR when d < 1 and |rho| < RHO_FLOOR."""
+    if d == 1.0:
+        return 1.0
+    if d < 1.0 and fabs(rho) < RHO_FLOOR:
+        rho = RHO_FLOOR
+    return d * pow(rho, d - 1.0)
+
+
 cdef inline void correlation_matrix(const Prob* P, Py_ssize_t l, const double* th,
                                     double* R) noexcept nogil:
-    """R (q x q) of a custom level at theta: 1 on the diagonal, free correlations from
-    theta, fixed ones from the pattern."""
+    """R (q x q) of a custom level at theta: 1 on the diagonal, free correlations
+    rho^d from theta, fixed ones from the pattern."""
     cdef Py_ssize_t q = P.q[l], o = P.th_off[l], i, j
     cdef const Py_ssize_t* cmap = P.cmap + P.c_off[l] + q
     cdef const double* cfix = P.cfix + P.c_off[l] + q
+    cdef const double* clag = P.clag + P.c_off[l] + q
+    cdef double rho, d
     for j in range(q):
         for i in range(q):
             if i == j:
                 R[i + j * q] = 1.0
             elif cmap[i + j * q] >= 0:
-                R[i + j * q] = th[o + cmap[i + j * q]]
+                rho = th[o + cmap[i + j * q]]
+                d = clag[i + j * q]
+                R[i + j * q] = rho if d == 1.0 else pow(rho, d)
             else:
                 R[i + j * q] = cfix[i + j * q]
 
@@ -47,6 +69,7 @@ cdef int custom_T(const Prob* P, Py_ssize_t l, const double* th, double* T, doub
     cdef const Py_ssize_t* smap = P.cmap + P.c_off[l]
     cdef const Py_ssize_t* cmap = smap + q
     cdef const double* sfix = P.cfix + P.c_off[l]
+    cdef const double* clag = P.clag + P.c_off[l] + q
     cdef double* sd = cs
     cdef double* L = sd + q
     cdef double* Li = L + q * q
@@ -76,13 +99,16 @@ cdef int custom_T(const Prob* P, Py_ssize_t l, const double* th, double* T, doub
                 for j in range(q):
                     D[r0 + i + j * q + (o + k) * P.t_len] = L[i + j * q]
     for k in range(P.n_sd[l], P.n_th[l]):
-        # A = Li dR_k (dR_k: ones where corr_map == k), then Ps = A Li'
+        # dR_k (in Ps: d_ij rho_k^(d_ij - 1) where corr_map == k), A = Li dR_k, Ps = A Li'
+        for j in range(q):
+            for i in range(q):
+                Ps[i + j * q] = (dpower(th[o + k], clag[i + j * q])
+                                 if i != j and cmap[i + j * q] == k else 0.0)
         for j in range(q):
             for i in range(q):
                 acc = 0.0
                 for m in range(q):
-                    if m != j and cmap[m + j * q] == k:
-                        acc += Li[i + m * q]
+                    acc += Li[i + m * q] * Ps[m + j * q]
                 A[i + j * q] = acc
         for j in range(q):
             for i in range(q):
@@ -129,13 +155,13 @@ cdef void em_project(const Prob* P, Py_ssize_t l, const double* Sig, double* th,
     a = sqrt(v - c), g = (-a + sqrt(a^2 + q c)) / q with v = mean diag and c = mean
     off-diagonal (clipped to [-v/(q-1), v]); unstructured: vech(chol(Sigma)) (kept if
     Sigma is not positive definite); custom: each free SD the mean of its elements'
-    SDs, each free correlation the mean of its elements' correlations, within +-0.95."""
+    SDs, each free correlation parameter by :func:`project_rho`, within [max(lower,
+    -0.95), 0.95], then kept feasible (:func:`feasible_correlations`)."""
     cdef Py_ssize_t q = P.q[l], o = P.th_off[l], i, j, c, n
-    cdef double v, cov, a, g, acc
+    cdef double v, cov, a, g, acc, rlo
     cdef int qi = <int>q, info = 0
     cdef char lo = b'L'
     cdef const Py_ssize_t* smap
-    cdef const Py_ssize_t* cmap
     if P.kind[l] == K_IDENTITY:
         v = 0.0
         for i in range(q):
@@ -174,7 +200,6 @@ cdef void em_project(const Prob* P, Py_ssize_t l, const double* Sig, double* th,
                 c += 1
     else:
         smap = P.cmap + P.c_off[l]
-        cmap = smap + q
         n = P.n_th[l] - P.n_sd[l]
         copy(th + o + P.n_sd[l], scratch + q, n)          # the previous correlations
         for i in range(q):
@@ -188,18 +213,48 @@ cdef void em_project(const Prob* P, Py_ssize_t l, const double* Sig, double* th,
                     n += 1
             th[o + c] = acc / n if n > 0 else 0.0
         for c in range(P.n_sd[l], P.n_th[l]):
-            acc = 0.0
-            n = 0
-            for j in range(q):
-                for i in range(j):
-                    if cmap[i + j * q] == c:
-                        if scratch[i] > 0 and scratch[j] > 0:
-                            acc += 0.5 * (Sig[i + j * q] + Sig[j + i * q]) / (scratch[i] * scratch[j])
-                        n += 1
-            acc = acc / n if n > 0 else 0.0
-            th[o + c] = -0.95 if acc < -0.95 else (0.95 if acc > 0.95 else acc)
+            acc = project_rho(P, l, c, Sig, scratch)
+            rlo = P.lower[o + c] if P.lower[o + c] > -0.95 else -0.95
+            th[o + c] = rlo if acc < rlo else (0.95 if acc > 0.95 else acc)
         n = P.n_th[l] - P.n_sd[l]
         feasible_correlations(P, l, th, scratch + q, scratch + q + n)
+
+
+cdef double project_rho(const Prob* P, Py_ssize_t l, Py_ssize_t c, const double* Sig,
+                        const double* sd) noexcept nogil:
+    """rho_c of a custom level from the correlations r_ij of Sigma (r = 0 where an SD is
+    0) over the pairs with corr_map == c: when rho_c >= 0 (lower bound >= 0), the
+    least-squares fit of log r_ij = d_ij log rho over the pairs with r_ij > 0 (0 if
+    none); otherwise the mean r of the pairs at the smallest lag d_min, as
+    sign(r) |r|^(1 / d_min) (the mean correlation of a pattern, d = 1)."""
+    cdef Py_ssize_t q = P.q[l], o = P.th_off[l], i, j, n = 0
+    cdef const Py_ssize_t* cmap = P.cmap + P.c_off[l] + q
+    cdef const double* clag = P.clag + P.c_off[l] + q
+    cdef double r, d, dmin = INFINITY, sxy = 0.0, sxx = 0.0, acc = 0.0
+    cdef bint nonneg = P.lower[o + c] >= 0.0
+    for j in range(q):
+        for i in range(j):
+            if cmap[i + j * q] == c and clag[i + j * q] < dmin:
+                dmin = clag[i + j * q]
+    for j in range(q):
+        for i in range(j):
+            if cmap[i + j * q] != c:
+                continue
+            d = clag[i + j * q]
+            r = 0.0
+            if sd[i] > 0 and sd[j] > 0:
+                r = 0.5 * (Sig[i + j * q] + Sig[j + i * q]) / (sd[i] * sd[j])
+            if nonneg:
+                if r > 0:
+                    sxy += d * log(r)
+                    sxx += d * d
+            elif d == dmin:
+                acc += r
+                n += 1
+    if nonneg:
+        return exp(sxy / sxx) if sxx > 0 else 0.0
+    acc = acc / n if n > 0 else 0.0
+    return acc if dmin == 1.0 else copysign(pow(fabs(acc), 1.0 / dmin), acc)
 
 
 cdef double min_pivot(const Prob* P, Py_ssize_t l, const double* th, double* R) noexcept nogil:
