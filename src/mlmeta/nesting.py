@@ -63,18 +63,23 @@ def tree_order(codes: list, q: list, exclude=()) -> tuple[list[int], int, list[i
     return chain + rest, len(chain), parent
 
 
-def crossing_notes(names: list[str], codes: list, order: list[int], n_tree: int) -> list[str]:
-    """A note for each crossed term listed after a term it is not nested in: the classic
-    trap of ids that repeat across outer groups (school 1 in every district), which
-    Stata's order-based nesting would read as nested."""
-    crossed = set(order[n_tree:])
+def crossing_notes(names: list[str], codes: list, order: list[int], n_tree: int,
+                   exclude=()) -> list[str]:
+    """A note for each crossed term that looks like the classic trap of ids repeating
+    across outer groups (school 1 in every district), which Stata's order-based nesting
+    would read as nested: the term is listed right after a term it is crossed with, and
+    their combinations hold several rows each (in a designed crossing such as subjects
+    x items or plates x samples each combination is usually one row). Terms in
+    ``exclude`` (a known correlation across groups) are crossed on purpose."""
     notes = []
-    for i in sorted(crossed):
-        outer = [j for j in range(i) if not nested_in(codes[i], codes[j])
-                 and not nested_in(codes[j], codes[i])]
-        if not outer:
+    for i in sorted(set(order[n_tree:]) - set(exclude)):
+        j = i - 1
+        if j < 0 or nested_in(codes[i], codes[j]) or nested_in(codes[j], codes[i]):
             continue
-        j = outer[-1]
+        gj = int(codes[j].max()) + 1
+        combos = np.unique(codes[i].astype(np.int64) * gj + codes[j]).size
+        if codes[i].shape[0] <= combos:
+            continue
         notes.append(f"{names[i]} is crossed with {names[j]}: {names[i]} ids span several "
                      f"{names[j]} groups. If they are local to each {names[j]} (as school 1 in "
                      f"every district), write the term with | {names[j]}:{names[i]} to nest it.")
@@ -91,8 +96,9 @@ def arrange_terms(terms, codes: list, q: list, crossed=()):
     if unknown:
         raise ValueError(f"no random term is grouped by {', '.join(sorted(map(repr, unknown)))}; "
                          f"the terms are grouped by {', '.join(map(repr, names))}")
-    order, n_tree, parent = tree_order(codes, q, exclude=[i for i, g in enumerate(names) if g in crossed])
+    exclude = [i for i, g in enumerate(names) if g in crossed]
+    order, n_tree, parent = tree_order(codes, q, exclude=exclude)
     nesting = [None if parent[i] is None else names[parent[i]] for i in order]
     nesting = [("crossed" if k >= n_tree else nest) for k, nest in enumerate(nesting)]
-    notes = crossing_notes(names, codes, order, n_tree) if n_tree < len(terms) else []
+    notes = crossing_notes(names, codes, order, n_tree, exclude) if n_tree < len(terms) else []
     return order, n_tree, nesting, notes
