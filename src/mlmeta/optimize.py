@@ -1,9 +1,32 @@
 """The fitting driver: one compiled EM + Newton run (:meth:`Problem.fit
-<mlmeta._core._engine.Problem.fit>`) from a moment start, then cheap safeguards
-against local optima and saddle points on the boundary, run by the same engine.
+<mlmeta._core._engine.Problem.fit>`) from a moment start, then a stationarity check
+and cheap safeguards against local optima, run by the same engine.
+
+Before a fit is called converged (:func:`_stationary`):
+
+* every parameter held at a bound (a zero SD, a custom correlation at its limit) is
+  stepped into the parameter space by 1e-4 .. 10 times its natural size
+  (:func:`theta_scale`, the size at which its effects' variance is that of the outcome:
+  scale-free, whatever the units of the covariates); a step that lowers the deviance
+  restarts Newton from there;
+* the engine's Newton decrement g'H^-1g must be at most ``tol`` relative to
+  max(1, |deviance|), and quasi-Newton steps (scipy's L-BFGS-B on the engine's deviance
+  and gradient, in parameters divided by their natural sizes: no unit matters) must not
+  lower the deviance by more than DECREMENT_TOL / 2; where they do, Newton goes on from
+  where they end. The reported log-likelihood is then within about DECREMENT_TOL / 4
+  of the local optimum, whatever its size.
+
+Extra starts (:func:`alternative_starts`) run in rounds of :data:`ROUND_ITER`
+iterations; a start stops when it converges, joins the known optimum, stalls (a
+round that does not lower its deviance) or has spent its evaluation budget,
+``max(EXTRA_EVALS_FACTOR x the main fit's evaluations, EXTRA_MIN_EVALS x (n_theta + 1))``,
+and the record says which starts were cut short. A start that reaches a lower
+deviance than the main fit, converged or not, is continued by full Newton steps
+(same budget) and wins if it stays lower.
 
 Every fit leaves a :class:`FitRecord` (starts, final theta, evaluations,
 messages, the candidate optima found) so a result can say how it was reached.
+The same finishing steps serve a batch of outcome vectors (:func:`finish_outcome`).
 """
 
 from __future__ import annotations
@@ -17,7 +40,29 @@ import numpy as np
 from mlmeta.model import NestedModel
 from mlmeta.validate import safeguard as _safeguard
 
-__all__ = ["FitRecord", "fit_nested", "start_theta", "alternative_starts", "conditioning"]
+__all__ = ["FitRecord", "fit_nested", "fit_model", "start_theta", "alternative_starts",
+           "conditioning", "conditioned_model", "theta_scale", "finish_outcome", "rounding_error",
+           "DECREMENT_TOL", "ROUNDING_TOL", "MAIN_ITER"]
+
+#: twice the largest decrease of the deviance that quasi-Newton steps may still find
+#: at a converged fit (deviance units)
+DECREMENT_TOL = 1e-5
+#: budget of one extra start: this many times the main fit's evaluations ...
+EXTRA_EVALS_FACTOR = 3
+#: ... and at least this many per covariance parameter (plus one)
+EXTRA_MIN_EVALS = 25
+#: iterations per engine call when a run is continued (its progress is checked between)
+ROUND_ITER = 10
+#: Newton iterations of the main run before it is refined (a run still going by then is
+#: crawling: quasi-Newton steps in scaled parameters take over, see :func:`_refine`)
+MAIN_ITER = 100
+#: sizes of the steps off a bound, relative to the parameter's natural size
+_PROBES = 10.0 ** np.arange(-4, 2)
+#: the largest rounding error of the deviance (:func:`rounding_error`) a fit may have
+ROUNDING_TOL = 1e-4
+#: the safety factor of :func:`rounding_error` (its estimate was within a factor 7 of
+#: the error measured against an orthogonal-factorisation likelihood on random designs)
+_ROUNDING_C = 10.0
 
 
 @dataclass
@@ -37,11 +82,79 @@ class FitRecord:
     candidates: list = field(default_factory=list)   # (label, deviance, theta, converged)
     better_optimum: bool = False
     seconds: float = 0.0
+    eval_budget: int = 0                              # evaluations allowed per extra start
+    cut_short: list = field(default_factory=list)     # (label, evaluations) of starts stopped
+
+
+def rounding_error(yy, beta_work, Hinv_work, *, reml, sigma2=1.0) -> float:
+    """An estimate of the rounding error of the deviance the engine computes.
+
+    The engine forms ``A'V^-1A = A'Lambda^-1A - K'K`` (Woodbury, A = [X, y] whitened, in
+    the working basis where ``X'Lambda^-1X = I``). Where the random effects explain
+    nearly all of the whitened variation, the difference is far smaller than its terms
+    and carries their rounding error: with ``yy = y'Lambda^-1y`` (y less its least-squares
+    fit on X), ``b`` the working-basis coefficients and ``H^-1`` their (X'V^-1X)^-1,
+
+        err = C eps [ (sqrt(yy) + |b|)^2 / sigma^2 + tr(H^-1) (REML) ]
+
+    (sigma^2 the profiled residual variance, 1 for known sampling variances; C = 10).
+    Variances some 1e10 times the sampling variances make it exceed :data:`ROUNDING_TOL`."""
+    eps = np.finfo(float).eps
+    b = float(np.linalg.norm(beta_work)) if np.size(beta_work) else 0.0
+    q = (np.sqrt(max(float(yy), 0.0)) + b) ** 2 / float(sigma2)
+    if reml and np.size(Hinv_work):
+        q += abs(float(np.trace(Hinv_work)))
+    return _ROUNDING_C * eps * q
+
+
+def _model_rounding_error(model, theta) -> float:
+    ev = model.evaluate(theta)
+    d = model.design
+    return rounding_error(float(d.yw @ d.yw), ev.beta_work, ev.Hinv_work, reml=model.method == "reml",
+                          sigma2=ev.sigma2 if model.residual == "profiled" else 1.0)
+
+
+def _variance_ratio(model) -> float:
+    """The outcome's variation around its least-squares fit relative to the sampling
+    variances (whitened: their mean square); 0 for a profiled residual."""
+    d = model.design
+    if model.residual == "profiled" or d.n_obs == 0:
+        return 0.0
+    return float(d.yw @ d.yw) / d.n_obs
+
+
+def fit_model(model: NestedModel, **options) -> FitRecord:
+    """:func:`fit_nested` for the public entry points (``meregress``, ``mixed``,
+    ``Model.fit``): a fit whose objective fails, or whose deviance the engine cannot
+    compute to within :data:`ROUNDING_TOL` at the estimates (:func:`rounding_error`), is a
+    ValueError that says why, instead of a FloatingPointError or a wrong log-likelihood."""
+    ratio = _variance_ratio(model)
+    scale = (f" The outcome varies about {ratio:.0e} times more around the fixed effects "
+             f"than its sampling variances allow: variances that far apart are beyond double "
+             f"precision in the engine; check the sampling variances (or rescale them)."
+             if ratio >= 1e6 else "")
+    try:
+        rec = fit_nested(model, **options)
+    except FloatingPointError as exc:
+        raise ValueError(f"the model cannot be fitted: {exc}.{scale}") from None
+    try:
+        err = _model_rounding_error(model, rec.theta)
+    except FloatingPointError as exc:
+        raise ValueError(f"the model cannot be fitted: {exc} at the estimates.{scale}") from None
+    if err > ROUNDING_TOL:
+        raise ValueError(
+            f"the log-likelihood cannot be computed accurately at the estimates (rounding error "
+            f"about {err:.0e}): the random effects explain all but a tiny fraction of the "
+            f"variation, and the engine's X'V^-1X and r'V^-1r are then differences of numbers "
+            f"far larger than themselves.{scale or ' Rescale the outcome or simplify the model.'}")
+    return rec
 
 
 def start_theta(model: NestedModel) -> np.ndarray:
     """Moment start: split the residual heterogeneity of a fixed-effects fit evenly
-    over the levels; slopes' variances scaled by the variance of their covariate."""
+    over the levels; slopes' variances scaled by the variance of their covariate. With
+    a profiled residual variance (theta relative to it) the residual takes an equal
+    share, so each level starts at variance 1 relative to the residual."""
     d = model.design
     if d.n_fe:
         beta, *_ = np.linalg.lstsq(d.Xw, d.yw, rcond=None)
@@ -50,6 +163,8 @@ def start_theta(model: NestedModel) -> np.ndarray:
         r = d.y.copy()
     v = d.variance if d.variance is not None else np.zeros(d.n_obs)
     total = float(np.var(r))
+    if model.residual == "profiled":
+        total = float(d.n_levels)          # relative to the residual variance
     tau2 = max(total - float(np.mean(v)), 0.25 * total, 1e-8)
     Sigmas = []
     for z in d.Z:
@@ -61,20 +176,315 @@ def start_theta(model: NestedModel) -> np.ndarray:
     return model.theta_from_Sigmas(Sigmas)
 
 
+def theta_scale(model: NestedModel, theta=None) -> np.ndarray:
+    """The natural size of each covariance parameter: the value at which the effects it
+    scales add a variance equal to that of the outcome's fixed-effects residuals
+    (``sd(r) / rms(z_e)`` for effect e; relative to the residual SD when it is profiled,
+    the one at ``theta`` when given), the geometric mean over the effects a parameter
+    touches; 1 for correlations. Steps off a bound are taken relative to it, so they do
+    not depend on units."""
+    d = model.design
+    if d.n_fe:
+        beta, *_ = np.linalg.lstsq(d.Xw, d.yw, rcond=None)
+        r = d.yw - d.Xw @ beta
+    else:
+        r = d.yw
+    sd_r = float(np.sqrt(np.mean(r * r))) if r.size else 1.0
+    if model.residual == "profiled":
+        s2 = 0.0
+        if theta is not None:
+            try:
+                s2 = model.evaluate(theta).sigma2
+            except FloatingPointError:
+                pass
+        sd_r = max(sd_r / np.sqrt(s2), 1.0) if s2 > 0 else 1.0
+    if not sd_r > 0:
+        sd_r = 1.0
+    out = np.ones(model.n_theta)
+    for s, sl, Z in zip(model.structs, model.theta_slices, d.Z):
+        Zw = Z * d.weights[:, None] if model.residual != "profiled" else Z
+        rms = np.sqrt(np.mean(Zw * Zw, axis=0))
+        eff = sd_r / np.where(rms > 0, rms, 1.0)
+        if s.kind == "custom":
+            for k, where in enumerate(s._sd_free):
+                out[sl.start + k] = float(np.exp(np.mean(np.log(eff[where]))))
+            continue
+        dT = s.dT(np.zeros(s.n_theta))
+        for k in range(s.n_theta):
+            rows = np.flatnonzero(np.any(dT[k] != 0, axis=1))
+            if rows.size:
+                out[sl.start + k] = float(np.exp(np.mean(np.log(eff[rows]))))
+    return out
+
+
+def _feasible_start(model, theta, lower, upper):
+    """The start itself, or shrunk by powers of 10 (then zero) until the objective is
+    defined there (huge variances of badly scaled effects can defeat the factorisation)."""
+    cand = [theta * 10.0 ** -k for k in range(0, 13, 2)] + [np.zeros_like(theta)]
+    devs = _deviances(model, np.clip(np.array(cand), lower, upper), lower=lower, upper=upper)
+    ok = np.flatnonzero(np.isfinite(devs))
+    return np.clip(cand[ok[0]], lower, upper) if ok.size else theta
+
+
 def _run(model, thetas, *, lower, upper, em_iter=0, em_tol=0.0, em_only=False, maxiter=1000,
-         tol=1e-6, quasi=False, known=None, threads=1, log=False):
-    """Engine runs from each row of ``thetas``; the engine's dict of per-run arrays."""
+         tol=1e-6, quasi=False, known=None, threads=1, log=False, Yw=None):
+    """Engine runs from each row of ``thetas`` (for the design's own outcome, or for the
+    whitened outcome ``Yw``); the engine's dict of per-run arrays."""
     kt, kd = (None, np.inf) if known is None else (known[0], float(known[1]))
-    return model.problem.fit(np.atleast_2d(thetas), lower=lower, upper=upper, em_iter=int(em_iter),
+    thetas = np.atleast_2d(thetas)
+    Y = None if Yw is None else np.repeat(np.asarray(Yw, dtype=float)[None, :], len(thetas), axis=0)
+    return model.problem.fit(thetas, Y, lower=lower, upper=upper, em_iter=int(em_iter),
                              em_tol=float(em_tol), em_only=em_only, maxiter=int(maxiter),
                              tol=float(tol), quasi=quasi, known_theta=kt, known_dev=kd,
                              n_threads=int(threads), log=log)
 
 
-def alternative_starts(model: NestedModel, theta_em, theta_best):
-    """Cheap extra starts: the EM start shrunk and inflated, and the optimum with each
-    level (and each variance of a multi-effect level) pushed to zero."""
+def _noise(f) -> float:
+    """A change of the deviance below rounding: 1e-10 max(1, |f|)."""
+    return 1e-10 * max(1.0, abs(float(f)))
+
+
+def _rounds(model, thetas, *, lower, upper, tol, maxiter, budget, quasi=False, known=None,
+            Yw=None, threads=1):
+    """Engine runs from each row of ``thetas`` in rounds of ROUND_ITER iterations. A run
+    stops when it converges, joins ``known``, fails, stalls (a round that lowers its
+    deviance by no more than rounding) or has spent ``budget`` evaluations or ``maxiter``
+    iterations (``cut``). Returns one dict per run: theta, dev, conv, joined, evals,
+    iters, cut, stalled."""
+    thetas = np.atleast_2d(np.asarray(thetas, dtype=float))
+    out = [dict(theta=t.copy(), dev=np.inf, conv=False, joined=False, evals=0, iters=0,
+                cut=False, stalled=False) for t in thetas]
+    active = list(range(len(out)))
+    while active:
+        left = min(maxiter - out[i]["iters"] for i in active)
+        r = _run(model, np.array([out[i]["theta"] for i in active]), lower=lower, upper=upper,
+                 maxiter=max(1, min(ROUND_ITER, left)), tol=tol, quasi=quasi, known=known,
+                 Yw=Yw, threads=threads)
+        nxt = []
+        for j, i in enumerate(active):
+            s = out[i]
+            prev, dev = s["dev"], float(r["deviance"][j])
+            s["evals"] += int(r["n_evals"][j])
+            s["iters"] += int(r["n_iter"][j])
+            if not np.isfinite(dev):
+                s["dev"] = dev
+                continue
+            s.update(theta=r["theta"][j].copy(), dev=dev, conv=bool(r["converged"][j]),
+                     joined=bool(r["joined"][j]))
+            if s["conv"] or s["joined"]:
+                continue
+            if not prev - dev > _noise(dev):
+                s["stalled"] = True
+            elif s["evals"] >= budget or s["iters"] >= maxiter:
+                s["cut"] = True
+            else:
+                nxt.append(i)
+        active = nxt
+    return out
+
+
+def _deviances(model, thetas, *, lower, upper, Yw=None):
+    """The deviance at each row of ``thetas`` (engine runs of no iterations)."""
+    return _run(model, thetas, lower=lower, upper=upper, maxiter=0, Yw=Yw)["deviance"]
+
+
+def _off_bounds(model, theta, f, *, lower, upper, scale, Yw=None):
+    """The best point one step off a bound that lowers the deviance below f, or None:
+    each parameter at or near a (free) bound (within 1e-4 of its natural size: a
+    variance parameter's gradient vanishes at zero, so nothing else moves it away) is
+    set to the bound plus _PROBES times its natural size (for a bounded parameter, at
+    most half its range). Returns (theta, deviance, evaluations)."""
+    probes = []
+    for i in range(theta.shape[0]):
+        if lower[i] == upper[i]:
+            continue
+        near = _PROBES[0] * scale[i]
+        at_lo = np.isfinite(lower[i]) and theta[i] <= lower[i] + near
+        at_up = np.isfinite(upper[i]) and theta[i] >= upper[i] - near
+        if not (at_lo or at_up):
+            continue
+        steps = scale[i] * _PROBES
+        if np.isfinite(lower[i]) and np.isfinite(upper[i]):
+            steps = np.unique(np.minimum(steps, 0.5 * (upper[i] - lower[i])))
+        partners = _unidentified_correlations(model, i) if at_lo else []
+        for h in steps:
+            t = theta.copy()
+            t[i] = np.clip(lower[i] + h if at_lo else upper[i] - h, lower[i], upper[i])
+            probes.append(t)
+            for r in (-0.9, 0.0, 0.9) if partners else ():
+                tc = t.copy()
+                tc[partners] = r
+                probes.append(tc)
+    if not probes:
+        return None
+    devs = _deviances(model, np.array(probes), lower=lower, upper=upper, Yw=Yw)
+    k = int(np.argmin(np.where(np.isfinite(devs), devs, np.inf)))
+    if devs[k] < f - 10 * _noise(f):
+        return probes[k], float(devs[k]), len(probes)
+    return None
+
+
+def _unidentified_correlations(model, i) -> list:
+    """The theta indices of a custom level's correlations that involve the effects of its
+    SD parameter ``i`` (left anywhere while that SD is zero: a step off zero tries them at
+    -0.9, 0 and 0.9 too); [] for other parameters."""
+    for s, sl in zip(model.structs, model.theta_slices):
+        if sl.start <= i < sl.stop and s.kind == "custom":
+            k = i - sl.start
+            if k >= len(s._sd_free):
+                return []
+            eff = set(s._sd_free[k])
+            n_sd = len(s._sd_free)
+            return [sl.start + n_sd + c for c, pairs in enumerate(s._corr_free)
+                    if any(a in eff or b in eff for a, b in pairs)]
+    return []
+
+
+def _objective(model, f_ref, *, lower, upper, scale, Yw=None):
+    """(deviance, gradient) in scaled parameters z = theta / scale, finite everywhere
+    (outside the parameter space: a value far above ``f_ref``, so line searches back off),
+    and a counter of evaluations. The gradient is the engine's analytic one for the
+    design's own outcome, forward differences (one engine call) for another outcome."""
+    big = f_ref + 1e6 * max(1.0, abs(f_ref))
+    count = [0]
+
+    def fun(z):
+        theta = np.clip(z * scale, lower, upper)
+        if Yw is None:
+            count[0] += 1
+            try:
+                ev = model.evaluate(theta, gradient=True)
+            except FloatingPointError:
+                return big, np.zeros_like(z)
+            return ev.deviance, ev.grad * scale
+        h = 1e-7 * np.maximum(np.abs(z), 1.0)
+        zz = np.repeat(z[None, :], z.size + 1, axis=0)
+        up = z + h <= upper / scale
+        zz[1:][np.diag_indices(z.size)] = np.where(up, z + h, z - h)
+        devs = _deviances(model, np.clip(zz * scale, lower, upper), lower=lower, upper=upper, Yw=Yw)
+        count[0] += z.size + 1
+        if not np.isfinite(devs[0]):
+            return big, np.zeros_like(z)
+        g = np.where(np.isfinite(devs[1:]), (devs[1:] - devs[0]) / np.where(up, h, -h), 0.0)
+        return float(devs[0]), g
+
+    return fun, count
+
+
+def _quasi_newton(model, theta, f, *, lower, upper, scale, Yw=None, maxiter=30):
+    """L-BFGS-B (scipy) on the engine's deviance from theta, in scaled parameters
+    (theta_i / theta_scale_i, so its steps do not depend on units): an independent check
+    that theta is stationary. Returns (theta, deviance, evaluations, iterations)."""
+    from scipy import optimize
+
+    fun, count = _objective(model, f, lower=lower, upper=upper, scale=scale, Yw=Yw)
+    lo, up = lower / scale, upper / scale
+    bounds = list(zip(np.where(np.isfinite(lo), lo, None), np.where(np.isfinite(up), up, None)))
+    # tight tolerances: along flat directions (a correlation of effects with tiny SDs) the
+    # gradient is small long before the deviance stops falling
+    r = optimize.minimize(fun, theta / scale, jac=True, method="L-BFGS-B", bounds=bounds,
+                          options={"maxiter": maxiter, "ftol": 1e-13, "gtol": 1e-10})
+    th = np.clip(r.x * scale, lower, upper)
+    return th, float(r.fun), count[0], int(r.nit)
+
+
+class _Work:
+    """What a refinement spent: iterations (Newton and quasi-Newton) and evaluations."""
+
+    def __init__(self, iters=0, evals=0):
+        self.iters, self.evals = iters, evals
+
+
+def _refine(model, theta, f, conv, work, *, lower, upper, tol, maxiter, max_evals, scale,
+            Yw=None):
+    """Take a fit to a certified stationary point, within ``maxiter`` iterations and
+    ``max_evals`` evaluations in all (``work`` counts them). A converged fit is checked
+    (module docstring: steps off the bounds, quasi-Newton steps in scaled parameters);
+    a fit that is not converged, or that a check moved, goes on by quasi-Newton steps
+    (which get past the engine's Newton where it crawls or stalls: badly scaled or flat
+    parameters) and Newton rounds, until Newton converges and the checks hold, or the
+    budget is spent, or nothing moves any more. Returns (theta, f, conv, note or None)."""
+    note = None
+    noise = lambda v: 0.5 * DECREMENT_TOL + 10 * _noise(v)     # noqa: E731
+
+    def spent():
+        return work.iters >= maxiter or work.evals >= max_evals
+
+    for _ in range(20):
+        if conv:       # the checks, not charged to the iteration limit
+            step = _off_bounds(model, theta, f, lower=lower, upper=upper, scale=scale, Yw=Yw)
+            if step is not None:
+                work.evals += step[2]
+                theta, f, conv = step[0], step[1], False
+                note = ("a step off the boundary of the parameter space lowered the deviance; "
+                        "the fit went on from there")
+            else:
+                th, fq, n, _ = _quasi_newton(model, theta, f, lower=lower, upper=upper, scale=scale,
+                                             Yw=Yw, maxiter=200)
+                work.evals += n
+                if not fq < f - noise(f):
+                    return theta, f, True, note
+                theta, f, conv = th, fq, False
+                note = note or ("the Newton iterations had stopped short of a stationary point; "
+                                "quasi-Newton steps in scaled parameters took the fit on")
+        if spent():
+            break
+        f_before = f
+        r = _rounds(model, theta, lower=lower, upper=upper, tol=tol,
+                    maxiter=min(3 * ROUND_ITER, maxiter - work.iters), budget=max_evals - work.evals,
+                    Yw=Yw)[0]
+        work.iters += r["iters"]
+        work.evals += r["evals"]
+        if r["dev"] <= f:
+            theta, f, conv = r["theta"], r["dev"], r["conv"]
+        if conv or spent():
+            continue
+        # a quasi-Newton step costs about 1/(n_theta + 1) of a Newton one (no Hessian): it is
+        # charged so against the iteration limit
+        per = model.n_theta + 1
+        th, fq, n, nit = _quasi_newton(model, theta, f, lower=lower, upper=upper, scale=scale,
+                                       Yw=Yw, maxiter=max(1, min(200, (maxiter - work.iters) * per)))
+        work.iters += -(-nit // per)
+        work.evals += n
+        if fq < f - noise(f):
+            theta, f = th, fq
+            note = note or ("the Newton iterations had stopped short of a stationary point; "
+                            "quasi-Newton steps in scaled parameters took the fit on")
+        if not f < f_before - noise(f_before):
+            # neither Newton nor quasi-Newton steps move it: a last look off the bounds
+            step = _off_bounds(model, theta, f, lower=lower, upper=upper, scale=scale, Yw=Yw)
+            if step is None:
+                break      # not converged
+            work.evals += step[2]
+            theta, f = step[0], step[1]
+            note = ("a step off the boundary of the parameter space lowered the deviance; "
+                    "the fit went on from there")
+    return theta, f, False, note
+
+
+#: pseudo-random extra starts (seeded by the model's size: the same starts every time)
+N_RANDOM_STARTS = 2
+
+
+def alternative_starts(model: NestedModel, theta_em, theta_best, scale=None):
+    """Cheap extra starts: the EM start shrunk and inflated, the optimum with each
+    level (and each variance of a multi-effect level) pushed to zero, and starts away
+    from the EM path: every variance parameter at half its natural size (``scale``,
+    :func:`theta_scale`; the others at 0), and N_RANDOM_STARTS pseudo-random ones (variance
+    parameters at 0.05 .. 2 times their natural size, correlations in (-0.5, 0.5), other
+    parameters in (-1, 1) times their natural size)."""
     starts = [("EM start x 0.1", theta_em * 0.1), ("EM start x 3", theta_em * 3.0)]
+    if scale is not None:
+        k = model.n_theta
+        sd_like = model.lower == 0.0
+        corr_like = np.isfinite(model.lower) & (model.lower < 0.0)
+        starts.append(("natural scale", np.where(sd_like, 0.5 * scale, 0.0)))
+        rng = np.random.default_rng([model.n_obs, k, 17])
+        for r in range(N_RANDOM_STARTS):
+            t = np.where(sd_like, rng.uniform(0.05, 2.0, k),
+                         np.where(corr_like, rng.uniform(-0.5, 0.5, k), rng.uniform(-1.0, 1.0, k)))
+            starts.append((f"random start {r + 1}", np.clip(t * np.where(corr_like, 1.0, scale),
+                                                           model.lower, model.upper)))
     for lvl, (s, sl) in enumerate(zip(model.structs, model.theta_slices)):
         t = theta_best.copy()
         t[sl] = 0.0
@@ -121,9 +531,11 @@ def _gmax(model, theta, lower, upper):
 
 def fit_nested(model: NestedModel, *, theta0=None, em_iter=20, em_tol=1e-10, em_only=False,
                maxiter=1000, tol=1e-6, safeguard="auto", verbose=False, fixed=None) -> FitRecord:
-    """Fit a nested model: EM, then projected Newton, then safeguards, all in the engine.
+    """Fit a nested model: EM, then projected Newton, then the stationarity check and
+    the safeguards, all in the engine.
 
-    ``tol`` bounds the Newton decrement relative to max(1, |deviance|).
+    ``tol`` bounds the Newton decrement relative to max(1, |deviance|) (and it must also
+    be at most :data:`DECREMENT_TOL`).
     ``safeguard``: True, False or "auto" (extra starts when the model is small
     enough that they cost little: n_obs <= 50,000).
     ``fixed``: boolean mask (or indices) of theta elements held at their ``theta0``
@@ -154,6 +566,8 @@ def _fit(model, *, theta0, em_iter, em_tol, em_only, maxiter, tol, safeguard, ve
             raise ValueError("fixed= needs theta0 with the values to hold")
         lower[mask] = upper[mask] = theta[mask]
     theta = np.clip(theta, lower, upper)
+    if theta0 is None:
+        theta = _feasible_start(model, theta, lower, upper)
     rec = FitRecord(theta_start=theta.copy())
     if model.n_theta == 0:
         ev = model.evaluate(theta)
@@ -163,7 +577,7 @@ def _fit(model, *, theta0, em_iter, em_tol, em_only, maxiter, tol, safeguard, ve
         return rec
     n_em = 10 * maxiter if em_only else em_iter
     run = _run(model, theta, lower=lower, upper=upper, em_iter=n_em, em_tol=em_tol,
-               em_only=em_only, maxiter=maxiter, tol=tol, log=verbose)
+               em_only=em_only, maxiter=min(maxiter, MAIN_ITER), tol=tol, log=verbose)
     rec.n_em = int(run["n_em"][0])
     rec.theta_em = run["theta_em"][0].copy()
     rec.n_evals = int(run["n_evals"][0])
@@ -181,51 +595,89 @@ def _fit(model, *, theta0, em_iter, em_tol, em_only, maxiter, tol, safeguard, ve
         rec.seconds = time.perf_counter() - t0
         return rec
     rec.n_iter = int(run["n_iter"][0])
-    if not conv:
-        # continue from where the run stopped (a fresh Hessian, no EM)
-        more = _run(model, theta, lower=lower, upper=upper, maxiter=maxiter, tol=tol)
-        rec.n_evals += int(more["n_evals"][0])
-        rec.n_iter += int(more["n_iter"][0])
-        if np.isfinite(more["deviance"][0]) and more["deviance"][0] <= f:
-            theta, f = more["theta"][0].copy(), float(more["deviance"][0])
-            conv = bool(more["converged"][0])
-    gmax = _gmax(model, theta, lower, upper)
-    rec.candidates.append(("EM start", f, theta.copy(), conv))
+    use_safeguard = (safeguard is True) or (safeguard == "auto" and model.n_obs <= 50_000)
+    theta, f, conv = _finish(model, rec, theta, f, conv, lower=lower, upper=upper, maxiter=maxiter,
+                             tol=tol, safeguard=use_safeguard)
+    rec.grad_max = _gmax(model, theta, lower, upper)
     if not conv:
         rec.messages.append(f"gradient-based optimisation did not converge (largest gradient "
-                            f"component {gmax:.3g})")
-    use_safeguard = (safeguard is True) or (safeguard == "auto" and model.n_obs <= 50_000)
-    best = (f, theta, conv, gmax)
-    if use_safeguard:
-        starts = alternative_starts(model, rec.theta_em, theta)
-        # threads only pay for large models
-        threads = (os.cpu_count() or 1) if model.n_obs >= 20_000 else 1
-        runs = _run(model, [t for _, t in starts], lower=lower, upper=upper, maxiter=maxiter,
-                    tol=tol, quasi=True, known=(theta, f), threads=threads)
-        for i, (label, _) in enumerate(starts):
-            th, fa, conva = runs["theta"][i], float(runs["deviance"][i]), bool(runs["converged"][i])
-            rec.n_evals += int(runs["n_evals"][i])
-            if not runs["joined"][i] and fa < best[0] - 1e-7 * max(1.0, abs(best[0])):
-                # an exploratory run found a lower deviance: confirm it with full Newton
-                full = _run(model, th, lower=lower, upper=upper, maxiter=maxiter, tol=tol)
-                th, fa, conva = full["theta"][0], float(full["deviance"][0]), bool(full["converged"][0])
-                rec.n_evals += int(full["n_evals"][0])
-            rec.candidates.append((label, fa, th.copy(), conva))
-            if conva and fa < best[0] - 1e-7 * max(1.0, abs(best[0])):
-                best = (fa, th.copy(), conva, _gmax(model, th, lower, upper))
-                rec.better_optimum = True
-    f, theta, conv, gmax = best
-    if rec.better_optimum:
-        dev_first = rec.candidates[0][1]
-        rec.messages.append(
-            f"the optimisation from the default start stopped at a local optimum "
-            f"({model.ll_label.lower()} {-0.5 * dev_first:.8g}); a higher optimum "
-            f"({-0.5 * f:.8g}) was found from another start and is reported")
-    rec.theta, rec.deviance, rec.converged, rec.grad_max = theta, f, conv, gmax
+                            f"component {rec.grad_max:.3g})")
+    rec.theta, rec.deviance, rec.converged = theta, f, conv
     rec.seconds = time.perf_counter() - t0
     if verbose and rec.better_optimum:
         print(f"A higher optimum from another start:  {model.ll_label} = {-0.5 * f:.8g}")
     return rec
+
+
+def _finish(model, rec, theta, f, conv, *, lower, upper, maxiter, tol, safeguard, Yw=None):
+    """After the main engine run: refine it to a certified stationary point (:func:`_refine`),
+    run the extra starts (``safeguard``) and continue the promising ones. Updates
+    ``rec`` (iterations, evaluations, candidates, messages); returns (theta, f, conv)."""
+    scale = theta_scale(model, theta if Yw is None else None)
+    work = _Work(rec.n_iter, rec.n_evals)
+    theta, f, conv, note = _refine(model, theta, f, conv, work, lower=lower, upper=upper, tol=tol,
+                                   maxiter=maxiter, max_evals=np.inf, scale=scale, Yw=Yw)
+    rec.n_iter, rec.n_evals = work.iters, work.evals
+    if note:
+        rec.messages.append(note)
+    rec.candidates.append(("EM start", f, theta.copy(), conv))
+    if not safeguard:
+        return theta, f, conv
+    starts = alternative_starts(model, rec.theta_em, theta, scale)
+    rec.eval_budget = budget = int(max(EXTRA_EVALS_FACTOR * rec.n_evals,
+                                       EXTRA_MIN_EVALS * (model.n_theta + 1)))
+    # threads only pay for large models
+    threads = (os.cpu_count() or 1) if model.n_obs >= 20_000 else 1
+    runs = _rounds(model, [t for _, t in starts], lower=lower, upper=upper, tol=tol,
+                   maxiter=maxiter, budget=budget, quasi=True, known=(theta, f), Yw=Yw,
+                   threads=threads)
+    f_main = f
+    for (label, _), r in zip(starts, runs):
+        rec.n_evals += r["evals"]
+        if r["cut"]:
+            rec.cut_short.append((label, r["evals"]))
+        rec.candidates.append((label, r["dev"], r["theta"].copy(), r["conv"]))
+    for k in np.argsort([r["dev"] for r in runs]):
+        r, label = runs[k], starts[k][0]
+        margin = 1e-7 * max(1.0, abs(f))
+        if r["joined"] or not r["dev"] < f - margin:
+            break
+        # a lower deviance than the best so far, converged or not: take it on (its own budget)
+        w = _Work()
+        th, fc, cc, _ = _refine(model, r["theta"], r["dev"], False, w, lower=lower, upper=upper,
+                                tol=tol, maxiter=maxiter, max_evals=budget, scale=scale, Yw=Yw)
+        rec.n_evals += w.evals
+        if not cc and w.evals >= budget:
+            rec.cut_short.append((f"{label} (continued)", w.evals))
+        if not (np.isfinite(fc) and fc < f - margin):
+            continue
+        rec.candidates.append((f"{label} (continued)", fc, th.copy(), cc))
+        theta, f, conv = th, fc, cc
+        rec.better_optimum = True
+    if rec.cut_short:
+        rec.messages.append(
+            f"{len(rec.cut_short)} extra start(s) stopped at their limit of {budget} evaluations "
+            f"before converging: " + ", ".join(lab for lab, _ in rec.cut_short))
+    if rec.better_optimum:
+        rec.messages.append(
+            f"the optimisation from the default start stopped at a local optimum "
+            f"({model.ll_label.lower()} {-0.5 * f_main:.8g}); a higher optimum "
+            f"({-0.5 * f:.8g}) was found from another start and is reported")
+    return theta, f, conv
+
+
+def finish_outcome(model: NestedModel, Yw, theta, f, conv, theta_em, *, maxiter, tol,
+                   safeguard, n_iter=0) -> tuple:
+    """The finishing steps of a fit (:func:`_finish`: continuation, stationarity check,
+    extra starts) for the whitened outcome row ``Yw`` of a batch whose main engine run
+    ended at (theta, f, conv) after ``n_iter`` iterations. Returns (theta, deviance,
+    converged, evaluations spent here, iterations in all)."""
+    rec = FitRecord(theta_start=np.asarray(theta_em, dtype=float).copy(),
+                    theta_em=np.asarray(theta_em, dtype=float).copy(), n_iter=int(n_iter))
+    theta, f, conv = _finish(model, rec, np.asarray(theta, dtype=float).copy(), float(f), bool(conv),
+                             lower=model.lower, upper=model.upper, maxiter=maxiter, tol=tol,
+                             safeguard=bool(safeguard), Yw=Yw)
+    return theta, f, conv, rec.n_evals, rec.n_iter
 
 
 def conditioning(model: NestedModel):
@@ -266,11 +718,10 @@ def conditioning(model: NestedModel):
     return out if any_ else None
 
 
-def _fit_conditioned(model, A, *, t0, **options):
-    """Fit the model with each level's design Z_l A_l (:func:`conditioning`) and map the
-    optimum back (Sigma_l = A_l Sigma~_l A_l'). The likelihood is the same, so the working
-    fit's convergence check holds (it is made where the Hessian is well scaled); the
-    deviance is recomputed on the model as given and must agree to 1e-8."""
+def conditioned_model(model: NestedModel, A):
+    """(work, back): the model with each level's design Z_l A_l (:func:`conditioning`),
+    the same likelihood in a better-scaled basis, and the map of its theta to the model's,
+    ``Sigma_l = A_l Sigma~_l A_l'``."""
     from mlmeta.design import build_design
 
     d = model.design
@@ -278,12 +729,21 @@ def _fit_conditioned(model, A, *, t0, **options):
                                d.variance, V=d.Lambda, n_tree=d.n_tree)
     work = NestedModel(work_design, model.structs, model.method, residual=model.residual,
                        fe_constraints=model.fe_constraints, cluster_labels=model.cluster_labels)
-    rec_w = _fit(work, theta0=None, em_only=False, fixed=None, t0=t0, **options)
 
     def back(theta):
         S = [Al @ Sl @ Al.T for Al, Sl in zip(A, work.Sigma_list(theta))]
         return model.theta_from_Sigmas([0.5 * (Sl + Sl.T) for Sl in S])
 
+    return work, back
+
+
+def _fit_conditioned(model, A, *, t0, **options):
+    """Fit the model with each level's design Z_l A_l (:func:`conditioning`) and map the
+    optimum back (Sigma_l = A_l Sigma~_l A_l'). The likelihood is the same, so the working
+    fit's convergence check holds (it is made where the Hessian is well scaled); the
+    deviance is recomputed on the model as given and must agree to 1e-8."""
+    work, back = conditioned_model(model, A)
+    rec_w = _fit(work, theta0=None, em_only=False, fixed=None, t0=t0, **options)
     theta = back(rec_w.theta)
     rec = rec_w
     try:

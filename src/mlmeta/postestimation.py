@@ -32,7 +32,8 @@ from mlmeta.covstruct import Custom
 from mlmeta.optimize import fit_nested
 from mlmeta.reports import Heterogeneity, StoredResults, TTestTable, WaldTest, hypothesis_label
 from mlmeta.summary import confidence_level
-from mlmeta.vcomp import variance_components
+from mlmeta.vcomp import corr_lower as corr_lower_of
+from mlmeta.vcomp import corr_to_eta, dcorr_deta, variance_components
 
 __all__ = ["PostestimationMixin", "Heterogeneity", "WaldTest", "StoredResults", "TTestTable"]
 
@@ -454,10 +455,12 @@ class PostestimationMixin:
     # -- profile likelihood -------------------------------------------------------------
     @cached_property
     def _profile_setup(self):
-        """(model, theta, params) for profiling. Levels with correlated effects are
-        written as Stata custom patterns (theta = SDs then correlations, ``Sigma = D R D``
+        """(model, theta, params, corr_lower) for profiling. Levels with correlated effects
+        are written as Stata custom patterns (theta = SDs then correlations, ``Sigma = D R D``
         exactly), so that every variance and correlation is one theta element; params
-        lists (theta index, grouping term, label, "var" | "corr")."""
+        lists (theta index, grouping term, label, "var" | "corr"); corr_lower maps the
+        theta index of an exchangeable level's correlation (q >= 3) to its lower bound
+        -1/(q-1) (an estimate there is held just inside it, 1e-9 (1 + 1/(q-1)) above)."""
         from mlmeta.model import NestedModel
 
         if self._profiled():
@@ -465,6 +468,7 @@ class PostestimationMixin:
                              "sampling variances")
         m = self.model
         structs, thetas, params, off = [], [], [], 0
+        corr_lower = {}
         for g, s, sl in zip(self.group_names, m.structs, m.theta_slices):
             names = list(s.effect_names)
             if s.kind in ("unstructured", "exchangeable"):
@@ -475,7 +479,15 @@ class PostestimationMixin:
                     pattern = [["sd" if i == j else (None if q == 2 else "rho") for j in range(q)]
                                for i in range(q)]
                 c = Custom(names, pattern)
-                s, th = c, c.from_Sigma(s.Sigma(self.theta[sl]), corr_bound=c.CORR_BOUND)
+                if s.kind == "exchangeable":   # (sd, rho), rho inside (lo, 1)
+                    lo = corr_lower_of(s)
+                    sd, rho = s.report_values(self.theta[sl])
+                    th = np.array([sd, np.clip(rho, lo + 1e-9 * (1 - lo), c.CORR_BOUND)])
+                    if lo > -1.0:
+                        corr_lower[off + 1] = lo
+                else:
+                    th = c.from_Sigma(s.Sigma(self.theta[sl]), corr_bound=c.CORR_BOUND)
+                s = c
             else:
                 th = self.theta[sl]
             if s.kind == "identity":
@@ -492,13 +504,13 @@ class PostestimationMixin:
             thetas.append(np.asarray(th, dtype=float))
             off += len(thetas[-1])
         if all(a is b for a, b in zip(structs, m.structs)):
-            return m, self.theta.copy(), params
+            return m, self.theta.copy(), params, corr_lower
         pm = NestedModel(m.design, structs, m.method, residual=m.residual,
                          fe_constraints=m.fe_constraints, cluster_labels=m.cluster_labels)
         theta = np.concatenate(thetas)
         if abs(pm.deviance(theta) + 2.0 * self.llf) > 1e-7 * max(1.0, abs(self.llf)):
             raise RuntimeError("the profiling parameterisation does not reproduce the fit")
-        return pm, theta, params
+        return pm, theta, params, corr_lower
 
     def _profile_params(self):
         """(theta index, grouping term, label, kind) of every profiled parameter."""
@@ -523,7 +535,7 @@ class PostestimationMixin:
         """max over the other parameters of the (restricted) log-likelihood with the
         variance (theta_i = sqrt(value)) or correlation (theta_i = value) held;
         returns (llf, theta)."""
-        model, theta_hat, _ = self._profile_setup
+        model, theta_hat, *_ = self._profile_setup
         theta0 = (theta_hat if start is None else start).copy()
         theta0[i] = np.sqrt(max(value, 0.0)) if kind == "var" else value
         if model.n_theta == 1:
@@ -613,7 +625,9 @@ class PostestimationMixin:
 
             if kind == "corr":
                 tol = 1e-10
-                lower = -1.0 if est <= -bound or f(-bound) >= 0 else optimize.brentq(f, -bound, est, xtol=tol)
+                lo = self._profile_setup[3].get(i, -1.0)      # -1/(q-1) for an exchangeable level
+                inside = -bound if lo == -1.0 else lo + 1e-9 * (1 - lo)
+                lower = lo if est <= inside or f(inside) >= 0 else optimize.brentq(f, inside, est, xtol=tol)
                 upper = 1.0 if est >= bound or f(bound) >= 0 else optimize.brentq(f, est, bound, xtol=tol)
                 rows.append((g, label, est, lower, upper, kind))
                 continue
@@ -638,12 +652,13 @@ class PostestimationMixin:
     def estat(self) -> StoredResults:
         """Stored results comparable to Stata's ``e()``; see :class:`StoredResults`.
 
-        Estimation metric: eta = log SD, atanh correlation; Cov(eta) is the inverse
-        observed information of the (restricted) log-likelihood (see vcomp). The
-        fixed effects and eta are asymptotically independent (the expected
+        Estimation metric: eta = log SD, atanh correlation (an exchangeable level's
+        correlation on (-1/(q-1), 1) mapped onto (-1, 1) first, see vcomp); Cov(eta) is
+        the inverse observed information of the (restricted) log-likelihood (see vcomp).
+        The fixed effects and eta are asymptotically independent (the expected
         information has no cross block), so V is block diagonal. Reporting
-        metric (delta method): Var(sd) = sd^2 Var(log sd), Var(r) = (1 - r^2)^2
-        Var(atanh r). Parameters on the boundary or fixed have NaN variances.
+        metric (delta method): Var(sd) = sd^2 Var(log sd), Var(r) = (dr/deta)^2 Var(eta),
+        dr/deta = 1 - r^2 on (-1, 1). Parameters on the boundary or fixed have NaN variances.
         """
         comps, cov_eta, free_pos = variance_components(self.model, self.theta, self.group_names,
                                                        sd_scale=self.model.scale)
@@ -659,8 +674,9 @@ class PostestimationMixin:
                 jac.append(c.value)
             else:
                 name = c.label_sd.replace("corr(", "atr(", 1)
-                b_est.append(np.arctanh(np.clip(c.value, -1.0, 1.0)))
-                jac.append(1.0 - c.value ** 2)
+                with np.errstate(divide="ignore"):        # a correlation at a bound: +-inf
+                    b_est.append(float(corr_to_eta(np.clip(c.value, c.lower, 1.0), c.lower)))
+                jac.append(dcorr_deta(c.value, c.lower))
             b_rep.append(c.value)
             idx.append((c.group, name))
             ridx.append((c.group, c.label_sd))

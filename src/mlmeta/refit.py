@@ -23,7 +23,8 @@ import numpy as np
 from mlmeta import _executor
 from mlmeta.design import build_design
 from mlmeta.model import NestedModel
-from mlmeta.optimize import fit_nested, start_theta
+from mlmeta.optimize import (MAIN_ITER, ROUNDING_TOL, conditioned_model, conditioning,
+                             finish_outcome, fit_model, rounding_error, start_theta)
 
 __all__ = ["simulate_outcomes", "fit_outcomes"]
 
@@ -69,12 +70,17 @@ def _sigmas(model, theta, sigma2):
 
 
 def fit_outcomes(model: NestedModel, Y, *, theta0=None, em_iter=20, maxiter=200, tol=1e-6,
-                 n_jobs=1, executor=None) -> dict:
+                 n_jobs=1, executor=None, safeguard=False) -> dict:
     """Fit every column of ``Y`` (n_obs x m). Returns a dict of per-fit arrays: beta and
     se (m x p, the design's coefficients), deviance, theta, converged, n_iter, n_evals,
     sigma2 (the residual variance of a profiled model, else 1) and Sigma (per level,
-    m x q x q). A fit whose objective is undefined at its end has NaN estimates and
-    ``converged=False``.
+    m x q x q). A fit whose objective is undefined at its end, or whose deviance cannot
+    be computed accurately there (:func:`mlmeta.optimize.rounding_error`; the fit
+    :func:`mlmeta.meregress` would refuse), has NaN estimates and ``converged=False``.
+
+    The main runs of all columns are one engine call; each fit is then finished as a
+    single fit is (:func:`mlmeta.optimize.finish_outcome`: the stationarity check and,
+    with ``safeguard`` True, "auto" (n_obs <= 50,000) or False, the extra starts).
 
     ``executor``: a concurrent.futures executor or a Dask client fitting chunks of
     columns (``n_jobs`` threads within each); each column's fit is the one of a serial
@@ -89,13 +95,14 @@ def fit_outcomes(model: NestedModel, Y, *, theta0=None, em_iter=20, maxiter=200,
     if executor is not None:
         parts = [(Y[:, a:b], theta0[a:b]) for a, b in _executor.chunks(m, executor)]
         return concat_fits(_executor.run(executor, _fit_part, model, parts,
-                                         (em_iter, maxiter, tol, n_jobs)))
+                                         (em_iter, maxiter, tol, n_jobs, safeguard)))
+    if safeguard == "auto":
+        safeguard = model.n_obs <= 50_000
     if model.problem.new_outcomes:
         Yw = np.ascontiguousarray((Y[d.perm] * d.weights[:, None]).T)
-        out = model.problem.fit(theta0, Yw, em_iter=int(em_iter), maxiter=int(maxiter),
-                                tol=float(tol), n_threads=int(n_jobs))
+        out = _fit_new_outcomes(model, Yw, theta0, em_iter, maxiter, tol, n_jobs, bool(safeguard))
     else:
-        out = _fit_rebuilt(model, Y, theta0, em_iter, maxiter, tol)
+        out = _fit_rebuilt(model, Y, theta0, em_iter, maxiter, tol, bool(safeguard))
     failed = ~np.isfinite(out["deviance"])
     if model.problem.new_outcomes:     # the kernel's basis: beta = B beta~ (no shift: new y)
         B = d.B
@@ -109,12 +116,91 @@ def fit_outcomes(model: NestedModel, Y, *, theta0=None, em_iter=20, maxiter=200,
     return out
 
 
+def _fit_new_outcomes(model, Yw, theta0, em_iter, maxiter, tol, n_jobs, safeguard):
+    """The engine's fits of the whitened outcomes Yw (rows), finished one by one. As a
+    single fit, they are made in the well-scaled basis of :func:`conditioning` when the
+    model needs one, and mapped back; a fit whose deviance then differs by more than
+    1e-8 (relative) is finished on the model itself."""
+    A = conditioning(model)
+    if A is None:
+        out = model.problem.fit(theta0, Yw, em_iter=int(em_iter),
+                                maxiter=min(int(maxiter), MAIN_ITER), tol=float(tol),
+                                n_threads=int(n_jobs))
+        _finish(model, Yw, out, maxiter, tol, safeguard)
+        _drop_inaccurate(model, Yw, out)
+        return out
+    work, back = conditioned_model(model, A)
+    inv = [np.linalg.inv(Al) for Al in A]
+    theta_w = np.array([work.theta_from_Sigmas([Ai @ S @ Ai.T for Ai, S in
+                                                zip(inv, model.Sigma_list(t))]) for t in theta0])
+    out = work.problem.fit(theta_w, Yw, em_iter=int(em_iter), maxiter=min(int(maxiter), MAIN_ITER),
+                           tol=float(tol), n_threads=int(n_jobs))
+    _finish(work, Yw, out, maxiter, tol, safeguard)
+    _drop_inaccurate(work, Yw, out)
+    ok = np.flatnonzero(np.isfinite(out["deviance"]))
+    theta = out["theta"].copy()
+    for j in range(theta.shape[0]):
+        theta[j] = back(theta[j]) if np.isfinite(out["deviance"][j]) else theta0[j]
+    out["theta"] = theta
+    if ok.size:
+        at = model.problem.fit(theta[ok], Yw[ok], em_iter=0, maxiter=0)
+        off = ~(np.abs(at["deviance"] - out["deviance"][ok])
+                <= 1e-8 * np.maximum(1.0, np.abs(out["deviance"][ok])))
+        for key in ("deviance", "beta", "se", "Hinv", "sigma2"):
+            out[key][ok] = at[key]
+        redo = ok[off]
+        if redo.size:      # the map back lost precision (a singular Sigma): finish on the model
+            out["converged"][redo] = False
+            _finish(model, Yw, out, maxiter, tol, False, rows=redo)
+            _drop_inaccurate(model, Yw, out)
+    return out
+
+
+def _finish(model, Yw, out, maxiter, tol, safeguard, rows=None):
+    """Finish each fit of a batch as a single fit (:func:`mlmeta.optimize.finish_outcome`)
+    and take the engine's values at the theta it ends at (in place)."""
+    moved = []
+    for j in range(Yw.shape[0]) if rows is None else rows:
+        if not np.isfinite(out["deviance"][j]):
+            continue
+        th, _, conv, n, n_iter = finish_outcome(model, Yw[j], out["theta"][j], out["deviance"][j],
+                                        out["converged"][j], out["theta_em"][j], maxiter=maxiter,
+                                        tol=tol, safeguard=safeguard, n_iter=out["n_iter"][j])
+        out["n_evals"][j] += n
+        out["n_iter"][j] = n_iter
+        out["converged"][j] = conv
+        if not np.array_equal(th, out["theta"][j]):
+            out["theta"][j] = th
+            moved.append(j)
+    if moved:
+        at = model.problem.fit(out["theta"][moved], Yw[moved], em_iter=0, maxiter=0)
+        for key in ("deviance", "beta", "se", "Hinv", "sigma2"):
+            out[key][moved] = at[key]
+
+
+def _drop_inaccurate(model, Yw, out):
+    """Mark as failed (deviance inf) the fits whose deviance the engine cannot compute
+    to within ROUNDING_TOL at their end: the single fit of that outcome is refused."""
+    d = model.design
+    p = d.n_fe
+    qty = np.linalg.lstsq(d.Xw, Yw.T, rcond=None)[0].T if p else np.zeros((Yw.shape[0], 0))
+    resid = Yw - qty @ d.Xw.T if p else Yw
+    for j in np.flatnonzero(np.isfinite(out["deviance"])):
+        s2 = out["sigma2"][j] if model.residual == "profiled" else 1.0
+        err = rounding_error(float(resid[j] @ resid[j]), out["beta"][j] - qty[j], out["Hinv"][j],
+                             reml=model.method == "reml", sigma2=s2)
+        if err > ROUNDING_TOL:
+            out["deviance"][j] = np.inf
+            out["converged"][j] = False
+            out["beta"][j] = out["se"][j] = np.nan
+
+
 def _fit_part(model, part, options):
     """One executor task: :func:`fit_outcomes` of a chunk of columns."""
     Y, theta0 = part
-    em_iter, maxiter, tol, n_jobs = options
+    em_iter, maxiter, tol, n_jobs, safeguard = options
     return fit_outcomes(model, Y, theta0=theta0, em_iter=em_iter, maxiter=maxiter, tol=tol,
-                        n_jobs=n_jobs)
+                        n_jobs=n_jobs, safeguard=safeguard)
 
 
 def concat_fits(parts) -> dict:
@@ -129,19 +215,19 @@ def concat_fits(parts) -> dict:
     return out
 
 
-def _fit_rebuilt(model, Y, theta0, em_iter, maxiter, tol):
+def _fit_rebuilt(model, Y, theta0, em_iter, maxiter, tol, safeguard):
     d = model.design
     rows = []
     for j in range(Y.shape[1]):
         design = build_design(Y[d.perm, j], d.X, d.Z, d.groups, None, V=d.Lambda, n_tree=d.n_tree)
         mj = NestedModel(design, model.structs, model.method, residual=model.residual)
         try:
-            rec = fit_nested(mj, theta0=theta0[j], em_iter=em_iter, maxiter=maxiter, tol=tol,
-                             safeguard=False)
+            rec = fit_model(mj, theta0=theta0[j], em_iter=em_iter, maxiter=maxiter, tol=tol,
+                            safeguard=safeguard)
             ev = mj.evaluate(rec.theta)
             rows.append((rec.theta, rec.deviance, ev.beta, np.sqrt(np.diag(ev.cov_beta)),
                          rec.converged, rec.n_iter, rec.n_evals, ev.sigma2))
-        except FloatingPointError:
+        except ValueError:          # the objective fails, or is inaccurate, at the optimum
             p = d.n_fe
             rows.append((theta0[j], np.inf, np.full(p, np.nan), np.full(p, np.nan), False, 0, 0,
                          np.nan))
