@@ -291,6 +291,7 @@ def _check_result(res, case, rng, out):
         return flags, detail
     f, dt, out["oracle"] = dense_checks(res.model, res.theta, res.llf, res.converged, rng)
     out["messages"] = list(res.fit_record.messages)
+    out["n_evals"] = int(res.fit_record.n_evals)
     flags += f
     detail += [dt] if dt else []
     if case.api != "model" and rng.random() < 0.125:
@@ -312,6 +313,7 @@ def _check_batch(fitted, case, rng, out):
     flags, detail = [], []
     Y = case.Y
     m, b1 = fitted
+    out["n_evals"] = int(np.sum(b1.n_evals))
     b8 = mlmeta.fit_batch(m, Y, n_jobs=8)
     same = all(np.array_equal(np.asarray(a), np.asarray(b), equal_nan=True) for a, b in
                ((b1.llf, b8.llf), (b1.theta, b8.theta), (b1.params, b8.params), (b1.bse, b8.bse)))

@@ -227,7 +227,9 @@ def make_case(seed: int, idx: int) -> Case:
         terms.append(f"({lhs} {bar} {g})")
         if q >= 2 and not (struct == "independent" and bar == "||"):
             if struct == "custom":
-                sdsc = [scale_y * (0.5 if e == "_cons" else 0.25 / scale_x[e]) for e in effects]
+                # fixed SDs in outcome units per unit of the effect (made absolute below
+                # with sampling variances; a profiled residual takes them relative to it)
+                sdsc = [0.5 if e == "_cons" else 0.25 / scale_x[e] for e in effects]
                 cov[g] = _custom(rng, q, sdsc)
             else:
                 cov[g] = struct
@@ -271,6 +273,11 @@ def make_case(seed: int, idx: int) -> Case:
         case.sampling = {"se": "se"} if (api == "meregress" and rng.random() < 0.3) else {"variance": "v"}
         noise = np.sqrt(v)
     df["y"] = _draw_outcome(rng, Xb, Zs, codes, Sigmas, noise)
+    if case.sampling:
+        for g, P in cov.items():
+            if not isinstance(P, str):
+                cov[g] = [[v * scale_y if (i == j and isinstance(v, float)) else v
+                           for j, v in enumerate(row)] for i, row in enumerate(P)]
     if api == "batch":
         Y = [df["y"].to_numpy()]
         for _ in range(int(rng.integers(1, 4))):

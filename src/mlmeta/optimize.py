@@ -2,27 +2,24 @@
 <mlmeta._core._engine.Problem.fit>`) from a moment start, then a stationarity check
 and cheap safeguards against local optima, run by the same engine.
 
-Before a fit is called converged (:func:`_stationary`):
+Before a fit is called converged it is refined (:func:`mlmeta.refine.refine`): steps
+off the bounds at 1e-8 .. 10 times each parameter's natural size (scale-free) and
+quasi-Newton steps in scaled parameters must not lower the deviance by more than
+DECREMENT_TOL / 2, and where they do Newton goes on from there. The main run gets
+MAIN_ITER Newton iterations; a run still going by then is crawling, and the
+refinement takes it on (charged to ``maxiter``).
 
-* every parameter held at a bound (a zero SD, a custom correlation at its limit) is
-  stepped into the parameter space by 1e-4 .. 10 times its natural size
-  (:func:`theta_scale`, the size at which its effects' variance is that of the outcome:
-  scale-free, whatever the units of the covariates); a step that lowers the deviance
-  restarts Newton from there;
-* the engine's Newton decrement g'H^-1g must be at most ``tol`` relative to
-  max(1, |deviance|), and quasi-Newton steps (scipy's L-BFGS-B on the engine's deviance
-  and gradient, in parameters divided by their natural sizes: no unit matters) must not
-  lower the deviance by more than DECREMENT_TOL / 2; where they do, Newton goes on from
-  where they end. The reported log-likelihood is then within about DECREMENT_TOL / 4
-  of the local optimum, whatever its size.
-
-Extra starts (:func:`alternative_starts`) run in rounds of :data:`ROUND_ITER`
-iterations; a start stops when it converges, joins the known optimum, stalls (a
-round that does not lower its deviance) or has spent its evaluation budget,
+Extra starts (:func:`alternative_starts`) run in rounds of ROUND_ITER iterations; a
+start stops when it converges, joins the known optimum, stalls (a round that does not
+lower its deviance) or has spent its evaluation budget,
 ``max(EXTRA_EVALS_FACTOR x the main fit's evaluations, EXTRA_MIN_EVALS x (n_theta + 1))``,
 and the record says which starts were cut short. A start that reaches a lower
-deviance than the main fit, converged or not, is continued by full Newton steps
-(same budget) and wins if it stays lower.
+deviance than the main fit, converged or not, is refined in its turn (same budget)
+and wins if it stays lower.
+
+A fit whose objective fails, or whose deviance the engine cannot compute to within
+ROUNDING_TOL at the estimates (:func:`rounding_error`), is a ValueError that says why
+(:func:`fit_model`, for the public entry points).
 
 Every fit leaves a :class:`FitRecord` (starts, final theta, evaluations,
 messages, the candidate optima found) so a result can say how it was reached.
@@ -38,26 +35,21 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mlmeta.model import NestedModel
+from mlmeta.refine import (DECREMENT_TOL, Work, custom_correlations, deviances,
+                           off_pd_boundary, quasi_newton, refine, rounds, run_engine, theta_scale)
 from mlmeta.validate import safeguard as _safeguard
 
 __all__ = ["FitRecord", "fit_nested", "fit_model", "start_theta", "alternative_starts",
            "conditioning", "conditioned_model", "theta_scale", "finish_outcome", "rounding_error",
            "DECREMENT_TOL", "ROUNDING_TOL", "MAIN_ITER"]
 
-#: twice the largest decrease of the deviance that quasi-Newton steps may still find
-#: at a converged fit (deviance units)
-DECREMENT_TOL = 1e-5
 #: budget of one extra start: this many times the main fit's evaluations ...
 EXTRA_EVALS_FACTOR = 3
 #: ... and at least this many per covariance parameter (plus one)
 EXTRA_MIN_EVALS = 25
-#: iterations per engine call when a run is continued (its progress is checked between)
-ROUND_ITER = 10
 #: Newton iterations of the main run before it is refined (a run still going by then is
-#: crawling: quasi-Newton steps in scaled parameters take over, see :func:`_refine`)
+#: crawling: quasi-Newton steps in scaled parameters take over, see :func:`refine`)
 MAIN_ITER = 100
-#: sizes of the steps off a bound, relative to the parameter's natural size
-_PROBES = 10.0 ** np.arange(-4, 2)
 #: the largest rounding error of the deviance (:func:`rounding_error`) a fit may have
 ROUNDING_TOL = 1e-4
 #: the safety factor of :func:`rounding_error` (its estimate was within a factor 7 of
@@ -176,290 +168,13 @@ def start_theta(model: NestedModel) -> np.ndarray:
     return model.theta_from_Sigmas(Sigmas)
 
 
-def theta_scale(model: NestedModel, theta=None) -> np.ndarray:
-    """The natural size of each covariance parameter: the value at which the effects it
-    scales add a variance equal to that of the outcome's fixed-effects residuals
-    (``sd(r) / rms(z_e)`` for effect e; relative to the residual SD when it is profiled,
-    the one at ``theta`` when given), the geometric mean over the effects a parameter
-    touches; 1 for correlations. Steps off a bound are taken relative to it, so they do
-    not depend on units."""
-    d = model.design
-    if d.n_fe:
-        beta, *_ = np.linalg.lstsq(d.Xw, d.yw, rcond=None)
-        r = d.yw - d.Xw @ beta
-    else:
-        r = d.yw
-    sd_r = float(np.sqrt(np.mean(r * r))) if r.size else 1.0
-    if model.residual == "profiled":
-        s2 = 0.0
-        if theta is not None:
-            try:
-                s2 = model.evaluate(theta).sigma2
-            except FloatingPointError:
-                pass
-        sd_r = max(sd_r / np.sqrt(s2), 1.0) if s2 > 0 else 1.0
-    if not sd_r > 0:
-        sd_r = 1.0
-    out = np.ones(model.n_theta)
-    for s, sl, Z in zip(model.structs, model.theta_slices, d.Z):
-        Zw = Z * d.weights[:, None] if model.residual != "profiled" else Z
-        rms = np.sqrt(np.mean(Zw * Zw, axis=0))
-        eff = sd_r / np.where(rms > 0, rms, 1.0)
-        if s.kind == "custom":
-            for k, where in enumerate(s._sd_free):
-                out[sl.start + k] = float(np.exp(np.mean(np.log(eff[where]))))
-            continue
-        dT = s.dT(np.zeros(s.n_theta))
-        for k in range(s.n_theta):
-            rows = np.flatnonzero(np.any(dT[k] != 0, axis=1))
-            if rows.size:
-                out[sl.start + k] = float(np.exp(np.mean(np.log(eff[rows]))))
-    return out
-
-
 def _feasible_start(model, theta, lower, upper):
     """The start itself, or shrunk by powers of 10 (then zero) until the objective is
     defined there (huge variances of badly scaled effects can defeat the factorisation)."""
     cand = [theta * 10.0 ** -k for k in range(0, 13, 2)] + [np.zeros_like(theta)]
-    devs = _deviances(model, np.clip(np.array(cand), lower, upper), lower=lower, upper=upper)
+    devs = deviances(model, np.clip(np.array(cand), lower, upper), lower=lower, upper=upper)
     ok = np.flatnonzero(np.isfinite(devs))
     return np.clip(cand[ok[0]], lower, upper) if ok.size else theta
-
-
-def _run(model, thetas, *, lower, upper, em_iter=0, em_tol=0.0, em_only=False, maxiter=1000,
-         tol=1e-6, quasi=False, known=None, threads=1, log=False, Yw=None):
-    """Engine runs from each row of ``thetas`` (for the design's own outcome, or for the
-    whitened outcome ``Yw``); the engine's dict of per-run arrays."""
-    kt, kd = (None, np.inf) if known is None else (known[0], float(known[1]))
-    thetas = np.atleast_2d(thetas)
-    Y = None if Yw is None else np.repeat(np.asarray(Yw, dtype=float)[None, :], len(thetas), axis=0)
-    return model.problem.fit(thetas, Y, lower=lower, upper=upper, em_iter=int(em_iter),
-                             em_tol=float(em_tol), em_only=em_only, maxiter=int(maxiter),
-                             tol=float(tol), quasi=quasi, known_theta=kt, known_dev=kd,
-                             n_threads=int(threads), log=log)
-
-
-def _noise(f) -> float:
-    """A change of the deviance below rounding: 1e-10 max(1, |f|)."""
-    return 1e-10 * max(1.0, abs(float(f)))
-
-
-def _rounds(model, thetas, *, lower, upper, tol, maxiter, budget, quasi=False, known=None,
-            Yw=None, threads=1):
-    """Engine runs from each row of ``thetas`` in rounds of ROUND_ITER iterations. A run
-    stops when it converges, joins ``known``, fails, stalls (a round that lowers its
-    deviance by no more than rounding) or has spent ``budget`` evaluations or ``maxiter``
-    iterations (``cut``). Returns one dict per run: theta, dev, conv, joined, evals,
-    iters, cut, stalled."""
-    thetas = np.atleast_2d(np.asarray(thetas, dtype=float))
-    out = [dict(theta=t.copy(), dev=np.inf, conv=False, joined=False, evals=0, iters=0,
-                cut=False, stalled=False) for t in thetas]
-    active = list(range(len(out)))
-    while active:
-        left = min(maxiter - out[i]["iters"] for i in active)
-        r = _run(model, np.array([out[i]["theta"] for i in active]), lower=lower, upper=upper,
-                 maxiter=max(1, min(ROUND_ITER, left)), tol=tol, quasi=quasi, known=known,
-                 Yw=Yw, threads=threads)
-        nxt = []
-        for j, i in enumerate(active):
-            s = out[i]
-            prev, dev = s["dev"], float(r["deviance"][j])
-            s["evals"] += int(r["n_evals"][j])
-            s["iters"] += int(r["n_iter"][j])
-            if not np.isfinite(dev):
-                s["dev"] = dev
-                continue
-            s.update(theta=r["theta"][j].copy(), dev=dev, conv=bool(r["converged"][j]),
-                     joined=bool(r["joined"][j]))
-            if s["conv"] or s["joined"]:
-                continue
-            if not prev - dev > _noise(dev):
-                s["stalled"] = True
-            elif s["evals"] >= budget or s["iters"] >= maxiter:
-                s["cut"] = True
-            else:
-                nxt.append(i)
-        active = nxt
-    return out
-
-
-def _deviances(model, thetas, *, lower, upper, Yw=None):
-    """The deviance at each row of ``thetas`` (engine runs of no iterations)."""
-    return _run(model, thetas, lower=lower, upper=upper, maxiter=0, Yw=Yw)["deviance"]
-
-
-def _off_bounds(model, theta, f, *, lower, upper, scale, Yw=None):
-    """The best point one step off a bound that lowers the deviance below f, or None:
-    each parameter at or near a (free) bound (within 1e-4 of its natural size: a
-    variance parameter's gradient vanishes at zero, so nothing else moves it away) is
-    set to the bound plus _PROBES times its natural size (for a bounded parameter, at
-    most half its range). Returns (theta, deviance, evaluations)."""
-    probes = []
-    for i in range(theta.shape[0]):
-        if lower[i] == upper[i]:
-            continue
-        near = _PROBES[0] * scale[i]
-        at_lo = np.isfinite(lower[i]) and theta[i] <= lower[i] + near
-        at_up = np.isfinite(upper[i]) and theta[i] >= upper[i] - near
-        if not (at_lo or at_up):
-            continue
-        steps = scale[i] * _PROBES
-        if np.isfinite(lower[i]) and np.isfinite(upper[i]):
-            steps = np.unique(np.minimum(steps, 0.5 * (upper[i] - lower[i])))
-        partners = _unidentified_correlations(model, i) if at_lo else []
-        for h in steps:
-            t = theta.copy()
-            t[i] = np.clip(lower[i] + h if at_lo else upper[i] - h, lower[i], upper[i])
-            probes.append(t)
-            for r in (-0.9, 0.0, 0.9) if partners else ():
-                tc = t.copy()
-                tc[partners] = r
-                probes.append(tc)
-    if not probes:
-        return None
-    devs = _deviances(model, np.array(probes), lower=lower, upper=upper, Yw=Yw)
-    k = int(np.argmin(np.where(np.isfinite(devs), devs, np.inf)))
-    if devs[k] < f - 10 * _noise(f):
-        return probes[k], float(devs[k]), len(probes)
-    return None
-
-
-def _unidentified_correlations(model, i) -> list:
-    """The theta indices of a custom level's correlations that involve the effects of its
-    SD parameter ``i`` (left anywhere while that SD is zero: a step off zero tries them at
-    -0.9, 0 and 0.9 too); [] for other parameters."""
-    for s, sl in zip(model.structs, model.theta_slices):
-        if sl.start <= i < sl.stop and s.kind == "custom":
-            k = i - sl.start
-            if k >= len(s._sd_free):
-                return []
-            eff = set(s._sd_free[k])
-            n_sd = len(s._sd_free)
-            return [sl.start + n_sd + c for c, pairs in enumerate(s._corr_free)
-                    if any(a in eff or b in eff for a, b in pairs)]
-    return []
-
-
-def _objective(model, f_ref, *, lower, upper, scale, Yw=None):
-    """(deviance, gradient) in scaled parameters z = theta / scale, finite everywhere
-    (outside the parameter space: a value far above ``f_ref``, so line searches back off),
-    and a counter of evaluations. The gradient is the engine's analytic one for the
-    design's own outcome, forward differences (one engine call) for another outcome."""
-    big = f_ref + 1e6 * max(1.0, abs(f_ref))
-    count = [0]
-
-    def fun(z):
-        theta = np.clip(z * scale, lower, upper)
-        if Yw is None:
-            count[0] += 1
-            try:
-                ev = model.evaluate(theta, gradient=True)
-            except FloatingPointError:
-                return big, np.zeros_like(z)
-            return ev.deviance, ev.grad * scale
-        h = 1e-7 * np.maximum(np.abs(z), 1.0)
-        zz = np.repeat(z[None, :], z.size + 1, axis=0)
-        up = z + h <= upper / scale
-        zz[1:][np.diag_indices(z.size)] = np.where(up, z + h, z - h)
-        devs = _deviances(model, np.clip(zz * scale, lower, upper), lower=lower, upper=upper, Yw=Yw)
-        count[0] += z.size + 1
-        if not np.isfinite(devs[0]):
-            return big, np.zeros_like(z)
-        g = np.where(np.isfinite(devs[1:]), (devs[1:] - devs[0]) / np.where(up, h, -h), 0.0)
-        return float(devs[0]), g
-
-    return fun, count
-
-
-def _quasi_newton(model, theta, f, *, lower, upper, scale, Yw=None, maxiter=30):
-    """L-BFGS-B (scipy) on the engine's deviance from theta, in scaled parameters
-    (theta_i / theta_scale_i, so its steps do not depend on units): an independent check
-    that theta is stationary. Returns (theta, deviance, evaluations, iterations)."""
-    from scipy import optimize
-
-    fun, count = _objective(model, f, lower=lower, upper=upper, scale=scale, Yw=Yw)
-    lo, up = lower / scale, upper / scale
-    bounds = list(zip(np.where(np.isfinite(lo), lo, None), np.where(np.isfinite(up), up, None)))
-    # tight tolerances: along flat directions (a correlation of effects with tiny SDs) the
-    # gradient is small long before the deviance stops falling
-    r = optimize.minimize(fun, theta / scale, jac=True, method="L-BFGS-B", bounds=bounds,
-                          options={"maxiter": maxiter, "ftol": 1e-13, "gtol": 1e-10})
-    th = np.clip(r.x * scale, lower, upper)
-    return th, float(r.fun), count[0], int(r.nit)
-
-
-class _Work:
-    """What a refinement spent: iterations (Newton and quasi-Newton) and evaluations."""
-
-    def __init__(self, iters=0, evals=0):
-        self.iters, self.evals = iters, evals
-
-
-def _refine(model, theta, f, conv, work, *, lower, upper, tol, maxiter, max_evals, scale,
-            Yw=None):
-    """Take a fit to a certified stationary point, within ``maxiter`` iterations and
-    ``max_evals`` evaluations in all (``work`` counts them). A converged fit is checked
-    (module docstring: steps off the bounds, quasi-Newton steps in scaled parameters);
-    a fit that is not converged, or that a check moved, goes on by quasi-Newton steps
-    (which get past the engine's Newton where it crawls or stalls: badly scaled or flat
-    parameters) and Newton rounds, until Newton converges and the checks hold, or the
-    budget is spent, or nothing moves any more. Returns (theta, f, conv, note or None)."""
-    note = None
-    noise = lambda v: 0.5 * DECREMENT_TOL + 10 * _noise(v)     # noqa: E731
-
-    def spent():
-        return work.iters >= maxiter or work.evals >= max_evals
-
-    for _ in range(20):
-        if conv:       # the checks, not charged to the iteration limit
-            step = _off_bounds(model, theta, f, lower=lower, upper=upper, scale=scale, Yw=Yw)
-            if step is not None:
-                work.evals += step[2]
-                theta, f, conv = step[0], step[1], False
-                note = ("a step off the boundary of the parameter space lowered the deviance; "
-                        "the fit went on from there")
-            else:
-                th, fq, n, _ = _quasi_newton(model, theta, f, lower=lower, upper=upper, scale=scale,
-                                             Yw=Yw, maxiter=200)
-                work.evals += n
-                if not fq < f - noise(f):
-                    return theta, f, True, note
-                theta, f, conv = th, fq, False
-                note = note or ("the Newton iterations had stopped short of a stationary point; "
-                                "quasi-Newton steps in scaled parameters took the fit on")
-        if spent():
-            break
-        f_before = f
-        r = _rounds(model, theta, lower=lower, upper=upper, tol=tol,
-                    maxiter=min(3 * ROUND_ITER, maxiter - work.iters), budget=max_evals - work.evals,
-                    Yw=Yw)[0]
-        work.iters += r["iters"]
-        work.evals += r["evals"]
-        if r["dev"] <= f:
-            theta, f, conv = r["theta"], r["dev"], r["conv"]
-        if conv or spent():
-            continue
-        # a quasi-Newton step costs about 1/(n_theta + 1) of a Newton one (no Hessian): it is
-        # charged so against the iteration limit
-        per = model.n_theta + 1
-        th, fq, n, nit = _quasi_newton(model, theta, f, lower=lower, upper=upper, scale=scale,
-                                       Yw=Yw, maxiter=max(1, min(200, (maxiter - work.iters) * per)))
-        work.iters += -(-nit // per)
-        work.evals += n
-        if fq < f - noise(f):
-            theta, f = th, fq
-            note = note or ("the Newton iterations had stopped short of a stationary point; "
-                            "quasi-Newton steps in scaled parameters took the fit on")
-        if not f < f_before - noise(f_before):
-            # neither Newton nor quasi-Newton steps move it: a last look off the bounds
-            step = _off_bounds(model, theta, f, lower=lower, upper=upper, scale=scale, Yw=Yw)
-            if step is None:
-                break      # not converged
-            work.evals += step[2]
-            theta, f = step[0], step[1]
-            note = ("a step off the boundary of the parameter space lowered the deviance; "
-                    "the fit went on from there")
-    return theta, f, False, note
 
 
 #: pseudo-random extra starts (seeded by the model's size: the same starts every time)
@@ -475,6 +190,15 @@ def alternative_starts(model: NestedModel, theta_em, theta_best, scale=None):
     parameters in (-1, 1) times their natural size)."""
     starts = [("EM start x 0.1", theta_em * 0.1), ("EM start x 3", theta_em * 3.0)]
     if scale is not None:
+        # off a zero variance by 1 and 10 % of its natural size (a narrow basin nearby that
+        # the steps of _off_bounds, one parameter at a time, can step over)
+        for i in np.flatnonzero((model.lower == 0.0) & (theta_best <= 0.0) & (model.upper > 0.0)):
+            for c in (0.01, 0.1):
+                t = theta_best.copy()
+                t[i] = c * scale[i]
+                starts.append((f"parameter {i} off zero x {c:g}", t))
+        for j, t in enumerate(off_pd_boundary(model, theta_best)):
+            starts.append((f"custom correlations off the edge {j + 1}", t))
         k = model.n_theta
         sd_like = model.lower == 0.0
         corr_like = np.isfinite(model.lower) & (model.lower < 0.0)
@@ -576,7 +300,7 @@ def _fit(model, *, theta0, em_iter, em_tol, em_only, maxiter, tol, safeguard, ve
         rec.seconds = time.perf_counter() - t0
         return rec
     n_em = 10 * maxiter if em_only else em_iter
-    run = _run(model, theta, lower=lower, upper=upper, em_iter=n_em, em_tol=em_tol,
+    run = run_engine(model, theta, lower=lower, upper=upper, em_iter=n_em, em_tol=em_tol,
                em_only=em_only, maxiter=min(maxiter, MAIN_ITER), tol=tol, log=verbose)
     rec.n_em = int(run["n_em"][0])
     rec.theta_em = run["theta_em"][0].copy()
@@ -610,12 +334,12 @@ def _fit(model, *, theta0, em_iter, em_tol, em_only, maxiter, tol, safeguard, ve
 
 
 def _finish(model, rec, theta, f, conv, *, lower, upper, maxiter, tol, safeguard, Yw=None):
-    """After the main engine run: refine it to a certified stationary point (:func:`_refine`),
+    """After the main engine run: refine it to a certified stationary point (:func:`refine`),
     run the extra starts (``safeguard``) and continue the promising ones. Updates
     ``rec`` (iterations, evaluations, candidates, messages); returns (theta, f, conv)."""
     scale = theta_scale(model, theta if Yw is None else None)
-    work = _Work(rec.n_iter, rec.n_evals)
-    theta, f, conv, note = _refine(model, theta, f, conv, work, lower=lower, upper=upper, tol=tol,
+    work = Work(rec.n_iter, rec.n_evals)
+    theta, f, conv, note = refine(model, theta, f, conv, work, lower=lower, upper=upper, tol=tol,
                                    maxiter=maxiter, max_evals=np.inf, scale=scale, Yw=Yw)
     rec.n_iter, rec.n_evals = work.iters, work.evals
     if note:
@@ -628,9 +352,30 @@ def _finish(model, rec, theta, f, conv, *, lower, upper, maxiter, tol, safeguard
                                        EXTRA_MIN_EVALS * (model.n_theta + 1)))
     # threads only pay for large models
     threads = (os.cpu_count() or 1) if model.n_obs >= 20_000 else 1
-    runs = _rounds(model, [t for _, t in starts], lower=lower, upper=upper, tol=tol,
-                   maxiter=maxiter, budget=budget, quasi=True, known=(theta, f), Yw=Yw,
-                   threads=threads)
+    # starts right next to the optimum (off a zero, off a custom level's edge) may not stop
+    # on coming near it: the engine's "near" is measured on the sampling scale, wider than
+    # the basins they look for
+    local = np.array([" off " in label for label, _ in starts])
+    runs = [None] * len(starts)
+    for sel, known in ((~local, (theta, f)), (local, None)):
+        idx = np.flatnonzero(sel)
+        if idx.size:
+            got = rounds(model, [starts[i][1] for i in idx], lower=lower, upper=upper, tol=tol,
+                          maxiter=maxiter, budget=budget, quasi=True, known=known, Yw=Yw,
+                          threads=threads)
+            for i, r in zip(idx, got):
+                runs[i] = r
+    # with a custom level's free correlations, whose feasible set is not a box, the engine's
+    # Newton stops at the edge of the positive definite set: from the starts away from the
+    # EM path, scipy's quasi-Newton steps in scaled parameters too (they get along it)
+    per = 1 if Yw is None else model.n_theta + 1
+    wide = [st for st in starts if st[0] == "natural scale" or st[0].startswith("random")]
+    for label, t0 in wide if custom_correlations(model, theta) else []:
+        th, fq, n, _ = quasi_newton(model, t0, f, lower=lower, upper=upper, scale=scale, Yw=Yw,
+                                     maxiter=max(1, min(200, budget // per)))
+        starts.append((f"{label}, quasi-Newton", t0))
+        runs.append(dict(theta=th, dev=fq, conv=False, joined=False, evals=n, iters=0, cut=False,
+                         stalled=False))
     f_main = f
     for (label, _), r in zip(starts, runs):
         rec.n_evals += r["evals"]
@@ -643,8 +388,8 @@ def _finish(model, rec, theta, f, conv, *, lower, upper, maxiter, tol, safeguard
         if r["joined"] or not r["dev"] < f - margin:
             break
         # a lower deviance than the best so far, converged or not: take it on (its own budget)
-        w = _Work()
-        th, fc, cc, _ = _refine(model, r["theta"], r["dev"], False, w, lower=lower, upper=upper,
+        w = Work()
+        th, fc, cc, _ = refine(model, r["theta"], r["dev"], False, w, lower=lower, upper=upper,
                                 tol=tol, maxiter=maxiter, max_evals=budget, scale=scale, Yw=Yw)
         rec.n_evals += w.evals
         if not cc and w.evals >= budget:
