@@ -47,18 +47,32 @@ def test_exchangeable_correlation_at_its_lower_bound_is_flagged_and_its_interval
     assert ci.lower == -0.5 and -0.5 <= ci.upper < 1.0
 
 
-def test_exchangeable_correlation_interval_is_within_its_parameter_space():
+def _small_exchangeable_data(seed=0, G=8, m=6):
+    """Few groups, true common correlation -0.35: a wide interval near -1/(q-1) = -0.5."""
+    rng = np.random.default_rng(seed)
+    n = G * m
+    g = np.repeat(np.arange(G), m)
+    x, x2 = rng.normal(size=n), rng.normal(size=n)
+    C = np.full((3, 3), -0.35)
+    np.fill_diagonal(C, 1.0)
+    u = rng.normal(size=(G, 3)) @ np.linalg.cholesky(C).T * 0.6
+    y = 0.2 + 0.3 * x + u[g, 0] * x + u[g, 1] * x2 + u[g, 2] + rng.normal(size=n) * 0.3
+    return pd.DataFrame(dict(y=y, x=x, x2=x2, g=g, v=0.09))
+
+
+@pytest.mark.parametrize("data", [_exchangeable_data(False), _small_exchangeable_data()])
+def test_exchangeable_correlation_interval_is_within_its_parameter_space(data):
     """Wald intervals of an exchangeable correlation use the Fisher transform of r mapped
-    from (-1/(q-1), 1) onto (-1, 1): they cannot leave the parameter space."""
-    res = mlmeta.meregress(EXCH, _exchangeable_data(False), variance="v",
-                           covariance={"g": "exchangeable"})
+    from (-1/(q-1), 1) onto (-1, 1): they cannot leave the parameter space (with atanh r
+    the second data set's 95% interval reached -0.55)."""
+    res = mlmeta.meregress(EXCH, data, variance="v", covariance={"g": "exchangeable"})
     corr = res.re_params().set_index("param").loc["corr(x,x2 x,_cons x2,_cons)"]
     assert not corr.boundary and -0.5 < corr.lower < corr.estimate < corr.upper < 1.0
     for level in (50.0, 95.0, 99.99):
         c = res.re_params(level=level).set_index("param").loc["corr(x,x2 x,_cons x2,_cons)"]
         assert -0.5 < c.lower and c.upper < 1.0
     ci = res.profile_ci().set_index("param").loc["corr(x,x2)"]
-    assert -0.5 < ci.lower < corr.estimate < ci.upper < 1.0
+    assert -0.5 <= ci.lower < corr.estimate < ci.upper < 1.0
     key = ("g", "corr(x,x2 x,_cons x2,_cons)")
     assert res.e.V_report.loc[key, key] == pytest.approx(corr.std_err ** 2, rel=1e-9)
 
@@ -155,3 +169,17 @@ def test_the_step_off_zero_is_scale_free(schoolcal, scale):
         best = max(best, -0.5 * r.fun)
     assert res.converged
     assert res.llf >= best - 1e-6
+
+
+def test_an_sd_interval_beyond_the_largest_float_is_inf_without_a_warning():
+    """exp(eta + z se) of an SD whose eta is barely identified overflowed with a
+    RuntimeWarning from re_params and summary."""
+    from mlmeta.vcomp import VarComp, component_table
+
+    comps = [VarComp(0, "g", "sd", (0,), "sd(_cons)", "var(_cons)", 7e-7, False)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for variance in (False, True):
+            (_, est, se, lo, hi), = component_table(comps, np.array([[1e6]]), [0], None, None,
+                                                    variance=variance)
+            assert hi == np.inf and 0.0 <= lo < est

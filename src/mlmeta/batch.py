@@ -247,9 +247,8 @@ def _fit_columns(model: Model, Y, options) -> dict:
     n_jobs, em_iter, maxiter, tol, theta0, safeguard = options
     groups = [t.group for t in model.frame.terms]
     if _batchable(model) is not None:
-        rows = [_column_fit(model, Y[:, j], groups, dict(em_iter=em_iter, maxiter=maxiter, tol=tol,
-                                                          safeguard=safeguard))
-                for j in range(Y.shape[1])]
+        options = dict(em_iter=em_iter, maxiter=maxiter, tol=tol, safeguard=safeguard)
+        rows = [_column_fit(model, Y[:, j], groups, options) for j in range(Y.shape[1])]
         keys = ("beta", "se", "llf", "theta", "converged", "n_iter", "n_evals")
         out = {k: np.array([r[k] for r in rows]) for k in keys}
         out["Sigma"] = [np.array([r["Sigma"][lvl] for r in rows]) for lvl in range(len(groups))]

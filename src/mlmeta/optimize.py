@@ -207,8 +207,8 @@ def alternative_starts(model: NestedModel, theta_em, theta_best, scale=None):
         for r in range(N_RANDOM_STARTS):
             t = np.where(sd_like, rng.uniform(0.05, 2.0, k),
                          np.where(corr_like, rng.uniform(-0.5, 0.5, k), rng.uniform(-1.0, 1.0, k)))
-            starts.append((f"random start {r + 1}", np.clip(t * np.where(corr_like, 1.0, scale),
-                                                           model.lower, model.upper)))
+            t = np.clip(t * np.where(corr_like, 1.0, scale), model.lower, model.upper)
+            starts.append((f"random start {r + 1}", t))
     for lvl, (s, sl) in enumerate(zip(model.structs, model.theta_slices)):
         t = theta_best.copy()
         t[sl] = 0.0
@@ -301,7 +301,7 @@ def _fit(model, *, theta0, em_iter, em_tol, em_only, maxiter, tol, safeguard, ve
         return rec
     n_em = 10 * maxiter if em_only else em_iter
     run = run_engine(model, theta, lower=lower, upper=upper, em_iter=n_em, em_tol=em_tol,
-               em_only=em_only, maxiter=min(maxiter, MAIN_ITER), tol=tol, log=verbose)
+                     em_only=em_only, maxiter=min(maxiter, MAIN_ITER), tol=tol, log=verbose)
     rec.n_em = int(run["n_em"][0])
     rec.theta_em = run["theta_em"][0].copy()
     rec.n_evals = int(run["n_evals"][0])
@@ -340,7 +340,7 @@ def _finish(model, rec, theta, f, conv, *, lower, upper, maxiter, tol, safeguard
     scale = theta_scale(model, theta if Yw is None else None)
     work = Work(rec.n_iter, rec.n_evals)
     theta, f, conv, note = refine(model, theta, f, conv, work, lower=lower, upper=upper, tol=tol,
-                                   maxiter=maxiter, max_evals=np.inf, scale=scale, Yw=Yw)
+                                  maxiter=maxiter, max_evals=np.inf, scale=scale, Yw=Yw)
     rec.n_iter, rec.n_evals = work.iters, work.evals
     if note:
         rec.messages.append(note)
@@ -361,8 +361,8 @@ def _finish(model, rec, theta, f, conv, *, lower, upper, maxiter, tol, safeguard
         idx = np.flatnonzero(sel)
         if idx.size:
             got = rounds(model, [starts[i][1] for i in idx], lower=lower, upper=upper, tol=tol,
-                          maxiter=maxiter, budget=budget, quasi=True, known=known, Yw=Yw,
-                          threads=threads)
+                         maxiter=maxiter, budget=budget, quasi=True, known=known, Yw=Yw,
+                         threads=threads)
             for i, r in zip(idx, got):
                 runs[i] = r
     # with a custom level's free correlations, whose feasible set is not a box, the engine's
@@ -372,7 +372,7 @@ def _finish(model, rec, theta, f, conv, *, lower, upper, maxiter, tol, safeguard
     wide = [st for st in starts if st[0] == "natural scale" or st[0].startswith("random")]
     for label, t0 in wide if custom_correlations(model, theta) else []:
         th, fq, n, _ = quasi_newton(model, t0, f, lower=lower, upper=upper, scale=scale, Yw=Yw,
-                                     maxiter=max(1, min(200, budget // per)))
+                                    maxiter=max(1, min(200, budget // per)))
         starts.append((f"{label}, quasi-Newton", t0))
         runs.append(dict(theta=th, dev=fq, conv=False, joined=False, evals=n, iters=0, cut=False,
                          stalled=False))
@@ -390,7 +390,7 @@ def _finish(model, rec, theta, f, conv, *, lower, upper, maxiter, tol, safeguard
         # a lower deviance than the best so far, converged or not: take it on (its own budget)
         w = Work()
         th, fc, cc, _ = refine(model, r["theta"], r["dev"], False, w, lower=lower, upper=upper,
-                                tol=tol, maxiter=maxiter, max_evals=budget, scale=scale, Yw=Yw)
+                               tol=tol, maxiter=maxiter, max_evals=budget, scale=scale, Yw=Yw)
         rec.n_evals += w.evals
         if not cc and w.evals >= budget:
             rec.cut_short.append((f"{label} (continued)", w.evals))

@@ -34,6 +34,7 @@ __all__ = ["DECREMENT_TOL", "ROUND_ITER", "theta_scale", "run_engine", "noise", 
            "deviances", "custom_correlations", "off_pd_boundary", "quasi_newton", "Work",
            "refine"]
 
+
 #: twice the largest decrease of the deviance that quasi-Newton steps may still find
 #: at a converged fit (deviance units)
 DECREMENT_TOL = 1e-5
@@ -41,6 +42,7 @@ DECREMENT_TOL = 1e-5
 ROUND_ITER = 10
 #: sizes of the steps off a bound, relative to the parameter's natural size
 _PROBES = 10.0 ** np.arange(-8, 2)
+
 
 def theta_scale(model: NestedModel, theta=None) -> np.ndarray:
     """The natural size of each covariance parameter: the value at which the effects it
@@ -83,9 +85,8 @@ def theta_scale(model: NestedModel, theta=None) -> np.ndarray:
     return out
 
 
-
-def run_engine(model, thetas, *, lower, upper, em_iter=0, em_tol=0.0, em_only=False, maxiter=1000,
-         tol=1e-6, quasi=False, known=None, threads=1, log=False, Yw=None):
+def run_engine(model, thetas, *, lower, upper, em_iter=0, em_tol=0.0, em_only=False,
+               maxiter=1000, tol=1e-6, quasi=False, known=None, threads=1, log=False, Yw=None):
     """Engine runs from each row of ``thetas`` (for the design's own outcome, or for the
     whitened outcome ``Yw``); the engine's dict of per-run arrays."""
     kt, kd = (None, np.inf) if known is None else (known[0], float(known[1]))
@@ -97,15 +98,13 @@ def run_engine(model, thetas, *, lower, upper, em_iter=0, em_tol=0.0, em_only=Fa
                              n_threads=int(threads), log=log)
 
 
-
 def noise(f) -> float:
     """A change of the deviance below rounding: 1e-10 max(1, |f|)."""
     return 1e-10 * max(1.0, abs(float(f)))
 
 
-
 def rounds(model, thetas, *, lower, upper, tol, maxiter, budget, quasi=False, known=None,
-            Yw=None, threads=1):
+           Yw=None, threads=1):
     """Engine runs from each row of ``thetas`` in rounds of ROUND_ITER iterations. A run
     stops when it converges, joins ``known``, fails, stalls (a round that lowers its
     deviance by no more than rounding) or has spent ``budget`` evaluations or ``maxiter``
@@ -117,9 +116,9 @@ def rounds(model, thetas, *, lower, upper, tol, maxiter, budget, quasi=False, kn
     active = list(range(len(out)))
     while active:
         left = min(maxiter - out[i]["iters"] for i in active)
-        r = run_engine(model, np.array([out[i]["theta"] for i in active]), lower=lower, upper=upper,
-                 maxiter=max(1, min(ROUND_ITER, left)), tol=tol, quasi=quasi, known=known,
-                 Yw=Yw, threads=threads)
+        r = run_engine(model, np.array([out[i]["theta"] for i in active]), lower=lower,
+                       upper=upper, maxiter=max(1, min(ROUND_ITER, left)), tol=tol, quasi=quasi,
+                       known=known, Yw=Yw, threads=threads)
         nxt = []
         for j, i in enumerate(active):
             s = out[i]
@@ -143,11 +142,9 @@ def rounds(model, thetas, *, lower, upper, tol, maxiter, budget, quasi=False, kn
     return out
 
 
-
 def deviances(model, thetas, *, lower, upper, Yw=None):
     """The deviance at each row of ``thetas`` (engine runs of no iterations)."""
     return run_engine(model, thetas, lower=lower, upper=upper, maxiter=0, Yw=Yw)["deviance"]
-
 
 
 def _off_bounds(model, theta, f, *, lower, upper, scale, Yw=None):
@@ -187,7 +184,6 @@ def _off_bounds(model, theta, f, *, lower, upper, scale, Yw=None):
     return None
 
 
-
 def custom_correlations(model, theta):
     """Per custom level with free correlations: (their theta indices, the smallest
     eigenvalue of the level's correlation matrix at theta)."""
@@ -198,7 +194,6 @@ def custom_correlations(model, theta):
             R = s._sd_R(theta[sl])[1]
             out.append((idx, float(np.linalg.eigvalsh(R)[0])))
     return out
-
 
 
 def off_pd_boundary(model, theta) -> list:
@@ -221,7 +216,6 @@ def off_pd_boundary(model, theta) -> list:
     return probes
 
 
-
 def _unidentified_correlations(model, i) -> list:
     """The theta indices of a custom level's correlations that involve the effects of its
     SD parameter ``i`` (left anywhere while that SD is zero: a step off zero tries them at
@@ -236,7 +230,6 @@ def _unidentified_correlations(model, i) -> list:
             return [sl.start + n_sd + c for c, pairs in enumerate(s._corr_free)
                     if any(a in eff or b in eff for a, b in pairs)]
     return []
-
 
 
 def _objective(model, f_ref, *, lower, upper, scale, Yw=None):
@@ -270,7 +263,6 @@ def _objective(model, f_ref, *, lower, upper, scale, Yw=None):
     return fun, count
 
 
-
 def quasi_newton(model, theta, f, *, lower, upper, scale, Yw=None, maxiter=30):
     """L-BFGS-B (scipy) on the engine's deviance from theta, in scaled parameters
     (theta_i / theta_scale_i, so its steps do not depend on units): an independent check
@@ -288,7 +280,6 @@ def quasi_newton(model, theta, f, *, lower, upper, scale, Yw=None, maxiter=30):
     return th, float(r.fun), count[0], int(r.nit)
 
 
-
 class Work:
     """What a refinement spent: iterations (Newton and quasi-Newton) and evaluations."""
 
@@ -296,9 +287,8 @@ class Work:
         self.iters, self.evals = iters, evals
 
 
-
 def refine(model, theta, f, conv, work, *, lower, upper, tol, maxiter, max_evals, scale,
-            Yw=None):
+           Yw=None):
     """Take a fit to a certified stationary point, within ``maxiter`` iterations and
     ``max_evals`` evaluations in all (``work`` counts them). A converged fit is checked
     (module docstring: steps off the bounds, quasi-Newton steps in scaled parameters);
@@ -307,9 +297,9 @@ def refine(model, theta, f, conv, work, *, lower, upper, tol, maxiter, max_evals
     parameters) and Newton rounds, until Newton converges and the checks hold, or the
     budget is spent, or nothing moves any more. Returns (theta, f, conv, note or None)."""
     note = None
+
     def enough(v):
         return 0.5 * DECREMENT_TOL + 10 * noise(v)
-
 
     def spent():
         return work.iters >= maxiter or work.evals >= max_evals
@@ -323,8 +313,8 @@ def refine(model, theta, f, conv, work, *, lower, upper, tol, maxiter, max_evals
                 note = ("a step off the boundary of the parameter space lowered the deviance; "
                         "the fit went on from there")
             else:
-                th, fq, n, _ = quasi_newton(model, theta, f, lower=lower, upper=upper, scale=scale,
-                                             Yw=Yw, maxiter=200)
+                th, fq, n, _ = quasi_newton(model, theta, f, lower=lower, upper=upper,
+                                            scale=scale, Yw=Yw, maxiter=200)
                 work.evals += n
                 if not fq < f - enough(f):
                     return theta, f, True, note
@@ -335,8 +325,8 @@ def refine(model, theta, f, conv, work, *, lower, upper, tol, maxiter, max_evals
             break
         f_before = f
         r = rounds(model, theta, lower=lower, upper=upper, tol=tol,
-                    maxiter=min(3 * ROUND_ITER, maxiter - work.iters), budget=max_evals - work.evals,
-                    Yw=Yw)[0]
+                   maxiter=min(3 * ROUND_ITER, maxiter - work.iters), budget=max_evals - work.evals,
+                   Yw=Yw)[0]
         work.iters += r["iters"]
         work.evals += r["evals"]
         if r["dev"] <= f:
@@ -347,7 +337,7 @@ def refine(model, theta, f, conv, work, *, lower, upper, tol, maxiter, max_evals
         # charged so against the iteration limit
         per = model.n_theta + 1
         th, fq, n, nit = quasi_newton(model, theta, f, lower=lower, upper=upper, scale=scale,
-                                       Yw=Yw, maxiter=max(1, min(200, (maxiter - work.iters) * per)))
+                                      Yw=Yw, maxiter=max(1, min(200, (maxiter - work.iters) * per)))
         work.iters += -(-nit // per)
         work.evals += n
         if fq < f - enough(f):

@@ -163,9 +163,10 @@ def _finish(model, Yw, out, maxiter, tol, safeguard, rows=None):
     for j in range(Yw.shape[0]) if rows is None else rows:
         if not np.isfinite(out["deviance"][j]):
             continue
-        th, _, conv, n, n_iter = finish_outcome(model, Yw[j], out["theta"][j], out["deviance"][j],
-                                        out["converged"][j], out["theta_em"][j], maxiter=maxiter,
-                                        tol=tol, safeguard=safeguard, n_iter=out["n_iter"][j])
+        th, _, conv, n, n_iter = finish_outcome(
+            model, Yw[j], out["theta"][j], out["deviance"][j], out["converged"][j],
+            out["theta_em"][j], maxiter=maxiter, tol=tol, safeguard=safeguard,
+            n_iter=out["n_iter"][j])
         out["n_evals"][j] += n
         out["n_iter"][j] = n_iter
         out["converged"][j] = conv
