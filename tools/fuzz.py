@@ -119,9 +119,13 @@ class Oracle:
         return out
 
     def maximise(self, theta0, maxiter=100):
-        """(llf, theta) of L-BFGS-B on the dense deviance from theta0 (scaled variables)."""
+        """(llf, theta) of L-BFGS-B on the dense deviance from theta0 (scaled variables);
+        at least the value at theta0 itself."""
         from scipy import optimize
 
+        at0 = -0.5 * self.dev(theta0)
+        if self.m.n_theta == 0:
+            return at0, np.asarray(theta0, dtype=float)
         s = self.scale
         lo, up = self.lower / s, self.upper / s
         bounds = list(zip(np.where(np.isinf(lo), None, lo), np.where(np.isinf(up), None, up)))
@@ -135,6 +139,8 @@ class Oracle:
             warnings.simplefilter("ignore")
             r = optimize.minimize(f, z0, method="L-BFGS-B", bounds=bounds,
                                   options={"maxiter": maxiter})
+        if not -0.5 * float(r.fun) > at0:        # (theta0 / s) * s may round off an edge
+            return at0, np.asarray(theta0, dtype=float)
         return -0.5 * float(r.fun), r.x * s
 
     def starts(self, rng):

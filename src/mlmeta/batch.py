@@ -171,7 +171,7 @@ def _batchable(model: Model):
     return None
 
 
-def fit_batch(model: Model, Y, *, n_jobs=None, em_iter=20, maxiter=200, tol=1e-6,
+def fit_batch(model: Model, Y, *, n_jobs=None, em_iter=20, maxiter=1000, tol=1e-6,
               theta0=None, executor=None, safeguard="auto") -> BatchResults:
     """Fit every column of ``Y`` (rows as the used data rows, or as all data rows)
     with the model's design and sampling variances.

@@ -185,7 +185,8 @@ def alternative_starts(model: NestedModel, theta_em, theta_best, scale=None):
     """Cheap extra starts: the EM start shrunk and inflated, the optimum with each
     level (and each variance of a multi-effect level) pushed to zero, and starts away
     from the EM path: every variance parameter at half its natural size (``scale``,
-    :func:`theta_scale`; the others at 0), and N_RANDOM_STARTS pseudo-random ones (variance
+    :func:`theta_scale`; the others at 0), so again with each level at zero, and
+    N_RANDOM_STARTS pseudo-random ones (variance
     parameters at 0.05 .. 2 times their natural size, correlations in (-0.5, 0.5), other
     parameters in (-1, 1) times their natural size)."""
     starts = [("EM start x 0.1", theta_em * 0.1), ("EM start x 3", theta_em * 3.0)]
@@ -202,7 +203,13 @@ def alternative_starts(model: NestedModel, theta_em, theta_best, scale=None):
         k = model.n_theta
         sd_like = model.lower == 0.0
         corr_like = np.isfinite(model.lower) & (model.lower < 0.0)
-        starts.append(("natural scale", np.where(sd_like, 0.5 * scale, 0.0)))
+        natural = np.where(sd_like, 0.5 * scale, 0.0)
+        starts.append(("natural scale", natural))
+        if len(model.structs) > 1:      # which level carries a variance can be multimodal
+            for lvl, sl in enumerate(model.theta_slices):
+                t = natural.copy()
+                t[sl] = 0.0
+                starts.append((f"natural scale, level {lvl + 1} at zero", t))
         rng = np.random.default_rng([model.n_obs, k, 17])
         for r in range(N_RANDOM_STARTS):
             t = np.where(sd_like, rng.uniform(0.05, 2.0, k),
@@ -335,8 +342,40 @@ def _fit(model, *, theta0, em_iter, em_tol, em_only, maxiter, tol, safeguard, ve
 
 def _finish(model, rec, theta, f, conv, *, lower, upper, maxiter, tol, safeguard, Yw=None):
     """After the main engine run: refine it to a certified stationary point (:func:`refine`),
-    run the extra starts (``safeguard``) and continue the promising ones. Updates
+    run the extra starts (``safeguard``) and continue the promising ones, and end where
+    the covariance structures can be written out (:func:`_representable`). Updates
     ``rec`` (iterations, evaluations, candidates, messages); returns (theta, f, conv)."""
+    theta, f, conv = _search(model, rec, theta, f, conv, lower=lower, upper=upper, maxiter=maxiter,
+                             tol=tol, safeguard=safeguard, Yw=Yw)
+    return _representable(model, theta, f, conv, lower=lower, upper=upper, Yw=Yw)
+
+
+def _representable(model, theta, f, conv, *, lower, upper, Yw=None):
+    """(theta, f, conv), with a custom level's free correlations shrunk towards 0 by 1e-12 ..
+    1e-6 (relative) where its correlation matrix is so near the edge of the positive
+    definite set that the engine's factorisation takes it but NumPy's (results,
+    postestimation) does not; the deviance moves by rounding only."""
+    try:
+        model.T_list(theta)
+        return theta, f, conv
+    except FloatingPointError:
+        pass
+    idx = np.concatenate([i for i, _ in custom_correlations(model, theta)] or [np.zeros(0, int)])
+    for c in (1e-12, 1e-10, 1e-8, 1e-6):
+        t = theta.copy()
+        t[idx] *= 1.0 - c
+        try:
+            model.T_list(t)
+        except FloatingPointError:
+            continue
+        fc = float(deviances(model, t, lower=lower, upper=upper, Yw=Yw)[0])
+        if np.isfinite(fc):
+            return t, fc, conv and fc <= f + 1e-9 * max(1.0, abs(f))
+    return theta, f, conv
+
+
+def _search(model, rec, theta, f, conv, *, lower, upper, maxiter, tol, safeguard, Yw=None):
+    """:func:`_finish` but the last step."""
     scale = theta_scale(model, theta if Yw is None else None)
     work = Work(rec.n_iter, rec.n_evals)
     theta, f, conv, note = refine(model, theta, f, conv, work, lower=lower, upper=upper, tol=tol,
@@ -355,13 +394,17 @@ def _finish(model, rec, theta, f, conv, *, lower, upper, maxiter, tol, safeguard
     # starts right next to the optimum (off a zero, off a custom level's edge) may not stop
     # on coming near it: the engine's "near" is measured on the sampling scale, wider than
     # the basins they look for
+    # starts away from the EM path (natural scale, random) run full Newton steps: the
+    # BFGS-updated exploration can settle short of the basin such a start is in
     local = np.array([" off " in label for label, _ in starts])
+    wide = np.array([label.startswith(("natural scale", "random")) for label, _ in starts])
     runs = [None] * len(starts)
-    for sel, known in ((~local, (theta, f)), (local, None)):
+    for sel, known, quasi in ((~local & ~wide, (theta, f), True), (local, None, True),
+                              (wide, (theta, f), False)):
         idx = np.flatnonzero(sel)
         if idx.size:
             got = rounds(model, [starts[i][1] for i in idx], lower=lower, upper=upper, tol=tol,
-                         maxiter=maxiter, budget=budget, quasi=True, known=known, Yw=Yw,
+                         maxiter=maxiter, budget=budget, quasi=quasi, known=known, Yw=Yw,
                          threads=threads)
             for i, r in zip(idx, got):
                 runs[i] = r
@@ -369,8 +412,8 @@ def _finish(model, rec, theta, f, conv, *, lower, upper, maxiter, tol, safeguard
     # Newton stops at the edge of the positive definite set: from the starts away from the
     # EM path, scipy's quasi-Newton steps in scaled parameters too (they get along it)
     per = 1 if Yw is None else model.n_theta + 1
-    wide = [st for st in starts if st[0] == "natural scale" or st[0].startswith("random")]
-    for label, t0 in wide if custom_correlations(model, theta) else []:
+    away = [st for st in starts if st[0] == "natural scale" or st[0].startswith("random")]
+    for label, t0 in away if custom_correlations(model, theta) else []:
         th, fq, n, _ = quasi_newton(model, t0, f, lower=lower, upper=upper, scale=scale, Yw=Yw,
                                     maxiter=max(1, min(200, budget // per)))
         starts.append((f"{label}, quasi-Newton", t0))
@@ -500,7 +543,7 @@ def _fit_conditioned(model, A, *, t0, **options):
         rec = _fit(model, theta0=theta, em_only=False, fixed=None, t0=t0,
                    **{**options, "em_iter": 0, "safeguard": False})
         rec.n_evals += rec_w.n_evals
-        rec.messages = rec_w.messages + rec.messages
+        rec.messages = rec_w.messages + [m for m in rec.messages if m not in rec_w.messages]
         return rec
     # the same likelihood in another basis: the working fit's record, in the model's theta
     rec.theta, rec.deviance = theta, dev

@@ -11,7 +11,8 @@ definite set. :func:`refine` checks and continues such runs with the same object
   bound is set to the bound plus 1e-8 .. 10 times its natural size
   (:func:`theta_scale`, the size at which the effects it scales have the variance of
   the outcome: scale-free); a custom level's correlations left free by a zero SD are
-  tried at -0.9, 0 and 0.9 too, and a custom level at the edge of its positive
+  tried at -0.9, 0 and 0.9 too (for an unstructured level, the later rows of its factor
+  are turned towards the zero column), and a custom level at the edge of its positive
   definite set is shrunk into it or pushed to the rank-one corner;
 * quasi-Newton steps: scipy's L-BFGS-B on the engine's deviance and gradient in
   scaled parameters (theta_i / natural size_i), so that no unit matters;
@@ -166,6 +167,7 @@ def _off_bounds(model, theta, f, *, lower, upper, scale, Yw=None):
         if np.isfinite(lower[i]) and np.isfinite(upper[i]):
             steps = np.unique(np.minimum(steps, 0.5 * (upper[i] - lower[i])))
         partners = _unidentified_correlations(model, i) if at_lo else []
+        rotate = _rotations(model, i) if at_lo else None
         for h in steps:
             t = theta.copy()
             t[i] = np.clip(lower[i] + h if at_lo else upper[i] - h, lower[i], upper[i])
@@ -174,6 +176,8 @@ def _off_bounds(model, theta, f, *, lower, upper, scale, Yw=None):
                 tc = t.copy()
                 tc[partners] = r
                 probes.append(tc)
+            for c in (-0.9, 0.9) if rotate is not None else ():
+                probes.append(rotate(t, c))
     probes += off_pd_boundary(model, theta)
     if not probes:
         return None
@@ -232,11 +236,43 @@ def _unidentified_correlations(model, i) -> list:
     return []
 
 
+def _rotations(model, i):
+    """For the diagonal entry T_jj of an unstructured level (theta index ``i``), a map
+    (theta, c) -> theta with every later row of T turned so that its component along
+    column j is c times its length: while T_jj is zero those rows are free to turn (the
+    likelihood sees only their length), so a step off zero alone cannot find the
+    correlations the effect j needs. None for other parameters."""
+    for s, sl in zip(model.structs, model.theta_slices):
+        if not (sl.start <= i < sl.stop and s.kind == "unstructured"):
+            continue
+        rows, cols = s._rows, s._cols
+        k = i - sl.start
+        j = rows[k]
+        if cols[k] != j or j == s.q - 1:
+            return None
+
+        def turn(theta, c, s=s, sl=sl, j=j, rows=rows, cols=cols):
+            t = theta.copy()
+            T = s.T(t[sl])
+            for r in range(j + 1, s.q):
+                length = np.linalg.norm(T[r, :r + 1])
+                rest = [m for m in range(r + 1) if m != j]
+                norm_rest = np.linalg.norm(T[r, rest])
+                T[r, rest] = (T[r, rest] / norm_rest if norm_rest > 0
+                              else np.eye(len(rest))[-1]) * np.sqrt(1 - c * c) * length
+                T[r, j] = c * length
+            t[sl] = T[rows, cols]
+            return t
+
+        return turn
+    return None
+
+
 def _objective(model, f_ref, *, lower, upper, scale, Yw=None):
     """(deviance, gradient) in scaled parameters z = theta / scale, finite everywhere
     (outside the parameter space: a value far above ``f_ref``, so line searches back off),
     and a counter of evaluations. The gradient is the engine's analytic one for the
-    design's own outcome, forward differences (one engine call) for another outcome."""
+    design's own outcome, differences (one engine call) for another outcome."""
     big = f_ref + 1e6 * max(1.0, abs(f_ref))
     count = [0]
 
@@ -249,15 +285,25 @@ def _objective(model, f_ref, *, lower, upper, scale, Yw=None):
             except FloatingPointError:
                 return big, np.zeros_like(z)
             return ev.deviance, ev.grad * scale
-        h = 1e-7 * np.maximum(np.abs(z), 1.0)
-        zz = np.repeat(z[None, :], z.size + 1, axis=0)
-        up = z + h <= upper / scale
-        zz[1:][np.diag_indices(z.size)] = np.where(up, z + h, z - h)
+        # central differences where both sides are in the parameter space (one-sided
+        # ones are too coarse to see a shallow descent), else forward or backward ones
+        k = z.size
+        h = 1e-6 * np.maximum(np.abs(z), 1.0)
+        hi = np.minimum(z + h, upper / scale)
+        lo_ = np.maximum(z - h, lower / scale)
+        zz = np.repeat(z[None, :], 2 * k + 1, axis=0)
+        zz[1:k + 1][np.diag_indices(k)] = hi
+        zz[k + 1:][np.diag_indices(k)] = lo_
         devs = deviances(model, np.clip(zz * scale, lower, upper), lower=lower, upper=upper, Yw=Yw)
-        count[0] += z.size + 1
+        count[0] += 2 * k + 1
         if not np.isfinite(devs[0]):
             return big, np.zeros_like(z)
-        g = np.where(np.isfinite(devs[1:]), (devs[1:] - devs[0]) / np.where(up, h, -h), 0.0)
+        fp = np.where(np.isfinite(devs[1:k + 1]), devs[1:k + 1], devs[0])
+        fm = np.where(np.isfinite(devs[k + 1:]), devs[k + 1:], devs[0])
+        hp = np.where(np.isfinite(devs[1:k + 1]), hi - z, 0.0)
+        hm = np.where(np.isfinite(devs[k + 1:]), z - lo_, 0.0)
+        span = hp + hm
+        g = np.where(span > 0, (fp - fm) / np.where(span > 0, span, 1.0), 0.0)
         return float(devs[0]), g
 
     return fun, count

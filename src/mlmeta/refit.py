@@ -69,7 +69,7 @@ def _sigmas(model, theta, sigma2):
     return out
 
 
-def fit_outcomes(model: NestedModel, Y, *, theta0=None, em_iter=20, maxiter=200, tol=1e-6,
+def fit_outcomes(model: NestedModel, Y, *, theta0=None, em_iter=20, maxiter=1000, tol=1e-6,
                  n_jobs=1, executor=None, safeguard=False) -> dict:
     """Fit every column of ``Y`` (n_obs x m). Returns a dict of per-fit arrays: beta and
     se (m x p, the design's coefficients), deviance, theta, converged, n_iter, n_evals,
@@ -103,17 +103,34 @@ def fit_outcomes(model: NestedModel, Y, *, theta0=None, em_iter=20, maxiter=200,
         out = _fit_new_outcomes(model, Yw, theta0, em_iter, maxiter, tol, n_jobs, bool(safeguard))
     else:
         out = _fit_rebuilt(model, Y, theta0, em_iter, maxiter, tol, bool(safeguard))
-    failed = ~np.isfinite(out["deviance"])
     if model.problem.new_outcomes:     # the kernel's basis: beta = B beta~ (no shift: new y)
         B = d.B
         out["beta"] = out["beta"] @ B.T
         cov = np.einsum("ij,mjk,lk->mil", B, out["Hinv"], B)
         s2 = out["sigma2"] if model.residual == "profiled" else np.ones(m)
         out["se"] = np.sqrt(np.einsum("mii->mi", cov) * s2[:, None])
+        _refit_unconverged(model, Y, out, em_iter, maxiter, tol, bool(safeguard))
+    failed = ~np.isfinite(out["deviance"])
     sigma2 = np.where(failed, np.nan, out["sigma2"] if model.residual == "profiled" else 1.0)
     out["sigma2"] = np.where(failed, np.nan, out["sigma2"])
     out["Sigma"] = _sigmas(model, out["theta"], sigma2)
     return out
+
+
+def _refit_unconverged(model, Y, out, em_iter, maxiter, tol, safeguard):
+    """A fit of the batch that did not converge is made again as a single fit of its
+    outcome (a design built for it: the engine's analytic gradient in the refinement,
+    where the batch differences the deviance), and that fit is kept where it is better."""
+    redo = np.flatnonzero(np.isfinite(out["deviance"]) & ~out["converged"])
+    if not redo.size:
+        return
+    alt = _fit_rebuilt(model, Y[:, redo], None, em_iter, maxiter, tol, safeguard)
+    out["n_evals"][redo] += alt["n_evals"]
+    f = out["deviance"][redo]
+    better = alt["deviance"] < f - 1e-9 * np.maximum(1.0, np.abs(f))
+    rows = redo[better]
+    for key in ("theta", "deviance", "beta", "se", "converged", "n_iter", "sigma2"):
+        out[key][rows] = alt[key][better]
 
 
 def _fit_new_outcomes(model, Yw, theta0, em_iter, maxiter, tol, n_jobs, safeguard):
@@ -217,20 +234,25 @@ def concat_fits(parts) -> dict:
 
 
 def _fit_rebuilt(model, Y, theta0, em_iter, maxiter, tol, safeguard):
+    """Each column of Y fitted on a design built for it (``theta0`` None: from the default
+    start, in the well-scaled basis when the model needs one)."""
     d = model.design
     rows = []
+    variance = d.variance if d.Lambda is None else None
     for j in range(Y.shape[1]):
-        design = build_design(Y[d.perm, j], d.X, d.Z, d.groups, None, V=d.Lambda, n_tree=d.n_tree)
+        design = build_design(Y[d.perm, j], d.X, d.Z, d.groups, variance, V=d.Lambda,
+                              n_tree=d.n_tree)
         mj = NestedModel(design, model.structs, model.method, residual=model.residual)
         try:
-            rec = fit_model(mj, theta0=theta0[j], em_iter=em_iter, maxiter=maxiter, tol=tol,
-                            safeguard=safeguard)
+            rec = fit_model(mj, theta0=None if theta0 is None else theta0[j], em_iter=em_iter,
+                            maxiter=maxiter, tol=tol, safeguard=safeguard)
             ev = mj.evaluate(rec.theta)
             rows.append((rec.theta, rec.deviance, ev.beta, np.sqrt(np.diag(ev.cov_beta)),
                          rec.converged, rec.n_iter, rec.n_evals, ev.sigma2))
         except ValueError:          # the objective fails, or is inaccurate, at the optimum
             p = d.n_fe
-            rows.append((theta0[j], np.inf, np.full(p, np.nan), np.full(p, np.nan), False, 0, 0,
+            start = np.full(model.n_theta, np.nan) if theta0 is None else theta0[j]
+            rows.append((start, np.inf, np.full(p, np.nan), np.full(p, np.nan), False, 0, 0,
                          np.nan))
     cols = list(zip(*rows))
     return dict(theta=np.array(cols[0]), deviance=np.array(cols[1], dtype=float),

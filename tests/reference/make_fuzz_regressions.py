@@ -25,6 +25,13 @@ from fuzz_cases import make_case  # noqa: E402
 CASES = {
     "1:0": "mixed(): summary() raised FloatingPointError from the Satterthwaite differences "
            "(a custom level's correlations at the edge of the positive definite set)",
+    "1:975": "llf 9.8e-3 below the dense optimum from its estimates (a custom level at the edge "
+             "of the positive definite set)",
+    "1:1759": "a local optimum 0.40 below another (identity levels: which level carries the "
+              "variance)",
+    "1:1894": "fit_batch: llf 7.7e-3 below the dense optimum from its estimates (an exchangeable "
+              "level over uncentred years)",
+    "1:772": "fit_batch: llf below the dense optimum from its estimates and below another optimum",
 }
 
 
