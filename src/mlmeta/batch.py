@@ -183,8 +183,9 @@ def fit_batch(model: Model, Y, *, n_jobs=None, em_iter=20, maxiter=1000, tol=1e-
     A fit that fails (the objective undefined at its optimum) has NaN estimates
     and standard errors and ``converged=False``. Each fit is then checked and guarded
     as a single fit is (the stationarity check and, with ``safeguard`` as in
-    :func:`mlmeta.meregress`, the extra starts), so a column gets the fit
-    :meth:`Model.fit` would give it.
+    :func:`mlmeta.meregress`, the extra starts; a fit that still has not converged is
+    made again by :meth:`Model.fit`'s route and the better one kept), so a column gets
+    the fit :meth:`Model.fit` would give it.
 
     ``executor``: a :class:`concurrent.futures.Executor` or a Dask
     ``distributed.Client``. The columns are then cut into a few contiguous chunks per

@@ -9,7 +9,8 @@ DECREMENT_TOL / 2, and where they do Newton goes on from there. The main run get
 MAIN_ITER Newton iterations; a run still going by then is crawling, and the
 refinement takes it on (charged to ``maxiter``).
 
-Extra starts (:func:`alternative_starts`) run in rounds of ROUND_ITER iterations; a
+Extra starts (:func:`alternative_starts`) run in rounds of ROUND_ITER iterations (BFGS
+updates of one differenced Hessian near the EM path, full Newton steps away from it); a
 start stops when it converges, joins the known optimum, stalls (a round that does not
 lower its deviance) or has spent its evaluation budget,
 ``max(EXTRA_EVALS_FACTOR x the main fit's evaluations, EXTRA_MIN_EVALS x (n_theta + 1))``,
