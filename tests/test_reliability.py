@@ -183,3 +183,42 @@ def test_an_sd_interval_beyond_the_largest_float_is_inf_without_a_warning():
             (_, est, se, lo, hi), = component_table(comps, np.array([[1e6]]), [0], None, None,
                                                     variance=variance)
             assert hi == np.inf and 0.0 <= lo < est
+
+
+def test_condition_bound_of_the_random_effects_precision(schoolcal):
+    """c_condition bounds cond(C), C = I + T'Z'Lambda^-1 Z T, from above up to the number
+    of levels (it takes the worst level, not their sum), and not by a hundred times more, on a design
+    with a random slope and a crossed level."""
+    from dense import dense_ZT
+
+    df = schoolcal.assign(k=np.arange(len(schoolcal)) % 5)
+    model, _, _ = build_model("stdmdiff ~ year_c + (1 + year_c | district) + (1 | district:school)"
+                              " + (1 | k)", df, variance="var")
+    d = model.design
+    rng = np.random.default_rng(1)
+    for scale in (0.1, 10.0, 1e4):
+        theta = np.abs(rng.normal(size=model.n_theta)) * scale
+        ZT = dense_ZT(d.Z, d.groups, model.T_list(theta)) / np.sqrt(d.variance)[:, None]
+        true = np.linalg.eigvalsh(np.eye(ZT.shape[1]) + ZT.T @ ZT)[-1]
+        est = optimize.c_condition(model, theta)
+        assert (true - 1) / d.n_levels <= (est - 1) * (1 + 1e-12)
+        assert est - 1 <= 100 * (true - 1)
+
+
+def test_huge_factors_count_in_the_rounding_error():
+    assert optimize.rounding_error(1.0, np.zeros(1), np.eye(1), reml=True, kappa=1e12) > \
+        optimize.ROUNDING_TOL > optimize.rounding_error(1.0, np.zeros(1), np.eye(1), reml=True,
+                                                       kappa=1e6)
+
+
+def test_a_covariance_whose_variance_the_information_gives_as_negative_has_no_se():
+    from mlmeta.vcomp import VarComp, component_table
+
+    comps = [VarComp(0, "g", "sd", (0,), "sd(x)", "var(x)", 0.5, False),
+             VarComp(0, "g", "sd", (1,), "sd(_cons)", "var(_cons)", 0.4, False),
+             VarComp(0, "g", "corr", ((0, 1),), "corr(x,_cons)", "cov(x,_cons)", 0.3, False)]
+    cov = np.array([[1e-2, 0, 0], [0, -1.0, 0], [0, 0, 1e-2]])     # a rounding artefact
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rows = component_table(comps, cov, [0, 1, 2], None, None, variance=True)
+    assert rows[1][2] is None and rows[2][2] is None and rows[0][2] > 0

@@ -42,6 +42,7 @@ from mlmeta.validate import safeguard as _safeguard
 
 __all__ = ["FitRecord", "fit_nested", "fit_model", "start_theta", "alternative_starts",
            "conditioning", "conditioned_model", "theta_scale", "finish_outcome", "rounding_error",
+           "c_condition", "second_opinion",
            "DECREMENT_TOL", "ROUNDING_TOL", "MAIN_ITER"]
 
 #: budget of one extra start: this many times the main fit's evaluations ...
@@ -79,7 +80,7 @@ class FitRecord:
     cut_short: list = field(default_factory=list)     # (label, evaluations) of starts stopped
 
 
-def rounding_error(yy, beta_work, Hinv_work, *, reml, sigma2=1.0) -> float:
+def rounding_error(yy, beta_work, Hinv_work, *, reml, sigma2=1.0, kappa=1.0) -> float:
     """An estimate of the rounding error of the deviance the engine computes.
 
     The engine forms ``A'V^-1A = A'Lambda^-1A - K'K`` (Woodbury, A = [X, y] whitened, in
@@ -90,21 +91,55 @@ def rounding_error(yy, beta_work, Hinv_work, *, reml, sigma2=1.0) -> float:
 
         err = C eps [ (sqrt(yy) + |b|)^2 / sigma^2 + tr(H^-1) (REML) ]
 
-    (sigma^2 the profiled residual variance, 1 for known sampling variances; C = 10).
-    Variances some 1e10 times the sampling variances make it exceed :data:`ROUNDING_TOL`."""
+    (sigma^2 the profiled residual variance, 1 for known sampling variances; C = 10),
+    plus ``C eps kappa`` for the factorisation of the random effects' precision, kappa
+    the bound of its condition number (:func:`c_condition`). Variances some 1e10 times
+    the sampling variances, or factors T so large that kappa passes 1e10, make it exceed
+    :data:`ROUNDING_TOL`."""
     eps = np.finfo(float).eps
     b = float(np.linalg.norm(beta_work)) if np.size(beta_work) else 0.0
     q = (np.sqrt(max(float(yy), 0.0)) + b) ** 2 / float(sigma2)
     if reml and np.size(Hinv_work):
         q += abs(float(np.trace(Hinv_work)))
-    return _ROUNDING_C * eps * q
+    return _ROUNDING_C * eps * (q + float(kappa))
 
 
-def _model_rounding_error(model, theta) -> float:
+def c_condition(model: NestedModel, theta) -> float:
+    """A bound on the condition number of C = I + T'Z'Lambda^-1 Z T (the random effects'
+    precision relative to their prior): 1 + max over levels of ||T_l||^2 times the largest
+    trace of a group's whitened cross-product Z_g'Lambda^-1 Z_g (the kernel's own
+    blocks; a crossed level's are on the border's diagonal). The engine's Cholesky factor
+    of C, log|C| and its solves lose about eps times this of their accuracy."""
+    d = model.design
+    K = d.kernel
+    ZZ = np.asarray(K.ZZ)
+    worst = 0.0
+    for lvl, T in enumerate(model.T_list(theta)):
+        q = T.shape[0]
+        r = np.arange(q)
+        t2 = float(np.linalg.norm(T, 2)) ** 2
+        if t2 == 0.0:
+            continue
+        if lvl >= d.n_tree:
+            S0 = d.border["S0"]
+            o = d.border["b_off"][lvl] + np.arange(d.n_groups[lvl]) * q
+            tr = np.diag(S0)[o[:, None] + r[None, :]].sum(axis=1)
+        else:
+            nodes = d.node_of_group[lvl]
+            o = d.offset_of_group[lvl]
+            na = K.nq[nodes]
+            base = K.zz_ptr[nodes] + K.diag_offset(nodes)
+            tr = ZZ[base[:, None] + (o[:, None] + r) * (1 + na[:, None])].sum(axis=1)
+        worst = max(worst, t2 * float(tr.max()))
+    return 1.0 + worst
+
+
+def _model_rounding_error(model, theta, kappa=True) -> float:
     ev = model.evaluate(theta)
     d = model.design
     return rounding_error(float(d.yw @ d.yw), ev.beta_work, ev.Hinv_work, reml=model.method == "reml",
-                          sigma2=ev.sigma2 if model.residual == "profiled" else 1.0)
+                          sigma2=ev.sigma2 if model.residual == "profiled" else 1.0,
+                          kappa=c_condition(model, theta) if kappa else 0.0)
 
 
 def _variance_ratio(model) -> float:
@@ -119,8 +154,10 @@ def _variance_ratio(model) -> float:
 def fit_model(model: NestedModel, **options) -> FitRecord:
     """:func:`fit_nested` for the public entry points (``meregress``, ``mixed``,
     ``Model.fit``): a fit whose objective fails, or whose deviance the engine cannot
-    compute to within :data:`ROUNDING_TOL` at the estimates (:func:`rounding_error`), is a
-    ValueError that says why, instead of a FloatingPointError or a wrong log-likelihood."""
+    compute to within :data:`ROUNDING_TOL` at the estimates (:func:`rounding_error`; where
+    only the bound on the condition of C says so, the deviance computed again in another
+    basis must agree to ROUNDING_TOL / 10, :func:`second_opinion`), is a ValueError that
+    says why, instead of a FloatingPointError or a wrong log-likelihood."""
     ratio = _variance_ratio(model)
     scale = (f" The outcome varies about {ratio:.0e} times more around the fixed effects "
              f"than its sampling variances allow: variances that far apart are beyond double "
@@ -131,7 +168,8 @@ def fit_model(model: NestedModel, **options) -> FitRecord:
     except FloatingPointError as exc:
         raise ValueError(f"the model cannot be fitted: {exc}.{scale}") from None
     try:
-        err = _model_rounding_error(model, rec.theta)
+        err = _model_rounding_error(model, rec.theta, kappa=False)
+        kappa = c_condition(model, rec.theta)
     except FloatingPointError as exc:
         raise ValueError(f"the model cannot be fitted: {exc} at the estimates.{scale}") from None
     if err > ROUNDING_TOL:
@@ -140,7 +178,57 @@ def fit_model(model: NestedModel, **options) -> FitRecord:
             f"about {err:.0e}): the random effects explain all but a tiny fraction of the "
             f"variation, and the engine's X'V^-1X and r'V^-1r are then differences of numbers "
             f"far larger than themselves.{scale or ' Rescale the outcome or simplify the model.'}")
+    if _ROUNDING_C * np.finfo(float).eps * kappa > ROUNDING_TOL:
+        # the bound on C's condition says the factorisation may have lost the deviance: a
+        # second computation in another basis says whether it has
+        diff = second_opinion(model, rec.theta)
+        if not diff <= 0.1 * ROUNDING_TOL:
+            raise ValueError(
+                f"the log-likelihood cannot be computed accurately at the estimates: the random "
+                f"effects' precision matrix I + T'Z'V^-1ZT is too badly conditioned (up to "
+                f"{kappa:.0e}), and the deviance computed in another basis differs by "
+                f"{diff:.1g}; very large variances or effects perfectly correlated with "
+                f"large ones lead there. Simplify the model or rescale its covariates.")
     return rec
+
+
+def second_opinion(model: NestedModel, theta) -> float:
+    """|deviance at theta - the same deviance computed in another basis|: every level's
+    design Z_l A_l with its slopes centred on the intercept column and scaled to unit SD
+    (the intercept to unit root mean square), written as an unstructured level with
+    ``Sigma~_l = A_l^-1 Sigma_l A_l^-T``. The likelihood is the same, the rounding is not:
+    the difference measures the error of the engine's factorisation there (inf where
+    either computation fails)."""
+    from mlmeta.covstruct import Unstructured
+    from mlmeta.design import build_design
+
+    d = model.design
+    A = []
+    for Z in d.Z:
+        q = Z.shape[1]
+        a = np.eye(q)
+        mean, sd = Z.mean(axis=0), Z.std(axis=0)
+        rms = np.sqrt(np.mean(Z * Z, axis=0))
+        const = sd <= 1e-12 * np.maximum(rms, 1e-300)
+        icol = next((j for j in range(q) if const[j] and abs(mean[j]) > 0), None)
+        for j in range(q):
+            if const[j]:
+                a[j, j] = 1.0 / rms[j] if rms[j] > 0 else 1.0
+            elif sd[j] > 0:
+                a[j, j] = 1.0 / sd[j]
+                if icol is not None:
+                    a[icol, j] = -(mean[j] / mean[icol]) / sd[j]
+        A.append(a)
+    try:
+        work = NestedModel(build_design(d.y, d.X, [Z @ a for Z, a in zip(d.Z, A)], d.groups,
+                                        d.variance, V=d.Lambda, n_tree=d.n_tree),
+                           [Unstructured(s.effect_names) for s in model.structs], model.method,
+                           residual=model.residual)
+        S = [np.linalg.solve(a, np.linalg.solve(a, Sl).T) for a, Sl in zip(A, model.Sigma_list(theta))]
+        th = work.theta_from_Sigmas([0.5 * (Sl + Sl.T) for Sl in S])
+        return abs(work.evaluate(th).deviance - model.evaluate(theta).deviance)
+    except (FloatingPointError, np.linalg.LinAlgError):
+        return np.inf
 
 
 def start_theta(model: NestedModel) -> np.ndarray:
@@ -544,7 +632,9 @@ def _fit_conditioned(model, A, *, t0, **options):
         rec = _fit(model, theta0=theta, em_only=False, fixed=None, t0=t0,
                    **{**options, "em_iter": 0, "safeguard": False})
         rec.n_evals += rec_w.n_evals
-        rec.messages = rec_w.messages + [m for m in rec.messages if m not in rec_w.messages]
+        # the working fit's notes, but its verdict on convergence: that is this fit's
+        rec.messages = [m for m in rec_w.messages if "did not converge" not in m] + \
+            [m for m in rec.messages if m not in rec_w.messages]
         return rec
     # the same likelihood in another basis: the working fit's record, in the model's theta
     rec.theta, rec.deviance = theta, dev

@@ -323,7 +323,10 @@ def quasi_newton(model, theta, f, *, lower, upper, scale, Yw=None, maxiter=30):
     r = optimize.minimize(fun, theta / scale, jac=True, method="L-BFGS-B", bounds=bounds,
                           options={"maxiter": maxiter, "ftol": 1e-13, "gtol": 1e-10})
     th = np.clip(r.x * scale, lower, upper)
-    return th, float(r.fun), count[0], int(r.nit)
+    # the deviance at the point returned (after a failed line search scipy's fun and x
+    # can belong to different iterates)
+    fq = float(fun(th / scale)[0])
+    return th, fq, count[0], int(r.nit)
 
 
 class Work:

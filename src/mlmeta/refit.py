@@ -23,7 +23,7 @@ import numpy as np
 from mlmeta import _executor
 from mlmeta.design import build_design
 from mlmeta.model import NestedModel
-from mlmeta.optimize import (MAIN_ITER, ROUNDING_TOL, conditioned_model, conditioning,
+from mlmeta.optimize import (MAIN_ITER, ROUNDING_TOL, c_condition, conditioned_model, conditioning,
                              finish_outcome, fit_model, rounding_error, start_theta)
 
 __all__ = ["simulate_outcomes", "fit_outcomes"]
@@ -118,33 +118,38 @@ def fit_outcomes(model: NestedModel, Y, *, theta0=None, em_iter=20, maxiter=1000
 
 
 def _refit_unconverged(model, Y, out, em_iter, maxiter, tol, safeguard):
-    """A fit of the batch that did not converge is made again as a single fit of its
-    outcome (a design built for it: the engine's analytic gradient in the refinement,
-    where the batch differences the deviance), and that fit is kept where it is better."""
-    redo = np.flatnonzero(np.isfinite(out["deviance"]) & ~out["converged"])
+    """Batch fits made again as single fits of their outcomes (a design built for each:
+    the engine's analytic gradient in the refinement where the batch differences the
+    deviance, and the outcome whitened and centred on the moderators before the
+    cross-products): those whose deviance the batch computation cannot give to within
+    ROUNDING_TOL (``out["inaccurate"]``; the single fit's answer, or its refusal, is
+    taken) and those that did not converge (the single fit kept where it is better)."""
+    inaccurate = out.pop("inaccurate")
+    redo = np.flatnonzero(inaccurate | (np.isfinite(out["deviance"]) & ~out["converged"]))
     if not redo.size:
         return
     alt = _fit_rebuilt(model, Y[:, redo], None, em_iter, maxiter, tol, safeguard)
     out["n_evals"][redo] += alt["n_evals"]
     f = out["deviance"][redo]
-    better = alt["deviance"] < f - 1e-9 * np.maximum(1.0, np.abs(f))
-    rows = redo[better]
+    take = inaccurate[redo] | (alt["deviance"] < f - 1e-9 * np.maximum(1.0, np.abs(f)))
+    rows = redo[take]
     for key in ("theta", "deviance", "beta", "se", "converged", "n_iter", "sigma2"):
-        out[key][rows] = alt[key][better]
+        out[key][rows] = alt[key][take]
 
 
 def _fit_new_outcomes(model, Yw, theta0, em_iter, maxiter, tol, n_jobs, safeguard):
     """The engine's fits of the whitened outcomes Yw (rows), finished one by one. As a
     single fit, they are made in the well-scaled basis of :func:`conditioning` when the
     model needs one, and mapped back; a fit whose deviance then differs by more than
-    1e-8 (relative) is finished on the model itself."""
+    1e-8 (relative) is finished on the model itself. ``out["inaccurate"]`` marks the fits
+    whose deviance the batch computation cannot give accurately (:func:`_inaccurate`)."""
     A = conditioning(model)
     if A is None:
         out = model.problem.fit(theta0, Yw, em_iter=int(em_iter),
                                 maxiter=min(int(maxiter), MAIN_ITER), tol=float(tol),
                                 n_threads=int(n_jobs))
         _finish(model, Yw, out, maxiter, tol, safeguard)
-        _drop_inaccurate(model, Yw, out)
+        out["inaccurate"] = _inaccurate(model, Yw, out)
         return out
     work, back = conditioned_model(model, A)
     inv = [np.linalg.inv(Al) for Al in A]
@@ -153,7 +158,6 @@ def _fit_new_outcomes(model, Yw, theta0, em_iter, maxiter, tol, n_jobs, safeguar
     out = work.problem.fit(theta_w, Yw, em_iter=int(em_iter), maxiter=min(int(maxiter), MAIN_ITER),
                            tol=float(tol), n_threads=int(n_jobs))
     _finish(work, Yw, out, maxiter, tol, safeguard)
-    _drop_inaccurate(work, Yw, out)
     ok = np.flatnonzero(np.isfinite(out["deviance"]))
     theta = out["theta"].copy()
     for j in range(theta.shape[0]):
@@ -169,7 +173,7 @@ def _fit_new_outcomes(model, Yw, theta0, em_iter, maxiter, tol, n_jobs, safeguar
         if redo.size:      # the map back lost precision (a singular Sigma): finish on the model
             out["converged"][redo] = False
             _finish(model, Yw, out, maxiter, tol, False, rows=redo)
-            _drop_inaccurate(model, Yw, out)
+    out["inaccurate"] = _inaccurate(model, Yw, out)
     return out
 
 
@@ -196,21 +200,18 @@ def _finish(model, Yw, out, maxiter, tol, safeguard, rows=None):
             out[key][moved] = at[key]
 
 
-def _drop_inaccurate(model, Yw, out):
-    """Mark as failed (deviance inf) the fits whose deviance the engine cannot compute
-    to within ROUNDING_TOL at their end: the single fit of that outcome is refused."""
-    d = model.design
-    p = d.n_fe
-    qty = np.linalg.lstsq(d.Xw, Yw.T, rcond=None)[0].T if p else np.zeros((Yw.shape[0], 0))
-    resid = Yw - qty @ d.Xw.T if p else Yw
+def _inaccurate(model, Yw, out) -> np.ndarray:
+    """Which fits' deviances the batch computation cannot give to within ROUNDING_TOL at
+    their end (:func:`mlmeta.optimize.rounding_error` of that computation: the outcome
+    whitened but not centred on the moderators, the working basis's coefficients)."""
+    bad = np.zeros(Yw.shape[0], dtype=bool)
     for j in np.flatnonzero(np.isfinite(out["deviance"])):
         s2 = out["sigma2"][j] if model.residual == "profiled" else 1.0
-        err = rounding_error(float(resid[j] @ resid[j]), out["beta"][j] - qty[j], out["Hinv"][j],
-                             reml=model.method == "reml", sigma2=s2)
-        if err > ROUNDING_TOL:
-            out["deviance"][j] = np.inf
-            out["converged"][j] = False
-            out["beta"][j] = out["se"][j] = np.nan
+        err = rounding_error(float(Yw[j] @ Yw[j]), out["beta"][j], out["Hinv"][j],
+                             reml=model.method == "reml", sigma2=s2,
+                             kappa=c_condition(model, out["theta"][j]))
+        bad[j] = err > ROUNDING_TOL
+    return bad
 
 
 def _fit_part(model, part, options):

@@ -254,7 +254,8 @@ def component_table(comps, cov_eta, free_pos, model, theta, level=95.0, variance
                 sds[(c.level, e)] = (c.value, free_pos[comps.index(c)])
     for idx, c in enumerate(comps):
         fp = free_pos[idx]
-        se_eta = np.sqrt(cov_eta[fp, fp]) if fp is not None and np.isfinite(cov_eta[fp, fp]) else None
+        # a variance that the (nearly singular) information gives as <= 0: no standard error
+        se_eta = np.sqrt(cov_eta[fp, fp]) if fp is not None and cov_eta[fp, fp] > 0 else None
         if c.kind == "sd":
             est = c.value ** 2 if variance else c.value
             if se_eta is None:
@@ -287,6 +288,10 @@ def component_table(comps, cov_eta, free_pos, model, theta, level=95.0, variance
                 grad[pi] += cov
                 grad[pj] += cov
                 grad[fp] += dcorr_deta(c.value, c.lower) * sdi * sdj
-                se = float(np.sqrt(grad @ cov_eta @ grad))
+                v = float(grad @ cov_eta @ grad)
+                if not v > 0:
+                    rows.append((c.label_var, cov, None, None, None))
+                    continue
+                se = np.sqrt(v)
                 rows.append((c.label_var, cov, se, cov - z * se, cov + z * se))
     return rows
