@@ -19,7 +19,7 @@ from mlmeta.covstruct import make_structure
 from mlmeta.design import build_design
 from mlmeta.formula import build_model_frame, parse_formula
 from mlmeta.model import NestedModel
-from mlmeta.optimize import fit_nested
+from mlmeta.optimize import fit_model
 from mlmeta.results import MeregressResults
 
 __all__ = ["meregress", "multilevel", "build_model", "sensitivity"]
@@ -210,7 +210,8 @@ def build_model(formula, data, *, se=None, variance=None, V=None, method="reml",
     if frame.y.shape[0] <= X.shape[1]:
         raise ValueError(f"{frame.y.shape[0]} observations for {X.shape[1]} fixed effects: at "
                          f"least one more observation than fixed effects is needed")
-    design = build_design(y, X, frame.Z, frame.groups, v, V=Vm, n_tree=frame.n_tree, known_R=known)
+    design = build_design(y, X, frame.Z, frame.groups, v, V=Vm, n_tree=frame.n_tree, known_R=known,
+                          cluster_labels=(frame.terms[0].group, frame.group_labels[0]))
     model = NestedModel(design, structs, method, fe_constraints=fc,
                         cluster_labels=(frame.terms[0].group, frame.group_labels[0]))
     return model, frame, parsed
@@ -376,7 +377,7 @@ def meregress(formula, data, *, se=None, variance=None, V=None, method="reml", c
                                        constraints=constraints, collinear=collinear, R=R)
     for note in frame.notes:
         warn(note, UserWarning)
-    record = fit_nested(model, em_iter=em_iter, em_tol=em_tol, em_only=em_only,
+    record = fit_model(model, em_iter=em_iter, em_tol=em_tol, em_only=em_only,
                         maxiter=maxiter, tol=tol, safeguard=safeguard, verbose=verbose)
     res = MeregressResults(model, frame, record, depvar=parsed.response,
                            sampling="se" if se is not None else ("V" if V is not None else "variance"),

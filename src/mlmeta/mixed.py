@@ -25,7 +25,7 @@ from mlmeta.design import build_design
 from mlmeta.formula import build_model_frame, parse_formula
 from mlmeta.kenward_roger import kenward_roger
 from mlmeta.model import NestedModel
-from mlmeta.optimize import fit_nested
+from mlmeta.optimize import fit_model
 from mlmeta.postestimation import WaldTest
 from mlmeta.results import MeregressResults
 
@@ -603,7 +603,7 @@ def mixed(formula, data, *, method="reml", covariance=None, constraints=None, co
                                              constraints=constraints, collinear=collinear, R=R)
     for note in frame.notes:
         warn(note, UserWarning)
-    record = fit_nested(model, em_iter=em_iter, em_tol=em_tol, em_only=em_only, maxiter=maxiter,
+    record = fit_model(model, em_iter=em_iter, em_tol=em_tol, em_only=em_only, maxiter=maxiter,
                         tol=tol, safeguard=safeguard, verbose=verbose)
     res = MixedResults(model, frame, record, depvar=parsed.response, sampling="residual",
                        options={"formula": formula, "em_iter": em_iter, "tol": tol, "test": test},

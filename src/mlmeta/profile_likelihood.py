@@ -27,6 +27,7 @@ from scipy import optimize, stats
 from mlmeta.covstruct import Custom, FactorLevels
 from mlmeta.optimize import fit_nested
 from mlmeta.summary import confidence_level
+from mlmeta.vcomp import corr_lower
 
 __all__ = ["ProfileMixin"]
 
@@ -57,7 +58,13 @@ class ProfileMixin:
                     pattern = [["sd" if i == j else (None if q == 2 else "rho") for j in range(q)]
                                for i in range(q)]
                 c = Custom(names, pattern)
-                s, th = c, c.from_Sigma(s.Sigma(self.theta[sl]), corr_bound=c.CORR_BOUND)
+                if s.kind == "exchangeable":   # (sd, rho), rho held just inside (-1/(q-1), 1)
+                    lo = corr_lower(s)
+                    sd, rho = s.report_values(self.theta[sl])
+                    th = np.array([sd, np.clip(rho, lo + 1e-9 * (1 - lo), c.CORR_BOUND)])
+                else:
+                    th = c.from_Sigma(s.Sigma(self.theta[sl]), corr_bound=c.CORR_BOUND)
+                s = c
             else:
                 th = self.theta[sl]
             if s.kind == "identity":
