@@ -98,6 +98,31 @@ def _sampling_variance(frame, se, variance):
     return v
 
 
+#: a sampling variance this many times smaller than the median sampling variance is
+#: below what the engine's whitening resolves: its row would outweigh the others by more
+#: than double precision carries through the random effects' factorisation
+TINY_VARIANCE_RATIO = 1e10
+
+
+def _check_tiny_variances(v, frame, data):
+    """ValueError naming the rows whose sampling variance v_i is below
+    median(v) / :data:`TINY_VARIANCE_RATIO`."""
+    v = np.asarray(v, dtype=float)
+    if not v.size:
+        return
+    spread = float(np.median(v))
+    tiny = np.flatnonzero(v < spread / TINY_VARIANCE_RATIO)
+    if tiny.size:
+        labels = list(getattr(data, "index", pd.RangeIndex(len(frame.sample)))[frame.sample][tiny])
+        shown = ", ".join(f"{lab!r} ({v[i]:.1e})" for lab, i in zip(labels[:5], tiny[:5]))
+        more = f" and {tiny.size - 5} more" if tiny.size > 5 else ""
+        raise ValueError(
+            f"{tiny.size} row(s) have sampling variances more than {TINY_VARIANCE_RATIO:.0e} times "
+            f"smaller than the median sampling variance ({spread:.2e}): rows {shown}{more}. Such an estimate "
+            f"counts as known exactly, beyond what double precision carries through the fit next "
+            f"to the other rows; check these variances (a unit error?), or drop or fix the rows.")
+
+
 def _structures(frame, covariance, known=None):
     """One structure per level; a level with a known correlation matrix across its groups
     (``known``: {level: R}) is sigma^2 R, an identity structure over its one effect."""
@@ -204,6 +229,7 @@ def build_model(formula, data, *, se=None, variance=None, V=None, method="reml",
         Vm, v = _sampling_covariance(frame, data, V), None
     else:
         Vm, v = None, _sampling_variance(frame, se, variance)
+    _check_tiny_variances(Vm.diagonal() if v is None else v, frame, data)
     known = known_correlations(frame, R)
     structs = _structures(frame, covariance, known)
     y, X, fc = constrained_design(frame, constraints)

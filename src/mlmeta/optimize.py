@@ -159,6 +159,11 @@ def fit_model(model: NestedModel, **options) -> FitRecord:
     basis must agree to ROUNDING_TOL / 10, :func:`second_opinion`), is a ValueError that
     says why, instead of a FloatingPointError or a wrong log-likelihood."""
     ratio = _variance_ratio(model)
+    if not np.isfinite(ratio):
+        raise ValueError("the outcome, in units of its sampling standard deviations, is too large: "
+                         "its sum of squares overflows double precision; check the outcome and its "
+                         "sampling variances (their units), or rescale them together (y by c, "
+                         "variances by c^2)")
     scale = (f" The outcome varies about {ratio:.0e} times more around the fixed effects "
              f"than its sampling variances allow: variances that far apart are beyond double "
              f"precision in the engine; check the sampling variances (or rescale them)."
