@@ -247,7 +247,7 @@ def run_case(seed, idx, verbose=False):
             if case.api == "batch":
                 import mlmeta
 
-                res = (res, mlmeta.fit_batch(res, case.Y, n_jobs=1))
+                res = (res, mlmeta.fit_batch(res, case.Y, n_jobs=1, safeguard="auto"))
             out["seconds"] = round(time.perf_counter() - t0, 3)
             if case.singular_V:
                 flags.append("singular")
@@ -320,7 +320,7 @@ def _check_batch(fitted, case, rng, out):
     Y = case.Y
     m, b1 = fitted
     out["n_evals"] = int(np.sum(b1.n_evals))
-    b8 = mlmeta.fit_batch(m, Y, n_jobs=8)
+    b8 = mlmeta.fit_batch(m, Y, n_jobs=8, safeguard="auto")
     same = all(np.array_equal(np.asarray(a), np.asarray(b), equal_nan=True) for a, b in
                ((b1.llf, b8.llf), (b1.theta, b8.theta), (b1.params, b8.params), (b1.bse, b8.bse)))
     if not same:

@@ -71,15 +71,64 @@ def _blas_controller():
     return _controller
 
 
+class _BlasLimit:
+    """Context manager: BLAS libraries at ``n`` threads inside, restored on leaving.
+
+    Limits nest, from any thread: entering one while the libraries already run at that
+    number is free, and the libraries' own settings come back when the last limit is
+    left. The thread counts are set through threadpoolctl's per-library controllers
+    directly (a few microseconds; ``ThreadpoolController.limit`` looks the libraries up
+    again on every call)."""
+
+    _lock = threading.Lock()
+    _active: list = []          # the limits entered and not yet left, in order
+    _applied = None             # the number the libraries are set to (None: their own)
+    _saved: list = []           # (library, its own number) while any limit is active
+
+    def __init__(self, libs, n):
+        self.libs, self.n = libs, int(n)
+
+    @classmethod
+    def _apply(cls, n):
+        if n != cls._applied:
+            for lib, own in cls._saved:
+                lib.set_num_threads(own if n is None else n)
+            cls._applied = n
+
+    def __enter__(self):
+        cls = _BlasLimit
+        with cls._lock:
+            if not cls._active:
+                cls._saved = [(lib, lib.get_num_threads()) for lib in self.libs]
+            cls._active.append(self.n)
+            cls._apply(self.n)
+        return self
+
+    def __exit__(self, *exc):
+        cls = _BlasLimit
+        with cls._lock:
+            cls._active.remove(self.n)
+            cls._apply(cls._active[-1] if cls._active else None)
+            if not cls._active:
+                cls._saved = []
+        return False
+
+
+_blas_libs = None
+
+
 def blas_threads(n=1):
     """Context manager limiting BLAS to ``n`` threads (a no-op when ``n`` is None or
     threadpoolctl is missing). Every fit runs inside ``blas_threads(1)``: its BLAS calls
     are on blocks of a few effects (a per-cluster tree) or, for crossed terms, one border
     whose factorisation is cheap next to the thread start-up and oversubscription costs."""
+    global _blas_libs
     if n is None:
         return contextlib.nullcontext()
-    try:
-        controller = _blas_controller()
-    except ImportError:
-        return contextlib.nullcontext()
-    return controller.limit(limits=int(n), user_api="blas")
+    if _blas_libs is None:
+        try:
+            controller = _blas_controller()
+        except ImportError:
+            return contextlib.nullcontext()
+        _blas_libs = [lib for lib in controller.lib_controllers if lib.user_api == "blas"]
+    return _BlasLimit(_blas_libs, n)

@@ -19,6 +19,7 @@ import pandas as pd
 
 from mlmeta import _executor
 from mlmeta._errors import warn
+from mlmeta._threads import blas_threads
 from mlmeta.api import build_model, constrained_design
 from mlmeta.design import build_design
 from mlmeta.mixed import MixedResults, build_mixed_model, check_outcome
@@ -334,7 +335,7 @@ def _batchable(model: Model):
 
 
 def fit_batch(model: Model, Y, *, n_jobs=None, em_iter=20, maxiter=1000, tol=1e-6,
-              theta0=None, executor=None, safeguard="auto") -> BatchResults:
+              theta0=None, executor=None, safeguard=False) -> BatchResults:
     """Fit every column of ``Y`` with the model's design and sampling variances.
 
     The whole optimisation (EM, then Newton steps) runs in the compiled engine with
@@ -344,11 +345,12 @@ def fit_batch(model: Model, Y, *, n_jobs=None, em_iter=20, maxiter=1000, tol=1e-
     parametric bootstraps) take well under a second. Models whose outcome cannot be
     swapped in the precomputed problem (a full ``V`` coupling rows, fixed-effect
     constraints) are refitted column by column with :meth:`Model.fit`, which runs
-    the same engine. Each fit is then checked and guarded as a single fit is (the
-    stationarity check and, with ``safeguard`` as in :func:`mlmeta.meregress`, the
-    extra starts; a fit that still has not converged is made again by
-    :meth:`Model.fit`'s route and the better one kept), so a column gets the fit
-    :meth:`Model.fit` would give it.
+    the same engine. Each fit is then checked as a single fit is (the stationarity
+    check; a fit that still has not converged is made again by :meth:`Model.fit`'s route
+    and the better one kept). The extra starts of a single fit are off by default (a
+    simulation study fits thousands of outcomes, each several times faster without
+    them); with ``safeguard=True`` or ``"auto"`` (as in :func:`mlmeta.meregress`) a
+    column gets the fit :meth:`Model.fit` would give it.
 
     With an ``executor`` the columns are cut into a few contiguous chunks per worker,
     each fitted there (with ``n_jobs`` threads, default 1) and the model sent once per
@@ -368,8 +370,8 @@ def fit_batch(model: Model, Y, *, n_jobs=None, em_iter=20, maxiter=1000, tol=1e-
         EM iterations, Newton iterations and gradient tolerance of each fit.
     theta0 : array-like, optional
         Start of every fit (estimation metric); default each column's own EM start.
-    safeguard : {"auto", True, False}
-        Extra starts for each fit, as in :func:`mlmeta.meregress`.
+    safeguard : {False, "auto", True}
+        Extra starts for each fit, as in :func:`mlmeta.meregress` (default: none).
     executor : concurrent.futures.Executor or distributed.Client, optional
         Runs the chunks of columns on its workers (threads, processes, a Dask
         cluster); the model is pickled to them. Default: this process's threads.
@@ -458,7 +460,13 @@ def _column_fit(model: Model, y, groups, options) -> dict:
 def _fit_columns(model: Model, Y, options) -> dict:
     """Fits of the columns of Y (one task of :func:`fit_batch`): a dict of per-column
     arrays beta, se, llf, theta, converged, n_iter, n_evals, Sigma (per level) and, from
-    the engine's batch path, sigma2."""
+    the engine's batch path, sigma2. BLAS runs at one thread (the same numbers wherever
+    the task runs)."""
+    with blas_threads(1):
+        return _fit_columns_here(model, Y, options)
+
+
+def _fit_columns_here(model: Model, Y, options) -> dict:
     n_jobs, em_iter, maxiter, tol, theta0, safeguard = options
     groups = [t.group for t in model.frame.terms]
     if _batchable(model) is not None:

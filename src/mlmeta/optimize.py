@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from mlmeta._threads import blas_threads
 from mlmeta.model import NestedModel
 from mlmeta.refine import (DECREMENT_TOL, Work, custom_correlations, deviances,
                            off_pd_boundary, quasi_newton, refine, rounds, run_engine, theta_scale)
@@ -106,20 +107,30 @@ def rounding_error(yy, beta_work, Hinv_work, *, reml, sigma2=1.0, kappa=1.0) -> 
 
 def c_condition(model: NestedModel, theta) -> float:
     """A bound on the condition number of C = I + T'Z'Lambda^-1 Z T (the random effects'
-    precision relative to their prior): 1 + max over levels of ||T_l||^2 times the largest
-    trace of a group's whitened cross-product Z_g'Lambda^-1 Z_g (the kernel's own
-    blocks; a crossed level's are on the border's diagonal). The engine's Cholesky factor
-    of C, log|C| and its solves lose about eps times this of their accuracy."""
+    precision relative to their prior): 1 + max over levels of ||T_l||_2^2 times the
+    largest trace of a group's whitened cross-product
+    Z_g'Lambda^-1 Z_g (the kernel's own blocks; a crossed level's are on the border's
+    diagonal; kept on the model). The engine's Cholesky factor of C, log|C| and its
+    solves lose about eps times this of their accuracy."""
+    traces = model.__dict__.get("_group_traces")
+    if traces is None:
+        traces = model.__dict__["_group_traces"] = _largest_group_traces(model)
+    worst = 0.0
+    for T, tr in zip(model.T_list(theta), traces):
+        t2 = float(T[0, 0] * T[0, 0]) if T.shape == (1, 1) else float(np.linalg.norm(T, 2)) ** 2
+        worst = max(worst, t2 * tr)
+    return 1.0 + worst
+
+
+def _largest_group_traces(model: NestedModel) -> list:
+    """Per level, the largest trace of a group's Z_g'Lambda^-1 Z_g."""
     d = model.design
     K = d.kernel
     ZZ = np.asarray(K.ZZ)
-    worst = 0.0
-    for lvl, T in enumerate(model.T_list(theta)):
-        q = T.shape[0]
+    out = []
+    for lvl, s in enumerate(model.structs):
+        q = s.q
         r = np.arange(q)
-        t2 = float(np.linalg.norm(T, 2)) ** 2
-        if t2 == 0.0:
-            continue
         if lvl >= d.n_tree:
             S0 = d.border["S0"]
             o = d.border["b_off"][lvl] + np.arange(d.n_groups[lvl]) * q
@@ -130,8 +141,8 @@ def c_condition(model: NestedModel, theta) -> float:
             na = K.nq[nodes]
             base = K.zz_ptr[nodes] + K.diag_offset(nodes)
             tr = ZZ[base[:, None] + (o[:, None] + r) * (1 + na[:, None])].sum(axis=1)
-        worst = max(worst, t2 * float(tr.max()))
-    return 1.0 + worst
+        out.append(float(tr.max()) if tr.size else 0.0)
+    return out
 
 
 def _model_rounding_error(model, theta, kappa=True) -> float:
@@ -152,6 +163,12 @@ def _variance_ratio(model) -> float:
 
 
 def fit_model(model: NestedModel, **options) -> FitRecord:
+    """:func:`_fit_model` with BLAS at one thread throughout (see :mod:`mlmeta._threads`)."""
+    with blas_threads(1):
+        return _fit_model(model, **options)
+
+
+def _fit_model(model: NestedModel, **options) -> FitRecord:
     """:func:`fit_nested` for the public entry points (``meregress``, ``mixed``,
     ``Model.fit``): a fit whose objective fails, or whose deviance the engine cannot
     compute to within :data:`ROUNDING_TOL` at the estimates (:func:`rounding_error`; where
@@ -407,6 +424,7 @@ def _fit(model, *, theta0, em_iter, em_tol, em_only, maxiter, tol, safeguard, ve
     rec.theta_em = run["theta_em"][0].copy()
     rec.n_evals = int(run["n_evals"][0])
     theta, f, conv = run["theta"][0].copy(), float(run["deviance"][0]), bool(run["converged"][0])
+    certified = bool(run["certified"][0])
     if verbose:
         _print_log(model, run, rec.theta_em)
     if not np.isfinite(f):
@@ -422,7 +440,7 @@ def _fit(model, *, theta0, em_iter, em_tol, em_only, maxiter, tol, safeguard, ve
     rec.n_iter = int(run["n_iter"][0])
     use_safeguard = (safeguard is True) or (safeguard == "auto" and model.n_obs <= 50_000)
     theta, f, conv = _finish(model, rec, theta, f, conv, lower=lower, upper=upper, maxiter=maxiter,
-                             tol=tol, safeguard=use_safeguard)
+                             tol=tol, safeguard=use_safeguard, certified=certified)
     rec.grad_max = _gmax(model, theta, lower, upper)
     if not conv:
         rec.messages.append(f"gradient-based optimisation did not converge (largest gradient "
@@ -434,13 +452,14 @@ def _fit(model, *, theta0, em_iter, em_tol, em_only, maxiter, tol, safeguard, ve
     return rec
 
 
-def _finish(model, rec, theta, f, conv, *, lower, upper, maxiter, tol, safeguard, Yw=None):
+def _finish(model, rec, theta, f, conv, *, lower, upper, maxiter, tol, safeguard, Yw=None,
+            certified=False):
     """After the main engine run: refine it to a certified stationary point (:func:`refine`),
     run the extra starts (``safeguard``) and continue the promising ones, and end where
     the covariance structures can be written out (:func:`_representable`). Updates
     ``rec`` (iterations, evaluations, candidates, messages); returns (theta, f, conv)."""
     theta, f, conv = _search(model, rec, theta, f, conv, lower=lower, upper=upper, maxiter=maxiter,
-                             tol=tol, safeguard=safeguard, Yw=Yw)
+                             tol=tol, safeguard=safeguard, Yw=Yw, certified=certified)
     return _representable(model, theta, f, conv, lower=lower, upper=upper, Yw=Yw)
 
 
@@ -468,12 +487,14 @@ def _representable(model, theta, f, conv, *, lower, upper, Yw=None):
     return theta, f, conv
 
 
-def _search(model, rec, theta, f, conv, *, lower, upper, maxiter, tol, safeguard, Yw=None):
+def _search(model, rec, theta, f, conv, *, lower, upper, maxiter, tol, safeguard, Yw=None,
+            certified=False):
     """:func:`_finish` but the last step."""
     scale = theta_scale(model, theta if Yw is None else None)
     work = Work(rec.n_iter, rec.n_evals)
     theta, f, conv, note = refine(model, theta, f, conv, work, lower=lower, upper=upper, tol=tol,
-                                  maxiter=maxiter, max_evals=np.inf, scale=scale, Yw=Yw)
+                                  maxiter=maxiter, max_evals=np.inf, scale=scale, Yw=Yw,
+                                  certified=certified)
     rec.n_iter, rec.n_evals = work.iters, work.evals
     if note:
         rec.messages.append(note)
@@ -549,7 +570,7 @@ def _search(model, rec, theta, f, conv, *, lower, upper, maxiter, tol, safeguard
 
 
 def finish_outcome(model: NestedModel, Yw, theta, f, conv, theta_em, *, maxiter, tol,
-                   safeguard, n_iter=0) -> tuple:
+                   safeguard, n_iter=0, certified=False) -> tuple:
     """The finishing steps of a fit (:func:`_finish`: continuation, stationarity check,
     extra starts) for the whitened outcome row ``Yw`` of a batch whose main engine run
     ended at (theta, f, conv) after ``n_iter`` iterations. Returns (theta, deviance,
@@ -558,7 +579,7 @@ def finish_outcome(model: NestedModel, Yw, theta, f, conv, theta_em, *, maxiter,
                     theta_em=np.asarray(theta_em, dtype=float).copy(), n_iter=int(n_iter))
     theta, f, conv = _finish(model, rec, np.asarray(theta, dtype=float).copy(), float(f), bool(conv),
                              lower=model.lower, upper=model.upper, maxiter=maxiter, tol=tol,
-                             safeguard=bool(safeguard), Yw=Yw)
+                             safeguard=bool(safeguard), Yw=Yw, certified=bool(certified))
     return theta, f, conv, rec.n_evals, rec.n_iter
 
 

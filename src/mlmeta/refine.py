@@ -52,14 +52,9 @@ def theta_scale(model: NestedModel, theta=None) -> np.ndarray:
     (``sd(r) / rms(z_e)`` for effect e; relative to the residual SD when it is profiled,
     the one at ``theta`` when given), the geometric mean over the effects a parameter
     touches; 1 for correlations. Steps off a bound are taken relative to it, so they do
-    not depend on units."""
-    d = model.design
-    if d.n_fe:
-        beta, *_ = np.linalg.lstsq(d.Xw, d.yw, rcond=None)
-        r = d.yw - d.Xw @ beta
-    else:
-        r = d.yw
-    sd_r = float(np.sqrt(np.mean(r * r))) if r.size else 1.0
+    not depend on units. (The parts that depend on the design only are kept on the
+    model.)"""
+    sd_r, parts = _scale_parts(model)
     if model.residual == "profiled":
         s2 = 0.0
         if theta is not None:
@@ -71,20 +66,39 @@ def theta_scale(model: NestedModel, theta=None) -> np.ndarray:
     if not sd_r > 0:
         sd_r = 1.0
     out = np.ones(model.n_theta)
+    for i, rms in parts:
+        out[i] = float(np.exp(np.mean(np.log(sd_r / rms))))
+    return out
+
+
+def _scale_parts(model: NestedModel):
+    """(rms of the design's own fixed-effects residuals, [(parameter index, rms(z_e) of
+    the effects it scales)] for the variance parameters), kept on the model."""
+    got = model.__dict__.get("_theta_scale_parts")
+    if got is not None:
+        return got
+    d = model.design
+    if d.n_fe:
+        beta, *_ = np.linalg.lstsq(d.Xw, d.yw, rcond=None)
+        r = d.yw - d.Xw @ beta
+    else:
+        r = d.yw
+    sd_r = float(np.sqrt(np.mean(r * r))) if r.size else 1.0
+    parts = []
     for s, sl, Z in zip(model.structs, model.theta_slices, d.Z):
         Zw = Z * d.weights[:, None] if model.residual != "profiled" else Z
         rms = np.sqrt(np.mean(Zw * Zw, axis=0))
-        eff = sd_r / np.where(rms > 0, rms, 1.0)
+        rms = np.where(rms > 0, rms, 1.0)
         if s.kind == "custom":
-            for k, where in enumerate(s._sd_free):
-                out[sl.start + k] = float(np.exp(np.mean(np.log(eff[where]))))
+            parts += [(sl.start + k, rms[where]) for k, where in enumerate(s._sd_free)]
             continue
         dT = s.dT(np.zeros(s.n_theta))
         for k in range(s.n_theta):
             rows = np.flatnonzero(np.any(dT[k] != 0, axis=1))
             if rows.size:
-                out[sl.start + k] = float(np.exp(np.mean(np.log(eff[rows]))))
-    return out
+                parts.append((sl.start + k, rms[rows]))
+    model.__dict__["_theta_scale_parts"] = (sd_r, parts)
+    return sd_r, parts
 
 
 def run_engine(model, thetas, *, lower, upper, em_iter=0, em_tol=0.0, em_only=False,
@@ -112,10 +126,10 @@ def rounds(model, thetas, *, lower, upper, tol, maxiter, budget, quasi=False, kn
     stops when it converges, joins ``known``, fails, stalls (a round that lowers its
     deviance by no more than rounding) or has spent ``budget`` evaluations or ``maxiter``
     iterations (``cut``). Returns one dict per run: theta, dev, conv, joined, evals,
-    iters, cut, stalled."""
+    iters, cut, stalled, cert (converged with the engine's Newton certificate)."""
     thetas = np.atleast_2d(np.asarray(thetas, dtype=float))
     out = [dict(theta=t.copy(), dev=np.inf, conv=False, joined=False, evals=0, iters=0,
-                cut=False, stalled=False) for t in thetas]
+                cut=False, stalled=False, cert=False) for t in thetas]
     active = list(range(len(out)))
     while active:
         left = min(maxiter - out[i]["iters"] for i in active)
@@ -132,7 +146,7 @@ def rounds(model, thetas, *, lower, upper, tol, maxiter, budget, quasi=False, kn
                 s["dev"] = dev
                 continue
             s.update(theta=r["theta"][j].copy(), dev=dev, conv=bool(r["converged"][j]),
-                     joined=bool(r["joined"][j]))
+                     joined=bool(r["joined"][j]), cert=bool(r["certified"][j]))
             if s["conv"] or s["joined"]:
                 continue
             if not prev - dev > noise(dev):
@@ -339,14 +353,17 @@ class Work:
 
 
 def refine(model, theta, f, conv, work, *, lower, upper, tol, maxiter, max_evals, scale,
-           Yw=None):
+           Yw=None, certified=False):
     """Take a fit to a certified stationary point, within ``maxiter`` iterations and
     ``max_evals`` evaluations in all (``work`` counts them). A converged fit is checked
     (module docstring: steps off the bounds, quasi-Newton steps in scaled parameters);
     a fit that is not converged, or that a check moved, goes on by quasi-Newton steps
     (which get past the engine's Newton where it crawls or stalls: badly scaled or flat
     parameters) and Newton rounds, until Newton converges and the checks hold, or the
-    budget is spent, or nothing moves any more. Returns (theta, f, conv, note or None)."""
+    budget is spent, or nothing moves any more. A fit ``certified`` by the engine's Newton
+    (a differenced Hessian positive definite and a decrement below 1e-14 max(1, |f|) in
+    its last iteration) needs only the steps off the bounds. Returns (theta, f, conv,
+    note or None)."""
     note = None
 
     def enough(v):
@@ -363,6 +380,8 @@ def refine(model, theta, f, conv, work, *, lower, upper, tol, maxiter, max_evals
                 theta, f, conv = step[0], step[1], False
                 note = ("a step off the boundary of the parameter space lowered the deviance; "
                         "the fit went on from there")
+            elif certified:
+                return theta, f, True, note
             else:
                 th, fq, n, _ = quasi_newton(model, theta, f, lower=lower, upper=upper,
                                             scale=scale, Yw=Yw, maxiter=200)
@@ -381,7 +400,7 @@ def refine(model, theta, f, conv, work, *, lower, upper, tol, maxiter, max_evals
         work.iters += r["iters"]
         work.evals += r["evals"]
         if r["dev"] <= f:
-            theta, f, conv = r["theta"], r["dev"], r["conv"]
+            theta, f, conv, certified = r["theta"], r["dev"], r["conv"], r["cert"]
         if conv or spent():
             continue
         # a quasi-Newton step costs about 1/(n_theta + 1) of a Newton one (no Hessian): it is

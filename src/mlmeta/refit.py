@@ -172,6 +172,7 @@ def _fit_new_outcomes(model, Yw, theta0, em_iter, maxiter, tol, n_jobs, safeguar
         redo = ok[off]
         if redo.size:      # the map back lost precision (a singular Sigma): finish on the model
             out["converged"][redo] = False
+            out["certified"][redo] = False
             _finish(model, Yw, out, maxiter, tol, False, rows=redo)
     out["inaccurate"] = _inaccurate(model, Yw, out)
     return out
@@ -187,7 +188,7 @@ def _finish(model, Yw, out, maxiter, tol, safeguard, rows=None):
         th, _, conv, n, n_iter = finish_outcome(
             model, Yw[j], out["theta"][j], out["deviance"][j], out["converged"][j],
             out["theta_em"][j], maxiter=maxiter, tol=tol, safeguard=safeguard,
-            n_iter=out["n_iter"][j])
+            n_iter=out["n_iter"][j], certified=out["certified"][j])
         out["n_evals"][j] += n
         out["n_iter"][j] = n_iter
         out["converged"][j] = conv

@@ -543,7 +543,8 @@ cdef class Problem:
         Returns a dict of arrays: theta, theta_em (after EM), deviance, beta, se, Hinv
         ((X'V^-1X)^-1 per fit; beta, se and Hinv in the design's working basis, see
         :class:`mlmeta.design.NestedDesign`), converged, n_iter (Newton), n_em, n_evals,
-        sigma2, joined, status and, with ``log``, log_em / log_newton (deviance per
+        sigma2, joined, certified (converged with the Newton certificate of
+        ``fit_one``), status and, with ``log``, log_em / log_newton (deviance per
         iteration, NaN past the end)."""
         cdef Prob P = self.P
         cdef int k = P.n_theta
@@ -601,6 +602,7 @@ cdef class Problem:
             self._ensure_slots(nt)
             (<_Runner>runner).setup(self, P, O, Yw, res, log)
             parallel_calls((<_Runner>runner).run, [(c, nt) for c in range(nt)], nt)
+        res["certified"] = res["converged"] == 2
         for key in ("converged", "joined"):
             res[key] = res[key].astype(bool)
         res["beta"] = res["beta"][:, :p]

@@ -43,7 +43,10 @@ cdef inline void bfgs_update(double* Hq, const double* s, const double* yv, doub
 cdef int fit_one(const Prob* P, Work* W, const double* y, double* th, const Options* O,
                  Out R) noexcept nogil:
     """Fit one outcome vector (NULL: the design's own) from theta ``th`` (updated in
-    place); returns 1 if converged.
+    place); returns 1 if converged, 2 if converged with a certificate: the last Newton
+    iteration differenced the Hessian of the free parameters, found it positive
+    definite with a condition number below 1e8 and a decrement g'H^-1g below
+    1e-14 max(1, |f|) (or no parameter was free of its bounds).
 
     Converged means: the Hessian of the free parameters is positive definite and the
     Newton decrement g'H^-1g is at most ``tol max(1, |f|)`` (EM only: the deviance
@@ -55,6 +58,7 @@ cdef int fit_one(const Prob* P, Work* W, const double* y, double* th, const Opti
     """
     cdef int k = P.n_theta
     cdef int it, i, j, m, nf, lw, info = 0, n_half, accepted, moved, pd, converged, have_h, joined
+    cdef int hess_ok = 0
     cdef int em_done = 0
     cdef double f, fc, fscale, gmax, dec, h, wmax, big, tt, armijo, stop, near, eps = 1e-12
     cdef char jobv = b'V'
@@ -128,9 +132,11 @@ cdef int fit_one(const Prob* P, Work* W, const double* y, double* th, const Opti
                     gmax = h
                 if not hk[i]:
                     have_h = 0
+        hess_ok = 0
         if gmax <= 1e-12 * fscale:
             dec = 0.0
             pd = 1
+            hess_ok = nf == 0
         else:
             if O.quasi and have_h:
                 for m in range(nf):
@@ -164,6 +170,9 @@ cdef int fit_one(const Prob* P, Work* W, const double* y, double* th, const Opti
             for m in range(nf):
                 if fabs(w[m]) > wmax:
                     wmax = fabs(w[m])
+            # a certificate needs the Newton step unregularised (no eigenvalue raised to
+            # 1e-10 of the largest: along such flat directions the decrement says little)
+            hess_ok = pd and not O.quasi and w[0] > 1e-8 * wmax
             if O.quasi and not have_h:
                 # start the updates from the differenced Hessian made positive definite
                 # (U max(|w|, 1e-10 max|w|) U'); BFGS keeps it so
@@ -208,7 +217,7 @@ cdef int fit_one(const Prob* P, Work* W, const double* y, double* th, const Opti
                         moved = 1
                         have_h = 0
             if not moved:
-                converged = 1
+                converged = 2 if hess_ok else 1
                 if R.log_newton != NULL:
                     R.log_newton[it - 1] = f
                 break
