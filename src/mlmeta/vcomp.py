@@ -11,11 +11,12 @@ computed by central differences of the analytic gradient
 
     sd:   se = sd * se(eta),            CI = exp(eta -+ z se(eta))
     corr: se = (1 - r^2) * se(eta),     CI = tanh(eta -+ z se(eta))
+    rho (a spatial range, eta = log rho): se = rho * se(eta), CI = exp(eta -+ z se(eta))
     var:  se = 2 sd^2 se(eta),          CI = exp(2 (eta -+ z se(eta)))
     cov:  delta method from Cov(eta),   CI = cov -+ z se
 
-Parameters on the boundary (sd = 0, |corr| = 1) have no finite eta: they are held
-at their value, flagged, and get no standard error.
+Parameters on the boundary (sd = 0, |corr| = 1, a range at a bound) have no finite
+eta: they are held at their value, flagged, and get no standard error.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ class VarComp:
 
     level: int           # index of the level (0 = top)
     group: str           # grouping term
-    kind: str            # "sd", "corr" or "rho" (a structure's correlation parameter)
+    kind: str            # "sd", "corr", "rho" (a structure's correlation parameter) or
+    #                      "range" (a spatial structure's rho > 0, eta = log rho)
     effects: tuple       # effect indices (sd) or index pairs (corr)
     label_sd: str        # e.g. "sd(year_c)" / "corr(year_c,_cons)"
     label_var: str       # e.g. "var(year_c)" / "cov(year_c,_cons)"
@@ -57,7 +59,7 @@ def _theta_of_eta(model: NestedModel, base_values, free_idx, eta, sigma=1.0):
     pos = 0
     for lvl, i in free_idx:
         kind = model.structs[lvl].report_params()[i][0]
-        vals[lvl][i] = np.exp(eta[pos]) if kind == "sd" else np.tanh(eta[pos])
+        vals[lvl][i] = np.exp(eta[pos]) if kind in ("sd", "range") else np.tanh(eta[pos])
         pos += 1
     out = []
     for s, v in zip(model.structs, vals):
@@ -116,13 +118,15 @@ def variance_components(model: NestedModel, theta, groups, sd_scale=1.0, with_co
         for i, ((kind, eff), v) in enumerate(zip(s.report_params(), vals)):
             if kind == "sd":
                 boundary = v <= BOUNDARY_SD * sd_scale
+            elif kind == "range":        # at a bound, or its SD zero (not identified)
+                boundary = s.at_bound(v) is not None or vals[0] <= BOUNDARY_SD * sd_scale
             else:
                 boundary = abs(v) >= BOUNDARY_CORR
             fixed = bool(getattr(s, "is_fixed", lambda i: False)(i))
             comps.append(VarComp(lvl, groups[lvl], kind, eff, labels_sd[i], labels_var[i],
                                  float(v), bool(boundary), fixed))
             # a correlation is not identified when one of its SDs is zero
-            if kind != "sd":
+            if kind not in ("sd", "range"):
                 sds = np.sqrt(np.clip(np.diag(s.Sigma(theta[sl])), 0, None))
                 if any(sds[a] <= BOUNDARY_SD * sd_scale for pair in eff for a in pair):
                     comps[-1].boundary = True
@@ -143,7 +147,8 @@ def variance_components(model: NestedModel, theta, groups, sd_scale=1.0, with_co
         eta0 = np.empty(k + 1)
         for j, (lvl, i) in enumerate(free_idx):
             v = base_values[lvl][i]
-            eta0[j] = np.log(v) if model.structs[lvl].report_params()[i][0] == "sd" else np.arctanh(v)
+            eta0[j] = (np.log(v) if model.structs[lvl].report_params()[i][0] in ("sd", "range")
+                       else np.arctanh(v))
         eta0[k] = np.log(sigma)
 
         def dev(eta):
@@ -164,7 +169,8 @@ def variance_components(model: NestedModel, theta, groups, sd_scale=1.0, with_co
         eta0 = np.empty(k)
         for j, (lvl, i) in enumerate(free_idx):
             v = base_values[lvl][i]
-            eta0[j] = np.log(v) if model.structs[lvl].report_params()[i][0] == "sd" else np.arctanh(v)
+            eta0[j] = (np.log(v) if model.structs[lvl].report_params()[i][0] in ("sd", "range")
+                       else np.arctanh(v))
 
         def theta_of(eta):
             return _theta_of_eta(model, base_values, free_idx, eta)
@@ -218,6 +224,13 @@ def component_table(comps, cov_eta, free_pos, model, theta, level=95.0, variance
             se = mult * est * se_eta
             rows.append((c.label_var if variance else c.label_sd, est, se,
                          np.exp(mult * (eta - z * se_eta)), np.exp(mult * (eta + z * se_eta))))
+        elif c.kind == "range":      # a spatial range, as itself: log scale
+            if se_eta is None:
+                rows.append((c.label_sd, c.value, None, None, None))
+                continue
+            eta = np.log(c.value)
+            rows.append((c.label_sd, c.value, c.value * se_eta, np.exp(eta - z * se_eta),
+                         np.exp(eta + z * se_eta)))
         else:
             if not variance or c.kind == "rho":      # rho: a structure's parameter, as itself
                 if se_eta is None:

@@ -39,17 +39,39 @@ dat$const <- 1
 M <- as.matrix(read.csv("tests/reference/data/spatial_manhattan.csv", row.names = 1,
                         check.names = FALSE))
 
+# metafor's default start (rho: the first quartile of the distances) stops at a lower
+# local optimum for these fits; started near the higher optimum mlmeta reports, metafor
+# converges there (sigma2 of study, tau2, rho), and that fit is the reference (the
+# default start's log-likelihood is kept as loglik_default_start; NA where nlminb did not
+# converge from it)
+starts <- list(splin_reml = c(0.0537, 2.03, 9.54), splin_ml = c(0.0544, 0.343, 1.27),
+               spsph_ml = c(0.0537, 0.3746, 2.4228))
+
 fit_case <- function(struct, method, dist = NULL) {
   if (is.null(dist)) {
-    r <- rma.mv(yi, vi, mods = ~ x1, random = list(~ 1 | study, ~ lon + lat | const),
-                struct = struct, data = dat, method = method)
+    key <- paste(tolower(struct), tolower(method), sep = "_")
+    r <- tryCatch(rma.mv(yi, vi, mods = ~ x1, random = list(~ 1 | study, ~ lon + lat | const),
+                         struct = struct, data = dat, method = method),
+                  error = function(e) if (is.null(starts[[key]])) stop(e) else NULL)
+    if (!is.null(starts[[key]])) {
+      st <- starts[[key]]
+      r2 <- rma.mv(yi, vi, mods = ~ x1, random = list(~ 1 | study, ~ lon + lat | const),
+                   struct = struct, data = dat, method = method,
+                   control = list(sigma2.init = st[1], tau2.init = st[2], rho.init = st[3]))
+      stopifnot(is.null(r) || logLik(r2) > logLik(r))
+      out <- list(struct = struct, method = tolower(method), dist = "euclidean",
+                  loglik = as.numeric(logLik(r2)), beta = as.numeric(r2$beta), se = as.numeric(r2$se),
+                  sigma2_study = r2$sigma2, tau2 = r2$tau2, rho = r2$rho, start = st,
+                  loglik_default_start = if (is.null(r)) NA else as.numeric(logLik(r)))
+      return(out)
+    }
   } else {
     r <- rma.mv(yi, vi, mods = ~ x1, random = list(~ 1 | study, ~ site | const),
                 struct = struct, data = dat, method = method, dist = list(dist))
   }
   list(struct = struct, method = tolower(method), dist = if (is.null(dist)) "euclidean" else "manhattan",
        loglik = as.numeric(logLik(r)), beta = as.numeric(r$beta), se = as.numeric(r$se),
-       sigma2_study = r$sigma2, tau2 = r$tau2, rho = r$rho, converged = TRUE)
+       sigma2_study = r$sigma2, tau2 = r$tau2, rho = r$rho)
 }
 
 cases <- list()
