@@ -153,3 +153,46 @@ def test_V_matches_metafor_with_vcalc():
             assert res.bse[name] == pytest.approx(case["bse"][name], rel=1e-6)
         got = [res.re_cov[k].iloc[0, 0] for k in ("district", "district:school")]
         np.testing.assert_allclose(got, case["sigma2"], rtol=1e-5)
+
+
+def _correlated_V(df, rho, rows, scale=1.0):
+    """Diagonal V from df.var with rows ``rows`` correlated at rho (times ``scale``)."""
+    V = np.diag(df["var"].to_numpy()) * scale
+    sd = np.sqrt(np.diag(V)[rows])
+    V[np.ix_(rows, rows)] = rho * np.outer(sd, sd) + np.diag((1 - rho) * sd ** 2)
+    return V
+
+
+@pytest.mark.parametrize("scale", [1e-8, 1.0, 1e8])
+@pytest.mark.parametrize("across", [False, True])
+def test_singular_V_block_is_refused_naming_its_cluster(schoolcal, scale, across):
+    """A block with a correlation of exactly 1 is rank-deficient: refused at every scale of
+    V (a relative pivot threshold), naming the cluster, whether the block lies within the
+    deepest group (whitened by itself) or couples schools (the district becomes one dense
+    node). Depending on Cholesky rounding it used to be accepted, with llf of -4e3 ... -1e17."""
+    d = schoolcal.district.to_numpy()
+    rows = np.flatnonzero(d == d[20])[:2]
+    var = schoolcal["var"].to_numpy().copy()
+    var[rows] = [0.2809, 0.4688]     # chol([[v1, s1 s2], [s1 s2, v2]]) rounds to a positive pivot
+    df = schoolcal.assign(stdmdiff=schoolcal.stdmdiff * np.sqrt(scale), var=var)
+    V = _correlated_V(df, 1.0, rows, scale)
+    formula = ("stdmdiff ~ 1 + (1 | district) + (1 | district:school)" if across
+               else "stdmdiff ~ 1 + (1 | district)")
+    with pytest.raises(ValueError, match=rf"top-level cluster district = {int(d[20])} .*numerically "
+                                         rf"singular"):
+        mlmeta.meregress(formula, df, V=V)
+
+
+@pytest.mark.parametrize("one_minus_rho", [1e-4, 1e-8])
+def test_nearly_singular_V_block_fits_the_dense_likelihood(schoolcal, one_minus_rho):
+    """Correlations just below 1 are legal: the fit's log-likelihood is the dense one at its
+    estimates and no finite-difference step fails (summary, intervals)."""
+    d = schoolcal.district.to_numpy()
+    rows = np.flatnonzero(d == d[20])[:3]
+    V = _correlated_V(schoolcal, 1.0 - one_minus_rho, rows)
+    res = mlmeta.meregress("stdmdiff ~ 1 + (1 | district) + (1 | district:school)", schoolcal, V=V)
+    m, dd = res.model, res.model.design
+    ll = dense_loglik(dd.y, dd.X, dense_V(dd.Z, dd.groups, m.Sigma_list(res.theta),
+                                          dd.Lambda.toarray()), "reml")[0]
+    assert res.llf == pytest.approx(ll, abs=1e-6)
+    assert "Random-effects" in str(res.summary()) or res.re_params().shape[0] == 2

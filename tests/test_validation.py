@@ -196,6 +196,84 @@ def test_constant_outcome_is_a_clear_error():
         M.fit(y=np.full(40, 2.0))
 
 
+def test_outcomes_beyond_double_precision_are_refused_in_mixed():
+    d = _grouped()
+    rng = np.random.default_rng(5)
+    for scale, what in ((1e200, "overflow"), (1e-200, "underflow")):
+        with pytest.raises(ValueError, match=rf"the outcome 'y' reaches magnitude .*e[+-]200: sums of "
+                                             rf"its squares would {what}"):
+            mlmeta.mixed("y ~ x + (1 | g)", d.assign(y=scale * rng.normal(size=len(d))))
+    # far inside the range the fit is the unscaled one, rescaled (dense likelihood)
+    base = _quiet(mlmeta.mixed, "y ~ x + (1 | g)", d)
+    big = _quiet(mlmeta.mixed, "y ~ x + (1 | g)", d.assign(y=d.y * 1e100))
+    np.testing.assert_allclose(big.params / 1e100, base.params, rtol=1e-7)
+    assert abs(big.llf - (base.llf - (len(d) - 2) * np.log(1e100))) < 1e-6 * abs(big.llf)
+
+
+# --------------------------------------------------------------------------- #
+# 3b. sampling variances and outcomes at the edge of double precision
+# --------------------------------------------------------------------------- #
+
+
+def test_a_tiny_sampling_variance_names_its_row(schoolcal):
+    df = schoolcal.set_axis([f"r{i}" for i in range(len(schoolcal))])
+    d = df.copy()
+    d.loc["r3", "var"] = 1e-300
+    with pytest.raises(ValueError, match=r"1 row\(s\) have sampling variances more than 1e\+10 "
+                                         r"times smaller than the median sampling variance .*rows "
+                                         r"'r3' \(1.0e-300\)"):
+        mlmeta.meregress(F_META, d, variance="var")
+    V = np.diag(d["var"].to_numpy())
+    with pytest.raises(ValueError, match=r"rows 'r3' \(1.0e-300\)"):
+        mlmeta.meregress(F_META, d, V=V)
+
+
+def test_a_small_sampling_variance_within_range_fits_as_the_dense_likelihood(schoolcal):
+    """One variance 1e-8 times the median: the fit is right (dense likelihood at the
+    estimates), and stable in the variance's limit (estimates as at 1e-6)."""
+    d = schoolcal.copy()
+    med = float(d["var"].median())
+    fits = {}
+    for r in (1e-6, 1e-8):
+        d.loc[3, "var"] = med * r
+        res = _quiet(mlmeta.meregress, F_META, d, variance="var")
+        assert res.converged
+        m = res.model
+        V = dense_V(m.design.Z, m.design.groups, m.Sigma_list(res.theta), m.design.variance)
+        ll, beta, _ = dense_loglik(m.design.y, m.design.X, V)
+        assert abs(res.llf - ll) < 1e-7 * abs(ll)
+        fits[r] = res
+    np.testing.assert_allclose(fits[1e-8].params, fits[1e-6].params, rtol=1e-5)
+
+
+def test_an_outcome_too_large_for_its_sampling_variances_is_a_clear_error(schoolcal):
+    with pytest.raises(ValueError, match="in units of its sampling standard deviations, is too large"):
+        mlmeta.meregress(F_META, schoolcal.assign(stdmdiff=schoolcal.stdmdiff * 1e200), variance="var")
+    # outcome and variances rescaled together: the same fit (REML llf shifts by -(n - p) log c)
+    base = mlmeta.meregress(F_META, schoolcal, variance="var")
+    c = 1e150
+    res = mlmeta.meregress(F_META, schoolcal.assign(stdmdiff=schoolcal.stdmdiff * c,
+                                                    var=schoolcal["var"] * c * c), variance="var")
+    np.testing.assert_allclose(res.params / c, base.params, rtol=1e-7)
+    np.testing.assert_allclose(res.bse / c, base.bse, rtol=1e-6)
+    assert abs(res.llf - (base.llf - (len(schoolcal) - 2) * np.log(c))) < 1e-9 * abs(res.llf)
+
+
+@pytest.mark.parametrize("where", ["rows", "district"])
+def test_heterogeneity_beyond_double_precision_is_a_clear_error(schoolcal, where):
+    rng = np.random.default_rng(1)
+    d = schoolcal.copy()
+    sd = np.sqrt(d["var"].to_numpy())
+    u = rng.normal(size=len(d)) if where == "rows" else \
+        d.district.map(dict(zip(d.district.unique(), rng.normal(size=d.district.nunique()))))
+    d["stdmdiff"] = d["stdmdiff"] + 1e8 * sd * np.asarray(u, float)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        with pytest.raises(ValueError, match="cannot be computed accurately at the estimates.*The "
+                                             "outcome varies about .* times more"):
+            mlmeta.meregress(F_META, d, variance="var")
+
+
 # --------------------------------------------------------------------------- #
 # 4. shared argument rules
 # --------------------------------------------------------------------------- #

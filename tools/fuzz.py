@@ -1,26 +1,38 @@
-"""Random-design harness: many fits of seeded random nested models, each checked
-against a dense NumPy likelihood.
+"""Random-design harness: seeded random models fitted in subprocesses and checked
+against a dense likelihood.
 
-Every batch of fits runs in its own subprocess (a crash or a hang costs one batch and is
-counted, not the run). For each fit the harness records
+Cases come from :mod:`fuzz_cases` (1-5 nested levels, random slopes under every
+structure, crossed terms, ``V=`` blocks up to singular, ``mixed``, ``Model.fit`` and
+``fit_batch``, extreme-but-legal scales). Case ``IDX`` of a run with ``--seed SEED``
+is drawn from ``numpy.random.default_rng([SEED, IDX])``; ``--case SEED:IDX`` fits it
+again in this process and prints what happened.
 
-* ``crash``   the worker process died (no result for the rest of its batch),
-* ``hang``    the batch ran past ``--timeout`` seconds,
-* ``error``   an exception other than a ValueError that names bad input,
-* ``nan``     a fit that returned a non-finite log-likelihood, estimate or SE silently,
-* ``wrong``   the reported log-likelihood differs from the dense one at the reported
-              parameters by more than 1e-6 relative,
-* ``below``   a few quasi-Newton steps of the dense likelihood, started at the
-              reported parameters, raise it by more than 1e-4 (a missed optimum),
-* ``ok``      none of these (``refused``: a ValueError, counted apart).
+Workers are subprocesses that print one JSON line per case; a worker that dies or
+goes silent for ``--timeout`` seconds costs that case (``crash`` / ``hang``) and a
+new worker carries on with the next one. Each case ends with the flags it earned:
 
-Designs: 1-3 nested levels, 0 or 1 random slope per level under a random structure,
-ML or REML, known sampling variances, a full sampling covariance V (rows coupled
-within the lowest groups), or raw data with the residual variance profiled out
-(``mlmeta.mixed``).
+* ``crash``    the worker process died on it
+* ``hang``     no answer within ``--timeout`` s
+* ``slow``     the fit took over ``--slow`` s (default 30) while n < 2,000
+* ``error``    an exception other than ValueError (fit or postestimation)
+* ``warn``     a warning that is not one of mlmeta's documented ones (RuntimeWarning, ...)
+* ``nan``      a non-finite log-likelihood, estimate or SE without an error
+* ``singular`` a sampling covariance with a block of correlation exactly 1 was accepted
+* ``wrong``    the reported log-likelihood differs from the dense one at the estimates
+* ``below``    dense quasi-Newton steps from the estimates raise the log-likelihood
+* ``missed``   a dense optimisation from another start reaches a higher optimum
+* ``nonstat``  converged=True although a local dense step raises llf by more than 1e-3
+* ``threads``  fit_batch gives different numbers from 1 and 8 threads
+* ``invariance`` reordering the rows and relabelling the groups changes the fit
+* ``ok`` / ``refused`` none of these (``refused``: a ValueError)
 
-    python tools/fuzz.py --fits 10000 --batch 250          # the full run
-    python tools/fuzz.py --fits 200 --seed 1               # a quick look
+"wrong", "below" and "missed" use the tolerance 1e-4 + 1e-9 |llf|. The dense
+likelihood is :func:`dense.dense_deviance` (tests/dense.py): one QR factorisation of
+the penalised least-squares problem, accurate at any variance ratio.
+
+    python tools/fuzz.py --fits 10000 --out fuzz.jsonl        # the full run
+    python tools/fuzz.py --fits 2000 --start 4000 --seed 1     # one chunk of it
+    python tools/fuzz.py --case 1:4711                         # one case, in detail
 """
 
 from __future__ import annotations
@@ -28,182 +40,422 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import os
+import queue
 import subprocess
 import sys
+import threading
 import time
+import traceback
 import warnings
 
-import numpy as np
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")       # small dense blocks: threaded BLAS only costs here
 
-STRUCTURES = ("identity", "independent", "exchangeable", "unstructured")
+import numpy as np  # noqa: E402
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [HERE, os.path.join(os.path.dirname(HERE), "tests")]
 
-def _design(rng):
-    """A random nested design: (frame as dict of arrays, formula, options)."""
-    import pandas as pd
-
-    n_levels = int(rng.integers(1, 4))
-    n_top = int(rng.integers(4, 16))
-    rows = []
-    for a in range(n_top):
-        for b in range(int(rng.integers(1, 4)) if n_levels >= 2 else 1):
-            for c in range(int(rng.integers(1, 3)) if n_levels >= 3 else 1):
-                rows += [(a, b, c)] * int(rng.integers(1, 4))
-    ids = np.array(rows)
-    n = ids.shape[0]
-    x = rng.normal(size=n) * rng.choice([1.0, 10.0, 0.1])
-    df = pd.DataFrame({"a": ids[:, 0], "b": ids[:, 1], "c": ids[:, 2], "x": x})
-    names = ["a", "a:b", "a:b:c"][:n_levels]
-    terms, cov = [], {}
-    for lvl, g in enumerate(names):
-        slope = lvl == 0 and rng.random() < 0.4
-        if slope:
-            s = str(rng.choice(STRUCTURES))
-            terms.append(f"(1 + x | {g})")
-            cov[g] = s
-        else:
-            terms.append(f"(1 | {g})")
-    u = sum(rng.normal(scale=rng.uniform(0.05, 1.0), size=n)[pd.factorize(
-        df[g.split(":")].astype(str).agg("-".join, axis=1))[0]] for g in names)
-    kind = str(rng.choice(["variance", "V", "mixed"], p=[0.5, 0.2, 0.3]))
-    v = rng.uniform(0.02, 0.5, n)
-    y = 0.3 + 0.2 * x + u + rng.normal(size=n) * (np.sqrt(v) if kind != "mixed" else 0.5)
-    df["y"], df["v"] = y, v
-    method = str(rng.choice(["reml", "ml"]))
-    formula = "y ~ x + " + " + ".join(terms)
-    return df, formula, dict(kind=kind, method=method, covariance=cov)
+FAILURES = ("crash", "hang", "slow", "error", "warn", "nan", "singular", "wrong", "below",
+            "missed", "nonstat", "threads", "invariance")
 
 
-def _V(df, rng):
-    """Block-diagonal V: rows of one lowest group correlated (rho in 0.2..0.8)."""
-    n = len(df)
-    V = np.diag(df.v.to_numpy())
-    key = df.a * 10000 + df.b * 100 + df.c
-    for k in np.unique(key):
-        r = np.flatnonzero(key == k)
-        if r.size > 1:
-            sd = np.sqrt(df.v.to_numpy()[r])
-            rho = rng.uniform(0.2, 0.8)
-            V[np.ix_(r, r)] = rho * np.outer(sd, sd) + np.diag((1 - rho) * sd ** 2)
-    assert V.shape == (n, n)
-    return V
+def _tol(ll):
+    return 1e-4 + 1e-9 * abs(ll)
 
 
-def _check(res, method):
-    """(status, detail) of one fitted result against the dense likelihood."""
-    from scipy import optimize
+# --------------------------------------------------------------------------- #
+# the dense oracle on a fitted model
+# --------------------------------------------------------------------------- #
 
-    sys.path.insert(0, __file__.rsplit("/tools/", 1)[0] + "/tests")
-    from dense import dense_loglik, dense_V
+class Oracle:
+    """The dense deviance of a fitted NestedModel as a function of its theta (and of
+    another outcome vector, sorted as the design), with per-parameter scales for a
+    dense optimiser: theta_i / s_i is of order one."""
 
-    m = res.model
-    d = m.design
-    vals = np.concatenate([np.atleast_1d(res.llf), res.params.values, res.bse.values])
-    if not np.all(np.isfinite(vals)):
-        return "nan", f"llf {res.llf}, params {res.params.values}, bse {res.bse.values}"
-    profiled = m.residual == "profiled"
-    Lam = (d.Lambda.toarray() if d.Lambda is not None
-           else np.diag(d.variance) if d.variance is not None else np.eye(d.n_obs))
+    def __init__(self, model, y=None):
+        from dense import DenseDeviance
 
-    def dense(theta, s2):
-        return dense_loglik(d.y, d.X, s2 * dense_V(d.Z, d.groups, m.Sigma_list(theta), Lam),
-                            method)[0]
+        self.m = model
+        d = model.design
+        self.y = d.y if y is None else y
+        self.profiled = model.residual == "profiled"
+        self.Lam = None if self.profiled else (d.Lambda.toarray() if d.Lambda is not None
+                                               else d.variance)
+        self._dd = DenseDeviance(self.y, d.X, d.Z, d.groups, self.Lam, model.method,
+                                 cluster=d.groups[0])
+        self.lower, self.upper = model.lower, model.upper
+        self.scale = self._scales()
 
-    s2 = m.evaluate(res.theta).sigma2 if profiled else 1.0
-    ll = dense(res.theta, s2)
-    if abs(ll - res.llf) > 1e-6 * max(1.0, abs(ll)):
-        return "wrong", f"llf {res.llf} vs dense {ll}"
-    x0 = np.append(res.theta, np.log(s2)) if profiled else np.asarray(res.theta, dtype=float)
-    k = m.n_theta
-    bounds = list(zip(np.where(np.isinf(m.lower), None, m.lower),
-                      np.where(np.isinf(m.upper), None, m.upper)))
-    bounds += [(None, None)] if profiled else []
-
-    def negll(p):
+    def dev(self, theta):
         try:
-            return -dense(p[:k], float(np.exp(p[k])) if profiled else 1.0)
-        except (np.linalg.LinAlgError, FloatingPointError, ValueError):
-            return 1e10
+            Ts = self.m.T_list(np.asarray(theta, dtype=float))
+            with np.errstate(all="ignore"):
+                out = self._dd(Ts)[0]
+        except (FloatingPointError, np.linalg.LinAlgError, ValueError):
+            return np.inf
+        return out if np.isfinite(out) else np.inf
 
-    r = optimize.minimize(negll, x0, method="L-BFGS-B", bounds=bounds,
-                          options={"maxiter": 30})
-    if -r.fun > ll + 1e-4 * max(1.0, abs(ll)):
-        return "below", f"llf {res.llf}, dense steps reach {-r.fun}"
-    return "ok", ""
+    def _scales(self):
+        """The size of a parameter that makes its effects' variance that of the outcome."""
+        d = self.m.design
+        X = d.X
+        r = self.y - X @ np.linalg.lstsq(X, self.y, rcond=None)[0] if X.shape[1] else self.y
+        sd_y = max(float(np.std(r)), 1e-300)
+        if self.profiled:
+            sd_y = max(sd_y / max(float(np.sqrt(np.mean(r * r))), 1e-300), 1e-3)
+        out = np.ones(self.m.n_theta)
+        for s, sl, Z in zip(self.m.structs, self.m.theta_slices, d.Z):
+            rms = np.sqrt(np.mean(Z * Z, axis=0))
+            eff = np.where(rms > 0, sd_y / np.where(rms > 0, rms, 1.0), sd_y)
+            for k, i in enumerate(range(sl.start, sl.stop)):
+                if s.kind == "custom":
+                    if k < len(s._sd_free):
+                        out[i] = float(np.exp(np.mean(np.log(eff[s._sd_free[k]]))))
+                    continue
+                rows = np.flatnonzero(np.any(s.dT(np.zeros(s.n_theta))[k] != 0, axis=1))
+                out[i] = float(np.exp(np.mean(np.log(eff[rows])))) if rows.size else sd_y
+        return out
+
+    def maximise(self, theta0, maxiter=100):
+        """(llf, theta) of L-BFGS-B on the dense deviance from theta0 (scaled variables);
+        at least the value at theta0 itself."""
+        from scipy import optimize
+
+        at0 = -0.5 * self.dev(theta0)
+        if self.m.n_theta == 0:
+            return at0, np.asarray(theta0, dtype=float)
+        s = self.scale
+        lo, up = self.lower / s, self.upper / s
+        bounds = list(zip(np.where(np.isinf(lo), None, lo), np.where(np.isinf(up), None, up)))
+        z0 = np.clip(np.asarray(theta0, dtype=float) / s, lo, up)
+
+        def f(z):
+            v = self.dev(z * s)
+            return v if np.isfinite(v) else 1e300
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            r = optimize.minimize(f, z0, method="L-BFGS-B", bounds=bounds,
+                                  options={"maxiter": maxiter})
+        if not -0.5 * float(r.fun) > at0:        # (theta0 / s) * s may round off an edge
+            return at0, np.asarray(theta0, dtype=float)
+        return -0.5 * float(r.fun), r.x * s
+
+    def starts(self, rng):
+        """A moment-like start and a random one (scaled units), for a global search."""
+        k = self.m.n_theta
+        sd_like = (self.lower == 0)
+        corr_like = np.isfinite(self.lower) & (self.lower < 0)
+        a = np.where(sd_like, 0.5, 0.0)
+        b = np.where(sd_like, rng.uniform(0.05, 2.0, k),
+                     np.where(corr_like, rng.uniform(-0.5, 0.5, k), rng.uniform(-1.0, 1.0, k)))
+        return [a * self.scale, b * self.scale]
 
 
-def worker(seed, count):
-    """Fit ``count`` random designs from ``seed``; one JSON line per fit on stdout."""
+def dense_checks(model, theta, llf, converged, rng, y=None, global_search=True):
+    """The oracle's flags for one fitted parameter vector, and a detail string."""
+    o = Oracle(model, y)
+    flags, detail = [], []
+    ll_at = -0.5 * o.dev(theta)
+    if not abs(ll_at - llf) <= _tol(llf):
+        flags.append("wrong")
+        detail.append(f"llf {llf:.10g} vs dense {ll_at:.10g} at the estimates")
+    info = {"llf": llf, "dense_at": ll_at, "converged": bool(converged)}
+    if not np.isfinite(ll_at):
+        return flags, "; ".join(detail), info
+    ll_loc, _ = o.maximise(theta)
+    info["dense_local"] = ll_loc
+    if ll_loc - llf > _tol(llf):
+        flags.append("below")
+        detail.append(f"dense steps from the estimates reach {ll_loc:.10g} (llf {llf:.10g})")
+    if converged and ll_loc - llf > 1e-3:
+        flags.append("nonstat")
+    if global_search:
+        best = max(ll_loc, *[o.maximise(t0, maxiter=200)[0] for t0 in o.starts(rng)])
+        if best - max(llf, ll_loc) > _tol(llf):
+            flags.append("missed")
+            detail.append(f"dense optimum from another start {best:.10g} (llf {llf:.10g})")
+        info["dense_best"] = best
+    return flags, "; ".join(detail), info
+
+
+# --------------------------------------------------------------------------- #
+# one case
+# --------------------------------------------------------------------------- #
+
+def _fit(case, data=None, V=None):
     import mlmeta
 
-    warnings.simplefilter("ignore")
-    for i in range(count):
-        rng = np.random.default_rng([seed, i])
-        t0 = time.perf_counter()
+    data = case.data if data is None else data
+    kw = dict(method=case.method, covariance=case.covariance)
+    sampling = dict(case.sampling)
+    if V is not None:
+        sampling["V"] = V
+    if case.api in ("meregress", "V"):
+        return mlmeta.meregress(case.formula, data, **sampling, **kw)
+    if case.api == "mixed":
+        return mlmeta.mixed(case.formula, data, **kw)
+    m = mlmeta.Model(case.formula, data, **sampling, **kw)
+    if case.api == "model":
+        return m.fit()
+    return m
+
+
+def _finite_result(res):
+    vals = [np.atleast_1d(res.llf), res.params.values, res.bse.values,
+            res.re_params()["estimate"].to_numpy(dtype=float)]
+    return all(np.all(np.isfinite(v)) for v in vals)
+
+
+def _relabelled(case, rng):
+    """The case's data with rows shuffled and every grouping variable relabelled."""
+    df = case.data
+    perm = rng.permutation(len(df))
+    out = df.iloc[perm].reset_index(drop=True)
+    for c in [c for c in out.columns if c.startswith("g") or c == "k"]:
+        u = np.unique(out[c])
+        out[c] = out[c].map(dict(zip(u, rng.permutation(u) + 7)))
+    V = case.sampling.get("V")
+    return out, (None if V is None else V[np.ix_(perm, perm)])
+
+
+def _documented(w):
+    from mlmeta._errors import BoundaryWarning, ConvergenceWarning, MissingDataWarning
+
+    return issubclass(w.category, (BoundaryWarning, ConvergenceWarning, MissingDataWarning)) or \
+        w.category is UserWarning
+
+
+def run_case(seed, idx, verbose=False):
+    """Fit case (seed, idx) and check it; returns a dict (flags, detail, seconds, ...)."""
+    from fuzz_cases import make_case
+
+    case = make_case(seed, idx)
+    rng = np.random.default_rng([seed, idx, 1])
+    out = {"case": f"{seed}:{idx}", "api": case.api, "n": len(case.data), "flags": [],
+           "detail": "", "warnings": []}
+    if verbose:
+        print(case.describe())
+    flags, detail = [], []
+    t0 = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         try:
-            df, formula, opt = _design(rng)
-            if opt["kind"] == "mixed":
-                res = mlmeta.mixed(formula, df, method=opt["method"], covariance=opt["covariance"])
-            elif opt["kind"] == "V":
-                res = mlmeta.meregress(formula, df, V=_V(df, rng), method=opt["method"],
-                                       covariance=opt["covariance"])
+            res = _fit(case)
+            if case.api == "batch":
+                import mlmeta
+
+                res = (res, mlmeta.fit_batch(res, case.Y, n_jobs=1))
+            out["seconds"] = round(time.perf_counter() - t0, 3)
+            if case.singular_V:
+                flags.append("singular")
+                detail.append("a V block with correlation 1 was accepted")
+            if case.api == "batch":
+                f, dt = _check_batch(res, case, rng, out)
             else:
-                res = mlmeta.meregress(formula, df, variance="v", method=opt["method"],
-                                       covariance=opt["covariance"])
-            status, detail = _check(res, opt["method"])
+                f, dt = _check_result(res, case, rng, out)
+            flags += f
+            detail += dt
         except ValueError as exc:
-            status, detail = "refused", str(exc)[:200]
+            out["seconds"] = round(time.perf_counter() - t0, 3)
+            out["refused"] = str(exc)[:300]
+            if verbose:
+                traceback.print_exc()
         except Exception as exc:  # the harness counts these
-            status, detail = "error", f"{type(exc).__name__}: {str(exc)[:200]}"
-        print(json.dumps({"seed": seed, "i": i, "status": status, "detail": detail,
-                          "seconds": round(time.perf_counter() - t0, 3)}), flush=True)
+            out["seconds"] = round(time.perf_counter() - t0, 3)
+            flags.append("error")
+            detail.append(f"{type(exc).__name__}: {str(exc)[:300]}")
+            if verbose:
+                traceback.print_exc()
+    for w in caught:
+        out["warnings"].append(f"{w.category.__name__}: {str(w.message)[:120]}")
+        if not _documented(w) and "warn" not in flags:
+            flags.append("warn")
+            detail.append(f"{w.category.__name__}: {str(w.message)[:200]} ({w.filename}:{w.lineno})")
+    if out.get("seconds", 0) > SLOW and len(case.data) < 2000:
+        flags.append("slow")
+        detail.append(f"{out['seconds']} s")
+    out["flags"] = sorted(set(flags), key=FAILURES.index)
+    out["detail"] = "; ".join(detail)
+    out["status"] = out["flags"][0] if out["flags"] else ("refused" if "refused" in out else "ok")
+    return out
+
+
+SLOW = 30.0
+
+
+def _check_result(res, case, rng, out):
+    flags, detail = [], []
+    str(res.summary())                # postestimation must not raise either
+    if rng.random() < 0.2:
+        res.random_effects()
+    if not _finite_result(res):
+        flags.append("nan")
+        detail.append(f"llf {res.llf}, params {res.params.values}, bse {res.bse.values}")
+        return flags, detail
+    f, dt, out["oracle"] = dense_checks(res.model, res.theta, res.llf, res.converged, rng)
+    out["messages"] = list(res.fit_record.messages)
+    out["n_evals"] = int(res.fit_record.n_evals)
+    flags += f
+    detail += [dt] if dt else []
+    if case.api != "model" and rng.random() < 0.125:
+        data, V = _relabelled(case, rng)
+        try:
+            res2 = _fit(case, data, V)
+            if abs(res2.llf - res.llf) > _tol(res.llf):
+                flags.append("invariance")
+                detail.append(f"llf {res.llf:.10g}, reordered {res2.llf:.10g}")
+        except ValueError as exc:
+            flags.append("invariance")
+            detail.append(f"reordered data refused: {exc}")
+    return flags, detail
+
+
+def _check_batch(fitted, case, rng, out):
+    import mlmeta
+
+    flags, detail = [], []
+    Y = case.Y
+    m, b1 = fitted
+    out["n_evals"] = int(np.sum(b1.n_evals))
+    b8 = mlmeta.fit_batch(m, Y, n_jobs=8)
+    same = all(np.array_equal(np.asarray(a), np.asarray(b), equal_nan=True) for a, b in
+               ((b1.llf, b8.llf), (b1.theta, b8.theta), (b1.params, b8.params), (b1.bse, b8.bse)))
+    if not same:
+        flags.append("threads")
+        detail.append("fit_batch with 1 and 8 threads differ")
+    perm = m.model.design.perm
+    for j in range(Y.shape[1]):
+        vals = [b1.llf[j], b1.params.values[j], b1.bse.values[j], b1.theta[j]]
+        if not all(np.all(np.isfinite(v)) for v in vals):
+            try:
+                m.fit(y=Y[:, j])
+            except ValueError:
+                continue               # refused alike by the single fit
+            flags.append("nan")
+            detail.append(f"column {j}: llf {b1.llf[j]}, converged {b1.converged[j]}")
+            continue
+        f, dt, info = dense_checks(m.model, b1.theta[j], float(b1.llf[j]), bool(b1.converged[j]),
+                                   rng, y=Y[perm, j], global_search=(j == 0))
+        out.setdefault("oracle", []).append(info)
+        flags += f
+        detail += [f"column {j}: {dt}"] if dt else []
+    return flags, detail
+
+
+# --------------------------------------------------------------------------- #
+# workers and the run
+# --------------------------------------------------------------------------- #
+
+def worker(seed, start, stop):
+    """Run cases start..stop-1 of ``seed``; one JSON line per case on stdout."""
+    for idx in range(start, stop):
+        print(json.dumps(run_case(seed, idx)), flush=True)
+
+
+def _spawn(seed, start, stop):
+    proc = subprocess.Popen([sys.executable, __file__, "--worker", str(seed), str(start), str(stop)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"})
+    lines = queue.Queue()
+
+    def pump():
+        for ln in proc.stdout:
+            lines.put(ln)
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    return proc, lines
+
+
+def run_range(seed, start, stop, timeout, sink):
+    """Cases start..stop-1 in worker subprocesses, restarting after a crash or hang."""
+    idx = start
+    while idx < stop:
+        proc, lines = _spawn(seed, idx, stop)
+        while idx < stop:
+            try:
+                ln = lines.get(timeout=timeout)
+            except queue.Empty:
+                proc.kill()
+                sink({"case": f"{seed}:{idx}", "status": "hang", "flags": ["hang"],
+                      "detail": f"no answer in {timeout:.0f} s"})
+                idx += 1
+                break
+            if ln is None:              # the worker died
+                proc.wait()
+                err = proc.stderr.read()[-300:] if proc.stderr else ""
+                sink({"case": f"{seed}:{idx}", "status": "crash", "flags": ["crash"],
+                      "detail": f"exit {proc.returncode}: {err}"})
+                idx += 1
+                break
+            if ln.startswith("{"):
+                sink(json.loads(ln))
+                idx += 1
+        else:
+            proc.wait()
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--fits", type=int, default=1000)
-    ap.add_argument("--batch", type=int, default=100)
+    ap.add_argument("--fits", type=int, default=1000, help="number of cases")
+    ap.add_argument("--start", type=int, default=0, help="first case index")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--timeout", type=float, default=300.0, help="seconds per batch")
-    ap.add_argument("--worker", nargs=2, type=int, metavar=("SEED", "COUNT"), help=argparse.SUPPRESS)
+    ap.add_argument("--jobs", type=int, default=1, help="worker processes side by side")
+    ap.add_argument("--timeout", type=float, default=120.0, help="seconds without an answer = hang")
+    ap.add_argument("--slow", type=float, default=30.0, help="seconds per fit counted as slow")
+    ap.add_argument("--out", help="append one JSON line per case to this file")
     ap.add_argument("--show", type=int, default=5, help="examples printed per failure class")
+    ap.add_argument("--case", help="SEED:IDX: fit one case here and print the details")
+    ap.add_argument("--worker", nargs=3, type=int, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    global SLOW
+    SLOW = args.slow
     if args.worker:
         worker(*args.worker)
         return 0
+    if args.case:
+        seed, idx = (int(v) for v in args.case.split(":"))
+        r = run_case(seed, idx, verbose=True)
+        print(json.dumps(r, indent=1))
+        return 1 if r["flags"] else 0
     counts = collections.Counter()
     examples = collections.defaultdict(list)
-    t0 = time.perf_counter()
-    n_batches = -(-args.fits // args.batch)
-    for b in range(n_batches):
-        count = min(args.batch, args.fits - b * args.batch)
-        seed = args.seed * 100_000 + b
-        try:
-            proc = subprocess.run([sys.executable, __file__, "--worker", str(seed), str(count)],
-                                  capture_output=True, text=True, timeout=args.timeout)
-            lines = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.startswith("{")]
-            if proc.returncode != 0:
-                counts["crash"] += count - len(lines)
-                examples["crash"].append(f"batch seed {seed}: exit {proc.returncode} "
-                                         f"{proc.stderr[-200:]}")
-        except subprocess.TimeoutExpired as exc:
-            out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
-            lines = [json.loads(ln) for ln in out.splitlines() if ln.startswith("{")]
-            counts["hang"] += count - len(lines)
-            examples["hang"].append(f"batch seed {seed}: fit {len(lines)} ran past the timeout")
-        for r in lines:
+    lock = threading.Lock()
+    fh = open(args.out, "a") if args.out else None
+
+    def sink(r):
+        with lock:
             counts[r["status"]] += 1
-            if r["status"] not in ("ok", "refused"):
-                examples[r["status"]].append(f"seed {r['seed']} fit {r['i']}: {r['detail']}")
-    print(f"{args.fits} fits in {time.perf_counter() - t0:.0f} s: "
-          + ", ".join(f"{k} {counts[k]}" for k in
-                      ("ok", "refused", "crash", "hang", "error", "nan", "wrong", "below")))
-    for k, ex in examples.items():
-        print(f"\n{k}:")
-        for e in ex[:args.show]:
-            print("  " + e)
-    bad = sum(counts[k] for k in ("crash", "hang", "error", "nan", "wrong", "below"))
-    return 1 if bad else 0
+            for f in r["flags"]:
+                counts["flag:" + f] += 1
+                examples[f].append(f"case {r['case']}: {r.get('detail', '')[:300]}")
+            if fh:
+                fh.write(json.dumps(r) + "\n")
+                fh.flush()
+
+    t0 = time.perf_counter()
+    stop = args.start + args.fits
+    cuts = np.linspace(args.start, stop, max(1, args.jobs) + 1).astype(int)
+    threads = [threading.Thread(target=run_range, args=(args.seed, int(a), int(b), args.timeout, sink))
+               for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if fh:
+        fh.close()
+    n_fail = sum(counts["flag:" + k] for k in FAILURES)
+    print(f"{args.fits} fits in {time.perf_counter() - t0:.0f} s: ok {counts['ok']}, refused "
+          f"{counts['refused']}, " + ", ".join(f"{k} {counts['flag:' + k]}" for k in FAILURES))
+    for k in FAILURES:
+        if examples[k]:
+            print(f"\n{k}:")
+            for e in examples[k][:args.show]:
+                print("  " + e)
+    return 1 if n_fail else 0
 
 
 if __name__ == "__main__":

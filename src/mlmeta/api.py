@@ -20,7 +20,7 @@ from mlmeta.covstruct import make_structure
 from mlmeta.design import build_design
 from mlmeta.formula import build_model_frame, parse_formula
 from mlmeta.model import NestedModel
-from mlmeta.optimize import fit_nested
+from mlmeta.optimize import fit_model
 from mlmeta.results import MeregressResults
 
 __all__ = ["meregress", "multilevel", "build_model", "sensitivity"]
@@ -97,6 +97,31 @@ def _sampling_variance(frame, se, variance):
         raise ValueError(f"sampling variances must be positive: {int(bad.sum())} value(s) of "
                          f"{what!r} are <= 0 (first at used row {int(np.flatnonzero(bad)[0])})")
     return v
+
+
+#: a sampling variance this many times smaller than the median sampling variance is
+#: below what the engine's whitening resolves: its row would outweigh the others by more
+#: than double precision carries through the random effects' factorisation
+TINY_VARIANCE_RATIO = 1e10
+
+
+def _check_tiny_variances(v, frame, data):
+    """ValueError naming the rows whose sampling variance v_i is below
+    median(v) / :data:`TINY_VARIANCE_RATIO`."""
+    v = np.asarray(v, dtype=float)
+    if not v.size:
+        return
+    spread = float(np.median(v))
+    tiny = np.flatnonzero(v < spread / TINY_VARIANCE_RATIO)
+    if tiny.size:
+        labels = list(getattr(data, "index", pd.RangeIndex(len(frame.sample)))[frame.sample][tiny])
+        shown = ", ".join(f"{lab!r} ({v[i]:.1e})" for lab, i in zip(labels[:5], tiny[:5]))
+        more = f" and {tiny.size - 5} more" if tiny.size > 5 else ""
+        raise ValueError(
+            f"{tiny.size} row(s) have sampling variances more than {TINY_VARIANCE_RATIO:.0e} times "
+            f"smaller than the median sampling variance ({spread:.2e}): rows {shown}{more}. Such an estimate "
+            f"counts as known exactly, beyond what double precision carries through the fit next "
+            f"to the other rows; check these variances (a unit error?), or drop or fix the rows.")
 
 
 def _structures(frame, covariance, known=None, spatial=None):
@@ -212,13 +237,15 @@ def build_model(formula, data, *, se=None, variance=None, V=None, method="reml",
         Vm, v = _sampling_covariance(frame, data, V), None
     else:
         Vm, v = None, _sampling_variance(frame, se, variance)
+    _check_tiny_variances(Vm.diagonal() if v is None else v, frame, data)
     known = known_correlations(frame, R)
     structs = _structures(frame, covariance, known, spatial_levels(frame, spatial, dist))
     y, X, fc = constrained_design(frame, constraints)
     if frame.y.shape[0] <= X.shape[1]:
         raise ValueError(f"{frame.y.shape[0]} observations for {X.shape[1]} fixed effects: at "
                          f"least one more observation than fixed effects is needed")
-    design = build_design(y, X, frame.Z, frame.groups, v, V=Vm, n_tree=frame.n_tree, known_R=known)
+    design = build_design(y, X, frame.Z, frame.groups, v, V=Vm, n_tree=frame.n_tree, known_R=known,
+                          cluster_labels=(frame.terms[0].group, frame.group_labels[0]))
     model = NestedModel(design, structs, method, fe_constraints=fc,
                         cluster_labels=(frame.terms[0].group, frame.group_labels[0]))
     return model, frame, parsed
@@ -394,7 +421,7 @@ def meregress(formula, data, *, se=None, variance=None, V=None, method="reml", c
                                        dist=dist)
     for note in frame.notes:
         warn(note, UserWarning)
-    record = fit_nested(model, em_iter=em_iter, em_tol=em_tol, em_only=em_only,
+    record = fit_model(model, em_iter=em_iter, em_tol=em_tol, em_only=em_only,
                         maxiter=maxiter, tol=tol, safeguard=safeguard, verbose=verbose)
     res = MeregressResults(model, frame, record, depvar=parsed.response,
                            sampling="se" if se is not None else ("V" if V is not None else "variance"),

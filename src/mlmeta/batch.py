@@ -18,15 +18,17 @@ import numpy as np
 import pandas as pd
 
 from mlmeta import _executor
+from mlmeta._errors import warn
 from mlmeta.api import build_model, constrained_design
 from mlmeta.design import build_design
 from mlmeta.mixed import MixedResults, build_mixed_model, check_outcome
 from mlmeta.model import NestedModel
-from mlmeta.optimize import fit_nested
+from mlmeta.optimize import fit_model
 from mlmeta.refit import concat_fits, fit_outcomes, simulate_outcomes
 from mlmeta.summary import confidence_level
 from mlmeta.results import MeregressResults
 from mlmeta.validate import aligned
+from mlmeta.validate import safeguard as _safeguard
 from mlmeta.validate import n_jobs as _n_jobs
 
 __all__ = ["Model", "fit_batch", "BatchResults"]
@@ -210,7 +212,7 @@ class Model:
         if variance is not None and self.mixed:
             raise ValueError("a mixed model on raw data has no sampling variances")
         model, frame = self._rebuilt(y, variance)
-        record = fit_nested(model, **options)
+        record = fit_model(model, **options)
         cls = MixedResults if self.mixed else MeregressResults
         return cls(model, frame, record, depvar=self.parsed.response,
                    options={"formula": self.formula}, data=self.data)
@@ -331,8 +333,8 @@ def _batchable(model: Model):
     return None
 
 
-def fit_batch(model: Model, Y, *, n_jobs=None, em_iter=20, maxiter=200, tol=1e-6,
-              theta0=None, executor=None) -> BatchResults:
+def fit_batch(model: Model, Y, *, n_jobs=None, em_iter=20, maxiter=1000, tol=1e-6,
+              theta0=None, executor=None, safeguard="auto") -> BatchResults:
     """Fit every column of ``Y`` with the model's design and sampling variances.
 
     The whole optimisation (EM, then Newton steps) runs in the compiled engine with
@@ -342,7 +344,11 @@ def fit_batch(model: Model, Y, *, n_jobs=None, em_iter=20, maxiter=200, tol=1e-6
     parametric bootstraps) take well under a second. Models whose outcome cannot be
     swapped in the precomputed problem (a full ``V`` coupling rows, fixed-effect
     constraints) are refitted column by column with :meth:`Model.fit`, which runs
-    the same engine.
+    the same engine. Each fit is then checked and guarded as a single fit is (the
+    stationarity check and, with ``safeguard`` as in :func:`mlmeta.meregress`, the
+    extra starts; a fit that still has not converged is made again by
+    :meth:`Model.fit`'s route and the better one kept), so a column gets the fit
+    :meth:`Model.fit` would give it.
 
     With an ``executor`` the columns are cut into a few contiguous chunks per worker,
     each fitted there (with ``n_jobs`` threads, default 1) and the model sent once per
@@ -362,6 +368,8 @@ def fit_batch(model: Model, Y, *, n_jobs=None, em_iter=20, maxiter=200, tol=1e-6
         EM iterations, Newton iterations and gradient tolerance of each fit.
     theta0 : array-like, optional
         Start of every fit (estimation metric); default each column's own EM start.
+    safeguard : {"auto", True, False}
+        Extra starts for each fit, as in :func:`mlmeta.meregress`.
     executor : concurrent.futures.Executor or distributed.Client, optional
         Runs the chunks of columns on its workers (threads, processes, a Dask
         cluster); the model is pickled to them. Default: this process's threads.
@@ -409,13 +417,18 @@ def fit_batch(model: Model, Y, *, n_jobs=None, em_iter=20, maxiter=200, tol=1e-6
         raise ValueError(f"Y has {Y.shape[0]} rows; the model uses {model.nobs} rows")
     if not np.all(np.isfinite(Y)):
         raise ValueError("Y has missing or infinite values")
-    options = (n_jobs, em_iter, maxiter, tol, theta0)
+    options = (n_jobs, em_iter, maxiter, tol, theta0, _safeguard(safeguard))
     if executor is None:
         out = _fit_columns(model, Y, options)
     else:
         m = Y.shape[1]
         parts = [Y[:, a:b] for a, b in _executor.chunks(m, executor)]
         out = concat_fits(_executor.run(executor, _fit_columns, model, parts, options))
+    failed = int(np.sum(~np.isfinite(out["llf"])))
+    if failed:
+        warn(f"{failed} of {Y.shape[1]} fits failed (NaN estimates, converged=False): the objective "
+             f"is undefined, or cannot be computed accurately, at their optimum; Model.fit on such "
+             f"an outcome says why", UserWarning)
     names = model.frame.fe_names
     groups = [t.group for t in model.frame.terms]
     profiled = model.model.residual == "profiled"
@@ -426,24 +439,37 @@ def fit_batch(model: Model, Y, *, n_jobs=None, em_iter=20, maxiter=200, tol=1e-6
                         scale=out["sigma2"] if profiled and "sigma2" in out else None)
 
 
+def _column_fit(model: Model, y, groups, options) -> dict:
+    """One column of a batch by :meth:`Model.fit`; NaN estimates and converged=False when
+    the fit is refused (its objective fails or is inaccurate at the optimum)."""
+    try:
+        f = model.fit(y, **options)
+    except ValueError:
+        m = model.model
+        p, k = len(model.frame.fe_names), m.n_theta
+        return dict(beta=np.full(p, np.nan), se=np.full(p, np.nan), llf=np.nan,
+                    theta=np.full(k, np.nan), converged=False, n_iter=0, n_evals=0,
+                    Sigma=[np.full((s.q, s.q), np.nan) for s in m.structs])
+    return dict(beta=f.params.values, se=f.bse.values, llf=f.llf, theta=f.theta,
+                converged=f.converged, n_iter=f.n_iter, n_evals=f.fit_record.n_evals,
+                Sigma=[f.re_cov[g].values for g in groups])
+
+
 def _fit_columns(model: Model, Y, options) -> dict:
     """Fits of the columns of Y (one task of :func:`fit_batch`): a dict of per-column
     arrays beta, se, llf, theta, converged, n_iter, n_evals, Sigma (per level) and, from
     the engine's batch path, sigma2."""
-    n_jobs, em_iter, maxiter, tol, theta0 = options
+    n_jobs, em_iter, maxiter, tol, theta0, safeguard = options
     groups = [t.group for t in model.frame.terms]
     if _batchable(model) is not None:
-        fits = [model.fit(Y[:, j], em_iter=em_iter, maxiter=maxiter, tol=tol, safeguard=False)
-                for j in range(Y.shape[1])]
-        return dict(beta=np.array([f.params.values for f in fits]),
-                    se=np.array([f.bse.values for f in fits]),
-                    llf=np.array([f.llf for f in fits]), theta=np.array([f.theta for f in fits]),
-                    converged=np.array([f.converged for f in fits]),
-                    n_iter=np.array([f.n_iter for f in fits]),
-                    n_evals=np.array([f.fit_record.n_evals for f in fits]),
-                    Sigma=[np.array([f.re_cov[g].values for f in fits]) for g in groups])
+        options = dict(em_iter=em_iter, maxiter=maxiter, tol=tol, safeguard=safeguard)
+        rows = [_column_fit(model, Y[:, j], groups, options) for j in range(Y.shape[1])]
+        keys = ("beta", "se", "llf", "theta", "converged", "n_iter", "n_evals")
+        out = {k: np.array([r[k] for r in rows]) for k in keys}
+        out["Sigma"] = [np.array([r["Sigma"][lvl] for r in rows]) for lvl in range(len(groups))]
+        return out
     out = fit_outcomes(model.model, Y, theta0=theta0, em_iter=em_iter, maxiter=maxiter, tol=tol,
-                       n_jobs=n_jobs)
+                       n_jobs=n_jobs, safeguard=safeguard)
     failed = ~np.isfinite(out["deviance"])
     return dict(beta=out["beta"], se=out["se"], llf=np.where(failed, np.nan, -0.5 * out["deviance"]),
                 theta=out["theta"], converged=out["converged"], n_iter=out["n_iter"],

@@ -137,24 +137,54 @@ def _cross_sums(U: np.ndarray, W: np.ndarray, starts: np.ndarray, gsel: np.ndarr
     return out
 
 
+#: a sampling covariance block is numerically singular when a row's relative pivot
+#: (its variance not explained by the rows before it, as a share of its variance) is
+#: at most this: the whitening would then lose more than half of the digits
+PIVOT_TOL = 1e-10
+
+
+def _block_cholesky(B):
+    """(L, reason): the Cholesky factor of a sampling covariance block, or None and why not.
+
+    The block is scaled to a correlation matrix R = D^-1/2 B D^-1/2 first; the squared
+    pivots of chol(R), ``1 - R^2`` of each row on the rows before it, must exceed
+    :data:`PIVOT_TOL` (a relative threshold: the same answer at any scale of B)."""
+    sd = np.sqrt(np.diag(B))
+    R = B / np.outer(sd, sd)
+    singular = ("numerically singular (e.g. a correlation of 1 between two estimates, or an "
+                "estimate entered twice)")
+    try:
+        Lr = np.linalg.cholesky(R)
+    except np.linalg.LinAlgError:
+        w = np.linalg.eigvalsh(R)
+        if w[0] >= -R.shape[0] * PIVOT_TOL:
+            return None, singular
+        return None, f"not positive definite (its correlation matrix has eigenvalue {w[0]:.3g})"
+    piv = np.diag(Lr) ** 2
+    if not np.all(piv > PIVOT_TOL):
+        k = int(np.argmin(piv))
+        return None, (f"{singular}: row {k + 1} of the block is a linear combination of the rows "
+                      f"before it up to a relative pivot of {piv[k]:.1e} (at most {PIVOT_TOL:g})")
+    return sd[:, None] * Lr, ""
+
+
 def _whiten_blocks(Vs, starts, rows_sel, Zs, Xs, ys, factors=None):
     """Whiten rows ``starts[g]:starts[g+1]`` for each selected block g by L^-1,
-    L = chol(V block); returns the sum of log|V block| and the failing block or -1.
-    ``factors`` (a list) collects (first row, last row + 1, L) of each block."""
+    L = chol(V block); returns the sum of log|V block| and (the failing block, why) or
+    (-1, ""). ``factors`` (a list) collects (first row, last row + 1, L) of each block."""
     logdet = 0.0
     for g in rows_sel:
         a, b = int(starts[g]), int(starts[g + 1])
         B = Vs[a:b, a:b].toarray()
-        try:
-            Lc = np.linalg.cholesky(B)
-        except np.linalg.LinAlgError:
-            return logdet, g
+        Lc, why = _block_cholesky(B)
+        if Lc is None:
+            return logdet, (g, why)
         logdet += 2.0 * float(np.sum(np.log(np.diag(Lc))))
         if factors is not None:
             factors.append((a, b, Lc))
         for M in Zs + [Xs, ys]:
             M[a:b] = linalg.solve_triangular(Lc, M[a:b], lower=True)
-    return logdet, -1
+    return logdet, (-1, "")
 
 
 def _centring(X) -> np.ndarray:
@@ -240,7 +270,8 @@ def _gram(Zc, A) -> np.ndarray:
     return S0
 
 
-def build_design(y, X, Z, groups, variance=None, V=None, n_tree=None, known_R=None) -> NestedDesign:
+def build_design(y, X, Z, groups, variance=None, V=None, n_tree=None, known_R=None,
+                 cluster_labels=None) -> NestedDesign:
     """Sort rows by cluster and precompute the nested kernel's blocks.
 
     Parameters
@@ -258,6 +289,9 @@ def build_design(y, X, Z, groups, variance=None, V=None, n_tree=None, known_R=No
     known_R : {level: R} known correlation matrices across the groups of crossed levels with
         one effect (metafor's ``R=``), rows and columns in the level's code order:
         Sigma of that level is sigma^2 R.
+    cluster_labels : (grouping term, label of each top-level code) naming a cluster whose
+        block of ``V`` is not positive definite or numerically singular (relative pivot
+        at most :data:`PIVOT_TOL`): a ValueError says which.
     """
     y = np.asarray(y, dtype=np.float64)
     X = np.asarray(X, dtype=np.float64)
@@ -340,17 +374,22 @@ def build_design(y, X, Z, groups, variance=None, V=None, n_tree=None, known_R=No
             yw[plain] *= w[plain]
             logdet_Lambda = float(np.sum(np.log(var_s[plain])))
         if Vs is not None:
-            ld, fail = _whiten_blocks(Vs, starts[-1], coupled_leaf, Zw, Xw, yw, factors)
+            ld, (fail, why) = _whiten_blocks(Vs, starts[-1], coupled_leaf, Zw, Xw, yw, factors)
             bad_top = top_of_row[starts[-1][fail]] if fail >= 0 else -1
             if bad_top < 0:
-                ld2, bad_top = _whiten_blocks(Vs, starts[0], np.flatnonzero(merged), Zw, Xw, yw,
-                                              factors)
+                ld2, (bad_top, why) = _whiten_blocks(Vs, starts[0], np.flatnonzero(merged), Zw, Xw,
+                                                     yw, factors)
                 ld += ld2
             if bad_top >= 0:
                 j = int(bad_top)
-                raise ValueError(f"the sampling covariance block of top-level cluster {j} "
-                                 f"(sorted rows {int(starts[0][j])}..{int(starts[0][j + 1]) - 1}) is "
-                                 f"not positive definite")
+                k0 = keys[0][int(starts[0][j])] if in_order else keys[0][perm[int(starts[0][j])]]
+                if cluster_labels is not None:
+                    name, labels = cluster_labels
+                    where = f"{name} = {labels[int(k0)]!r}"
+                else:
+                    where = f"#{j + 1}"
+                raise ValueError(f"the sampling covariance V is not valid in top-level cluster {where} "
+                                 f"({int(starts[0][j + 1] - starts[0][j])} rows): its block is {why}")
             logdet_Lambda += ld
 
     # a well-conditioned basis for the fixed part (shifted or scaled moderators and
@@ -506,7 +545,7 @@ def build_design(y, X, Z, groups, variance=None, V=None, n_tree=None, known_R=No
         for lvl, g, pos in cols:
             r0, r1 = (a0, b0) if lvl == 0 else (int(starts[lvl][g]), int(starts[lvl][g + 1]))
             Zf[r0 - a0:r1 - a0, pos:pos + q[lvl]] = Z_s[lvl][r0:r1]
-        Lc = np.linalg.cholesky(Vs[a0:b0, a0:b0].toarray())
+        Lc = next(Lf for fa, fb, Lf in factors if fa == a0 and fb == b0)   # validated above
         Zt = linalg.solve_triangular(Lc, Zf, lower=True)
         ZZ[zz_ptr[a]:zz_ptr[a + 1]] = (Zt.T @ Zt).ravel(order="F")
         Mj = A[a0:b0]

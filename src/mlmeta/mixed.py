@@ -26,7 +26,7 @@ from mlmeta.design import build_design
 from mlmeta.formula import build_model_frame, parse_formula
 from mlmeta.kenward_roger import kenward_roger
 from mlmeta.model import NestedModel
-from mlmeta.optimize import fit_nested
+from mlmeta.optimize import fit_model
 from mlmeta.postestimation import WaldTest
 from mlmeta.results import MeregressResults
 
@@ -60,11 +60,25 @@ def check_levels(frame):
                 f"variance. Remove the term; lme4 refuses such a model too.")
 
 
+#: outcomes of a mixed model must lie within these magnitudes (max |y|): their sums of
+#: squares and cross-products then stay far from overflow and underflow
+OUTCOME_RANGE = (1e-140, 1e140)
+
+
 def check_outcome(y, X, response):
     """The residual variance cannot be estimated when the fixed effects fit ``y`` exactly
-    (a constant outcome, or an exact linear function of the moderators)."""
-    r = y - X @ np.linalg.lstsq(X, y, rcond=None)[0] if X.shape[1] else y
-    if np.linalg.norm(r) <= 1e-12 * np.linalg.norm(y):
+    (a constant outcome, or an exact linear function of the moderators: the residual
+    norm at most 1e-12 of the outcome's, both computed after scaling y by max |y|), and
+    cannot be computed when max |y| is outside :data:`OUTCOME_RANGE` (its squares would
+    overflow or underflow double precision)."""
+    top = float(np.max(np.abs(y))) if y.size else 0.0
+    if top > 0 and not OUTCOME_RANGE[0] <= top <= OUTCOME_RANGE[1]:
+        raise ValueError(f"the outcome {response!r} reaches magnitude {top:.1e}: sums of its squares "
+                         f"would {'overflow' if top > 1 else 'underflow'} double precision; rescale it "
+                         f"(multiply by a power of ten: the estimates scale with it)")
+    ys = y / top if top > 0 else y
+    r = ys - X @ np.linalg.lstsq(X, ys, rcond=None)[0] if X.shape[1] else ys
+    if np.linalg.norm(r) <= 1e-12 * np.linalg.norm(ys):
         what = f"is constant ({y[0]:.8g})" if np.ptp(y) == 0 else "is fitted exactly by the fixed effects"
         raise ValueError(f"the outcome {response!r} {what}: the residual variance cannot be estimated")
 
@@ -611,7 +625,7 @@ def mixed(formula, data, *, method="reml", covariance=None, constraints=None, co
                                              dist=dist)
     for note in frame.notes:
         warn(note, UserWarning)
-    record = fit_nested(model, em_iter=em_iter, em_tol=em_tol, em_only=em_only, maxiter=maxiter,
+    record = fit_model(model, em_iter=em_iter, em_tol=em_tol, em_only=em_only, maxiter=maxiter,
                         tol=tol, safeguard=safeguard, verbose=verbose)
     res = MixedResults(model, frame, record, depvar=parsed.response, sampling="residual",
                        options={"formula": formula, "em_iter": em_iter, "tol": tol, "test": test},

@@ -1,9 +1,30 @@
 """The fitting driver: one compiled EM + Newton run (:meth:`Problem.fit
-<mlmeta._core._engine.Problem.fit>`) from a moment start, then cheap safeguards
-against local optima and saddle points on the boundary, run by the same engine.
+<mlmeta._core._engine.Problem.fit>`) from a moment start, then a stationarity check
+and cheap safeguards against local optima, run by the same engine.
+
+Before a fit is called converged it is refined (:func:`mlmeta.refine.refine`): steps
+off the bounds at 1e-8 .. 10 times each parameter's natural size (scale-free) and
+quasi-Newton steps in scaled parameters must not lower the deviance by more than
+DECREMENT_TOL / 2, and where they do Newton goes on from there. The main run gets
+MAIN_ITER Newton iterations; a run still going by then is crawling, and the
+refinement takes it on (charged to ``maxiter``).
+
+Extra starts (:func:`alternative_starts`) run in rounds of ROUND_ITER iterations (BFGS
+updates of one differenced Hessian near the EM path, full Newton steps away from it); a
+start stops when it converges, joins the known optimum, stalls (a round that does not
+lower its deviance) or has spent its evaluation budget,
+``max(EXTRA_EVALS_FACTOR x the main fit's evaluations, EXTRA_MIN_EVALS x (n_theta + 1))``,
+and the record says which starts were cut short. A start that reaches a lower
+deviance than the main fit, converged or not, is refined in its turn (same budget)
+and wins if it stays lower.
+
+A fit whose objective fails, or whose deviance the engine cannot compute to within
+ROUNDING_TOL at the estimates (:func:`rounding_error`), is a ValueError that says why
+(:func:`fit_model`, for the public entry points).
 
 Every fit leaves a :class:`FitRecord` (starts, final theta, evaluations,
 messages, the candidate optima found) so a result can say how it was reached.
+The same finishing steps serve a batch of outcome vectors (:func:`finish_outcome`).
 """
 
 from __future__ import annotations
@@ -14,11 +35,28 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mlmeta._threads import blas_threads
 from mlmeta.model import NestedModel
+from mlmeta.refine import (DECREMENT_TOL, Work, custom_correlations, deviances,
+                           off_pd_boundary, quasi_newton, refine, rounds, run_engine, theta_scale)
 from mlmeta.validate import safeguard as _safeguard
 
-__all__ = ["FitRecord", "fit_nested", "start_theta", "alternative_starts", "conditioning"]
+__all__ = ["FitRecord", "fit_nested", "fit_model", "start_theta", "alternative_starts",
+           "conditioning", "conditioned_model", "theta_scale", "finish_outcome", "rounding_error",
+           "c_condition", "second_opinion",
+           "DECREMENT_TOL", "ROUNDING_TOL", "MAIN_ITER"]
+
+#: budget of one extra start: this many times the main fit's evaluations ...
+EXTRA_EVALS_FACTOR = 3
+#: ... and at least this many per covariance parameter (plus one)
+EXTRA_MIN_EVALS = 25
+#: Newton iterations of the main run before it is refined (a run still going by then is
+#: crawling: quasi-Newton steps in scaled parameters take over, see :func:`refine`)
+MAIN_ITER = 100
+#: the largest rounding error of the deviance (:func:`rounding_error`) a fit may have
+ROUNDING_TOL = 1e-4
+#: the safety factor of :func:`rounding_error` (its estimate was within a factor 7 of
+#: the error measured against an orthogonal-factorisation likelihood on random designs)
+_ROUNDING_C = 10.0
 
 
 @dataclass
@@ -38,11 +76,193 @@ class FitRecord:
     candidates: list = field(default_factory=list)   # (label, deviance, theta, converged)
     better_optimum: bool = False
     seconds: float = 0.0
+    eval_budget: int = 0                              # evaluations allowed per extra start
+    cut_short: list = field(default_factory=list)     # (label, evaluations) of starts stopped
+
+
+def rounding_error(yy, beta_work, Hinv_work, *, reml, sigma2=1.0, kappa=1.0) -> float:
+    """An estimate of the rounding error of the deviance the engine computes.
+
+    The engine forms ``A'V^-1A = A'Lambda^-1A - K'K`` (Woodbury, A = [X, y] whitened, in
+    the working basis where ``X'Lambda^-1X = I``). Where the random effects explain
+    nearly all of the whitened variation, the difference is far smaller than its terms
+    and carries their rounding error: with ``yy = y'Lambda^-1y`` (y less its least-squares
+    fit on X), ``b`` the working-basis coefficients and ``H^-1`` their (X'V^-1X)^-1,
+
+        err = C eps [ (sqrt(yy) + |b|)^2 / sigma^2 + tr(H^-1) (REML) ]
+
+    (sigma^2 the profiled residual variance, 1 for known sampling variances; C = 10),
+    plus ``C eps kappa`` for the factorisation of the random effects' precision, kappa
+    the bound of its condition number (:func:`c_condition`). Variances some 1e10 times
+    the sampling variances, or factors T so large that kappa passes 1e10, make it exceed
+    :data:`ROUNDING_TOL`."""
+    eps = np.finfo(float).eps
+    b = float(np.linalg.norm(beta_work)) if np.size(beta_work) else 0.0
+    q = (np.sqrt(max(float(yy), 0.0)) + b) ** 2 / float(sigma2)
+    if reml and np.size(Hinv_work):
+        q += abs(float(np.trace(Hinv_work)))
+    return _ROUNDING_C * eps * (q + float(kappa))
+
+
+def c_condition(model: NestedModel, theta) -> float:
+    """A bound on the condition number of C = I + T'Z'Lambda^-1 Z T (the random effects'
+    precision relative to their prior): 1 + max over levels of ||T_l||^2 times the largest
+    trace of a group's whitened cross-product Z_g'Lambda^-1 Z_g (the kernel's own
+    blocks; a crossed level's are on the border's diagonal). The engine's Cholesky factor
+    of C, log|C| and its solves lose about eps times this of their accuracy."""
+    d = model.design
+    K = d.kernel
+    ZZ = np.asarray(K.ZZ)
+    worst = 0.0
+    for lvl, T in enumerate(model.T_list(theta)):
+        q = T.shape[0]
+        r = np.arange(q)
+        t2 = float(np.linalg.norm(T, 2)) ** 2
+        if t2 == 0.0:
+            continue
+        if lvl >= d.n_tree:
+            S0 = d.border["S0"]
+            o = d.border["b_off"][lvl] + np.arange(d.n_groups[lvl]) * q
+            tr = np.diag(S0)[o[:, None] + r[None, :]].sum(axis=1)
+        else:
+            nodes = d.node_of_group[lvl]
+            o = d.offset_of_group[lvl]
+            na = K.nq[nodes]
+            base = K.zz_ptr[nodes] + K.diag_offset(nodes)
+            tr = ZZ[base[:, None] + (o[:, None] + r) * (1 + na[:, None])].sum(axis=1)
+        worst = max(worst, t2 * float(tr.max()))
+    return 1.0 + worst
+
+
+def _model_rounding_error(model, theta, kappa=True) -> float:
+    ev = model.evaluate(theta)
+    d = model.design
+    return rounding_error(float(d.yw @ d.yw), ev.beta_work, ev.Hinv_work, reml=model.method == "reml",
+                          sigma2=ev.sigma2 if model.residual == "profiled" else 1.0,
+                          kappa=c_condition(model, theta) if kappa else 0.0)
+
+
+def _variance_ratio(model) -> float:
+    """The outcome's variation around its least-squares fit relative to the sampling
+    variances (whitened: their mean square); 0 for a profiled residual."""
+    d = model.design
+    if model.residual == "profiled" or d.n_obs == 0:
+        return 0.0
+    return float(d.yw @ d.yw) / d.n_obs
+
+
+def fit_model(model: NestedModel, **options) -> FitRecord:
+    """:func:`fit_nested` for the public entry points (``meregress``, ``mixed``,
+    ``Model.fit``): a fit whose objective fails, or whose deviance the engine cannot
+    compute to within :data:`ROUNDING_TOL` at the estimates (:func:`rounding_error`; where
+    only the bound on the condition of C says so, the deviance computed again in another
+    basis must agree to ROUNDING_TOL / 10, :func:`second_opinion`), is a ValueError that
+    says why, instead of a FloatingPointError or a wrong log-likelihood."""
+    ratio = _variance_ratio(model)
+    if not np.isfinite(ratio):
+        raise ValueError("the outcome, in units of its sampling standard deviations, is too large: "
+                         "its sum of squares overflows double precision; check the outcome and its "
+                         "sampling variances (their units), or rescale them together (y by c, "
+                         "variances by c^2)")
+    scale = (f" The outcome varies about {ratio:.0e} times more around the fixed effects "
+             f"than its sampling variances allow: variances that far apart are beyond double "
+             f"precision in the engine; check the sampling variances (or rescale them)."
+             if ratio >= 1e6 else "")
+    try:
+        rec = fit_nested(model, **options)
+    except FloatingPointError as exc:
+        raise ValueError(f"the model cannot be fitted: {exc}.{scale}") from None
+    try:
+        err = _model_rounding_error(model, rec.theta, kappa=False)
+        kappa = c_condition(model, rec.theta)
+    except FloatingPointError as exc:
+        raise ValueError(f"the model cannot be fitted: {exc} at the estimates.{scale}") from None
+    if err > ROUNDING_TOL:
+        raise ValueError(
+            f"the log-likelihood cannot be computed accurately at the estimates (rounding error "
+            f"about {err:.0e}): the random effects explain all but a tiny fraction of the "
+            f"variation, and the engine's X'V^-1X and r'V^-1r are then differences of numbers "
+            f"far larger than themselves.{scale or ' Rescale the outcome or simplify the model.'}")
+    if _ROUNDING_C * np.finfo(float).eps * kappa > ROUNDING_TOL:
+        # the bound on C's condition says the factorisation may have lost the deviance: a
+        # second computation in another basis says whether it has
+        diff = second_opinion(model, rec.theta)
+        if not diff <= 0.1 * ROUNDING_TOL:
+            raise ValueError(
+                f"the log-likelihood cannot be computed accurately at the estimates: the random "
+                f"effects' precision matrix I + T'Z'V^-1ZT is too badly conditioned (up to "
+                f"{kappa:.0e}), and the deviance computed in another basis differs by "
+                f"{diff:.1g}; very large variances or effects perfectly correlated with "
+                f"large ones lead there. Simplify the model or rescale its covariates.")
+    return rec
+
+
+def second_opinion(model: NestedModel, theta) -> float:
+    """|deviance at theta - the same deviance computed in another basis|: every level's
+    design Z_l A_l with its slopes centred on the intercept column and scaled to unit SD
+    (the intercept to unit root mean square), written as an unstructured level with
+    ``Sigma~_l = A_l^-1 Sigma_l A_l^-T``. The likelihood is the same, the rounding is not:
+    the difference measures the error of the engine's factorisation there (inf where
+    either computation fails)."""
+    from mlmeta.covstruct import Unstructured
+    from mlmeta.design import build_design
+
+    d = model.design
+    A = []
+    # levels correlated across their groups (known R, spatial) keep their structure: A = 1
+    keep = _across_groups(model)
+    for lvl, Z in enumerate(d.Z):
+        q = Z.shape[1]
+        a = np.eye(q)
+        if lvl in keep:
+            A.append(a)
+            continue
+        mean, sd = Z.mean(axis=0), Z.std(axis=0)
+        rms = np.sqrt(np.mean(Z * Z, axis=0))
+        const = sd <= 1e-12 * np.maximum(rms, 1e-300)
+        icol = next((j for j in range(q) if const[j] and abs(mean[j]) > 0), None)
+        for j in range(q):
+            if const[j]:
+                a[j, j] = 1.0 / rms[j] if rms[j] > 0 else 1.0
+            elif sd[j] > 0:
+                a[j, j] = 1.0 / sd[j]
+                if icol is not None:
+                    a[icol, j] = -(mean[j] / mean[icol]) / sd[j]
+        A.append(a)
+    try:
+        work = NestedModel(build_design(d.y, d.X, [Z @ a for Z, a in zip(d.Z, A)], d.groups,
+                                        d.variance, V=d.Lambda, n_tree=d.n_tree,
+                                        known_R=_known_R(d)),
+                           [s if lvl in keep else Unstructured(s.effect_names)
+                            for lvl, s in enumerate(model.structs)], model.method,
+                           residual=model.residual)
+        S = [np.linalg.solve(a, np.linalg.solve(a, Sl).T) for a, Sl in zip(A, model.Sigma_list(theta))]
+        th = work.theta_from_Sigmas([0.5 * (Sl + Sl.T) for Sl in S])
+        for lvl in keep:
+            th[work.theta_slices[lvl]] = theta[model.theta_slices[lvl]]
+        return abs(work.evaluate(th).deviance - model.evaluate(theta).deviance)
+    except (FloatingPointError, np.linalg.LinAlgError):
+        return np.inf
+
+
+def _known_R(d):
+    """The design's known correlation matrices {level: R} (to build it again), or None."""
+    known = (d.border or {}).get("known_R") if d.crossed else None
+    return {lvl: L @ L.T for lvl, L in known.items()} if known else None
+
+
+def _across_groups(model) -> set:
+    """The levels whose groups are correlated (a known R, a spatial structure)."""
+    d = model.design
+    known = set((d.border or {}).get("known_R") or {}) if d.crossed else set()
+    return known | {lvl for lvl, s in enumerate(model.structs) if s.kind == "spatial"}
 
 
 def start_theta(model: NestedModel) -> np.ndarray:
     """Moment start: split the residual heterogeneity of a fixed-effects fit evenly
-    over the levels; slopes' variances scaled by the variance of their covariate."""
+    over the levels; slopes' variances scaled by the variance of their covariate. With
+    a profiled residual variance (theta relative to it) the residual takes an equal
+    share, so each level starts at variance 1 relative to the residual."""
     d = model.design
     if d.n_fe:
         beta, *_ = np.linalg.lstsq(d.Xw, d.yw, rcond=None)
@@ -51,6 +271,8 @@ def start_theta(model: NestedModel) -> np.ndarray:
         r = d.y.copy()
     v = d.variance if d.variance is not None else np.zeros(d.n_obs)
     total = float(np.var(r))
+    if model.residual == "profiled":
+        total = float(d.n_levels)          # relative to the residual variance
     tau2 = max(total - float(np.mean(v)), 0.25 * total, 1e-8)
     Sigmas = []
     for z in d.Z:
@@ -62,23 +284,61 @@ def start_theta(model: NestedModel) -> np.ndarray:
     return model.theta_from_Sigmas(Sigmas)
 
 
-def _run(model, thetas, *, lower, upper, em_iter=0, em_tol=0.0, em_only=False, maxiter=1000,
-         tol=1e-6, quasi=False, known=None, threads=1, log=False):
-    """Engine runs from each row of ``thetas``; the engine's dict of per-run arrays."""
-    kt, kd = (None, np.inf) if known is None else (known[0], float(known[1]))
-    with blas_threads(1):
-        return model.problem.fit(np.atleast_2d(thetas), lower=lower, upper=upper,
-                                 em_iter=int(em_iter), em_tol=float(em_tol), em_only=em_only,
-                                 maxiter=int(maxiter),
-                                 tol=float(tol), quasi=quasi, known_theta=kt, known_dev=kd,
-                                 n_threads=int(threads), log=log)
+def _feasible_start(model, theta, lower, upper):
+    """The start itself, or shrunk by powers of 10 (then zero) until the objective is
+    defined there (huge variances of badly scaled effects can defeat the factorisation)."""
+    cand = [theta * 10.0 ** -k for k in range(0, 13, 2)] + [np.zeros_like(theta)]
+    devs = deviances(model, np.clip(np.array(cand), lower, upper), lower=lower, upper=upper)
+    ok = np.flatnonzero(np.isfinite(devs))
+    return np.clip(cand[ok[0]], lower, upper) if ok.size else theta
 
 
-def alternative_starts(model: NestedModel, theta_em, theta_best):
-    """Cheap extra starts: the EM start shrunk and inflated, and the optimum with each
-    level (and each variance of a multi-effect level) pushed to zero."""
+#: pseudo-random extra starts (seeded by the model's size: the same starts every time)
+N_RANDOM_STARTS = 2
+
+
+def alternative_starts(model: NestedModel, theta_em, theta_best, scale=None):
+    """Cheap extra starts: the EM start shrunk and inflated, the optimum with each
+    level (and each variance of a multi-effect level) pushed to zero (and a spatial
+    level's range at quantiles of the distances, ``Spatial.range_starts``), and starts away
+    from the EM path: every variance parameter at half its natural size (``scale``,
+    :func:`theta_scale`; the others at 0), so again with each level at zero, and
+    N_RANDOM_STARTS pseudo-random ones (variance
+    parameters at 0.05 .. 2 times their natural size, correlations in (-0.5, 0.5), other
+    parameters in (-1, 1) times their natural size)."""
     starts = [("EM start x 0.1", theta_em * 0.1), ("EM start x 3", theta_em * 3.0)]
+    if scale is not None:
+        # off a zero variance by 1 and 10 % of its natural size (a narrow basin nearby that
+        # the steps of _off_bounds, one parameter at a time, can step over)
+        for i in np.flatnonzero((model.lower == 0.0) & (theta_best <= 0.0) & (model.upper > 0.0)):
+            for c in (0.01, 0.1):
+                t = theta_best.copy()
+                t[i] = c * scale[i]
+                starts.append((f"parameter {i} off zero x {c:g}", t))
+        for j, t in enumerate(off_pd_boundary(model, theta_best)):
+            starts.append((f"custom correlations off the edge {j + 1}", t))
+        k = model.n_theta
+        sd_like = model.lower == 0.0
+        corr_like = np.isfinite(model.lower) & (model.lower < 0.0)
+        natural = np.where(sd_like, 0.5 * scale, 0.0)
+        starts.append(("natural scale", natural))
+        if len(model.structs) > 1:      # which level carries a variance can be multimodal
+            for lvl, sl in enumerate(model.theta_slices):
+                t = natural.copy()
+                t[sl] = 0.0
+                starts.append((f"natural scale, level {lvl + 1} at zero", t))
+        rng = np.random.default_rng([model.n_obs, k, 17])
+        for r in range(N_RANDOM_STARTS):
+            t = np.where(sd_like, rng.uniform(0.05, 2.0, k),
+                         np.where(corr_like, rng.uniform(-0.5, 0.5, k), rng.uniform(-1.0, 1.0, k)))
+            t = np.clip(t * np.where(corr_like, 1.0, scale), model.lower, model.upper)
+            starts.append((f"random start {r + 1}", t))
     for lvl, (s, sl) in enumerate(zip(model.structs, model.theta_slices)):
+        if s.kind == "spatial":      # the likelihood is often multimodal in the range
+            for p, rho in s.range_starts():
+                t = theta_best.copy()
+                t[sl.start + 1] = rho
+                starts.append((f"level {lvl + 1} range at the {p:.0%} quantile of distances", t))
         t = theta_best.copy()
         t[sl] = 0.0
         starts.append((f"level {lvl + 1} at zero", t))
@@ -124,9 +384,11 @@ def _gmax(model, theta, lower, upper):
 
 def fit_nested(model: NestedModel, *, theta0=None, em_iter=20, em_tol=1e-10, em_only=False,
                maxiter=1000, tol=1e-6, safeguard="auto", verbose=False, fixed=None) -> FitRecord:
-    """Fit a nested model: EM, then projected Newton, then safeguards, all in the engine.
+    """Fit a nested model: EM, then projected Newton, then the stationarity check and
+    the safeguards, all in the engine.
 
-    ``tol`` bounds the Newton decrement relative to max(1, |deviance|).
+    ``tol`` bounds the Newton decrement relative to max(1, |deviance|) (and it must also
+    be at most :data:`DECREMENT_TOL`).
     ``safeguard``: True, False or "auto" (extra starts when the model is small
     enough that they cost little: n_obs <= 50,000).
     ``fixed``: boolean mask (or indices) of theta elements held at their ``theta0``
@@ -157,6 +419,8 @@ def _fit(model, *, theta0, em_iter, em_tol, em_only, maxiter, tol, safeguard, ve
             raise ValueError("fixed= needs theta0 with the values to hold")
         lower[mask] = upper[mask] = theta[mask]
     theta = np.clip(theta, lower, upper)
+    if theta0 is None:
+        theta = _feasible_start(model, theta, lower, upper)
     rec = FitRecord(theta_start=theta.copy())
     if model.n_theta == 0:
         ev = model.evaluate(theta)
@@ -165,8 +429,8 @@ def _fit(model, *, theta0, em_iter, em_tol, em_only, maxiter, tol, safeguard, ve
         rec.seconds = time.perf_counter() - t0
         return rec
     n_em = 10 * maxiter if em_only else em_iter
-    run = _run(model, theta, lower=lower, upper=upper, em_iter=n_em, em_tol=em_tol,
-               em_only=em_only, maxiter=maxiter, tol=tol, log=verbose)
+    run = run_engine(model, theta, lower=lower, upper=upper, em_iter=n_em, em_tol=em_tol,
+                     em_only=em_only, maxiter=min(maxiter, MAIN_ITER), tol=tol, log=verbose)
     rec.n_em = int(run["n_em"][0])
     rec.theta_em = run["theta_em"][0].copy()
     rec.n_evals = int(run["n_evals"][0])
@@ -184,51 +448,146 @@ def _fit(model, *, theta0, em_iter, em_tol, em_only, maxiter, tol, safeguard, ve
         rec.seconds = time.perf_counter() - t0
         return rec
     rec.n_iter = int(run["n_iter"][0])
-    if not conv:
-        # continue from where the run stopped (a fresh Hessian, no EM)
-        more = _run(model, theta, lower=lower, upper=upper, maxiter=maxiter, tol=tol)
-        rec.n_evals += int(more["n_evals"][0])
-        rec.n_iter += int(more["n_iter"][0])
-        if np.isfinite(more["deviance"][0]) and more["deviance"][0] <= f:
-            theta, f = more["theta"][0].copy(), float(more["deviance"][0])
-            conv = bool(more["converged"][0])
-    gmax = _gmax(model, theta, lower, upper)
-    rec.candidates.append(("EM start", f, theta.copy(), conv))
+    use_safeguard = (safeguard is True) or (safeguard == "auto" and model.n_obs <= 50_000)
+    theta, f, conv = _finish(model, rec, theta, f, conv, lower=lower, upper=upper, maxiter=maxiter,
+                             tol=tol, safeguard=use_safeguard)
+    rec.grad_max = _gmax(model, theta, lower, upper)
     if not conv:
         rec.messages.append(f"gradient-based optimisation did not converge (largest gradient "
-                            f"component {gmax:.3g})")
-    use_safeguard = (safeguard is True) or (safeguard == "auto" and model.n_obs <= 50_000)
-    best = (f, theta, conv, gmax)
-    if use_safeguard:
-        starts = alternative_starts(model, rec.theta_em, theta)
-        # threads only pay for large models
-        threads = (os.cpu_count() or 1) if model.n_obs >= 20_000 else 1
-        runs = _run(model, [t for _, t in starts], lower=lower, upper=upper, maxiter=maxiter,
-                    tol=tol, quasi=True, known=(theta, f), threads=threads)
-        for i, (label, _) in enumerate(starts):
-            th, fa, conva = runs["theta"][i], float(runs["deviance"][i]), bool(runs["converged"][i])
-            rec.n_evals += int(runs["n_evals"][i])
-            if not runs["joined"][i] and fa < best[0] - 1e-7 * max(1.0, abs(best[0])):
-                # an exploratory run found a lower deviance: confirm it with full Newton
-                full = _run(model, th, lower=lower, upper=upper, maxiter=maxiter, tol=tol)
-                th, fa, conva = full["theta"][0], float(full["deviance"][0]), bool(full["converged"][0])
-                rec.n_evals += int(full["n_evals"][0])
-            rec.candidates.append((label, fa, th.copy(), conva))
-            if conva and fa < best[0] - 1e-7 * max(1.0, abs(best[0])):
-                best = (fa, th.copy(), conva, _gmax(model, th, lower, upper))
-                rec.better_optimum = True
-    f, theta, conv, gmax = best
-    if rec.better_optimum:
-        dev_first = rec.candidates[0][1]
-        rec.messages.append(
-            f"the optimisation from the default start stopped at a local optimum "
-            f"({model.ll_label.lower()} {-0.5 * dev_first:.8g}); a higher optimum "
-            f"({-0.5 * f:.8g}) was found from another start and is reported")
-    rec.theta, rec.deviance, rec.converged, rec.grad_max = theta, f, conv, gmax
+                            f"component {rec.grad_max:.3g})")
+    rec.theta, rec.deviance, rec.converged = theta, f, conv
     rec.seconds = time.perf_counter() - t0
     if verbose and rec.better_optimum:
         print(f"A higher optimum from another start:  {model.ll_label} = {-0.5 * f:.8g}")
     return rec
+
+
+def _finish(model, rec, theta, f, conv, *, lower, upper, maxiter, tol, safeguard, Yw=None):
+    """After the main engine run: refine it to a certified stationary point (:func:`refine`),
+    run the extra starts (``safeguard``) and continue the promising ones, and end where
+    the covariance structures can be written out (:func:`_representable`). Updates
+    ``rec`` (iterations, evaluations, candidates, messages); returns (theta, f, conv)."""
+    theta, f, conv = _search(model, rec, theta, f, conv, lower=lower, upper=upper, maxiter=maxiter,
+                             tol=tol, safeguard=safeguard, Yw=Yw)
+    return _representable(model, theta, f, conv, lower=lower, upper=upper, Yw=Yw)
+
+
+def _representable(model, theta, f, conv, *, lower, upper, Yw=None):
+    """(theta, f, conv), with a custom level's free correlations shrunk towards 0 by 1e-12 ..
+    1e-6 (relative) where its correlation matrix is so near the edge of the positive
+    definite set that the engine's factorisation takes it but NumPy's (results,
+    postestimation) does not; the deviance moves by rounding only."""
+    try:
+        model.T_list(theta)
+        return theta, f, conv
+    except FloatingPointError:
+        pass
+    idx = np.concatenate([i for i, _ in custom_correlations(model, theta)] or [np.zeros(0, int)])
+    for c in (1e-12, 1e-10, 1e-8, 1e-6):
+        t = theta.copy()
+        t[idx] *= 1.0 - c
+        try:
+            model.T_list(t)
+        except FloatingPointError:
+            continue
+        fc = float(deviances(model, t, lower=lower, upper=upper, Yw=Yw)[0])
+        if np.isfinite(fc):
+            return t, fc, conv and fc <= f + 1e-9 * max(1.0, abs(f))
+    return theta, f, conv
+
+
+def _search(model, rec, theta, f, conv, *, lower, upper, maxiter, tol, safeguard, Yw=None):
+    """:func:`_finish` but the last step."""
+    scale = theta_scale(model, theta if Yw is None else None)
+    work = Work(rec.n_iter, rec.n_evals)
+    theta, f, conv, note = refine(model, theta, f, conv, work, lower=lower, upper=upper, tol=tol,
+                                  maxiter=maxiter, max_evals=np.inf, scale=scale, Yw=Yw)
+    rec.n_iter, rec.n_evals = work.iters, work.evals
+    if note:
+        rec.messages.append(note)
+    rec.candidates.append(("EM start", f, theta.copy(), conv))
+    if not safeguard:
+        return theta, f, conv
+    starts = alternative_starts(model, rec.theta_em, theta, scale)
+    rec.eval_budget = budget = int(max(EXTRA_EVALS_FACTOR * rec.n_evals,
+                                       EXTRA_MIN_EVALS * (model.n_theta + 1)))
+    # threads only pay for large models
+    threads = (os.cpu_count() or 1) if model.n_obs >= 20_000 else 1
+    # starts right next to the optimum (off a zero, off a custom level's edge) may not stop
+    # on coming near it: the engine's "near" is measured on the sampling scale, wider than
+    # the basins they look for
+    # starts away from the EM path (natural scale, random) run full Newton steps: the
+    # BFGS-updated exploration can settle short of the basin such a start is in
+    local = np.array([" off " in label for label, _ in starts])
+    wide = np.array([label.startswith(("natural scale", "random")) for label, _ in starts])
+    runs = [None] * len(starts)
+    for sel, known, quasi in ((~local & ~wide, (theta, f), True), (local, None, True),
+                              (wide, (theta, f), False)):
+        idx = np.flatnonzero(sel)
+        if idx.size:
+            got = rounds(model, [starts[i][1] for i in idx], lower=lower, upper=upper, tol=tol,
+                         maxiter=maxiter, budget=budget, quasi=quasi, known=known, Yw=Yw,
+                         threads=threads)
+            for i, r in zip(idx, got):
+                runs[i] = r
+    # with a custom level's free correlations, whose feasible set is not a box, the engine's
+    # Newton stops at the edge of the positive definite set: from the starts away from the
+    # EM path, scipy's quasi-Newton steps in scaled parameters too (they get along it)
+    per = 1 if Yw is None else model.n_theta + 1
+    away = [st for st in starts if st[0] == "natural scale" or st[0].startswith("random")]
+    for label, t0 in away if custom_correlations(model, theta) else []:
+        th, fq, n, _ = quasi_newton(model, t0, f, lower=lower, upper=upper, scale=scale, Yw=Yw,
+                                    maxiter=max(1, min(200, budget // per)))
+        starts.append((f"{label}, quasi-Newton", t0))
+        runs.append(dict(theta=th, dev=fq, conv=False, joined=False, evals=n, iters=0, cut=False,
+                         stalled=False))
+    f_main = f
+    for (label, _), r in zip(starts, runs):
+        rec.n_evals += r["evals"]
+        if r["cut"]:
+            rec.cut_short.append((label, r["evals"]))
+        rec.candidates.append((label, r["dev"], r["theta"].copy(), r["conv"]))
+    for k in np.argsort([r["dev"] for r in runs]):
+        r, label = runs[k], starts[k][0]
+        margin = 1e-7 * max(1.0, abs(f))
+        if r["joined"] or not r["dev"] < f - margin:
+            break
+        # a lower deviance than the best so far, converged or not: take it on (its own budget)
+        w = Work()
+        th, fc, cc, _ = refine(model, r["theta"], r["dev"], False, w, lower=lower, upper=upper,
+                               tol=tol, maxiter=maxiter, max_evals=budget, scale=scale, Yw=Yw)
+        rec.n_evals += w.evals
+        if not cc and w.evals >= budget:
+            rec.cut_short.append((f"{label} (continued)", w.evals))
+        if not (np.isfinite(fc) and fc < f - margin):
+            continue
+        rec.candidates.append((f"{label} (continued)", fc, th.copy(), cc))
+        theta, f, conv = th, fc, cc
+        rec.better_optimum = True
+    if rec.cut_short:
+        rec.messages.append(
+            f"{len(rec.cut_short)} extra start(s) stopped at their limit of {budget} evaluations "
+            f"before converging: " + ", ".join(lab for lab, _ in rec.cut_short))
+    if rec.better_optimum:
+        rec.messages.append(
+            f"the optimisation from the default start stopped at a local optimum "
+            f"({model.ll_label.lower()} {-0.5 * f_main:.8g}); a higher optimum "
+            f"({-0.5 * f:.8g}) was found from another start and is reported")
+    return theta, f, conv
+
+
+def finish_outcome(model: NestedModel, Yw, theta, f, conv, theta_em, *, maxiter, tol,
+                   safeguard, n_iter=0) -> tuple:
+    """The finishing steps of a fit (:func:`_finish`: continuation, stationarity check,
+    extra starts) for the whitened outcome row ``Yw`` of a batch whose main engine run
+    ended at (theta, f, conv) after ``n_iter`` iterations. Returns (theta, deviance,
+    converged, evaluations spent here, iterations in all)."""
+    rec = FitRecord(theta_start=np.asarray(theta_em, dtype=float).copy(),
+                    theta_em=np.asarray(theta_em, dtype=float).copy(), n_iter=int(n_iter))
+    theta, f, conv = _finish(model, rec, np.asarray(theta, dtype=float).copy(), float(f), bool(conv),
+                             lower=model.lower, upper=model.upper, maxiter=maxiter, tol=tol,
+                             safeguard=bool(safeguard), Yw=Yw)
+    return theta, f, conv, rec.n_evals, rec.n_iter
 
 
 def conditioning(model: NestedModel):
@@ -269,24 +628,35 @@ def conditioning(model: NestedModel):
     return out if any_ else None
 
 
+def conditioned_model(model: NestedModel, A):
+    """(work, back): the model with each level's design Z_l A_l (:func:`conditioning`),
+    the same likelihood in a better-scaled basis, and the map of its theta to the model's,
+    ``Sigma_l = A_l Sigma~_l A_l'``."""
+    from mlmeta.design import build_design
+
+    d = model.design
+    work_design = build_design(d.y, d.X, [Z @ Al for Z, Al in zip(d.Z, A)], d.groups,
+                               d.variance, V=d.Lambda, n_tree=d.n_tree, known_R=_known_R(d))
+    work = NestedModel(work_design, model.structs, model.method, residual=model.residual,
+                       fe_constraints=model.fe_constraints, cluster_labels=model.cluster_labels)
+
+    def back(theta):
+        S = [Al @ Sl @ Al.T for Al, Sl in zip(A, work.Sigma_list(theta))]
+        out = model.theta_from_Sigmas([0.5 * (Sl + Sl.T) for Sl in S])
+        for lvl in _across_groups(model):      # q = 1, A_l = 1: theta also holds rho
+            out[model.theta_slices[lvl]] = theta[work.theta_slices[lvl]]
+        return out
+
+    return work, back
+
+
 def _fit_conditioned(model, A, *, t0, **options):
     """Fit the model with each level's design Z_l A_l (:func:`conditioning`) and map the
     optimum back (Sigma_l = A_l Sigma~_l A_l'). The likelihood is the same, so the working
     fit's convergence check holds (it is made where the Hessian is well scaled); the
     deviance is recomputed on the model as given and must agree to 1e-8."""
-    from mlmeta.design import build_design
-
-    d = model.design
-    work_design = build_design(d.y, d.X, [Z @ Al for Z, Al in zip(d.Z, A)], d.groups,
-                               d.variance, V=d.Lambda, n_tree=d.n_tree)
-    work = NestedModel(work_design, model.structs, model.method, residual=model.residual,
-                       fe_constraints=model.fe_constraints, cluster_labels=model.cluster_labels)
+    work, back = conditioned_model(model, A)
     rec_w = _fit(work, theta0=None, em_only=False, fixed=None, t0=t0, **options)
-
-    def back(theta):
-        S = [Al @ Sl @ Al.T for Al, Sl in zip(A, work.Sigma_list(theta))]
-        return model.theta_from_Sigmas([0.5 * (Sl + Sl.T) for Sl in S])
-
     theta = back(rec_w.theta)
     rec = rec_w
     try:
@@ -298,7 +668,9 @@ def _fit_conditioned(model, A, *, t0, **options):
         rec = _fit(model, theta0=theta, em_only=False, fixed=None, t0=t0,
                    **{**options, "em_iter": 0, "safeguard": False})
         rec.n_evals += rec_w.n_evals
-        rec.messages = rec_w.messages + rec.messages
+        # the working fit's notes, but its verdict on convergence: that is this fit's
+        rec.messages = [m for m in rec_w.messages if "did not converge" not in m] + \
+            [m for m in rec.messages if m not in rec_w.messages]
         return rec
     # the same likelihood in another basis: the working fit's record, in the model's theta
     rec.theta, rec.deviance = theta, dev

@@ -31,7 +31,7 @@ from scipy import stats
 from mlmeta.constraints import linear_hypotheses
 from mlmeta.reports import Heterogeneity, StoredResults, TTestTable, WaldTest, hypothesis_label
 from mlmeta.summary import confidence_level
-from mlmeta.vcomp import variance_components
+from mlmeta.vcomp import corr_to_eta, dcorr_deta, variance_components
 
 __all__ = ["PostestimationMixin", "Heterogeneity", "WaldTest", "StoredResults", "TTestTable"]
 
@@ -655,12 +655,13 @@ class PostestimationMixin:
     def estat(self) -> StoredResults:
         """Stored results comparable to Stata's ``e()``; see :class:`StoredResults`.
 
-        Estimation metric: eta = log SD, atanh correlation; Cov(eta) is the inverse
-        observed information of the (restricted) log-likelihood (see vcomp). The
-        fixed effects and eta are asymptotically independent (the expected
+        Estimation metric: eta = log SD, atanh correlation (an exchangeable level's
+        correlation on (-1/(q-1), 1) mapped onto (-1, 1) first, see vcomp); Cov(eta) is
+        the inverse observed information of the (restricted) log-likelihood (see vcomp).
+        The fixed effects and eta are asymptotically independent (the expected
         information has no cross block), so V is block diagonal. Reporting
-        metric (delta method): Var(sd) = sd^2 Var(log sd), Var(r) = (1 - r^2)^2
-        Var(atanh r). Parameters on the boundary or fixed have NaN variances.
+        metric (delta method): Var(sd) = sd^2 Var(log sd), Var(r) = (dr/deta)^2 Var(eta),
+        dr/deta = 1 - r^2 on (-1, 1). Parameters on the boundary or fixed have NaN variances.
 
         Returns
         -------
@@ -695,8 +696,9 @@ class PostestimationMixin:
                 jac.append(c.value)
             else:
                 name = "atr(" + c.label_sd.split("(", 1)[1]        # corr(a,b), rho(f)
-                b_est.append(np.arctanh(np.clip(c.value, -1.0, 1.0)))
-                jac.append(1.0 - c.value ** 2)
+                with np.errstate(divide="ignore"):        # a correlation at a bound: +-inf
+                    b_est.append(float(corr_to_eta(np.clip(c.value, c.lower, 1.0), c.lower)))
+                jac.append(dcorr_deta(c.value, c.lower))
             b_rep.append(c.value)
             idx.append((c.group, name))
             ridx.append((c.group, c.label_sd))

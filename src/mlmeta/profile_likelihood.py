@@ -27,6 +27,7 @@ from scipy import optimize, stats
 from mlmeta.covstruct import Custom, FactorLevels
 from mlmeta.optimize import fit_nested
 from mlmeta.summary import confidence_level
+from mlmeta.vcomp import corr_lower
 
 __all__ = ["ProfileMixin"]
 
@@ -57,7 +58,13 @@ class ProfileMixin:
                     pattern = [["sd" if i == j else (None if q == 2 else "rho") for j in range(q)]
                                for i in range(q)]
                 c = Custom(names, pattern)
-                s, th = c, c.from_Sigma(s.Sigma(self.theta[sl]), corr_bound=c.CORR_BOUND)
+                if s.kind == "exchangeable":   # (sd, rho), rho held just inside (-1/(q-1), 1)
+                    lo = corr_lower(s)
+                    sd, rho = s.report_values(self.theta[sl])
+                    th = np.array([sd, np.clip(rho, lo + 1e-9 * (1 - lo), c.CORR_BOUND)])
+                else:
+                    th = c.from_Sigma(s.Sigma(self.theta[sl]), corr_bound=c.CORR_BOUND)
+                s = c
             else:
                 th = self.theta[sl]
             if s.kind == "identity":
@@ -132,7 +139,9 @@ class ProfileMixin:
         model, theta, _ = self._profile_setup
         for s, sl in zip(model.structs, model.theta_slices):
             if sl.start <= i < sl.stop:
-                return s.rho_range(theta[sl], i - sl.start)
+                lo, hi = s.rho_range(theta[sl], i - sl.start)
+                exact = -1.0 / max(s.q - 1, 1)     # the exchangeable bound, not its bisection
+                return (exact if abs(lo - exact) <= 1e-12 else lo), hi
         raise ValueError(f"no parameter {i}")
 
     def _profile_estimate(self, i, kind):
@@ -266,8 +275,10 @@ class ProfileMixin:
             if kind == "corr":
                 tol = 1e-10
                 lo, hi = self._corr_range(i)
-                lower = ((-1.0 if lo <= -bound else lo) if est <= lo or f(lo) >= 0
-                         else optimize.brentq(f, lo, est, xtol=tol))
+                # a bound where R turns singular (exchangeable: -1/(q-1)) is probed just inside
+                lo_in = lo if lo <= -bound else lo + 1e-9 * (1.0 - lo)
+                lower = ((-1.0 if lo <= -bound else lo) if est <= lo_in or f(lo_in) >= 0
+                         else optimize.brentq(f, lo_in, est, xtol=tol))
                 upper = ((1.0 if hi >= bound else hi) if est >= hi or f(hi) >= 0
                          else optimize.brentq(f, est, hi, xtol=tol))
                 rows.append((g, label, est, lower, upper, kind))

@@ -23,7 +23,8 @@ import numpy as np
 from mlmeta import _executor
 from mlmeta.design import build_design
 from mlmeta.model import NestedModel
-from mlmeta.optimize import fit_nested, start_theta
+from mlmeta.optimize import (MAIN_ITER, ROUNDING_TOL, c_condition, conditioned_model, conditioning,
+                             finish_outcome, fit_model, rounding_error, start_theta)
 
 __all__ = ["simulate_outcomes", "fit_outcomes"]
 
@@ -68,13 +69,18 @@ def _sigmas(model, theta, sigma2):
     return out
 
 
-def fit_outcomes(model: NestedModel, Y, *, theta0=None, em_iter=20, maxiter=200, tol=1e-6,
-                 n_jobs=1, executor=None) -> dict:
+def fit_outcomes(model: NestedModel, Y, *, theta0=None, em_iter=20, maxiter=1000, tol=1e-6,
+                 n_jobs=1, executor=None, safeguard=False) -> dict:
     """Fit every column of ``Y`` (n_obs x m). Returns a dict of per-fit arrays: beta and
     se (m x p, the design's coefficients), deviance, theta, converged, n_iter, n_evals,
     sigma2 (the residual variance of a profiled model, else 1) and Sigma (per level,
-    m x q x q). A fit whose objective is undefined at its end has NaN estimates and
-    ``converged=False``.
+    m x q x q). A fit whose objective is undefined at its end, or whose deviance cannot
+    be computed accurately there (:func:`mlmeta.optimize.rounding_error`; the fit
+    :func:`mlmeta.meregress` would refuse), has NaN estimates and ``converged=False``.
+
+    The main runs of all columns are one engine call; each fit is then finished as a
+    single fit is (:func:`mlmeta.optimize.finish_outcome`: the stationarity check and,
+    with ``safeguard`` True, "auto" (n_obs <= 50,000) or False, the extra starts).
 
     ``executor``: a concurrent.futures executor or a Dask client fitting chunks of
     columns (``n_jobs`` threads within each); each column's fit is the one of a serial
@@ -89,32 +95,131 @@ def fit_outcomes(model: NestedModel, Y, *, theta0=None, em_iter=20, maxiter=200,
     if executor is not None:
         parts = [(Y[:, a:b], theta0[a:b]) for a, b in _executor.chunks(m, executor)]
         return concat_fits(_executor.run(executor, _fit_part, model, parts,
-                                         (em_iter, maxiter, tol, n_jobs)))
+                                         (em_iter, maxiter, tol, n_jobs, safeguard)))
+    if safeguard == "auto":
+        safeguard = model.n_obs <= 50_000
     if model.problem.new_outcomes:
         Yw = np.ascontiguousarray((Y[d.perm] * d.weights[:, None]).T)
-        out = model.problem.fit(theta0, Yw, em_iter=int(em_iter), maxiter=int(maxiter),
-                                tol=float(tol), n_threads=int(n_jobs))
+        out = _fit_new_outcomes(model, Yw, theta0, em_iter, maxiter, tol, n_jobs, bool(safeguard))
     else:
-        out = _fit_rebuilt(model, Y, theta0, em_iter, maxiter, tol)
-    failed = ~np.isfinite(out["deviance"])
+        out = _fit_rebuilt(model, Y, theta0, em_iter, maxiter, tol, bool(safeguard))
     if model.problem.new_outcomes:     # the kernel's basis: beta = B beta~ (no shift: new y)
         B = d.B
         out["beta"] = out["beta"] @ B.T
         cov = np.einsum("ij,mjk,lk->mil", B, out["Hinv"], B)
         s2 = out["sigma2"] if model.residual == "profiled" else np.ones(m)
         out["se"] = np.sqrt(np.einsum("mii->mi", cov) * s2[:, None])
+        _refit_unconverged(model, Y, out, em_iter, maxiter, tol, bool(safeguard))
+    failed = ~np.isfinite(out["deviance"])
     sigma2 = np.where(failed, np.nan, out["sigma2"] if model.residual == "profiled" else 1.0)
     out["sigma2"] = np.where(failed, np.nan, out["sigma2"])
     out["Sigma"] = _sigmas(model, out["theta"], sigma2)
     return out
 
 
+def _refit_unconverged(model, Y, out, em_iter, maxiter, tol, safeguard):
+    """Batch fits made again as single fits of their outcomes (a design built for each:
+    the engine's analytic gradient in the refinement where the batch differences the
+    deviance, and the outcome whitened and centred on the moderators before the
+    cross-products): those whose deviance the batch computation cannot give to within
+    ROUNDING_TOL (``out["inaccurate"]``; the single fit's answer, or its refusal, is
+    taken) and those that did not converge (the single fit kept where it is better)."""
+    inaccurate = out.pop("inaccurate")
+    redo = np.flatnonzero(inaccurate | (np.isfinite(out["deviance"]) & ~out["converged"]))
+    if not redo.size:
+        return
+    alt = _fit_rebuilt(model, Y[:, redo], None, em_iter, maxiter, tol, safeguard)
+    out["n_evals"][redo] += alt["n_evals"]
+    f = out["deviance"][redo]
+    take = inaccurate[redo] | (alt["deviance"] < f - 1e-9 * np.maximum(1.0, np.abs(f)))
+    rows = redo[take]
+    for key in ("theta", "deviance", "beta", "se", "converged", "n_iter", "sigma2"):
+        out[key][rows] = alt[key][take]
+
+
+def _fit_new_outcomes(model, Yw, theta0, em_iter, maxiter, tol, n_jobs, safeguard):
+    """The engine's fits of the whitened outcomes Yw (rows), finished one by one. As a
+    single fit, they are made in the well-scaled basis of :func:`conditioning` when the
+    model needs one, and mapped back; a fit whose deviance then differs by more than
+    1e-8 (relative) is finished on the model itself. ``out["inaccurate"]`` marks the fits
+    whose deviance the batch computation cannot give accurately (:func:`_inaccurate`)."""
+    A = conditioning(model)
+    if A is None:
+        out = model.problem.fit(theta0, Yw, em_iter=int(em_iter),
+                                maxiter=min(int(maxiter), MAIN_ITER), tol=float(tol),
+                                n_threads=int(n_jobs))
+        _finish(model, Yw, out, maxiter, tol, safeguard)
+        out["inaccurate"] = _inaccurate(model, Yw, out)
+        return out
+    work, back = conditioned_model(model, A)
+    inv = [np.linalg.inv(Al) for Al in A]
+    theta_w = np.array([work.theta_from_Sigmas([Ai @ S @ Ai.T for Ai, S in
+                                                zip(inv, model.Sigma_list(t))]) for t in theta0])
+    out = work.problem.fit(theta_w, Yw, em_iter=int(em_iter), maxiter=min(int(maxiter), MAIN_ITER),
+                           tol=float(tol), n_threads=int(n_jobs))
+    _finish(work, Yw, out, maxiter, tol, safeguard)
+    ok = np.flatnonzero(np.isfinite(out["deviance"]))
+    theta = out["theta"].copy()
+    for j in range(theta.shape[0]):
+        theta[j] = back(theta[j]) if np.isfinite(out["deviance"][j]) else theta0[j]
+    out["theta"] = theta
+    if ok.size:
+        at = model.problem.fit(theta[ok], Yw[ok], em_iter=0, maxiter=0)
+        off = ~(np.abs(at["deviance"] - out["deviance"][ok])
+                <= 1e-8 * np.maximum(1.0, np.abs(out["deviance"][ok])))
+        for key in ("deviance", "beta", "se", "Hinv", "sigma2"):
+            out[key][ok] = at[key]
+        redo = ok[off]
+        if redo.size:      # the map back lost precision (a singular Sigma): finish on the model
+            out["converged"][redo] = False
+            _finish(model, Yw, out, maxiter, tol, False, rows=redo)
+    out["inaccurate"] = _inaccurate(model, Yw, out)
+    return out
+
+
+def _finish(model, Yw, out, maxiter, tol, safeguard, rows=None):
+    """Finish each fit of a batch as a single fit (:func:`mlmeta.optimize.finish_outcome`)
+    and take the engine's values at the theta it ends at (in place)."""
+    moved = []
+    for j in range(Yw.shape[0]) if rows is None else rows:
+        if not np.isfinite(out["deviance"][j]):
+            continue
+        th, _, conv, n, n_iter = finish_outcome(
+            model, Yw[j], out["theta"][j], out["deviance"][j], out["converged"][j],
+            out["theta_em"][j], maxiter=maxiter, tol=tol, safeguard=safeguard,
+            n_iter=out["n_iter"][j])
+        out["n_evals"][j] += n
+        out["n_iter"][j] = n_iter
+        out["converged"][j] = conv
+        if not np.array_equal(th, out["theta"][j]):
+            out["theta"][j] = th
+            moved.append(j)
+    if moved:
+        at = model.problem.fit(out["theta"][moved], Yw[moved], em_iter=0, maxiter=0)
+        for key in ("deviance", "beta", "se", "Hinv", "sigma2"):
+            out[key][moved] = at[key]
+
+
+def _inaccurate(model, Yw, out) -> np.ndarray:
+    """Which fits' deviances the batch computation cannot give to within ROUNDING_TOL at
+    their end (:func:`mlmeta.optimize.rounding_error` of that computation: the outcome
+    whitened but not centred on the moderators, the working basis's coefficients)."""
+    bad = np.zeros(Yw.shape[0], dtype=bool)
+    for j in np.flatnonzero(np.isfinite(out["deviance"])):
+        s2 = out["sigma2"][j] if model.residual == "profiled" else 1.0
+        err = rounding_error(float(Yw[j] @ Yw[j]), out["beta"][j], out["Hinv"][j],
+                             reml=model.method == "reml", sigma2=s2,
+                             kappa=c_condition(model, out["theta"][j]))
+        bad[j] = err > ROUNDING_TOL
+    return bad
+
+
 def _fit_part(model, part, options):
     """One executor task: :func:`fit_outcomes` of a chunk of columns."""
     Y, theta0 = part
-    em_iter, maxiter, tol, n_jobs = options
+    em_iter, maxiter, tol, n_jobs, safeguard = options
     return fit_outcomes(model, Y, theta0=theta0, em_iter=em_iter, maxiter=maxiter, tol=tol,
-                        n_jobs=n_jobs)
+                        n_jobs=n_jobs, safeguard=safeguard)
 
 
 def concat_fits(parts) -> dict:
@@ -129,21 +234,26 @@ def concat_fits(parts) -> dict:
     return out
 
 
-def _fit_rebuilt(model, Y, theta0, em_iter, maxiter, tol):
+def _fit_rebuilt(model, Y, theta0, em_iter, maxiter, tol, safeguard):
+    """Each column of Y fitted on a design built for it (``theta0`` None: from the default
+    start, in the well-scaled basis when the model needs one)."""
     d = model.design
     rows = []
+    variance = d.variance if d.Lambda is None else None
     for j in range(Y.shape[1]):
-        design = build_design(Y[d.perm, j], d.X, d.Z, d.groups, None, V=d.Lambda, n_tree=d.n_tree)
+        design = build_design(Y[d.perm, j], d.X, d.Z, d.groups, variance, V=d.Lambda,
+                              n_tree=d.n_tree)
         mj = NestedModel(design, model.structs, model.method, residual=model.residual)
         try:
-            rec = fit_nested(mj, theta0=theta0[j], em_iter=em_iter, maxiter=maxiter, tol=tol,
-                             safeguard=False)
+            rec = fit_model(mj, theta0=None if theta0 is None else theta0[j], em_iter=em_iter,
+                            maxiter=maxiter, tol=tol, safeguard=safeguard)
             ev = mj.evaluate(rec.theta)
             rows.append((rec.theta, rec.deviance, ev.beta, np.sqrt(np.diag(ev.cov_beta)),
                          rec.converged, rec.n_iter, rec.n_evals, ev.sigma2))
-        except FloatingPointError:
+        except ValueError:          # the objective fails, or is inaccurate, at the optimum
             p = d.n_fe
-            rows.append((theta0[j], np.inf, np.full(p, np.nan), np.full(p, np.nan), False, 0, 0,
+            start = np.full(model.n_theta, np.nan) if theta0 is None else theta0[j]
+            rows.append((start, np.inf, np.full(p, np.nan), np.full(p, np.nan), False, 0, 0,
                          np.nan))
     cols = list(zip(*rows))
     return dict(theta=np.array(cols[0]), deviance=np.array(cols[1], dtype=float),

@@ -494,6 +494,9 @@ class MeregressResults(PostestimationMixin, ProfileMixin, InferenceMethodsMixin)
                     if zero:
                         what = (f"is not identified because {' and '.join(zero)} "
                                 f"{'is' if len(zero) == 1 else 'are'} zero")
+                    elif c.lower > -1.0 and c.value < 0:
+                        what = (f"is at its lower bound {c.lower:.4g} = -1/(q-1): the covariance "
+                                f"matrix is singular")
                     else:
                         what = f"is {c.value:+.0f}"
                 out.append(f"{c.label_sd} at level {c.group} {what}")

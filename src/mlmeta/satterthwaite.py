@@ -20,7 +20,12 @@ with dof = n - p (REML) or n (ML). Its derivatives:
     d^2 dev/d theta^2  = central differences of the analytic gradient (Richardson-extrapolated)
 
 and ``dV/ds = H^-1``, ``dV/dtheta_k = s dH^-1/dtheta_k`` by Richardson-extrapolated
-central differences of H^-1. At an interior optimum df does not depend on how the
+central differences of H^-1. Where a step leaves the parameter space (a custom level's
+correlations at the edge of the positive definite set) the step is shortened, and
+where either side stays outside the differences are one-sided on the other side
+(second order: ``(-3 f(0) + 4 f(h) - f(2h)) / 2h``); a parameter that cannot be moved
+either way (two custom correlations at their limit together) is treated as fixed: its
+row and column of the Hessian and its dV are zero. At an interior optimum df does not depend on how the
 variance parameters are written (lmerTest uses lme4's theta and sigma); on the
 boundary it can, as the Hessian is not invariant there.
 """
@@ -51,6 +56,40 @@ def _grad_theta(model, theta, s2):
     return ev.grad, ev
 
 
+def _pieces(model, theta, s2):
+    """(gradient, rss, H^-1) at theta, or None outside the parameter space."""
+    try:
+        g, ev = _grad_theta(model, theta, s2)
+    except FloatingPointError:
+        return None
+    return g, ev.rss, ev.Hinv
+
+
+def _derivative(model, theta, s2, k, h, at0):
+    """d/d theta_k of (gradient, rss, H^-1): Richardson-extrapolated central differences
+    with steps h and h/2, shortened (by 10, up to 4 times) while a step leaves the
+    parameter space, else one-sided second-order differences on the side that stays in
+    (``at0``: the pieces at theta). None when neither side can be differenced."""
+    m = theta.shape[0]
+
+    def at(step):
+        e = np.zeros(m)
+        e[k] = step
+        return _pieces(model, theta + e, s2)
+
+    for _ in range(5):
+        pts = {t: at(t) for t in (h, -h, h / 2, -h / 2)}
+        if all(v is not None for v in pts.values()):
+            est = [tuple((a - b) / (2 * t) for a, b in zip(pts[t], pts[-t])) for t in (h, h / 2)]
+            return tuple((4 * b - a) / 3 for a, b in zip(*est))
+        h /= 10.0
+    for sign in (1.0, -1.0):
+        f1, f2 = at(sign * h), at(2 * sign * h)
+        if f1 is not None and f2 is not None:
+            return tuple((-3 * a + 4 * b - c) / (2 * sign * h) for a, b, c in zip(at0, f1, f2))
+    return None
+
+
 class SatterthwaitePieces:
     """V = sigma^2 H^-1, its derivatives dV (m+1, p, p) over (theta, sigma^2), the
     Hessian of the deviance and A = 2 Hessian^+; coefficient space of the results
@@ -69,22 +108,17 @@ class SatterthwaitePieces:
         dof = n - p if model.method == "reml" else n
         hess = np.zeros((m + 1, m + 1))
         dHinv = np.zeros((m, p, p))
+        at0 = _pieces(model, theta, s)
+        held = []
         for k in range(m):
-            h = rel_step * max(abs(theta[k]), 0.1)
-            est = []
-            for step in (h, h / 2):
-                e = np.zeros(m)
-                e[k] = step
-                gp, evp = _grad_theta(model, theta + e, s)
-                gm, evm = _grad_theta(model, theta - e, s)
-                est.append(((gp - gm) / (2 * step), (evp.rss - evm.rss) / (2 * step),
-                            (evp.Hinv - evm.Hinv) / (2 * step)))
-            (g1, r1, H1), (g2, r2, H2) = est
-            hess[:m, k] = (4 * g2 - g1) / 3
-            drss = (4 * r2 - r1) / 3
+            d = _derivative(model, theta, s, k, rel_step * max(abs(theta[k]), 0.1), at0)
+            if d is None:      # held at the edge of the parameter space: treated as fixed
+                held.append(k)
+                continue
+            hess[:m, k], drss, dHinv[k] = d
             hess[m, k] = hess[k, m] = -drss / s ** 2
-            dHinv[k] = (4 * H2 - H1) / 3
         hess[:m, :m] = 0.5 * (hess[:m, :m] + hess[:m, :m].T)
+        hess[held, :] = hess[:, held] = 0.0
         hess[m, m] = -dof / s ** 2 + 2 * ev0.rss / s ** 3
         w, U = np.linalg.eigh(hess)
         pos = w > _EIG_TOL

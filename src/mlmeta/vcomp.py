@@ -11,12 +11,22 @@ computed by central differences of the analytic gradient
 
     sd:   se = sd * se(eta),            CI = exp(eta -+ z se(eta))
     corr: se = (1 - r^2) * se(eta),     CI = tanh(eta -+ z se(eta))
-    rho (a spatial range, eta = log rho): se = rho * se(eta), CI = exp(eta -+ z se(eta))
     var:  se = 2 sd^2 se(eta),          CI = exp(2 (eta -+ z se(eta)))
     cov:  delta method from Cov(eta),   CI = cov -+ z se
+    rho (a spatial range, eta = log rho): se = rho * se(eta), CI = exp(eta -+ z se(eta))
 
-Parameters on the boundary (sd = 0, |corr| = 1, a range at a bound) have no finite
-eta: they are held at their value, flagged, and get no standard error.
+A correlation ranges over (lo, 1): lo = -1, except for the common correlation of an
+exchangeable level of q >= 3 effects, where lo = -1/(q-1) (below it Sigma is not
+positive semi-definite). Its eta is the Fisher transform of r mapped linearly onto
+(-1, 1), ``eta = atanh(u)``, ``u = (2 r - 1 - lo) / (1 - lo)`` (``atanh(r)`` when lo = -1),
+so its interval ``lo + (1 - lo) (1 + tanh(eta -+ z se)) / 2`` stays in (lo, 1) and its
+se is ``(1 - lo) / 2 (1 - u^2) se(eta)``.
+
+Parameters on the boundary (sd = 0, a correlation at lo or 1: Sigma singular) have no
+finite eta (as a spatial range at a bound of its range): they are held at their value,
+flagged, and get no standard error. Where
+the likelihood cannot be differenced at the estimates (a step leaves the parameter
+space), the standard errors are missing too.
 """
 
 from __future__ import annotations
@@ -28,7 +38,8 @@ from scipy import stats
 
 from mlmeta.model import NestedModel
 
-__all__ = ["VarComp", "variance_components"]
+__all__ = ["VarComp", "variance_components", "component_table", "corr_lower", "corr_to_eta",
+           "eta_to_corr", "dcorr_deta"]
 
 BOUNDARY_SD = 1e-8
 BOUNDARY_CORR = 1.0 - 1e-6
@@ -48,6 +59,29 @@ class VarComp:
     value: float         # sd or correlation
     boundary: bool
     fixed: bool = False
+    lower: float = -1.0  # a correlation's lower bound (-1/(q-1) for an exchangeable level)
+
+
+def corr_lower(struct) -> float:
+    """The lower bound of a structure's correlations: -1/(q-1) for the common correlation
+    of an exchangeable level of q >= 3 effects, else -1."""
+    return -1.0 / (struct.q - 1) if struct.kind == "exchangeable" and struct.q >= 3 else -1.0
+
+
+def corr_to_eta(r, lo=-1.0):
+    """eta = atanh((2 r - 1 - lo) / (1 - lo)), the Fisher transform on (lo, 1)."""
+    return np.arctanh((2.0 * r - 1.0 - lo) / (1.0 - lo))
+
+
+def eta_to_corr(eta, lo=-1.0):
+    """r = lo + (1 - lo) (1 + tanh(eta)) / 2, the inverse of :func:`corr_to_eta`."""
+    return lo + 0.5 * (1.0 - lo) * (1.0 + np.tanh(eta))
+
+
+def dcorr_deta(r, lo=-1.0):
+    """dr/deta = (1 - lo) / 2 (1 - u^2), u = (2 r - 1 - lo) / (1 - lo)."""
+    u = (2.0 * r - 1.0 - lo) / (1.0 - lo)
+    return 0.5 * (1.0 - lo) * (1.0 - u * u)
 
 
 def _theta_of_eta(model: NestedModel, base_values, free_idx, eta, sigma=1.0):
@@ -58,8 +92,10 @@ def _theta_of_eta(model: NestedModel, base_values, free_idx, eta, sigma=1.0):
     vals = [v.copy() for v in base_values]
     pos = 0
     for lvl, i in free_idx:
-        kind = model.structs[lvl].report_params()[i][0]
-        vals[lvl][i] = np.exp(eta[pos]) if kind in ("sd", "range") else np.tanh(eta[pos])
+        s = model.structs[lvl]
+        kind = s.report_params()[i][0]
+        vals[lvl][i] = (np.exp(eta[pos]) if kind in ("sd", "range")
+                        else eta_to_corr(eta[pos], corr_lower(s)))
         pos += 1
     out = []
     for s, v in zip(model.structs, vals):
@@ -75,6 +111,13 @@ def _full_deviance(model, theta, sigma2):
     """-2 ll of a profiled-residual model at (theta, sigma^2), sigma^2 not profiled
     (the engine's objective with sigma^2 given; everything relative to sigma)."""
     return model.evaluate(theta, sigma2=sigma2).deviance
+
+
+def _eta(model, base_values, lvl, i):
+    """The estimation metric of report value i of level lvl: log sd or the Fisher transform."""
+    s = model.structs[lvl]
+    v = base_values[lvl][i]
+    return np.log(v) if s.report_params()[i][0] in ("sd", "range") else corr_to_eta(v, corr_lower(s))
 
 
 def _hessian_fv(fn, x0, h=1e-4):
@@ -115,16 +158,17 @@ def variance_components(model: NestedModel, theta, groups, sd_scale=1.0, with_co
         base_values.append(vals)
         labels_sd = s.labels(variance=False)
         labels_var = s.labels(variance=True)
+        lo = corr_lower(s)
         for i, ((kind, eff), v) in enumerate(zip(s.report_params(), vals)):
             if kind == "sd":
                 boundary = v <= BOUNDARY_SD * sd_scale
             elif kind == "range":        # at a bound, or its SD zero (not identified)
                 boundary = s.at_bound(v) is not None or vals[0] <= BOUNDARY_SD * sd_scale
-            else:
-                boundary = abs(v) >= BOUNDARY_CORR
+            else:      # |u| >= 1 - 1e-6 with u the correlation mapped onto (-1, 1)
+                boundary = abs((2.0 * v - 1.0 - lo) / (1.0 - lo)) >= BOUNDARY_CORR
             fixed = bool(getattr(s, "is_fixed", lambda i: False)(i))
             comps.append(VarComp(lvl, groups[lvl], kind, eff, labels_sd[i], labels_var[i],
-                                 float(v), bool(boundary), fixed))
+                                 float(v), bool(boundary), fixed, lo))
             # a correlation is not identified when one of its SDs is zero
             if kind not in ("sd", "range"):
                 sds = np.sqrt(np.clip(np.diag(s.Sigma(theta[sl])), 0, None))
@@ -146,31 +190,24 @@ def variance_components(model: NestedModel, theta, groups, sd_scale=1.0, with_co
     if profiled:
         eta0 = np.empty(k + 1)
         for j, (lvl, i) in enumerate(free_idx):
-            v = base_values[lvl][i]
-            eta0[j] = (np.log(v) if model.structs[lvl].report_params()[i][0] in ("sd", "range")
-                       else np.arctanh(v))
+            eta0[j] = _eta(model, base_values, lvl, i)
         eta0[k] = np.log(sigma)
 
         def dev(eta):
             s_ = np.exp(eta[-1])
-            return _full_deviance(model, _theta_of_eta(model, base_values, free_idx, eta[:-1], s_),
-                                  s_ * s_)
+            try:
+                return _full_deviance(model, _theta_of_eta(model, base_values, free_idx, eta[:-1],
+                                                           s_), s_ * s_)
+            except FloatingPointError:       # a step left the parameter space
+                return np.nan
 
         H = 0.5 * _hessian_fv(dev, eta0)
-        cov_eta = np.full((k + 1, k + 1), np.nan)
-        try:
-            if np.linalg.eigvalsh(H).min() > 0:
-                cov_eta = np.linalg.inv(H)
-        except np.linalg.LinAlgError:
-            pass
-        return comps, cov_eta, free_pos
+        return comps, _inverse_pd(H), free_pos
     cov_eta = np.full((k, k), np.nan)
     if k:
         eta0 = np.empty(k)
         for j, (lvl, i) in enumerate(free_idx):
-            v = base_values[lvl][i]
-            eta0[j] = (np.log(v) if model.structs[lvl].report_params()[i][0] in ("sd", "range")
-                       else np.arctanh(v))
+            eta0[j] = _eta(model, base_values, lvl, i)
 
         def theta_of(eta):
             return _theta_of_eta(model, base_values, free_idx, eta)
@@ -187,19 +224,29 @@ def variance_components(model: NestedModel, theta, groups, sd_scale=1.0, with_co
             return J.T @ g
 
         H = np.empty((k, k))
-        for j in range(k):
-            h = 1e-4 * max(1.0, abs(eta0[j]))
-            e = np.zeros(k)
-            e[j] = h
-            H[:, j] = (grad_eta(eta0 + e) - grad_eta(eta0 - e)) / (2 * h)
-        H = 0.25 * (H + H.T)           # deviance -> -ll Hessian, symmetrised
         try:
-            w = np.linalg.eigvalsh(H)
-            if w.min() > 0:
-                cov_eta = np.linalg.inv(H)
+            for j in range(k):
+                h = 1e-4 * max(1.0, abs(eta0[j]))
+                e = np.zeros(k)
+                e[j] = h
+                H[:, j] = (grad_eta(eta0 + e) - grad_eta(eta0 - e)) / (2 * h)
+        except FloatingPointError:     # a step left the parameter space: no standard errors
+            return comps, cov_eta, free_pos
+        H = 0.25 * (H + H.T)           # deviance -> -ll Hessian, symmetrised
+        cov_eta = _inverse_pd(H)
+    return comps, cov_eta, free_pos
+
+
+def _inverse_pd(H):
+    """H^-1 when H is finite and positive definite, else NaN (no standard errors)."""
+    out = np.full(H.shape, np.nan)
+    if np.all(np.isfinite(H)):
+        try:
+            if np.linalg.eigvalsh(H).min() > 0:
+                out = np.linalg.inv(H)
         except np.linalg.LinAlgError:
             pass
-    return comps, cov_eta, free_pos
+    return out
 
 
 def component_table(comps, cov_eta, free_pos, model, theta, level=95.0, variance=False):
@@ -213,7 +260,8 @@ def component_table(comps, cov_eta, free_pos, model, theta, level=95.0, variance
                 sds[(c.level, e)] = (c.value, free_pos[comps.index(c)])
     for idx, c in enumerate(comps):
         fp = free_pos[idx]
-        se_eta = np.sqrt(cov_eta[fp, fp]) if fp is not None and np.isfinite(cov_eta[fp, fp]) else None
+        # a variance that the (nearly singular) information gives as <= 0: no standard error
+        se_eta = np.sqrt(cov_eta[fp, fp]) if fp is not None and cov_eta[fp, fp] > 0 else None
         if c.kind == "sd":
             est = c.value ** 2 if variance else c.value
             if se_eta is None:
@@ -222,8 +270,9 @@ def component_table(comps, cov_eta, free_pos, model, theta, level=95.0, variance
             eta = np.log(c.value)
             mult = 2.0 if variance else 1.0
             se = mult * est * se_eta
-            rows.append((c.label_var if variance else c.label_sd, est, se,
-                         np.exp(mult * (eta - z * se_eta)), np.exp(mult * (eta + z * se_eta))))
+            with np.errstate(over="ignore"):       # an upper limit beyond 1e308 is inf
+                rows.append((c.label_var if variance else c.label_sd, est, se,
+                             np.exp(mult * (eta - z * se_eta)), np.exp(mult * (eta + z * se_eta))))
         elif c.kind == "range":      # a spatial range, as itself: log scale
             if se_eta is None:
                 rows.append((c.label_sd, c.value, None, None, None))
@@ -236,9 +285,10 @@ def component_table(comps, cov_eta, free_pos, model, theta, level=95.0, variance
                 if se_eta is None:
                     rows.append((c.label_sd, c.value, None, None, None))
                     continue
-                eta = np.arctanh(c.value)
-                rows.append((c.label_sd, c.value, (1 - c.value ** 2) * se_eta,
-                             np.tanh(eta - z * se_eta), np.tanh(eta + z * se_eta)))
+                eta = corr_to_eta(c.value, c.lower)
+                rows.append((c.label_sd, c.value, dcorr_deta(c.value, c.lower) * se_eta,
+                             eta_to_corr(eta - z * se_eta, c.lower),
+                             eta_to_corr(eta + z * se_eta, c.lower)))
             else:
                 i, j = c.effects[0]
                 sdi, pi = sds[(c.level, i)]
@@ -250,7 +300,11 @@ def component_table(comps, cov_eta, free_pos, model, theta, level=95.0, variance
                 grad = np.zeros(cov_eta.shape[0])
                 grad[pi] += cov
                 grad[pj] += cov
-                grad[fp] += (1 - c.value ** 2) * sdi * sdj
-                se = float(np.sqrt(grad @ cov_eta @ grad))
+                grad[fp] += dcorr_deta(c.value, c.lower) * sdi * sdj
+                v = float(grad @ cov_eta @ grad)
+                if not v > 0:
+                    rows.append((c.label_var, cov, None, None, None))
+                    continue
+                se = np.sqrt(v)
                 rows.append((c.label_var, cov, se, cov - z * se, cov + z * se))
     return rows

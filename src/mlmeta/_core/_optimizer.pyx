@@ -121,8 +121,11 @@ cdef int fit_one(const Prob* P, Work* W, const double* y, double* th, const Opti
             if not ((th[i] <= P.lower[i] + eps and g[i] >= 0) or (th[i] >= P.upper[i] - eps and g[i] <= 0)):
                 idx[nf] = i
                 nf += 1
-                if fabs(g[i]) > gmax:
-                    gmax = fabs(g[i])
+                # the gradient per relative change of theta_i (at least the sampling
+                # scale): the same test whatever the units of the outcome
+                h = fabs(g[i]) * (fabs(th[i]) if fabs(th[i]) > P.scale else P.scale)
+                if h > gmax:
+                    gmax = h
                 if not hk[i]:
                     have_h = 0
         if gmax <= 1e-12 * fscale:
@@ -193,7 +196,8 @@ cdef int fit_one(const Prob* P, Work* W, const double* y, double* th, const Opti
         if dec <= stop and pd:
             moved = 0
             for i in range(k):
-                if P.lower[i] == 0.0 and P.upper[i] > 0.0 and th[i] <= 0.0 and fabs(g[i]) <= 1e-10 * fscale:
+                if (P.lower[i] == 0.0 and P.upper[i] > 0.0 and th[i] <= 0.0
+                        and fabs(g[i]) * P.scale <= 1e-10 * fscale):
                     copy(th, tp, k)
                     tp[i] = 1e-3 * P.scale
                     fc = evaluate(P, W, tp, gp, False, 0.0)

@@ -1,0 +1,407 @@
+"""Taking a fit to a certified stationary point.
+
+The engine's projected Newton (:meth:`Problem.fit <mlmeta._core._engine.Problem.fit>`)
+differences its Hessian with steps on the scale of the sampling SDs and stops where a
+line search fails: at a variance stuck at zero whose escape needs a step of another
+size, along badly scaled or flat parameters (slopes of uncentred covariates, a
+correlation of effects with tiny SDs), at the edge of a custom level's positive
+definite set. :func:`refine` checks and continues such runs with the same objective:
+
+* steps off the bounds: each parameter at (or within 1e-8 of its natural size of) a
+  bound is set to the bound plus 1e-8 .. 10 times its natural size
+  (:func:`theta_scale`, the size at which the effects it scales have the variance of
+  the outcome: scale-free); a custom level's correlations left free by a zero SD are
+  tried at -0.9, 0 and 0.9 too (for an unstructured level, the later rows of its factor
+  are turned towards the zero column), and a custom level at the edge of its positive
+  definite set is shrunk into it or pushed to the rank-one corner;
+* quasi-Newton steps: scipy's L-BFGS-B on the engine's deviance and gradient in
+  scaled parameters (theta_i / natural size_i), so that no unit matters;
+* Newton rounds (:func:`rounds`) of ROUND_ITER iterations from wherever those end.
+
+A fit is converged when the engine's Newton says so and neither check lowers the
+deviance by more than DECREMENT_TOL / 2 (deviance units): the reported
+log-likelihood is then within about DECREMENT_TOL / 4 of the local optimum, at any
+size of the log-likelihood. All of it serves the design's own outcome and, through
+engine runs of no iterations, any whitened outcome ``Yw`` of a batch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mlmeta._threads import blas_threads
+from mlmeta.model import NestedModel
+
+__all__ = ["DECREMENT_TOL", "ROUND_ITER", "theta_scale", "run_engine", "noise", "rounds",
+           "deviances", "custom_correlations", "off_pd_boundary", "quasi_newton", "Work",
+           "refine"]
+
+
+#: twice the largest decrease of the deviance that quasi-Newton steps may still find
+#: at a converged fit (deviance units)
+DECREMENT_TOL = 1e-5
+#: iterations per engine call when a run is continued (its progress is checked between)
+ROUND_ITER = 10
+#: sizes of the steps off a bound, relative to the parameter's natural size
+_PROBES = 10.0 ** np.arange(-8, 2)
+
+
+def theta_scale(model: NestedModel, theta=None) -> np.ndarray:
+    """The natural size of each covariance parameter: the value at which the effects it
+    scales add a variance equal to that of the outcome's fixed-effects residuals
+    (``sd(r) / rms(z_e)`` for effect e; relative to the residual SD when it is profiled,
+    the one at ``theta`` when given), the geometric mean over the effects a parameter
+    touches; 1 for correlations. Steps off a bound are taken relative to it, so they do
+    not depend on units."""
+    d = model.design
+    if d.n_fe:
+        beta, *_ = np.linalg.lstsq(d.Xw, d.yw, rcond=None)
+        r = d.yw - d.Xw @ beta
+    else:
+        r = d.yw
+    sd_r = float(np.sqrt(np.mean(r * r))) if r.size else 1.0
+    if model.residual == "profiled":
+        s2 = 0.0
+        if theta is not None:
+            try:
+                s2 = model.evaluate(theta).sigma2
+            except FloatingPointError:
+                pass
+        sd_r = max(sd_r / np.sqrt(s2), 1.0) if s2 > 0 else 1.0
+    if not sd_r > 0:
+        sd_r = 1.0
+    out = np.ones(model.n_theta)
+    for s, sl, Z in zip(model.structs, model.theta_slices, d.Z):
+        Zw = Z * d.weights[:, None] if model.residual != "profiled" else Z
+        rms = np.sqrt(np.mean(Zw * Zw, axis=0))
+        eff = sd_r / np.where(rms > 0, rms, 1.0)
+        if s.kind == "custom":
+            for k, where in enumerate(s._sd_free):
+                out[sl.start + k] = float(np.exp(np.mean(np.log(eff[where]))))
+            continue
+        dT = s.dT(np.zeros(s.n_theta))
+        for k in range(s.n_theta):
+            rows = np.flatnonzero(np.any(dT[k] != 0, axis=1))
+            if rows.size:
+                out[sl.start + k] = float(np.exp(np.mean(np.log(eff[rows]))))
+    return out
+
+
+def run_engine(model, thetas, *, lower, upper, em_iter=0, em_tol=0.0, em_only=False,
+               maxiter=1000, tol=1e-6, quasi=False, known=None, threads=1, log=False, Yw=None):
+    """Engine runs from each row of ``thetas`` (for the design's own outcome, or for the
+    whitened outcome ``Yw``); the engine's dict of per-run arrays."""
+    kt, kd = (None, np.inf) if known is None else (known[0], float(known[1]))
+    thetas = np.atleast_2d(thetas)
+    Y = None if Yw is None else np.repeat(np.asarray(Yw, dtype=float)[None, :], len(thetas), axis=0)
+    with blas_threads(1):
+        return model.problem.fit(thetas, Y, lower=lower, upper=upper, em_iter=int(em_iter),
+                                 em_tol=float(em_tol), em_only=em_only, maxiter=int(maxiter),
+                                 tol=float(tol), quasi=quasi, known_theta=kt, known_dev=kd,
+                                 n_threads=int(threads), log=log)
+
+
+def noise(f) -> float:
+    """A change of the deviance below rounding: 1e-10 max(1, |f|)."""
+    return 1e-10 * max(1.0, abs(float(f)))
+
+
+def rounds(model, thetas, *, lower, upper, tol, maxiter, budget, quasi=False, known=None,
+           Yw=None, threads=1):
+    """Engine runs from each row of ``thetas`` in rounds of ROUND_ITER iterations. A run
+    stops when it converges, joins ``known``, fails, stalls (a round that lowers its
+    deviance by no more than rounding) or has spent ``budget`` evaluations or ``maxiter``
+    iterations (``cut``). Returns one dict per run: theta, dev, conv, joined, evals,
+    iters, cut, stalled."""
+    thetas = np.atleast_2d(np.asarray(thetas, dtype=float))
+    out = [dict(theta=t.copy(), dev=np.inf, conv=False, joined=False, evals=0, iters=0,
+                cut=False, stalled=False) for t in thetas]
+    active = list(range(len(out)))
+    while active:
+        left = min(maxiter - out[i]["iters"] for i in active)
+        r = run_engine(model, np.array([out[i]["theta"] for i in active]), lower=lower,
+                       upper=upper, maxiter=max(1, min(ROUND_ITER, left)), tol=tol, quasi=quasi,
+                       known=known, Yw=Yw, threads=threads)
+        nxt = []
+        for j, i in enumerate(active):
+            s = out[i]
+            prev, dev = s["dev"], float(r["deviance"][j])
+            s["evals"] += int(r["n_evals"][j])
+            s["iters"] += int(r["n_iter"][j])
+            if not np.isfinite(dev):
+                s["dev"] = dev
+                continue
+            s.update(theta=r["theta"][j].copy(), dev=dev, conv=bool(r["converged"][j]),
+                     joined=bool(r["joined"][j]))
+            if s["conv"] or s["joined"]:
+                continue
+            if not prev - dev > noise(dev):
+                s["stalled"] = True
+            elif s["evals"] >= budget or s["iters"] >= maxiter:
+                s["cut"] = True
+            else:
+                nxt.append(i)
+        active = nxt
+    return out
+
+
+def deviances(model, thetas, *, lower, upper, Yw=None):
+    """The deviance at each row of ``thetas`` (engine runs of no iterations)."""
+    return run_engine(model, thetas, lower=lower, upper=upper, maxiter=0, Yw=Yw)["deviance"]
+
+
+def _off_bounds(model, theta, f, *, lower, upper, scale, Yw=None):
+    """The best point one step off a bound that lowers the deviance below f, or None:
+    each parameter at or near a (free) bound (within 1e-8 of its natural size: a
+    variance parameter's gradient vanishes at zero, so nothing else moves it away) is
+    set to the bound plus _PROBES times its natural size (for a bounded parameter, at
+    most half its range). Returns (theta, deviance, evaluations)."""
+    probes = []
+    for i in range(theta.shape[0]):
+        if lower[i] == upper[i]:
+            continue
+        near = _PROBES[0] * scale[i]
+        at_lo = np.isfinite(lower[i]) and theta[i] <= lower[i] + near
+        at_up = np.isfinite(upper[i]) and theta[i] >= upper[i] - near
+        if not (at_lo or at_up):
+            continue
+        steps = scale[i] * _PROBES
+        if np.isfinite(lower[i]) and np.isfinite(upper[i]):
+            steps = np.unique(np.minimum(steps, 0.5 * (upper[i] - lower[i])))
+        partners = _unidentified_correlations(model, i) if at_lo else []
+        rotate = _rotations(model, i) if at_lo else None
+        for h in steps:
+            t = theta.copy()
+            t[i] = np.clip(lower[i] + h if at_lo else upper[i] - h, lower[i], upper[i])
+            probes.append(t)
+            for r in (-0.9, 0.0, 0.9) if partners else ():
+                tc = t.copy()
+                tc[partners] = r
+                probes.append(tc)
+            for c in (-0.9, 0.9) if rotate is not None else ():
+                probes.append(rotate(t, c))
+    probes += off_pd_boundary(model, theta)
+    if not probes:
+        return None
+    devs = deviances(model, np.array(probes), lower=lower, upper=upper, Yw=Yw)
+    k = int(np.argmin(np.where(np.isfinite(devs), devs, np.inf)))
+    if devs[k] < f - 10 * noise(f):
+        return probes[k], float(devs[k]), len(probes)
+    return None
+
+
+def custom_correlations(model, theta):
+    """Per custom level with free correlations: (their theta indices, the smallest
+    eigenvalue of the level's correlation matrix at theta)."""
+    out = []
+    for s, sl in zip(model.structs, model.theta_slices):
+        if s.kind == "custom" and len(s._corr_free):
+            idx = np.arange(sl.start + len(s._sd_free), sl.stop)
+            R = s._sd_R(theta[sl])[1]
+            out.append((idx, float(np.linalg.eigvalsh(R)[0])))
+    return out
+
+
+def off_pd_boundary(model, theta) -> list:
+    """Points off the edge of the positive definite set of a custom level whose
+    correlation matrix is (nearly) singular there (the engine's Newton stops at that edge
+    when the optimum lies along or beyond it): the free correlations shrunk towards 0 by
+    1e-3 .. 0.5 (inside the set: R -> (1 - c) R + c I where they are all free), and pushed
+    out to the rank-one corner their signs point to (feasible where it is one)."""
+    probes = []
+    for idx, w in custom_correlations(model, theta):
+        if w > 1e-6:
+            continue
+        for c in (1e-3, 1e-2, 0.1, 0.5):
+            t = theta.copy()
+            t[idx] = (1.0 - c) * theta[idx]
+            probes.append(t)
+        t = theta.copy()
+        t[idx] = np.sign(theta[idx]) * np.minimum(model.upper[idx], -model.lower[idx])
+        probes.append(t)
+    return probes
+
+
+def _unidentified_correlations(model, i) -> list:
+    """The theta indices of a custom level's correlations that involve the effects of its
+    SD parameter ``i`` (left anywhere while that SD is zero: a step off zero tries them at
+    -0.9, 0 and 0.9 too); [] for other parameters."""
+    for s, sl in zip(model.structs, model.theta_slices):
+        if sl.start <= i < sl.stop and s.kind == "custom":
+            k = i - sl.start
+            if k >= len(s._sd_free):
+                return []
+            eff = set(s._sd_free[k])
+            n_sd = len(s._sd_free)
+            return [sl.start + n_sd + c for c, pairs in enumerate(s._corr_free)
+                    if any(a in eff or b in eff for a, b in pairs)]
+    return []
+
+
+def _rotations(model, i):
+    """For the diagonal entry T_jj of an unstructured level (theta index ``i``), a map
+    (theta, c) -> theta with every later row of T turned so that its component along
+    column j is c times its length: while T_jj is zero those rows are free to turn (the
+    likelihood sees only their length), so a step off zero alone cannot find the
+    correlations the effect j needs. None for other parameters."""
+    for s, sl in zip(model.structs, model.theta_slices):
+        if not (sl.start <= i < sl.stop and s.kind == "unstructured"):
+            continue
+        rows, cols = s._rows, s._cols
+        k = i - sl.start
+        j = rows[k]
+        if cols[k] != j or j == s.q - 1:
+            return None
+
+        def turn(theta, c, s=s, sl=sl, j=j, rows=rows, cols=cols):
+            t = theta.copy()
+            T = s.T(t[sl])
+            for r in range(j + 1, s.q):
+                length = np.linalg.norm(T[r, :r + 1])
+                rest = [m for m in range(r + 1) if m != j]
+                norm_rest = np.linalg.norm(T[r, rest])
+                T[r, rest] = (T[r, rest] / norm_rest if norm_rest > 0
+                              else np.eye(len(rest))[-1]) * np.sqrt(1 - c * c) * length
+                T[r, j] = c * length
+            t[sl] = T[rows, cols]
+            return t
+
+        return turn
+    return None
+
+
+def _objective(model, f_ref, *, lower, upper, scale, Yw=None):
+    """(deviance, gradient) in scaled parameters z = theta / scale, finite everywhere
+    (outside the parameter space: a value far above ``f_ref``, so line searches back off),
+    and a counter of evaluations. The gradient is the engine's analytic one for the
+    design's own outcome, differences (one engine call) for another outcome."""
+    big = f_ref + 1e6 * max(1.0, abs(f_ref))
+    count = [0]
+
+    def fun(z):
+        theta = np.clip(z * scale, lower, upper)
+        if Yw is None:
+            count[0] += 1
+            try:
+                ev = model.evaluate(theta, gradient=True)
+            except FloatingPointError:
+                return big, np.zeros_like(z)
+            return ev.deviance, ev.grad * scale
+        # central differences where both sides are in the parameter space (one-sided
+        # ones are too coarse to see a shallow descent), else forward or backward ones
+        k = z.size
+        h = 1e-6 * np.maximum(np.abs(z), 1.0)
+        hi = np.minimum(z + h, upper / scale)
+        lo_ = np.maximum(z - h, lower / scale)
+        zz = np.repeat(z[None, :], 2 * k + 1, axis=0)
+        zz[1:k + 1][np.diag_indices(k)] = hi
+        zz[k + 1:][np.diag_indices(k)] = lo_
+        devs = deviances(model, np.clip(zz * scale, lower, upper), lower=lower, upper=upper, Yw=Yw)
+        count[0] += 2 * k + 1
+        if not np.isfinite(devs[0]):
+            return big, np.zeros_like(z)
+        fp = np.where(np.isfinite(devs[1:k + 1]), devs[1:k + 1], devs[0])
+        fm = np.where(np.isfinite(devs[k + 1:]), devs[k + 1:], devs[0])
+        hp = np.where(np.isfinite(devs[1:k + 1]), hi - z, 0.0)
+        hm = np.where(np.isfinite(devs[k + 1:]), z - lo_, 0.0)
+        span = hp + hm
+        g = np.where(span > 0, (fp - fm) / np.where(span > 0, span, 1.0), 0.0)
+        return float(devs[0]), g
+
+    return fun, count
+
+
+def quasi_newton(model, theta, f, *, lower, upper, scale, Yw=None, maxiter=30):
+    """L-BFGS-B (scipy) on the engine's deviance from theta, in scaled parameters
+    (theta_i / theta_scale_i, so its steps do not depend on units): an independent check
+    that theta is stationary. Returns (theta, deviance, evaluations, iterations)."""
+    from scipy import optimize
+
+    fun, count = _objective(model, f, lower=lower, upper=upper, scale=scale, Yw=Yw)
+    lo, up = lower / scale, upper / scale
+    bounds = list(zip(np.where(np.isfinite(lo), lo, None), np.where(np.isfinite(up), up, None)))
+    # tight tolerances: along flat directions (a correlation of effects with tiny SDs) the
+    # gradient is small long before the deviance stops falling
+    r = optimize.minimize(fun, theta / scale, jac=True, method="L-BFGS-B", bounds=bounds,
+                          options={"maxiter": maxiter, "ftol": 1e-13, "gtol": 1e-10})
+    th = np.clip(r.x * scale, lower, upper)
+    # the deviance at the point returned (after a failed line search scipy's fun and x
+    # can belong to different iterates)
+    fq = float(fun(th / scale)[0])
+    return th, fq, count[0], int(r.nit)
+
+
+class Work:
+    """What a refinement spent: iterations (Newton and quasi-Newton) and evaluations."""
+
+    def __init__(self, iters=0, evals=0):
+        self.iters, self.evals = iters, evals
+
+
+def refine(model, theta, f, conv, work, *, lower, upper, tol, maxiter, max_evals, scale,
+           Yw=None):
+    """Take a fit to a certified stationary point, within ``maxiter`` iterations and
+    ``max_evals`` evaluations in all (``work`` counts them). A converged fit is checked
+    (module docstring: steps off the bounds, quasi-Newton steps in scaled parameters);
+    a fit that is not converged, or that a check moved, goes on by quasi-Newton steps
+    (which get past the engine's Newton where it crawls or stalls: badly scaled or flat
+    parameters) and Newton rounds, until Newton converges and the checks hold, or the
+    budget is spent, or nothing moves any more. Returns (theta, f, conv, note or None)."""
+    note = None
+
+    def enough(v):
+        return 0.5 * DECREMENT_TOL + 10 * noise(v)
+
+    def spent():
+        return work.iters >= maxiter or work.evals >= max_evals
+
+    for _ in range(20):
+        if conv:       # the checks, not charged to the iteration limit
+            step = _off_bounds(model, theta, f, lower=lower, upper=upper, scale=scale, Yw=Yw)
+            if step is not None:
+                work.evals += step[2]
+                theta, f, conv = step[0], step[1], False
+                note = ("a step off the boundary of the parameter space lowered the deviance; "
+                        "the fit went on from there")
+            else:
+                th, fq, n, _ = quasi_newton(model, theta, f, lower=lower, upper=upper,
+                                            scale=scale, Yw=Yw, maxiter=200)
+                work.evals += n
+                if not fq < f - enough(f):
+                    return theta, f, True, note
+                theta, f, conv = th, fq, False
+                note = note or ("the Newton iterations had stopped short of a stationary point; "
+                                "quasi-Newton steps in scaled parameters took the fit on")
+        if spent():
+            break
+        f_before = f
+        r = rounds(model, theta, lower=lower, upper=upper, tol=tol,
+                   maxiter=min(3 * ROUND_ITER, maxiter - work.iters), budget=max_evals - work.evals,
+                   Yw=Yw)[0]
+        work.iters += r["iters"]
+        work.evals += r["evals"]
+        if r["dev"] <= f:
+            theta, f, conv = r["theta"], r["dev"], r["conv"]
+        if conv or spent():
+            continue
+        # a quasi-Newton step costs about 1/(n_theta + 1) of a Newton one (no Hessian): it is
+        # charged so against the iteration limit
+        per = model.n_theta + 1
+        th, fq, n, nit = quasi_newton(model, theta, f, lower=lower, upper=upper, scale=scale,
+                                      Yw=Yw, maxiter=max(1, min(200, (maxiter - work.iters) * per)))
+        work.iters += -(-nit // per)
+        work.evals += n
+        if fq < f - enough(f):
+            theta, f = th, fq
+            note = note or ("the Newton iterations had stopped short of a stationary point; "
+                            "quasi-Newton steps in scaled parameters took the fit on")
+        if not f < f_before - enough(f_before):
+            # neither Newton nor quasi-Newton steps move it: a last look off the bounds
+            step = _off_bounds(model, theta, f, lower=lower, upper=upper, scale=scale, Yw=Yw)
+            if step is None:
+                break      # not converged
+            work.evals += step[2]
+            theta, f = step[0], step[1]
+            note = ("a step off the boundary of the parameter space lowered the deviance; "
+                    "the fit went on from there")
+    return theta, f, False, note
