@@ -15,6 +15,7 @@ from scipy import sparse
 
 from mlmeta._errors import BoundaryWarning, ConvergenceWarning, warn
 from mlmeta.constraints import parse_constraints
+from mlmeta.covspatial import Spatial, spatial_levels, spatial_terms
 from mlmeta.covstruct import make_structure
 from mlmeta.design import build_design
 from mlmeta.formula import build_model_frame, parse_formula
@@ -123,9 +124,12 @@ def _check_tiny_variances(v, frame, data):
             f"to the other rows; check these variances (a unit error?), or drop or fix the rows.")
 
 
-def _structures(frame, covariance, known=None):
+def _structures(frame, covariance, known=None, spatial=None):
     """One structure per level; a level with a known correlation matrix across its groups
-    (``known``: {level: R}) is sigma^2 R, an identity structure over its one effect."""
+    (``known``: {level: R}) is sigma^2 R, an identity structure over its one effect; a
+    spatial level (``spatial``: {level: (structure, D)}) is sigma^2 R(rho)
+    (:class:`mlmeta.covspatial.Spatial`)."""
+    spatial = spatial or {}
     names = [t.group for t in frame.terms]
     if isinstance(covariance, str):
         if len(names) != 1:
@@ -144,6 +148,9 @@ def _structures(frame, covariance, known=None):
                              f"formula; grouping terms are {names}")
     structs = []
     for i, t in enumerate(frame.terms):
+        if i in spatial:
+            structs.append(Spatial(frame.re_names[i], *spatial[i], term=t.group))
+            continue
         if i in (known or {}):
             if covariance.get(t.group) not in (None, "identity"):
                 raise ValueError(f"term {t.group!r} has a known correlation matrix R; its covariance "
@@ -210,7 +217,7 @@ def known_correlations(frame, R) -> dict:
 
 
 def build_model(formula, data, *, se=None, variance=None, V=None, method="reml",
-                covariance=None, constraints=None, collinear=False, R=None):
+                covariance=None, constraints=None, collinear=False, R=None, dist=None):
     """Parse, build the frame and the nested model; return (model, frame, parsed).
 
     With ``constraints`` the model is fitted on the constrained design
@@ -220,8 +227,9 @@ def build_model(formula, data, *, se=None, variance=None, V=None, method="reml",
         raise ValueError("the formula has no random-effects term such as (1 | study); "
                          "meregress needs at least one level")
     extra = {"se": se, "variance": variance}
+    spatial = spatial_terms([t.group for t in parsed.random], covariance, dist, R)
     frame = build_model_frame(parsed, data, extra={k: v for k, v in extra.items() if v is not None},
-                              collinear_random=bool(collinear), crossed=tuple(R or ()))
+                              collinear_random=bool(collinear), crossed=tuple(R or ()) + tuple(spatial))
     if V is not None:
         if se is not None or variance is not None:
             raise ValueError("give exactly one of se= (sampling standard errors), variance= "
@@ -231,7 +239,7 @@ def build_model(formula, data, *, se=None, variance=None, V=None, method="reml",
         Vm, v = None, _sampling_variance(frame, se, variance)
     _check_tiny_variances(Vm.diagonal() if v is None else v, frame, data)
     known = known_correlations(frame, R)
-    structs = _structures(frame, covariance, known)
+    structs = _structures(frame, covariance, known, spatial_levels(frame, spatial, dist))
     y, X, fc = constrained_design(frame, constraints)
     if frame.y.shape[0] <= X.shape[1]:
         raise ValueError(f"{frame.y.shape[0]} observations for {X.shape[1]} fixed effects: at "
@@ -246,7 +254,7 @@ def build_model(formula, data, *, se=None, variance=None, V=None, method="reml",
 def meregress(formula, data, *, se=None, variance=None, V=None, method="reml", covariance=None,
               constraints=None, collinear=False, test="z", dfs="contain", em_iter=20,
               em_tol=1e-10, em_only=False, maxiter=1000, tol=1e-6, safeguard="auto",
-              verbose=False, R=None) -> MeregressResults:
+              verbose=False, R=None, dist=None) -> MeregressResults:
     r"""Multilevel meta-regression (Stata's ``meta meregress``, metafor's ``rma.mv``).
 
     Fits, for effect sizes in top-level clusters j,
@@ -306,6 +314,8 @@ def meregress(formula, data, *, se=None, variance=None, V=None, method="reml", c
         correlations; a number fixes the value, None/NaN is free, a string label used
         at two or more places constrains those elements equal, e.g.
         ``[["a", .5], [.5, "a"]]``. A string applies to the only grouping term.
+        metafor's spatial ``"SPEXP"``, ``"SPGAU"``, ``"SPLIN"``, ``"SPRAT"``, ``"SPSPH"``
+        for a random intercept with ``dist=``.
     constraints : list of str or (R, r), optional
         Exact linear constraints on the fixed effects, ``["x1 = x2", "x3 = 0.5"]``
         (formulaic's syntax) or a pair ``(R, r)`` meaning ``R beta = r``.
@@ -335,6 +345,13 @@ def meregress(formula, data, *, se=None, variance=None, V=None, method="reml", c
         group on both axes (extra groups are ignored) or an array in sorted label order.
         The term must be a random intercept, ``(1 | phylogeny)``; its covariance is
         :math:`\sigma^2 R` and it is fitted as crossed with the other terms.
+    dist : dict, optional
+        Grouping term -> distances between its groups for a spatial structure
+        (``covariance={"site": "SPEXP"}``, metafor's ``dist=``; :mod:`mlmeta.covspatial`):
+        a square DataFrame labelled by group on both axes, a square array in sorted label
+        order, or a DataFrame of coordinate columns indexed by group (Euclidean
+        distances). The term's covariance is :math:`\sigma^2 R(\rho)` across all its
+        groups; it needs another random term for the nested part, e.g. ``(1 | study)``.
 
     Returns
     -------
@@ -400,7 +417,8 @@ def meregress(formula, data, *, se=None, variance=None, V=None, method="reml", c
         raise ValueError(f"dfs must be 'contain' or 'residual', got {dfs!r}")
     model, frame, parsed = build_model(formula, data, se=se, variance=variance, V=V,
                                        method=method, covariance=covariance,
-                                       constraints=constraints, collinear=collinear, R=R)
+                                       constraints=constraints, collinear=collinear, R=R,
+                                       dist=dist)
     for note in frame.notes:
         warn(note, UserWarning)
     record = fit_model(model, em_iter=em_iter, em_tol=em_tol, em_only=em_only,

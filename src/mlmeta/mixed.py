@@ -21,6 +21,7 @@ import pandas as pd
 
 from mlmeta._errors import BoundaryWarning, ConvergenceWarning, warn
 from mlmeta.api import _structures, constrained_design, known_correlations
+from mlmeta.covspatial import spatial_levels, spatial_terms
 from mlmeta.design import build_design
 from mlmeta.formula import build_model_frame, parse_formula
 from mlmeta.kenward_roger import kenward_roger
@@ -514,16 +515,18 @@ class MixedResults(MeregressResults):
 
 
 def build_mixed_model(formula, data, *, method="reml", covariance=None, constraints=None,
-                      collinear=False, R=None):
+                      collinear=False, R=None, dist=None):
     """Parse and build a profiled-residual nested model; return (model, frame, parsed)."""
     parsed = parse_formula(formula)
     if not parsed.random:
         raise ValueError("the formula has no random-effects term such as (1 | group); "
                          "use mlmeta.ols for a model without random effects")
-    frame = build_model_frame(parsed, data, collinear_random=bool(collinear), crossed=tuple(R or ()))
+    spatial = spatial_terms([t.group for t in parsed.random], covariance, dist, R)
+    frame = build_model_frame(parsed, data, collinear_random=bool(collinear),
+                              crossed=tuple(R or ()) + tuple(spatial))
     check_levels(frame)
     known = known_correlations(frame, R)
-    structs = _structures(frame, covariance, known)
+    structs = _structures(frame, covariance, known, spatial_levels(frame, spatial, dist))
     y, X, fc = constrained_design(frame, constraints)
     if frame.y.shape[0] <= X.shape[1] + 1:
         raise ValueError(f"{frame.y.shape[0]} observations for {X.shape[1]} fixed effects and a "
@@ -537,7 +540,7 @@ def build_mixed_model(formula, data, *, method="reml", covariance=None, constrai
 
 def mixed(formula, data, *, method="reml", covariance=None, constraints=None, collinear=False,
           test="satterthwaite", em_iter=20, em_tol=1e-10, em_only=False, maxiter=1000, tol=1e-6,
-          safeguard="auto", verbose=False, R=None) -> MixedResults:
+          safeguard="auto", verbose=False, R=None, dist=None) -> MixedResults:
     r"""Linear mixed model on raw (individual-level) data, lme4's ``lmer`` model.
 
     .. math::
@@ -571,6 +574,10 @@ def mixed(formula, data, *, method="reml", covariance=None, constraints=None, co
         Optimiser settings, as in :func:`meregress`.
     R : dict, optional
         Known correlation matrices across the groups of random-intercept terms, as in
+        :func:`meregress`.
+    dist : dict, optional
+        Distances between the groups of a random intercept with a spatial structure
+        (``covariance={"site": "SPEXP"}``; SPEXP, SPGAU, SPLIN, SPRAT, SPSPH), as in
         :func:`meregress`.
 
     Returns
@@ -614,7 +621,8 @@ def mixed(formula, data, *, method="reml", covariance=None, constraints=None, co
     if test == "kenward-roger" and str(method).lower() != "reml":
         raise ValueError("Kenward-Roger inference is only available for REML fits")
     model, frame, parsed = build_mixed_model(formula, data, method=method, covariance=covariance,
-                                             constraints=constraints, collinear=collinear, R=R)
+                                             constraints=constraints, collinear=collinear, R=R,
+                                             dist=dist)
     for note in frame.notes:
         warn(note, UserWarning)
     record = fit_model(model, em_iter=em_iter, em_tol=em_tol, em_only=em_only, maxiter=maxiter,

@@ -115,8 +115,13 @@ class NestedModel:
         d = self.design
         K = d.kernel
         new = {}
+        spatial = {lvl: s.engine_spec()["spatial"] for lvl, s in enumerate(self.structs)
+                   if s.kind == "spatial"}
+        if any(lvl < d.n_tree for lvl in spatial):
+            raise ValueError("a spatial structure correlates the groups of a term: the term must be "
+                             "crossed with the nested terms (kept out of the design's tree)")
         if d.crossed:
-            new = dict(border=d.border)
+            new = dict(border={**d.border, "spatial": spatial})
         elif d.Lambda is None:     # a diagonal whitening: new outcomes can be whitened alike
             w = d.weights
             node_r0 = np.zeros(K.n_nodes, dtype=np.intp)
@@ -246,7 +251,8 @@ class NestedModel:
         gamma = np.append(-ev.beta_work, 1.0)
         Ts = self.T_list(theta)
         m_local = np.zeros(d.n_clusters, dtype=np.intp)
-        known = d.border.get("known_R") or {} if d.crossed else {}
+        # levels correlated across their groups (known R, spatial R(rho)): block t F, F F' = R
+        known = self.problem.border_factors(theta) if d.crossed else {}
         if d.crossed:
             with blas_threads(1):
                 Wb, Lb = self.problem.border_solution(theta)

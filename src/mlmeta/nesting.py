@@ -43,8 +43,9 @@ def tree_order(codes: list, q: list, exclude=()) -> tuple[list[int], int, list[i
     nest = [[i != j and nested_in(codes[i], codes[j]) and (G[i] > G[j] or j < i)
              for j in range(L)] for i in range(L)]
     if len(exclude) >= L:
-        raise ValueError("a term whose groups are correlated (a known correlation matrix) needs "
-                         "another random term, e.g. (1 | study), for the groups to be nested in")
+        raise ValueError("a term whose groups are correlated (a known correlation matrix R or a "
+                         "spatial structure) needs another random term, e.g. (1 | study), for "
+                         "the groups to be nested in")
     weight = [0 if i in exclude else G[i] * q[i] for i in range(L)]
     # longest weighted chain, outermost (fewest groups) first
     by_size = sorted(range(L), key=lambda i: (G[i], i))

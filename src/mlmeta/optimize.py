@@ -226,9 +226,14 @@ def second_opinion(model: NestedModel, theta) -> float:
 
     d = model.design
     A = []
-    for Z in d.Z:
+    # levels correlated across their groups (known R, spatial) keep their structure: A = 1
+    keep = _across_groups(model)
+    for lvl, Z in enumerate(d.Z):
         q = Z.shape[1]
         a = np.eye(q)
+        if lvl in keep:
+            A.append(a)
+            continue
         mean, sd = Z.mean(axis=0), Z.std(axis=0)
         rms = np.sqrt(np.mean(Z * Z, axis=0))
         const = sd <= 1e-12 * np.maximum(rms, 1e-300)
@@ -243,14 +248,31 @@ def second_opinion(model: NestedModel, theta) -> float:
         A.append(a)
     try:
         work = NestedModel(build_design(d.y, d.X, [Z @ a for Z, a in zip(d.Z, A)], d.groups,
-                                        d.variance, V=d.Lambda, n_tree=d.n_tree),
-                           [Unstructured(s.effect_names) for s in model.structs], model.method,
+                                        d.variance, V=d.Lambda, n_tree=d.n_tree,
+                                        known_R=_known_R(d)),
+                           [s if lvl in keep else Unstructured(s.effect_names)
+                            for lvl, s in enumerate(model.structs)], model.method,
                            residual=model.residual)
         S = [np.linalg.solve(a, np.linalg.solve(a, Sl).T) for a, Sl in zip(A, model.Sigma_list(theta))]
         th = work.theta_from_Sigmas([0.5 * (Sl + Sl.T) for Sl in S])
+        for lvl in keep:
+            th[work.theta_slices[lvl]] = theta[model.theta_slices[lvl]]
         return abs(work.evaluate(th).deviance - model.evaluate(theta).deviance)
     except (FloatingPointError, np.linalg.LinAlgError):
         return np.inf
+
+
+def _known_R(d):
+    """The design's known correlation matrices {level: R} (to build it again), or None."""
+    known = (d.border or {}).get("known_R") if d.crossed else None
+    return {lvl: L @ L.T for lvl, L in known.items()} if known else None
+
+
+def _across_groups(model) -> set:
+    """The levels whose groups are correlated (a known R, a spatial structure)."""
+    d = model.design
+    known = set((d.border or {}).get("known_R") or {}) if d.crossed else set()
+    return known | {lvl for lvl, s in enumerate(model.structs) if s.kind == "spatial"}
 
 
 def start_theta(model: NestedModel) -> np.ndarray:
@@ -294,7 +316,8 @@ N_RANDOM_STARTS = 2
 
 def alternative_starts(model: NestedModel, theta_em, theta_best, scale=None):
     """Cheap extra starts: the EM start shrunk and inflated, the optimum with each
-    level (and each variance of a multi-effect level) pushed to zero, and starts away
+    level (and each variance of a multi-effect level) pushed to zero (and a spatial
+    level's range at quantiles of the distances, ``Spatial.range_starts``), and starts away
     from the EM path: every variance parameter at half its natural size (``scale``,
     :func:`theta_scale`; the others at 0), so again with each level at zero, and
     N_RANDOM_STARTS pseudo-random ones (variance
@@ -328,6 +351,11 @@ def alternative_starts(model: NestedModel, theta_em, theta_best, scale=None):
             t = np.clip(t * np.where(corr_like, 1.0, scale), model.lower, model.upper)
             starts.append((f"random start {r + 1}", t))
     for lvl, (s, sl) in enumerate(zip(model.structs, model.theta_slices)):
+        if s.kind == "spatial":      # the likelihood is often multimodal in the range
+            for p, rho in s.range_starts():
+                t = theta_best.copy()
+                t[sl.start + 1] = rho
+                starts.append((f"level {lvl + 1} range at the {p:.0%} quantile of distances", t))
         t = theta_best.copy()
         t[sl] = 0.0
         starts.append((f"level {lvl + 1} at zero", t))
@@ -629,13 +657,16 @@ def conditioned_model(model: NestedModel, A):
 
     d = model.design
     work_design = build_design(d.y, d.X, [Z @ Al for Z, Al in zip(d.Z, A)], d.groups,
-                               d.variance, V=d.Lambda, n_tree=d.n_tree)
+                               d.variance, V=d.Lambda, n_tree=d.n_tree, known_R=_known_R(d))
     work = NestedModel(work_design, model.structs, model.method, residual=model.residual,
                        fe_constraints=model.fe_constraints, cluster_labels=model.cluster_labels)
 
     def back(theta):
         S = [Al @ Sl @ Al.T for Al, Sl in zip(A, work.Sigma_list(theta))]
-        return model.theta_from_Sigmas([0.5 * (Sl + Sl.T) for Sl in S])
+        out = model.theta_from_Sigmas([0.5 * (Sl + Sl.T) for Sl in S])
+        for lvl in _across_groups(model):      # q = 1, A_l = 1: theta also holds rho
+            out[model.theta_slices[lvl]] = theta[work.theta_slices[lvl]]
+        return out
 
     return work, back
 

@@ -481,6 +481,11 @@ class MeregressResults(PostestimationMixin, ProfileMixin, InferenceMethodsMixin)
             if c.boundary and not c.fixed:
                 if c.kind == "sd":
                     what = "is zero"
+                elif c.kind == "range":     # a spatial range: at a bound, or its SD zero
+                    side = self.model.structs[c.level].at_bound(c.value)
+                    what = ({"lower": "is at its lower bound (no spatial correlation)",
+                             "upper": "is at its upper bound (a constant spatial effect)"}
+                            .get(side, "is not identified because the spatial SD is zero"))
                 else:
                     # flagged because an SD it involves is zero (vcomp): not identified
                     zero = [d.label_sd for d in comps

@@ -481,6 +481,10 @@ class Summary(Display):
         distinct; otherwise the label column widens until they are."""
         blocks = [{r.label for r in b.rows} for b in self.random]
         longest = max([len(x) for b in blocks for x in b] + [base])
+        # a level's title keeps its structure's name whole (the level name abbreviated to
+        # no fewer than 4 characters): long names such as "Spatial exponential (SPEXP)"
+        base = max([base] + [min(len(b.level), 4) + len(b.structure) + 1 for b in self.random])
+        longest = max(longest, base)
         w = base
         while w < longest and not all(len({_abbrev_label(x, w) for x in b}) == len(b) for b in blocks):
             w += 1

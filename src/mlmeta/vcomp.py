@@ -13,6 +13,7 @@ computed by central differences of the analytic gradient
     corr: se = (1 - r^2) * se(eta),     CI = tanh(eta -+ z se(eta))
     var:  se = 2 sd^2 se(eta),          CI = exp(2 (eta -+ z se(eta)))
     cov:  delta method from Cov(eta),   CI = cov -+ z se
+    rho (a spatial range, eta = log rho): se = rho * se(eta), CI = exp(eta -+ z se(eta))
 
 A correlation ranges over (lo, 1): lo = -1, except for the common correlation of an
 exchangeable level of q >= 3 effects, where lo = -1/(q-1) (below it Sigma is not
@@ -22,7 +23,8 @@ so its interval ``lo + (1 - lo) (1 + tanh(eta -+ z se)) / 2`` stays in (lo, 1) a
 se is ``(1 - lo) / 2 (1 - u^2) se(eta)``.
 
 Parameters on the boundary (sd = 0, a correlation at lo or 1: Sigma singular) have no
-finite eta: they are held at their value, flagged, and get no standard error. Where
+finite eta (as a spatial range at a bound of its range): they are held at their value,
+flagged, and get no standard error. Where
 the likelihood cannot be differenced at the estimates (a step leaves the parameter
 space), the standard errors are missing too.
 """
@@ -49,7 +51,8 @@ class VarComp:
 
     level: int           # index of the level (0 = top)
     group: str           # grouping term
-    kind: str            # "sd", "corr" or "rho" (a structure's correlation parameter)
+    kind: str            # "sd", "corr", "rho" (a structure's correlation parameter) or
+    #                      "range" (a spatial structure's rho > 0, eta = log rho)
     effects: tuple       # effect indices (sd) or index pairs (corr)
     label_sd: str        # e.g. "sd(year_c)" / "corr(year_c,_cons)"
     label_var: str       # e.g. "var(year_c)" / "cov(year_c,_cons)"
@@ -91,7 +94,8 @@ def _theta_of_eta(model: NestedModel, base_values, free_idx, eta, sigma=1.0):
     for lvl, i in free_idx:
         s = model.structs[lvl]
         kind = s.report_params()[i][0]
-        vals[lvl][i] = np.exp(eta[pos]) if kind == "sd" else eta_to_corr(eta[pos], corr_lower(s))
+        vals[lvl][i] = (np.exp(eta[pos]) if kind in ("sd", "range")
+                        else eta_to_corr(eta[pos], corr_lower(s)))
         pos += 1
     out = []
     for s, v in zip(model.structs, vals):
@@ -113,7 +117,7 @@ def _eta(model, base_values, lvl, i):
     """The estimation metric of report value i of level lvl: log sd or the Fisher transform."""
     s = model.structs[lvl]
     v = base_values[lvl][i]
-    return np.log(v) if s.report_params()[i][0] == "sd" else corr_to_eta(v, corr_lower(s))
+    return np.log(v) if s.report_params()[i][0] in ("sd", "range") else corr_to_eta(v, corr_lower(s))
 
 
 def _hessian_fv(fn, x0, h=1e-4):
@@ -158,13 +162,15 @@ def variance_components(model: NestedModel, theta, groups, sd_scale=1.0, with_co
         for i, ((kind, eff), v) in enumerate(zip(s.report_params(), vals)):
             if kind == "sd":
                 boundary = v <= BOUNDARY_SD * sd_scale
+            elif kind == "range":        # at a bound, or its SD zero (not identified)
+                boundary = s.at_bound(v) is not None or vals[0] <= BOUNDARY_SD * sd_scale
             else:      # |u| >= 1 - 1e-6 with u the correlation mapped onto (-1, 1)
                 boundary = abs((2.0 * v - 1.0 - lo) / (1.0 - lo)) >= BOUNDARY_CORR
             fixed = bool(getattr(s, "is_fixed", lambda i: False)(i))
             comps.append(VarComp(lvl, groups[lvl], kind, eff, labels_sd[i], labels_var[i],
                                  float(v), bool(boundary), fixed, lo))
             # a correlation is not identified when one of its SDs is zero
-            if kind != "sd":
+            if kind not in ("sd", "range"):
                 sds = np.sqrt(np.clip(np.diag(s.Sigma(theta[sl])), 0, None))
                 if any(sds[a] <= BOUNDARY_SD * sd_scale for pair in eff for a in pair):
                     comps[-1].boundary = True
@@ -267,6 +273,13 @@ def component_table(comps, cov_eta, free_pos, model, theta, level=95.0, variance
             with np.errstate(over="ignore"):       # an upper limit beyond 1e308 is inf
                 rows.append((c.label_var if variance else c.label_sd, est, se,
                              np.exp(mult * (eta - z * se_eta)), np.exp(mult * (eta + z * se_eta))))
+        elif c.kind == "range":      # a spatial range, as itself: log scale
+            if se_eta is None:
+                rows.append((c.label_sd, c.value, None, None, None))
+                continue
+            eta = np.log(c.value)
+            rows.append((c.label_sd, c.value, c.value * se_eta, np.exp(eta - z * se_eta),
+                         np.exp(eta + z * se_eta)))
         else:
             if not variance or c.kind == "rho":      # rho: a structure's parameter, as itself
                 if se_eta is None:

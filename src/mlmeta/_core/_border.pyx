@@ -5,7 +5,8 @@ The random effects split into those of the nested tree (the largest chain of nes
 grouping terms, factored cluster by cluster as in :mod:`mlmeta._core._nested`) and
 the ``nb`` effects of the crossed terms (the border, relative factor ``T_c``, block
 diagonal over the crossed groups, except for a level with a known correlation matrix R
-across its groups, metafor's ``R=``, whose block is ``t chol(R)``).
+across its groups, metafor's ``R=``, whose block is ``t chol(R)``, or a spatial one,
+``t F(rho)`` with ``F F' = R(rho)``, see :func:`spatial_pieces`).
 With ``M = [Z~_c, A]`` (the crossed terms' whitened columns, X and y) and the tree's
 marginal covariance ``V_t = I + Z~_t T_t T_t' Z~_t'``:
 
@@ -38,11 +39,13 @@ from mlmeta._core._nested cimport Tree, factor_cluster, invert_cluster, accumula
 from mlmeta._core._problem cimport Prob, Work, ST_BORDER
 
 
-cdef void t_left(const Prob* P, const double* Tlev, bint trans, double alpha, const double* X,
-                 Py_ssize_t ldx, double* out, Py_ssize_t ldo, Py_ssize_t ncols) noexcept nogil:
+cdef void t_left(const Prob* P, const double* Tlev, const double* bL, bint trans, double alpha,
+                 const double* X, Py_ssize_t ldx, double* out, Py_ssize_t ldo,
+                 Py_ssize_t ncols) noexcept nogil:
     """out = alpha op(T_c) X over the border rows (X and out nb x ncols; op(T) = T' when
     ``trans``), T_c block diagonal over the crossed groups (column by column, so every
-    access is contiguous), or t L_R over a level with a known correlation (one product)."""
+    access is contiguous), or t F over a level with a known or spatial correlation (one
+    product; F at bL + b_lo[l])."""
     cdef Py_ssize_t c, l, g, o, i, k, G
     cdef int q
     cdef const double* Tl
@@ -54,7 +57,7 @@ cdef void t_left(const Prob* P, const double* Tlev, bint trans, double alpha, co
             G = <Py_ssize_t>P.n_groups[l]
             o = P.b_off[l]
             gemm(b'T' if trans else b'N', b'N', <int>G, <int>ncols, <int>G, alpha * Tlev[P.t_off[l]],
-                 P.bL + P.b_lo[l], <int>G, X + o, <int>ldx, 0.0, out + o, <int>ldo)
+                 bL + P.b_lo[l], <int>G, X + o, <int>ldx, 0.0, out + o, <int>ldo)
     for c in range(ncols):
         x = X + c * ldx
         y = out + c * ldo
@@ -76,8 +79,8 @@ cdef void t_left(const Prob* P, const double* Tlev, bint trans, double alpha, co
                     y[o + i] = alpha * acc
 
 
-cdef void t_right(const Prob* P, const double* Tlev, bint trans, const double* X, Py_ssize_t ldx,
-                  double* out, Py_ssize_t ldo, Py_ssize_t nrows) noexcept nogil:
+cdef void t_right(const Prob* P, const double* Tlev, const double* bL, bint trans, const double* X,
+                  Py_ssize_t ldx, double* out, Py_ssize_t ldo, Py_ssize_t nrows) noexcept nogil:
     """out = X op(T_c) over the border columns (X and out nrows x nb)."""
     cdef Py_ssize_t l, g, o, j, k, r, G
     cdef int q
@@ -92,7 +95,7 @@ cdef void t_right(const Prob* P, const double* Tlev, bint trans, const double* X
             G = <Py_ssize_t>P.n_groups[l]
             o = P.b_off[l]
             gemm(b'N', b'T' if trans else b'N', <int>nrows, <int>G, <int>G, Tl[0], X + o * ldx,
-                 <int>ldx, P.bL + P.b_lo[l], <int>G, 0.0, out + o * ldo, <int>ldo)
+                 <int>ldx, bL + P.b_lo[l], <int>G, 0.0, out + o * ldo, <int>ldo)
             continue
         for g in range(<Py_ssize_t>P.n_groups[l]):
             o = P.b_off[l] + g * q
@@ -132,7 +135,8 @@ cdef void from_rows(const Prob* P, const Tree* t, Py_ssize_t j, const double* Y,
 
 cdef void known_R_pieces(const Prob* P, Work* W, Py_ssize_t l, const double* Phi,
                          double* s) noexcept nogil:
-    """G_l and E_l of a level with a known correlation R (T_l = t L_R, q = 1):
+    """G_l and E_l of a level with a known correlation R (T_l = t L_R, q = 1; or a spatial
+    level, L_R = F(rho)):
 
         G_l = sum_ij L_ij [(S_cc T_c Sig)_ij - (K Phi W')_ij]  (the block's rows and columns)
         E_l = tr(Sig_bb + W_b Phi W_b')
@@ -141,7 +145,7 @@ cdef void known_R_pieces(const Prob* P, Work* W, Py_ssize_t l, const double* Phi
     second as sum_i (K_b Phi)_i . (L W_b)_i; ``s`` has room for nb x G + 2 G x ncol."""
     cdef Py_ssize_t nb = P.nb, G = <Py_ssize_t>P.n_groups[l], o = P.b_off[l], h, i, c
     cdef int nc = P.ncol
-    cdef const double* LR = P.bL + P.b_lo[l]
+    cdef const double* LR = W.bL + P.b_lo[l]
     cdef double* M = s
     cdef double* KP = s + nb * G
     cdef double* LW = KP + G * nc
@@ -164,6 +168,35 @@ cdef void known_R_pieces(const Prob* P, Work* W, Py_ssize_t l, const double* Phi
         tr = tr + W.Sg[o + i + (o + i) * nb]
     W.G[P.t_off[l]] += acc
     W.E[P.t_off[l]] += tr
+
+
+cdef void spatial_pieces(const Prob* P, Work* W, Py_ssize_t l, const double* Phi) noexcept nogil:
+    """d dev / d rho of a spatial level (Sigma_l = t^2 R(rho) over its G groups, border
+    rows o..o+G): with the derivative of the deviance with respect to the border's Sigma_c,
+
+        G_Sig = S_cc - S_cc T_c Sig T_c' S_cc - K Phi K'        (G_Sig T_c = the G of above)
+
+    d dev / d rho = t^2 sum_ij (G_Sig)_ij (dR/drho)_ij over the level's block, added into
+    W.Gx. Scratch W.sp: G x nb + G x G + G x ncol."""
+    cdef Py_ssize_t nb = P.nb, G = <Py_ssize_t>P.n_groups[l], o = P.b_off[l], i, j
+    cdef Py_ssize_t bw = nb + P.ncol
+    cdef int nc = P.ncol
+    cdef double* M1 = W.sp
+    cdef double* Gs = M1 + G * nb
+    cdef double* KP = Gs + G * G
+    cdef const double* dR = W.dR + P.b_lo[l]
+    cdef double t = W.Tlev[P.t_off[l]]
+    cdef double acc = 0.0
+    for j in range(G):
+        for i in range(G):
+            Gs[i + j * G] = W.Sb[o + i + (o + j) * bw]
+    gemm(b'N', b'N', <int>G, <int>nb, <int>nb, 1.0, W.Pb + o, <int>nb, W.Sg, <int>nb, 0.0, M1, <int>G)
+    gemm(b'N', b'T', <int>G, <int>G, <int>nb, -1.0, M1, <int>G, W.Pb + o, <int>nb, 1.0, Gs, <int>G)
+    gemm(b'N', b'N', <int>G, nc, nc, 1.0, W.Kb + o, <int>nb, Phi, nc, 0.0, KP, <int>G)
+    gemm(b'N', b'T', <int>G, <int>G, nc, -1.0, KP, <int>G, W.Kb + o, <int>nb, 1.0, Gs, <int>G)
+    for i in range(G * G):
+        acc = acc + Gs[i] * dR[i]
+    W.Gx[P.th_off[l] + 1] += t * t * acc
 
 
 cdef Py_ssize_t factor_crossed(const Prob* P, Work* W, Tree* t, double* logdet) noexcept nogil:
@@ -204,9 +237,9 @@ cdef Py_ssize_t factor_crossed(const Prob* P, Work* W, Tree* t, double* logdet) 
         gemm(b'T', b'N', <int>bw, <int>bw, <int>P.ny, -1.0, W.Ym, <int>P.ny, W.Ym, <int>P.ny, 1.0,
              W.Sb, <int>bw)
     # Pb = S_cc T_c, then C_c = I + T_c' Pb and R = T_c' S_cA
-    t_right(P, W.Tlev, False, W.Sb, bw, W.Pb, nb, nb)
-    t_left(P, W.Tlev, True, 1.0, W.Pb, nb, W.Cb, nb, nb)
-    t_left(P, W.Tlev, True, 1.0, W.Sb + nb * bw, bw, W.Wb, nb, nc)
+    t_right(P, W.Tlev, W.bL, False, W.Sb, bw, W.Pb, nb, nb)
+    t_left(P, W.Tlev, W.bL, True, 1.0, W.Pb, nb, W.Cb, nb, nb)
+    t_left(P, W.Tlev, W.bL, True, 1.0, W.Sb + nb * bw, bw, W.Wb, nb, nc)
     for i in range(nb):
         W.Cb[i + i * nb] += 1.0
     info = potrf_lower(<int>nb, W.Cb, <int>nb)
@@ -224,7 +257,7 @@ cdef Py_ssize_t factor_crossed(const Prob* P, Work* W, Tree* t, double* logdet) 
 
 cdef void solve_crossed(const Prob* P, Work* W, Tree* t, const double* Phi) noexcept nogil:
     """After factor_crossed: W.Wb = C_c^-1 R; the crossed levels' gradient pieces and EM
-    moments added into W.G and W.E; Phi_b (module docstring) into W.PhiB; then the tree's
+    moments added into W.G and W.E (a spatial level's rho into W.Gx); Phi_b (module docstring) into W.PhiB; then the tree's
     selected inverse, node solutions and per-node pieces (W.GN, W.EN) with each
     cluster's rows and columns of Phi_b. W.G and W.E must be zeroed by the caller."""
     cdef Py_ssize_t nb = P.nb
@@ -257,6 +290,8 @@ cdef void solve_crossed(const Prob* P, Work* W, Tree* t, const double* Phi) noex
     for l in range(P.n_tree, P.n_levels):
         if P.b_lo[l] >= 0:
             known_R_pieces(P, W, l, Phi, W.PhiB)     # PhiB is free until the tree's Phi below
+            if P.sp_form[l] > 0:
+                spatial_pieces(P, W, l, Phi)
             continue
         q = <int>P.q[l]
         Gl = W.G + P.t_off[l]
@@ -272,9 +307,9 @@ cdef void solve_crossed(const Prob* P, Work* W, Tree* t, const double* Phi) noex
     # Phi_b: Kb <- W Phi; Sg <- Sig + W Phi W'; Pb <- Sg T_c'; blocks of T_c Pb and -T_c Kb
     gemm(b'N', b'N', <int>nb, nc, nc, 1.0, W.Wb, <int>nb, Phi, nc, 0.0, W.Kb, <int>nb)
     gemm(b'N', b'T', <int>nb, <int>nb, nc, 1.0, W.Kb, <int>nb, W.Wb, <int>nb, 1.0, W.Sg, <int>nb)
-    t_right(P, W.Tlev, True, W.Sg, nb, W.Pb, nb, nb)
-    t_left(P, W.Tlev, False, 1.0, W.Pb, nb, W.PhiB, bw, nb)
-    t_left(P, W.Tlev, False, -1.0, W.Kb, nb, W.PhiB + nb * bw, bw, nc)
+    t_right(P, W.Tlev, W.bL, True, W.Sg, nb, W.Pb, nb, nb)
+    t_left(P, W.Tlev, W.bL, False, 1.0, W.Pb, nb, W.PhiB, bw, nb)
+    t_left(P, W.Tlev, W.bL, False, -1.0, W.Kb, nb, W.PhiB + nb * bw, bw, nc)
     for k in range(nc):
         for i in range(nb):
             W.PhiB[nb + k + i * bw] = W.PhiB[i + (nb + k) * bw]

@@ -28,13 +28,16 @@ from libc.stdlib cimport malloc, free
 from mlmeta._core._linalg cimport copy
 from mlmeta._core._nested cimport NestedKernel
 from mlmeta._core._problem cimport (Prob, Work, K_IDENTITY, K_INDEPENDENT, K_EXCHANGEABLE,
-                                    K_UNSTRUCTURED, K_CUSTOM, ST_OK)
+                                    K_UNSTRUCTURED, K_CUSTOM, K_SPATIAL, ST_OK)
 from mlmeta._core._structures cimport set_factors, em_project, em_update
 from mlmeta._core._objective cimport set_response, factor_all, solve_all, evaluate, inverse_H
 from mlmeta._core._optimizer cimport Options, Out, fit_one
 
 KINDS = {"identity": K_IDENTITY, "independent": K_INDEPENDENT, "exchangeable": K_EXCHANGEABLE,
-         "unstructured": K_UNSTRUCTURED, "custom": K_CUSTOM}
+         "unstructured": K_UNSTRUCTURED, "custom": K_CUSTOM, "spatial": K_SPATIAL}
+
+#: metafor's spatial structures, in the engine's codes (sp_form)
+SPATIAL_FORMS = {"SPEXP": 1, "SPGAU": 2, "SPLIN": 3, "SPRAT": 4, "SPSPH": 5}
 
 
 # -- the Python-facing problem object ----------------------------------------------------
@@ -49,7 +52,9 @@ cdef class Problem:
     structs : per level, a dict with ``kind`` (a key of ``KINDS``), ``q``, ``n_theta``,
         ``dT`` ((n_theta, q, q), the constant derivatives of a linear structure) and,
         for ``custom``, ``n_sd``, ``sd_map`` (q), ``corr_map`` (q x q), ``sd_fixed``,
-        ``corr_fixed`` and optionally ``corr_lag`` (q x q lags d, R_ij = rho^d_ij; default 1).
+        ``corr_fixed`` and optionally ``corr_lag`` (q x q lags d, R_ij = rho^d_ij; default 1);
+        ``spatial`` is q = 1, theta = (s, rho), ``dT`` = [[[1]], [[0]]], its correlation
+        across the groups given by ``border["spatial"]``.
     lower, upper : bounds of theta.
     n_groups : groups per level.
     n_obs : number of observations.
@@ -65,7 +70,10 @@ cdef class Problem:
         top-level cluster, the rows of ``S0`` of its local columns: its border effects,
         then the ncol of [X, y]), ``S0`` (the Gram matrix of the whitened
         [Z_cross, X, y]) and optionally ``known_R`` ({level: lower Cholesky factor of a
-        known correlation matrix across the level's groups}); None for a nested model.
+        known correlation matrix across the level's groups}) and ``spatial`` ({level:
+        (form, D)}: a key of ``SPATIAL_FORMS`` and the G x G distances between the level's
+        groups, in the units of its rho, for a level of kind ``spatial``); None for a
+        nested model.
     """
     cdef Prob P
     cdef NestedKernel K
@@ -139,6 +147,10 @@ cdef class Problem:
         node_r1 = np.ascontiguousarray(node_rows[1], dtype=np.intp)
         AA = np.asfortranarray(K.AA)
         ncol = int(K.ncol)
+        sp_form = np.zeros(L, dtype=np.intp)
+        sp_scratch = 1
+        if (kind == K_SPATIAL).sum() != len((border or {}).get("spatial") or {}):
+            raise ValueError("every spatial level needs its distances in border['spatial']")
         if border is None:
             n_tree, nb = L, 0
             b_off = np.full(L, -1, dtype=np.intp)
@@ -146,6 +158,7 @@ cdef class Problem:
             bmap = np.zeros(1, dtype=np.intp)
             b_lo = np.full(L, -1, dtype=np.intp)
             bL = np.zeros(1)
+            sp_D = np.zeros(1)
             S0 = np.zeros((1, 1), order="F")
             cw = np.full(K.n_clusters, ncol, dtype=np.intp)
         else:
@@ -160,17 +173,31 @@ cdef class Problem:
             cw = np.diff(cmap_ptr).astype(np.intp)
             b_lo = np.full(L, -1, dtype=np.intp)
             known_R = border.get("known_R") or {}
-            pieces, at = [], 0
-            for l, LR in sorted(known_R.items()):
-                LR = np.asfortranarray(LR, dtype=float)
+            spatial = border.get("spatial") or {}
+            pieces, dists, at = [], [], 0
+            for l in sorted(set(known_R) | set(spatial)):
                 G = int(n_groups[l])
-                if not n_tree <= l < L or q[l] != 1 or LR.shape != (G, G):
-                    raise ValueError(f"border: level {l}'s known correlation factor must be a "
+                if l in spatial:
+                    form, Dl = spatial[l]
+                    Dl = np.asfortranarray(Dl, dtype=float)
+                    if form not in SPATIAL_FORMS or kind[l] != K_SPATIAL or l in known_R:
+                        raise ValueError(f"border: level {l} needs a spatial structure (kind "
+                                         f"'spatial', a form in {list(SPATIAL_FORMS)}) and no R")
+                    sp_form[l] = SPATIAL_FORMS[form]
+                    LR = np.zeros((G, G), order="F")
+                else:
+                    LR, Dl = np.asfortranarray(known_R[l], dtype=float), np.zeros((G, G), order="F")
+                if not n_tree <= l < L or q[l] != 1 or LR.shape != (G, G) or Dl.shape != (G, G):
+                    raise ValueError(f"border: level {l}'s known or spatial correlation must be a "
                                      f"{G} x {G} matrix on a crossed level with one effect")
                 b_lo[l] = at
                 pieces.append(LR.ravel(order="F"))
+                dists.append(Dl.ravel(order="F"))
                 at += G * G
+                if l in spatial:
+                    sp_scratch = max(sp_scratch, 35 * G + 8, G * (nb + G + ncol))
             bL = np.concatenate(pieces) if pieces else np.zeros(1)
+            sp_D = np.concatenate(dists) if dists else np.zeros(1)
             if not 1 <= n_tree < L or b_off.shape[0] != L or cmap_ptr.shape[0] != K.n_clusters + 1:
                 raise ValueError("border: n_tree, b_off or cmap_ptr do not match the kernel")
             if nb < 1 or S0.shape != (nb + ncol, nb + ncol) or bmap.shape[0] != cmap_ptr[-1]:
@@ -194,7 +221,7 @@ cdef class Problem:
         self.nb = nb
         self._keep = (q, t_off, n_th, th_off, kind, M, n_sd, c_off, cmap, cfix, clag, lower, upper,
                       n_groups, Zw_flat, zw_off, Xw, node_r0, node_r1, AA, b_off, cmap_ptr, bmap,
-                      S0, cw, b_lo, bL, y_row)
+                      S0, cw, b_lo, bL, y_row, sp_form, sp_D)
         self.lower, self.upper, self.t_off, self.q = lower, upper, t_off, q
         self.n_theta = k
         self.p = p
@@ -212,7 +239,8 @@ cdef class Problem:
         cdef double[::1, :] v_S0 = S0
         cdef Py_ssize_t[::1] v_boff = b_off, v_cptr = cmap_ptr, v_bmap = bmap, v_cw = cw
         cdef Py_ssize_t[::1] v_blo = b_lo, v_yrow = y_row
-        cdef double[::1] v_bL = bL
+        cdef double[::1] v_bL = bL, v_spD = sp_D
+        cdef Py_ssize_t[::1] v_spf = sp_form
         cdef const double[:, ::1] v_Xw = Xw
         cdef Prob* P = &self.P
         P.tree = K._tree()
@@ -265,6 +293,11 @@ cdef class Problem:
         P.ny = ny
         P.y_row = &v_yrow[0]
         P.bL = &v_bL[0]
+        P.bl_len = bL.shape[0]
+        P.sp_form = &v_spf[0]
+        P.sp_D = &v_spD[0]
+        P.sp_scratch = sp_scratch
+        P.has_spatial = bool((kind == K_SPATIAL).any())
         # the kernels' scratch, and (EM) Sigma, a product and the projections' q x q room
         P.scratch_len = 3 * P.maxq * max(P.maxq, maxw) + 3 * P.maxq * P.maxq + 16
         P.n_theta = k
@@ -308,6 +341,7 @@ cdef class Problem:
         sizes += [max(x, 1) for x in (bw * bw, nb * nb, nb * nb, nb * nb, nb * nc, nb * nc, bw * bw,
                                       P.maxw * P.maxw if nb else 0, wide, wide,
                                       P.za_len if P.wide else 0)]
+        sizes += [P.bl_len, P.bl_len, max(k, 1), P.sp_scratch]
         offs = np.concatenate([[0], np.cumsum(sizes)]).astype(np.intp)
         buf = np.zeros((n, int(offs[-1])), dtype=np.float64)
         cdef double[:, ::1] B = buf
@@ -350,6 +384,11 @@ cdef class Problem:
             Ws[c].Ym = &B[c, o[30]]
             Ws[c].Yp = &B[c, o[31]]
             Ws[c].PWn = &B[c, o[32]]
+            Ws[c].bL = &B[c, o[33]]
+            Ws[c].dR = &B[c, o[34]]
+            Ws[c].Gx = &B[c, o[35]]
+            Ws[c].sp = &B[c, o[36]]
+            copy(P.bL, Ws[c].bL, P.bl_len)
             if k:
                 copy(P.M, Ws[c].D, P.t_len * k)
             Ws[c].n_evals = 0
@@ -494,6 +533,28 @@ cdef class Problem:
             Wb = self._vec(self.Ws[0].Wb, nb * self.P.ncol).reshape(nb, self.P.ncol, order="F")
             Lb = np.tril(self._vec(self.Ws[0].Cb, nb * nb).reshape(nb, nb, order="F"))
         return Wb, Lb
+
+    def border_factors(self, theta):
+        """{level: F} at theta for the crossed levels with a known or spatial correlation
+        across their groups: the border block of such a level is t F (F F' = R, for a
+        spatial level R(rho) as the engine factors it)."""
+        th = self._check_theta(theta)
+        cdef double[::1] tv = th
+        cdef Work* W
+        cdef int st
+        cdef Py_ssize_t l, G
+        out = {}
+        with self._lock:
+            self._ensure_slots(1)
+            W = &self.Ws[0]
+            st = set_factors(&self.P, W, &tv[0] if self.n_theta else NULL)
+            if st != ST_OK:
+                raise FloatingPointError(f"T(theta) is not defined at theta = {th} (status {st})")
+            for l in range(self.P.n_levels):
+                if self.P.b_lo[l] >= 0:
+                    G = <Py_ssize_t>self.P.n_groups[l]
+                    out[l] = self._vec(W.bL + self.P.b_lo[l], G * G).reshape(G, G, order="F")
+        return out
 
     def pieces(self, T, Phi):
         """Kernel test twin: for a flat T (level blocks) and a symmetric Phi, refactor and

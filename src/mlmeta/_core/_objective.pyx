@@ -15,7 +15,10 @@ gradient with respect to each level's factor ``T_l`` is ``2 G_l`` (the kernel's
 accumulation with ``Phi = fac gamma gamma' (+ [H^-1, 0; 0, 0] for REML)``,
 ``gamma = (-beta, 1)``, ``fac = 1 / sigma^2`` or 1), chained to theta by
 
-    d dev / d theta_k = sum_ij (dT / d theta_k)_ij (2 G)_ij .
+    d dev / d theta_k = sum_ij (dT / d theta_k)_ij (2 G)_ij  (+ Gx_k) ,
+
+``Gx`` holding the terms a level's T does not carry: a spatial level's range rho,
+whose correlation R(rho) lives in the border (:func:`mlmeta._core._border.spatial_pieces`).
 """
 
 from libc.math cimport log, INFINITY
@@ -90,6 +93,7 @@ cdef void solve_all(const Prob* P, Work* W, const double* Phi, bint want_G,
     t.T = W.Tn
     zero(W.G, P.t_len)
     zero(W.E, P.t_len)
+    zero(W.Gx, P.n_theta)
     if P.nb > 0:     # the border's levels go straight into G and E
         solve_crossed(P, W, &t, Phi)
     else:
@@ -191,5 +195,5 @@ cdef double evaluate(const Prob* P, Work* W, const double* th, double* grad, bin
             acc = 0.0
             for i in range(P.t_len):
                 acc = acc + W.D[i + k * P.t_len] * W.G[i]
-            grad[k] = 2.0 * acc
+            grad[k] = 2.0 * acc + W.Gx[k]
     return dev

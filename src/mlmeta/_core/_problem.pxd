@@ -10,6 +10,7 @@ cdef enum:
     K_EXCHANGEABLE = 2
     K_UNSTRUCTURED = 3
     K_CUSTOM = 4
+    K_SPATIAL = 5      # sigma^2 R(rho) across a crossed level's groups (see _structures.pyx)
 
 # status codes of an evaluation (> 0: 1 + the node whose block failed)
 cdef enum:
@@ -19,6 +20,7 @@ cdef enum:
     ST_SIGMA = -3      # profiled residual variance not positive
     ST_NONFINITE = -4  # theta not finite
     ST_BORDER = -5     # the crossed terms' block (after eliminating the tree) not positive definite
+    ST_SPATIAL = -6    # a spatial correlation matrix R(rho) not positive semi-definite
 
 
 cdef struct Prob:
@@ -58,6 +60,13 @@ cdef struct Prob:
     # T_c is t L_R (L_R = chol(R), G x G at bL + b_lo[l]); b_lo[l] = -1 otherwise
     const Py_ssize_t* b_lo
     const double* bL
+    # a crossed level with a spatial correlation R(rho) across its groups (sp_form[l] = 1..5:
+    # SPEXP, SPGAU, SPLIN, SPRAT, SPSPH; 0 otherwise): its G x G distances at sp_D + b_lo[l],
+    # its factor recomputed per theta into the workspace's bL (same layout as bL)
+    const Py_ssize_t* sp_form
+    const double* sp_D
+    Py_ssize_t bl_len, sp_scratch
+    bint has_spatial
     # wide clusters (each sees most of the border): the tree's Y rows and node solutions
     # go through one ny x bw matrix and two BLAS products instead of per-cluster blocks;
     # y_row[a] = the first of node a's rows (ny = total effects of the tree)
@@ -108,6 +117,11 @@ cdef struct Work:
     double* Ym       # wide: ny x bw, the tree's Y (then W) rows at their border columns
     double* Yp       # wide: ny x bw, W Phi_b
     double* PWn      # wide: za_len, W_a Phi_b per node in the local layout
+    # known and spatial correlations across a crossed level's groups
+    double* bL       # bl_len: the factors (P.bL, spatial levels' F(rho) per evaluation)
+    double* dR       # bl_len: dR/drho of the spatial levels
+    double* Gx       # n_theta: gradient terms outside dT/dtheta (the spatial levels' rho)
+    double* sp       # sp_scratch: the spatial levels' factorisation and gradient scratch
     double sigma2, rss, logdet_C, logdet_H
     int n_evals, status
     bint own         # ZA and AA hold the design's own outcome (set_response(NULL))

@@ -16,19 +16,98 @@ metafor's AR, HAR, CAR) and the fixed value otherwise, with
 the derivative taken at |rho| = RHO_FLOOR when d < 1 and |rho| is below it (it is
 infinite at 0), as :func:`mlmeta.covstruct.dpower`.
 
+A spatial level (``K_SPATIAL``, metafor's SPEXP, SPGAU, SPLIN, SPRAT, SPSPH over a crossed
+level's G groups, q = 1) has theta = (s, rho): its entry of T is s (linear, as identity)
+and its border block is ``s F``, ``F F' = R(rho)`` (:func:`spatial_factor`; x = d / rho,
+d the distance between two groups):
+
+    SPEXP  exp(-x)                 SPGAU  exp(-x^2)            SPRAT  1 / (1 + x^2)
+    SPLIN  (1 - x) [x < 1]         SPSPH  (1 - 3x/2 + x^3/2) [x < 1]
+
+with ``dR/drho`` kept for the gradient (:mod:`mlmeta._core._border`). F is chol(R); where
+R(rho) is numerically singular (a Gaussian structure at a long range, sites at one
+place) it is ``Q diag(sqrt(max(w, 0)))`` from R = Q diag(w) Q', eigenvalues down to
+``-SPATIAL_TOL max(1, w_max)`` (rounding) set to 0; a more negative one (SPLIN in two
+dimensions can lose positive definiteness) makes the evaluation fail with ST_SPATIAL.
+
 The maps are tested against :mod:`mlmeta.covstruct` through
 :meth:`Problem.factors <mlmeta._core._engine.Problem.factors>` and
 :meth:`Problem.em_project <mlmeta._core._engine.Problem.em_project>`.
 """
 
 from libc.math cimport sqrt, fabs, pow, log, exp, copysign, INFINITY
-from scipy.linalg.cython_lapack cimport dpotrf
+from scipy.linalg.cython_lapack cimport dpotrf, dsyev
 
 from mlmeta._core._linalg cimport gemm, copy, potrf_lower, trsm_left_lower
 from mlmeta._core._problem cimport (Prob, Work, K_IDENTITY, K_INDEPENDENT, K_EXCHANGEABLE,
-                                    K_UNSTRUCTURED, K_CUSTOM, ST_OK, ST_R, ST_NONFINITE)
+                                    K_UNSTRUCTURED, K_CUSTOM, K_SPATIAL, ST_OK, ST_R, ST_NONFINITE,
+                                    ST_SPATIAL)
 
 cdef double RHO_FLOOR = 1e-8
+cdef double SPATIAL_TOL = 1e-10
+
+
+cdef inline void spatial_corr(Py_ssize_t form, double d, double rho, double* R,
+                              double* dR) noexcept nogil:
+    """R(d; rho) and dR/drho of a spatial structure (module docstring), x = d / rho."""
+    cdef double x = d / rho, e
+    if form == 1:
+        e = exp(-x)
+        R[0] = e
+        dR[0] = e * x / rho
+    elif form == 2:
+        e = exp(-x * x)
+        R[0] = e
+        dR[0] = 2.0 * e * x * x / rho
+    elif form == 3:
+        R[0] = 1.0 - x if x < 1.0 else 0.0
+        dR[0] = x / rho if x < 1.0 else 0.0
+    elif form == 4:
+        e = 1.0 + x * x
+        R[0] = 1.0 / e
+        dR[0] = 2.0 * x * x / (rho * e * e)
+    else:
+        R[0] = 1.0 - 1.5 * x + 0.5 * x * x * x if x < 1.0 else 0.0
+        dR[0] = 1.5 * x * (1.0 - x * x) / rho if x < 1.0 else 0.0
+
+
+cdef int spatial_factor(const Prob* P, Work* W, Py_ssize_t l, double rho) noexcept nogil:
+    """W.bL's block of level l = F with F F' = R(rho) (chol, else the eigen square root of
+    the module docstring) and W.dR's = dR/drho. Returns ST_SPATIAL if R is not positive
+    semi-definite (beyond rounding) or rho is not positive."""
+    cdef int G = <int>P.n_groups[l], info = 0, lwork = <int>(P.sp_scratch - G)
+    cdef Py_ssize_t i, j, form = P.sp_form[l]
+    cdef double* F = W.bL + P.b_lo[l]
+    cdef double* dR = W.dR + P.b_lo[l]
+    cdef const double* D = P.sp_D + P.b_lo[l]
+    cdef double* w = W.sp
+    cdef double tol, c
+    cdef char jobv = b'V'
+    cdef char lo = b'L'
+    if not (rho > 0):
+        return ST_SPATIAL
+    for j in range(G):
+        for i in range(G):
+            spatial_corr(form, D[i + j * G], rho, &F[i + j * G], &dR[i + j * G])
+    if potrf_lower(G, F, G) == 0:
+        for j in range(G):
+            for i in range(j):
+                F[i + j * G] = 0.0
+        return ST_OK
+    for j in range(G):
+        for i in range(G):
+            spatial_corr(form, D[i + j * G], rho, &F[i + j * G], &c)
+    dsyev(&jobv, &lo, &G, F, &G, w, w + G, &lwork, &info)
+    if info != 0:
+        return ST_SPATIAL
+    tol = SPATIAL_TOL * (w[G - 1] if w[G - 1] > 1.0 else 1.0)
+    if w[0] < -tol:
+        return ST_SPATIAL
+    for j in range(G):
+        c = sqrt(w[j]) if w[j] > 0 else 0.0
+        for i in range(G):
+            F[i + j * G] = F[i + j * G] * c
+    return ST_OK
 
 
 cdef inline double dpower(double rho, double d) noexcept nogil:
@@ -126,7 +205,8 @@ cdef int custom_T(const Prob* P, Py_ssize_t l, const double* th, double* T, doub
 
 
 cdef int set_factors(const Prob* P, Work* W, const double* th) noexcept nogil:
-    """W.Tlev = T(theta) for every level (column-major blocks at t_off) and W.D = dT/dtheta."""
+    """W.Tlev = T(theta) for every level (column-major blocks at t_off) and W.D = dT/dtheta;
+    the spatial levels' F(rho) and dR/drho into W.bL and W.dR."""
     cdef Py_ssize_t i, k, l
     cdef double acc
     cdef int st
@@ -144,6 +224,12 @@ cdef int set_factors(const Prob* P, Work* W, const double* th) noexcept nogil:
                 st = custom_T(P, l, th, W.Tlev + P.t_off[l], W.D, W.cs)
                 if st != ST_OK:
                     return st
+    if P.has_spatial:
+        for l in range(P.n_levels):
+            if P.kind[l] == K_SPATIAL:
+                st = spatial_factor(P, W, l, th[P.th_off[l] + 1])
+                if st != ST_OK:
+                    return st
     return ST_OK
 
 
@@ -151,7 +237,7 @@ cdef void em_project(const Prob* P, Py_ssize_t l, const double* Sig, double* th,
                      double* scratch) noexcept nogil:
     """theta of level l from Sigma_l (q x q, symmetric): the structure's moment projection.
 
-    identity: s = sqrt(mean diag); independent: s_i = sqrt(Sigma_ii); exchangeable:
+    identity (and a spatial level's s, rho held): s = sqrt(mean diag); independent: s_i = sqrt(Sigma_ii); exchangeable:
     a = sqrt(v - c), g = (-a + sqrt(a^2 + q c)) / q with v = mean diag and c = mean
     off-diagonal (clipped to [-v/(q-1), v]); unstructured: vech(chol(Sigma)) (kept if
     Sigma is not positive definite); custom: each free SD the mean of its elements'
@@ -162,7 +248,7 @@ cdef void em_project(const Prob* P, Py_ssize_t l, const double* Sig, double* th,
     cdef int qi = <int>q, info = 0
     cdef char lo = b'L'
     cdef const Py_ssize_t* smap
-    if P.kind[l] == K_IDENTITY:
+    if P.kind[l] == K_IDENTITY or P.kind[l] == K_SPATIAL:
         v = 0.0
         for i in range(q):
             v = v + Sig[i + i * q]
