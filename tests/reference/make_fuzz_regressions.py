@@ -32,6 +32,10 @@ CASES = {
     "1:1894": "fit_batch: llf 7.7e-3 below the dense optimum from its estimates (an exchangeable "
               "level over uncentred years)",
     "1:772": "fit_batch: llf below the dense optimum from its estimates and below another optimum",
+    "1:1656": "llf 0.52 below the optimum reached from half the natural scale in the model's own "
+              "basis (the fit was made in the well-scaled basis of uncentred years)",
+    "1:9650": "llf 0.62 below the optimum reached from half the natural scale in the model's own "
+              "basis (the fit was made in the well-scaled basis)",
 }
 
 
