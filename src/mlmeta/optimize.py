@@ -646,11 +646,36 @@ def _fit_conditioned(model, A, *, t0, **options):
         rec.theta_start = back(rec_w.theta_start)
         rec.theta_em = back(rec_w.theta_em) if rec_w.theta_em is not None else None
         rec.candidates = [(label, f, back(th), c) for label, f, th, c in rec_w.candidates]
+        if not rec.converged:
+            _own_basis_refine(model, rec, tol=options["tol"], maxiter=options["maxiter"],
+                              budget=max(rec_w.eval_budget, EXTRA_MIN_EVALS * (model.n_theta + 1)))
     if rec_w.eval_budget:          # the working fit ran the extra starts
         _own_basis_start(model, rec, budget=rec_w.eval_budget, tol=options["tol"],
                          maxiter=options["maxiter"])
     rec.seconds = time.perf_counter() - t0
     return rec
+
+
+def _own_basis_refine(model, rec, *, budget, tol, maxiter):
+    """A fit made in the well-scaled basis (:func:`_fit_conditioned`) that did not converge
+    there, refined in the model's own basis (:func:`refine`, within ``budget``
+    evaluations): its scaled quasi-Newton steps are other steps there, and get along
+    where the working basis's stall (a custom level at the edge of its positive definite
+    set). Kept where it ends lower (``rec`` updated in place)."""
+    f = rec.deviance
+    w = Work()
+    th, fc, cc, _ = refine(model, rec.theta, f, False, w, lower=model.lower, upper=model.upper,
+                           tol=tol, maxiter=maxiter, max_evals=budget, scale=theta_scale(model))
+    rec.n_evals += w.evals
+    th, fc, cc = _representable(model, th, fc, cc, lower=model.lower, upper=model.upper)
+    if not (np.isfinite(fc) and (fc < f - 1e-9 * max(1.0, abs(f)) or (cc and fc <= f))):
+        return
+    rec.theta, rec.deviance, rec.converged = th, fc, cc
+    rec.grad_max = _gmax(model, th, model.lower, model.upper)
+    rec.messages = [m for m in rec.messages if "did not converge" not in m]
+    if not cc:
+        rec.messages.append(f"gradient-based optimisation did not converge (largest gradient "
+                            f"component {rec.grad_max:.3g})")
 
 
 def _own_basis_start(model, rec, *, budget, tol, maxiter):

@@ -36,6 +36,8 @@ CASES = {
               "basis (the fit was made in the well-scaled basis of uncentred years)",
     "1:9650": "llf 0.62 below the optimum reached from half the natural scale in the model's own "
               "basis (the fit was made in the well-scaled basis)",
+    "1:368": "llf 1.2e-3 below the dense optimum from its estimates (a custom level at the edge of "
+             "its positive definite set: the well-scaled basis's steps stalled there)",
 }
 
 
