@@ -661,7 +661,9 @@ def _own_basis_refine(model, rec, *, budget, tol, maxiter):
     there, refined in the model's own basis (:func:`refine`, within ``budget``
     evaluations): its scaled quasi-Newton steps are other steps there, and get along
     where the working basis's stall (a custom level at the edge of its positive definite
-    set). Kept where it ends lower (``rec`` updated in place)."""
+    set). Kept where it ends lower; where the bound on C's condition says the deviance may
+    be inaccurate (:func:`fit_model`), only by more than ROUNDING_TOL: a smaller gain there
+    may be rounding alone (``rec`` updated in place)."""
     f = rec.deviance
     w = Work()
     th, fc, cc, _ = refine(model, rec.theta, f, False, w, lower=model.lower, upper=model.upper,
@@ -669,6 +671,12 @@ def _own_basis_refine(model, rec, *, budget, tol, maxiter):
     rec.n_evals += w.evals
     th, fc, cc = _representable(model, th, fc, cc, lower=model.lower, upper=model.upper)
     if not (np.isfinite(fc) and (fc < f - 1e-9 * max(1.0, abs(f)) or (cc and fc <= f))):
+        return
+    try:
+        kappa = c_condition(model, th)
+    except FloatingPointError:
+        return
+    if _ROUNDING_C * np.finfo(float).eps * kappa > ROUNDING_TOL and not fc < f - ROUNDING_TOL:
         return
     rec.theta, rec.deviance, rec.converged = th, fc, cc
     rec.grad_max = _gmax(model, th, model.lower, model.upper)

@@ -38,6 +38,8 @@ CASES = {
               "basis (the fit was made in the well-scaled basis)",
     "1:368": "llf 1.2e-3 below the dense optimum from its estimates (a custom level at the edge of "
              "its positive definite set: the well-scaled basis's steps stalled there)",
+    "1:205": "refused after a refinement in the model's own basis 'gained' 1.2e-5 of deviance by "
+             "rounding where the random effects' precision is badly conditioned (kappa 2e15)",
 }
 
 
