@@ -692,11 +692,89 @@ def _fit_conditioned(model, A, *, t0, **options):
         # the working fit's notes, but its verdict on convergence: that is this fit's
         rec.messages = [m for m in rec_w.messages if "did not converge" not in m] + \
             [m for m in rec.messages if m not in rec_w.messages]
-        return rec
-    # the same likelihood in another basis: the working fit's record, in the model's theta
-    rec.theta, rec.deviance = theta, dev
-    rec.theta_start = back(rec_w.theta_start)
-    rec.theta_em = back(rec_w.theta_em) if rec_w.theta_em is not None else None
-    rec.candidates = [(label, f, back(th), c) for label, f, th, c in rec_w.candidates]
+    else:
+        # the same likelihood in another basis: the working fit's record, in the model's theta
+        rec.theta, rec.deviance = theta, dev
+        rec.theta_start = back(rec_w.theta_start)
+        rec.theta_em = back(rec_w.theta_em) if rec_w.theta_em is not None else None
+        rec.candidates = [(label, f, back(th), c) for label, f, th, c in rec_w.candidates]
+        if not rec.converged:
+            _own_basis_refine(model, rec, tol=options["tol"], maxiter=options["maxiter"],
+                              budget=max(rec_w.eval_budget, EXTRA_MIN_EVALS * (model.n_theta + 1)))
+    if rec_w.eval_budget:          # the working fit ran the extra starts
+        _own_basis_start(model, rec, budget=rec_w.eval_budget, tol=options["tol"],
+                         maxiter=options["maxiter"])
     rec.seconds = time.perf_counter() - t0
     return rec
+
+
+def _own_basis_refine(model, rec, *, budget, tol, maxiter):
+    """A fit made in the well-scaled basis (:func:`_fit_conditioned`) that did not converge
+    there, refined in the model's own basis (:func:`refine`, within ``budget``
+    evaluations): its scaled quasi-Newton steps are other steps there, and get along
+    where the working basis's stall (a custom level at the edge of its positive definite
+    set). Kept where it ends lower; where the bound on C's condition says the deviance may
+    be inaccurate (:func:`fit_model`), only by more than ROUNDING_TOL: a smaller gain there
+    may be rounding alone (``rec`` updated in place)."""
+    f = rec.deviance
+    w = Work()
+    th, fc, cc, _ = refine(model, rec.theta, f, False, w, lower=model.lower, upper=model.upper,
+                           tol=tol, maxiter=maxiter, max_evals=budget, scale=theta_scale(model))
+    rec.n_evals += w.evals
+    th, fc, cc = _representable(model, th, fc, cc, lower=model.lower, upper=model.upper)
+    if not (np.isfinite(fc) and (fc < f - 1e-9 * max(1.0, abs(f)) or (cc and fc <= f))):
+        return
+    try:
+        kappa = c_condition(model, th)
+    except FloatingPointError:
+        return
+    if _ROUNDING_C * np.finfo(float).eps * kappa > ROUNDING_TOL and not fc < f - ROUNDING_TOL:
+        return
+    rec.theta, rec.deviance, rec.converged = th, fc, cc
+    rec.grad_max = _gmax(model, th, model.lower, model.upper)
+    rec.messages = [m for m in rec.messages if "did not converge" not in m]
+    if not cc:
+        rec.messages.append(f"gradient-based optimisation did not converge (largest gradient "
+                            f"component {rec.grad_max:.3g})")
+
+
+def _own_basis_start(model, rec, *, budget, tol, maxiter):
+    """The extra start at the natural scale (:func:`alternative_starts`) in the model's own
+    basis, for a fit made in the well-scaled one (:func:`_fit_conditioned`): every variance
+    parameter at half its natural size there is another point than in the working basis,
+    and a basin the working fit's starts all miss can lie below it. Quasi-Newton steps in
+    scaled parameters (within ``budget`` evaluations), then :func:`refine` (same budget)
+    where they end below the fit; the lower fit is kept (``rec`` updated in place)."""
+    scale = theta_scale(model)
+    lower, upper = model.lower, model.upper
+    start = np.clip(np.where(lower == 0.0, 0.5 * scale, 0.0), lower, upper)
+    f = rec.deviance
+    th, fq, n, _ = quasi_newton(model, start, f, lower=lower, upper=upper, scale=scale,
+                                maxiter=1000, max_evals=budget)
+    rec.n_evals += n
+    label = "natural scale in the model's basis, quasi-Newton"
+    rec.candidates.append((label, fq, th.copy(), False))
+    margin = 1e-7 * max(1.0, abs(f))
+    if not (np.isfinite(fq) and fq < f - margin):
+        return
+    w = Work()
+    th, fc, cc, _ = refine(model, th, fq, False, w, lower=lower, upper=upper, tol=tol,
+                           maxiter=maxiter, max_evals=budget, scale=scale)
+    rec.n_evals += w.evals
+    th, fc, cc = _representable(model, th, fc, cc, lower=lower, upper=upper)
+    if not (np.isfinite(fc) and fc < f - margin):
+        return
+    rec.candidates.append((f"{label} (continued)", fc, th.copy(), cc))
+    f_main = next((fm for lab, fm, *_ in rec.candidates if lab == "EM start"), f)
+    rec.messages = [m for m in rec.messages if "did not converge" not in m
+                    and not m.startswith("the optimisation from the default start")]
+    rec.messages.append(
+        f"the optimisation from the default start stopped at a local optimum "
+        f"({model.ll_label.lower()} {-0.5 * f_main:.8g}); a higher optimum ({-0.5 * fc:.8g}) was "
+        f"found from another start and is reported")
+    rec.theta, rec.deviance, rec.converged = th, fc, cc
+    rec.better_optimum = True
+    rec.grad_max = _gmax(model, th, lower, upper)
+    if not cc:
+        rec.messages.append(f"gradient-based optimisation did not converge (largest gradient "
+                            f"component {rec.grad_max:.3g})")

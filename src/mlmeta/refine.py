@@ -325,10 +325,11 @@ def _objective(model, f_ref, *, lower, upper, scale, Yw=None):
     return fun, count
 
 
-def quasi_newton(model, theta, f, *, lower, upper, scale, Yw=None, maxiter=30):
+def quasi_newton(model, theta, f, *, lower, upper, scale, Yw=None, maxiter=30, max_evals=None):
     """L-BFGS-B (scipy) on the engine's deviance from theta, in scaled parameters
     (theta_i / theta_scale_i, so its steps do not depend on units): an independent check
-    that theta is stationary. Returns (theta, deviance, evaluations, iterations)."""
+    that theta is stationary. At most ``maxiter`` iterations and (about) ``max_evals``
+    evaluations. Returns (theta, deviance, evaluations, iterations)."""
     from scipy import optimize
 
     fun, count = _objective(model, f, lower=lower, upper=upper, scale=scale, Yw=Yw)
@@ -336,8 +337,12 @@ def quasi_newton(model, theta, f, *, lower, upper, scale, Yw=None, maxiter=30):
     bounds = list(zip(np.where(np.isfinite(lo), lo, None), np.where(np.isfinite(up), up, None)))
     # tight tolerances: along flat directions (a correlation of effects with tiny SDs) the
     # gradient is small long before the deviance stops falling
+    opts = {"maxiter": maxiter, "ftol": 1e-13, "gtol": 1e-10}
+    if max_evals is not None:
+        per = 1 if Yw is None else 2 * theta.shape[0] + 1
+        opts["maxfun"] = max(1, int(max_evals) // per)
     r = optimize.minimize(fun, theta / scale, jac=True, method="L-BFGS-B", bounds=bounds,
-                          options={"maxiter": maxiter, "ftol": 1e-13, "gtol": 1e-10})
+                          options=opts)
     th = np.clip(r.x * scale, lower, upper)
     # the deviance at the point returned (after a failed line search scipy's fun and x
     # can belong to different iterates)

@@ -32,6 +32,14 @@ CASES = {
     "1:1894": "fit_batch: llf 7.7e-3 below the dense optimum from its estimates (an exchangeable "
               "level over uncentred years)",
     "1:772": "fit_batch: llf below the dense optimum from its estimates and below another optimum",
+    "1:1656": "llf 0.52 below the optimum reached from half the natural scale in the model's own "
+              "basis (the fit was made in the well-scaled basis of uncentred years)",
+    "1:9650": "llf 0.62 below the optimum reached from half the natural scale in the model's own "
+              "basis (the fit was made in the well-scaled basis)",
+    "1:368": "llf 1.2e-3 below the dense optimum from its estimates (a custom level at the edge of "
+             "its positive definite set: the well-scaled basis's steps stalled there)",
+    "1:205": "refused after a refinement in the model's own basis 'gained' 1.2e-5 of deviance by "
+             "rounding where the random effects' precision is badly conditioned (kappa 2e15)",
 }
 
 
