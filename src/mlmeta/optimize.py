@@ -234,10 +234,7 @@ def second_opinion(model: NestedModel, theta) -> float:
         if lvl in keep:
             A.append(a)
             continue
-        mean, sd = Z.mean(axis=0), Z.std(axis=0)
-        rms = np.sqrt(np.mean(Z * Z, axis=0))
-        const = sd <= 1e-12 * np.maximum(rms, 1e-300)
-        icol = next((j for j in range(q) if const[j] and abs(mean[j]) > 0), None)
+        mean, sd, rms, const, icol = _column_stats(Z)
         for j in range(q):
             if const[j]:
                 a[j, j] = 1.0 / rms[j] if rms[j] > 0 else 1.0
@@ -611,6 +608,16 @@ def finish_outcome(model: NestedModel, Yw, theta, f, conv, theta_em, *, maxiter,
     return theta, f, conv, rec.n_evals, rec.n_iter
 
 
+def _column_stats(Z):
+    """(mean, sd, rms, constant?, the first constant non-zero column or None) of the
+    columns of a level's design Z: what a well-scaled basis for the level is made of."""
+    mean, sd = Z.mean(axis=0), Z.std(axis=0)
+    rms = np.sqrt(np.mean(Z * Z, axis=0))
+    const = sd <= 1e-12 * np.maximum(rms, 1e-300)
+    icol = next((j for j in range(Z.shape[1]) if const[j] and abs(mean[j]) > 0), None)
+    return mean, sd, rms, const, icol
+
+
 def conditioning(model: NestedModel):
     """Per level, a matrix A_l that makes the random-effects design Z_l A_l well
     conditioned, or None when every level is already fine.
@@ -627,10 +634,7 @@ def conditioning(model: NestedModel):
         q = Z.shape[1]
         A = np.eye(q)
         if q >= 2 and s.kind in ("unstructured", "independent"):
-            mean, sd = Z.mean(axis=0), Z.std(axis=0)
-            rms = np.sqrt(np.mean(Z * Z, axis=0))
-            const = sd <= 1e-12 * np.maximum(rms, 1e-300)
-            icol = next((j for j in range(q) if const[j] and abs(mean[j]) > 0), None)
+            mean, sd, rms, const, icol = _column_stats(Z)
             for j in range(q):
                 if const[j]:
                     continue
