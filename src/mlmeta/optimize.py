@@ -301,7 +301,9 @@ def start_theta(model: NestedModel) -> np.ndarray:
 def _feasible_start(model, theta, lower, upper):
     """The start itself, or shrunk by powers of 10 (then zero) until the objective is
     defined there (huge variances of badly scaled effects can defeat the factorisation)."""
-    cand = [theta * 10.0 ** -k for k in range(0, 13, 2)] + [np.zeros_like(theta)]
+    if np.isfinite(deviances(model, np.clip(theta, lower, upper), lower=lower, upper=upper)[0]):
+        return np.clip(theta, lower, upper)
+    cand = [theta * 10.0 ** -k for k in range(2, 13, 2)] + [np.zeros_like(theta)]
     devs = deviances(model, np.clip(np.array(cand), lower, upper), lower=lower, upper=upper)
     ok = np.flatnonzero(np.isfinite(devs))
     return np.clip(cand[ok[0]], lower, upper) if ok.size else theta

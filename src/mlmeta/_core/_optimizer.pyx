@@ -46,7 +46,8 @@ cdef int fit_one(const Prob* P, Work* W, const double* y, double* th, const Opti
     place); returns 1 if converged, 2 if converged with a certificate: the last Newton
     iteration differenced the Hessian of the free parameters, found it positive
     definite with a condition number below 1e8 and a decrement g'H^-1g below
-    1e-14 max(1, |f|) (or no parameter was free of its bounds).
+    1e-14 max(1, |f|), or the projected gradient vanished to 1e-12 max(1, |f|) per
+    relative change of theta.
 
     Converged means: the Hessian of the free parameters is positive definite and the
     Newton decrement g'H^-1g is at most ``tol max(1, |f|)`` (EM only: the deviance
@@ -134,9 +135,11 @@ cdef int fit_one(const Prob* P, Work* W, const double* y, double* th, const Opti
                     have_h = 0
         hess_ok = 0
         if gmax <= 1e-12 * fscale:
+            # a gradient that vanishes to rounding (after EM, typically): quasi-Newton
+            # steps from here have nothing to follow either
             dec = 0.0
             pd = 1
-            hess_ok = nf == 0
+            hess_ok = 1
         else:
             if O.quasi and have_h:
                 for m in range(nf):
