@@ -46,7 +46,8 @@ cdef int fit_one(const Prob* P, Work* W, const double* y, double* th, const Opti
     place); returns 1 if converged, 2 if converged with a certificate: the last Newton
     iteration differenced the Hessian of the free parameters, found it positive
     definite with a condition number below 1e8 and a decrement g'H^-1g below
-    1e-14 max(1, |f|), or the projected gradient vanished to 1e-12 max(1, |f|) per
+    1e-14 max(1, |f|) (1e-10 max(1, |f|) where no step lowers the deviance beyond
+    rounding), or the projected gradient vanished to 1e-12 max(1, |f|) per
     relative change of theta.
 
     Converged means: the Hessian of the free parameters is positive definite and the
@@ -262,7 +263,9 @@ cdef int fit_one(const Prob* P, Work* W, const double* y, double* th, const Opti
             if R.log_newton != NULL:
                 R.log_newton[it - 1] = f
             if dec <= 1e-10 * fscale:
-                converged = pd
+                # no step lowers the deviance beyond rounding: certified as above when
+                # the Hessian was (the decrement is then below what rounding hides)
+                converged = (2 if hess_ok else 1) if pd else 0
             elif O.quasi and have_h:
                 have_h = 0          # a poor model Hessian: difference it again
                 continue
