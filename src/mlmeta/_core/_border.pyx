@@ -257,9 +257,10 @@ cdef Py_ssize_t factor_crossed(const Prob* P, Work* W, Tree* t, double* logdet) 
 
 cdef void solve_crossed(const Prob* P, Work* W, Tree* t, const double* Phi) noexcept nogil:
     """After factor_crossed: W.Wb = C_c^-1 R; the crossed levels' gradient pieces and EM
-    moments added into W.G and W.E (a spatial level's rho into W.Gx); Phi_b (module docstring) into W.PhiB; then the tree's
-    selected inverse, node solutions and per-node pieces (W.GN, W.EN) with each
-    cluster's rows and columns of Phi_b. W.G and W.E must be zeroed by the caller."""
+    moments added into W.G and W.E (a spatial level's rho into W.Gx); Phi_b (module
+    docstring) into W.PhiB; then the tree's selected inverse, node solutions and
+    per-node pieces (W.GN, W.EN) with each cluster's rows and columns of Phi_b. W.G
+    and W.E must be zeroed by the caller."""
     cdef Py_ssize_t nb = P.nb
     cdef int nc = P.ncol
     cdef Py_ssize_t bw = nb + nc

@@ -237,12 +237,13 @@ cdef void em_project(const Prob* P, Py_ssize_t l, const double* Sig, double* th,
                      double* scratch) noexcept nogil:
     """theta of level l from Sigma_l (q x q, symmetric): the structure's moment projection.
 
-    identity (and a spatial level's s, rho held): s = sqrt(mean diag); independent: s_i = sqrt(Sigma_ii); exchangeable:
-    a = sqrt(v - c), g = (-a + sqrt(a^2 + q c)) / q with v = mean diag and c = mean
-    off-diagonal (clipped to [-v/(q-1), v]); unstructured: vech(chol(Sigma)) (kept if
-    Sigma is not positive definite); custom: each free SD the mean of its elements'
-    SDs, each free correlation parameter by :func:`project_rho`, within [max(lower,
-    -0.95), 0.95], then kept feasible (:func:`feasible_correlations`)."""
+    identity (and a spatial level's s, rho held): s = sqrt(mean diag); independent:
+    s_i = sqrt(Sigma_ii); exchangeable: a = sqrt(v - c), g = (-a + sqrt(a^2 + q c)) / q
+    with v = mean diag and c = mean off-diagonal (clipped to [-v/(q-1), v]);
+    unstructured: vech(chol(Sigma)) (kept if Sigma is not positive definite); custom:
+    each free SD the mean of its elements' SDs, each free correlation parameter by
+    :func:`project_rho`, within [max(lower, -0.95), 0.95], then kept feasible
+    (:func:`feasible_correlations`)."""
     cdef Py_ssize_t q = P.q[l], o = P.th_off[l], i, j, c, n
     cdef double v, cov, a, g, acc, rlo
     cdef int qi = <int>q, info = 0
