@@ -470,19 +470,24 @@ cdef class Problem:
             raise FloatingPointError(f"the objective is not defined at theta (status {status})")
         return th, dev
 
+    cdef Work* _factors_at(self, theta) except NULL:
+        """The first workspace with T(theta) and dT/dtheta set (the caller holds the lock);
+        FloatingPointError where T is not defined at theta."""
+        th = self._check_theta(theta)
+        cdef double[::1] tv = th
+        self._ensure_slots(1)
+        cdef Work* W = &self.Ws[0]
+        cdef int st = set_factors(&self.P, W, &tv[0] if self.n_theta else NULL)
+        if st != ST_OK:
+            raise FloatingPointError(f"T(theta) is not defined at theta = {th} (status {st})")
+        return W
+
     def factors(self, theta):
         """(T, dT/dtheta) at theta: T flattened by level (column-major blocks at t_off),
         dT as a (t_len, n_theta) array. A test twin of the structures' maps."""
-        th = self._check_theta(theta)
-        cdef double[::1] tv = th
         cdef Work* W
-        cdef int st
         with self._lock:
-            self._ensure_slots(1)
-            W = &self.Ws[0]
-            st = set_factors(&self.P, W, &tv[0] if self.n_theta else NULL)
-            if st != ST_OK:
-                raise FloatingPointError(f"T(theta) is not defined at theta = {th} (status {st})")
+            W = self._factors_at(theta)
             T = self._vec(W.Tlev, self.P.t_len)
             D = self._vec(W.D, self.P.t_len * self.n_theta)
             D = D.reshape(self.P.t_len, self.n_theta, order="F")
@@ -538,18 +543,11 @@ cdef class Problem:
         """{level: F} at theta for the crossed levels with a known or spatial correlation
         across their groups: the border block of such a level is t F (F F' = R, for a
         spatial level R(rho) as the engine factors it)."""
-        th = self._check_theta(theta)
-        cdef double[::1] tv = th
         cdef Work* W
-        cdef int st
         cdef Py_ssize_t l, G
         out = {}
         with self._lock:
-            self._ensure_slots(1)
-            W = &self.Ws[0]
-            st = set_factors(&self.P, W, &tv[0] if self.n_theta else NULL)
-            if st != ST_OK:
-                raise FloatingPointError(f"T(theta) is not defined at theta = {th} (status {st})")
+            W = self._factors_at(theta)
             for l in range(self.P.n_levels):
                 if self.P.b_lo[l] >= 0:
                     G = <Py_ssize_t>self.P.n_groups[l]
