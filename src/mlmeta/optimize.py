@@ -43,7 +43,7 @@ from mlmeta.validate import safeguard as _safeguard
 
 __all__ = ["FitRecord", "fit_nested", "fit_model", "start_theta", "alternative_starts",
            "conditioning", "conditioned_model", "theta_scale", "finish_outcome", "rounding_error",
-           "c_condition", "second_opinion",
+           "c_condition", "second_opinion", "extra_starts",
            "DECREMENT_TOL", "ROUNDING_TOL", "MAIN_ITER"]
 
 #: budget of one extra start: this many times the main fit's evaluations ...
@@ -298,6 +298,16 @@ def start_theta(model: NestedModel) -> np.ndarray:
     return model.theta_from_Sigmas(Sigmas)
 
 
+#: ``safeguard="auto"`` runs the extra starts up to this many observations
+AUTO_SAFEGUARD_MAX_OBS = 50_000
+
+
+def extra_starts(model: NestedModel, safeguard) -> bool:
+    """Whether a fit runs the extra starts: ``safeguard`` True, or "auto" and at most
+    :data:`AUTO_SAFEGUARD_MAX_OBS` observations."""
+    return safeguard is True or (safeguard == "auto" and model.n_obs <= AUTO_SAFEGUARD_MAX_OBS)
+
+
 def _feasible_start(model, theta, lower, upper):
     """The start itself, or shrunk by powers of 10 (then zero) until the objective is
     defined there (huge variances of badly scaled effects can defeat the factorisation)."""
@@ -465,7 +475,7 @@ def _fit(model, *, theta0, em_iter, em_tol, em_only, maxiter, tol, safeguard, ve
         rec.seconds = time.perf_counter() - t0
         return rec
     rec.n_iter = int(run["n_iter"][0])
-    use_safeguard = (safeguard is True) or (safeguard == "auto" and model.n_obs <= 50_000)
+    use_safeguard = extra_starts(model, safeguard)
     theta, f, conv = _finish(model, rec, theta, f, conv, lower=lower, upper=upper, maxiter=maxiter,
                              tol=tol, safeguard=use_safeguard, certified=certified)
     rec.grad_max = _gmax(model, theta, lower, upper)

@@ -24,7 +24,7 @@ from mlmeta import _executor
 from mlmeta.design import build_design
 from mlmeta.model import NestedModel
 from mlmeta.optimize import (MAIN_ITER, ROUNDING_TOL, c_condition, conditioned_model, conditioning,
-                             finish_outcome, fit_model, rounding_error, start_theta)
+                             extra_starts, finish_outcome, fit_model, rounding_error, start_theta)
 
 __all__ = ["simulate_outcomes", "fit_outcomes"]
 
@@ -96,8 +96,7 @@ def fit_outcomes(model: NestedModel, Y, *, theta0=None, em_iter=20, maxiter=1000
         parts = [(Y[:, a:b], theta0[a:b]) for a, b in _executor.chunks(m, executor)]
         return concat_fits(_executor.run(executor, _fit_part, model, parts,
                                          (em_iter, maxiter, tol, n_jobs, safeguard)))
-    if safeguard == "auto":
-        safeguard = model.n_obs <= 50_000
+    safeguard = extra_starts(model, safeguard)
     if model.problem.new_outcomes:
         Yw = np.ascontiguousarray((Y[d.perm] * d.weights[:, None]).T)
         out = _fit_new_outcomes(model, Yw, theta0, em_iter, maxiter, tol, n_jobs, bool(safeguard))
