@@ -16,8 +16,10 @@ seen to be for the same estimates.
   cannot take known sampling variances, so it fits a *different* model (one
   residual variance estimated); its row is a rough cost reference only.
 
-Data: schoolcal (56 effects, ``stdmdiff ~ 1``, schools in districts) and the
-synthetic three-level data of ``synthetic.py`` (``y ~ x``) with n = 1000 and,
+Data: schoolcal (56 effects, ``stdmdiff ~ 1``, schools in districts), the
+synthetic three-level data of ``synthetic.py`` (``y ~ x``) with n = 1000, the same
+shape with one effect per lowest group and 5 per study ("5 per study", n = 1000), berkey
+with its known 2 x 2 sampling covariance blocks (``V=``, unstructured trial level) and,
 unless ``--quick``, n = 10000 (metafor sparse only; a dense 10^4 x 10^4 fit is
 not attempted; the metafor runs stop being repeated once one takes > 60 s).
 
@@ -93,6 +95,9 @@ def cases(quick: bool, seed: int):
            "a": "district", "b": "school", "r_variants": ["dense", "sparse"]}
     d = make_three_level(1000, seed=seed)
     yield {"name": "synthetic", "data": d, "y": "y", "v": "v", "mods": "~ x",
+           "a": "a", "b": "b", "r_variants": ["dense", "sparse"]}
+    d = make_three_level(1000, seed=seed, per_b=1, per_a=5)
+    yield {"name": "5 per study", "data": d, "y": "y", "v": "v", "mods": "~ x",
            "a": "a", "b": "b", "r_variants": ["dense", "sparse"]}
     if not quick:
         d = make_three_level(10000, seed=seed)
@@ -235,6 +240,55 @@ def run_mixed_tools(repeat, seed, has_r, workdir):
     return rows
 
 
+BERKEY_R = r"""
+suppressPackageStartupMessages(library(metafor))
+reps <- as.integer(commandArgs(trailingOnly = TRUE)[1])
+dat <- dat.berkey1998
+V <- bldiag(lapply(split(dat[, c("v1i", "v2i")], dat$trial), as.matrix))
+fit <- function() rma.mv(yi, V, mods = ~ outcome - 1, random = ~ outcome | trial,
+                         struct = "UN", data = dat, method = "REML")
+times <- c()
+for (i in seq_len(reps)) {
+  invisible(gc())
+  times <- c(times, system.time(res <- fit())["elapsed"])
+}
+cat(sprintf('{"seconds": %.9g, "reps": %d, "llf": %.10g, "sigma2": [%s]}\n', median(times),
+            length(times), as.numeric(logLik(res)), paste(sprintf("%.10g", res$tau2),
+            collapse = ", ")))
+"""
+
+
+def run_berkey(repeat, has_r, workdir):
+    """berkey (two correlated outcomes per trial, the known 2 x 2 sampling covariance
+    blocks as V, an unstructured trial-level covariance): mlmeta vs metafor."""
+    from mlmeta import datasets
+
+    dat = datasets.load("berkey")
+    blocks = [g[["v1i", "v2i"]].to_numpy() for _, g in dat.groupby("trial", sort=False)]
+    f = "yi ~ 0 + outcome + (0 + outcome | trial)"
+    tag = {"data": "berkey V", "n": len(dat)}
+    rows = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for label, sg in (("mlmeta", "auto"), ("mlmeta (safeguard=False)", False)):
+            mlmeta.meregress(f, dat, V=blocks, safeguard=sg)
+            t, res = median_time(lambda sg=sg: mlmeta.meregress(f, dat, V=blocks, safeguard=sg),
+                                 repeat)
+            S = next(iter(res.re_cov.values())).values
+            rows.append({**tag, "tool": label, "seconds": t, "reps": repeat, "llf": res.llf,
+                         "sigma2": [float(S[0, 0]), float(S[1, 1])]})
+    if has_r:
+        script = Path(workdir) / "berkey.R"
+        script.write_text(BERKEY_R)
+        p = subprocess.run(["Rscript", "--vanilla", str(script), str(max(repeat, 5))],
+                           capture_output=True, text=True, timeout=600)
+        line = [x for x in p.stdout.splitlines() if x.startswith("{")]
+        r = json.loads(line[0]) if line else {"error": (p.stderr.strip().splitlines()
+                                                        or ["no output"])[-1]}
+        rows.append({**tag, "tool": "metafor rma.mv (dense)", **r})
+    return rows
+
+
 def run_batch(repeat):
     """fit_batch on schoolcal: per-fit time for 1000 simulated outcome vectors."""
     M = mlmeta.Model("stdmdiff ~ 1 + (1 | district) + (1 | district:school)",
@@ -261,7 +315,7 @@ def run_batch(repeat):
 # --------------------------------------------------------------------------- #
 
 def print_table(rows):
-    head = (f"{'data':<12}{'n':>7}  {'tool':<30}{'time':>10}{'reps':>6}{'ratio':>10}  "
+    head = (f"{'data':<16}{'n':>7}  {'tool':<30}{'time':>10}{'reps':>6}{'ratio':>10}  "
             f"{'llf':>13}  {'sigma2 (outer, inner)'}")
     print(head)
     print("-" * len(head))
@@ -276,12 +330,12 @@ def print_table(rows):
             print()
         last = key
         if "error" in r:
-            print(f"{r['data']:<12}{r['n']:>7}  {r['tool']:<30}  {r['error']}")
+            print(f"{r['data']:<16}{r['n']:>7}  {r['tool']:<30}  {r['error']}")
             continue
         ratio = r["seconds"] / base[key] if key in base else float("nan")
         s2 = ", ".join(f"{s:.6f}" for s in r["sigma2"])
         rs = f"{ratio:.2f}x" if ratio < 100 else f"{ratio:.0f}x"
-        print(f"{r['data']:<12}{r['n']:>7}  {r['tool']:<30}{fmt_time(r['seconds']):>10}"
+        print(f"{r['data']:<16}{r['n']:>7}  {r['tool']:<30}{fmt_time(r['seconds']):>10}"
               f"{r['reps']:>6}{rs:>10}  {r['llf']:>13.6f}  {s2}")
 
 
@@ -330,6 +384,8 @@ def main(argv=None):
                 except Exception as exc:     # noqa: BLE001 - report and go on
                     rows.append({**tag, "tool": "statsmodels MixedLM (*)",
                                  "error": f"{type(exc).__name__}: {exc}"})
+        print("  berkey V: mlmeta / metafor", file=sys.stderr, flush=True)
+        rows.extend(run_berkey(args.repeat, has_r, tmp))
         print("  essay lmm: mlmeta.mixed / lme4 / statsmodels", file=sys.stderr, flush=True)
         rows.extend(run_mixed_tools(args.repeat, args.seed, has_r, tmp))
     print("  fit_batch", file=sys.stderr, flush=True)

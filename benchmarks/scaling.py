@@ -4,7 +4,10 @@ Prints one table, all measured in this run:
 
 * the schoolcal three-level model (56 effect sizes), and
 * synthetic three-level random-intercept data (``synthetic.make_three_level``)
-  with 10^3, 10^4, ... up to ``--max-n`` effect sizes,
+  with 10^3, 10^4, ... up to ``--max-n`` effect sizes, ~10 effects per lowest group
+  ("synthetic") and one effect per lowest group, 5 per study ("5 per study"),
+* a moderator with 200 levels (``synthetic.make_many_levels``, 224 effects, 200 fixed
+  effects),
 
 with, per row: the end-to-end ``mlmeta.meregress`` time (median of ``--repeat``
 runs after one untimed warm-up run; at most 3 from 10^6 on), its ratio to the previous row (10x the data),
@@ -35,7 +38,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from synthetic import formula as synthetic_formula  # noqa: E402
-from synthetic import load_schoolcal, make_three_level  # noqa: E402
+from synthetic import MANY_LEVELS, load_schoolcal, make_many_levels, make_three_level  # noqa: E402
 from timing import fmt_time, median_time  # noqa: E402
 
 import mlmeta  # noqa: E402
@@ -85,7 +88,7 @@ def measure(label, n, data, formula, variance, repeat, memory=True):
 
 
 def print_table(rows):
-    head = (f"{'data':<18}{'n':>10}  {'fit':>10} {'x10n':>5} {'evals':>5}  "
+    head = (f"{'data':<20}{'n':>10}  {'fit':>10} {'x10n':>5} {'evals':>5}  "
             f"{'no-safeg.':>10} {'x10n':>5} {'evals':>5}  {'build':>10}  "
             f"{'objective':>10} {'x10n':>5}  {'obj+grad':>10} {'x10n':>5}  "
             f"{'peak MB':>8} {'data MB':>8} {'maxrss MB':>9}")
@@ -93,13 +96,13 @@ def print_table(rows):
     print("-" * len(head))
     prev = None
     for r in rows:
-        synth = r["label"].startswith("synthetic")
-        if synth and prev is not None and r["n"] == 10 * prev["n"]:
+        synth = r["n"] >= 1000 and r["label"] != "200-level moderator"
+        if synth and prev is not None and r["n"] == 10 * prev["n"] and r["label"] == prev["label"]:
             rf, rs, re_, rg = (f"{r[k] / prev[k]:5.1f}" for k in ("fit", "nosg", "eval", "grad"))
         else:
             rf = rs = re_ = rg = f"{'':>5}"
         flag = "" if r["converged"] else " (not converged)"
-        print(f"{r['label']:<18}{r['n']:>10,}  {fmt_time(r['fit']):>10} {rf} {r['evals']:>5}  "
+        print(f"{r['label']:<20}{r['n']:>10,}  {fmt_time(r['fit']):>10} {rf} {r['evals']:>5}  "
               f"{fmt_time(r['nosg']):>10} {rs} {r['evals_nosg']:>5}  "
               f"{fmt_time(r['build']):>10}  {fmt_time(r['eval']):>10} {re_}  "
               f"{fmt_time(r['grad']):>10} {rg}  "
@@ -137,11 +140,19 @@ def main(argv=None):
         rows.append(measure(label, len(data), data, f, var, args.repeat, not args.no_memory))
         print_progress(rows[-1])
 
-    for slope in ([False, True] if args.slope else [False]):
+    data = make_many_levels(seed=args.seed)
+    rows.append(measure("200-level moderator", len(data), data, MANY_LEVELS, "v", args.repeat,
+                        not args.no_memory))
+    print_progress(rows[-1])
+
+    shapes = [("synthetic", False, {})]
+    if args.slope:
+        shapes.append(("synthetic slope", True, {}))
+    shapes.append(("5 per study", False, {"per_b": 1, "per_a": 5}))
+    for label, slope, shape in shapes:
         n = 1000
         while n <= max_n:
-            data = make_three_level(n, seed=args.seed, slope=slope)
-            label = "synthetic" + (" slope" if slope else "")
+            data = make_three_level(n, seed=args.seed, slope=slope, **shape)
             repeat = args.repeat if n < 1_000_000 else min(args.repeat, 3)
             rows.append(measure(label, n, data, synthetic_formula(slope), "v", repeat,
                                 not args.no_memory))

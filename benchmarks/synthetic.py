@@ -80,6 +80,25 @@ def make_three_level(n: int, seed: int = 0, slope: bool = False, *,
     return df
 
 
+def make_many_levels(n_levels: int = 200, extra: int = 24, seed: int = 0,
+                     per_study: int = 4) -> pd.DataFrame:
+    """A categorical moderator ``f`` with ``n_levels`` levels (each level once, then
+    ``extra`` rows at random levels), effects ``y`` with sampling variances ``v`` in
+    studies ``s`` of ``per_study`` rows: the model ``y ~ C(f) + (1 | s)`` has
+    ``n_levels`` fixed effects."""
+    rng = np.random.default_rng(seed)
+    level = np.r_[np.arange(n_levels), rng.integers(0, n_levels, extra)]
+    n = level.shape[0]
+    v = rng.uniform(0.01, 0.1, n)
+    s = np.arange(n) // per_study
+    y = (0.1 * rng.standard_normal(n_levels))[level] + rng.normal(0.0, 0.2, s.max() + 1)[s] \
+        + rng.standard_normal(n) * np.sqrt(v)
+    return pd.DataFrame({"y": y, "v": v, "f": [f"L{i:03d}" for i in level], "s": s + 1})
+
+
+MANY_LEVELS = "y ~ C(f) + (1 | s)"
+
+
 def formula(slope: bool = False, moderator: bool = True) -> str:
     """The model that generated :func:`make_three_level` data."""
     fixed = "y ~ x" if moderator else "y ~ 1"

@@ -14,11 +14,12 @@ oversubscribes the cores when replicates already run side by side.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-__all__ = ["blas_threads", "parallel_calls"]
+__all__ = ["blas_threads", "one_blas_thread", "parallel_calls"]
 
 _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
@@ -132,3 +133,14 @@ def blas_threads(n=1):
             return contextlib.nullcontext()
         _blas_libs = [lib for lib in controller.lib_controllers if lib.user_api == "blas"]
     return _BlasLimit(_blas_libs, n)
+
+
+def one_blas_thread(fn):
+    """Decorator: ``fn`` runs inside ``blas_threads(1)`` (model building and fitting: QR
+    factorisations of the design and the kernels' products are small next to what
+    starting and synchronising BLAS threads costs, which grows when the cores are busy)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with blas_threads(1):
+            return fn(*args, **kwargs)
+    return wrapper

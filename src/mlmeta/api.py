@@ -14,6 +14,7 @@ import pandas as pd
 from scipy import sparse
 
 from mlmeta._errors import BoundaryWarning, ConvergenceWarning, warn
+from mlmeta._threads import one_blas_thread
 from mlmeta.constraints import parse_constraints
 from mlmeta.covspatial import Spatial, spatial_levels, spatial_terms
 from mlmeta.covstruct import make_structure
@@ -216,6 +217,7 @@ def known_correlations(frame, R) -> dict:
     return out
 
 
+@one_blas_thread
 def build_model(formula, data, *, se=None, variance=None, V=None, method="reml",
                 covariance=None, constraints=None, collinear=False, R=None, dist=None):
     """Parse, build the frame and the nested model; return (model, frame, parsed).
@@ -251,6 +253,7 @@ def build_model(formula, data, *, se=None, variance=None, V=None, method="reml",
     return model, frame, parsed
 
 
+@one_blas_thread
 def meregress(formula, data, *, se=None, variance=None, V=None, method="reml", covariance=None,
               constraints=None, collinear=False, test="z", dfs="contain", em_iter=20,
               em_tol=1e-10, em_only=False, maxiter=1000, tol=1e-6, safeguard="auto",

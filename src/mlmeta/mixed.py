@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from mlmeta._errors import BoundaryWarning, ConvergenceWarning, warn
+from mlmeta._threads import one_blas_thread
 from mlmeta.api import _structures, constrained_design, known_correlations
 from mlmeta.covspatial import spatial_levels, spatial_terms
 from mlmeta.design import build_design
@@ -514,6 +515,7 @@ class MixedResults(MeregressResults):
         return MeregressResults.summary(self._view(ddf), *args, **kwargs)
 
 
+@one_blas_thread
 def build_mixed_model(formula, data, *, method="reml", covariance=None, constraints=None,
                       collinear=False, R=None, dist=None):
     """Parse and build a profiled-residual nested model; return (model, frame, parsed)."""
@@ -538,6 +540,7 @@ def build_mixed_model(formula, data, *, method="reml", covariance=None, constrai
     return model, frame, parsed
 
 
+@one_blas_thread
 def mixed(formula, data, *, method="reml", covariance=None, constraints=None, collinear=False,
           test="satterthwaite", em_iter=20, em_tol=1e-10, em_only=False, maxiter=1000, tol=1e-6,
           safeguard="auto", verbose=False, R=None, dist=None) -> MixedResults:

@@ -166,7 +166,7 @@ class NestedModel:
         """Deviance (-2 log-likelihood) at theta; optionally its gradient and EM moments.
         ``sigma2``: for a profiled-residual model, the deviance at that residual variance
         (not profiled over it). Raises FloatingPointError where it is not defined."""
-        with blas_threads(1 if self.design.crossed else None):
+        with blas_threads(1):
             out = self.problem.evaluate(np.asarray(theta, dtype=np.float64), gradient=gradient,
                                         em=em, sigma2=sigma2)
         if not np.isfinite(out["deviance"]):

@@ -162,16 +162,18 @@ def test_row_order_and_relabelling_invariance():
     np.testing.assert_allclose(in_x_basis(d1, S1), in_x_basis(d2, S2), rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("n_levels,fanout", [(1, 5), (2, 3), (3, 2), (5, 2)])
-def test_scalar_path_matches_blocked(n_levels, fanout):
-    """Scalar trees (one effect per node) run dedicated loops; the blocked kernels
-    must give the same log|C|, S, gradient pieces, W and selected inverse."""
+@pytest.mark.parametrize("n_levels,fanout,p", [(1, 5, 2), (2, 3, 2), (3, 2, 2), (5, 2, 2),
+                                               (1, 5, 20), (3, 2, 24)])
+def test_scalar_path_matches_blocked(n_levels, fanout, p):
+    """Scalar trees (one effect per node) run dedicated loops (with p + 1 >= WIDE_NC
+    columns, S -= Y'Y and Phi W' as one BLAS product each over all nodes); the blocked
+    kernels must give the same log|C|, S, gradient pieces, W and selected inverse."""
     rng = np.random.default_rng(11 + n_levels)
     codes, Z, q = _random_tree(rng, n_levels, 70, fanout, [1] * n_levels)
-    X = np.column_stack([rng.normal(size=70), np.ones(70)])
+    X = np.column_stack([rng.normal(size=(70, p - 1)), np.ones(70)])
     d = build_design(rng.normal(size=70), X, Z, codes, rng.uniform(0.1, 1, 70))
     T = rng.normal(size=n_levels)
-    Phi = rng.normal(size=(3, 3))
+    Phi = rng.normal(size=(p + 1, p + 1))
     Phi = Phi @ Phi.T
     out = []
     for general in (False, True):

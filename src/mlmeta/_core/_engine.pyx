@@ -27,7 +27,7 @@ from libc.stdlib cimport malloc, free
 
 from mlmeta._core._linalg cimport copy
 from mlmeta._core._nested cimport NestedKernel
-from mlmeta._core._problem cimport (Prob, Work, K_IDENTITY, K_INDEPENDENT, K_EXCHANGEABLE,
+from mlmeta._core._problem cimport (Prob, Work, WIDE_NC, K_IDENTITY, K_INDEPENDENT, K_EXCHANGEABLE,
                                     K_UNSTRUCTURED, K_CUSTOM, K_SPATIAL, ST_OK)
 from mlmeta._core._structures cimport set_factors, em_project, em_update
 from mlmeta._core._objective cimport set_response, factor_all, solve_all, evaluate, inverse_H
@@ -340,7 +340,8 @@ cdef class Problem:
         wide = P.ny * bw if P.wide else 0
         sizes += [max(x, 1) for x in (bw * bw, nb * nb, nb * nb, nb * nb, nb * nc, nb * nc, bw * bw,
                                       P.maxw * P.maxw if nb else 0, wide, wide,
-                                      P.za_len if P.wide else 0)]
+                                      P.za_len if P.wide or (P.tree.scalar and nc >= WIDE_NC)
+                                      else 0)]
         sizes += [P.bl_len, P.bl_len, max(k, 1), P.sp_scratch]
         offs = np.concatenate([[0], np.cumsum(sizes)]).astype(np.intp)
         buf = np.zeros((n, int(offs[-1])), dtype=np.float64)

@@ -23,10 +23,11 @@ whose correlation R(rho) lives in the border (:func:`mlmeta._core._border.spatia
 
 from libc.math cimport log, INFINITY
 
-from mlmeta._core._linalg cimport zero, copy, potrf_lower, trsm_left_lower
+from scipy.linalg.cython_blas cimport dsyrk
+from mlmeta._core._linalg cimport zero, copy, gemm, potrf_lower, trsm_left_lower
 from mlmeta._core._nested cimport (Tree, factor_cluster, invert_cluster, accumulate_cluster,
                                    assemble_factors, reduce_factors)
-from mlmeta._core._problem cimport Prob, Work, ST_OK, ST_H, ST_SIGMA
+from mlmeta._core._problem cimport Prob, Work, ST_OK, ST_H, ST_SIGMA, WIDE_NC
 from mlmeta._core._structures cimport set_factors
 from mlmeta._core._border cimport factor_crossed, solve_crossed
 
@@ -75,12 +76,37 @@ cdef Py_ssize_t factor_all(const Prob* P, Work* W, double* logdet) noexcept nogi
     if P.nb > 0:
         return factor_crossed(P, W, &t, logdet)
     copy(W.AA, W.S, P.ncol * P.ncol)
+    t.no_S = wide_scalar(P)
     for j in range(P.n_clusters):
         st = factor_cluster(&t, P.cluster_ptr[j], P.cluster_ptr[j + 1], W.WB, W.WR, W.S, logdet,
                             W.scratch)
         if st != 0:
             return st
+    if t.no_S:
+        subtract_gram(P.ncol, P.n_nodes, W.WR, W.S)
     return 0
+
+
+cdef inline bint wide_scalar(const Prob* P) noexcept nogil:
+    """Whether the scalar tree's per-node products go to BLAS over all nodes at once
+    (a tree of one effect per node and at least WIDE_NC columns in [X, y])."""
+    return P.tree.scalar and P.ncol >= WIDE_NC and P.n_nodes > 0
+
+
+cdef void subtract_gram(int nc, Py_ssize_t n_nodes, const double* Y, double* S) noexcept nogil:
+    """S -= Y Y' for the nc x n_nodes column-major Y (one row Y_a per node of a scalar
+    tree), both triangles."""
+    cdef char lo = b'L'
+    cdef char no = b'N'
+    cdef int n = nc
+    cdef int k = <int>n_nodes
+    cdef double alpha = -1.0
+    cdef double one = 1.0
+    cdef int i, j
+    dsyrk(&lo, &no, &n, &k, &alpha, <double*>Y, &n, &one, S, &n)
+    for j in range(nc):
+        for i in range(j):
+            S[i + j * nc] = S[j + i * nc]
 
 
 cdef void solve_all(const Prob* P, Work* W, const double* Phi, bint want_G,
@@ -96,6 +122,16 @@ cdef void solve_all(const Prob* P, Work* W, const double* Phi, bint want_G,
     zero(W.Gx, P.n_theta)
     if P.nb > 0:     # the border's levels go straight into G and E
         solve_crossed(P, W, &t, Phi)
+    elif wide_scalar(P):
+        # every node's W_a first, then Phi W_a' for all nodes in one product
+        for j in range(P.n_clusters):
+            invert_cluster(&t, P.cluster_ptr[j], P.cluster_ptr[j + 1], W.WB, W.WR, W.SB, W.WW)
+        gemm(b'N', b'N', P.ncol, <int>P.n_nodes, P.ncol, 1.0, Phi, P.ncol, W.WW, P.ncol, 0.0,
+             W.PWn, P.ncol)
+        t.PW = W.PWn
+        for j in range(P.n_clusters):
+            accumulate_cluster(&t, P.cluster_ptr[j], P.cluster_ptr[j + 1], W.SB, W.WW, W.KK, Phi,
+                               W.GN, W.EN, W.scratch, P.maxq)
     else:
         for j in range(P.n_clusters):
             invert_cluster(&t, P.cluster_ptr[j], P.cluster_ptr[j + 1], W.WB, W.WR, W.SB, W.WW)

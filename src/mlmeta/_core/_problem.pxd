@@ -12,6 +12,11 @@ cdef enum:
     K_CUSTOM = 4
     K_SPATIAL = 5      # sigma^2 R(rho) across a crossed level's groups (see _structures.pyx)
 
+# a scalar tree (one effect per node) with at least this many columns in [X, y] takes its
+# per-node products S -= Y_a'Y_a and Phi W_a' as one BLAS call each over all nodes
+cdef enum:
+    WIDE_NC = 16
+
 # status codes of an evaluation (> 0: 1 + the node whose block failed)
 cdef enum:
     ST_OK = 0
