@@ -76,14 +76,17 @@ cdef Py_ssize_t factor_all(const Prob* P, Work* W, double* logdet) noexcept nogi
     if P.nb > 0:
         return factor_crossed(P, W, &t, logdet)
     copy(W.AA, W.S, P.ncol * P.ncol)
-    t.no_S = wide_scalar(P)
+    t.no_S = P.tree.scalar and P.n_nodes > 0     # S -= Y'Y in one pass at the end
     for j in range(P.n_clusters):
         st = factor_cluster(&t, P.cluster_ptr[j], P.cluster_ptr[j + 1], W.WB, W.WR, W.S, logdet,
                             W.scratch)
         if st != 0:
             return st
     if t.no_S:
-        subtract_gram(P.ncol, P.n_nodes, W.WR, W.S)
+        if P.ncol >= WIDE_NC:
+            subtract_gram(P.ncol, P.n_nodes, W.WR, W.S)
+        else:
+            subtract_gram_small(P.ncol, P.n_nodes, W.WR, W.S)
     return 0
 
 
@@ -91,6 +94,63 @@ cdef inline bint wide_scalar(const Prob* P) noexcept nogil:
     """Whether the scalar tree's per-node products go to BLAS over all nodes at once
     (a tree of one effect per node and at least WIDE_NC columns in [X, y])."""
     return P.tree.scalar and P.ncol >= WIDE_NC and P.n_nodes > 0
+
+
+cdef void subtract_gram_small(int nc, Py_ssize_t n_nodes, const double* Y,
+                              double* S) noexcept nogil:
+    """S -= Y Y' as :func:`subtract_gram`, for nc < WIDE_NC: one pass over the nodes
+    summing the lower triangle (in registers for nc <= 3)."""
+    cdef double acc[136]        # WIDE_NC (WIDE_NC + 1) / 2
+    cdef double s00 = 0.0, s10 = 0.0, s11 = 0.0, s20 = 0.0, s21 = 0.0, s22 = 0.0
+    cdef double y0, y1, y2
+    cdef const double* y
+    cdef Py_ssize_t a
+    cdef int i, j, m
+    if nc == 2:
+        for a in range(n_nodes):
+            y0 = Y[2 * a]
+            y1 = Y[2 * a + 1]
+            s00 += y0 * y0
+            s10 += y1 * y0
+            s11 += y1 * y1
+        acc[0] = s00
+        acc[1] = s10
+        acc[2] = s11
+    elif nc == 3:
+        for a in range(n_nodes):
+            y0 = Y[3 * a]
+            y1 = Y[3 * a + 1]
+            y2 = Y[3 * a + 2]
+            s00 += y0 * y0
+            s10 += y1 * y0
+            s20 += y2 * y0
+            s11 += y1 * y1
+            s21 += y2 * y1
+            s22 += y2 * y2
+        acc[0] = s00
+        acc[1] = s10
+        acc[2] = s20
+        acc[3] = s11
+        acc[4] = s21
+        acc[5] = s22
+    else:
+        for m in range(nc * (nc + 1) // 2):
+            acc[m] = 0.0
+        for a in range(n_nodes):
+            y = Y + a * nc
+            m = 0
+            for j in range(nc):
+                y0 = y[j]
+                for i in range(j, nc):
+                    acc[m] += y[i] * y0
+                    m += 1
+    m = 0
+    for j in range(nc):
+        for i in range(j, nc):
+            S[i + j * nc] -= acc[m]
+            if i != j:
+                S[j + i * nc] = S[i + j * nc]
+            m += 1
 
 
 cdef void subtract_gram(int nc, Py_ssize_t n_nodes, const double* Y, double* S) noexcept nogil:
