@@ -110,7 +110,11 @@ cdef int fit_one(const Prob* P, Work* W, const double* y, double* th, const Opti
             break
         fc = f
     copy(th, R.theta_em, k)
-    f = evaluate(P, W, th, g, False, 0.0)
+    if O.maxiter == 0 and not O.em_only:
+        # no Newton step will use the gradient: the one evaluation below is the answer
+        f = INFINITY
+    else:
+        f = evaluate(P, W, th, g, False, 0.0)
     converged = 0
     pd = 0
     dec = INFINITY
