@@ -17,6 +17,7 @@ import dataclasses
 import numpy as np
 import pandas as pd
 
+from mlmeta import _dist
 from mlmeta import _executor
 from mlmeta._errors import warn
 from mlmeta._threads import blas_threads
@@ -319,9 +320,8 @@ class BatchResults:
         tuple of pandas.DataFrame
             (lower, upper), each shaped like :attr:`params`.
         """
-        from scipy import stats
 
-        z = stats.norm.ppf(0.5 + confidence_level(level, alpha) / 200.0)
+        z = _dist.norm_ppf(0.5 + confidence_level(level, alpha) / 200.0)
         return self.params - z * self.bse, self.params + z * self.bse
 
 

@@ -44,8 +44,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
-from scipy import stats as sps
 
+from mlmeta import _dist
 from mlmeta.summary import Display, Section, Table, abbrev, factor_level, fmt_g
 
 __all__ = ["lrtest", "LRTest", "compare", "estimates_table", "EstimatesTable"]
@@ -261,7 +261,7 @@ def lrtest(full, reduced, names=("full", "reduced")) -> LRTest:
         raise ValueError("the models have the same number of parameters, so neither is "
                          "nested in the other")
     stat = 2.0 * (full.llf - reduced.llf)
-    p = float(sps.chi2.sf(stat, df))
+    p = float(_dist.chi2_sf(stat, df))
     d_sd = _n_boundary(full, reduced)
     boundary = d_sd >= 1
     notes = []
@@ -272,7 +272,7 @@ def lrtest(full, reduced, names=("full", "reduced")) -> LRTest:
     if boundary:
         notes.append(_NOTE_BOUNDARY)
         if d_sd == 1:
-            low = sps.chi2.sf(stat, df - 1) if df > 1 else float(stat < 0)
+            low = _dist.chi2_sf(stat, df - 1) if df > 1 else float(stat < 0)
             p_mix = float(0.5 * low + 0.5 * p)
         else:
             notes.append(f"Note: the null sets {d_sd} variances to zero; the weights of the "
@@ -558,7 +558,7 @@ def estimates_table(*results, names=None, keep=None, stats=("b", "se"), fmt="%9.
                     continue
                 b, se = d[var]
                 z = b / se if np.isfinite(se) and se > 0 else np.nan
-                p = 2.0 * sps.norm.sf(abs(z)) if np.isfinite(z) else np.nan
+                p = 2.0 * _dist.norm_sf(abs(z)) if np.isfinite(z) else np.nan
                 vals.append({"b": b, "se": se, "z": z, "p": p}[st])
             rows.append(vals)
             index.append((var, st))

@@ -40,7 +40,9 @@ from functools import cached_property
 
 import numpy as np
 import pandas as pd
-from scipy import linalg, stats
+from scipy import linalg
+
+from mlmeta import _dist
 
 __all__ = ["KenwardRoger", "kenward_roger", "MAX_CLUSTER_ROWS", "linear_basis"]
 
@@ -212,7 +214,7 @@ class KenwardRoger:
         Fu = float(diff @ np.linalg.solve(Lr @ self.Phi_A @ Lr.T, diff)) / q
         F = scale * Fu
         return {"F": F, "F_unscaled": Fu, "df_num": q, "df_den": ddf, "scaling": scale,
-                "pvalue": float(stats.f.sf(F, q, ddf))}
+                "pvalue": float(_dist.f_sf(F, q, ddf))}
 
 
 def kenward_roger(res) -> KenwardRoger:

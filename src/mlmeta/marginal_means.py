@@ -25,8 +25,8 @@ import itertools
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
+from mlmeta import _dist
 from mlmeta.fixed_terms import categorical_levels, used_data
 
 __all__ = ["emmeans", "EMMeans", "ADJUSTMENTS"]
@@ -106,7 +106,7 @@ class EMMeans:
         est = M @ b
         se = np.sqrt(np.clip(np.einsum("ia,ab,ib->i", M, V, M), 0.0, None))
         df = self._df(M)
-        crit = stats.t.ppf(0.5 + level / 200.0, df)
+        crit = _dist.t_ppf(0.5 + level / 200.0, df)
         self.table = pd.DataFrame({"emmean": est, "se": se, "df": df,
                                    "lower": est - crit * se, "upper": est + crit * se}, index=L.index)
 
@@ -143,6 +143,7 @@ class EMMeans:
         ValueError
             For an unknown ``adjust`` or fewer than two means.
         """
+        from scipy import stats
         adjust = str(adjust).lower()
         if adjust not in ADJUSTMENTS:
             raise ValueError(f"adjust must be one of {ADJUSTMENTS}, got {adjust!r}")
@@ -160,12 +161,12 @@ class EMMeans:
         df = self._df(C)
         with np.errstate(divide="ignore", invalid="ignore"):
             t = est / se
-        p = 2 * stats.t.sf(np.abs(t), df)
+        p = 2 * _dist.t_sf(np.abs(t), df)
         m = len(pairs)
         if adjust == "tukey":
             p = stats.studentized_range.sf(np.sqrt(2) * np.abs(t), k, df)
         elif adjust == "scheffe":
-            p = stats.f.sf(t ** 2 / (k - 1), k - 1, df)
+            p = _dist.f_sf(t ** 2 / (k - 1), k - 1, df)
         elif adjust == "bonferroni":
             p = np.minimum(1.0, m * p)
         elif adjust == "sidak":

@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from scipy import optimize, stats
 
+from mlmeta import _dist
 from mlmeta.covstruct import Custom, FactorLevels
 from mlmeta.model import NestedModel
 from mlmeta.optimize import fit_nested
@@ -128,6 +128,7 @@ class MixedProfile:
     def deviance(self, k, value) -> float:
         """min dev with parameter k held at ``value`` (warm-started from the nearest point
         profiled before)."""
+        from scipy import optimize
         kind, i, _, _ = self.params[k]
         m = self.theta.size
         free = [j for j in range(m) if j != i]
@@ -190,9 +191,10 @@ def mixed_profile_ci(res, level: float = 95.0, ml: bool = True) -> pd.DataFrame:
     for its ``sd_``, ``cor_`` and ``sigma`` rows). Columns: group, param, estimate, lower,
     upper (SD or correlation scale); estimate is the ML estimate when ``ml`` (lme4's rule,
     see the module docstring), else the fit's."""
+    from scipy import optimize
     level = confidence_level(level)
     prof = MixedProfile(res, ml=ml)
-    cut = stats.chi2.ppf(level / 100.0, 1)
+    cut = _dist.chi2_ppf(level / 100.0, 1)
     rows = []
     for k, (kind, _, group, label) in enumerate(prof.params):
         est = prof.estimate(k)

@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from scipy import linalg, stats
+from scipy import linalg
 
+from mlmeta import _dist
 from mlmeta._errors import MissingDataWarning, warn
 from mlmeta.formula import build_model_frame, parse_formula
 from mlmeta.summary import Table, TextDisplay, confidence_level, fmt_f, fmt_g, t_table
@@ -67,7 +68,7 @@ class LinearResults:
         with np.errstate(divide="ignore", invalid="ignore"):
             t = np.where(self.bse > 0, self.params / self.bse.where(self.bse > 0, 1.0), np.nan)
         self.tvalues = pd.Series(t, index=self.fe_names, name="t")
-        self.pvalues = pd.Series(2 * stats.t.sf(np.abs(t), self.df), index=self.fe_names, name="P>|t|")
+        self.pvalues = pd.Series(2 * _dist.t_sf(np.abs(t), self.df), index=self.fe_names, name="P>|t|")
         self.nobs = int(nobs)
         self.depvar = depvar
 
@@ -82,7 +83,7 @@ class LinearResults:
     def conf_int(self, level: float = 95.0, *, alpha=None) -> pd.DataFrame:
         """beta -+ t_{df} se at ``level`` percent, each coefficient on its own df
         (``alpha=`` as in statsmodels)."""
-        crit = stats.t.ppf(0.5 + confidence_level(level, alpha) / 200.0, self.df)
+        crit = _dist.t_ppf(0.5 + confidence_level(level, alpha) / 200.0, self.df)
         return pd.DataFrame({"lower": self.params - crit * self.bse,
                              "upper": self.params + crit * self.bse})
 
@@ -217,7 +218,7 @@ class OLSResults(LinearResults):
         Q = float(d @ np.linalg.solve(C @ self._cov @ C.T, d))
         q = C.shape[0]
         F = Q / q
-        pvalue = float(stats.f.sf(F, q, self.df_resid))
+        pvalue = float(_dist.f_sf(F, q, self.df_resid))
         return WaldTestResult("F", F, q, self.df_resid, pvalue, Q, 1.0, labels)
 
     def __repr__(self):

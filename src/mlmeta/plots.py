@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
+from mlmeta import _dist
 from mlmeta.influence import marginal_weights
 from mlmeta.summary import confidence_level
 from mlmeta.validate import aligned
@@ -261,7 +261,7 @@ def forest_plot(res, level: float = 95.0, ax=None, figsize=None, *, label=None, 
     ['Pooled estimate', 'Prediction interval']
     """
     d = _known_design(res, "forest plot")
-    z = stats.norm.ppf(0.5 + confidence_level(level) / 200.0)
+    z = _dist.norm_ppf(0.5 + confidence_level(level) / 200.0)
     lvl = _grouping(res, group)
     labels = _values_per_row(res, label, data, "label") if label is not None else _default_labels(res, lvl)
     pooled = res.fe_names == ["_cons"]
@@ -482,7 +482,7 @@ def funnel_plot(res, kind=None, *, level: float = 95.0, contours=None, refline=N
         if not levels or any(not 0 < lv < 100 for lv in levels):
             raise ValueError(f"contours= needs levels in percent between 0 and 100, got {contours!r}")
         ref = 0.0 if refline is None else float(refline)
-        zs = [stats.norm.ppf(0.5 + lv / 200.0) for lv in levels]
+        zs = [_dist.norm_ppf(0.5 + lv / 200.0) for lv in levels]
         grays = ["white"] + [f"{g:.2f}" for g in np.linspace(0.55, 0.8, len(levels) - 1)]
         ax.set_facecolor(_BACKGROUND)
         handles = []
@@ -500,7 +500,7 @@ def funnel_plot(res, kind=None, *, level: float = 95.0, contours=None, refline=N
         ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0),
                   borderaxespad=0.0, title="two-sided p", title_fontsize=7)
     else:
-        zq = stats.norm.ppf(0.5 + confidence_level(level) / 200.0)
+        zq = _dist.norm_ppf(0.5 + confidence_level(level) / 200.0)
         ax.set_facecolor(_BACKGROUND)
         ax.fill_betweenx(s, center - zq * s, center + zq * s, color="white", lw=0)
         ax.plot(center - zq * s, s, color="0.3", lw=0.8, ls="--")
@@ -628,7 +628,7 @@ def profile_plot(res, param=None, n: int = 20, level: float = 95.0, ax=None, fig
     """
     prof = res.profile(param, n=n)
     group, label = prof.attrs["param"]
-    cut = prof.attrs["llf_max"] - 0.5 * stats.chi2.ppf(level / 100.0, 1)
+    cut = prof.attrs["llf_max"] - 0.5 * _dist.chi2_ppf(level / 100.0, 1)
     ci = res.profile_ci(level=level, params=[prof.attrs["theta_index"]]).iloc[0]
     fig, ax = _axes(ax, figsize)
     ax.plot(prof.sigma2, prof.llf, "-o", color="tab:blue", ms=3, lw=1.2)

@@ -26,8 +26,8 @@ from functools import cached_property
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
+from mlmeta import _dist
 from mlmeta.constraints import linear_hypotheses
 from mlmeta.reports import Heterogeneity, StoredResults, TTestTable, WaldTest, hypothesis_label
 from mlmeta.summary import confidence_level
@@ -39,7 +39,7 @@ _KINDS = ("xb", "fitted", "residuals", "residuals_marginal", "rstandard")
 
 
 def _z(level):
-    return float(stats.norm.ppf(0.5 + confidence_level(level) / 200.0))
+    return float(_dist.norm_ppf(0.5 + confidence_level(level) / 200.0))
 
 
 # --------------------------------------------------------------------------- #
@@ -559,9 +559,9 @@ class PostestimationMixin:
             b, se = self.params, self.bse
             with np.errstate(divide="ignore", invalid="ignore"):
                 t = (b / se).where(se > 0)
-            crit = stats.t.ppf(q, df)
+            crit = _dist.t_ppf(q, df)
             out = TTestTable({"coef": b, "std_err": se, "t": t, "df": df,
-                              "pvalue": 2 * stats.t.sf(np.abs(t), df),
+                              "pvalue": 2 * _dist.t_sf(np.abs(t), df),
                               "lower": b - crit * se, "upper": b + crit * se})
             out.level = level
             return out
@@ -572,10 +572,10 @@ class PostestimationMixin:
         with np.errstate(divide="ignore", invalid="ignore"):
             t = np.where(se > 0, (est - r) / np.where(se > 0, se, 1.0), np.nan)
         df = self._row_df(L)
-        crit = stats.t.ppf(q, df)
+        crit = _dist.t_ppf(q, df)
         index = [hypothesis_label(row, names, v) for row, v in zip(L, r)]
         out = TTestTable({"coef": est, "std_err": se, "t": t, "df": df,
-                          "pvalue": 2 * stats.t.sf(np.abs(t), df),
+                          "pvalue": 2 * _dist.t_sf(np.abs(t), df),
                           "lower": est - crit * se, "upper": est + crit * se}, index=index)
         out.level = level
         return out
@@ -641,7 +641,7 @@ class PostestimationMixin:
                              "of coefficients fixed by constraints") from None
         Ldf = pd.DataFrame(L, columns=names)
         if test in ("z", "chi2"):
-            return WaldTest(Ldf, r, chi2, q, float(stats.chi2.sf(chi2, q)))
+            return WaldTest(Ldf, r, chi2, q, float(_dist.chi2_sf(chi2, q)))
         if self._df_rule == "satterthwaite":
             from mlmeta.satterthwaite import satterthwaite_Fdf
 
@@ -649,7 +649,7 @@ class PostestimationMixin:
         else:
             ddf = float(np.nanmin(self._row_df(L)))
         F = chi2 / q
-        return WaldTest(Ldf, r, F, q, float(stats.f.sf(F, q, ddf)), "t", ddf)
+        return WaldTest(Ldf, r, F, q, float(_dist.f_sf(F, q, ddf)), "t", ddf)
 
     # -- stored results ---------------------------------------------------------------------
     def estat(self) -> StoredResults:

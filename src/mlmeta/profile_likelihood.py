@@ -22,8 +22,8 @@ from functools import cached_property
 
 import numpy as np
 import pandas as pd
-from scipy import optimize, stats
 
+from mlmeta import _dist
 from mlmeta.covstruct import Custom, FactorLevels
 from mlmeta.optimize import fit_nested
 from mlmeta.summary import confidence_level
@@ -255,8 +255,9 @@ class ProfileMixin:
         0         district  var(_cons)    0.0651  0.0222  0.2072
         1  district:school  var(_cons)    0.0327  0.0163  0.0628
         """
+        from scipy import optimize
         confidence_level(level)             # validates the level
-        cut = self.llf - 0.5 * stats.chi2.ppf(level / 100.0, 1)
+        cut = self.llf - 0.5 * _dist.chi2_ppf(level / 100.0, 1)
         v = self.model.design.variance
         vscale = float(np.median(v)) if v is not None else 1.0
         bound = Custom.CORR_BOUND

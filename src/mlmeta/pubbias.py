@@ -26,8 +26,9 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
-from scipy import special, stats
+from scipy import special
 
+from mlmeta import _dist
 from mlmeta.design import build_design
 from mlmeta.model import NestedModel
 from mlmeta.optimize import fit_nested
@@ -196,7 +197,7 @@ def egger_test(res, robust=None, *, cluster=None, predictor="sei", test=None, le
         stat = coef / se
         if test == "t":
             df = float(fit.df[predictor])
-            pvalue = float(2 * stats.t.sf(abs(stat), df))
+            pvalue = float(2 * _dist.t_sf(abs(stat), df))
         else:
             df, pvalue = None, float(2 * special.ndtr(-abs(stat)))
         ci = fit.conf_int(level) if "_cons" in fit.fe_names else None

@@ -21,8 +21,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pandas as pd
-from scipy import sparse, stats
+from scipy import sparse
 
+from mlmeta import _dist
 from mlmeta import _executor
 from mlmeta.design import build_design
 from mlmeta.model import NestedModel
@@ -212,7 +213,7 @@ def permutation_test(res, n=1000, *, seed=None, n_jobs=None, executor=None):
     z_perm = np.array([o[0] for o in out])
     q_perm = np.array([o[1] for o in out])
     rows = [("Q_M (moderators)", obs_q, (1 + np.sum(q_perm >= obs_q - 1e-12)) / (n + 1),
-             float(stats.chi2.sf(obs_q, len(idx))))]
+             float(_dist.chi2_sf(obs_q, len(idx))))]
     for i, nm in enumerate(names):
         if nm == "_cons":
             continue              # a constant column is unchanged by permuting rows

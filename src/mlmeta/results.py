@@ -16,8 +16,9 @@ from functools import cached_property
 
 import numpy as np
 import pandas as pd
-from scipy import special, stats
+from scipy import special
 
+from mlmeta import _dist
 from mlmeta import summary as _summary
 from mlmeta._errors import warn
 from mlmeta.inference_methods import InferenceMethodsMixin
@@ -212,9 +213,9 @@ class MeregressResults(PostestimationMixin, ProfileMixin, InferenceMethodsMixin)
     def pvalues(self) -> pd.Series:
         z = np.abs(self._fe_values[3])
         if not self._z_tests:
-            return pd.Series(2 * stats.t.sf(z, self.df.values), index=self._fe_index,
+            return pd.Series(2 * _dist.t_sf(z, self.df.values), index=self._fe_index,
                              name="P>|t|")
-        # 2 * stats.norm.sf(|z|), which scipy evaluates as ndtr(-|z|)
+        # 2 * _dist.norm_sf(|z|), which scipy evaluates as ndtr(-|z|)
         return pd.Series(2 * special.ndtr(-z), index=self._fe_index, name="P>|z|")
 
     def cov_params(self) -> pd.DataFrame:
@@ -240,8 +241,8 @@ class MeregressResults(PostestimationMixin, ProfileMixin, InferenceMethodsMixin)
     def _crit(self, level):
         q = 0.5 + confidence_level(level) / 200.0
         if not self._z_tests:
-            return stats.t.ppf(q, self.df.values)
-        return stats.norm.ppf(q)
+            return _dist.t_ppf(q, self.df.values)
+        return _dist.norm_ppf(q)
 
     def conf_int(self, level: float = 95.0, *, alpha=None) -> pd.DataFrame:
         """Wald confidence intervals ``beta -+ z se`` at ``level`` percent.
@@ -310,7 +311,7 @@ class MeregressResults(PostestimationMixin, ProfileMixin, InferenceMethodsMixin)
             return None, 0, None
         proj = U[:, keep].T @ b
         chi2 = float(proj @ (proj / w[keep]))
-        return chi2, df, float(stats.chi2.sf(chi2, df))
+        return chi2, df, float(_dist.chi2_sf(chi2, df))
 
     @property
     def wald_chi2(self):
@@ -335,7 +336,7 @@ class MeregressResults(PostestimationMixin, ProfileMixin, InferenceMethodsMixin)
             r = yw
         Q = float(r @ r)
         df = d.n_obs - d.n_fe
-        return Q, df, float(stats.chi2.sf(Q, df)) if df > 0 else np.nan
+        return Q, df, float(_dist.chi2_sf(Q, df)) if df > 0 else np.nan
 
     @property
     def Q_M(self) -> float:

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
+from mlmeta import _dist
 from mlmeta.constraints import linear_hypotheses
 from mlmeta.summary import Display, Table, TextDisplay, confidence_level, fmt_f, t_table
 
@@ -152,7 +152,7 @@ class RobustResults:
         with np.errstate(divide="ignore", invalid="ignore"):
             self.tvalues = pd.Series(np.where(free, self.params / self.bse, np.nan), index=self.fe_names,
                                      name="t")
-        self.pvalues = pd.Series(2 * stats.t.sf(np.abs(self.tvalues), self.df), index=self.fe_names,
+        self.pvalues = pd.Series(2 * _dist.t_sf(np.abs(self.tvalues), self.df), index=self.fe_names,
                                  name="P>|t|")
 
     def cov_params(self) -> pd.DataFrame:
@@ -179,7 +179,7 @@ class RobustResults:
         pandas.DataFrame
             Columns ``lower`` and ``upper``.
         """
-        crit = stats.t.ppf(0.5 + confidence_level(level, alpha) / 200.0, self.df)
+        crit = _dist.t_ppf(0.5 + confidence_level(level, alpha) / 200.0, self.df)
         return pd.DataFrame({"lower": self.params - crit * self.bse, "upper": self.params + crit * self.bse})
 
     def wald_test(self, R, value=None, test=None):
@@ -244,15 +244,15 @@ class RobustResults:
             nu = self._pieces.nu(C @ self._A)
             delta, df2 = max((nu - q + 1) / nu, 0.0), nu - q + 1
             F = delta * Q / q
-            pv = float(stats.f.sf(F, q, df2)) if df2 > 0 else np.nan
+            pv = float(_dist.f_sf(F, q, df2)) if df2 > 0 else np.nan
             return WaldTestResult("HTZ", F, q, df2, pv, Q, delta, labels, dropped)
         if t == "chi2":
-            pv = float(stats.chi2.sf(Q, q))
+            pv = float(_dist.chi2_sf(Q, q))
             return WaldTestResult("chi2", Q / q, q, np.inf, pv, Q, 1.0, labels, dropped)
         if t in ("naive-f", "naive-fp"):
             df2 = J - 1 if t == "naive-f" else J - p
             name = "naive-F" if t == "naive-f" else "naive-Fp"
-            return WaldTestResult(name, Q / q, q, df2, float(stats.f.sf(Q / q, q, df2)), Q, 1.0, labels,
+            return WaldTestResult(name, Q / q, q, df2, float(_dist.f_sf(Q / q, q, df2)), Q, 1.0, labels,
                                   dropped)
         raise ValueError(f"test must be 'HTZ', 'chi2', 'naive-F' or 'naive-Fp', got {test!r}")
 

@@ -34,8 +34,8 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
+from mlmeta import _dist
 from mlmeta.summary import confidence_level
 
 __all__ = ["satterthwaite_df", "satterthwaite_Fdf", "satterthwaite", "SatterthwaitePieces",
@@ -255,7 +255,7 @@ def satterthwaite_ftest(res, L, rhs=None, eps=_CONTRAST_EPS) -> dict:
         return {"F": np.nan, "df_num": 0, "df_den": np.nan, "pvalue": np.nan}
     F = float(np.sum((PtL @ b) ** 2 / d)) / q
     ddf = _fstat_ddf(pieces.df(PtL))
-    return {"F": F, "df_num": q, "df_den": ddf, "pvalue": float(stats.f.sf(F, q, ddf))}
+    return {"F": F, "df_num": q, "df_den": ddf, "pvalue": float(_dist.f_sf(F, q, ddf))}
 
 
 def satterthwaite(res, level: float = 95.0) -> pd.DataFrame:
@@ -265,7 +265,7 @@ def satterthwaite(res, level: float = 95.0) -> pd.DataFrame:
     b, se = res.params, res.bse
     with np.errstate(divide="ignore", invalid="ignore"):
         t = b / se
-    crit = stats.t.ppf(0.5 + confidence_level(level) / 200.0, df)
+    crit = _dist.t_ppf(0.5 + confidence_level(level) / 200.0, df)
     return pd.DataFrame({"coef": b, "std err": se, "df": df, "t": t,
-                         "P>|t|": 2 * stats.t.sf(np.abs(t), df),
+                         "P>|t|": 2 * _dist.t_sf(np.abs(t), df),
                          "lower": b - crit * se, "upper": b + crit * se})

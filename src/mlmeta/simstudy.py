@@ -39,8 +39,8 @@ import warnings
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
+from mlmeta import _dist
 from mlmeta import _executor
 from mlmeta._threads import blas_threads
 
@@ -169,9 +169,9 @@ def _fit(strategy, data, k, opts):
 def _metrics(b, se, df, beta, alpha):
     with np.errstate(divide="ignore", invalid="ignore"):
         t = b / se
-    crit = stats.t.ppf(1 - alpha / 2, df)
+    crit = _dist.t_ppf(1 - alpha / 2, df)
     covered = np.abs(b - beta) <= crit * se
-    pval = 2 * stats.t.sf(np.abs(t), df)
+    pval = 2 * _dist.t_sf(np.abs(t), df)
     k = len(b) - 1
     n_rej = int(np.sum(pval[1:] < alpha))
     return {"coef_abs_err": float(np.sum(np.abs(b - beta))), "se_sum": float(np.sum(se)),

@@ -39,7 +39,6 @@ import warnings
 
 import numpy as np
 import pandas as pd
-from scipy import optimize
 
 from mlmeta._errors import ConvergenceWarning, warn
 from mlmeta.formula import parse_formula
@@ -128,6 +127,7 @@ def mv_meta(b, S, method="reml", maxiter=500, tol=1e-8):
     between-group covariance Sigma (module docstring).
 
     Returns a dict with beta, cov (H^-1), Sigma, llf, converged, n_iter, grad_max."""
+    from scipy import optimize
     b = np.asarray(b, dtype=float)
     S = np.asarray(S, dtype=float)
     J, p = b.shape

@@ -34,8 +34,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats
 
+from mlmeta import _dist
 from mlmeta.model import NestedModel
 
 __all__ = ["VarComp", "variance_components", "component_table", "corr_lower", "corr_to_eta",
@@ -251,7 +251,7 @@ def _inverse_pd(H):
 
 def component_table(comps, cov_eta, free_pos, model, theta, level=95.0, variance=False):
     """Rows (label, estimate, se, lo, hi) in the requested metric."""
-    z = stats.norm.ppf(0.5 + level / 200.0)
+    z = _dist.norm_ppf(0.5 + level / 200.0)
     rows = []
     sds = {}
     for c in comps:
