@@ -23,8 +23,10 @@ import numpy as np
 from mlmeta import _executor
 from mlmeta.design import build_design
 from mlmeta.model import NestedModel
-from mlmeta.optimize import (MAIN_ITER, ROUNDING_TOL, c_condition, conditioned_model, conditioning,
-                             extra_starts, finish_outcome, fit_model, rounding_error, start_theta)
+from mlmeta.optimize import (MAIN_ITER, ROUNDING_TOL, _ROUNDING_C, _largest_group_traces,
+                             conditioned_model, conditioning, extra_starts, finish_outcome,
+                             fit_model, start_theta)
+from mlmeta.refine import _PROBES, theta_scale
 
 __all__ = ["simulate_outcomes", "fit_outcomes"]
 
@@ -179,11 +181,13 @@ def _fit_new_outcomes(model, Yw, theta0, em_iter, maxiter, tol, n_jobs, safeguar
 
 def _finish(model, Yw, out, maxiter, tol, safeguard, rows=None):
     """Finish each fit of a batch as a single fit (:func:`mlmeta.optimize.finish_outcome`)
-    and take the engine's values at the theta it ends at (in place)."""
+    and take the engine's values at the theta it ends at (in place). The fits the
+    finishing would leave as they are (:func:`_settled`) are not visited."""
+    rows = np.arange(Yw.shape[0]) if rows is None else np.asarray(rows, dtype=np.intp)
+    rows = rows[np.isfinite(out["deviance"][rows])]
+    rows = rows[~_settled(model, out, safeguard, rows)]
     moved = []
-    for j in range(Yw.shape[0]) if rows is None else rows:
-        if not np.isfinite(out["deviance"][j]):
-            continue
+    for j in rows:
         th, _, conv, n, n_iter = finish_outcome(
             model, Yw[j], out["theta"][j], out["deviance"][j], out["converged"][j],
             out["theta_em"][j], maxiter=maxiter, tol=tol, safeguard=safeguard,
@@ -200,18 +204,68 @@ def _finish(model, Yw, out, maxiter, tol, safeguard, rows=None):
             out[key][moved] = at[key]
 
 
+def _settled(model, out, safeguard, rows) -> np.ndarray:
+    """Which of the fits ``rows`` the finishing steps (:func:`mlmeta.optimize.finish_outcome`)
+    would leave as they are, decided for all of them at once: without extra starts and
+    without custom levels (whose T(theta) can fail, whose correlations have probes of
+    their own), a fit the engine certified (a positive definite Hessian with a vanishing
+    Newton decrement, or a vanishing projected gradient) none of whose parameters is
+    within 1e-8 of its natural size (:func:`mlmeta.refine.theta_scale`) of a free bound.
+    For such a fit :func:`mlmeta.refine.refine` checks only the steps off the bounds, and
+    there is no parameter to step off."""
+    if safeguard or any(s.kind == "custom" for s in model.structs):
+        return np.zeros(len(rows), dtype=bool)
+    lower, upper = model.lower, model.upper
+    near = _PROBES[0] * theta_scale(model)
+    theta = out["theta"][rows]
+    free = lower < upper
+    at_lo = np.isfinite(lower) & (theta <= lower + near)
+    at_up = np.isfinite(upper) & (theta >= upper - near)
+    at_bound = ((at_lo | at_up) & free).any(axis=1)
+    return out["certified"][rows] & out["converged"][rows] & ~at_bound
+
+
 def _inaccurate(model, Yw, out) -> np.ndarray:
     """Which fits' deviances the batch computation cannot give to within ROUNDING_TOL at
     their end (:func:`mlmeta.optimize.rounding_error` of that computation: the outcome
-    whitened but not centred on the moderators, the working basis's coefficients)."""
+    whitened but not centred on the moderators, the working basis's coefficients), for
+    all fits at once: with ``yy = y'Lambda^-1 y``, b the coefficients, H^-1 their
+    (X'V^-1X)^-1 and kappa the bound on the condition of C (:func:`_c_conditions`),
+
+        err = C eps [ (sqrt(yy) + |b|)^2 / sigma^2 + |tr H^-1| (REML) + kappa ]."""
+    ok = np.isfinite(out["deviance"])
     bad = np.zeros(Yw.shape[0], dtype=bool)
-    for j in np.flatnonzero(np.isfinite(out["deviance"])):
-        s2 = out["sigma2"][j] if model.residual == "profiled" else 1.0
-        err = rounding_error(float(Yw[j] @ Yw[j]), out["beta"][j], out["Hinv"][j],
-                             reml=model.method == "reml", sigma2=s2,
-                             kappa=c_condition(model, out["theta"][j]))
-        bad[j] = err > ROUNDING_TOL
+    if not ok.any():
+        return bad
+    yy = np.maximum(np.einsum("ij,ij->i", Yw[ok], Yw[ok]), 0.0)
+    beta = out["beta"][ok]
+    b = np.sqrt(np.einsum("ij,ij->i", beta, beta)) if beta.shape[1] else 0.0
+    s2 = out["sigma2"][ok] if model.residual == "profiled" else 1.0
+    q = (np.sqrt(yy) + b) ** 2 / s2
+    Hinv = out["Hinv"][ok]
+    if model.method == "reml" and Hinv.shape[1]:
+        q = q + np.abs(np.einsum("mii->m", Hinv))
+    err = _ROUNDING_C * np.finfo(float).eps * (q + _c_conditions(model, out["theta"][ok]))
+    bad[ok] = err > ROUNDING_TOL
     return bad
+
+
+def _c_conditions(model, theta) -> np.ndarray:
+    """:func:`mlmeta.optimize.c_condition` at every row of ``theta``: 1 + the largest over
+    levels of ||T_l||_2^2 times the largest trace of a group's Z_g'Lambda^-1 Z_g (T linear
+    in theta, ``T = sum_k theta_k dT_k``, except for a custom level)."""
+    traces = model.__dict__.get("_group_traces")
+    if traces is None:
+        traces = model.__dict__["_group_traces"] = _largest_group_traces(model)
+    worst = np.zeros(theta.shape[0])
+    for s, sl, tr in zip(model.structs, model.theta_slices, traces):
+        if s.kind == "custom":
+            T = np.array([s.T(t) for t in theta[:, sl]]).reshape(-1, s.q, s.q)
+        else:
+            T = np.einsum("mk,kij->mij", theta[:, sl], s.dT(np.zeros(s.n_theta)))
+        t2 = T[:, 0, 0] ** 2 if s.q == 1 else np.linalg.norm(T, 2, axis=(1, 2)) ** 2
+        worst = np.maximum(worst, t2 * tr)
+    return 1.0 + worst
 
 
 def _fit_part(model, part, options):
