@@ -30,6 +30,12 @@ from mlmeta.refine import _PROBES, theta_scale
 
 __all__ = ["simulate_outcomes", "fit_outcomes"]
 
+#: a batch's main runs may hand EM over to Newton from this EM iterate on ...
+EM_SWITCH = 3
+#: ... where EM's pace and then the Newton decrement put the optimum within this / 2
+#: (deviance units; see the engine's ``fit_one``)
+SWITCH_DEC = 0.3
+
 
 def simulate_outcomes(model: NestedModel, mean, n, *, theta, seed=None) -> np.ndarray:
     """(n_obs, n) outcomes simulated at ``theta`` around ``mean`` (frame row order)."""
@@ -148,7 +154,7 @@ def _fit_new_outcomes(model, Yw, theta0, em_iter, maxiter, tol, n_jobs, safeguar
     if A is None:
         out = model.problem.fit(theta0, Yw, em_iter=int(em_iter),
                                 maxiter=min(int(maxiter), MAIN_ITER), tol=float(tol),
-                                n_threads=int(n_jobs))
+                                em_switch=EM_SWITCH, switch_dec=SWITCH_DEC, n_threads=int(n_jobs))
         _finish(model, Yw, out, maxiter, tol, safeguard)
         out["inaccurate"] = _inaccurate(model, Yw, out)
         return out
@@ -157,7 +163,8 @@ def _fit_new_outcomes(model, Yw, theta0, em_iter, maxiter, tol, n_jobs, safeguar
     theta_w = np.array([work.theta_from_Sigmas([Ai @ S @ Ai.T for Ai, S in
                                                 zip(inv, model.Sigma_list(t))]) for t in theta0])
     out = work.problem.fit(theta_w, Yw, em_iter=int(em_iter), maxiter=min(int(maxiter), MAIN_ITER),
-                           tol=float(tol), n_threads=int(n_jobs))
+                           tol=float(tol), em_switch=EM_SWITCH, switch_dec=SWITCH_DEC,
+                           n_threads=int(n_jobs))
     _finish(work, Yw, out, maxiter, tol, safeguard)
     ok = np.flatnonzero(np.isfinite(out["deviance"]))
     theta = out["theta"].copy()

@@ -334,7 +334,7 @@ cdef class Problem:
         sizes = [P.zz_len, P.zz_len, P.za_len, P.za_len, P.za_len, P.tn_len, P.tn_len, P.tn_len,
                  P.za_len, nc * nc, nc * nc, P.scratch_len, P.t_len, P.t_len, P.t_len,
                  max(p * p, 1), max(p * p, 1), max(p, 1), nc * nc, max(P.t_len * k, 1),
-                 5 * ms * ms + ms + 8, 16 * k + 2 * k * k + 32]
+                 5 * ms * ms + ms + 8, 16 * k + 2 * k * k + 32 + p * p + p]
         nb = P.nb
         bw = nb + nc if nb else 0
         wide = P.ny * bw if P.wide else 0
@@ -593,11 +593,15 @@ cdef class Problem:
 
     def fit(self, theta0, Yw=None, lower=None, upper=None, *, int em_iter=20, double em_tol=0.0,
             int maxiter=1000, double tol=1e-6, bint quasi=False, bint em_only=False,
-            known_theta=None, double known_dev=INFINITY, int n_threads=1, bint log=False):
+            int em_switch=0, double switch_dec=1.0, known_theta=None,
+            double known_dev=INFINITY, int n_threads=1, bint log=False):
         """Fit the rows of ``theta0`` (m x n_theta starts) to the design's own outcome
         (``Yw`` None) or to the rows of ``Yw`` (m x n whitened, sorted outcomes).
 
         ``lower``/``upper`` replace the problem's bounds (equal bounds fix a parameter).
+        ``em_switch`` > 0: EM may hand over to Newton from that iterate on, where an EM
+        step and the Newton decrement are at most ``switch_dec`` with a well-conditioned
+        positive definite Hessian (``fit_one``).
         Runs are shared out over ``n_threads`` threads, each with its own workspace.
         Returns a dict of arrays: theta, theta_em (after EM), deviance, beta, se, Hinv
         ((X'V^-1X)^-1 per fit; beta, se and Hinv in the design's working basis, see
@@ -646,6 +650,8 @@ cdef class Problem:
         O.em_tol = em_tol
         O.quasi = quasi
         O.em_only = em_only
+        O.em_switch = em_switch
+        O.switch_dec = switch_dec
         O.known_dev = known_dev
         O.known = NULL
         cdef double[::1] kn
