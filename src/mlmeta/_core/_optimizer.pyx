@@ -121,6 +121,46 @@ cdef int newton_ready(const Prob* P, Work* W, const double* th, const double* g,
     return dec <= switch_dec
 
 
+cdef int secant_certifies(int nf, const int* idx, double* H, double* w, const double* s,
+                          const double* yv, const double* g, double* Hb, double* sf,
+                          double* yf, double* Hs, double* work, int lw,
+                          double stop) noexcept nogil:
+    """Whether the Hessian differenced at the previous iterate (eigenvectors in H,
+    eigenvalues in w, over the free parameters idx, which are still the free ones),
+    carried to this iterate by the BFGS update with its step s and gradient change yv,
+    certifies it: positive definite with a condition number below 1e8 and a Newton
+    decrement g'H^-1g at most ``stop``. Then H and w hold its eigen-decomposition
+    (returns 1); else H and w are left undefined (returns 0)."""
+    cdef int i, j, m, info = 0
+    cdef double tt, wmax = 0.0, dec = 0.0
+    cdef char jobv = b'V'
+    cdef char lo = b'L'
+    for j in range(nf):
+        sf[j] = s[idx[j]]
+        yf[j] = yv[idx[j]]
+        for i in range(nf):
+            tt = 0.0
+            for m in range(nf):
+                tt = tt + H[i + m * nf] * w[m] * H[j + m * nf]
+            Hb[i + j * nf] = tt
+    bfgs_update(Hb, sf, yf, Hs, nf)
+    copy(Hb, H, nf * nf)
+    dsyev(&jobv, &lo, &nf, H, &nf, w, work, &lw, &info)
+    if info != 0 or not w[0] > 0:
+        return 0
+    for m in range(nf):
+        if fabs(w[m]) > wmax:
+            wmax = fabs(w[m])
+    if not w[0] > 1e-8 * wmax:
+        return 0
+    for m in range(nf):
+        tt = 0.0
+        for j in range(nf):
+            tt = tt + H[j + m * nf] * g[idx[j]]
+        dec = dec + tt * tt / w[m]
+    return dec <= stop
+
+
 cdef inline void keep_state(const Prob* P, const Work* W, double* kept, double f) noexcept nogil:
     """kept <- (f, sigma^2, beta, the Cholesky factor of H) of the evaluation just made."""
     kept[0] = f
@@ -133,11 +173,12 @@ cdef int fit_one(const Prob* P, Work* W, const double* y, double* th, const Opti
                  Out R) noexcept nogil:
     """Fit one outcome vector (NULL: the design's own) from theta ``th`` (updated in
     place); returns 1 if converged, 2 if converged with a certificate: the last Newton
-    iteration differenced the Hessian of the free parameters, found it positive
-    definite with a condition number below 1e8 and a decrement g'H^-1g below
-    1e-14 max(1, |f|) (1e-10 max(1, |f|) where no step lowers the deviance beyond
-    rounding), or the projected gradient vanished to 1e-12 max(1, |f|) per
-    relative change of theta.
+    iteration differenced the Hessian of the free parameters (or carried the one
+    differenced at the iterate before by the BFGS update with the step between them,
+    the free set unchanged), found it positive definite with a condition number below
+    1e8 and a decrement g'H^-1g below 1e-14 max(1, |f|) (1e-10 max(1, |f|) where no
+    step lowers the deviance beyond rounding), or the projected gradient vanished to
+    1e-12 max(1, |f|) per relative change of theta.
 
     Converged means: the Hessian of the free parameters is positive definite and the
     Newton decrement g'H^-1g is at most ``tol max(1, |f|)`` (EM only: the deviance
@@ -182,7 +223,8 @@ cdef int fit_one(const Prob* P, Work* W, const double* y, double* th, const Opti
     cdef double* Hs = Hq + k * k
     cdef double* hk = Hs + k          # 1 where Hq holds a differenced (or updated) row
     cdef double* kept = hk + k        # keep_state: f, sigma2, beta (p), Hc (p x p)
-    cdef int have_kept = 0, h_ready = 0
+    cdef double* was_free = kept + 2 + P.p + P.p * P.p    # the last iteration's free set
+    cdef int have_kept = 0, h_ready = 0, have_pair = 0, same
     lw = 4 * k + 8
     W.n_evals = 0
     joined = 0
@@ -263,6 +305,8 @@ cdef int fit_one(const Prob* P, Work* W, const double* y, double* th, const Opti
                 if not hk[i]:
                     have_h = 0
         hess_ok = 0
+        if O.quasi:
+            have_pair = 0
         if gmax <= 1e-12 * fscale:
             # a gradient that vanishes to rounding (after EM, typically): quasi-Newton
             # steps from here have nothing to follow either
@@ -270,8 +314,18 @@ cdef int fit_one(const Prob* P, Work* W, const double* y, double* th, const Opti
             pd = 1
             hess_ok = 1
         else:
+            same = have_pair
+            for i in range(k):
+                if (was_free[i] != 0.0) != is_free(P, th, g, i):
+                    same = 0
             if h_ready:
                 pass            # EM's hand-over left H's eigenvectors and w (newton_ready)
+            elif same and secant_certifies(nf, idx, H, w, tp, gp, g, Hq, step, cand, Hs, work,
+                                           lw, stop):
+                # the last differenced Hessian, carried here by the step's secant pair,
+                # is positive definite and the decrement vanishes: certified (the decrement
+                # is then far below what a Hessian's error of a step's size could change)
+                h_ready = 1
             elif O.quasi and have_h:
                 for m in range(nf):
                     for j in range(nf):
@@ -333,6 +387,7 @@ cdef int fit_one(const Prob* P, Work* W, const double* y, double* th, const Opti
                         f = fc
                         moved = 1
                         have_h = 0
+                        have_pair = 0
                         keep_state(P, W, kept, f)
             if not moved:
                 converged = 2 if hess_ok else 1
@@ -384,10 +439,15 @@ cdef int fit_one(const Prob* P, Work* W, const double* y, double* th, const Opti
                 have_h = 0          # a poor model Hessian: difference it again
                 continue
             break
+        for i in range(k):
+            tp[i] = cand[i] - th[i]
+            gp[i] = gc[i] - g[i]
+            was_free[i] = 0.0
+        for m in range(nf):
+            was_free[idx[m]] = 1.0
+        # a secant pair for the Hessian differenced in this iteration (secant_certifies)
+        have_pair = hess_ok
         if O.quasi:
-            for i in range(k):
-                tp[i] = cand[i] - th[i]
-                gp[i] = gc[i] - g[i]
             bfgs_update(Hq, tp, gp, Hs, k)
         copy(cand, th, k)
         copy(gc, g, k)
