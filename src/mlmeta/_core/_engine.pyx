@@ -682,13 +682,14 @@ cdef class Problem:
 cdef class _Runner:
     """Runs fit_one over the rows of a batch: ``run(slot, n_slots)`` fits rows slot,
     slot + n_slots, ... (interleaved, so threads get an even share of easy and hard
-    fits) with workspace ``slot``, the GIL released throughout."""
+    fits) with workspace ``slot`` and its own copy of theta, the GIL released
+    throughout."""
     cdef Prob P
     cdef Options O
     cdef Problem prob
     cdef const double[:, ::1] Yw
     cdef bint own, log
-    cdef double[:, ::1] th, bt, sv, tem, lem, lnt
+    cdef double[:, ::1] th, bt, sv, tem, lem, lnt, here
     cdef double[:, :, ::1] hv
     cdef double[::1] dv, s2
     cdef int[::1] cv, itv, ev, jv, emv, stv
@@ -709,6 +710,10 @@ cdef class _Runner:
         self.cv, self.itv, self.ev = res["converged"], res["n_iter"], res["n_evals"]
         self.jv, self.emv, self.stv = res["joined"], res["n_em"], res["status"]
         self.n_rows = self.th.shape[0]
+        # each thread's theta while it fits a row, a cache line (8 doubles) apart from the
+        # next thread's: the rows of the result, written at every step, would share lines
+        k = max(P.n_theta, 1)
+        self.here = np.zeros((prob.n_slots, 8 * (k // 8 + 2)))
 
     def run(self, int slot, int n_slots):
         cdef Py_ssize_t r = slot
@@ -729,7 +734,11 @@ cdef class _Runner:
                 R.n_em = &self.emv[r]
                 R.joined = &self.jv[r]
                 R.status = &self.stv[r]
+                if self.P.n_theta:
+                    copy(&self.th[r, 0], &self.here[slot, 8], self.P.n_theta)
                 self.cv[r] = fit_one(&self.P, W, NULL if self.own else &self.Yw[r, 0],
-                                     &self.th[r, 0] if self.P.n_theta else &dummy, &self.O, R)
+                                     &self.here[slot, 8], &self.O, R)
+                if self.P.n_theta:
+                    copy(&self.here[slot, 8], &self.th[r, 0], self.P.n_theta)
                 self.ev[r] = W.n_evals
                 r += n_slots
