@@ -6,7 +6,8 @@ import pytest
 
 from mlmeta import refit
 from mlmeta.batch import Model
-from mlmeta.optimize import c_condition, rounding_error
+from mlmeta.optimize import (c_condition, conditioned_model, conditioning, rounding_error,
+                             start_theta)
 
 FORMULAS = [
     "stdmdiff ~ 1 + (1 | district/school)",
@@ -86,3 +87,42 @@ def test_custom_level_kappa_matches(schoolcal):
     theta = np.abs(rng.normal(size=(6, M.model.n_theta))) * 10.0 ** rng.integers(0, 5, (6, 1))
     want = [c_condition(M.model, t) for t in theta]
     np.testing.assert_allclose(refit._c_conditions(M.model, theta), want, rtol=1e-12)
+
+
+@pytest.mark.parametrize("formula,method", [
+    (FORMULAS[0], "reml"), (FORMULAS[1], "ml"), (FORMULAS[2], "reml"),
+    ("stdmdiff ~ year + (1 + year | district) + (1 | district:school)", "reml"),   # conditioned
+])
+def test_column_starts_are_the_single_fits_starts(schoolcal, formula, method):
+    M, Y = _fits(schoolcal, formula, m=6, method=method)
+    model = M.model
+    d = model.design
+    Yw = np.ascontiguousarray((Y[d.perm] * d.weights[:, None]).T)
+    A = conditioning(model)
+    assert (A is not None) == ("year +" in formula)
+    work = model if A is None else conditioned_model(model, A)[0]
+    got = refit.column_starts(model, work, Yw)
+    for j, y in enumerate(Y.T):
+        single = M._rebuilt(y)[0]
+        single = single if A is None else conditioned_model(single, A)[0]
+        np.testing.assert_allclose(got[j], start_theta(single), rtol=1e-12)
+    # chunks of columns start where the whole batch does (executors cut it so)
+    np.testing.assert_array_equal(refit.column_starts(model, work, Yw[2:5]), got[2:5])
+
+
+def test_conditioned_batch_is_not_refitted_where_another_basis_confirms(schoolcal, monkeypatch):
+    """Uncentred slopes: the batch fits in the well-scaled basis; the bound on C's
+    condition flags every fit in the model's basis, and the deviance computed in both
+    bases confirms it instead of a single fit of every column."""
+    M, Y = _fits(schoolcal, "stdmdiff ~ year + (1 + year | district) + (1 | district:school)",
+                 m=12)
+    calls = []
+    rebuilt = refit._fit_rebuilt
+    monkeypatch.setattr(refit, "_fit_rebuilt", lambda model, Y, *a: calls.append(Y.shape[1])
+                        or rebuilt(model, Y, *a))
+    out = refit.fit_outcomes(M.model, Y)
+    assert sum(calls) <= 2
+    for j in range(Y.shape[1]):
+        ref = M.fit(Y[:, j], safeguard=False)
+        assert -0.5 * out["deviance"][j] == pytest.approx(ref.llf, rel=1e-8)
+        np.testing.assert_allclose(out["beta"][j], ref.params.values, rtol=1e-5)
