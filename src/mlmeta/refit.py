@@ -86,9 +86,12 @@ def fit_outcomes(model: NestedModel, Y, *, theta0=None, em_iter=20, maxiter=1000
     be computed accurately there (:func:`mlmeta.optimize.rounding_error`; the fit
     :func:`mlmeta.meregress` would refuse), has NaN estimates and ``converged=False``.
 
-    The main runs of all columns are one engine call; each fit is then finished as a
-    single fit is (:func:`mlmeta.optimize.finish_outcome`: the stationarity check and,
-    with ``safeguard`` True, "auto" (n_obs <= 50,000) or False, the extra starts).
+    The main runs of all columns are one engine call, each from the start of its single
+    fit (:func:`column_starts`; ``theta0`` replaces them) and with EM handing over to
+    Newton where it may (EM_SWITCH, SWITCH_DEC); each fit is then finished as a single
+    fit is (:func:`mlmeta.optimize.finish_outcome`: the stationarity check and, with
+    ``safeguard`` True, "auto" (n_obs <= 50,000) or False, the extra starts), except
+    those the finishing would leave as they are (:func:`_settled`).
 
     ``executor``: a concurrent.futures executor or a Dask client fitting chunks of
     columns (``n_jobs`` threads within each); each column's fit is the one of a serial
