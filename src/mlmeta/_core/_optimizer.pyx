@@ -276,7 +276,9 @@ cdef int fit_one(const Prob* P, Work* W, const double* y, double* th, const Opti
         fc = f
     copy(th, R.theta_em, k)
     if not h_ready:
-        f = evaluate(P, W, th, g, False, 0.0)
+        # the gradient only where Newton steps follow (a run of no iterations, or EM
+        # only, needs the deviance and beta alone)
+        f = evaluate(P, W, th, g if O.maxiter > 0 and not O.em_only else NULL, False, 0.0)
         keep_state(P, W, kept, f)
         have_kept = 1
     converged = 0
