@@ -35,6 +35,12 @@ class FitBatch:
     def time_fit_batch(self, size, threads):
         mlmeta.fit_batch(self.model, self.Y, n_jobs=threads)
 
+    def track_evals_per_fit(self, size, threads):
+        """Objective evaluations per fit (the engine's share of the time)."""
+        return float(mlmeta.fit_batch(self.model, self.Y, n_jobs=threads).n_evals.mean())
+
+    track_evals_per_fit.unit = "evaluations"
+
 
 class Robust:
     """CR2 with Satterthwaite df after a two-level fit, by number of clusters."""

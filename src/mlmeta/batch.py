@@ -340,7 +340,10 @@ def fit_batch(model: Model, Y, *, n_jobs=None, em_iter=20, maxiter=1000, tol=1e-
 
     The whole optimisation (EM, then Newton steps) runs in the compiled engine with
     the GIL released, reusing the model's precomputed design; the columns are shared
-    out over ``n_jobs`` Python threads. A fit costs tens of microseconds for a model
+    out over ``n_jobs`` Python threads. Each column starts where its single fit
+    starts, and its EM hands over to Newton once a positive definite Hessian puts the
+    optimum close by (not necessarily after ``em_iter`` iterations, the most it runs).
+    A fit costs tens of microseconds for a model
     of the size of schoolcal, so thousands of replicates (simulation studies,
     parametric bootstraps) take well under a second. Models whose outcome cannot be
     swapped in the precomputed problem (a full ``V`` coupling rows, fixed-effect
@@ -367,9 +370,10 @@ def fit_batch(model: Model, Y, *, n_jobs=None, em_iter=20, maxiter=1000, tol=1e-
     n_jobs : int, optional
         Threads; default all cores.
     em_iter, maxiter, tol : int, int, float
-        EM iterations, Newton iterations and gradient tolerance of each fit.
+        EM iterations (at most), Newton iterations and gradient tolerance of each fit.
     theta0 : array-like, optional
-        Start of every fit (estimation metric); default each column's own EM start.
+        Start of every fit (estimation metric); default each column's own moment start,
+        the one of its single fit.
     safeguard : {False, "auto", True}
         Extra starts for each fit, as in :func:`mlmeta.meregress` (default: none).
     executor : concurrent.futures.Executor or distributed.Client, optional

@@ -23,10 +23,18 @@ import numpy as np
 from mlmeta import _executor
 from mlmeta.design import build_design
 from mlmeta.model import NestedModel
-from mlmeta.optimize import (MAIN_ITER, ROUNDING_TOL, c_condition, conditioned_model, conditioning,
-                             extra_starts, finish_outcome, fit_model, rounding_error, start_theta)
+from mlmeta.optimize import (MAIN_ITER, ROUNDING_TOL, _ROUNDING_C, _largest_group_traces,
+                             conditioned_model, conditioning, extra_starts, finish_outcome,
+                             fit_model, start_theta)
+from mlmeta.refine import _PROBES, theta_scale
 
-__all__ = ["simulate_outcomes", "fit_outcomes"]
+__all__ = ["simulate_outcomes", "fit_outcomes", "column_starts"]
+
+#: a batch's main runs may hand EM over to Newton from this EM iterate on ...
+EM_SWITCH = 3
+#: ... where EM's pace and then the Newton decrement put the optimum within this / 2
+#: (deviance units; see the engine's ``fit_one``)
+SWITCH_DEC = 0.3
 
 
 def simulate_outcomes(model: NestedModel, mean, n, *, theta, seed=None) -> np.ndarray:
@@ -78,9 +86,12 @@ def fit_outcomes(model: NestedModel, Y, *, theta0=None, em_iter=20, maxiter=1000
     be computed accurately there (:func:`mlmeta.optimize.rounding_error`; the fit
     :func:`mlmeta.meregress` would refuse), has NaN estimates and ``converged=False``.
 
-    The main runs of all columns are one engine call; each fit is then finished as a
-    single fit is (:func:`mlmeta.optimize.finish_outcome`: the stationarity check and,
-    with ``safeguard`` True, "auto" (n_obs <= 50,000) or False, the extra starts).
+    The main runs of all columns are one engine call, each from the start of its single
+    fit (:func:`column_starts`; ``theta0`` replaces them) and with EM handing over to
+    Newton where it may (EM_SWITCH, SWITCH_DEC); each fit is then finished as a single
+    fit is (:func:`mlmeta.optimize.finish_outcome`: the stationarity check and, with
+    ``safeguard`` True, "auto" (n_obs <= 50,000) or False, the extra starts), except
+    those the finishing would leave as they are (:func:`_settled`).
 
     ``executor``: a concurrent.futures executor or a Dask client fitting chunks of
     columns (``n_jobs`` threads within each); each column's fit is the one of a serial
@@ -88,18 +99,21 @@ def fit_outcomes(model: NestedModel, Y, *, theta0=None, em_iter=20, maxiter=1000
     d = model.design
     Y = np.asarray(Y, dtype=float)
     m = Y.shape[1]
-    if theta0 is None:
+    own_starts = theta0 is None
+    if own_starts:
         theta0 = start_theta(model)
     theta0 = np.ascontiguousarray(np.broadcast_to(np.asarray(theta0, dtype=float),
                                                   (m, model.n_theta)))
     if executor is not None:
-        parts = [(Y[:, a:b], theta0[a:b]) for a, b in _executor.chunks(m, executor)]
+        parts = [(Y[:, a:b], None if own_starts else theta0[a:b])
+                 for a, b in _executor.chunks(m, executor)]
         return concat_fits(_executor.run(executor, _fit_part, model, parts,
                                          (em_iter, maxiter, tol, n_jobs, safeguard)))
     safeguard = extra_starts(model, safeguard)
     if model.problem.new_outcomes:
         Yw = np.ascontiguousarray((Y[d.perm] * d.weights[:, None]).T)
-        out = _fit_new_outcomes(model, Yw, theta0, em_iter, maxiter, tol, n_jobs, bool(safeguard))
+        out = _fit_new_outcomes(model, Yw, None if own_starts else theta0, em_iter, maxiter, tol,
+                                n_jobs, bool(safeguard))
     else:
         out = _fit_rebuilt(model, Y, theta0, em_iter, maxiter, tol, bool(safeguard))
     if model.problem.new_outcomes:     # the kernel's basis: beta = B beta~ (no shift: new y)
@@ -144,28 +158,42 @@ def _fit_new_outcomes(model, Yw, theta0, em_iter, maxiter, tol, n_jobs, safeguar
     whose deviance the batch computation cannot give accurately (:func:`_inaccurate`)."""
     A = conditioning(model)
     if A is None:
+        if theta0 is None:
+            theta0 = column_starts(model, model, Yw)
         out = model.problem.fit(theta0, Yw, em_iter=int(em_iter),
                                 maxiter=min(int(maxiter), MAIN_ITER), tol=float(tol),
-                                n_threads=int(n_jobs))
+                                em_switch=EM_SWITCH, switch_dec=SWITCH_DEC, n_threads=int(n_jobs))
         _finish(model, Yw, out, maxiter, tol, safeguard)
         out["inaccurate"] = _inaccurate(model, Yw, out)
         return out
     work, back = conditioned_model(model, A)
-    inv = [np.linalg.inv(Al) for Al in A]
-    theta_w = np.array([work.theta_from_Sigmas([Ai @ S @ Ai.T for Ai, S in
-                                                zip(inv, model.Sigma_list(t))]) for t in theta0])
+    if theta0 is None:      # each column's start as its single fit makes it: in the work basis
+        theta_w = column_starts(model, work, Yw)
+    else:
+        inv = [np.linalg.inv(Al) for Al in A]
+        starts, which = np.unique(theta0, axis=0, return_inverse=True)     # one, typically
+        theta_w = np.array([work.theta_from_Sigmas([Ai @ S @ Ai.T for Ai, S in
+                                                    zip(inv, model.Sigma_list(t))])
+                            for t in starts])[np.ravel(which)]
+    theta_w = np.ascontiguousarray(theta_w)
     out = work.problem.fit(theta_w, Yw, em_iter=int(em_iter), maxiter=min(int(maxiter), MAIN_ITER),
-                           tol=float(tol), n_threads=int(n_jobs))
+                           tol=float(tol), em_switch=EM_SWITCH, switch_dec=SWITCH_DEC,
+                           n_threads=int(n_jobs))
     _finish(work, Yw, out, maxiter, tol, safeguard)
     ok = np.flatnonzero(np.isfinite(out["deviance"]))
     theta = out["theta"].copy()
     for j in range(theta.shape[0]):
-        theta[j] = back(theta[j]) if np.isfinite(out["deviance"][j]) else theta0[j]
+        # a failed fit reports its start
+        theta[j] = back(theta[j] if np.isfinite(out["deviance"][j]) else theta_w[j])
     out["theta"] = theta
+    confirmed = np.zeros(theta.shape[0], dtype=bool)
     if ok.size:
         at = model.problem.fit(theta[ok], Yw[ok], em_iter=0, maxiter=0)
-        off = ~(np.abs(at["deviance"] - out["deviance"][ok])
-                <= 1e-8 * np.maximum(1.0, np.abs(out["deviance"][ok])))
+        diff = np.abs(at["deviance"] - out["deviance"][ok])
+        off = ~(diff <= 1e-8 * np.maximum(1.0, np.abs(out["deviance"][ok])))
+        # the deviance computed in two bases: where they agree to ROUNDING_TOL / 10, the
+        # factorisation has not lost it (as a single fit's second opinion says)
+        confirmed[ok] = ~off & (diff <= 0.1 * ROUNDING_TOL)
         for key in ("deviance", "beta", "se", "Hinv", "sigma2"):
             out[key][ok] = at[key]
         redo = ok[off]
@@ -173,17 +201,65 @@ def _fit_new_outcomes(model, Yw, theta0, em_iter, maxiter, tol, n_jobs, safeguar
             out["converged"][redo] = False
             out["certified"][redo] = False
             _finish(model, Yw, out, maxiter, tol, False, rows=redo)
-    out["inaccurate"] = _inaccurate(model, Yw, out)
+    out["inaccurate"] = _inaccurate(model, Yw, out, confirmed)
     return out
+
+
+#: structures whose theta at a diagonal Sigma scales with the square root of Sigma
+_SQRT_SCALING = ("identity", "independent", "exchangeable", "unstructured")
+
+
+def column_starts(model, work, Yw) -> np.ndarray:
+    """Per row of the whitened outcomes Yw, the moment start :func:`mlmeta.optimize.start_theta`
+    of a single fit of that outcome, in the parameters of ``work`` (the model, or its
+    well-scaled twin of :func:`mlmeta.optimize.conditioned_model`). The start is
+    ``theta(Sigma_l = tau^2 S_l)`` with the heterogeneity ``tau^2 = max(var(r) - mean(v),
+    var(r) / 4, 1e-8)`` of the outcome's residuals r from its weighted least-squares fit
+    (sampling variances v) and S_l fixed by the design; where theta scales with tau (the
+    structures of ``_SQRT_SCALING``) it is ``start_theta(work) tau / tau_0`` (tau_0 that of
+    the design's own outcome). A profiled residual's start does not depend on the outcome;
+    other structures keep ``start_theta(work)`` for every row."""
+    base = start_theta(work)
+    m = Yw.shape[0]
+    if model.residual == "profiled" or any(s.kind not in _SQRT_SCALING for s in work.structs):
+        return np.ascontiguousarray(np.broadcast_to(base, (m, work.n_theta)))
+    d = model.design
+
+    def tau2(R):        # rows: outcomes (each reduced on its own: the same in any chunk)
+        v = d.variance if d.variance is not None else np.zeros(d.n_obs)
+        total = np.var(R, axis=1)
+        return np.maximum(np.maximum(total - float(np.mean(v)), 0.25 * total), 1e-8)
+
+    def residuals(Yb):      # a block of whitened outcomes -> residuals, outcome scale
+        R = Yb / d.weights[None, :]
+        if d.n_fe:
+            if orthonormal:      # Xw's least squares is Xw'y
+                beta = np.einsum("mn,np->mp", Yb, d.Xw)
+            else:
+                beta = np.array([np.linalg.lstsq(d.Xw, yw, rcond=None)[0] for yw in Yb])
+            R -= np.einsum("mq,pq,np->mn", beta, d.B, d.X, optimize=False)
+        return R
+
+    r_own = d.y
+    orthonormal = False
+    if d.n_fe:
+        b_own, *_ = np.linalg.lstsq(d.Xw, d.yw, rcond=None)
+        r_own = d.y - d.X @ (d.B @ b_own + d.b0)
+        orthonormal = np.allclose(d.Xw.T @ d.Xw, np.eye(d.n_fe), rtol=0.0, atol=1e-12)
+    t2 = np.concatenate([tau2(residuals(Yw[a:a + 256])) for a in range(0, m, 256)])
+    ratio = np.sqrt(t2 / tau2(r_own[None, :])[0])
+    return np.ascontiguousarray(ratio[:, None] * base[None, :])
 
 
 def _finish(model, Yw, out, maxiter, tol, safeguard, rows=None):
     """Finish each fit of a batch as a single fit (:func:`mlmeta.optimize.finish_outcome`)
-    and take the engine's values at the theta it ends at (in place)."""
+    and take the engine's values at the theta it ends at (in place). The fits the
+    finishing would leave as they are (:func:`_settled`) are not visited."""
+    rows = np.arange(Yw.shape[0]) if rows is None else np.asarray(rows, dtype=np.intp)
+    rows = rows[np.isfinite(out["deviance"][rows])]
+    rows = rows[~_settled(model, out, safeguard, rows)]
     moved = []
-    for j in range(Yw.shape[0]) if rows is None else rows:
-        if not np.isfinite(out["deviance"][j]):
-            continue
+    for j in rows:
         th, _, conv, n, n_iter = finish_outcome(
             model, Yw[j], out["theta"][j], out["deviance"][j], out["converged"][j],
             out["theta_em"][j], maxiter=maxiter, tol=tol, safeguard=safeguard,
@@ -200,18 +276,74 @@ def _finish(model, Yw, out, maxiter, tol, safeguard, rows=None):
             out[key][moved] = at[key]
 
 
-def _inaccurate(model, Yw, out) -> np.ndarray:
+def _settled(model, out, safeguard, rows) -> np.ndarray:
+    """Which of the fits ``rows`` the finishing steps (:func:`mlmeta.optimize.finish_outcome`)
+    would leave as they are, decided for all of them at once: without extra starts and
+    without custom levels (whose T(theta) can fail, whose correlations have probes of
+    their own), a fit the engine certified (a positive definite Hessian with a vanishing
+    Newton decrement, or a vanishing projected gradient) none of whose parameters is
+    within 1e-8 of its natural size (:func:`mlmeta.refine.theta_scale`) of a free bound.
+    For such a fit :func:`mlmeta.refine.refine` checks only the steps off the bounds, and
+    there is no parameter to step off."""
+    if safeguard or any(s.kind == "custom" for s in model.structs):
+        return np.zeros(len(rows), dtype=bool)
+    lower, upper = model.lower, model.upper
+    near = _PROBES[0] * theta_scale(model)
+    theta = out["theta"][rows]
+    free = lower < upper
+    at_lo = np.isfinite(lower) & (theta <= lower + near)
+    at_up = np.isfinite(upper) & (theta >= upper - near)
+    at_bound = ((at_lo | at_up) & free).any(axis=1)
+    return out["certified"][rows] & out["converged"][rows] & ~at_bound
+
+
+def _inaccurate(model, Yw, out, confirmed=None) -> np.ndarray:
     """Which fits' deviances the batch computation cannot give to within ROUNDING_TOL at
     their end (:func:`mlmeta.optimize.rounding_error` of that computation: the outcome
-    whitened but not centred on the moderators, the working basis's coefficients)."""
+    whitened but not centred on the moderators, the working basis's coefficients), for
+    all fits at once: with ``yy = y'Lambda^-1 y``, b the coefficients, H^-1 their
+    (X'V^-1X)^-1 and kappa the bound on the condition of C (:func:`_c_conditions`),
+
+        err = C eps [ (sqrt(yy) + |b|)^2 / sigma^2 + |tr H^-1| (REML) + kappa ].
+
+    As for a single fit (:func:`mlmeta.optimize.fit_model`), the kappa term alone does not
+    condemn a fit whose deviance a computation in another basis ``confirmed`` (a mask)
+    to ROUNDING_TOL / 10: the bound on C's condition is only a bound."""
+    ok = np.isfinite(out["deviance"])
     bad = np.zeros(Yw.shape[0], dtype=bool)
-    for j in np.flatnonzero(np.isfinite(out["deviance"])):
-        s2 = out["sigma2"][j] if model.residual == "profiled" else 1.0
-        err = rounding_error(float(Yw[j] @ Yw[j]), out["beta"][j], out["Hinv"][j],
-                             reml=model.method == "reml", sigma2=s2,
-                             kappa=c_condition(model, out["theta"][j]))
-        bad[j] = err > ROUNDING_TOL
+    if not ok.any():
+        return bad
+    yy = np.maximum(np.einsum("ij,ij->i", Yw[ok], Yw[ok]), 0.0)
+    beta = out["beta"][ok]
+    b = np.sqrt(np.einsum("ij,ij->i", beta, beta)) if beta.shape[1] else 0.0
+    s2 = out["sigma2"][ok] if model.residual == "profiled" else 1.0
+    q = (np.sqrt(yy) + b) ** 2 / s2
+    Hinv = out["Hinv"][ok]
+    if model.method == "reml" and Hinv.shape[1]:
+        q = q + np.abs(np.einsum("mii->m", Hinv))
+    unit = _ROUNDING_C * np.finfo(float).eps
+    bad[ok] = unit * (q + _c_conditions(model, out["theta"][ok])) > ROUNDING_TOL
+    if confirmed is not None:
+        bad[ok] &= ~(confirmed[ok] & (unit * q <= ROUNDING_TOL))
     return bad
+
+
+def _c_conditions(model, theta) -> np.ndarray:
+    """:func:`mlmeta.optimize.c_condition` at every row of ``theta``: 1 + the largest over
+    levels of ||T_l||_2^2 times the largest trace of a group's Z_g'Lambda^-1 Z_g (T linear
+    in theta, ``T = sum_k theta_k dT_k``, except for a custom level)."""
+    traces = model.__dict__.get("_group_traces")
+    if traces is None:
+        traces = model.__dict__["_group_traces"] = _largest_group_traces(model)
+    worst = np.zeros(theta.shape[0])
+    for s, sl, tr in zip(model.structs, model.theta_slices, traces):
+        if s.kind == "custom":
+            T = np.array([s.T(t) for t in theta[:, sl]]).reshape(-1, s.q, s.q)
+        else:
+            T = np.einsum("mk,kij->mij", theta[:, sl], s.dT(np.zeros(s.n_theta)))
+        t2 = T[:, 0, 0] ** 2 if s.q == 1 else np.linalg.norm(T, 2, axis=(1, 2)) ** 2
+        worst = np.maximum(worst, t2 * tr)
+    return 1.0 + worst
 
 
 def _fit_part(model, part, options):

@@ -334,7 +334,7 @@ cdef class Problem:
         sizes = [P.zz_len, P.zz_len, P.za_len, P.za_len, P.za_len, P.tn_len, P.tn_len, P.tn_len,
                  P.za_len, nc * nc, nc * nc, P.scratch_len, P.t_len, P.t_len, P.t_len,
                  max(p * p, 1), max(p * p, 1), max(p, 1), nc * nc, max(P.t_len * k, 1),
-                 5 * ms * ms + ms + 8, 16 * k + 2 * k * k + 32]
+                 5 * ms * ms + ms + 8, 17 * k + 2 * k * k + 32 + p * p + p]
         nb = P.nb
         bw = nb + nc if nb else 0
         wide = P.ny * bw if P.wide else 0
@@ -594,11 +594,15 @@ cdef class Problem:
 
     def fit(self, theta0, Yw=None, lower=None, upper=None, *, int em_iter=20, double em_tol=0.0,
             int maxiter=1000, double tol=1e-6, bint quasi=False, bint em_only=False,
-            known_theta=None, double known_dev=INFINITY, int n_threads=1, bint log=False):
+            int em_switch=0, double switch_dec=1.0, known_theta=None,
+            double known_dev=INFINITY, int n_threads=1, bint log=False):
         """Fit the rows of ``theta0`` (m x n_theta starts) to the design's own outcome
         (``Yw`` None) or to the rows of ``Yw`` (m x n whitened, sorted outcomes).
 
         ``lower``/``upper`` replace the problem's bounds (equal bounds fix a parameter).
+        ``em_switch`` > 0: EM may hand over to Newton from that iterate on, where an EM
+        step and the Newton decrement are at most ``switch_dec`` with a well-conditioned
+        positive definite Hessian (``fit_one``).
         Runs are shared out over ``n_threads`` threads, each with its own workspace.
         Returns a dict of arrays: theta, theta_em (after EM), deviance, beta, se, Hinv
         ((X'V^-1X)^-1 per fit; beta, se and Hinv in the design's working basis, see
@@ -647,6 +651,8 @@ cdef class Problem:
         O.em_tol = em_tol
         O.quasi = quasi
         O.em_only = em_only
+        O.em_switch = em_switch
+        O.switch_dec = switch_dec
         O.known_dev = known_dev
         O.known = NULL
         cdef double[::1] kn
@@ -677,13 +683,14 @@ cdef class Problem:
 cdef class _Runner:
     """Runs fit_one over the rows of a batch: ``run(slot, n_slots)`` fits rows slot,
     slot + n_slots, ... (interleaved, so threads get an even share of easy and hard
-    fits) with workspace ``slot``, the GIL released throughout."""
+    fits) with workspace ``slot`` and its own copy of theta, the GIL released
+    throughout."""
     cdef Prob P
     cdef Options O
     cdef Problem prob
     cdef const double[:, ::1] Yw
     cdef bint own, log
-    cdef double[:, ::1] th, bt, sv, tem, lem, lnt
+    cdef double[:, ::1] th, bt, sv, tem, lem, lnt, here
     cdef double[:, :, ::1] hv
     cdef double[::1] dv, s2
     cdef int[::1] cv, itv, ev, jv, emv, stv
@@ -704,6 +711,10 @@ cdef class _Runner:
         self.cv, self.itv, self.ev = res["converged"], res["n_iter"], res["n_evals"]
         self.jv, self.emv, self.stv = res["joined"], res["n_em"], res["status"]
         self.n_rows = self.th.shape[0]
+        # each thread's theta while it fits a row, a cache line (8 doubles) apart from the
+        # next thread's: the rows of the result, written at every step, would share lines
+        k = max(P.n_theta, 1)
+        self.here = np.zeros((prob.n_slots, 8 * (k // 8 + 2)))
 
     def run(self, int slot, int n_slots):
         cdef Py_ssize_t r = slot
@@ -724,7 +735,11 @@ cdef class _Runner:
                 R.n_em = &self.emv[r]
                 R.joined = &self.jv[r]
                 R.status = &self.stv[r]
+                if self.P.n_theta:
+                    copy(&self.th[r, 0], &self.here[slot, 8], self.P.n_theta)
                 self.cv[r] = fit_one(&self.P, W, NULL if self.own else &self.Yw[r, 0],
-                                     &self.th[r, 0] if self.P.n_theta else &dummy, &self.O, R)
+                                     &self.here[slot, 8], &self.O, R)
+                if self.P.n_theta:
+                    copy(&self.here[slot, 8], &self.th[r, 0], self.P.n_theta)
                 self.ev[r] = W.n_evals
                 r += n_slots

@@ -6,6 +6,8 @@ cdef struct Options:
     double tol, em_tol      # em_tol: EM stops when the deviance changes by <= em_tol (|f| + em_tol)
     bint quasi              # BFGS updates of one finite-difference Hessian (exploratory runs)
     bint em_only            # no Newton steps: converged when EM met em_tol
+    int em_switch           # EM iterate at which Newton may take over (0: never) ...
+    double switch_dec       # ... when the Newton decrement there is at most this max(1, |f|)
     const double* known     # an optimum found already (NULL: none) ...
     double known_dev        # ... and its deviance
 

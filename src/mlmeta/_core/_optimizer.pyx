@@ -15,7 +15,7 @@ from libc.math cimport sqrt, fabs, INFINITY, NAN
 from scipy.linalg.cython_lapack cimport dsyev
 
 from mlmeta._core._linalg cimport zero, copy
-from mlmeta._core._problem cimport Prob, Work
+from mlmeta._core._problem cimport Prob, Work, ST_OK
 from mlmeta._core._structures cimport em_update
 from mlmeta._core._objective cimport set_response, evaluate, inverse_H
 
@@ -40,15 +40,145 @@ cdef inline void bfgs_update(double* Hq, const double* s, const double* yv, doub
             Hq[i + j * k] += yv[i] * yv[j] / sy - Hs[i] * Hs[j] / sHs
 
 
+cdef void difference_hessian(const Prob* P, Work* W, const double* th, const double* g,
+                             const int* idx, int nf, double* H, double* tp,
+                             double* gp) noexcept nogil:
+    """H (nf x nf, symmetrised) <- forward differences of the analytic gradient g at th
+    over the free parameters idx, steps 1e-6 max(scale, |theta_i|) (backwards at the edge
+    of the feasible set)."""
+    cdef int k = P.n_theta
+    cdef int m, i, j
+    cdef double h
+    for m in range(nf):
+        i = idx[m]
+        h = 1e-6 * (P.scale if P.scale > fabs(th[i]) else fabs(th[i]))
+        copy(th, tp, k)
+        tp[i] = tp[i] + h
+        if evaluate(P, W, tp, gp, False, 0.0) == INFINITY:
+            # at the edge of the feasible set (a custom level's correlations):
+            # difference backwards
+            h = -h
+            tp[i] = th[i] + h
+            if evaluate(P, W, tp, gp, False, 0.0) == INFINITY:
+                for j in range(k):
+                    gp[j] = g[j]
+        for j in range(nf):
+            H[j + m * nf] = (gp[idx[j]] - g[idx[j]]) / h
+    for m in range(nf):
+        for j in range(m):
+            H[j + m * nf] = 0.5 * (H[j + m * nf] + H[m + j * nf])
+            H[m + j * nf] = H[j + m * nf]
+
+
+cdef inline bint is_free(const Prob* P, const double* th, const double* g, int i) noexcept nogil:
+    """Whether theta_i is free for a Newton step: not held at a bound by its gradient."""
+    return not ((th[i] <= P.lower[i] + 1e-12 and g[i] >= 0)
+                or (th[i] >= P.upper[i] - 1e-12 and g[i] <= 0))
+
+
+cdef inline double rel_gradient(const Prob* P, const double* th, const double* g,
+                                int i) noexcept nogil:
+    """|g_i| per relative change of theta_i (at least the sampling scale): the same
+    whatever the units of the outcome."""
+    return fabs(g[i]) * (fabs(th[i]) if fabs(th[i]) > P.scale else P.scale)
+
+
+cdef int newton_ready(const Prob* P, Work* W, const double* th, const double* g, double f,
+                      int* idx, double* H, double* w, double* tp, double* gp, double* work,
+                      int lw, double switch_dec) noexcept nogil:
+    """Whether Newton can take over at th (``O.em_switch``): the projected gradient
+    vanishes, or the Hessian of the free parameters (differenced into H, then replaced
+    by its eigenvectors, eigenvalues in w) is positive definite with a condition number
+    below 1e8 and the Newton decrement g'H^-1g is at most switch_dec max(1, |f|)."""
+    cdef int k = P.n_theta
+    cdef int nf = 0, i, j, m, info = 0
+    cdef double gmax = 0.0, fscale, wmax = 0.0, tt, dec = 0.0
+    cdef char jobv = b'V'
+    cdef char lo = b'L'
+    fscale = fabs(f) if fabs(f) > 1.0 else 1.0
+    for i in range(k):
+        if is_free(P, th, g, i):
+            idx[nf] = i
+            nf += 1
+            if rel_gradient(P, th, g, i) > gmax:
+                gmax = rel_gradient(P, th, g, i)
+    if gmax <= 1e-12 * fscale:
+        return 1
+    difference_hessian(P, W, th, g, idx, nf, H, tp, gp)
+    dsyev(&jobv, &lo, &nf, H, &nf, w, work, &lw, &info)
+    if info != 0 or not w[0] > 0:
+        return 0
+    for m in range(nf):
+        if fabs(w[m]) > wmax:
+            wmax = fabs(w[m])
+    if not w[0] > 1e-8 * wmax:
+        return 0
+    for m in range(nf):
+        tt = 0.0
+        for j in range(nf):
+            tt = tt + H[j + m * nf] * g[idx[j]]
+        dec = dec + tt * tt / w[m]
+    return dec <= switch_dec
+
+
+cdef int secant_certifies(int nf, const int* idx, double* H, double* w, const double* s,
+                          const double* yv, const double* g, double* Hb, double* sf,
+                          double* yf, double* Hs, double* work, int lw,
+                          double stop) noexcept nogil:
+    """Whether the Hessian differenced at the previous iterate (eigenvectors in H,
+    eigenvalues in w, over the free parameters idx, which are still the free ones),
+    carried to this iterate by the BFGS update with its step s and gradient change yv,
+    certifies it: positive definite with a condition number below 1e8 and a Newton
+    decrement g'H^-1g at most ``stop``. Then H and w hold its eigen-decomposition
+    (returns 1); else H and w are left undefined (returns 0)."""
+    cdef int i, j, m, info = 0
+    cdef double tt, wmax = 0.0, dec = 0.0
+    cdef char jobv = b'V'
+    cdef char lo = b'L'
+    for j in range(nf):
+        sf[j] = s[idx[j]]
+        yf[j] = yv[idx[j]]
+        for i in range(nf):
+            tt = 0.0
+            for m in range(nf):
+                tt = tt + H[i + m * nf] * w[m] * H[j + m * nf]
+            Hb[i + j * nf] = tt
+    bfgs_update(Hb, sf, yf, Hs, nf)
+    copy(Hb, H, nf * nf)
+    dsyev(&jobv, &lo, &nf, H, &nf, w, work, &lw, &info)
+    if info != 0 or not w[0] > 0:
+        return 0
+    for m in range(nf):
+        if fabs(w[m]) > wmax:
+            wmax = fabs(w[m])
+    if not w[0] > 1e-8 * wmax:
+        return 0
+    for m in range(nf):
+        tt = 0.0
+        for j in range(nf):
+            tt = tt + H[j + m * nf] * g[idx[j]]
+        dec = dec + tt * tt / w[m]
+    return dec <= stop
+
+
+cdef inline void keep_state(const Prob* P, const Work* W, double* kept, double f) noexcept nogil:
+    """kept <- (f, sigma^2, beta, the Cholesky factor of H) of the evaluation just made."""
+    kept[0] = f
+    kept[1] = W.sigma2
+    copy(W.beta, kept + 2, P.p)
+    copy(W.Hc, kept + 2 + P.p, P.p * P.p)
+
+
 cdef int fit_one(const Prob* P, Work* W, const double* y, double* th, const Options* O,
                  Out R) noexcept nogil:
     """Fit one outcome vector (NULL: the design's own) from theta ``th`` (updated in
     place); returns 1 if converged, 2 if converged with a certificate: the last Newton
-    iteration differenced the Hessian of the free parameters, found it positive
-    definite with a condition number below 1e8 and a decrement g'H^-1g below
-    1e-14 max(1, |f|) (1e-10 max(1, |f|) where no step lowers the deviance beyond
-    rounding), or the projected gradient vanished to 1e-12 max(1, |f|) per
-    relative change of theta.
+    iteration differenced the Hessian of the free parameters (or carried the one
+    differenced at the iterate before by the BFGS update with the step between them,
+    the free set unchanged), found it positive definite with a condition number below
+    1e8 and a decrement g'H^-1g below 1e-14 max(1, |f|) (1e-10 max(1, |f|) where no
+    step lowers the deviance beyond rounding), or the projected gradient vanished to
+    1e-12 max(1, |f|) per relative change of theta.
 
     Converged means: the Hessian of the free parameters is positive definite and the
     Newton decrement g'H^-1g is at most ``tol max(1, |f|)`` (EM only: the deviance
@@ -57,12 +187,26 @@ cdef int fit_one(const Prob* P, Work* W, const double* y, double* th, const Opti
     by BFGS; such runs stop at a decrement of 1e-10 max(1, |f|) and serve to explore,
     not to certify. With ``O.known`` a run that comes within 5 % of that optimum
     without a lower deviance stops there (``joined``), since it would only find it again.
+
+    With ``O.em_switch`` = s > 0, EM may hand over to Newton at the first iterate from
+    the s-th on where the pace of its steps puts the optimum within ``O.switch_dec`` / 2
+    (steps d_1 > d_2, falling by r = d_2 / d_1, leave d_2 r / (1 - r)): it does
+    when the Hessian differenced there (the free parameters) is positive definite, with a
+    condition number below 1e8, and the Newton decrement g'H^-1g is at most
+    ``O.switch_dec`` too (deviance units, whatever the size of the deviance): the
+    quadratic model then puts the optimum of the iterate's basin within switch_dec / 2,
+    and Newton's first iteration takes that Hessian. Otherwise EM goes on (tried once).
+
+    The evaluation at the final theta is the one that took the run there (its deviance,
+    beta and the factor of H kept), so no evaluation is repeated at the end.
     """
     cdef int k = P.n_theta
     cdef int it, i, j, m, nf, lw, info = 0, n_half, accepted, moved, pd, converged, have_h, joined
     cdef int hess_ok = 0
     cdef int em_done = 0
-    cdef double f, fc, fscale, gmax, dec, h, wmax, big, tt, armijo, stop, near, eps = 1e-12
+    cdef bint switch, tried = 0
+    cdef double fl = INFINITY, fl2 = INFINITY
+    cdef double f, fc, fscale, gmax, dec, h, wmax, big, tt, armijo, stop, near
     cdef char jobv = b'V'
     cdef char lo = b'L'
     cdef double* g = W.tmp
@@ -78,6 +222,9 @@ cdef int fit_one(const Prob* P, Work* W, const double* y, double* th, const Opti
     cdef double* Hq = work + 5 * k + 8
     cdef double* Hs = Hq + k * k
     cdef double* hk = Hs + k          # 1 where Hq holds a differenced (or updated) row
+    cdef double* kept = hk + k        # keep_state: f, sigma2, beta (p), Hc (p x p)
+    cdef double* was_free = kept + 2 + P.p + P.p * P.p    # the last iteration's free set
+    cdef int have_kept = 0, h_ready = 0, have_pair = 0, same
     lw = 4 * k + 8
     W.n_evals = 0
     joined = 0
@@ -91,7 +238,14 @@ cdef int fit_one(const Prob* P, Work* W, const double* y, double* th, const Opti
         if th[i] > P.upper[i]:
             th[i] = P.upper[i]
     for it in range(O.em_iter):
-        f = evaluate(P, W, th, NULL, True, 0.0)
+        # Newton may take over at the first iterate from em_switch on where EM's own
+        # pace says that the optimum is within switch_dec / 2: steps falling by a ratio
+        # r < 1 leave d r / (1 - r) after a step d (tried once; the deviance of this
+        # iterate is known after its evaluation only, so the test looks at the steps before)
+        switch = (O.em_switch > 0 and not tried and it >= O.em_switch and not O.em_only
+                  and O.maxiter > 0 and fl - fc < fl2 - fl
+                  and (fl - fc) * (fl - fc) <= 0.5 * O.switch_dec * ((fl2 - fl) - (fl - fc)))
+        f = evaluate(P, W, th, g if switch else NULL, True, 0.0)
         if it > 0 and not (f <= fc + 1e-10 * (fabs(fc) if fabs(fc) > 1.0 else 1.0)):
             # the last update lowered the likelihood or left the parameter space (the
             # projection of a constrained structure is not an exact M-step): undo it
@@ -102,19 +256,31 @@ cdef int fit_one(const Prob* P, Work* W, const double* y, double* th, const Opti
             break
         if R.log_em != NULL:
             R.log_em[it] = f
+        if switch:
+            tried = 1
+            keep_state(P, W, kept, f)
+            if newton_ready(P, W, th, g, f, idx, H, w, tp, gp, work, lw, O.switch_dec):
+                h_ready = 1
+                have_kept = 1
+                break
+            # EM goes on from here: its moments at th again (the differences overwrote them)
+            evaluate(P, W, th, NULL, True, 0.0)
         copy(th, tp, k)
         em_update(P, W, th)
         R.n_em[0] = it + 1
         if fabs(fc - f) <= O.em_tol * (fabs(f) + O.em_tol):
             em_done = 1
             break
+        fl2 = fl
+        fl = fc
         fc = f
     copy(th, R.theta_em, k)
-    if O.maxiter == 0 and not O.em_only:
-        # no Newton step will use the gradient: the one evaluation below is the answer
-        f = INFINITY
-    else:
-        f = evaluate(P, W, th, g, False, 0.0)
+    if not h_ready:
+        # the gradient only where Newton steps follow (a run of no iterations, or EM
+        # only, needs the deviance and beta alone)
+        f = evaluate(P, W, th, g if O.maxiter > 0 and not O.em_only else NULL, False, 0.0)
+        keep_state(P, W, kept, f)
+        have_kept = 1
     converged = 0
     pd = 0
     dec = INFINITY
@@ -123,22 +289,26 @@ cdef int fit_one(const Prob* P, Work* W, const double* y, double* th, const Opti
         converged = em_done if f < INFINITY else 0
     while not O.em_only and it < O.maxiter and f < INFINITY:
         it += 1
+        if it > 1:
+            h_ready = 0
         fscale = fabs(f) if fabs(f) > 1.0 else 1.0
         stop = (1e-10 if O.quasi else 1e-14) * fscale
         nf = 0
         gmax = 0.0
         for i in range(k):
-            if not ((th[i] <= P.lower[i] + eps and g[i] >= 0) or (th[i] >= P.upper[i] - eps and g[i] <= 0)):
+            if is_free(P, th, g, i):
                 idx[nf] = i
                 nf += 1
-                # the gradient per relative change of theta_i (at least the sampling
-                # scale): the same test whatever the units of the outcome
-                h = fabs(g[i]) * (fabs(th[i]) if fabs(th[i]) > P.scale else P.scale)
+                # the gradient per relative change of theta_i: the same test whatever
+                # the units of the outcome
+                h = rel_gradient(P, th, g, i)
                 if h > gmax:
                     gmax = h
                 if not hk[i]:
                     have_h = 0
         hess_ok = 0
+        if O.quasi:
+            have_pair = 0
         if gmax <= 1e-12 * fscale:
             # a gradient that vanishes to rounding (after EM, typically): quasi-Newton
             # steps from here have nothing to follow either
@@ -146,33 +316,28 @@ cdef int fit_one(const Prob* P, Work* W, const double* y, double* th, const Opti
             pd = 1
             hess_ok = 1
         else:
-            if O.quasi and have_h:
+            same = have_pair
+            for i in range(k):
+                if (was_free[i] != 0.0) != is_free(P, th, g, i):
+                    same = 0
+            if h_ready:
+                pass            # EM's hand-over left H's eigenvectors and w (newton_ready)
+            elif same and secant_certifies(nf, idx, H, w, tp, gp, g, Hq, step, cand, Hs, work,
+                                           lw, stop):
+                # the last differenced Hessian, carried here by the step's secant pair,
+                # is positive definite and the decrement vanishes: certified (the decrement
+                # is then far below what a Hessian's error of a step's size could change)
+                h_ready = 1
+            elif O.quasi and have_h:
                 for m in range(nf):
                     for j in range(nf):
                         H[j + m * nf] = Hq[idx[j] + idx[m] * k]
             else:
-                for m in range(nf):
-                    i = idx[m]
-                    h = 1e-6 * (P.scale if P.scale > fabs(th[i]) else fabs(th[i]))
-                    copy(th, tp, k)
-                    tp[i] = tp[i] + h
-                    if evaluate(P, W, tp, gp, False, 0.0) == INFINITY:
-                        # at the edge of the feasible set (a custom level's correlations):
-                        # difference backwards
-                        h = -h
-                        tp[i] = th[i] + h
-                        if evaluate(P, W, tp, gp, False, 0.0) == INFINITY:
-                            for j in range(k):
-                                gp[j] = g[j]
-                    for j in range(nf):
-                        H[j + m * nf] = (gp[idx[j]] - g[idx[j]]) / h
-                for m in range(nf):
-                    for j in range(m):
-                        H[j + m * nf] = 0.5 * (H[j + m * nf] + H[m + j * nf])
-                        H[m + j * nf] = H[j + m * nf]
-            dsyev(&jobv, &lo, &nf, H, &nf, w, work, &lw, &info)
-            if info != 0:
-                break
+                difference_hessian(P, W, th, g, idx, nf, H, tp, gp)
+            if not h_ready:
+                dsyev(&jobv, &lo, &nf, H, &nf, w, work, &lw, &info)
+                if info != 0:
+                    break
             pd = 1 if w[0] > 0 else 0
             wmax = 0.0
             for m in range(nf):
@@ -224,6 +389,8 @@ cdef int fit_one(const Prob* P, Work* W, const double* y, double* th, const Opti
                         f = fc
                         moved = 1
                         have_h = 0
+                        have_pair = 0
+                        keep_state(P, W, kept, f)
             if not moved:
                 converged = 2 if hess_ok else 1
                 if R.log_newton != NULL:
@@ -274,14 +441,20 @@ cdef int fit_one(const Prob* P, Work* W, const double* y, double* th, const Opti
                 have_h = 0          # a poor model Hessian: difference it again
                 continue
             break
+        for i in range(k):
+            tp[i] = cand[i] - th[i]
+            gp[i] = gc[i] - g[i]
+            was_free[i] = 0.0
+        for m in range(nf):
+            was_free[idx[m]] = 1.0
+        # a secant pair for the Hessian differenced in this iteration (secant_certifies)
+        have_pair = hess_ok
         if O.quasi:
-            for i in range(k):
-                tp[i] = cand[i] - th[i]
-                gp[i] = gc[i] - g[i]
             bfgs_update(Hq, tp, gp, Hs, k)
         copy(cand, th, k)
         copy(gc, g, k)
         f = fc
+        keep_state(P, W, kept, f)
         if R.log_newton != NULL:
             R.log_newton[it - 1] = f
         if O.known != NULL:
@@ -297,6 +470,7 @@ cdef int fit_one(const Prob* P, Work* W, const double* y, double* th, const Opti
                 copy(O.known, th, k)
                 f = O.known_dev
                 joined = 1
+                have_kept = 0
                 converged = 1
                 break
     if not O.em_only and not converged and f < INFINITY:
@@ -304,8 +478,16 @@ cdef int fit_one(const Prob* P, Work* W, const double* y, double* th, const Opti
         converged = 1 if (pd and dec <= O.tol * fscale) else 0
     R.n_iter[0] = it
     R.joined[0] = joined
-    # one more evaluation gives the deviance, beta and H^-1 at the final theta
-    R.dev[0] = evaluate(P, W, th, NULL, False, 0.0)
+    if have_kept and kept[0] < INFINITY:
+        # the evaluation that took the run to th: its deviance, beta and factor of H
+        R.dev[0] = kept[0]
+        W.status = ST_OK
+        W.sigma2 = kept[1]
+        copy(kept + 2, W.beta, P.p)
+        copy(kept + 2 + P.p, W.Hc, P.p * P.p)
+    else:
+        # one more evaluation gives the deviance, beta and H^-1 at the final theta
+        R.dev[0] = evaluate(P, W, th, NULL, False, 0.0)
     R.status[0] = W.status
     R.sig2[0] = W.sigma2
     if R.dev[0] < INFINITY:
