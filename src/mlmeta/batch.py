@@ -20,7 +20,7 @@ import pandas as pd
 from mlmeta import _dist
 from mlmeta import _executor
 from mlmeta._errors import warn
-from mlmeta._threads import blas_threads
+from mlmeta._threads import blas_threads, one_blas_thread
 from mlmeta.api import build_model, constrained_design
 from mlmeta.design import build_design
 from mlmeta.mixed import MixedResults, build_mixed_model, check_outcome
@@ -172,6 +172,7 @@ class Model:
                             cluster_labels=self.model.cluster_labels)
         return model, frame
 
+    @one_blas_thread
     def fit(self, y=None, *, variance=None, se=None, **options):
         """Fit to the model's data, or to a new outcome and/or new sampling variances.
 

@@ -169,12 +169,12 @@ class NestedModel:
         with blas_threads(1):
             out = self.problem.evaluate(np.asarray(theta, dtype=np.float64), gradient=gradient,
                                         em=em, sigma2=sigma2)
-        if not np.isfinite(out["deviance"]):
-            raise FloatingPointError(self.failure_message(out["status"]))
-        d = self.design
-        # the kernel works in the design's basis (Xw B, yw - Xw b0): map back
-        beta = d.B @ out["beta"] + d.b0
-        Hinv = d.B @ out["Hinv"] @ d.B.T
+            if not np.isfinite(out["deviance"]):
+                raise FloatingPointError(self.failure_message(out["status"]))
+            d = self.design
+            # the kernel works in the design's basis (Xw B, yw - Xw b0): map back
+            beta = d.B @ out["beta"] + d.b0
+            Hinv = d.B @ out["Hinv"] @ d.B.T
         cov_beta = out["sigma2"] * Hinv if self.residual == "profiled" else Hinv
         return Evaluation(theta=np.asarray(theta, dtype=float), deviance=float(out["deviance"]),
                           beta=beta, cov_beta=cov_beta, rss=out["rss"],
