@@ -83,6 +83,31 @@ cdef inline double rel_gradient(const Prob* P, const double* th, const double* g
     return fabs(g[i]) * (fabs(th[i]) if fabs(th[i]) > P.scale else P.scale)
 
 
+cdef double eigen_decrement(int nf, const int* idx, double* H, double* w, const double* g,
+                            double* work, int lw) noexcept nogil:
+    """The Newton decrement g'H^-1g over the free parameters idx, H replaced by its
+    eigenvectors (eigenvalues in w); INFINITY unless H is positive definite with a
+    condition number below 1e8."""
+    cdef int j, m, info = 0
+    cdef double tt, wmax = 0.0, dec = 0.0
+    cdef char jobv = b'V'
+    cdef char lo = b'L'
+    dsyev(&jobv, &lo, &nf, H, &nf, w, work, &lw, &info)
+    if info != 0 or not w[0] > 0:
+        return INFINITY
+    for m in range(nf):
+        if fabs(w[m]) > wmax:
+            wmax = fabs(w[m])
+    if not w[0] > 1e-8 * wmax:
+        return INFINITY
+    for m in range(nf):
+        tt = 0.0
+        for j in range(nf):
+            tt = tt + H[j + m * nf] * g[idx[j]]
+        dec = dec + tt * tt / w[m]
+    return dec
+
+
 cdef int newton_ready(const Prob* P, Work* W, const double* th, const double* g, double f,
                       int* idx, double* H, double* w, double* tp, double* gp, double* work,
                       int lw, double switch_dec) noexcept nogil:
@@ -91,10 +116,8 @@ cdef int newton_ready(const Prob* P, Work* W, const double* th, const double* g,
     by its eigenvectors, eigenvalues in w) is positive definite with a condition number
     below 1e8 and the Newton decrement g'H^-1g is at most switch_dec max(1, |f|)."""
     cdef int k = P.n_theta
-    cdef int nf = 0, i, j, m, info = 0
-    cdef double gmax = 0.0, fscale, wmax = 0.0, tt, dec = 0.0
-    cdef char jobv = b'V'
-    cdef char lo = b'L'
+    cdef int nf = 0, i
+    cdef double gmax = 0.0, fscale
     fscale = fabs(f) if fabs(f) > 1.0 else 1.0
     for i in range(k):
         if is_free(P, th, g, i):
@@ -105,20 +128,7 @@ cdef int newton_ready(const Prob* P, Work* W, const double* th, const double* g,
     if gmax <= 1e-12 * fscale:
         return 1
     difference_hessian(P, W, th, g, idx, nf, H, tp, gp)
-    dsyev(&jobv, &lo, &nf, H, &nf, w, work, &lw, &info)
-    if info != 0 or not w[0] > 0:
-        return 0
-    for m in range(nf):
-        if fabs(w[m]) > wmax:
-            wmax = fabs(w[m])
-    if not w[0] > 1e-8 * wmax:
-        return 0
-    for m in range(nf):
-        tt = 0.0
-        for j in range(nf):
-            tt = tt + H[j + m * nf] * g[idx[j]]
-        dec = dec + tt * tt / w[m]
-    return dec <= switch_dec
+    return eigen_decrement(nf, idx, H, w, g, work, lw) <= switch_dec
 
 
 cdef int secant_certifies(int nf, const int* idx, double* H, double* w, const double* s,
@@ -131,10 +141,8 @@ cdef int secant_certifies(int nf, const int* idx, double* H, double* w, const do
     certifies it: positive definite with a condition number below 1e8 and a Newton
     decrement g'H^-1g at most ``stop``. Then H and w hold its eigen-decomposition
     (returns 1); else H and w are left undefined (returns 0)."""
-    cdef int i, j, m, info = 0
-    cdef double tt, wmax = 0.0, dec = 0.0
-    cdef char jobv = b'V'
-    cdef char lo = b'L'
+    cdef int i, j, m
+    cdef double tt
     for j in range(nf):
         sf[j] = s[idx[j]]
         yf[j] = yv[idx[j]]
@@ -145,20 +153,7 @@ cdef int secant_certifies(int nf, const int* idx, double* H, double* w, const do
             Hb[i + j * nf] = tt
     bfgs_update(Hb, sf, yf, Hs, nf)
     copy(Hb, H, nf * nf)
-    dsyev(&jobv, &lo, &nf, H, &nf, w, work, &lw, &info)
-    if info != 0 or not w[0] > 0:
-        return 0
-    for m in range(nf):
-        if fabs(w[m]) > wmax:
-            wmax = fabs(w[m])
-    if not w[0] > 1e-8 * wmax:
-        return 0
-    for m in range(nf):
-        tt = 0.0
-        for j in range(nf):
-            tt = tt + H[j + m * nf] * g[idx[j]]
-        dec = dec + tt * tt / w[m]
-    return dec <= stop
+    return eigen_decrement(nf, idx, H, w, g, work, lw) <= stop
 
 
 cdef inline void keep_state(const Prob* P, const Work* W, double* kept, double f) noexcept nogil:
