@@ -94,20 +94,13 @@ class CorrelationMap:
         return np.zeros(n), np.full(n, np.pi)
 
     def inert(self, psi):
-        """Which of the level's parameters do not move R at psi: the later angles of a row
-        whose earlier angle is at 0 or pi (its remaining sines vanish; the correlations
-        they would set are fixed by the others), as a correlation of effects with a zero
-        SD is not identified."""
-        out = np.zeros(len(self.idx), dtype=bool)
+        """Which of the level's parameters do not move R at psi (d rho / d psi_c = 0 to
+        rounding): an angle whose sines are multiplied by one at 0 or pi (the
+        correlations it would set are fixed by the others), as a correlation of effects
+        with a zero SD is not identified."""
         if self.kind == "interval":
-            return out
-        A = self._angles(psi)
-        for i in range(2, self.q):
-            for a in range(i - 1):
-                if min(A[i, a], np.pi - A[i, a]) <= 1e-12:
-                    later = self.slot[i, a + 1:i]
-                    out[later[later >= 0]] = True
-        return out
+            return np.zeros(len(self.idx), dtype=bool)
+        return np.abs(self.rho(psi)[1]).max(axis=0) <= 1e-10
 
     def _angles(self, psi):
         A = self.fixed.copy()
@@ -366,10 +359,13 @@ def _newton(fun, z, f, g, lo, up, inert, big, *, iters=30):
             evals += 1
             H[:, a] = (gh[F] - g[F]) / h if fh < big else 0.0
         H = 0.5 * (H + H.T)
-        w, U = np.linalg.eigh(H)
-        pd = w.min() > 1e-10 * max(1.0, w.max())
-        w = np.maximum(np.abs(w), 1e-8 * max(1.0, np.abs(w).max()))
-        step = -(U @ ((U.T @ g[F]) / w))
+        # Jacobi scaling (unit diagonal) before the eigenvalues are judged: the free
+        # coordinates' curvatures can lie many orders of magnitude apart
+        d = np.sqrt(np.maximum(np.abs(np.diag(H)), 1e-300))
+        w, U = np.linalg.eigh(H / np.outer(d, d))
+        pd = (np.diag(H) > 0).all() and w.min() > 1e-8
+        w = np.maximum(np.abs(w), 1e-8)
+        step = -(U @ ((U.T @ (g[F] / d)) / w)) / d
         dec = float(-g[F] @ step)
         if pd and dec < 1e-12 * max(1.0, abs(f)):
             return z, f, g, True, evals
@@ -388,17 +384,18 @@ def _newton(fun, z, f, g, lo, up, inert, big, *, iters=30):
     return z, f, g, False, evals
 
 
-def edge_polish(model, theta, f, conv, *, lower, upper, Yw=None):
+def edge_polish(model, theta, f, conv, *, lower, upper, Yw=None, maps=None, max_evals=None):
     """Optimise from theta in the coordinates psi of the custom levels that are near the
     edge of their positive definite set (:func:`on_edge`): L-BFGS-B (scipy) in scaled psi,
-    then projected Newton (:func:`_newton`). Returns (theta, f, conv, evaluations, maps
+    then projected Newton (:func:`_newton`), within about ``max_evals`` evaluations
+    (``maps``: :func:`correlation_maps`, when known). Returns (theta, f, conv, evaluations, maps
     of the levels that end on the edge, or None when nothing was tried): the result is
     kept where it is certified and no worse than f + rounding, or lower by more than
     DECREMENT_TOL / 2 (then ``conv`` is its certificate); otherwise theta, f and conv come
     back as given."""
     from scipy import optimize
 
-    maps = on_edge(model, theta, correlation_maps(model, lower, upper))
+    maps = on_edge(model, theta, correlation_maps(model, lower, upper) if maps is None else maps)
     if not maps:
         return theta, f, conv, 0, None
     coords = _Coordinates(maps, lower, upper)
@@ -413,8 +410,10 @@ def edge_polish(model, theta, f, conv, *, lower, upper, Yw=None):
     z0 = np.clip(coords.psi(theta) / scale, lo, up)
     f0, _ = fun(z0)
     bounds = list(zip(np.where(np.isfinite(lo), lo, None), np.where(np.isfinite(up), up, None)))
-    r = optimize.minimize(fun, z0, jac=True, method="L-BFGS-B", bounds=bounds,
-                          options={"maxiter": 500, "ftol": 1e-15, "gtol": 1e-12})
+    opts = {"maxiter": 500, "ftol": 1e-15, "gtol": 1e-12}
+    if max_evals is not None:
+        opts["maxfun"] = max(1, int(max_evals) // (1 if Yw is None else 2 * z0.size + 1))
+    r = optimize.minimize(fun, z0, jac=True, method="L-BFGS-B", bounds=bounds, options=opts)
     z = np.clip(r.x, lo, up)
     fz, gz = fun(z)
     if not fz <= f0:
@@ -440,18 +439,48 @@ def edge_polish(model, theta, f, conv, *, lower, upper, Yw=None):
 
 
 def finish_on_edge(model, rec, theta, f, conv, *, lower, upper, Yw=None):
-    """:func:`edge_polish` at the end of a fit (:func:`mlmeta.optimize._finish`): ``rec``
-    (a :class:`~mlmeta.optimize.FitRecord`) is charged its evaluations and told when the
-    optimum lies on the edge. Returns (theta, f, conv)."""
-    th, fe, ce, n, ended = edge_polish(model, theta, f, conv, lower=lower, upper=upper, Yw=Yw)
-    rec.n_evals += n
-    if ended is None:
+    """:func:`edge_polish` at the end of a fit (:func:`mlmeta.optimize._finish`): from the
+    fit, and from every start of the search (``rec.candidates``) that stopped near the
+    edge of a custom level's positive definite set (the engine's Newton stalls there, so
+    their deviances say little about the optima they lead to), within ``rec.eval_budget``
+    evaluations each. The lowest wins where it is lower than the fit by more than
+    1e-7 max(1, |f|). ``rec`` (a :class:`~mlmeta.optimize.FitRecord`) is charged the
+    evaluations and told when the optimum lies on the edge. Returns (theta, f, conv)."""
+    maps = correlation_maps(model, lower, upper)
+    if not maps:
         return theta, f, conv
+    th, fe, ce, n, ended = edge_polish(model, theta, f, conv, lower=lower, upper=upper, Yw=Yw,
+                                       maps=maps)
+    rec.n_evals += n
+    best = (th, fe, ce, ended) if ended is not None else (theta, f, conv, None)
+    f_main = f
+    done = [theta]
+    budget = rec.eval_budget or None
+    for label, fc, tc, cc in list(rec.candidates):
+        if not np.isfinite(fc) or any(np.allclose(tc, t, rtol=1e-8, atol=1e-10) for t in done):
+            continue
+        done.append(tc)
+        got = edge_polish(model, tc, fc, cc, lower=lower, upper=upper, Yw=Yw, maps=maps,
+                          max_evals=budget)
+        rec.n_evals += got[3]
+        if got[4] is None:
+            continue
+        rec.candidates.append((f"{label} (on the edge)", got[1], got[0].copy(), got[2]))
+        if got[1] < best[1] - 1e-7 * max(1.0, abs(best[1])):
+            best = (got[0], got[1], got[2], got[4])
+            rec.better_optimum = True
+            rec.messages = [m for m in rec.messages
+                            if not m.startswith("the optimisation from the default start")]
+            rec.messages.append(
+                f"the optimisation from the default start stopped at a local optimum "
+                f"({model.ll_label.lower()} {-0.5 * f_main:.8g}); a higher optimum "
+                f"({-0.5 * got[1]:.8g}) was found from another start and is reported")
+    theta, f, conv, ended = best
     if ended:
         levels = [next(k + 1 for k, s in enumerate(model.structs) if s is m.s) for m in ended]
         rec.messages.append(
             f"the correlations of level(s) {', '.join(map(str, levels))} lie on the edge of "
             f"their positive definite set (a singular correlation matrix); the optimum there "
             f"was taken in coordinates in which that edge is a bound" +
-            (" and is certified by the bound's Karush-Kuhn-Tucker conditions" if ce else ""))
-    return th, fe, ce
+            (" and is certified by the bound's Karush-Kuhn-Tucker conditions" if conv else ""))
+    return theta, f, conv
