@@ -37,13 +37,15 @@ import numpy as np
 
 from mlmeta.refine import DECREMENT_TOL, deviances, noise, theta_scale
 
-__all__ = ["EDGE_SHRINK", "EDGE_NEAR", "CorrelationMap", "correlation_maps", "edge_polish", "finish_on_edge",
-           "on_edge"]
+__all__ = ["EDGE_SHRINK", "EDGE_NEAR", "EDGE_STARTS", "CorrelationMap", "correlation_maps",
+           "edge_polish", "finish_on_edge", "on_edge"]
 
 #: evaluations take the correlations about this far from the edge towards rho_c
 EDGE_SHRINK = 2e-9
 #: a level counts as near the edge where lambda_min(R) is below this
 EDGE_NEAR = 1e-6
+#: the search's starts that stopped near the edge polished (the lowest ones)
+EDGE_STARTS = 5
 
 
 class CorrelationMap:
@@ -338,7 +340,8 @@ def _newton(fun, z, f, g, lo, up, inert, big, *, iters=30):
     free coordinates that move the deviance (``inert(z)``: those that do not). Returns
     (z, f, g, certified, evaluations): certified when the Newton decrement
     g_F' H_F^-1 g_F of the free set F falls below 1e-12 max(1, |f|) with H_F positive
-    definite (or F empty). ``big``: what ``fun`` returns where the deviance fails."""
+    definite (after Jacobi scaling; or F empty), or, where no step lowers f, below
+    1e-9 max(1, |f|). ``big``: what ``fun`` returns where the deviance fails."""
     evals = 0
     for _ in range(iters):
         F = np.flatnonzero(_free(z, g, lo, up) & ~inert(z))
@@ -379,17 +382,19 @@ def _newton(fun, z, f, g, lo, up, inert, big, *, iters=30):
                 z, f, g, moved = zn, fn, gn, True
                 break
             t *= 0.5
-        if not moved:
+        if not moved:      # no step lowers f: as the engine's Newton, a looser bound
             return z, f, g, pd and dec < 1e-9 * max(1.0, abs(f)), evals
     return z, f, g, False, evals
 
 
-def edge_polish(model, theta, f, conv, *, lower, upper, Yw=None, maps=None, max_evals=None):
+def edge_polish(model, theta, f, conv, *, lower, upper, Yw=None, maps=None, max_evals=None,
+                newton=True):
     """Optimise from theta in the coordinates psi of the custom levels that are near the
     edge of their positive definite set (:func:`on_edge`): L-BFGS-B (scipy) in scaled psi,
-    then projected Newton (:func:`_newton`), within about ``max_evals`` evaluations
-    (``maps``: :func:`correlation_maps`, when known). Returns (theta, f, conv, evaluations, maps
-    of the levels that end on the edge, or None when nothing was tried): the result is
+    then (``newton``) projected Newton (:func:`_newton`), within about ``max_evals``
+    evaluations (``maps``: :func:`correlation_maps`, when known). Returns (theta, f, conv,
+    evaluations, maps of the levels that end on the edge, or None when nothing was
+    tried): the result is
     kept where it is certified and no worse than f + rounding, or lower by more than
     DECREMENT_TOL / 2 (then ``conv`` is its certificate); otherwise theta, f and conv come
     back as given."""
@@ -428,7 +433,9 @@ def edge_polish(model, theta, f, conv, *, lower, upper, Yw=None, maps=None, max_
             out[m.idx] = m.inert(psi[m.idx])
         return out
 
-    z, fz, gz, cert, _ = _newton(fun, z, fz, gz, lo, up, inert, big)
+    cert = False
+    if newton:
+        z, fz, gz, cert, _ = _newton(fun, z, fz, gz, lo, up, inert, big)
     th = coords.theta(np.clip(z * scale, coords.lower, coords.upper))[0]
     fz = float(deviances(model, th, lower=model.lower, upper=model.upper, Yw=Yw)[0])
     better = fz < f - 0.5 * DECREMENT_TOL
@@ -440,10 +447,11 @@ def edge_polish(model, theta, f, conv, *, lower, upper, Yw=None, maps=None, max_
 
 def finish_on_edge(model, rec, theta, f, conv, *, lower, upper, Yw=None):
     """:func:`edge_polish` at the end of a fit (:func:`mlmeta.optimize._finish`): from the
-    fit, and from every start of the search (``rec.candidates``) that stopped near the
-    edge of a custom level's positive definite set (the engine's Newton stalls there, so
-    their deviances say little about the optima they lead to), within ``rec.eval_budget``
-    evaluations each. The lowest wins where it is lower than the fit by more than
+    fit, and from the EDGE_STARTS lowest starts of the search (``rec.candidates``) that
+    stopped unconverged near the edge of a custom level's positive definite set (the
+    engine's Newton stalls there, so their deviances say little about the optima they
+    lead to), within ``rec.eval_budget`` evaluations each and as many as the search
+    spent in all. The lowest wins where it is lower than the fit by more than
     1e-7 max(1, |f|). ``rec`` (a :class:`~mlmeta.optimize.FitRecord`) is charged the
     evaluations and told when the optimum lies on the edge. Returns (theta, f, conv)."""
     maps = correlation_maps(model, lower, upper)
@@ -456,15 +464,28 @@ def finish_on_edge(model, rec, theta, f, conv, *, lower, upper, Yw=None):
     f_main = f
     done = [theta]
     budget = rec.eval_budget or None
-    for label, fc, tc, cc in list(rec.candidates):
-        if not np.isfinite(fc) or any(np.allclose(tc, t, rtol=1e-8, atol=1e-10) for t in done):
+    total = rec.n_evals        # the polish of the starts may cost what the search did
+    spent, tried = 0, 0
+    for label, fc, tc, cc in sorted(rec.candidates, key=lambda c: c[1]):
+        if spent >= total or tried >= EDGE_STARTS:
+            break
+        if cc or not np.isfinite(fc) or any(np.allclose(tc, t, rtol=1e-8, atol=1e-10)
+                                            for t in done):
             continue
         done.append(tc)
         got = edge_polish(model, tc, fc, cc, lower=lower, upper=upper, Yw=Yw, maps=maps,
-                          max_evals=budget)
+                          max_evals=budget, newton=False)
         rec.n_evals += got[3]
-        if got[4] is None:
+        spent += got[3]
+        tried += got[3] > 0
+        if got[4] is None or not got[1] < best[1] - 1e-7 * max(1.0, abs(best[1])):
             continue
+        # a lower optimum: certified by Newton steps from there (kept uncertified where
+        # they do not apply: it ended inside the set)
+        cert = edge_polish(model, got[0], got[1], False, lower=lower, upper=upper, Yw=Yw,
+                           maps=maps, max_evals=budget)
+        rec.n_evals += cert[3]
+        got = cert if cert[4] is not None else got
         rec.candidates.append((f"{label} (on the edge)", got[1], got[0].copy(), got[2]))
         if got[1] < best[1] - 1e-7 * max(1.0, abs(best[1])):
             best = (got[0], got[1], got[2], got[4])
