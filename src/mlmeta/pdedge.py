@@ -18,6 +18,9 @@ coordinates ``psi`` in which the closed positive semi-definite set IS a box:
   fixed angle, a shared label one shared angle), every other free correlation has its
   own angle; every positive semi-definite R with the pattern has such angles, and R is
   singular exactly where a sine vanishes (an angle at 0 or pi): the edge is a bound.
+  A row's last angle enters R through its cosine only, so the deviance is even about
+  its bounds: there the edge's KKT multiplier shows as curvature (as a variance's at 0),
+  elsewhere as a gradient pointing out of the box.
 * **interval** (one free correlation parameter, shared by any pairs, as an
   exchangeable pattern): the set is an interval of rho, found by bisection.
 
