@@ -464,7 +464,8 @@ def finish_on_edge(model, rec, theta, f, conv, *, lower, upper, Yw=None):
                                        maps=maps)
     rec.n_evals += n
     best = (th, fe, ce, ended) if ended is not None else (theta, f, conv, None)
-    f_main = f
+    # the fit came from another start than the default one when the search said so
+    other = rec.better_optimum
     done = [theta]
     budget = rec.eval_budget or None
     total = rec.n_evals        # the polish of the starts may cost what the search did
@@ -492,14 +493,9 @@ def finish_on_edge(model, rec, theta, f, conv, *, lower, upper, Yw=None):
         rec.candidates.append((f"{label} (on the edge)", got[1], got[0].copy(), got[2]))
         if got[1] < best[1] - 1e-7 * max(1.0, abs(best[1])):
             best = (got[0], got[1], got[2], got[4])
-            rec.better_optimum = True
-            rec.messages = [m for m in rec.messages
-                            if not m.startswith("the optimisation from the default start")]
-            rec.messages.append(
-                f"the optimisation from the default start stopped at a local optimum "
-                f"({model.ll_label.lower()} {-0.5 * f_main:.8g}); a higher optimum "
-                f"({-0.5 * got[1]:.8g}) was found from another start and is reported")
+            other = label != "EM start"
     theta, f, conv, ended = best
+    _higher_optimum(model, rec, f, other)
     if ended:
         levels = [next(k + 1 for k, s in enumerate(model.structs) if s is m.s) for m in ended]
         rec.messages.append(
@@ -508,3 +504,18 @@ def finish_on_edge(model, rec, theta, f, conv, *, lower, upper, Yw=None):
             f"was taken in coordinates in which that edge is a bound" +
             (" and is certified by the bound's Karush-Kuhn-Tucker conditions" if conv else ""))
     return theta, f, conv
+
+
+def _higher_optimum(model, rec, f, other):
+    """The record's note on a higher optimum than the default start's (the search's
+    "EM start" candidate), with the deviance ``f`` finally reported: written where it came
+    from ``other`` start and is higher, removed otherwise."""
+    head = "the optimisation from the default start"
+    at = next((k for k, m in enumerate(rec.messages) if m.startswith(head)), len(rec.messages))
+    rec.messages = [m for m in rec.messages if not m.startswith(head)]
+    f_em = next((fc for label, fc, *_ in rec.candidates if label == "EM start"), None)
+    rec.better_optimum = bool(other and f_em is not None and f < f_em - 1e-7 * max(1.0, abs(f)))
+    if rec.better_optimum:
+        rec.messages.insert(at, f"{head} stopped at a local optimum ({model.ll_label.lower()} "
+                               f"{-0.5 * f_em:.8g}); a higher optimum ({-0.5 * f:.8g}) was "
+                               f"found from another start and is reported")
