@@ -28,10 +28,12 @@ Evaluations map psi back to ``rho~ = rho_c + (1 - eps) (rho(psi) - rho_c)`` with
 an interior point and ``eps = EDGE_SHRINK / (1 - max |rho_c|)`` (so that a correlation
 at +-1 stays within the box's 1 - 1e-9): R is affine in rho, so
 ``lambda_min(R(rho~)) >= eps lambda_min(R(rho_c))`` > 0 and every point of the closed
-set, edge included, can be evaluated (the correlations move by about 1e-9). :func:`edge_polish` runs
-quasi-Newton and then projected Newton steps in psi; at an optimum on the edge the
-certificate is the box's KKT conditions in psi (the deviance's gradient in rho a
-non-negative multiple of the edge's outward normal).
+set, edge included, can be evaluated (the correlations move by about 1e-9).
+:func:`edge_polish` runs quasi-Newton and then projected Newton steps in psi; at an
+optimum on the edge the certificate is the box's KKT conditions in psi (the deviance's
+gradient in rho a non-negative multiple of the edge's outward normal). Patterns the
+angles cannot hold (fixed or shared correlations on no common effect, lags other than
+1) keep the engine's box.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ EDGE_SHRINK = 2e-9
 #: a level counts as near the edge where lambda_min(R) is below this
 EDGE_NEAR = 1e-6
 #: the search's starts that stopped near the edge polished (the lowest ones)
-EDGE_STARTS = 5
+EDGE_STARTS = 3
 
 
 class CorrelationMap:
@@ -290,11 +292,12 @@ class _Coordinates:
         return np.clip(out, *self.box), J
 
 
-def _objective(model, coords, scale, Yw, f_ref):
+def _objective(model, coords, scale, Yw, f_ref, central=True):
     """(deviance, gradient) in scaled psi (z = psi / scale); where the deviance cannot be
     computed, a value far above ``f_ref`` (line searches back off) and a zero gradient.
     The design's own outcome: the engine's gradient by the chain rule; another outcome:
-    central differences (one engine call)."""
+    central differences (one engine call), or forward ones (``central`` False: half the
+    evaluations, enough to find a basin)."""
     count = [0]
     big = f_ref + 1e6 * max(1.0, abs(f_ref))
 
@@ -310,6 +313,19 @@ def _objective(model, coords, scale, Yw, f_ref):
             return float(ev.deviance), (J.T @ ev.grad) * scale
         k = z.size
         h = 1e-6 * np.maximum(np.abs(z), 1.0)
+        if not central:
+            up = coords.upper / scale
+            h = np.where(z + h <= up, h, -h)
+            zz = np.repeat(z[None, :], k + 1, axis=0)
+            zz[1:][np.diag_indices(k)] = z + h
+            th = np.array([coords.theta(np.clip(r * scale, coords.lower, coords.upper))[0]
+                           for r in zz])
+            devs = deviances(model, th, lower=model.lower, upper=model.upper, Yw=Yw)
+            count[0] += k + 1
+            if not np.isfinite(devs[0]):
+                return big, np.zeros_like(z)
+            ok = np.isfinite(devs[1:])
+            return float(devs[0]), np.where(ok, (np.where(ok, devs[1:], 0.0) - devs[0]) / h, 0.0)
         zp = np.minimum(z + h, coords.upper / scale)
         zm = np.maximum(z - h, coords.lower / scale)
         zz = np.repeat(z[None, :], 2 * k + 1, axis=0)
@@ -330,6 +346,18 @@ def _objective(model, coords, scale, Yw, f_ref):
     return fun, count
 
 
+def _value(model, coords, scale, z, Yw, count):
+    """The deviance of outcome ``Yw`` at scaled psi z (one evaluation, counted)."""
+    count[0] += 1
+    th = coords.theta(np.clip(z * scale, coords.lower, coords.upper))[0]
+    return float(deviances(model, th, lower=model.lower, upper=model.upper, Yw=Yw)[0])
+
+
+def _spent(*counts):
+    """Evaluations counted by distinct objectives."""
+    return sum(c[0] for c in {id(c): c for c in counts}.values())
+
+
 def _free(z, g, lo, up):
     """The coordinates not held at a bound by their gradient (box KKT)."""
     with np.errstate(invalid="ignore"):
@@ -338,33 +366,25 @@ def _free(z, g, lo, up):
     return ~(at_lo | at_up)
 
 
-def _newton(fun, z, f, g, lo, up, inert, big, *, iters=30):
+def _newton(fun, z, f, g, lo, up, inert, big, *, iters=30, reuse=5):
     """Projected Newton steps in z with a Hessian differenced from the gradient over the
-    free coordinates that move the deviance (``inert(z)``: those that do not). Returns
+    free coordinates that move the deviance (``inert(z)``: those that do not), differenced
+    again when the free set changes, a step fails or after ``reuse`` steps. Returns
     (z, f, g, certified, evaluations): certified when the Newton decrement
     g_F' H_F^-1 g_F of the free set F falls below 1e-12 max(1, |f|) with H_F positive
-    definite (after Jacobi scaling; or F empty), or, where no step lowers f, below
-    1e-9 max(1, |f|). ``big``: what ``fun`` returns where the deviance fails."""
+    definite (after Jacobi scaling; or F empty), or, where no step lowers f with a fresh
+    Hessian, below 1e-9 max(1, |f|). ``big``: what ``fun`` returns where the deviance
+    fails."""
     evals = 0
+    H, F_H, age = None, None, 0
     for _ in range(iters):
         F = np.flatnonzero(_free(z, g, lo, up) & ~inert(z))
         if F.size == 0:
             return z, f, g, True, evals
-        H = np.zeros((F.size, F.size))
-        for a, i in enumerate(F):
-            h = 1e-5 * max(1.0, abs(z[i]))
-            if z[i] + h > up[i]:
-                h = -h
-            zh = z.copy()
-            zh[i] += h
-            fh, gh = fun(zh)
-            if not fh < big and z[i] - h >= lo[i]:
-                zh[i] = z[i] - h
-                fh, gh = fun(zh)
-                h = -h
-            evals += 1
-            H[:, a] = (gh[F] - g[F]) / h if fh < big else 0.0
-        H = 0.5 * (H + H.T)
+        if H is None or age >= reuse or not np.array_equal(F, F_H):
+            H, F_H, age = _hessian(fun, z, g, F, lo, up, big), F, 0
+            evals += F.size
+        age += 1
         # Jacobi scaling (unit diagonal) before the eigenvalues are judged: the free
         # coordinates' curvatures can lie many orders of magnitude apart
         d = np.sqrt(np.maximum(np.abs(np.diag(H)), 1e-300))
@@ -385,9 +405,32 @@ def _newton(fun, z, f, g, lo, up, inert, big, *, iters=30):
                 z, f, g, moved = zn, fn, gn, True
                 break
             t *= 0.5
-        if not moved:      # no step lowers f: as the engine's Newton, a looser bound
+        if not moved:
+            if age > 1:          # a stale Hessian: difference it again
+                H = None
+                continue
+            # no step lowers f: as the engine's Newton, a looser bound
             return z, f, g, pd and dec < 1e-9 * max(1.0, abs(f)), evals
     return z, f, g, False, evals
+
+
+def _hessian(fun, z, g, F, lo, up, big):
+    """The Hessian over the coordinates F, differenced from the gradient (forward steps
+    of 1e-5 max(1, |z_i|), backward where they leave the box or the domain; symmetrised)."""
+    H = np.zeros((F.size, F.size))
+    for a, i in enumerate(F):
+        h = 1e-5 * max(1.0, abs(z[i]))
+        if z[i] + h > up[i]:
+            h = -h
+        zh = z.copy()
+        zh[i] += h
+        fh, gh = fun(zh)
+        if not fh < big and z[i] - h >= lo[i]:
+            zh[i] = z[i] - h
+            fh, gh = fun(zh)
+            h = -h
+        H[:, a] = (gh[F] - g[F]) / h if fh < big else 0.0
+    return 0.5 * (H + H.T)
 
 
 def edge_polish(model, theta, f, conv, *, lower, upper, Yw=None, maps=None, max_evals=None,
@@ -413,21 +456,24 @@ def edge_polish(model, theta, f, conv, *, lower, upper, Yw=None, maps=None, max_
     for m in maps:
         scale[m.idx] = 1.0
     fun, count = _objective(model, coords, scale, Yw, f)
+    # quasi-Newton steps on forward differences for another outcome (then Newton on central)
+    fun_q, count_q = (fun, count) if Yw is None else _objective(model, coords, scale, Yw, f,
+                                                                  central=False)
     big = f + 1e6 * max(1.0, abs(f))
     lo, up = coords.lower / scale, coords.upper / scale
     z0 = np.clip(coords.psi(theta) / scale, lo, up)
-    f0, _ = fun(z0)
+    f0 = fun_q(z0)[0] if Yw is None else _value(model, coords, scale, z0, Yw, count_q)
     bounds = list(zip(np.where(np.isfinite(lo), lo, None), np.where(np.isfinite(up), up, None)))
     opts = {"maxiter": 500, "ftol": 1e-15, "gtol": 1e-12}
     if max_evals is not None:
-        opts["maxfun"] = max(1, int(max_evals) // (1 if Yw is None else 2 * z0.size + 1))
-    r = optimize.minimize(fun, z0, jac=True, method="L-BFGS-B", bounds=bounds, options=opts)
+        opts["maxfun"] = max(1, int(max_evals) // (1 if Yw is None else z0.size + 1))
+    r = optimize.minimize(fun_q, z0, jac=True, method="L-BFGS-B", bounds=bounds, options=opts)
     z = np.clip(r.x, lo, up)
-    fz, gz = fun(z)
+    fz = fun_q(z)[0] if Yw is None else _value(model, coords, scale, z, Yw, count_q)
     if not fz <= f0:
-        z, (fz, gz) = z0, fun(z0)
-    if not fz < big:
-        return theta, f, conv, count[0], None
+        z, fz = z0, f0
+    if not (np.isfinite(fz) and fz < big):
+        return theta, f, conv, _spent(count, count_q), None
 
     def inert(z):
         out = np.zeros(z.size, dtype=bool)
@@ -438,14 +484,18 @@ def edge_polish(model, theta, f, conv, *, lower, upper, Yw=None, maps=None, max_
 
     cert = False
     if newton:
-        z, fz, gz, cert, _ = _newton(fun, z, fz, gz, lo, up, inert, big)
+        fz, gz = fun(z)
+        # a Hessian costs n_theta gradients: (2 n_theta + 1) evaluations each for another
+        # outcome, where it is kept for up to 5 steps
+        z, fz, gz, cert, _ = _newton(fun, z, fz, gz, lo, up, inert, big,
+                                     reuse=1 if Yw is None else 5)
     th = coords.theta(np.clip(z * scale, coords.lower, coords.upper))[0]
     fz = float(deviances(model, th, lower=model.lower, upper=model.upper, Yw=Yw)[0])
     better = fz < f - 0.5 * DECREMENT_TOL
     if not (np.isfinite(fz) and ((cert and fz <= f + 10 * noise(f)) or better)):
-        return theta, f, conv, count[0], None
+        return theta, f, conv, _spent(count, count_q), None
     ended = on_edge(model, th, maps)
-    return th, fz, cert, count[0], ended
+    return th, fz, cert, _spent(count, count_q), ended
 
 
 def finish_on_edge(model, rec, theta, f, conv, *, lower, upper, Yw=None):
