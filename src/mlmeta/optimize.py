@@ -37,6 +37,7 @@ import numpy as np
 
 from mlmeta._threads import blas_threads
 from mlmeta.model import NestedModel
+from mlmeta.pdedge import finish_on_edge
 from mlmeta.refine import (DECREMENT_TOL, Work, custom_correlations, deviances,
                            off_pd_boundary, quasi_newton, refine, rounds, run_engine, theta_scale)
 from mlmeta.validate import safeguard as _safeguard
@@ -497,6 +498,7 @@ def _finish(model, rec, theta, f, conv, *, lower, upper, maxiter, tol, safeguard
     ``rec`` (iterations, evaluations, candidates, messages); returns (theta, f, conv)."""
     theta, f, conv = _search(model, rec, theta, f, conv, lower=lower, upper=upper, maxiter=maxiter,
                              tol=tol, safeguard=safeguard, Yw=Yw, certified=certified)
+    theta, f, conv = finish_on_edge(model, rec, theta, f, conv, lower=lower, upper=upper, Yw=Yw)
     return _representable(model, theta, f, conv, lower=lower, upper=upper, Yw=Yw)
 
 

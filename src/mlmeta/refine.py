@@ -13,7 +13,9 @@ definite set. :func:`refine` checks and continues such runs with the same object
   the outcome: scale-free); a custom level's correlations left free by a zero SD are
   tried at -0.9, 0 and 0.9 too (for an unstructured level, the later rows of its factor
   are turned towards the zero column), and a custom level at the edge of its positive
-  definite set is shrunk into it or pushed to the rank-one corner;
+  definite set is shrunk into it or pushed to the rank-one corner; a parameter within
+  0.1 of its natural size of a bound is tried on it (descent steps stop short of a bound
+  where the deviance is badly conditioned or carries rounding noise);
 * quasi-Newton steps: scipy's L-BFGS-B on the engine's deviance and gradient in
   scaled parameters (theta_i / natural size_i), so that no unit matters;
 * Newton rounds (:func:`rounds`) of ROUND_ITER iterations from wherever those end.
@@ -44,6 +46,8 @@ DECREMENT_TOL = 1e-5
 ROUND_ITER = 10
 #: sizes of the steps off a bound, relative to the parameter's natural size
 _PROBES = 10.0 ** np.arange(-8, 2)
+#: a parameter this close to a bound (relative to its natural size) is also tried on it
+_SNAP = 0.1
 
 
 def theta_scale(model: NestedModel, theta=None) -> np.ndarray:
@@ -169,7 +173,8 @@ def _off_bounds(model, theta, f, *, lower, upper, scale, Yw=None):
     each parameter at or near a (free) bound (within 1e-8 of its natural size: a
     variance parameter's gradient vanishes at zero, so nothing else moves it away) is
     set to the bound plus _PROBES times its natural size (for a bounded parameter, at
-    most half its range). Returns (theta, deviance, evaluations)."""
+    most half its range); each within _SNAP of its natural size of a bound is set to
+    that bound. Returns (theta, deviance, evaluations)."""
     probes = []
     for i in range(theta.shape[0]):
         if lower[i] == upper[i]:
@@ -177,6 +182,13 @@ def _off_bounds(model, theta, f, *, lower, upper, scale, Yw=None):
         near = _PROBES[0] * scale[i]
         at_lo = np.isfinite(lower[i]) and theta[i] <= lower[i] + near
         at_up = np.isfinite(upper[i]) and theta[i] >= upper[i] - near
+        for bound in (lower[i], upper[i]) if not (at_lo or at_up) else ():
+            # close to a bound but not on it: the bound itself (where the deviance is
+            # badly conditioned, or carries rounding noise, descent steps stop short of it)
+            if np.isfinite(bound) and abs(theta[i] - bound) <= _SNAP * scale[i]:
+                t = theta.copy()
+                t[i] = bound
+                probes.append(t)
         if not (at_lo or at_up):
             continue
         steps = scale[i] * _PROBES
