@@ -427,9 +427,12 @@ cdef void assemble_factors(const SubBlocks* sb, const double* T, double* Tn) noe
     for s in range(sb.n_sub):
         a = sb.sub_node[s]
         l = sb.sub_level[s]
+        ql = sb.q[l]
+        if ql == 1 and sb.nq[a] == 1:       # a node of one effect: one number
+            Tn[sb.tn_ptr[a]] = T[sb.t_off[l]]
+            continue
         o = sb.sub_off[s]
         na = sb.nq[a]
-        ql = sb.q[l]
         for j in range(ql):
             for i in range(ql):
                 Tn[sb.tn_ptr[a] + (o + i) + (o + j) * na] = T[sb.t_off[l] + i + j * ql]
@@ -441,9 +444,12 @@ cdef void reduce_factors(const SubBlocks* sb, const double* N, double* out) noex
     for s in range(sb.n_sub):
         a = sb.sub_node[s]
         l = sb.sub_level[s]
+        ql = sb.q[l]
+        if ql == 1 and sb.nq[a] == 1:
+            out[sb.t_off[l]] += N[sb.tn_ptr[a]]
+            continue
         o = sb.sub_off[s]
         na = sb.nq[a]
-        ql = sb.q[l]
         for j in range(ql):
             for i in range(ql):
                 out[sb.t_off[l] + i + j * ql] += N[sb.tn_ptr[a] + (o + i) + (o + j) * na]
