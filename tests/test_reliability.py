@@ -105,7 +105,7 @@ def test_rounding_error_estimate_tracks_the_dense_likelihood(schoolcal):
         res = mlmeta.meregress("stdmdiff ~ year_c + (1 | district) + (1 | district:school)", df,
                                variance="var")
         m, d = res.model, res.model.design
-        err = optimize._model_rounding_error(m, res.theta)
+        err = optimize.model_rounding_error(m, res.theta)
         dev = DenseDeviance(d.y, d.X, d.Z, d.groups, d.variance, m.method, cluster=d.groups[0])(
             m.T_list(res.theta))[0]
         assert abs(-0.5 * dev - res.llf) <= max(err, 1e-9)

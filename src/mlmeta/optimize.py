@@ -36,6 +36,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mlmeta._threads import blas_threads
+from mlmeta.accuracy import (ROUNDING_C, ROUNDING_TOL, across_groups, c_condition, column_stats,
+                             known_R_of, model_rounding_error, rounding_error, second_opinion,
+                             variance_ratio)
 from mlmeta.model import NestedModel
 from mlmeta.pdedge import finish_on_edge
 from mlmeta.refine import (DECREMENT_TOL, Work, custom_correlations, deviances,
@@ -54,11 +57,6 @@ EXTRA_MIN_EVALS = 25
 #: Newton iterations of the main run before it is refined (a run still going by then is
 #: crawling: quasi-Newton steps in scaled parameters take over, see :func:`refine`)
 MAIN_ITER = 100
-#: the largest rounding error of the deviance (:func:`rounding_error`) a fit may have
-ROUNDING_TOL = 1e-4
-#: the safety factor of :func:`rounding_error` (its estimate was within a factor 7 of
-#: the error measured against an orthogonal-factorisation likelihood on random designs)
-_ROUNDING_C = 10.0
 
 
 @dataclass
@@ -82,87 +80,6 @@ class FitRecord:
     cut_short: list = field(default_factory=list)     # (label, evaluations) of starts stopped
 
 
-def rounding_error(yy, beta_work, Hinv_work, *, reml, sigma2=1.0, kappa=1.0) -> float:
-    """An estimate of the rounding error of the deviance the engine computes.
-
-    The engine forms ``A'V^-1A = A'Lambda^-1A - K'K`` (Woodbury, A = [X, y] whitened, in
-    the working basis where ``X'Lambda^-1X = I``). Where the random effects explain
-    nearly all of the whitened variation, the difference is far smaller than its terms
-    and carries their rounding error: with ``yy = y'Lambda^-1y`` (y less its least-squares
-    fit on X), ``b`` the working-basis coefficients and ``H^-1`` their (X'V^-1X)^-1,
-
-        err = C eps [ (sqrt(yy) + |b|)^2 / sigma^2 + tr(H^-1) (REML) ]
-
-    (sigma^2 the profiled residual variance, 1 for known sampling variances; C = 10),
-    plus ``C eps kappa`` for the factorisation of the random effects' precision, kappa
-    the bound of its condition number (:func:`c_condition`). Variances some 1e10 times
-    the sampling variances, or factors T so large that kappa passes 1e10, make it exceed
-    :data:`ROUNDING_TOL`."""
-    eps = np.finfo(float).eps
-    b = float(np.linalg.norm(beta_work)) if np.size(beta_work) else 0.0
-    q = (np.sqrt(max(float(yy), 0.0)) + b) ** 2 / float(sigma2)
-    if reml and np.size(Hinv_work):
-        q += abs(float(np.trace(Hinv_work)))
-    return _ROUNDING_C * eps * (q + float(kappa))
-
-
-def c_condition(model: NestedModel, theta) -> float:
-    """A bound on the condition number of C = I + T'Z'Lambda^-1 Z T (the random effects'
-    precision relative to their prior): 1 + max over levels of ||T_l||_2^2 times the
-    largest trace of a group's whitened cross-product
-    Z_g'Lambda^-1 Z_g (the kernel's own blocks; a crossed level's are on the border's
-    diagonal; kept on the model). The engine's Cholesky factor of C, log|C| and its
-    solves lose about eps times this of their accuracy."""
-    traces = model.__dict__.get("_group_traces")
-    if traces is None:
-        traces = model.__dict__["_group_traces"] = _largest_group_traces(model)
-    worst = 0.0
-    for T, tr in zip(model.T_list(theta), traces):
-        t2 = float(T[0, 0] * T[0, 0]) if T.shape == (1, 1) else float(np.linalg.norm(T, 2)) ** 2
-        worst = max(worst, t2 * tr)
-    return 1.0 + worst
-
-
-def _largest_group_traces(model: NestedModel) -> list:
-    """Per level, the largest trace of a group's Z_g'Lambda^-1 Z_g."""
-    d = model.design
-    K = d.kernel
-    ZZ = np.asarray(K.ZZ)
-    out = []
-    for lvl, s in enumerate(model.structs):
-        q = s.q
-        r = np.arange(q)
-        if lvl >= d.n_tree:
-            S0 = d.border["S0"]
-            o = d.border["b_off"][lvl] + np.arange(d.n_groups[lvl]) * q
-            tr = np.diag(S0)[o[:, None] + r[None, :]].sum(axis=1)
-        else:
-            nodes = d.node_of_group[lvl]
-            o = d.offset_of_group[lvl]
-            na = K.nq[nodes]
-            base = K.zz_ptr[nodes] + K.diag_offset(nodes)
-            tr = ZZ[base[:, None] + (o[:, None] + r) * (1 + na[:, None])].sum(axis=1)
-        out.append(float(tr.max()) if tr.size else 0.0)
-    return out
-
-
-def _model_rounding_error(model, theta, kappa=True) -> float:
-    ev = model.evaluate(theta)
-    d = model.design
-    return rounding_error(float(d.yw @ d.yw), ev.beta_work, ev.Hinv_work, reml=model.method == "reml",
-                          sigma2=ev.sigma2 if model.residual == "profiled" else 1.0,
-                          kappa=c_condition(model, theta) if kappa else 0.0)
-
-
-def _variance_ratio(model) -> float:
-    """The outcome's variation around its least-squares fit relative to the sampling
-    variances (whitened: their mean square); 0 for a profiled residual."""
-    d = model.design
-    if model.residual == "profiled" or d.n_obs == 0:
-        return 0.0
-    return float(d.yw @ d.yw) / d.n_obs
-
-
 def fit_model(model: NestedModel, **options) -> FitRecord:
     """:func:`_fit_model` with BLAS at one thread throughout (see :mod:`mlmeta._threads`)."""
     with blas_threads(1):
@@ -176,7 +93,7 @@ def _fit_model(model: NestedModel, **options) -> FitRecord:
     only the bound on the condition of C says so, the deviance computed again in another
     basis must agree to ROUNDING_TOL / 10, :func:`second_opinion`), is a ValueError that
     says why, instead of a FloatingPointError or a wrong log-likelihood."""
-    ratio = _variance_ratio(model)
+    ratio = variance_ratio(model)
     if not np.isfinite(ratio):
         raise ValueError("the outcome, in units of its sampling standard deviations, is too large: "
                          "its sum of squares overflows double precision; check the outcome and its "
@@ -191,7 +108,7 @@ def _fit_model(model: NestedModel, **options) -> FitRecord:
     except FloatingPointError as exc:
         raise ValueError(f"the model cannot be fitted: {exc}.{scale}") from None
     try:
-        err = _model_rounding_error(model, rec.theta, kappa=False)
+        err = model_rounding_error(model, rec.theta, kappa=False)
         kappa = c_condition(model, rec.theta)
     except FloatingPointError as exc:
         raise ValueError(f"the model cannot be fitted: {exc} at the estimates.{scale}") from None
@@ -201,7 +118,7 @@ def _fit_model(model: NestedModel, **options) -> FitRecord:
             f"about {err:.0e}): the random effects explain all but a tiny fraction of the "
             f"variation, and the engine's X'V^-1X and r'V^-1r are then differences of numbers "
             f"far larger than themselves.{scale or ' Rescale the outcome or simplify the model.'}")
-    if _ROUNDING_C * np.finfo(float).eps * kappa > ROUNDING_TOL:
+    if ROUNDING_C * np.finfo(float).eps * kappa > ROUNDING_TOL:
         # the bound on C's condition says the factorisation may have lost the deviance: a
         # second computation in another basis says whether it has
         diff = second_opinion(model, rec.theta)
@@ -213,64 +130,6 @@ def _fit_model(model: NestedModel, **options) -> FitRecord:
                 f"{diff:.1g}; very large variances or effects perfectly correlated with "
                 f"large ones lead there. Simplify the model or rescale its covariates.")
     return rec
-
-
-def second_opinion(model: NestedModel, theta) -> float:
-    """|deviance at theta - the same deviance computed in another basis|: every level's
-    design Z_l A_l with its slopes centred on the intercept column and scaled to unit SD
-    (the intercept to unit root mean square), written as an unstructured level with
-    ``Sigma~_l = A_l^-1 Sigma_l A_l^-T``. The likelihood is the same, the rounding is not:
-    the difference measures the error of the engine's factorisation there (inf where
-    either computation fails)."""
-    from mlmeta.covstruct import Unstructured
-    from mlmeta.design import build_design
-
-    d = model.design
-    A = []
-    # levels correlated across their groups (known R, spatial) keep their structure: A = 1
-    keep = _across_groups(model)
-    for lvl, Z in enumerate(d.Z):
-        q = Z.shape[1]
-        a = np.eye(q)
-        if lvl in keep:
-            A.append(a)
-            continue
-        mean, sd, rms, const, icol = _column_stats(Z)
-        for j in range(q):
-            if const[j]:
-                a[j, j] = 1.0 / rms[j] if rms[j] > 0 else 1.0
-            elif sd[j] > 0:
-                a[j, j] = 1.0 / sd[j]
-                if icol is not None:
-                    a[icol, j] = -(mean[j] / mean[icol]) / sd[j]
-        A.append(a)
-    try:
-        work = NestedModel(build_design(d.y, d.X, [Z @ a for Z, a in zip(d.Z, A)], d.groups,
-                                        d.variance, V=d.Lambda, n_tree=d.n_tree,
-                                        known_R=_known_R(d)),
-                           [s if lvl in keep else Unstructured(s.effect_names)
-                            for lvl, s in enumerate(model.structs)], model.method,
-                           residual=model.residual)
-        S = [np.linalg.solve(a, np.linalg.solve(a, Sl).T) for a, Sl in zip(A, model.Sigma_list(theta))]
-        th = work.theta_from_Sigmas([0.5 * (Sl + Sl.T) for Sl in S])
-        for lvl in keep:
-            th[work.theta_slices[lvl]] = theta[model.theta_slices[lvl]]
-        return abs(work.evaluate(th).deviance - model.evaluate(theta).deviance)
-    except (FloatingPointError, np.linalg.LinAlgError):
-        return np.inf
-
-
-def _known_R(d):
-    """The design's known correlation matrices {level: R} (to build it again), or None."""
-    known = (d.border or {}).get("known_R") if d.crossed else None
-    return {lvl: L @ L.T for lvl, L in known.items()} if known else None
-
-
-def _across_groups(model) -> set:
-    """The levels whose groups are correlated (a known R, a spatial structure)."""
-    d = model.design
-    known = set((d.border or {}).get("known_R") or {}) if d.crossed else set()
-    return known | {lvl for lvl, s in enumerate(model.structs) if s.kind == "spatial"}
 
 
 def start_theta(model: NestedModel) -> np.ndarray:
@@ -622,16 +481,6 @@ def finish_outcome(model: NestedModel, Yw, theta, f, conv, theta_em, *, maxiter,
     return theta, f, conv, rec.n_evals, rec.n_iter
 
 
-def _column_stats(Z):
-    """(mean, sd, rms, constant?, the first constant non-zero column or None) of the
-    columns of a level's design Z: what a well-scaled basis for the level is made of."""
-    mean, sd = Z.mean(axis=0), Z.std(axis=0)
-    rms = np.sqrt(np.mean(Z * Z, axis=0))
-    const = sd <= 1e-12 * np.maximum(rms, 1e-300)
-    icol = next((j for j in range(Z.shape[1]) if const[j] and abs(mean[j]) > 0), None)
-    return mean, sd, rms, const, icol
-
-
 def conditioning(model: NestedModel):
     """Per level, a matrix A_l that makes the random-effects design Z_l A_l well
     conditioned, or None when every level is already fine.
@@ -648,7 +497,7 @@ def conditioning(model: NestedModel):
         q = Z.shape[1]
         A = np.eye(q)
         if q >= 2 and s.kind in ("unstructured", "independent"):
-            mean, sd, rms, const, icol = _column_stats(Z)
+            mean, sd, rms, const, icol = column_stats(Z)
             for j in range(q):
                 if const[j]:
                     continue
@@ -675,14 +524,14 @@ def conditioned_model(model: NestedModel, A):
 
     d = model.design
     work_design = build_design(d.y, d.X, [Z @ Al for Z, Al in zip(d.Z, A)], d.groups,
-                               d.variance, V=d.Lambda, n_tree=d.n_tree, known_R=_known_R(d))
+                               d.variance, V=d.Lambda, n_tree=d.n_tree, known_R=known_R_of(d))
     work = NestedModel(work_design, model.structs, model.method, residual=model.residual,
                        fe_constraints=model.fe_constraints, cluster_labels=model.cluster_labels)
 
     def back(theta):
         S = [Al @ Sl @ Al.T for Al, Sl in zip(A, work.Sigma_list(theta))]
         out = model.theta_from_Sigmas([0.5 * (Sl + Sl.T) for Sl in S])
-        for lvl in _across_groups(model):      # q = 1, A_l = 1: theta also holds rho
+        for lvl in across_groups(model):      # q = 1, A_l = 1: theta also holds rho
             out[model.theta_slices[lvl]] = theta[work.theta_slices[lvl]]
         return out
 
@@ -746,7 +595,7 @@ def _own_basis_refine(model, rec, *, budget, tol, maxiter):
         kappa = c_condition(model, th)
     except FloatingPointError:
         return
-    if _ROUNDING_C * np.finfo(float).eps * kappa > ROUNDING_TOL and not fc < f - ROUNDING_TOL:
+    if ROUNDING_C * np.finfo(float).eps * kappa > ROUNDING_TOL and not fc < f - ROUNDING_TOL:
         return
     rec.theta, rec.deviance, rec.converged = th, fc, cc
     rec.grad_max = _gmax(model, th, model.lower, model.upper)

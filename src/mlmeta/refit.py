@@ -23,9 +23,9 @@ import numpy as np
 from mlmeta import _executor
 from mlmeta.design import build_design
 from mlmeta.model import NestedModel
-from mlmeta.optimize import (MAIN_ITER, ROUNDING_TOL, _ROUNDING_C, _largest_group_traces,
-                             conditioned_model, conditioning, extra_starts, finish_outcome,
-                             fit_model, start_theta)
+from mlmeta.accuracy import ROUNDING_C, ROUNDING_TOL, largest_group_traces
+from mlmeta.optimize import (MAIN_ITER, conditioned_model, conditioning, extra_starts,
+                             finish_outcome, fit_model, start_theta)
 from mlmeta.refine import _PROBES, theta_scale
 
 __all__ = ["simulate_outcomes", "fit_outcomes", "column_starts"]
@@ -83,7 +83,7 @@ def fit_outcomes(model: NestedModel, Y, *, theta0=None, em_iter=20, maxiter=1000
     se (m x p, the design's coefficients), deviance, theta, converged, n_iter, n_evals,
     sigma2 (the residual variance of a profiled model, else 1) and Sigma (per level,
     m x q x q). A fit whose objective is undefined at its end, or whose deviance cannot
-    be computed accurately there (:func:`mlmeta.optimize.rounding_error`; the fit
+    be computed accurately there (:func:`mlmeta.accuracy.rounding_error`; the fit
     :func:`mlmeta.meregress` would refuse), has NaN estimates and ``converged=False``.
 
     The main runs of all columns are one engine call, each from the start of its single
@@ -299,7 +299,7 @@ def _settled(model, out, safeguard, rows) -> np.ndarray:
 
 def _inaccurate(model, Yw, out, confirmed=None) -> np.ndarray:
     """Which fits' deviances the batch computation cannot give to within ROUNDING_TOL at
-    their end (:func:`mlmeta.optimize.rounding_error` of that computation: the outcome
+    their end (:func:`mlmeta.accuracy.rounding_error` of that computation: the outcome
     whitened but not centred on the moderators, the working basis's coefficients), for
     all fits at once: with ``yy = y'Lambda^-1 y``, b the coefficients, H^-1 their
     (X'V^-1X)^-1 and kappa the bound on the condition of C (:func:`_c_conditions`),
@@ -321,7 +321,7 @@ def _inaccurate(model, Yw, out, confirmed=None) -> np.ndarray:
     Hinv = out["Hinv"][ok]
     if model.method == "reml" and Hinv.shape[1]:
         q = q + np.abs(np.einsum("mii->m", Hinv))
-    unit = _ROUNDING_C * np.finfo(float).eps
+    unit = ROUNDING_C * np.finfo(float).eps
     bad[ok] = unit * (q + _c_conditions(model, out["theta"][ok])) > ROUNDING_TOL
     if confirmed is not None:
         bad[ok] &= ~(confirmed[ok] & (unit * q <= ROUNDING_TOL))
@@ -329,12 +329,12 @@ def _inaccurate(model, Yw, out, confirmed=None) -> np.ndarray:
 
 
 def _c_conditions(model, theta) -> np.ndarray:
-    """:func:`mlmeta.optimize.c_condition` at every row of ``theta``: 1 + the largest over
+    """:func:`mlmeta.accuracy.c_condition` at every row of ``theta``: 1 + the largest over
     levels of ||T_l||_2^2 times the largest trace of a group's Z_g'Lambda^-1 Z_g (T linear
     in theta, ``T = sum_k theta_k dT_k``, except for a custom level)."""
     traces = model.__dict__.get("_group_traces")
     if traces is None:
-        traces = model.__dict__["_group_traces"] = _largest_group_traces(model)
+        traces = model.__dict__["_group_traces"] = largest_group_traces(model)
     worst = np.zeros(theta.shape[0])
     for s, sl, tr in zip(model.structs, model.theta_slices, traces):
         if s.kind == "custom":
