@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mlmeta.refine import DECREMENT_TOL, deviances, noise, theta_scale
+from mlmeta.refine import DECREMENT_TOL, deviances, noise, scaled_objective, theta_scale
 
 __all__ = ["EDGE_SHRINK", "EDGE_NEAR", "EDGE_STARTS", "CorrelationMap", "correlation_maps",
            "edge_polish", "finish_on_edge", "on_edge"]
@@ -293,57 +293,10 @@ class _Coordinates:
 
 
 def _objective(model, coords, scale, Yw, f_ref, central=True):
-    """(deviance, gradient) in scaled psi (z = psi / scale); where the deviance cannot be
-    computed, a value far above ``f_ref`` (line searches back off) and a zero gradient.
-    The design's own outcome: the engine's gradient by the chain rule; another outcome:
-    central differences (one engine call), or forward ones (``central`` False: half the
-    evaluations, enough to find a basin)."""
-    count = [0]
-    big = f_ref + 1e6 * max(1.0, abs(f_ref))
-
-    def fun(z):
-        psi = np.clip(z * scale, coords.lower, coords.upper)
-        theta, J = coords.theta(psi)
-        if Yw is None:
-            count[0] += 1
-            try:
-                ev = model.evaluate(theta, gradient=True)
-            except FloatingPointError:
-                return big, np.zeros_like(z)
-            return float(ev.deviance), (J.T @ ev.grad) * scale
-        k = z.size
-        h = 1e-6 * np.maximum(np.abs(z), 1.0)
-        if not central:
-            up = coords.upper / scale
-            h = np.where(z + h <= up, h, -h)
-            zz = np.repeat(z[None, :], k + 1, axis=0)
-            zz[1:][np.diag_indices(k)] = z + h
-            th = np.array([coords.theta(np.clip(r * scale, coords.lower, coords.upper))[0]
-                           for r in zz])
-            devs = deviances(model, th, lower=model.lower, upper=model.upper, Yw=Yw)
-            count[0] += k + 1
-            if not np.isfinite(devs[0]):
-                return big, np.zeros_like(z)
-            ok = np.isfinite(devs[1:])
-            return float(devs[0]), np.where(ok, (np.where(ok, devs[1:], 0.0) - devs[0]) / h, 0.0)
-        zp = np.minimum(z + h, coords.upper / scale)
-        zm = np.maximum(z - h, coords.lower / scale)
-        zz = np.repeat(z[None, :], 2 * k + 1, axis=0)
-        zz[1:k + 1][np.diag_indices(k)] = zp
-        zz[k + 1:][np.diag_indices(k)] = zm
-        th = np.array([coords.theta(np.clip(r * scale, coords.lower, coords.upper))[0] for r in zz])
-        devs = deviances(model, th, lower=model.lower, upper=model.upper, Yw=Yw)
-        count[0] += 2 * k + 1
-        if not np.isfinite(devs[0]):
-            return big, np.zeros_like(z)
-        fp = np.where(np.isfinite(devs[1:k + 1]), devs[1:k + 1], devs[0])
-        fm = np.where(np.isfinite(devs[k + 1:]), devs[k + 1:], devs[0])
-        span = np.where(np.isfinite(devs[1:k + 1]), zp - z, 0.0) + \
-            np.where(np.isfinite(devs[k + 1:]), z - zm, 0.0)
-        g = np.where(span > 0, (fp - fm) / np.where(span > 0, span, 1.0), 0.0)
-        return float(devs[0]), g
-
-    return fun, count
+    """(deviance, gradient) in scaled psi (z = psi / scale):
+    :func:`mlmeta.refine.scaled_objective` through the map psi -> theta."""
+    return scaled_objective(model, f_ref, lower=coords.lower, upper=coords.upper, scale=scale,
+                            Yw=Yw, to_theta=coords.theta, central=central)
 
 
 def _value(model, coords, scale, z, Yw, count):

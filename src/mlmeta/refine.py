@@ -296,33 +296,60 @@ def _rotations(model, i):
     return None
 
 
-def _objective(model, f_ref, *, lower, upper, scale, Yw=None):
-    """(deviance, gradient) in scaled parameters z = theta / scale, finite everywhere
+def scaled_objective(model, f_ref, *, lower, upper, scale, Yw=None, to_theta=None,
+                     central=True):
+    """(deviance, gradient) in scaled coordinates z = x / scale, finite everywhere
     (outside the parameter space: a value far above ``f_ref``, so line searches back off),
-    and a counter of evaluations. The gradient is the engine's analytic one for the
-    design's own outcome, differences (one engine call) for another outcome."""
+    and a counter of evaluations. ``x`` lies in the box [lower, upper]; it is theta itself,
+    or ``to_theta(x) = (theta, d theta / d x)`` maps it (theta then within the model's
+    bounds). The gradient is the engine's analytic one for the design's own outcome (by
+    the chain rule through ``to_theta``), differences (one engine call) for another
+    outcome: central ones where both sides are in the box (one-sided ones are too coarse
+    to see a shallow descent), else forward or backward ones; with ``central`` False,
+    forward ones (backward at the upper bound): half the evaluations, enough to find a
+    basin."""
     big = f_ref + 1e6 * max(1.0, abs(f_ref))
     count = [0]
+    if to_theta is None:
+        t_lower, t_upper = lower, upper
+
+        def thetas(rows):
+            return np.clip(rows * scale, lower, upper)
+    else:
+        t_lower, t_upper = model.lower, model.upper
+
+        def thetas(rows):
+            return np.array([to_theta(np.clip(r * scale, lower, upper))[0] for r in rows])
 
     def fun(z):
-        theta = np.clip(z * scale, lower, upper)
+        x = np.clip(z * scale, lower, upper)
         if Yw is None:
+            theta, J = (x, None) if to_theta is None else to_theta(x)
             count[0] += 1
             try:
                 ev = model.evaluate(theta, gradient=True)
             except FloatingPointError:
                 return big, np.zeros_like(z)
-            return ev.deviance, ev.grad * scale
-        # central differences where both sides are in the parameter space (one-sided
-        # ones are too coarse to see a shallow descent), else forward or backward ones
+            g = ev.grad if J is None else J.T @ ev.grad
+            return float(ev.deviance), g * scale
         k = z.size
         h = 1e-6 * np.maximum(np.abs(z), 1.0)
+        if not central:
+            h = np.where(z + h <= upper / scale, h, -h)
+            zz = np.repeat(z[None, :], k + 1, axis=0)
+            zz[1:][np.diag_indices(k)] = z + h
+            devs = deviances(model, thetas(zz), lower=t_lower, upper=t_upper, Yw=Yw)
+            count[0] += k + 1
+            if not np.isfinite(devs[0]):
+                return big, np.zeros_like(z)
+            ok = np.isfinite(devs[1:])
+            return float(devs[0]), np.where(ok, (np.where(ok, devs[1:], 0.0) - devs[0]) / h, 0.0)
         hi = np.minimum(z + h, upper / scale)
         lo_ = np.maximum(z - h, lower / scale)
         zz = np.repeat(z[None, :], 2 * k + 1, axis=0)
         zz[1:k + 1][np.diag_indices(k)] = hi
         zz[k + 1:][np.diag_indices(k)] = lo_
-        devs = deviances(model, np.clip(zz * scale, lower, upper), lower=lower, upper=upper, Yw=Yw)
+        devs = deviances(model, thetas(zz), lower=t_lower, upper=t_upper, Yw=Yw)
         count[0] += 2 * k + 1
         if not np.isfinite(devs[0]):
             return big, np.zeros_like(z)
@@ -344,7 +371,7 @@ def quasi_newton(model, theta, f, *, lower, upper, scale, Yw=None, maxiter=30, m
     evaluations. Returns (theta, deviance, evaluations, iterations)."""
     from scipy import optimize
 
-    fun, count = _objective(model, f, lower=lower, upper=upper, scale=scale, Yw=Yw)
+    fun, count = scaled_objective(model, f, lower=lower, upper=upper, scale=scale, Yw=Yw)
     lo, up = lower / scale, upper / scale
     bounds = list(zip(np.where(np.isfinite(lo), lo, None), np.where(np.isfinite(up), up, None)))
     # tight tolerances: along flat directions (a correlation of effects with tiny SDs) the
