@@ -42,7 +42,8 @@ from mlmeta.accuracy import (ROUNDING_C, ROUNDING_TOL, across_groups, c_conditio
 from mlmeta.model import NestedModel
 from mlmeta.pdedge import finish_on_edge
 from mlmeta.refine import (DECREMENT_TOL, Work, custom_correlations, deviances,
-                           off_pd_boundary, quasi_newton, refine, rounds, run_engine, theta_scale)
+                           mirrored_correlations, off_pd_boundary, quasi_newton, refine, rounds,
+                           run_engine, theta_scale)
 from mlmeta.validate import safeguard as _safeguard
 
 __all__ = ["FitRecord", "fit_nested", "fit_model", "start_theta", "alternative_starts",
@@ -203,6 +204,8 @@ def alternative_starts(model: NestedModel, theta_em, theta_best, scale=None):
                 starts.append((f"parameter {i} off zero x {c:g}", t))
         for j, t in enumerate(off_pd_boundary(model, theta_best)):
             starts.append((f"custom correlations off the edge {j + 1}", t))
+        for j, t in enumerate(mirrored_correlations(model, theta_best)):
+            starts.append((f"correlation at the opposite edge {j + 1}", t))
         k = model.n_theta
         sd_like = model.lower == 0.0
         corr_like = np.isfinite(model.lower) & (model.lower < 0.0)

@@ -248,6 +248,33 @@ def off_pd_boundary(model, theta) -> list:
     return probes
 
 
+#: a correlation this close to +-1 counts as at the edge for :func:`mirrored_correlations`
+EDGE_CORR = 1.0 - 1e-4
+
+
+def mirrored_correlations(model, theta) -> list:
+    """Starts across from a correlation at +-1 of an exchangeable or unstructured level:
+    the level's SDs kept and that correlation set to 0.9 of the opposite extreme (-0.9,
+    or -0.9 / (q - 1) for an exchangeable level, whose correlations are one), the other
+    correlations kept (projected onto the structure by ``theta_from_report``). The
+    likelihood can hold optima at both ends; Newton from one end does not cross."""
+    starts = []
+    for s, sl in zip(model.structs, model.theta_slices):
+        if s.kind not in ("exchangeable", "unstructured") or s.q < 2:
+            continue
+        values = s.report_values(theta[sl])
+        for k, (kind, _) in enumerate(s.report_params()):
+            floor = 1.0 / (s.q - 1) if s.kind == "exchangeable" else 1.0
+            if kind != "corr" or -floor * EDGE_CORR < values[k] < EDGE_CORR:
+                continue
+            v = values.copy()
+            v[k] = -0.9 * floor if values[k] > 0 else 0.9
+            t = theta.copy()
+            t[sl] = s.theta_from_report(v)
+            starts.append(t)
+    return starts
+
+
 def _unidentified_correlations(model, i) -> list:
     """The theta indices of a custom level's correlations that involve the effects of its
     SD parameter ``i`` (left anywhere while that SD is zero: a step off zero tries them at
