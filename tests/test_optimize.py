@@ -55,7 +55,8 @@ def test_fit_record_bookkeeping(schoolcal):
     model, _, _ = build_model("stdmdiff ~ 1 + (1 | district) + (1 | district:school)",
                               schoolcal, variance="var")
     rec = fit_nested(model)
-    assert rec.n_em == 20 and rec.n_evals > rec.n_em and rec.seconds > 0
+    # EM hands over to Newton from its third iterate on where it may (refine.EM_SWITCH)
+    assert 3 <= rec.n_em <= 20 and rec.n_evals > rec.n_em and rec.seconds > 0
     assert rec.theta_em is not None and rec.theta_start.shape == (2,)
     assert rec.candidates and rec.candidates[0][0] == "EM start"
 

@@ -41,7 +41,7 @@ from mlmeta.accuracy import (ROUNDING_C, ROUNDING_TOL, across_groups, c_conditio
                              variance_ratio)
 from mlmeta.model import NestedModel
 from mlmeta.pdedge import finish_on_edge
-from mlmeta.refine import (DECREMENT_TOL, Work, custom_correlations, deviances,
+from mlmeta.refine import (DECREMENT_TOL, EM_SWITCH, Work, custom_correlations, deviances,
                            mirrored_correlations, off_pd_boundary, quasi_newton, refine, rounds,
                            run_engine, theta_scale)
 from mlmeta.validate import safeguard as _safeguard
@@ -319,7 +319,8 @@ def _fit(model, *, theta0, em_iter, em_tol, em_only, maxiter, tol, safeguard, ve
         return rec
     n_em = 10 * maxiter if em_only else em_iter
     run = run_engine(model, theta, lower=lower, upper=upper, em_iter=n_em, em_tol=em_tol,
-                     em_only=em_only, maxiter=min(maxiter, MAIN_ITER), tol=tol, log=verbose)
+                     em_only=em_only, maxiter=min(maxiter, MAIN_ITER), tol=tol, log=verbose,
+                     em_switch=EM_SWITCH)
     rec.n_em = int(run["n_em"][0])
     rec.theta_em = run["theta_em"][0].copy()
     rec.n_evals = int(run["n_evals"][0])

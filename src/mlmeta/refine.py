@@ -105,10 +105,19 @@ def _scale_parts(model: NestedModel):
     return sd_r, parts
 
 
+#: a main run's EM may hand over to Newton from this EM iterate on ...
+EM_SWITCH = 3
+#: ... where EM's pace and then the Newton decrement put the optimum within this / 2
+#: (deviance units; see the engine's ``fit_one``)
+SWITCH_DEC = 30.0
+
+
 def run_engine(model, thetas, *, lower, upper, em_iter=0, em_tol=0.0, em_only=False,
-               maxiter=1000, tol=1e-6, quasi=False, known=None, threads=1, log=False, Yw=None):
+               maxiter=1000, tol=1e-6, quasi=False, known=None, threads=1, log=False, Yw=None,
+               em_switch=0):
     """Engine runs from each row of ``thetas`` (for the design's own outcome, or for the
-    whitened outcome ``Yw``); the engine's dict of per-run arrays."""
+    whitened outcome ``Yw``); the engine's dict of per-run arrays. ``em_switch``: EM may
+    hand over to Newton from that iterate on (:data:`EM_SWITCH`, :data:`SWITCH_DEC`)."""
     kt, kd = (None, np.inf) if known is None else (known[0], float(known[1]))
     thetas = np.atleast_2d(thetas)
     Y = None if Yw is None else np.repeat(np.asarray(Yw, dtype=float)[None, :], len(thetas), axis=0)
@@ -116,6 +125,7 @@ def run_engine(model, thetas, *, lower, upper, em_iter=0, em_tol=0.0, em_only=Fa
         return model.problem.fit(thetas, Y, lower=lower, upper=upper, em_iter=int(em_iter),
                                  em_tol=float(em_tol), em_only=em_only, maxiter=int(maxiter),
                                  tol=float(tol), quasi=quasi, known_theta=kt, known_dev=kd,
+                                 em_switch=int(em_switch), switch_dec=SWITCH_DEC,
                                  n_threads=int(threads), log=log)
 
 

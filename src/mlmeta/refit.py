@@ -26,15 +26,10 @@ from mlmeta.model import NestedModel
 from mlmeta.accuracy import ROUNDING_C, ROUNDING_TOL, largest_group_traces
 from mlmeta.optimize import (MAIN_ITER, conditioned_model, conditioning, extra_starts,
                              finish_outcome, fit_model, start_theta)
-from mlmeta.refine import _PROBES, theta_scale
+from mlmeta.refine import _PROBES, EM_SWITCH, SWITCH_DEC, theta_scale
 
 __all__ = ["simulate_outcomes", "fit_outcomes", "column_starts"]
 
-#: a batch's main runs may hand EM over to Newton from this EM iterate on ...
-EM_SWITCH = 3
-#: ... where EM's pace and then the Newton decrement put the optimum within this / 2
-#: (deviance units; see the engine's ``fit_one``)
-SWITCH_DEC = 0.3
 
 
 def simulate_outcomes(model: NestedModel, mean, n, *, theta, seed=None) -> np.ndarray:
