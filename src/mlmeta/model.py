@@ -55,6 +55,11 @@ class Evaluation:
             setattr(self, k, kw.get(k))
 
 
+#: the deepest level is folded into the diagonal only below this many columns in [X, y]
+#: (wider designs take the tree's per-node products as BLAS calls instead)
+FOLD_MAX_NCOL = 16
+
+
 class NestedModel:
     """A nested linear mixed model with known sampling variances.
 
@@ -111,7 +116,56 @@ class NestedModel:
         self.scale = float(np.sqrt(np.median(design.variance))) if design.variance is not None else 1.0
         self.problem = self._problem()
 
+    def _fold_level(self):
+        """The deepest level when it can be folded into the diagonal (:mod:`mlmeta._core._fold`):
+        one effect, one row per group, a diagonal whitening, no crossed terms, a linear
+        structure and fewer than :data:`FOLD_MAX_NCOL` columns in [X, y]; else None."""
+        d = self.design
+        L = d.n_levels - 1
+        if (d.crossed or d.Lambda is not None or L < 1 or d.q[L] != 1 or d.n_groups[L] != d.n_obs
+                or self.structs[L].kind in ("custom", "spatial") or d.n_fe + 1 >= FOLD_MAX_NCOL):
+            return None
+        return L
+
     def _problem(self) -> Problem:
+        L = self._fold_level()
+        return self._tree_problem() if L is None else self._folded_problem(L)
+
+    def _folded_problem(self, L) -> Problem:
+        """The problem with the deepest level ``L`` folded into the diagonal: the kernel
+        keeps the nodes of the levels above (cross-products rebuilt per evaluation)."""
+        d = self.design
+        K = d.kernel
+        level = np.asarray(K.level)
+        keep = level < L
+        index = np.cumsum(keep) - 1
+        parent = np.asarray(K.parent)[keep]
+        parent = np.where(parent >= 0, index[np.maximum(parent, 0)], -1)
+        q = np.asarray(K.q)
+        nq = np.asarray(K.nq)[keep]
+        lv = level[keep]
+        anc_sum = np.concatenate([[0], np.cumsum(q)])
+        ncol = d.n_fe + 1
+        zz_ptr = np.concatenate([[0], np.cumsum(nq * (anc_sum[lv] + nq))]).astype(np.intp)
+        za_ptr = np.concatenate([[0], np.cumsum(nq * ncol)]).astype(np.intp)
+        cluster_ptr = np.concatenate([[0], np.cumsum(keep)])[np.asarray(K.cluster_ptr)]
+        kernel = NestedKernel(q, lv, parent, zz_ptr, za_ptr, cluster_ptr, np.zeros(zz_ptr[-1]),
+                              np.zeros(za_ptr[-1]), np.zeros((ncol, ncol)))
+        node_r0 = np.zeros(kernel.n_nodes, dtype=np.intp)
+        node_r1 = np.zeros(kernel.n_nodes, dtype=np.intp)
+        for lvl in range(L):
+            nodes = index[d.node_of_group[lvl]]
+            node_r0[nodes] = d.group_start[lvl][:-1]
+            node_r1[nodes] = d.group_start[lvl][1:]
+        w = d.weights
+        return Problem(kernel, [s.engine_spec() for s in self.structs], self.lower, self.upper,
+                       np.asarray(d.n_groups, dtype=float), d.n_obs, self.method == "reml",
+                       self.residual == "profiled", float(d.logdet_Lambda),
+                       float(d.logdet_XtX_work), self.scale, Zw=[z * w[:, None] for z in d.Z],
+                       Xw=d.Xw, node_rows=(node_r0, node_r1), fold=dict(level=L, yw=d.yw))
+
+    def _tree_problem(self) -> Problem:
+        """The problem on the design's own kernel (every level's nodes)."""
         d = self.design
         K = d.kernel
         new = {}
@@ -138,9 +192,16 @@ class NestedModel:
     #: after unpickling, the problem is built again on first use
     problem = cached_property(_problem)
 
+    @cached_property
+    def tree_problem(self) -> Problem:
+        """The problem with a node per group of every level (the per-node solutions of
+        :meth:`random_effects`): ``problem`` itself unless a level is folded."""
+        return self.problem if self._fold_level() is None else self._tree_problem()
+
     def __getstate__(self):
         state = self.__dict__.copy()
         state.pop("problem", None)
+        state.pop("tree_problem", None)
         return state
 
     # -- theta <-> per-level quantities ---------------------------------------
@@ -189,6 +250,9 @@ class NestedModel:
         if status > 0:
             K = self.design.kernel
             node = status - 1
+            L = self._fold_level()
+            if L is not None:       # a node of the folded problem's tree: the design's index
+                node = int(np.flatnonzero(np.asarray(K.level) < L)[node])
             cluster = int(np.searchsorted(K.cluster_ptr, node, side="right") - 1)
             lvl = int(K.level[node])
             label = self.cluster_label(cluster)
@@ -245,7 +309,7 @@ class NestedModel:
         d = self.design
         K = d.kernel
         with blas_threads(1):
-            WW, SB = self.problem.node_solution(theta)
+            WW, SB = self.tree_problem.node_solution(theta)
         p = d.n_fe
         nc = p + 1
         gamma = np.append(-ev.beta_work, 1.0)

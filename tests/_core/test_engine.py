@@ -120,10 +120,18 @@ def test_failure_message_names_cluster_and_level(schoolcal):
     assert "top-level cluster #4" in msg and "(level 1)" in msg
     res = mlmeta.meregress("stdmdiff ~ 1 + (1 | district) + (1 | district:school)", schoolcal,
                            variance="var")
-    K = res.model.design.kernel
-    node = int(K.cluster_ptr[2])                # the first node of the third district
-    msg = res.model.failure_message(1 + node)
+    # one effect per school: the school level is folded into the diagonal, so the
+    # engine's tree has one node per district and its status names that node
+    assert res.model._fold_level() == 1
+    msg = res.model.failure_message(1 + 2)         # the third district's node
     label = res.frame.group_labels[0][2]
+    assert f"top-level cluster district = {label!r}" in msg and "(level 1)" in msg
+    tree = mlmeta.meregress("stdmdiff ~ 1 + (1 | district) + (1 | district:year)", schoolcal,
+                            variance="var")
+    assert tree.model._fold_level() is None
+    K = tree.model.design.kernel
+    node = int(K.cluster_ptr[2])                # the first node of the third district
+    msg = tree.model.failure_message(1 + node)
     assert f"top-level cluster district = {label!r}" in msg
     assert f"(level {int(K.level[node]) + 1})" in msg
 

@@ -74,6 +74,10 @@ cdef class Problem:
         (form, D)}: a key of ``SPATIAL_FORMS`` and the G x G distances between the level's
         groups, in the units of its rho, for a level of kind ``spatial``); None for a
         nested model.
+    fold : a deepest level of one-row, one-effect groups folded into the diagonal
+        (:mod:`mlmeta._core._fold`): a dict with ``level`` (the kernel then has no nodes
+        at that level) and ``yw`` (the design's own whitened outcome, n); needs Zw, Xw
+        and node_rows. None otherwise.
     """
     cdef Prob P
     cdef NestedKernel K
@@ -87,7 +91,7 @@ cdef class Problem:
 
     def __init__(self, NestedKernel kernel, structs, lower, upper, n_groups, Py_ssize_t n_obs,
                  bint reml, bint profiled, double logdet_Lambda, double logdet_XtX,
-                 double scale, Zw=None, Xw=None, node_rows=None, border=None):
+                 double scale, Zw=None, Xw=None, node_rows=None, border=None, fold=None):
         K = kernel
         self.K = K
         L = K.n_levels
@@ -134,6 +138,16 @@ cdef class Problem:
             raise ValueError("lower/upper need one entry per theta")
         n_groups = np.ascontiguousarray(n_groups, dtype=float)
         self.new_outcomes = Zw is not None
+        fold_level = -1 if fold is None else int(fold["level"])
+        yw = np.zeros(1)
+        if fold is not None:
+            yw = np.ascontiguousarray(fold["yw"], dtype=float)
+            if (Zw is None or border is not None or fold_level != L - 1 or fold_level < 1
+                    or q[fold_level] != 1 or yw.shape[0] != n_obs or K.ncol >= 64
+                    or (np.asarray(K.level) == fold_level).any() or kind[fold_level] == K_CUSTOM
+                    or kind[fold_level] == K_SPATIAL):
+                raise ValueError("fold: the deepest level (one effect, no nodes in the kernel) "
+                                 "of a nested problem with Zw, Xw, node_rows and yw")
         if Zw is None:
             Zw = [np.zeros((0, int(ql))) for ql in q]
             Xw = np.zeros((0, int(K.ncol) - 1))
@@ -221,7 +235,7 @@ cdef class Problem:
         self.nb = nb
         self._keep = (q, t_off, n_th, th_off, kind, M, n_sd, c_off, cmap, cfix, clag, lower, upper,
                       n_groups, Zw_flat, zw_off, Xw, node_r0, node_r1, AA, b_off, cmap_ptr, bmap,
-                      S0, cw, b_lo, bL, y_row, sp_form, sp_D)
+                      S0, cw, b_lo, bL, y_row, sp_form, sp_D, yw)
         self.lower, self.upper, self.t_off, self.q = lower, upper, t_off, q
         self.n_theta = k
         self.p = p
@@ -239,7 +253,7 @@ cdef class Problem:
         cdef double[::1, :] v_S0 = S0
         cdef Py_ssize_t[::1] v_boff = b_off, v_cptr = cmap_ptr, v_bmap = bmap, v_cw = cw
         cdef Py_ssize_t[::1] v_blo = b_lo, v_yrow = y_row
-        cdef double[::1] v_bL = bL, v_spD = sp_D
+        cdef double[::1] v_bL = bL, v_spD = sp_D, v_yw = yw
         cdef Py_ssize_t[::1] v_spf = sp_form
         cdef const double[:, ::1] v_Xw = Xw
         cdef Prob* P = &self.P
@@ -298,6 +312,8 @@ cdef class Problem:
         P.sp_D = &v_spD[0]
         P.sp_scratch = sp_scratch
         P.has_spatial = bool((kind == K_SPATIAL).any())
+        P.fold = fold_level
+        P.yw = &v_yw[0]
         # the kernels' scratch, and (EM) Sigma, a product and the projections' q x q room
         P.scratch_len = 3 * P.maxq * max(P.maxq, maxw) + 3 * P.maxq * P.maxq + 16
         P.n_theta = k
@@ -343,6 +359,9 @@ cdef class Problem:
                                       P.za_len if P.wide or (P.tree.scalar and nc >= WIDE_NC)
                                       else 0)]
         sizes += [P.bl_len, P.bl_len, max(k, 1), P.sp_scratch]
+        folded = P.fold >= 0
+        sizes += [P.n_obs * nc if folded else 1, P.n_obs if folded else 1,
+                  max(P.zz_len, 1) if folded else 1, (P.t_len + 1) * (nc + 1)]
         offs = np.concatenate([[0], np.cumsum(sizes)]).astype(np.intp)
         buf = np.zeros((n, int(offs[-1])), dtype=np.float64)
         cdef double[:, ::1] B = buf
@@ -389,6 +408,10 @@ cdef class Problem:
             Ws[c].dR = &B[c, o[34]]
             Ws[c].Gx = &B[c, o[35]]
             Ws[c].sp = &B[c, o[36]]
+            Ws[c].Ar = &B[c, o[37]]
+            Ws[c].wr = &B[c, o[38]]
+            Ws[c].ZZf = &B[c, o[39]]
+            Ws[c].fu = &B[c, o[40]]
             copy(P.bL, Ws[c].bL, P.bl_len)
             if k:
                 copy(P.M, Ws[c].D, P.t_len * k)

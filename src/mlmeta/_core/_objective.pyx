@@ -30,6 +30,7 @@ from mlmeta._core._nested cimport (Tree, factor_cluster, invert_cluster, accumul
 from mlmeta._core._problem cimport Prob, Work, ST_OK, ST_H, ST_SIGMA, WIDE_NC
 from mlmeta._core._structures cimport set_factors
 from mlmeta._core._border cimport factor_crossed, solve_crossed
+from mlmeta._core._fold cimport fold_prepare, fold_pieces
 
 cdef double LOG2PI = 1.8378770664093453
 
@@ -39,6 +40,13 @@ cdef void set_response(const Prob* P, Work* W, const double* y) noexcept nogil:
     cdef Py_ssize_t a, l, i, r, j, ql
     cdef int p = P.p
     cdef double acc
+    if P.fold >= 0:        # the cross-products are rebuilt per evaluation from the rows
+        W.own = y == NULL
+        for r in range(P.n_obs):
+            for j in range(p):
+                W.Ar[r * P.ncol + j] = P.Xw[r * p + j]
+            W.Ar[r * P.ncol + p] = P.yw[r] if y == NULL else y[r]
+        return
     copy(P.ZA0, W.ZA, P.za_len)
     copy(P.AA0, W.AA, P.ncol * P.ncol)
     W.own = y == NULL
@@ -73,6 +81,9 @@ cdef Py_ssize_t factor_all(const Prob* P, Work* W, double* logdet) noexcept nogi
     t.T = W.Tn
     zero(W.Tn, P.tn_len)
     assemble_factors(&P.sb, W.Tlev, W.Tn)
+    if P.fold >= 0:
+        fold_prepare(P, W, logdet)
+        t.ZZ = W.ZZf
     if P.nb > 0:
         return factor_crossed(P, W, &t, logdet)
     copy(W.AA, W.S, P.ncol * P.ncol)
@@ -177,6 +188,8 @@ cdef void solve_all(const Prob* P, Work* W, const double* Phi, bint want_G,
     cdef Py_ssize_t j
     t.ZA = W.ZA
     t.T = W.Tn
+    if P.fold >= 0:
+        t.ZZ = W.ZZf
     zero(W.G, P.t_len)
     zero(W.E, P.t_len)
     zero(W.Gx, P.n_theta)
@@ -201,6 +214,8 @@ cdef void solve_all(const Prob* P, Work* W, const double* Phi, bint want_G,
         reduce_factors(&P.sb, W.GN, W.G)
     if want_E:
         reduce_factors(&P.sb, W.EN, W.E)
+    if P.fold >= 0:
+        fold_pieces(P, W, Phi)
 
 
 cdef void inverse_H(const Prob* P, Work* W) noexcept nogil:

@@ -83,6 +83,11 @@ cdef struct Prob:
     const Py_ssize_t* bmap
     const Py_ssize_t* b_off
     const double* S0
+    # a deepest level of one-row, one-effect groups folded into the diagonal (_fold.pyx):
+    # its level index (-1: none); the tree then has no nodes at that level, and yw is the
+    # design's own whitened outcome (rows of A are rebuilt from Xw and it)
+    Py_ssize_t fold
+    const double* yw
     int n_theta, p, ncol, reml, profiled, has_custom
     double logdet_Lambda, logdet_XtX, scale
 
@@ -127,6 +132,13 @@ cdef struct Work:
     double* dR       # bl_len: dR/drho of the spatial levels
     double* Gx       # n_theta: gradient terms outside dT/dtheta (the spatial levels' rho)
     double* sp       # sp_scratch: the spatial levels' factorisation and gradient scratch
+    # the folded level (P.fold >= 0): rows of A = [X, y] (n x ncol, row-major), the row
+    # weights 1 / (1 + t^2 z^2), the tree's reweighted ZZ (zz_len) and a row's chain
+    # ((t_len + 1) (ncol + 1))
+    double* Ar
+    double* wr
+    double* ZZf
+    double* fu
     double sigma2, rss, logdet_C, logdet_H
     int n_evals, status
     bint own         # ZA and AA hold the design's own outcome (set_response(NULL))

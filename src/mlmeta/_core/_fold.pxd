@@ -1,0 +1,4 @@
+from mlmeta._core._problem cimport Prob, Work
+
+cdef void fold_prepare(const Prob* P, Work* W, double* logdet) noexcept nogil
+cdef void fold_pieces(const Prob* P, Work* W, const double* Phi) noexcept nogil

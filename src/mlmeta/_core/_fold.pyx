@@ -1,0 +1,362 @@
+# cython: language_level=3
+"""A deepest level of one-row groups folded into the diagonal.
+
+When every group of the deepest level ``L`` holds one row and carries one effect
+(``(1 | study:es)`` with one effect size per ``es``), its contribution to the whitened
+marginal covariance is diagonal: row r adds ``t^2 z_r^2`` (``t`` = T_L, ``z_r`` = the
+row's whitened Z of level L). With ``D = diag(d_r)``, ``d_r = 1 + t^2 z_r^2`` and
+``w_r = 1 / d_r``,
+
+    V          = D^1/2 V'' D^1/2,     V'' = I + Z'' T T' Z''',  Z'' = D^-1/2 Z_up
+    log|V|     = sum_r log d_r + log|C''|
+    A' V^-1 A  = A'' V''^-1 A'',       A'' = D^-1/2 A
+
+so the tree of the levels above L (no nodes at level L) is factored with the
+cross-products ``Z_up' W Z_up``, ``Z_up' W A`` and ``A' W A`` recomputed at each
+evaluation (:func:`fold_prepare`). The level-L pieces of the gradient and EM moments
+come from one pass over the rows after the tree's solve (:func:`fold_pieces`): with
+``m_r = z_r,up T W_chain`` (the row's upper Z times the node solutions of its chain),
+``s_r = z_r,up T Sig_chain T' z_r,up'``,
+
+    (V^-1)_rr   = w_r - w_r^2 s_r ,    k_r = (V^-1 A)_r = w_r (a_r - m_r)
+    h_r         = (V^-1)_rr - k_r Phi k_r'
+    G_L         = sum_r t z_r^2 h_r                      (= d f / d T_L / 2)
+    E_L         = sum_r (1 - t^2 z_r^2 h_r)               (Sig_rr + W_r Phi W_r')
+
+(the identities C^-1 = I - T'Z'V^-1 Z T and C^-1 T'Z' = T'Z'V^-1 for the folded
+effects). Cost per evaluation: O(n (depth q + ncol)^2) in plain loops, no node of
+level L. The rows of a node of the tree are contiguous (``node_r0 .. node_r1``);
+``W.Ar`` holds the rows of A = [X, y] (row-major, the current outcome).
+"""
+
+from libc.math cimport log
+from mlmeta._core._linalg cimport zero
+from mlmeta._core._problem cimport Prob, Work
+
+
+cdef inline Py_ssize_t zrow(const Prob* P, Py_ssize_t l, Py_ssize_t r) noexcept nogil:
+    """Offset of row r of level l's whitened Z (row-major, q_l per row) in P.Zw."""
+    return P.zw_off[l] + r * P.q[l]
+
+
+cdef void prepare_scalar(const Prob* P, Work* W) noexcept nogil:
+    """:func:`fold_prepare`'s cross-products for a tree of one effect per node: node a
+    at level l has l + 1 numbers in ZZ (z_l z_k, k <= l) and ncol in ZA; A'WA is summed
+    over the rows of the deepest tree level (each row once). Sums run in locals (no
+    store through the workspaces inside the row loops)."""
+    cdef Py_ssize_t a, l, k, r, i, j, r0, r1
+    cdef Py_ssize_t deep = P.fold - 1
+    cdef int nc = P.ncol
+    cdef double wr, wz, wz2, zl
+    cdef double zz[64]
+    cdef double acc[64]
+    cdef double aa[64 * 64]
+    cdef const double* zk[64]
+    cdef const double* ar
+    cdef const double* Ar = W.Ar
+    cdef const double* w = W.wr
+    cdef const double* Zl
+    cdef double* ZZf = W.ZZf
+    cdef double* ZA = W.ZA
+    for k in range(deep + 1):
+        zk[k] = P.Zw + P.zw_off[k]
+    for j in range(nc):
+        for i in range(j + 1):
+            aa[i + j * nc] = 0.0
+    for a in range(P.n_nodes):
+        l = P.tree.level[a]
+        r0 = P.node_r0[a]
+        r1 = P.node_r1[a]
+        Zl = zk[l]
+        for k in range(l + 1):
+            zz[k] = 0.0
+        for i in range(nc):
+            acc[i] = 0.0
+        if l == deep:
+            for r in range(r0, r1):
+                wr = w[r]
+                ar = Ar + r * nc
+                zl = Zl[r]
+                wz = wr * zl
+                for k in range(l):
+                    zz[k] += wz * zk[k][r]
+                zz[l] += wz * zl
+                for j in range(nc):
+                    acc[j] += wz * ar[j]
+                    wz2 = wr * ar[j]
+                    for i in range(j + 1):
+                        aa[i + j * nc] += wz2 * ar[i]
+        else:
+            for r in range(r0, r1):
+                wz = w[r] * Zl[r]
+                ar = Ar + r * nc
+                for k in range(l + 1):
+                    zz[k] += wz * zk[k][r]
+                for j in range(nc):
+                    acc[j] += wz * ar[j]
+        for k in range(l + 1):
+            ZZf[P.tree.zz_ptr[a] + k] = zz[k]
+        for i in range(nc):
+            ZA[P.tree.za_ptr[a] + i] = acc[i]
+    for j in range(nc):
+        for i in range(j + 1):
+            W.AA[i + j * nc] = aa[i + j * nc]
+            W.AA[j + i * nc] = aa[i + j * nc]
+
+
+cdef void fold_prepare(const Prob* P, Work* W, double* logdet) noexcept nogil:
+    """W.wr = 1 / (1 + t^2 z_r^2), logdet += sum_r log(1 + t^2 z_r^2), and the tree's
+    cross-products reweighted by w: W.ZZf (ZZ layout), W.ZA and W.AA."""
+    cdef Py_ssize_t L = P.fold
+    cdef Py_ssize_t n = P.n_obs, r, a, l, k, i, j, c, qa, qk, z0, base
+    cdef int nc = P.ncol
+    cdef double t = W.Tlev[P.t_off[L]]
+    cdef double tt = t * t
+    cdef double zr, d, wr, wz, prod = 1.0
+    cdef const double* Zl = P.Zw + P.zw_off[L]
+    cdef const double* ar
+    cdef double* AA = W.AA
+    for r in range(n):
+        zr = Zl[r]
+        d = 1.0 + tt * zr * zr
+        W.wr[r] = 1.0 / d
+        prod *= d
+        if prod > 1e150:
+            logdet[0] += log(prod)
+            prod = 1.0
+    logdet[0] += log(prod)
+    if P.tree.scalar:
+        prepare_scalar(P, W)
+        return
+    zero(AA, nc * nc)
+    zero(W.ZZf, P.zz_len)
+    zero(W.ZA, P.za_len)
+    for a in range(P.n_nodes):
+        l = P.tree.level[a]
+        qa = P.q[l]
+        for r in range(P.node_r0[a], P.node_r1[a]):
+            wr = W.wr[r]
+            ar = W.Ar + r * nc
+            base = P.tree.zz_ptr[a]
+            for k in range(l + 1):
+                qk = P.q[k]
+                for j in range(qk):
+                    for i in range(qa):
+                        W.ZZf[base + i + j * qa] += wr * P.Zw[zrow(P, l, r) + i] * P.Zw[zrow(P, k, r) + j]
+                base += qa * qk
+            z0 = P.tree.za_ptr[a]
+            for i in range(qa):
+                wz = wr * P.Zw[zrow(P, l, r) + i]
+                for c in range(nc):
+                    W.ZA[z0 + i + c * qa] += wz * ar[c]
+    for r in range(n):
+        wr = W.wr[r]
+        ar = W.Ar + r * nc
+        for j in range(nc):
+            wz = wr * ar[j]
+            for i in range(j + 1):
+                AA[i + j * nc] += wz * ar[i]
+    for j in range(nc):
+        for i in range(j):
+            AA[j + i * nc] = AA[i + j * nc]
+
+
+cdef void pieces_two(const Prob* P, Work* W, const double* z0, const double* ph,
+                     double* g_out, double* e_out) noexcept nogil:
+    """:func:`pieces_scalar` for a tree of one level (the folded level sits right under the
+    top-level clusters): per cluster its factor t_0, Sig_00 and W_0 once; per row
+    s = Sig_00 u^2, k = w (a - u W_0), k Phi k' over Phi's upper triangle."""
+    cdef Py_ssize_t a, r, i, j
+    cdef int nc = P.ncol
+    cdef double t = W.Tlev[P.t_off[P.fold]]
+    cdef double tt = t * t
+    cdef double t0, sig, u, wr, acc, kpk, h, z2, zr, g = 0.0, e = 0.0
+    cdef double wc[64]
+    cdef double kv[64]
+    cdef const double* Zl = P.Zw + P.zw_off[P.fold]
+    cdef const double* Ar = W.Ar
+    cdef const double* w = W.wr
+    cdef const double* ar
+    for a in range(P.n_nodes):
+        t0 = W.Tn[P.tree.tn_ptr[a]]
+        sig = W.SB[P.tree.zz_ptr[a]]
+        for i in range(nc):
+            wc[i] = W.WW[P.tree.za_ptr[a] + i]
+        for r in range(P.node_r0[a], P.node_r1[a]):
+            u = z0[r] * t0
+            wr = w[r]
+            ar = Ar + r * nc
+            for i in range(nc):
+                kv[i] = wr * (ar[i] - u * wc[i])
+            kpk = 0.0
+            for j in range(nc):
+                acc = 0.5 * ph[j + j * nc] * kv[j]
+                for i in range(j):
+                    acc += ph[i + j * nc] * kv[i]
+                kpk += acc * kv[j]
+            zr = Zl[r]
+            z2 = zr * zr
+            h = wr - wr * wr * sig * u * u - 2.0 * kpk
+            g += t * z2 * h
+            e += 1.0 - tt * z2 * h
+    g_out[0] += g
+    e_out[0] += e
+
+
+cdef void pieces_scalar(const Prob* P, Work* W, const double* Phi, double* gl,
+                        double* el) noexcept nogil:
+    """:func:`fold_pieces` for a tree of one effect per node: each chain's factors,
+    blocks of C^-1 and node solutions are read once per node of the deepest tree level
+    into locals."""
+    cdef Py_ssize_t deep = P.fold - 1
+    cdef Py_ssize_t a, c, r, k, m, i, j, r0, r1
+    cdef int nc = P.ncol
+    cdef double t = W.Tlev[P.t_off[P.fold]]
+    cdef double tt = t * t
+    cdef double wr, s, acc, kpk, h, z2, zr, g = 0.0, e = 0.0
+    cdef double tk[64]
+    cdef double u[64]
+    cdef double sig[64 * 64]
+    cdef double kv[64]
+    cdef double wch[64 * 64]          # the chain's node solutions, (deep + 1) x ncol
+    cdef double ph[64 * 64]
+    cdef const double* zk[64]
+    cdef const double* Zl = P.Zw + P.zw_off[P.fold]
+    cdef const double* Ar = W.Ar
+    cdef const double* w = W.wr
+    cdef const double* ar
+    cdef Py_ssize_t anc[64]
+    for k in range(deep + 1):
+        zk[k] = P.Zw + P.zw_off[k]
+    for i in range(nc * nc):
+        ph[i] = Phi[i]
+    if deep == 0:
+        pieces_two(P, W, zk[0], ph, g_out=gl, e_out=el)
+        return
+    for a in range(P.n_nodes):
+        if P.tree.level[a] != deep:
+            continue
+        c = a
+        for k in range(deep, -1, -1):
+            anc[k] = c
+            c = P.tree.parent[c]
+        for k in range(deep + 1):
+            tk[k] = W.Tn[P.tree.tn_ptr[anc[k]]]
+            for m in range(k + 1):
+                sig[k * 64 + m] = W.SB[P.tree.zz_ptr[anc[k]] + m] * (1.0 if m == k else 2.0)
+            for i in range(nc):
+                wch[k * nc + i] = W.WW[P.tree.za_ptr[anc[k]] + i]
+        r0 = P.node_r0[a]
+        r1 = P.node_r1[a]
+        for r in range(r0, r1):
+            for k in range(deep + 1):
+                u[k] = zk[k][r] * tk[k]
+            s = 0.0
+            for k in range(deep + 1):
+                acc = 0.0
+                for m in range(k + 1):
+                    acc += sig[k * 64 + m] * u[m]
+                s += acc * u[k]
+            wr = w[r]
+            ar = Ar + r * nc
+            for i in range(nc):
+                acc = ar[i]
+                for k in range(deep + 1):
+                    acc -= u[k] * wch[k * nc + i]
+                kv[i] = wr * acc
+            kpk = 0.0
+            for j in range(nc):
+                acc = 0.0
+                for i in range(nc):
+                    acc += ph[i + j * nc] * kv[i]
+                kpk += acc * kv[j]
+            zr = Zl[r]
+            z2 = zr * zr
+            h = wr - wr * wr * s - kpk
+            g += t * z2 * h
+            e += 1.0 - tt * z2 * h
+    gl[0] += g
+    el[0] += e
+
+
+cdef void fold_pieces(const Prob* P, Work* W, const double* Phi) noexcept nogil:
+    """After the tree's solve (W.WW, W.SB at the node factors W.Tn): the folded level's
+    gradient piece and EM moment added into W.G and W.E (module docstring)."""
+    cdef Py_ssize_t L = P.fold
+    cdef Py_ssize_t deep = L - 1
+    cdef Py_ssize_t a, r, k, m, i, j, c, qk, qm, o, uo, zb
+    cdef int nc = P.ncol
+    cdef double t = W.Tlev[P.t_off[L]]
+    cdef double tt = t * t
+    cdef double gl = 0.0, el = 0.0
+    cdef double zr, wr, s, acc, kpk, h, z2
+    cdef const double* Zl = P.Zw + P.zw_off[L]
+    cdef const double* ar
+    cdef const double* Tc
+    cdef Py_ssize_t anc[64]
+    cdef Py_ssize_t anc_sum[65]
+    cdef double* u = W.fu                    # the chain's z T (sum of q over levels < L)
+    cdef double* mv = W.fu + P.t_len          # k_r (ncol)
+    if P.tree.scalar:
+        pieces_scalar(P, W, Phi, &gl, &el)
+        W.G[P.t_off[L]] += gl
+        W.E[P.t_off[L]] += el
+        return
+    anc_sum[0] = 0
+    for k in range(L):
+        anc_sum[k + 1] = anc_sum[k] + P.q[k]
+    for a in range(P.n_nodes):
+        if P.tree.level[a] != deep:
+            continue
+        c = a
+        for k in range(deep, -1, -1):
+            anc[k] = c
+            c = P.tree.parent[c]
+        for r in range(P.node_r0[a], P.node_r1[a]):
+            # u_k = z_{r,k} T_{c_k} (1 x q_k) for every level of the chain
+            for k in range(deep + 1):
+                qk = P.q[k]
+                Tc = W.Tn + P.tree.tn_ptr[anc[k]]
+                uo = anc_sum[k]
+                for j in range(qk):
+                    acc = 0.0
+                    for i in range(qk):
+                        acc += P.Zw[zrow(P, k, r) + i] * Tc[i + j * qk]
+                    u[uo + j] = acc
+            # s = u Sig_chain u' (Sig_{c_k c_m}, m <= k, in node c_k's blocks)
+            s = 0.0
+            for k in range(deep + 1):
+                qk = P.q[k]
+                zb = P.tree.zz_ptr[anc[k]]
+                for m in range(k + 1):
+                    qm = P.q[m]
+                    o = zb + qk * anc_sum[m]
+                    acc = 0.0
+                    for j in range(qm):
+                        for i in range(qk):
+                            acc += u[anc_sum[k] + i] * W.SB[o + i + j * qk] * u[anc_sum[m] + j]
+                    s += acc if m == k else 2.0 * acc
+            # m = u W_chain; k_r = w (a_r - m)
+            wr = W.wr[r]
+            ar = W.Ar + r * nc
+            for c in range(nc):
+                acc = 0.0
+                for k in range(deep + 1):
+                    qk = P.q[k]
+                    o = P.tree.za_ptr[anc[k]]
+                    for i in range(qk):
+                        acc += u[anc_sum[k] + i] * W.WW[o + i + c * qk]
+                mv[c] = wr * (ar[c] - acc)
+            kpk = 0.0
+            for j in range(nc):
+                acc = 0.0
+                for i in range(nc):
+                    acc += Phi[i + j * nc] * mv[i]
+                kpk += acc * mv[j]
+            zr = Zl[r]
+            z2 = zr * zr
+            h = wr - wr * wr * s - kpk
+            gl += t * z2 * h
+            el += 1.0 - tt * z2 * h
+    W.G[P.t_off[L]] += gl
+    W.E[P.t_off[L]] += el
