@@ -39,6 +39,18 @@ cdef inline Py_ssize_t zrow(const Prob* P, Py_ssize_t l, Py_ssize_t r) noexcept 
     return P.zw_off[l] + r * P.q[l]
 
 
+cdef inline double quad(const double* Phi, const double* k, int nc) noexcept nogil:
+    """k Phi k' for a symmetric Phi (its upper triangle)."""
+    cdef int i, j
+    cdef double acc, out = 0.0
+    for j in range(nc):
+        acc = 0.5 * Phi[j + j * nc] * k[j]
+        for i in range(j):
+            acc += Phi[i + j * nc] * k[i]
+        out += acc * k[j]
+    return 2.0 * out
+
+
 cdef void prepare_scalar(const Prob* P, Work* W) noexcept nogil:
     """:func:`fold_prepare`'s cross-products for a tree of one effect per node: node a
     at level l has l + 1 numbers in ZZ (z_l z_k, k <= l) and ncol in ZA; A'WA is summed
@@ -166,11 +178,11 @@ cdef void pieces_two(const Prob* P, Work* W, const double* z0, const double* ph,
     """:func:`pieces_scalar` for a tree of one level (the folded level sits right under the
     top-level clusters): per cluster its factor t_0, Sig_00 and W_0 once; per row
     s = Sig_00 u^2, k = w (a - u W_0), k Phi k' over Phi's upper triangle."""
-    cdef Py_ssize_t a, r, i, j
+    cdef Py_ssize_t a, r, i
     cdef int nc = P.ncol
     cdef double t = W.Tlev[P.t_off[P.fold]]
     cdef double tt = t * t
-    cdef double t0, sig, u, wr, acc, kpk, h, z2, zr, g = 0.0, e = 0.0
+    cdef double t0, sig, u, wr, h, z2, zr, g = 0.0, e = 0.0
     cdef double wc[64]
     cdef double kv[64]
     cdef const double* Zl = P.Zw + P.zw_off[P.fold]
@@ -188,15 +200,9 @@ cdef void pieces_two(const Prob* P, Work* W, const double* z0, const double* ph,
             ar = Ar + r * nc
             for i in range(nc):
                 kv[i] = wr * (ar[i] - u * wc[i])
-            kpk = 0.0
-            for j in range(nc):
-                acc = 0.5 * ph[j + j * nc] * kv[j]
-                for i in range(j):
-                    acc += ph[i + j * nc] * kv[i]
-                kpk += acc * kv[j]
             zr = Zl[r]
             z2 = zr * zr
-            h = wr - wr * wr * sig * u * u - 2.0 * kpk
+            h = wr - wr * wr * sig * u * u - quad(ph, kv, nc)
             g += t * z2 * h
             e += 1.0 - tt * z2 * h
     g_out[0] += g
@@ -209,11 +215,11 @@ cdef void pieces_scalar(const Prob* P, Work* W, const double* Phi, double* gl,
     blocks of C^-1 and node solutions are read once per node of the deepest tree level
     into locals."""
     cdef Py_ssize_t deep = P.fold - 1
-    cdef Py_ssize_t a, c, r, k, m, i, j, r0, r1
+    cdef Py_ssize_t a, c, r, k, m, i, r0, r1
     cdef int nc = P.ncol
     cdef double t = W.Tlev[P.t_off[P.fold]]
     cdef double tt = t * t
-    cdef double wr, s, acc, kpk, h, z2, zr, g = 0.0, e = 0.0
+    cdef double wr, s, acc, h, z2, zr, g = 0.0, e = 0.0
     cdef double tk[64]
     cdef double u[64]
     cdef double sig[64 * 64]
@@ -264,15 +270,9 @@ cdef void pieces_scalar(const Prob* P, Work* W, const double* Phi, double* gl,
                 for k in range(deep + 1):
                     acc -= u[k] * wch[k * nc + i]
                 kv[i] = wr * acc
-            kpk = 0.0
-            for j in range(nc):
-                acc = 0.0
-                for i in range(nc):
-                    acc += ph[i + j * nc] * kv[i]
-                kpk += acc * kv[j]
             zr = Zl[r]
             z2 = zr * zr
-            h = wr - wr * wr * s - kpk
+            h = wr - wr * wr * s - quad(ph, kv, nc)
             g += t * z2 * h
             e += 1.0 - tt * z2 * h
     gl[0] += g
@@ -289,7 +289,7 @@ cdef void fold_pieces(const Prob* P, Work* W, const double* Phi) noexcept nogil:
     cdef double t = W.Tlev[P.t_off[L]]
     cdef double tt = t * t
     cdef double gl = 0.0, el = 0.0
-    cdef double zr, wr, s, acc, kpk, h, z2
+    cdef double zr, wr, s, acc, h, z2
     cdef const double* Zl = P.Zw + P.zw_off[L]
     cdef const double* ar
     cdef const double* Tc
@@ -347,15 +347,9 @@ cdef void fold_pieces(const Prob* P, Work* W, const double* Phi) noexcept nogil:
                     for i in range(qk):
                         acc += u[anc_sum[k] + i] * W.WW[o + i + c * qk]
                 mv[c] = wr * (ar[c] - acc)
-            kpk = 0.0
-            for j in range(nc):
-                acc = 0.0
-                for i in range(nc):
-                    acc += Phi[i + j * nc] * mv[i]
-                kpk += acc * mv[j]
             zr = Zl[r]
             z2 = zr * zr
-            h = wr - wr * wr * s - kpk
+            h = wr - wr * wr * s - quad(Phi, mv, nc)
             gl += t * z2 * h
             el += 1.0 - tt * z2 * h
     W.G[P.t_off[L]] += gl
