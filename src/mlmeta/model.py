@@ -223,18 +223,20 @@ class NestedModel:
         return self.design.n_fe
 
     # -- evaluation -----------------------------------------------------------
-    def evaluate(self, theta, gradient=False, em=False, sigma2=None) -> Evaluation:
+    def evaluate(self, theta, gradient=False, em=False, sigma2=None, y=None) -> Evaluation:
         """Deviance (-2 log-likelihood) at theta; optionally its gradient and EM moments.
         ``sigma2``: for a profiled-residual model, the deviance at that residual variance
-        (not profiled over it). Raises FloatingPointError where it is not defined."""
+        (not profiled over it). ``y``: another outcome, whitened and in the design's row
+        order (``problem.new_outcomes`` models; beta is then in the kernel's basis, not
+        shifted by the design's b0). Raises FloatingPointError where it is not defined."""
         with blas_threads(1):
             out = self.problem.evaluate(np.asarray(theta, dtype=np.float64), gradient=gradient,
-                                        em=em, sigma2=sigma2)
+                                        em=em, sigma2=sigma2, y=y)
             if not np.isfinite(out["deviance"]):
                 raise FloatingPointError(self.failure_message(out["status"]))
             d = self.design
             # the kernel works in the design's basis (Xw B, yw - Xw b0): map back
-            beta = d.B @ out["beta"] + d.b0
+            beta = d.B @ out["beta"] + (d.b0 if y is None else 0.0)
             Hinv = d.B @ out["Hinv"] @ d.B.T
         cov_beta = out["sigma2"] * Hinv if self.residual == "profiled" else Hinv
         return Evaluation(theta=np.asarray(theta, dtype=float), deviance=float(out["deviance"]),

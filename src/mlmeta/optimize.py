@@ -42,8 +42,8 @@ from mlmeta.accuracy import (ROUNDING_C, ROUNDING_TOL, across_groups, c_conditio
 from mlmeta.model import NestedModel
 from mlmeta.pdedge import finish_on_edge
 from mlmeta.refine import (DECREMENT_TOL, EM_SWITCH, Work, custom_correlations, deviances,
-                           mirrored_correlations, off_pd_boundary, quasi_newton, refine, rounds,
-                           run_engine, theta_scale)
+                           differenced, mirrored_correlations, off_pd_boundary, quasi_newton,
+                           refine, rounds, run_engine, theta_scale)
 from mlmeta.validate import safeguard as _safeguard
 
 __all__ = ["FitRecord", "fit_nested", "fit_model", "start_theta", "alternative_starts",
@@ -428,7 +428,7 @@ def _search(model, rec, theta, f, conv, *, lower, upper, maxiter, tol, safeguard
     # with a custom level's free correlations, whose feasible set is not a box, the engine's
     # Newton stops at the edge of the positive definite set: from the starts away from the
     # EM path, scipy's quasi-Newton steps in scaled parameters too (they get along it)
-    per = 1 if Yw is None else model.n_theta + 1
+    per = model.n_theta + 1 if differenced(model, Yw) else 1
     away = [st for st in starts if st[0] == "natural scale" or st[0].startswith("random")]
     for label, t0 in away if custom_correlations(model, theta) else []:
         th, fq, n, _ = quasi_newton(model, t0, f, lower=lower, upper=upper, scale=scale, Yw=Yw,

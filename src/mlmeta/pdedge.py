@@ -296,7 +296,7 @@ def _objective(model, coords, scale, Yw, f_ref, central=True):
     """(deviance, gradient) in scaled psi (z = psi / scale):
     :func:`mlmeta.refine.scaled_objective` through the map psi -> theta."""
     return scaled_objective(model, f_ref, lower=coords.lower, upper=coords.upper, scale=scale,
-                            Yw=Yw, to_theta=coords.theta, central=central)
+                            Yw=Yw, to_theta=coords.theta, central=central, analytic=Yw is None)
 
 
 def _value(model, coords, scale, z, Yw, count):
@@ -410,7 +410,8 @@ def edge_polish(model, theta, f, conv, *, lower, upper, Yw=None, maps=None, max_
         scale[m.idx] = 1.0
     fun, count = _objective(model, coords, scale, Yw, f)
     # quasi-Newton steps on forward differences for another outcome (then Newton on central)
-    fun_q, count_q = (fun, count) if Yw is None else _objective(model, coords, scale, Yw, f,
+    diff = Yw is not None      # differences for another outcome (their path along the edge)
+    fun_q, count_q = (fun, count) if not diff else _objective(model, coords, scale, Yw, f,
                                                                   central=False)
     big = f + 1e6 * max(1.0, abs(f))
     lo, up = coords.lower / scale, coords.upper / scale
@@ -419,7 +420,7 @@ def edge_polish(model, theta, f, conv, *, lower, upper, Yw=None, maps=None, max_
     bounds = list(zip(np.where(np.isfinite(lo), lo, None), np.where(np.isfinite(up), up, None)))
     opts = {"maxiter": 500, "ftol": 1e-15, "gtol": 1e-12}
     if max_evals is not None:
-        opts["maxfun"] = max(1, int(max_evals) // (1 if Yw is None else z0.size + 1))
+        opts["maxfun"] = max(1, int(max_evals) // (z0.size + 1 if diff else 1))
     r = optimize.minimize(fun_q, z0, jac=True, method="L-BFGS-B", bounds=bounds, options=opts)
     z = np.clip(r.x, lo, up)
     fz = fun_q(z)[0] if Yw is None else _value(model, coords, scale, z, Yw, count_q)
@@ -441,7 +442,7 @@ def edge_polish(model, theta, f, conv, *, lower, upper, Yw=None, maps=None, max_
         # a Hessian costs n_theta gradients: (2 n_theta + 1) evaluations each for another
         # outcome, where it is kept for up to 5 steps
         z, fz, gz, cert, _ = _newton(fun, z, fz, gz, lo, up, inert, big,
-                                     reuse=1 if Yw is None else 5)
+                                     reuse=5 if diff else 1)
     th = coords.theta(np.clip(z * scale, coords.lower, coords.upper))[0]
     fz = float(deviances(model, th, lower=model.lower, upper=model.upper, Yw=Yw)[0])
     better = fz < f - 0.5 * DECREMENT_TOL

@@ -333,18 +333,26 @@ def _rotations(model, i):
     return None
 
 
+def differenced(model, Yw) -> bool:
+    """Whether :func:`scaled_objective` differences the deviance for the outcome ``Yw``
+    (another outcome of a model whose problem fits only its own) instead of taking the
+    engine's analytic gradient."""
+    return Yw is not None and not model.problem.new_outcomes
+
+
 def scaled_objective(model, f_ref, *, lower, upper, scale, Yw=None, to_theta=None,
-                     central=True):
+                     central=True, analytic=None):
     """(deviance, gradient) in scaled coordinates z = x / scale, finite everywhere
     (outside the parameter space: a value far above ``f_ref``, so line searches back off),
     and a counter of evaluations. ``x`` lies in the box [lower, upper]; it is theta itself,
     or ``to_theta(x) = (theta, d theta / d x)`` maps it (theta then within the model's
-    bounds). The gradient is the engine's analytic one for the design's own outcome (by
-    the chain rule through ``to_theta``), differences (one engine call) for another
-    outcome: central ones where both sides are in the box (one-sided ones are too coarse
-    to see a shallow descent), else forward or backward ones; with ``central`` False,
+    bounds). The gradient is the engine's analytic one (by the chain rule through
+    ``to_theta``) for the design's own outcome or another one ``Yw`` of a model built for
+    new outcomes; else differences (one engine call): central ones where both sides are
+    in the box (one-sided ones are too coarse to see a shallow descent), else forward or
+    backward ones; with ``central`` False,
     forward ones (backward at the upper bound): half the evaluations, enough to find a
-    basin."""
+    basin. ``analytic`` False asks for the differences whatever the model."""
     big = f_ref + 1e6 * max(1.0, abs(f_ref))
     count = [0]
     if to_theta is None:
@@ -358,13 +366,15 @@ def scaled_objective(model, f_ref, *, lower, upper, scale, Yw=None, to_theta=Non
         def thetas(rows):
             return np.array([to_theta(np.clip(r * scale, lower, upper))[0] for r in rows])
 
+    analytic = not differenced(model, Yw) if analytic is None else bool(analytic)
+
     def fun(z):
         x = np.clip(z * scale, lower, upper)
-        if Yw is None:
+        if analytic:
             theta, J = (x, None) if to_theta is None else to_theta(x)
             count[0] += 1
             try:
-                ev = model.evaluate(theta, gradient=True)
+                ev = model.evaluate(theta, gradient=True, y=Yw)
             except FloatingPointError:
                 return big, np.zeros_like(z)
             g = ev.grad if J is None else J.T @ ev.grad
@@ -415,7 +425,7 @@ def quasi_newton(model, theta, f, *, lower, upper, scale, Yw=None, maxiter=30, m
     # gradient is small long before the deviance stops falling
     opts = {"maxiter": maxiter, "ftol": 1e-13, "gtol": 1e-10}
     if max_evals is not None:
-        per = 1 if Yw is None else 2 * theta.shape[0] + 1
+        per = 2 * theta.shape[0] + 1 if differenced(model, Yw) else 1
         opts["maxfun"] = max(1, int(max_evals) // per)
     r = optimize.minimize(fun, theta / scale, jac=True, method="L-BFGS-B", bounds=bounds,
                           options=opts)

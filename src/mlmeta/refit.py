@@ -116,7 +116,10 @@ def fit_outcomes(model: NestedModel, Y, *, theta0=None, em_iter=20, maxiter=1000
         out["beta"] = out["beta"] @ B.T
         cov = np.einsum("ij,mjk,lk->mil", B, out["Hinv"], B)
         s2 = out["sigma2"] if model.residual == "profiled" else np.ones(m)
-        out["se"] = np.sqrt(np.einsum("mii->mi", cov) * s2[:, None])
+        var = np.einsum("mii->mi", cov) * s2[:, None]
+        # a failed fit's H^-1 is undefined: NaN, not the square root of whatever it holds
+        ok = np.isfinite(out["deviance"])[:, None] & (var >= 0)
+        out["se"] = np.sqrt(np.where(ok, var, np.nan))
         _refit_unconverged(model, Y, out, em_iter, maxiter, tol, bool(safeguard))
     failed = ~np.isfinite(out["deviance"])
     sigma2 = np.where(failed, np.nan, out["sigma2"] if model.residual == "profiled" else 1.0)

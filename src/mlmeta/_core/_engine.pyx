@@ -429,11 +429,15 @@ cdef class Problem:
             set_response(&self.P, &self.Ws[0], NULL)
         return &self.Ws[0]
 
-    cdef double _eval(self, double[::1] tv, double* grad, bint em, double s2) except? -1:
-        """evaluate() on workspace 0 at the design's own outcome (the lock must be held)."""
+    cdef double _eval(self, double[::1] tv, double* grad, bint em, double s2,
+                      const double* y=NULL) except? -1:
+        """evaluate() on workspace 0 at the design's own outcome, or at the whitened sorted
+        outcome ``y`` (the lock must be held)."""
         cdef Work* W = self._slot0()
         cdef const double* tp = &tv[0] if self.n_theta else NULL
         cdef double dev
+        if y != NULL:
+            set_response(&self.P, W, y)
         with nogil:
             dev = evaluate(&self.P, W, tp, grad, em, s2)
             if dev < INFINITY:
@@ -446,14 +450,24 @@ cdef class Problem:
             raise ValueError(f"theta must have {self.n_theta} elements, got shape {th.shape}")
         return th
 
-    def evaluate(self, theta, bint gradient=False, bint em=False, sigma2=None):
+    def evaluate(self, theta, bint gradient=False, bint em=False, sigma2=None, y=None):
         """The objective at theta (the design's own outcome). Returns a dict with
         deviance (inf where undefined, with ``status`` saying why), beta, Hinv
         (= (X'V^-1X)^-1, relative to sigma^2), rss, logdet_C, logdet_H, sigma2, and
         ``grad`` (d deviance / d theta) and ``E`` (per-level EM moments, flattened like
         T) when asked for. ``sigma2``: evaluate a profiled-residual model at this
-        residual variance (the deviance not profiled over it)."""
+        residual variance (the deviance not profiled over it). ``y``: another outcome
+        (whitened, rows sorted as the design's; a problem built for new outcomes)."""
         th = self._check_theta(theta)
+        cdef const double[::1] yv
+        cdef const double* yp = NULL
+        if y is not None:
+            if not self.new_outcomes:
+                raise ValueError("this problem fits only its own outcome")
+            yv = np.ascontiguousarray(y, dtype=np.float64)
+            if yv.shape[0] != self.P.n_obs:
+                raise ValueError(f"y must have {self.P.n_obs} elements")
+            yp = &yv[0]
         cdef double[::1] tv = th
         cdef double s2 = 0.0 if sigma2 is None else float(sigma2)
         if sigma2 is not None and not s2 > 0:
@@ -465,7 +479,7 @@ cdef class Problem:
         cdef int p = self.p
         cdef double* gptr = &gv[0] if (gradient and self.n_theta) else NULL
         with self._lock:
-            dev = self._eval(tv, gptr, em, s2)
+            dev = self._eval(tv, gptr, em, s2, yp)
             W = &self.Ws[0]
             out = dict(deviance=dev, status=W.status, sigma2=W.sigma2, rss=W.rss,
                        logdet_C=W.logdet_C, logdet_H=W.logdet_H, n_evals=1)
