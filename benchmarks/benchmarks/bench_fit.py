@@ -7,7 +7,9 @@ Every class is parametrised by the data size and the model shape:
   (``benchmarks/synthetic.py``, ~10 effects per inner group, ~10 inner groups
   per outer group);
 * shape ``"intercepts"`` is the three-level random-intercept model, ``"slope"``
-  adds an independent random slope on the moderator at the top level.
+  adds an independent random slope on the moderator at the top level, ``"single"`` is
+  the random-intercept model on data with one effect per inner group and ~5 per outer
+  group (the deepest level folded into the diagonal; schoolcal has this shape already).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from mlmeta.api import build_model  # noqa: E402
 from mlmeta.optimize import fit_nested, start_theta  # noqa: E402
 
 SIZES = ["schoolcal", 1000, 10000, 100000]
-SHAPES = ["intercepts", "slope"]
+SHAPES = ["intercepts", "slope", "single"]
 
 _SCHOOLCAL = {
     "intercepts": "stdmdiff ~ 1 + (1 | district) + (1 | district:school)",
@@ -40,9 +42,11 @@ _SCHOOLCAL = {
 def inputs(size, shape):
     """(data, formula, variance column) for one benchmark case."""
     if size == "schoolcal":
-        return load_schoolcal(), _SCHOOLCAL[shape], "var"
+        return load_schoolcal(), _SCHOOLCAL["slope" if shape == "slope" else "intercepts"], "var"
     slope = shape == "slope"
-    return make_three_level(int(size), seed=1, slope=slope), synthetic_formula(slope), "v"
+    layout = dict(per_b=1, per_a=5) if shape == "single" else {}
+    return (make_three_level(int(size), seed=1, slope=slope, **layout), synthetic_formula(slope),
+            "v")
 
 
 class _Case:
