@@ -133,8 +133,10 @@ def _refit_unconverged(model, Y, out, em_iter, maxiter, tol, safeguard):
     the engine's analytic gradient in the refinement where the batch differences the
     deviance, and the outcome whitened and centred on the moderators before the
     cross-products): those whose deviance the batch computation cannot give to within
-    ROUNDING_TOL (``out["inaccurate"]``; the single fit's answer, or its refusal, is
-    taken) and those that did not converge (the single fit kept where it is better)."""
+    ROUNDING_TOL (``out["inaccurate"]``) and those that did not converge: the single
+    fit's answer is kept where it is better, and its refusal (a ValueError: the objective
+    fails, or cannot be computed accurately, at its optimum) always, so that a batch
+    column says what ``Model.fit`` of its outcome says."""
     inaccurate = out.pop("inaccurate")
     redo = np.flatnonzero(inaccurate | (np.isfinite(out["deviance"]) & ~out["converged"]))
     if not redo.size:
@@ -142,7 +144,8 @@ def _refit_unconverged(model, Y, out, em_iter, maxiter, tol, safeguard):
     alt = _fit_rebuilt(model, Y[:, redo], None, em_iter, maxiter, tol, safeguard)
     out["n_evals"][redo] += alt["n_evals"]
     f = out["deviance"][redo]
-    take = inaccurate[redo] | (alt["deviance"] < f - 1e-9 * np.maximum(1.0, np.abs(f)))
+    take = (inaccurate[redo] | ~np.isfinite(alt["deviance"])
+            | (alt["deviance"] < f - 1e-9 * np.maximum(1.0, np.abs(f))))
     rows = redo[take]
     for key in ("theta", "deviance", "beta", "se", "converged", "n_iter", "sigma2"):
         out[key][rows] = alt[key][take]
