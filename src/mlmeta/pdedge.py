@@ -115,18 +115,19 @@ class CorrelationMap:
         A[m] = np.asarray(psi)[self.slot[m]]
         return A
 
-    def _L(self, A):
-        """L and dL/dphi_ia (q x q x q: [i, a] -> d row i / d phi_ia) of the angles A."""
+    def _L(self, A, jac=True):
+        """L and dL/dphi_ia (q x q x q: [i, a] -> d row i / d phi_ia; None without
+        ``jac``) of the angles A."""
         q = self.q
         L = np.zeros((q, q))
-        dL = np.zeros((q, q, q))
+        dL = np.zeros((q, q, q)) if jac else None
         L[0, 0] = 1.0
         c, s = np.cos(A), np.sin(A)
         for i in range(1, q):
             for k in range(i + 1):
                 prod = np.prod(s[i, :k])
                 L[i, k] = prod * (c[i, k] if k < i else 1.0)
-                for a in range(min(k + 1, i)):
+                for a in range(min(k + 1, i) if jac else 0):
                     if a == k:
                         dL[i, a, k] = -prod * s[i, k]
                     else:
@@ -134,16 +135,18 @@ class CorrelationMap:
                         dL[i, a, k] = dp * (c[i, k] if k < i else 1.0)
         return L, dL
 
-    def rho(self, psi):
-        """(rho(psi) on the closed set, d rho / d psi)."""
+    def rho(self, psi, jac=True):
+        """(rho(psi) on the closed set, d rho / d psi; None without ``jac``)."""
         psi = np.asarray(psi, dtype=float)
         if self.kind == "interval":
             return psi.copy(), np.eye(1)
-        L, dL = self._L(self._angles(psi))
+        L, dL = self._L(self._angles(psi), jac)
         n = len(self.idx)
-        r, J = np.zeros(n), np.zeros((n, n))
+        r, J = np.zeros(n), (np.zeros((n, n)) if jac else None)
         for b, (i, k) in enumerate(self.entry):
             r[b] = L[i] @ L[k]
+            if not jac:
+                continue
             for (ii, kk), c in np.ndenumerate(self.slot):
                 if c < 0:
                     continue
@@ -281,14 +284,15 @@ class _Coordinates:
             out[m.idx] = m.psi(theta[m.idx])
         return out
 
-    def theta(self, psi):
-        """(theta, d theta / d psi)."""
+    def theta(self, psi, jac=True):
+        """(theta, d theta / d psi; None without ``jac``)."""
         out = np.array(psi, dtype=float)
-        J = np.eye(out.size)
+        J = np.eye(out.size) if jac else None
         for m in self.maps:
-            r, Jm = m.rho(psi[m.idx])
+            r, Jm = m.rho(psi[m.idx], jac)
             out[m.idx] = m.shrink(r)
-            J[np.ix_(m.idx, m.idx)] = (1.0 - m.eps) * Jm
+            if jac:
+                J[np.ix_(m.idx, m.idx)] = (1.0 - m.eps) * Jm
         return np.clip(out, *self.box), J
 
 

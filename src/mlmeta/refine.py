@@ -345,7 +345,7 @@ def scaled_objective(model, f_ref, *, lower, upper, scale, Yw=None, to_theta=Non
     """(deviance, gradient) in scaled coordinates z = x / scale, finite everywhere
     (outside the parameter space: a value far above ``f_ref``, so line searches back off),
     and a counter of evaluations. ``x`` lies in the box [lower, upper]; it is theta itself,
-    or ``to_theta(x) = (theta, d theta / d x)`` maps it (theta then within the model's
+    or ``to_theta(x, jac=True) = (theta, d theta / d x or None)`` maps it (theta then within the model's
     bounds). The gradient is the engine's analytic one (by the chain rule through
     ``to_theta``) for the design's own outcome or another one ``Yw`` of a model built for
     new outcomes; else differences (one engine call): central ones where both sides are
@@ -364,7 +364,8 @@ def scaled_objective(model, f_ref, *, lower, upper, scale, Yw=None, to_theta=Non
         t_lower, t_upper = model.lower, model.upper
 
         def thetas(rows):
-            return np.array([to_theta(np.clip(r * scale, lower, upper))[0] for r in rows])
+            return np.array([to_theta(np.clip(r * scale, lower, upper), jac=False)[0]
+                             for r in rows])
 
     analytic = not differenced(model, Yw) if analytic is None else bool(analytic)
 
