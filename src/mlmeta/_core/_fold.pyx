@@ -39,6 +39,15 @@ cdef inline Py_ssize_t zrow(const Prob* P, Py_ssize_t l, Py_ssize_t r) noexcept 
     return P.zw_off[l] + r * P.q[l]
 
 
+cdef inline void chain_of(const Prob* P, Py_ssize_t a, Py_ssize_t deep,
+                          Py_ssize_t* anc) noexcept nogil:
+    """anc[k] = the ancestor of node a (at level ``deep``) at level k, anc[deep] = a."""
+    cdef Py_ssize_t k
+    for k in range(deep, -1, -1):
+        anc[k] = a
+        a = P.tree.parent[a]
+
+
 cdef inline double quad(const double* Phi, const double* k, int nc) noexcept nogil:
     """k Phi k' for a symmetric Phi (its upper triangle)."""
     cdef int i, j
@@ -215,7 +224,7 @@ cdef void pieces_scalar(const Prob* P, Work* W, const double* Phi, double* gl,
     blocks of C^-1 and node solutions are read once per node of the deepest tree level
     into locals."""
     cdef Py_ssize_t deep = P.fold - 1
-    cdef Py_ssize_t a, c, r, k, m, i, r0, r1
+    cdef Py_ssize_t a, r, k, m, i, r0, r1
     cdef int nc = P.ncol
     cdef double t = W.Tlev[P.t_off[P.fold]]
     cdef double tt = t * t
@@ -242,10 +251,7 @@ cdef void pieces_scalar(const Prob* P, Work* W, const double* Phi, double* gl,
     for a in range(P.n_nodes):
         if P.tree.level[a] != deep:
             continue
-        c = a
-        for k in range(deep, -1, -1):
-            anc[k] = c
-            c = P.tree.parent[c]
+        chain_of(P, a, deep, anc)
         for k in range(deep + 1):
             tk[k] = W.Tn[P.tree.tn_ptr[anc[k]]]
             for m in range(k + 1):
@@ -308,10 +314,7 @@ cdef void fold_pieces(const Prob* P, Work* W, const double* Phi) noexcept nogil:
     for a in range(P.n_nodes):
         if P.tree.level[a] != deep:
             continue
-        c = a
-        for k in range(deep, -1, -1):
-            anc[k] = c
-            c = P.tree.parent[c]
+        chain_of(P, a, deep, anc)
         for r in range(P.node_r0[a], P.node_r1[a]):
             # u_k = z_{r,k} T_{c_k} (1 x q_k) for every level of the chain
             for k in range(deep + 1):
