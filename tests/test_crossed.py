@@ -115,6 +115,44 @@ def test_border_likelihood_and_gradient_match_dense(method, shape):
     np.testing.assert_allclose(ev.grad, fd, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("method", ["reml", "ml"])
+def test_scalar_border_matches_the_general_border_and_dense(method):
+    """A border of 300 scalar groups takes the scalar path (lower triangles, T_c as
+    scalings); the same level declared with a known correlation R = I takes the general
+    one. Both agree to rounding in deviance, beta, gradient and EM moments, and with
+    the dense likelihood."""
+    rng = np.random.default_rng(21)
+    n = 900
+    top, b, c = (rng.permutation(np.arange(n) % k) for k in (40, 280, 20))
+    x = rng.normal(size=n)
+    X = np.column_stack([x, np.ones(n)])
+    y = (1 + 0.5 * x + rng.normal(size=40)[top] + 0.7 * rng.normal(size=280)[b]
+         + 0.4 * rng.normal(size=20)[c] + rng.normal(size=n))
+    v = rng.uniform(0.5, 1.5, n)
+    Z = [np.ones((n, 1))] * 3
+    groups = [top, b, c]
+    structs = [Identity(["_cons"]) for _ in range(3)]
+    scalar = NestedModel(build_design(y, X, Z, groups, v, n_tree=1), structs, method=method)
+    general = NestedModel(build_design(y, X, Z, groups, v, n_tree=1, known_R={1: np.eye(280)}),
+                          structs, method=method)
+    assert scalar.problem.nb == 300 and not scalar.problem.wide
+    theta = np.array([0.8, 0.6, 0.3])
+    a = scalar.evaluate(theta, gradient=True, em=True)
+    g = general.evaluate(theta, gradient=True, em=True)
+    assert a.deviance == pytest.approx(g.deviance, rel=1e-12)
+    np.testing.assert_allclose(a.beta, g.beta, rtol=1e-10)
+    np.testing.assert_allclose(a.grad, g.grad, rtol=1e-8, atol=1e-8)
+    np.testing.assert_allclose(np.concatenate([np.ravel(e) for e in a.E]),
+                               np.concatenate([np.ravel(e) for e in g.E]), rtol=1e-9)
+    ll, beta, Hinv = dense_loglik(y, X, dense_V(Z, groups, scalar.Sigma_list(theta), v), method)
+    assert -0.5 * a.deviance == pytest.approx(ll, rel=1e-11)
+    np.testing.assert_allclose(a.cov_beta, Hinv, rtol=1e-9)
+    h = 1e-6
+    fd = [(scalar.deviance(theta + h * e) - scalar.deviance(theta - h * e)) / (2 * h)
+          for e in np.eye(3)]
+    np.testing.assert_allclose(a.grad, fd, rtol=1e-5, atol=1e-5)
+
+
 def test_border_em_step_does_not_lower_the_likelihood():
     y, X, Z, groups, v, structs, n_tree = _crossed_problem(7, 2, 2)
     m = NestedModel(build_design(y, X, Z, groups, v, n_tree=n_tree), structs, method="ml")

@@ -30,9 +30,23 @@ The tree's levels see the objective through ``Sb`` only; its derivative
 is handed to the tree kernel as each cluster's Phi (its local rows and columns), which
 then yields the tree levels' gradient and their full (not tree-conditional) EM
 moments. Cost per evaluation: the tree's O(sum_j m_j^2) plus O(nb^3) for the border.
+
+Scalar border (:func:`scalar_border`: at least 256 rows, every crossed level one effect
+per group, no correlation across groups, clusters not wide): T_c = diag(t) with t constant within a
+level, so the products with T_c are scalings, and Sb, C_c and Sig are kept in their
+lower triangles only (the clusters' blocks scattered into, and gathered from, the lower
+triangle). The crossed levels' first gradient term is then, with F(l, m) the sum of
+S_cc o Sig over the rows of level l and the columns of level m,
+
+    sum_g (S_cc T_c Sig)_gg over level l = sum_m t_m F(l, m),
+
+F taken from its lower-triangle sums; Phi_b's blocks are t_i t_k Sig_ik,
+-t_i (W Phi)_ic and Phi, gathered into each cluster's local Phi directly.
 """
 
 from libc.math cimport log
+from scipy.linalg.cython_blas cimport dsymm
+from scipy.linalg.cython_lapack cimport dpotri
 
 from mlmeta._core._linalg cimport gemm, trsm_left_lower, potrf_lower, potri_lower, zero, copy
 from mlmeta._core._nested cimport Tree, factor_cluster, invert_cluster, accumulate_cluster
@@ -108,6 +122,65 @@ cdef void t_right(const Prob* P, const double* Tlev, const double* bL, bint tran
                     x = X + (o + k) * ldx
                     for r in range(nrows):
                         y[r] = y[r] + x[r] * t
+
+
+#: the scalar path's smallest border
+cdef enum:
+    SCALAR_MIN_NB = 256
+
+
+cdef bint scalar_border(const Prob* P) noexcept nogil:
+    """Whether the border takes the scalar path (module docstring): at least
+    SCALAR_MIN_NB border rows (below that the border's passes cost little), every crossed
+    level has one effect per group and no correlation across its groups, and the tree's
+    clusters are not wide."""
+    cdef Py_ssize_t l
+    if P.wide or P.nb < SCALAR_MIN_NB:
+        return False
+    for l in range(P.n_tree, P.n_levels):
+        if P.q[l] != 1 or P.b_lo[l] >= 0:
+            return False
+    return True
+
+
+cdef void border_t(const Prob* P, const double* Tlev, double* tv) noexcept nogil:
+    """tv[i] = t of border row i (scalar border)."""
+    cdef Py_ssize_t l, g
+    cdef double t
+    for l in range(P.n_tree, P.n_levels):
+        t = Tlev[P.t_off[l]]
+        for g in range(<Py_ssize_t>P.n_groups[l]):
+            tv[P.b_off[l] + g] = t
+
+
+cdef void scalar_gradient_terms(const Prob* P, Work* W, const double* tv) noexcept nogil:
+    """G_l += sum_m t_m F(l, m) (module docstring) from the lower triangles of S_cc (in
+    Sb) and Sig (in Sg): per pair of levels (l >= m) the sum L over the lower triangle of
+    their block, F(l, m) = L for l > m and F(l, l) = 2 L - (its diagonal)."""
+    cdef Py_ssize_t nb = P.nb
+    cdef Py_ssize_t bw = nb + P.ncol
+    cdef Py_ssize_t li, lm, h, i, i0, i1
+    cdef double acc, dg
+    cdef const double* sc
+    cdef const double* gc
+    for lm in range(P.n_tree, P.n_levels):
+        for li in range(lm, P.n_levels):
+            acc = 0.0
+            dg = 0.0
+            i1 = P.b_off[li] + <Py_ssize_t>P.n_groups[li]
+            for h in range(P.b_off[lm], P.b_off[lm] + <Py_ssize_t>P.n_groups[lm]):
+                sc = W.Sb + h * bw
+                gc = W.Sg + h * nb
+                i0 = P.b_off[li] if P.b_off[li] > h else h
+                if li == lm:
+                    dg = dg + sc[h] * gc[h]
+                for i in range(i0, i1):
+                    acc = acc + sc[i] * gc[i]
+            if li == lm:
+                W.G[P.t_off[li]] += tv[P.b_off[li]] * (2.0 * acc - dg)
+            else:
+                W.G[P.t_off[li]] += tv[P.b_off[lm]] * acc
+                W.G[P.t_off[lm]] += tv[P.b_off[li]] * acc
 
 
 cdef void to_rows(const Prob* P, const Tree* t, Py_ssize_t j, const double* B, double* Y) noexcept nogil:
@@ -206,10 +279,17 @@ cdef Py_ssize_t factor_crossed(const Prob* P, Work* W, Tree* t, double* logdet) 
     cdef Py_ssize_t nb = P.nb
     cdef int nc = P.ncol
     cdef Py_ssize_t bw = nb + nc
-    cdef Py_ssize_t j, w, i, k, st
+    cdef Py_ssize_t j, w, i, k, st, ck
     cdef const Py_ssize_t* mp
     cdef int info
-    copy(P.S0, W.Sb, bw * bw)
+    cdef bint fast = scalar_border(P)
+    cdef double* tv = W.Pb          # the scalar path's t per border row (Pb is unused there)
+    cdef double tk
+    if fast:
+        for k in range(bw):
+            copy(P.S0 + k + k * bw, W.Sb + k + k * bw, bw - k)
+    else:
+        copy(P.S0, W.Sb, bw * bw)
     if P.wide:
         zero(W.Ym, P.ny * bw)
         t.no_S = 1
@@ -229,6 +309,12 @@ cdef Py_ssize_t factor_crossed(const Prob* P, Work* W, Tree* t, double* logdet) 
                             W.scratch)
         if st != 0:
             return st
+        if fast:        # the lower triangle (a cluster's border columns are sorted)
+            for k in range(w):
+                ck = mp[k] * bw
+                for i in range(k, w):
+                    W.Sb[mp[i] + ck] += W.Sl[i + k * w]
+            continue
         for k in range(w):
             for i in range(w):
                 W.Sb[mp[i] + mp[k] * bw] += W.Sl[i + k * w]
@@ -236,10 +322,20 @@ cdef Py_ssize_t factor_crossed(const Prob* P, Work* W, Tree* t, double* logdet) 
         t.no_S = 0
         gemm(b'T', b'N', <int>bw, <int>bw, <int>P.ny, -1.0, W.Ym, <int>P.ny, W.Ym, <int>P.ny, 1.0,
              W.Sb, <int>bw)
-    # Pb = S_cc T_c, then C_c = I + T_c' Pb and R = T_c' S_cA
-    t_right(P, W.Tlev, W.bL, False, W.Sb, bw, W.Pb, nb, nb)
-    t_left(P, W.Tlev, W.bL, True, 1.0, W.Pb, nb, W.Cb, nb, nb)
-    t_left(P, W.Tlev, W.bL, True, 1.0, W.Sb + nb * bw, bw, W.Wb, nb, nc)
+    if fast:        # C_c = I + t t' o S_cc (lower), R = t o S_cA (S_cA read from S_Ac)
+        border_t(P, W.Tlev, tv)
+        for k in range(nb):
+            tk = tv[k]
+            for i in range(k, nb):
+                W.Cb[i + k * nb] = tv[i] * tk * W.Sb[i + k * bw]
+        for k in range(nc):
+            for i in range(nb):
+                W.Wb[i + k * nb] = tv[i] * W.Sb[nb + k + i * bw]
+    else:
+        # Pb = S_cc T_c, then C_c = I + T_c' Pb and R = T_c' S_cA
+        t_right(P, W.Tlev, W.bL, False, W.Sb, bw, W.Pb, nb, nb)
+        t_left(P, W.Tlev, W.bL, True, 1.0, W.Pb, nb, W.Cb, nb, nb)
+        t_left(P, W.Tlev, W.bL, True, 1.0, W.Sb + nb * bw, bw, W.Wb, nb, nc)
     for i in range(nb):
         W.Cb[i + i * nb] += 1.0
     info = potrf_lower(<int>nb, W.Cb, <int>nb)
@@ -249,10 +345,81 @@ cdef Py_ssize_t factor_crossed(const Prob* P, Work* W, Tree* t, double* logdet) 
         logdet[0] += 2.0 * log(W.Cb[i + i * nb])
     trsm_left_lower(b'N', <int>nb, nc, W.Cb, <int>nb, W.Wb, <int>nb)
     for k in range(nc):
-        for i in range(nc):
-            W.S[i + k * nc] = W.Sb[nb + i + (nb + k) * bw]
+        for i in range(nc):      # from the lower triangle (all the scalar path keeps)
+            W.S[i + k * nc] = W.Sb[nb + (i if i >= k else k) + (nb + (k if i >= k else i)) * bw]
     gemm(b'T', b'N', nc, nc, <int>nb, -1.0, W.Wb, <int>nb, W.Wb, <int>nb, 1.0, W.S, nc)
     return 0
+
+
+cdef void solve_scalar(const Prob* P, Work* W, Tree* t, const double* Phi) noexcept nogil:
+    """:func:`solve_crossed` on the scalar path (module docstring), W.Wb = C_c^-1 R
+    already; Sig and Sb lower triangles only."""
+    cdef Py_ssize_t nb = P.nb
+    cdef int nc = P.ncol
+    cdef Py_ssize_t bw = nb + nc
+    cdef Py_ssize_t i, k, j, w, l, g, o, c, d, ck, ci
+    cdef int n = <int>nb, info = 0, ldb = <int>bw
+    cdef char uplo = b'L'
+    cdef char side = b'L'
+    cdef double one = 1.0, mone = -1.0
+    cdef const Py_ssize_t* mp
+    cdef const double* tv = W.Pb
+    cdef double* TW = W.PhiB        # t o W (nb x nc); PhiB is not used on this path
+    cdef double* s = W.Sl           # Phi W_o' (nc)
+    cdef double acc, gk, ek, v
+    for k in range(nb):
+        copy(W.Cb + k + k * nb, W.Sg + k + k * nb, nb - k)
+    dpotri(&uplo, &n, W.Sg, &n, &info)
+    # K = S_cA - S_cc T_c W
+    for c in range(nc):
+        for i in range(nb):
+            W.Kb[i + c * nb] = W.Sb[nb + c + i * bw]
+            TW[i + c * nb] = tv[i] * W.Wb[i + c * nb]
+    dsymm(&side, &uplo, &n, &nc, &mone, W.Sb, &ldb, TW, &n, &one, W.Kb, &n)
+    scalar_gradient_terms(P, W, tv)
+    for l in range(P.n_tree, P.n_levels):
+        gk = 0.0
+        ek = 0.0
+        for g in range(<Py_ssize_t>P.n_groups[l]):
+            o = P.b_off[l] + g
+            for c in range(nc):
+                acc = 0.0
+                for d in range(nc):
+                    acc = acc + Phi[c + d * nc] * W.Wb[o + d * nb]
+                s[c] = acc
+            for c in range(nc):
+                gk = gk - W.Kb[o + c * nb] * s[c]
+                ek = ek + W.Wb[o + c * nb] * s[c]
+            ek = ek + W.Sg[o + o * nb]
+        W.G[P.t_off[l]] += gk
+        W.E[P.t_off[l]] += ek
+    # Kb <- W Phi; Sg <- Sig + W Phi W' (lower)
+    gemm(b'N', b'N', <int>nb, nc, nc, 1.0, W.Wb, <int>nb, Phi, nc, 0.0, W.Kb, <int>nb)
+    for k in range(nb):
+        for c in range(nc):
+            v = W.Wb[k + c * nb]
+            for i in range(k, nb):
+                W.Sg[i + k * nb] += W.Kb[i + c * nb] * v
+    # the tree, each cluster with its rows and columns of Phi_b: t_i t_k Sg_ik, -t_i Kb_ic, Phi
+    for j in range(P.n_clusters):
+        w = P.cw[j]
+        t.ncol = <int>w
+        mp = P.bmap + P.cmap_ptr[j]
+        for k in range(w):
+            ck = mp[k]
+            for i in range(k, w):
+                ci = mp[i]
+                if ci < nb:
+                    v = tv[ci] * tv[ck] * W.Sg[ci + ck * nb]
+                elif ck < nb:
+                    v = -tv[ck] * W.Kb[ck + (ci - nb) * nb]
+                else:
+                    v = Phi[ci - nb + (ck - nb) * nc]
+                W.Sl[i + k * w] = v
+                W.Sl[k + i * w] = v
+        invert_cluster(t, P.cluster_ptr[j], P.cluster_ptr[j + 1], W.WB, W.WR, W.SB, W.WW)
+        accumulate_cluster(t, P.cluster_ptr[j], P.cluster_ptr[j + 1], W.SB, W.WW, W.KK, W.Sl,
+                           W.GN, W.EN, W.scratch, P.maxq)
 
 
 cdef void solve_crossed(const Prob* P, Work* W, Tree* t, const double* Phi) noexcept nogil:
@@ -271,6 +438,9 @@ cdef void solve_crossed(const Prob* P, Work* W, Tree* t, const double* Phi) noex
     cdef double* El
     cdef double* s = W.Sl        # nc x q scratch (the local Phi buffer is free until the tree)
     trsm_left_lower(b'T', <int>nb, nc, W.Cb, <int>nb, W.Wb, <int>nb)
+    if scalar_border(P):
+        solve_scalar(P, W, t, Phi)
+        return
     copy(W.Cb, W.Sg, nb * nb)
     potri_lower(<int>nb, W.Sg, <int>nb)
     for k in range(nc):
