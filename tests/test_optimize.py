@@ -111,6 +111,24 @@ def test_exploratory_runs_reach_the_full_newton_optima(schoolcal, formula, metho
     assert joined["n_evals"].sum() < full["n_evals"].sum()
 
 
+def test_exploring_runs_expand_steps_off_a_zero_variance(schoolcal):
+    """Off a variance near zero the deviance is flat in theta and a Newton step with the
+    curvature taken positive doubles it. The extra starts' runs (quasi-Newton, or with
+    a known optimum to join) take steps 4, 16, ... times as long while the deviance
+    falls; the main run keeps its Newton steps."""
+    model, _, _ = build_model("stdmdiff ~ 1 + (1 | district) + (1 | district:school)", schoolcal,
+                              variance="var")
+    P = model.problem
+    start = np.array([[1e-4, 0.29738607]])   # level 2 at its optimum with level 1 at zero
+    rec = fit_nested(model, safeguard=False)
+    main = P.fit(start, em_iter=0, maxiter=1)
+    assert main["theta"][0, 0] == pytest.approx(2e-4, rel=1e-3)
+    for options in (dict(quasi=True), dict(known_theta=rec.theta, known_dev=rec.deviance)):
+        run = P.fit(start, em_iter=0, maxiter=1, **options)
+        assert run["theta"][0, 0] > 100 * main["theta"][0, 0]
+        assert run["deviance"][0] < main["deviance"][0]
+
+
 @pytest.mark.parametrize("method", ["ml", "reml"])
 def test_uncentred_slopes_reach_the_centred_optimum(schoolcal, method):
     """A correlated random slope on the uncentred year (1976-2002) is the model on the

@@ -182,6 +182,9 @@ cdef int fit_one(const Prob* P, Work* W, const double* y, double* th, const Opti
     by BFGS; such runs stop at a decrement of 1e-10 max(1, |f|) and serve to explore,
     not to certify. With ``O.known`` a run that comes within 5 % of that optimum
     without a lower deviance stops there (``joined``), since it would only find it again.
+    Such exploring runs (``O.quasi`` or ``O.known``) also lengthen a full step 4, 16, ...
+    times while the deviance falls, where the step lowered it by more than twice what
+    the quadratic model predicts (a variance parameter crawling off zero).
 
     With ``O.em_switch`` = s > 0, EM may hand over to Newton at the first iterate from
     the s-th on where the pace of its steps puts the optimum within ``O.switch_dec`` / 2
@@ -201,7 +204,8 @@ cdef int fit_one(const Prob* P, Work* W, const double* y, double* th, const Opti
     cdef int em_done = 0
     cdef bint switch, tried = 0
     cdef double fl = INFINITY, fl2 = INFINITY
-    cdef double f, fc, fscale, gmax, dec, h, wmax, big, tt, armijo, stop, near
+    cdef double f, fc, fx, fscale, gmax, dec, h, wmax, big, tt, armijo, stop, near, reach, mult
+    cdef bint clipped
     cdef char jobv = b'V'
     cdef char lo = b'L'
     cdef double* g = W.tmp
@@ -219,6 +223,8 @@ cdef int fit_one(const Prob* P, Work* W, const double* y, double* th, const Opti
     cdef double* hk = Hs + k          # 1 where Hq holds a differenced (or updated) row
     cdef double* kept = hk + k        # keep_state: f, sigma2, beta (p), Hc (p x p)
     cdef double* was_free = kept + 2 + P.p + P.p * P.p    # the last iteration's free set
+    cdef double* cx = was_free + k    # an expanded step's theta and gradient
+    cdef double* gx = cx + k
     cdef int have_kept = 0, h_ready = 0, have_pair = 0, same
     lw = 4 * k + 8
     W.n_evals = 0
@@ -402,23 +408,28 @@ cdef int fit_one(const Prob* P, Work* W, const double* y, double* th, const Opti
         for j in range(nf):
             if fabs(th[idx[j]]) > tt:
                 tt = fabs(th[idx[j]])
-        big = big / (10.0 * tt)
+        reach = 10.0 * tt                 # the longest step allowed from th
+        big = big / reach
         if big > 1.0:
             for j in range(nf):
                 step[j] = step[j] / big
         n_half = 5 if dec <= 1e-10 * fscale else 40
         tt = 1.0
         accepted = 0
+        clipped = 0
         for _ in range(n_half):
             copy(th, cand, k)
             armijo = 0.0
+            clipped = 0
             for j in range(nf):
                 i = idx[j]
                 cand[i] = th[i] + tt * step[j]
                 if cand[i] < P.lower[i]:
                     cand[i] = P.lower[i]
+                    clipped = 1
                 if cand[i] > P.upper[i]:
                     cand[i] = P.upper[i]
+                    clipped = 1
                 armijo = armijo + g[i] * (cand[i] - th[i])
             fc = evaluate(P, W, cand, gc, False, 0.0)
             if fc < INFINITY and fc <= f + 1e-4 * armijo + 1e-14 * fscale:
@@ -436,6 +447,40 @@ cdef int fit_one(const Prob* P, Work* W, const double* y, double* th, const Opti
                 have_h = 0          # a poor model Hessian: difference it again
                 continue
             break
+        keep_state(P, W, kept, fc)
+        mult = 1.0
+        if ((O.quasi or O.known != NULL) and (O.quasi or not pd) and tt == 1.0 and big <= 1.0
+                and not clipped and dec > 1e-8 * fscale and f - fc > dec):
+            # an exploring run (quasi-Newton, or one that may join a known optimum) whose
+            # full step lowered the deviance by more than twice what the quadratic model
+            # says (dec / 2): the model, BFGS-updated or a differenced Hessian with
+            # negative eigenvalues taken positive, overstates the curvature along it (a
+            # variance parameter near zero, where the deviance is flat in theta, would
+            # double per step). Steps 4, 16, ... times as long (within the longest step
+            # allowed) while the deviance goes on falling.
+            big = 0.0
+            for j in range(nf):
+                if fabs(step[j]) > big:
+                    big = fabs(step[j])
+            while 4.0 * mult * big <= reach and not clipped:
+                mult = 4.0 * mult
+                copy(th, cx, k)
+                for j in range(nf):
+                    i = idx[j]
+                    cx[i] = th[i] + mult * step[j]
+                    if cx[i] < P.lower[i]:
+                        cx[i] = P.lower[i]
+                        clipped = 1
+                    if cx[i] > P.upper[i]:
+                        cx[i] = P.upper[i]
+                        clipped = 1
+                fx = evaluate(P, W, cx, gx, False, 0.0)
+                if not fx < fc - 1e-14 * fscale:
+                    break
+                copy(cx, cand, k)
+                copy(gx, gc, k)
+                fc = fx
+                keep_state(P, W, kept, fc)
         for i in range(k):
             tp[i] = cand[i] - th[i]
             gp[i] = gc[i] - g[i]
@@ -443,13 +488,14 @@ cdef int fit_one(const Prob* P, Work* W, const double* y, double* th, const Opti
         for m in range(nf):
             was_free[idx[m]] = 1.0
         # a secant pair for the Hessian differenced in this iteration (secant_certifies)
-        have_pair = hess_ok
-        if O.quasi:
+        have_pair = hess_ok and mult == 1.0
+        if O.quasi and mult > 1.0:
+            have_h = 0          # the model Hessian was wrong along the step: difference it
+        elif O.quasi:
             bfgs_update(Hq, tp, gp, Hs, k)
         copy(cand, th, k)
         copy(gc, g, k)
         f = fc
-        keep_state(P, W, kept, f)
         if R.log_newton != NULL:
             R.log_newton[it - 1] = f
         if O.known != NULL:
