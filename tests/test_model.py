@@ -170,3 +170,24 @@ def test_profiled_residual_matches_dense(method):
     np.testing.assert_allclose(g, num, rtol=1e-5, atol=1e-6)
     theta2, _ = m.em_step(theta)
     assert m.deviance(theta2) <= ev.deviance + 1e-9
+
+
+def test_repeated_evaluation_is_kept_and_owned_by_the_caller():
+    """The last evaluation at theta is returned again (no more than it computed: a
+    gradient asked after a value-only evaluation is computed); its arrays are copies."""
+    m, rng = _model(SPECS[2], "reml", seed=2)
+    theta = rng.uniform(0.1, 0.6, m.n_theta)
+    first = m.evaluate(theta)
+    assert first.grad is None
+    with_grad = m.evaluate(theta, gradient=True)
+    assert with_grad.grad is not None and with_grad.deviance == first.deviance
+    again = m.evaluate(theta)               # kept: the gradient comes along
+    np.testing.assert_array_equal(again.grad, with_grad.grad)
+    again.beta[:] = np.nan
+    again.grad[:] = np.nan
+    third = m.evaluate(theta, gradient=True)
+    assert np.all(np.isfinite(third.beta)) and np.all(np.isfinite(third.grad))
+    np.testing.assert_array_equal(third.beta, first.beta)
+    other = m.evaluate(theta * 1.1)
+    assert other.deviance != first.deviance
+    assert m.evaluate(theta, sigma2=1.0).deviance == first.deviance    # not kept, same value

@@ -54,6 +54,11 @@ class Evaluation:
         for k in self.__slots__:
             setattr(self, k, kw.get(k))
 
+    def copy(self) -> Evaluation:
+        """A copy whose arrays are the caller's own."""
+        return Evaluation(**{k: (v.copy() if isinstance(v, np.ndarray) else v)
+                             for k in self.__slots__ for v in (getattr(self, k),)})
+
 
 #: the deepest level is folded into the diagonal only below this many columns in [X, y]
 #: (wider designs take the tree's per-node products as BLAS calls instead)
@@ -115,6 +120,7 @@ class NestedModel:
         self.upper = np.concatenate([s.upper for s in structs]) if structs else np.zeros(0)
         self.scale = float(np.sqrt(np.median(design.variance))) if design.variance is not None else 1.0
         self.problem = self._problem()
+        self._last = None        # the last evaluation of the design's own outcome (evaluate)
 
     def _fold_level(self):
         """The deepest level when it can be folded into the diagonal (:mod:`mlmeta._core._fold`):
@@ -202,6 +208,7 @@ class NestedModel:
         state = self.__dict__.copy()
         state.pop("problem", None)
         state.pop("tree_problem", None)
+        state["_last"] = None
         return state
 
     # -- theta <-> per-level quantities ---------------------------------------
@@ -228,7 +235,18 @@ class NestedModel:
         ``sigma2``: for a profiled-residual model, the deviance at that residual variance
         (not profiled over it). ``y``: another outcome, whitened and in the design's row
         order (``problem.new_outcomes`` models; beta is then in the kernel's basis, not
-        shifted by the design's b0). Raises FloatingPointError where it is not defined."""
+        shifted by the design's b0). Raises FloatingPointError where it is not defined.
+
+        The last evaluation of the design's own outcome is kept: asked again at the same
+        theta (with no more than it computed), it is returned (a copy) without another
+        pass (a fit's estimates are evaluated by the results, the variance components,
+        the accuracy checks and the stationarity check alike)."""
+        theta = np.array(theta, dtype=np.float64)
+        key = theta.tobytes() if sigma2 is None and y is None else None
+        last = getattr(self, "_last", None)
+        if (key is not None and last is not None and last[0] == key and (last[1] or not gradient)
+                and (last[2] or not em)):
+            return last[3].copy()
         with blas_threads(1):
             out = self.problem.evaluate(np.asarray(theta, dtype=np.float64), gradient=gradient,
                                         em=em, sigma2=sigma2, y=y)
@@ -239,11 +257,14 @@ class NestedModel:
             beta = d.B @ out["beta"] + (d.b0 if y is None else 0.0)
             Hinv = d.B @ out["Hinv"] @ d.B.T
         cov_beta = out["sigma2"] * Hinv if self.residual == "profiled" else Hinv
-        return Evaluation(theta=np.asarray(theta, dtype=float), deviance=float(out["deviance"]),
-                          beta=beta, cov_beta=cov_beta, rss=out["rss"],
-                          logdet_C=out["logdet_C"], logdet_H=out["logdet_H"], Hinv=Hinv,
-                          sigma2=float(out["sigma2"]), grad=out.get("grad"), E=out.get("E"),
-                          beta_work=out["beta"], Hinv_work=out["Hinv"])
+        ev = Evaluation(theta=theta, deviance=float(out["deviance"]),
+                        beta=beta, cov_beta=cov_beta, rss=out["rss"],
+                        logdet_C=out["logdet_C"], logdet_H=out["logdet_H"], Hinv=Hinv,
+                        sigma2=float(out["sigma2"]), grad=out.get("grad"), E=out.get("E"),
+                        beta_work=out["beta"], Hinv_work=out["Hinv"])
+        if key is not None:
+            self._last = (key, gradient, em, ev.copy())
+        return ev
 
     def failure_message(self, status) -> str:
         """What an engine status code means, naming the top-level cluster and level of a
