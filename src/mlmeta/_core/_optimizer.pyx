@@ -164,6 +164,25 @@ cdef inline void keep_state(const Prob* P, const Work* W, double* kept, double f
     copy(W.Hc, kept + 2 + P.p, P.p * P.p)
 
 
+cdef bint step_to(const Prob* P, const double* th, const double* step, const int* idx, int nf,
+                  double t, double* out, int k) noexcept nogil:
+    """out = th + t step over the free parameters idx[:nf] (step indexed by position in
+    idx), projected onto the bounds; returns whether a bound clipped it."""
+    cdef int i, j
+    cdef bint clipped = 0
+    copy(th, out, k)
+    for j in range(nf):
+        i = idx[j]
+        out[i] = th[i] + t * step[j]
+        if out[i] < P.lower[i]:
+            out[i] = P.lower[i]
+            clipped = 1
+        if out[i] > P.upper[i]:
+            out[i] = P.upper[i]
+            clipped = 1
+    return clipped
+
+
 cdef int fit_one(const Prob* P, Work* W, const double* y, double* th, const Options* O,
                  Out R) noexcept nogil:
     """Fit one outcome vector (NULL: the design's own) from theta ``th`` (updated in
@@ -418,19 +437,10 @@ cdef int fit_one(const Prob* P, Work* W, const double* y, double* th, const Opti
         accepted = 0
         clipped = 0
         for _ in range(n_half):
-            copy(th, cand, k)
+            clipped = step_to(P, th, step, idx, nf, tt, cand, k)
             armijo = 0.0
-            clipped = 0
             for j in range(nf):
-                i = idx[j]
-                cand[i] = th[i] + tt * step[j]
-                if cand[i] < P.lower[i]:
-                    cand[i] = P.lower[i]
-                    clipped = 1
-                if cand[i] > P.upper[i]:
-                    cand[i] = P.upper[i]
-                    clipped = 1
-                armijo = armijo + g[i] * (cand[i] - th[i])
+                armijo = armijo + g[idx[j]] * (cand[idx[j]] - th[idx[j]])
             fc = evaluate(P, W, cand, gc, False, 0.0)
             if fc < INFINITY and fc <= f + 1e-4 * armijo + 1e-14 * fscale:
                 accepted = 1
@@ -464,16 +474,7 @@ cdef int fit_one(const Prob* P, Work* W, const double* y, double* th, const Opti
                     big = fabs(step[j])
             while 4.0 * mult * big <= reach and not clipped:
                 mult = 4.0 * mult
-                copy(th, cx, k)
-                for j in range(nf):
-                    i = idx[j]
-                    cx[i] = th[i] + mult * step[j]
-                    if cx[i] < P.lower[i]:
-                        cx[i] = P.lower[i]
-                        clipped = 1
-                    if cx[i] > P.upper[i]:
-                        cx[i] = P.upper[i]
-                        clipped = 1
+                clipped = step_to(P, th, step, idx, nf, mult, cx, k)
                 fx = evaluate(P, W, cx, gx, False, 0.0)
                 if not fx < fc - 1e-14 * fscale:
                     break
