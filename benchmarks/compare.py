@@ -15,6 +15,11 @@ seen to be for the same estimates.
 * statsmodels: ``MixedLM`` with nested variance components, if installed. It
   cannot take known sampling variances, so it fits a *different* model (one
   residual variance estimated); its row is a rough cost reference only.
+* mixed models (``mlmeta.mixed``, REML) on the essay's design (50 x 50, three
+  correlated random slopes) and on lme4's sleepstudy: lme4's ``lmer`` (timed in R),
+  statsmodels' ``MixedLM`` and the Python packages that fit lme4 formulas, where
+  installed: ``mixedlm`` (Rust) and ``lme_python`` (Rust, polars input). Their rows
+  show the intercept and residual variances; a lower llf than lme4's is a worse optimum.
 
 Data: schoolcal (56 effects, ``stdmdiff ~ 1``, schools in districts), the
 synthetic three-level data of ``synthetic.py`` (``y ~ x``) with n = 1000, the same
@@ -180,8 +185,7 @@ def run_statsmodels(case, repeat):
 LME4_SCRIPT = r"""
 suppressPackageStartupMessages(library(lme4))
 args <- commandArgs(trailingOnly = TRUE)
-d <- read.csv(args[1]); reps <- as.integer(args[2])
-f <- DV ~ IV1 + IV2 + IV3 + (IV1 + IV2 + IV3 | Group)
+d <- read.csv(args[1]); reps <- as.integer(args[2]); f <- as.formula(args[3])
 m <- lmer(f, data = d)
 t <- numeric(reps)
 for (i in seq_len(reps)) t[i] <- system.time(m <- lmer(f, data = d))[["elapsed"]]
@@ -189,6 +193,9 @@ vc <- as.data.frame(VarCorr(m))
 cat(sprintf('{"seconds": %.6f, "reps": %d, "llf": %.10f, "sigma2": [%.8f, %.8f]}\n',
             median(t), reps, as.numeric(logLik(m)), vc$vcov[1], vc$vcov[nrow(vc)]))
 """
+
+#: lme4's sleepstudy, as the references store it
+SLEEPSTUDY = Path(__file__).resolve().parent.parent / "tests" / "reference" / "data" / "sleepstudy.csv"
 
 
 def essay_data(seed):
@@ -200,26 +207,81 @@ def essay_data(seed):
     return data
 
 
+def mixed_designs(seed):
+    """The essay's design and lme4's sleepstudy (``Reaction ~ Days + (Days | Subject)``)."""
+    import pandas as pd
+
+    yield "essay lmm", essay_data(seed), "DV ~ IV1 + IV2 + IV3 + (IV1 + IV2 + IV3 | Group)", "Group"
+    if SLEEPSTUDY.exists():
+        yield ("sleepstudy", pd.read_csv(SLEEPSTUDY), "Reaction ~ Days + (Days | Subject)",
+               "Subject")
+
+
+def _python_peers():
+    """The installed Python packages that fit lme4's model from its formula: (label,
+    fit(formula, data) -> (llf, [first variance, residual variance]))."""
+    peers = []
+    try:
+        import mixedlm
+
+        def fit_mixedlm(f, d):
+            r = mixedlm.lmer(f, d)
+            group = next(iter(r.VarCorr().groups.values()))
+            return (float(r.logLik().value),
+                    [float(group.variance["(Intercept)"]), float(r.sigma) ** 2])
+
+        peers.append((f"mixedlm {getattr(mixedlm, '__version__', '')} lmer", fit_mixedlm))
+    except ImportError:
+        pass
+    try:
+        import lme_python
+        import polars as pl
+
+        def fit_lme_python(f, d):
+            r = lme_python.lmer(f, pl.DataFrame({c: d[c].to_numpy() for c in d.columns}))
+            s00 = next(v for g, a, b, v, _ in r.var_corr if a == b == "(Intercept)")
+            return float(r.log_likelihood), [float(s00), float(r.sigma2)]
+
+        peers.append(("lme_python lmer", fit_lme_python))
+    except ImportError:
+        pass
+    return peers
+
+
 def run_mixed_tools(repeat, seed, has_r, workdir):
-    """mlmeta.mixed vs lme4::lmer vs statsmodels MixedLM on the essay's model."""
-    d = essay_data(seed)
-    f = "DV ~ IV1 + IV2 + IV3 + (IV1 + IV2 + IV3 | Group)"
+    """mlmeta.mixed vs lme4::lmer, statsmodels MixedLM and the installed Python peers
+    (``mixedlm``, ``lme_python``) on the essay's model and on sleepstudy."""
     rows = []
-    tag = {"data": "essay lmm", "n": len(d)}
+    for name, d, f, group in mixed_designs(seed):
+        rows.extend(_mixed_rows(name, d, f, group, repeat, has_r, workdir))
+    return rows
+
+
+def _mixed_rows(name, d, f, group, repeat, has_r, workdir):
+    rows = []
+    tag = {"data": name, "n": len(d)}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for label, sg in (("mlmeta", "auto"), ("mlmeta (safeguard=False)", False)):
             mlmeta.mixed(f, d, safeguard=sg)
             t, res = median_time(lambda sg=sg: mlmeta.mixed(f, d, safeguard=sg), repeat)
             rows.append({**tag, "tool": label, "seconds": t, "reps": repeat,
-                         "llf": res.llf_lme4, "sigma2": [float(res.re_cov["Group"].values[-1, -1]),
-                                                         res.scale]})
+                         "llf": res.llf_lme4,
+                         "sigma2": [float(res.re_cov[group].loc["_cons", "_cons"]), res.scale]})
+        for label, fit in _python_peers():
+            try:
+                fit(f, d)
+                t, (llf, s2) = median_time(lambda fit=fit: fit(f, d), repeat)
+                rows.append({**tag, "tool": label, "seconds": t, "reps": repeat, "llf": llf,
+                             "sigma2": s2})
+            except Exception as exc:     # noqa: BLE001 - report and go on
+                rows.append({**tag, "tool": label, "error": f"{type(exc).__name__}: {exc}"[:200]})
     if has_r:
-        csv = Path(workdir) / "essay.csv"
+        csv = Path(workdir) / f"{name.split()[0]}.csv"
         d.to_csv(csv, index=False)
         script = Path(workdir) / "lme4.R"
         script.write_text(LME4_SCRIPT)
-        p = subprocess.run(["Rscript", "--vanilla", str(script), str(csv), str(repeat)],
+        p = subprocess.run(["Rscript", "--vanilla", str(script), str(csv), str(repeat), f],
                            capture_output=True, text=True)
         line = [x for x in p.stdout.splitlines() if x.startswith("{")]
         rows.append({**tag, "tool": "lme4 lmer", **(json.loads(line[0]) if line else
@@ -227,8 +289,10 @@ def run_mixed_tools(repeat, seed, has_r, workdir):
     try:
         import statsmodels.formula.api as smf
 
-        model = smf.mixedlm("DV ~ IV1 + IV2 + IV3", d, groups=d["Group"],
-                            re_formula="~ IV1 + IV2 + IV3")
+        fixed, random = f.split("(", 1)
+        slopes = random.split("|")[0].strip()
+        model = smf.mixedlm(fixed.strip().rstrip("+").strip(), d, groups=d[group],
+                            re_formula="~ " + slopes)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             t, res = median_time(lambda: model.fit(reml=True), max(1, min(repeat, 3)))
@@ -386,7 +450,8 @@ def main(argv=None):
                                  "error": f"{type(exc).__name__}: {exc}"})
         print("  berkey V: mlmeta / metafor", file=sys.stderr, flush=True)
         rows.extend(run_berkey(args.repeat, has_r, tmp))
-        print("  essay lmm: mlmeta.mixed / lme4 / statsmodels", file=sys.stderr, flush=True)
+        print("  essay lmm, sleepstudy: mlmeta.mixed / lme4 / statsmodels / Python peers",
+              file=sys.stderr, flush=True)
         rows.extend(run_mixed_tools(args.repeat, args.seed, has_r, tmp))
     print("  fit_batch", file=sys.stderr, flush=True)
     rows.extend(run_batch(args.repeat))
