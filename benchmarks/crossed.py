@@ -49,12 +49,22 @@ t <- system.time(m <- lmer(f, dat, REML = TRUE))[["elapsed"]]
 cat(sprintf('{"seconds": %.6f, "loglik": %.10f}\n', t, as.numeric(logLik(m))))
 """
 
+# the child's own peak: /proc/self/status VmHWM (ru_maxrss keeps the parent's peak
+# across fork and exec on Linux), ru_maxrss elsewhere
 PEAK = textwrap.dedent("""
     import resource, sys, pandas as pd, mlmeta
+
+    def peak_mb():
+        try:
+            with open("/proc/self/status") as fh:
+                return next(int(x.split()[1]) for x in fh if x.startswith("VmHWM:")) / 1024
+        except (OSError, StopIteration):
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
     df = pd.read_csv(sys.argv[1])
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base = peak_mb()
     mlmeta.mixed(sys.argv[2], df)
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, base / 1024)
+    print(peak_mb(), base)
 """)
 
 
