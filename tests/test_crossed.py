@@ -2,6 +2,7 @@
 make_crossed_references.R), the engine's border against a dense likelihood, and how
 terms are found nested or crossed."""
 
+import os
 import warnings
 
 import numpy as np
@@ -244,3 +245,31 @@ def test_both_border_paths_are_exercised_by_the_references():
     df = _data("tests/reference/data/moura2021.csv")
     narrow, _, _ = build_model("yi ~ 1 + (1 | study/esid) + (1 | species)", df, variance="vi")
     assert wide.problem.wide and not narrow.problem.wide
+
+
+def test_a_wide_border_is_factored_with_threaded_blas_to_the_same_numbers(monkeypatch):
+    """From BORDER_THREADS_MIN_NB crossed effects on, a single fit's border runs on
+    threaded BLAS; the deviance, gradient and estimates agree with one thread to rounding."""
+    import mlmeta._threads as threads
+
+    rng = np.random.default_rng(8)
+    n = 4800
+    subj, item = rng.permutation(np.arange(n) % 800), rng.permutation(np.arange(n) % 600)
+    df = pd.DataFrame({"subj": subj, "item": item, "x": rng.normal(size=n)})
+    df["y"] = (df.x + rng.normal(size=800)[subj] + 0.5 * rng.normal(size=600)[item]
+               + rng.normal(size=n))
+    assert threads.border_blas_threads(600) == min(4, max(1, os.cpu_count() or 1))
+    assert threads.border_blas_threads(600, kernel_threads=2) == 1
+    assert threads.border_blas_threads(threads.BORDER_THREADS_MIN_NB - 1) == 1
+    f = "y ~ x + (1 | subj) + (1 | item)"
+    fits, evals = [], []
+    for limit in (threads.BORDER_THREADS_MIN_NB, 10 ** 9):
+        monkeypatch.setattr(threads, "BORDER_THREADS_MIN_NB", limit)
+        res = mlmeta.mixed(f, df, safeguard=False)
+        assert res.model.problem.nb == 600
+        fits.append(res)
+        evals.append(res.model.evaluate(np.array([0.9, 0.6]), gradient=True))
+    assert fits[0].llf == pytest.approx(fits[1].llf, rel=1e-12)
+    np.testing.assert_allclose(fits[0].params, fits[1].params, rtol=1e-7)
+    assert evals[0].deviance == pytest.approx(evals[1].deviance, rel=1e-13)
+    np.testing.assert_allclose(evals[0].grad, evals[1].grad, rtol=1e-9)

@@ -17,7 +17,7 @@ import numpy as np
 from scipy import linalg, sparse
 
 from mlmeta._core._engine import Problem
-from mlmeta._threads import blas_threads
+from mlmeta._threads import blas_threads, border_blas_threads
 from mlmeta._core._nested import NestedKernel
 from mlmeta.covstruct import CovStruct
 from mlmeta.design import NestedDesign
@@ -247,7 +247,7 @@ class NestedModel:
         if (key is not None and last is not None and last[0] == key and (last[1] or not gradient)
                 and (last[2] or not em)):
             return last[3].copy()
-        with blas_threads(1):
+        with blas_threads(border_blas_threads(self.problem.nb)):
             out = self.problem.evaluate(np.asarray(theta, dtype=np.float64), gradient=gradient,
                                         em=em, sigma2=sigma2, y=y)
             if not np.isfinite(out["deviance"]):

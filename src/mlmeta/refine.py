@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mlmeta._threads import blas_threads
+from mlmeta._threads import blas_threads, border_blas_threads
 from mlmeta.model import NestedModel
 
 __all__ = ["DECREMENT_TOL", "ROUND_ITER", "theta_scale", "run_engine", "noise", "rounds",
@@ -121,7 +121,7 @@ def run_engine(model, thetas, *, lower, upper, em_iter=0, em_tol=0.0, em_only=Fa
     kt, kd = (None, np.inf) if known is None else (known[0], float(known[1]))
     thetas = np.atleast_2d(thetas)
     Y = None if Yw is None else np.repeat(np.asarray(Yw, dtype=float)[None, :], len(thetas), axis=0)
-    with blas_threads(1):
+    with blas_threads(border_blas_threads(model.problem.nb, threads)):
         return model.problem.fit(thetas, Y, lower=lower, upper=upper, em_iter=int(em_iter),
                                  em_tol=float(em_tol), em_only=em_only, maxiter=int(maxiter),
                                  tol=float(tol), quasi=quasi, known_theta=kt, known_dev=kd,
