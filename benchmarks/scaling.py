@@ -42,6 +42,7 @@ from synthetic import MANY_LEVELS, load_schoolcal, make_many_levels, make_three_
 from timing import fmt_time, median_time  # noqa: E402
 
 import mlmeta  # noqa: E402
+from mlmeta._threads import blas_threads  # noqa: E402
 from mlmeta.api import build_model  # noqa: E402
 
 SCHOOLCAL = "stdmdiff ~ 1 + (1 | district) + (1 | district:school)"
@@ -75,8 +76,11 @@ def measure(label, n, data, formula, variance, repeat, memory=True):
     build_t, (model, _, _) = median_time(
         lambda: build_model(formula, data, variance=variance), max(1, min(repeat, 3)))
     theta = res.theta
-    eval_t, _ = median_time(lambda: model.evaluate(theta), 5, batch=0.05)
-    grad_t, _ = median_time(lambda: model.evaluate(theta, gradient=True), 5, batch=0.05)
+    # the engine's own evaluation (model.evaluate keeps its last result at a theta)
+    with blas_threads(1):
+        eval_t, _ = median_time(lambda: model.problem.evaluate(theta), 5, batch=0.05)
+        grad_t, _ = median_time(lambda: model.problem.evaluate(theta, gradient=True), 5,
+                                batch=0.05)
     peak = _traced_peak_mb(fit) if memory else float("nan")
     return {
         "label": label, "n": n, "fit": fit_t, "evals": res.fit_record.n_evals,
