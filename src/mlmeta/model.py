@@ -243,12 +243,12 @@ class NestedModel:
         the accuracy checks and the stationarity check alike)."""
         theta = np.array(theta, dtype=np.float64)
         key = theta.tobytes() if sigma2 is None and y is None else None
-        last = getattr(self, "_last", None)
+        last = self._last
         if (key is not None and last is not None and last[0] == key and (last[1] or not gradient)
                 and (last[2] or not em)):
             return last[3].copy()
         with blas_threads(border_blas_threads(self.problem.nb)):
-            out = self.problem.evaluate(np.asarray(theta, dtype=np.float64), gradient=gradient,
+            out = self.problem.evaluate(theta, gradient=gradient,
                                         em=em, sigma2=sigma2, y=y)
             if not np.isfinite(out["deviance"]):
                 raise FloatingPointError(self.failure_message(out["status"]))

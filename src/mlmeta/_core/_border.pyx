@@ -45,10 +45,9 @@ F taken from its lower-triangle sums; Phi_b's blocks are t_i t_k Sig_ik,
 """
 
 from libc.math cimport log
-from scipy.linalg.cython_blas cimport dsymm
-from scipy.linalg.cython_lapack cimport dpotri
 
-from mlmeta._core._linalg cimport gemm, trsm_left_lower, potrf_lower, potri_lower, zero, copy
+from mlmeta._core._linalg cimport (gemm, trsm_left_lower, potrf_lower, potri_lower,
+                                   potri_lower_tri, symm_left_lower, zero, copy)
 from mlmeta._core._nested cimport Tree, factor_cluster, invert_cluster, accumulate_cluster
 from mlmeta._core._problem cimport Prob, Work, ST_BORDER
 
@@ -358,10 +357,6 @@ cdef void solve_scalar(const Prob* P, Work* W, Tree* t, const double* Phi) noexc
     cdef int nc = P.ncol
     cdef Py_ssize_t bw = nb + nc
     cdef Py_ssize_t i, k, j, w, l, g, o, c, d, ck, ci
-    cdef int n = <int>nb, info = 0, ldb = <int>bw
-    cdef char uplo = b'L'
-    cdef char side = b'L'
-    cdef double one = 1.0, mone = -1.0
     cdef const Py_ssize_t* mp
     cdef const double* tv = W.Pb
     cdef double* TW = W.PhiB        # t o W (nb x nc); PhiB is not used on this path
@@ -369,13 +364,13 @@ cdef void solve_scalar(const Prob* P, Work* W, Tree* t, const double* Phi) noexc
     cdef double acc, gk, ek, v
     for k in range(nb):
         copy(W.Cb + k + k * nb, W.Sg + k + k * nb, nb - k)
-    dpotri(&uplo, &n, W.Sg, &n, &info)
+    potri_lower_tri(<int>nb, W.Sg, <int>nb)
     # K = S_cA - S_cc T_c W
     for c in range(nc):
         for i in range(nb):
             W.Kb[i + c * nb] = W.Sb[nb + c + i * bw]
             TW[i + c * nb] = tv[i] * W.Wb[i + c * nb]
-    dsymm(&side, &uplo, &n, &nc, &mone, W.Sb, &ldb, TW, &n, &one, W.Kb, &n)
+    symm_left_lower(<int>nb, nc, -1.0, W.Sb, <int>bw, TW, <int>nb, 1.0, W.Kb, <int>nb)
     scalar_gradient_terms(P, W, tv)
     for l in range(P.n_tree, P.n_levels):
         gk = 0.0

@@ -2,7 +2,7 @@
 # Every wrapper is `noexcept nogil`; the ones that can fail return LAPACK's info.
 # The small ones are inline so the kernels' many tiny products cost no call.
 
-from scipy.linalg.cython_blas cimport dgemm, dtrsm
+from scipy.linalg.cython_blas cimport dgemm, dsymm, dtrsm
 from scipy.linalg.cython_lapack cimport dpotrf, dpotri
 from libc.math cimport sqrt
 
@@ -130,19 +130,37 @@ cdef inline int potrf_lower(int n, double* A, int lda) noexcept nogil:
     return info
 
 
-cdef inline int potri_lower(int n, double* A, int lda) noexcept nogil:
-    """A <- (L L')^-1 from the lower Cholesky factor in A, both triangles filled;
-    returns LAPACK info."""
+cdef inline int potri_lower_tri(int n, double* A, int lda) noexcept nogil:
+    """The lower triangle of A <- (L L')^-1 from the lower Cholesky factor in A (the
+    upper triangle untouched); returns LAPACK info."""
     cdef char uplo = b'L'
     cdef int info = 0
-    cdef int i, j
     if n == 0:
         return 0
     dpotri(&uplo, &n, A, &lda, &info)
+    return info
+
+
+cdef inline int potri_lower(int n, double* A, int lda) noexcept nogil:
+    """A <- (L L')^-1 from the lower Cholesky factor in A, both triangles filled;
+    returns LAPACK info."""
+    cdef int i, j
+    cdef int info = potri_lower_tri(n, A, lda)
     for j in range(n):
         for i in range(j):
             A[i + j * lda] = A[j + i * lda]
     return info
+
+
+cdef inline void symm_left_lower(int m, int n, double alpha, const double* A, int lda,
+                                 const double* B, int ldb, double beta, double* C,
+                                 int ldc) noexcept nogil:
+    """C <- alpha A B + beta C with A m x m symmetric, held in its lower triangle."""
+    cdef char side = b'L'
+    cdef char uplo = b'L'
+    if m == 0 or n == 0:
+        return
+    dsymm(&side, &uplo, &m, &n, &alpha, <double*>A, &lda, <double*>B, &ldb, &beta, C, &ldc)
 
 
 cdef inline void zero(double* a, Py_ssize_t n) noexcept nogil:

@@ -223,7 +223,8 @@ cdef int fit_one(const Prob* P, Work* W, const double* y, double* th, const Opti
     cdef int em_done = 0
     cdef bint switch, tried = 0
     cdef double fl = INFINITY, fl2 = INFINITY
-    cdef double f, fc, fx, fscale, gmax, dec, h, wmax, big, tt, armijo, stop, near, reach, mult
+    cdef double f, fc, fx, fscale, gmax, dec, h, wmax, big, smax, tt, armijo, stop, near, reach
+    cdef double mult
     cdef bint clipped
     cdef char jobv = b'V'
     cdef char lo = b'L'
@@ -419,16 +420,16 @@ cdef int fit_one(const Prob* P, Work* W, const double* y, double* th, const Opti
             if R.log_newton != NULL:
                 R.log_newton[it - 1] = f
             continue
-        big = 0.0
+        smax = 0.0                        # the longest component of the step
         for j in range(nf):
-            if fabs(step[j]) > big:
-                big = fabs(step[j])
+            if fabs(step[j]) > smax:
+                smax = fabs(step[j])
         tt = P.scale
         for j in range(nf):
             if fabs(th[idx[j]]) > tt:
                 tt = fabs(th[idx[j]])
         reach = 10.0 * tt                 # the longest step allowed from th
-        big = big / reach
+        big = smax / reach
         if big > 1.0:
             for j in range(nf):
                 step[j] = step[j] / big
@@ -468,11 +469,7 @@ cdef int fit_one(const Prob* P, Work* W, const double* y, double* th, const Opti
             # variance parameter near zero, where the deviance is flat in theta, would
             # double per step). Steps 4, 16, ... times as long (within the longest step
             # allowed) while the deviance goes on falling.
-            big = 0.0
-            for j in range(nf):
-                if fabs(step[j]) > big:
-                    big = fabs(step[j])
-            while 4.0 * mult * big <= reach and not clipped:
+            while 4.0 * mult * smax <= reach and not clipped:
                 mult = 4.0 * mult
                 clipped = step_to(P, th, step, idx, nf, mult, cx, k)
                 fx = evaluate(P, W, cx, gx, False, 0.0)
