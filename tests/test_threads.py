@@ -133,3 +133,44 @@ def test_eight_threads_fitting_one_model_match_serial_fits():
         np.testing.assert_array_equal(a.theta, b.theta)
         np.testing.assert_array_equal(a.params, b.params)
         np.testing.assert_array_equal(a.bse, b.bse)
+
+
+def test_extra_starts_share_out_over_the_cores_only_where_they_pay(monkeypatch):
+    from mlmeta import _threads
+
+    monkeypatch.setattr(_threads.os, "cpu_count", lambda: 4)
+    n = _threads.START_THREADS_MIN_OBS
+    assert _threads.start_threads(n - 1) == 1
+    assert _threads.start_threads(n) == 4
+    with _threads.fit_threads(2):
+        assert _threads.start_threads(n) == 2
+        with _threads.fit_threads(1):
+            assert _threads.start_threads(n) == 1
+        assert _threads.start_threads(n) == 2
+    assert _threads.start_threads(n) == 4
+    # off the main thread the caller already runs fits side by side
+    got = []
+    t = threading.Thread(target=lambda: got.append(_threads.start_threads(10 * n)))
+    t.start()
+    t.join()
+    assert got == [1]
+
+
+def test_a_fit_whose_extra_starts_run_on_two_threads_matches_one_thread(monkeypatch):
+    from mlmeta import _threads
+    from mlmeta.simulate import lmm
+
+    data, _, _ = lmm(40, 2, 30, seed=3)
+    formula = "DV ~ IV1 + IV2 + (IV1 + IV2 | Group)"
+    assert len(data) >= _threads.START_THREADS_MIN_OBS
+    monkeypatch.setattr(_threads.os, "cpu_count", lambda: 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        two = mlmeta.mixed(formula, data)
+        with _threads.fit_threads(1):
+            one = mlmeta.mixed(formula, data)
+    assert two.fit_record.eval_budget > 0          # the extra starts ran
+    assert two.llf == one.llf
+    np.testing.assert_array_equal(two.params.values, one.params.values)
+    np.testing.assert_array_equal(two.theta, one.theta)
+    assert [c[1] for c in two.fit_record.candidates] == [c[1] for c in one.fit_record.candidates]

@@ -14,13 +14,14 @@ oversubscribes the cores when replicates already run side by side.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 __all__ = ["blas_threads", "one_blas_thread", "parallel_calls", "border_blas_threads",
-           "BORDER_THREADS_MIN_NB"]
+           "BORDER_THREADS_MIN_NB", "START_THREADS_MIN_OBS", "start_threads", "fit_threads"]
 
 _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
@@ -152,6 +153,38 @@ def border_blas_threads(nb: int, kernel_threads: int = 1) -> int:
     if nb < BORDER_THREADS_MIN_NB or kernel_threads > 1:
         return 1
     return max(1, min(4, os.cpu_count() or 1))
+
+
+#: a fit's extra starts are shared out over the cores from this many observations
+START_THREADS_MIN_OBS = 1_000
+
+_fit_threads: contextvars.ContextVar = contextvars.ContextVar("mlmeta_fit_threads", default=None)
+
+
+@contextlib.contextmanager
+def fit_threads(n: int):
+    """Context manager: the extra starts of the fits made inside run on at most ``n``
+    kernel threads (work that already runs fits side by side: replicates in worker
+    processes)."""
+    token = _fit_threads.set(max(1, int(n)))
+    try:
+        yield
+    finally:
+        _fit_threads.reset(token)
+
+
+def start_threads(n_obs: int) -> int:
+    """Kernel threads for the extra starts of one fit (independent engine runs, shared
+    out over the cores; each run's numbers are the same on any thread): the cores from
+    :data:`START_THREADS_MIN_OBS` observations on (below, a run's rounds take tens of
+    microseconds and handing them to a thread costs as much), at most the limit of
+    :func:`fit_threads`; 1 off the main thread, where the caller already runs fits side
+    by side."""
+    if n_obs < START_THREADS_MIN_OBS or threading.current_thread() is not threading.main_thread():
+        return 1
+    n = os.cpu_count() or 1
+    limit = _fit_threads.get()
+    return max(1, min(n, limit) if limit is not None else n)
 
 
 def one_blas_thread(fn):

@@ -20,7 +20,7 @@ import pandas as pd
 from mlmeta import _dist
 from mlmeta import _executor
 from mlmeta._errors import warn
-from mlmeta._threads import blas_threads, one_blas_thread
+from mlmeta._threads import blas_threads, fit_threads, one_blas_thread
 from mlmeta.api import build_model, constrained_design
 from mlmeta.design import build_design
 from mlmeta.mixed import MixedResults, build_mixed_model, check_outcome
@@ -430,7 +430,7 @@ def fit_batch(model: Model, Y, *, n_jobs=None, em_iter=20, maxiter=1000, tol=1e-
     else:
         m = Y.shape[1]
         parts = [Y[:, a:b] for a, b in _executor.chunks(m, executor)]
-        out = concat_fits(_executor.run(executor, _fit_columns, model, parts, options))
+        out = concat_fits(_executor.run(executor, _fit_columns_apart, model, parts, options))
     failed = int(np.sum(~np.isfinite(out["llf"])))
     if failed:
         warn(f"{failed} of {Y.shape[1]} fits failed (NaN estimates, converged=False): the objective "
@@ -469,6 +469,13 @@ def _fit_columns(model: Model, Y, options) -> dict:
     the task runs)."""
     with blas_threads(1):
         return _fit_columns_here(model, Y, options)
+
+
+def _fit_columns_apart(model: Model, Y, options) -> dict:
+    """:func:`_fit_columns` on an executor's worker, beside the others: the extra starts of
+    its fits at one kernel thread (:func:`mlmeta._threads.fit_threads`)."""
+    with fit_threads(1):
+        return _fit_columns(model, Y, options)
 
 
 def _fit_columns_here(model: Model, Y, options) -> dict:

@@ -29,13 +29,12 @@ The same finishing steps serve a batch of outcome vectors (:func:`finish_outcome
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from mlmeta._threads import blas_threads
+from mlmeta._threads import blas_threads, start_threads
 from mlmeta.accuracy import (ROUNDING_C, ROUNDING_TOL, across_groups, c_condition, column_stats,
                              known_R_of, model_rounding_error, rounding_error, second_opinion,
                              variance_ratio)
@@ -297,8 +296,9 @@ def fit_nested(model: NestedModel, *, theta0=None, em_iter=20, em_tol=1e-10, em_
 
 
 def _fit(model, *, theta0, em_iter, em_tol, em_only, maxiter, tol, safeguard, verbose, fixed,
-         t0) -> FitRecord:
-    """The fit of :func:`fit_nested` in the model's own basis (arguments checked)."""
+         t0, more_starts=()) -> FitRecord:
+    """The fit of :func:`fit_nested` in the model's own basis (arguments checked);
+    ``more_starts``: (label, theta) extra starts besides :func:`alternative_starts`."""
     theta = start_theta(model) if theta0 is None else np.asarray(theta0, dtype=float)
     lower, upper = model.lower.copy(), model.upper.copy()
     if fixed is not None:
@@ -341,7 +341,8 @@ def _fit(model, *, theta0, em_iter, em_tol, em_only, maxiter, tol, safeguard, ve
     rec.n_iter = int(run["n_iter"][0])
     use_safeguard = extra_starts(model, safeguard)
     theta, f, conv = _finish(model, rec, theta, f, conv, lower=lower, upper=upper, maxiter=maxiter,
-                             tol=tol, safeguard=use_safeguard, certified=certified)
+                             tol=tol, safeguard=use_safeguard, certified=certified,
+                             more_starts=more_starts)
     rec.grad_max = _gmax(model, theta, lower, upper)
     if not conv:
         rec.messages.append(f"gradient-based optimisation did not converge (largest gradient "
@@ -354,13 +355,14 @@ def _fit(model, *, theta0, em_iter, em_tol, em_only, maxiter, tol, safeguard, ve
 
 
 def _finish(model, rec, theta, f, conv, *, lower, upper, maxiter, tol, safeguard, Yw=None,
-            certified=False):
+            certified=False, more_starts=()):
     """After the main engine run: refine it to a certified stationary point (:func:`refine`),
     run the extra starts (``safeguard``) and continue the promising ones, and end where
     the covariance structures can be written out (:func:`_representable`). Updates
     ``rec`` (iterations, evaluations, candidates, messages); returns (theta, f, conv)."""
     theta, f, conv = _search(model, rec, theta, f, conv, lower=lower, upper=upper, maxiter=maxiter,
-                             tol=tol, safeguard=safeguard, Yw=Yw, certified=certified)
+                             tol=tol, safeguard=safeguard, Yw=Yw, certified=certified,
+                             more_starts=more_starts)
     theta, f, conv = finish_on_edge(model, rec, theta, f, conv, lower=lower, upper=upper, Yw=Yw)
     return _representable(model, theta, f, conv, lower=lower, upper=upper, Yw=Yw)
 
@@ -390,7 +392,7 @@ def _representable(model, theta, f, conv, *, lower, upper, Yw=None):
 
 
 def _search(model, rec, theta, f, conv, *, lower, upper, maxiter, tol, safeguard, Yw=None,
-            certified=False):
+            certified=False, more_starts=()):
     """:func:`_finish` but the last step."""
     scale = theta_scale(model, theta if Yw is None else None)
     work = Work(rec.n_iter, rec.n_evals)
@@ -403,11 +405,10 @@ def _search(model, rec, theta, f, conv, *, lower, upper, maxiter, tol, safeguard
     rec.candidates.append(("EM start", f, theta.copy(), conv))
     if not safeguard:
         return theta, f, conv
-    starts = alternative_starts(model, rec.theta_em, theta, scale)
+    starts = alternative_starts(model, rec.theta_em, theta, scale) + list(more_starts)
     rec.eval_budget = budget = int(max(EXTRA_EVALS_FACTOR * rec.n_evals,
                                        EXTRA_MIN_EVALS * (model.n_theta + 1)))
-    # threads only pay for large models
-    threads = (os.cpu_count() or 1) if model.n_obs >= 20_000 else 1
+    threads = start_threads(model.n_obs)
     # starts right next to the optimum (off a zero, off a custom level's edge) may not stop
     # on coming near it: the engine's "near" is measured on the sampling scale, wider than
     # the basins they look for
@@ -416,15 +417,28 @@ def _search(model, rec, theta, f, conv, *, lower, upper, maxiter, tol, safeguard
     local = np.array([" off " in label for label, _ in starts])
     wide = np.array([label.startswith(("natural scale", "random")) for label, _ in starts])
     runs = [None] * len(starts)
-    for sel, known, quasi in ((~local & ~wide, (theta, f), True), (local, None, True),
-                              (wide, (theta, f), False)):
+    for sel, known in ((~local, (theta, f)), (local, None)):
         idx = np.flatnonzero(sel)
         if idx.size:
             got = rounds(model, [starts[i][1] for i in idx], lower=lower, upper=upper, tol=tol,
-                         maxiter=maxiter, budget=budget, quasi=quasi, known=known, Yw=Yw,
+                         maxiter=maxiter, budget=budget, quasi=True, known=known, Yw=Yw,
                          threads=threads)
             for i, r in zip(idx, got):
                 runs[i] = r
+    # the starts away from the EM path that end neither with the optimum nor below it go on
+    # by full Newton steps: a BFGS model can settle short of the basin such a start is in
+    margin = 1e-7 * max(1.0, abs(f))
+    idx = [i for i in np.flatnonzero(wide) if not runs[i]["joined"]
+           and not runs[i]["dev"] < f - margin and runs[i]["evals"] < budget
+           and np.isfinite(runs[i]["dev"])]
+    if idx:
+        got = rounds(model, [runs[i]["theta"] for i in idx], lower=lower, upper=upper, tol=tol,
+                     maxiter=maxiter, budget=budget - min(runs[i]["evals"] for i in idx),
+                     quasi=False, known=(theta, f), Yw=Yw, threads=threads)
+        for i, r in zip(idx, got):
+            q = runs[i]
+            runs[i] = dict(r if np.isfinite(r["dev"]) else q, evals=q["evals"] + r["evals"],
+                           iters=q["iters"] + r["iters"])
     # with a custom level's free correlations, whose feasible set is not a box, the engine's
     # Newton stops at the edge of the positive definite set: from the starts away from the
     # EM path, scipy's quasi-Newton steps in scaled parameters too (they get along it)
@@ -548,7 +562,9 @@ def _fit_conditioned(model, A, *, t0, **options):
     fit's convergence check holds (it is made where the Hessian is well scaled); the
     deviance is recomputed on the model as given and must agree to 1e-8."""
     work, back = conditioned_model(model, A)
-    rec_w = _fit(work, theta0=None, em_only=False, fixed=None, t0=t0, **options)
+    rec_w = _fit(work, theta0=None, em_only=False, fixed=None, t0=t0, **options,
+                 more_starts=[("natural scale in the model's basis",
+                               _own_natural_start(model, work, A))])
     theta = back(rec_w.theta)
     rec = rec_w
     try:
@@ -572,9 +588,6 @@ def _fit_conditioned(model, A, *, t0, **options):
         if not rec.converged:
             _own_basis_refine(model, rec, tol=options["tol"], maxiter=options["maxiter"],
                               budget=max(rec_w.eval_budget, EXTRA_MIN_EVALS * (model.n_theta + 1)))
-    if rec_w.eval_budget:          # the working fit ran the extra starts
-        _own_basis_start(model, rec, budget=rec_w.eval_budget, tol=options["tol"],
-                         maxiter=options["maxiter"])
     rec.seconds = time.perf_counter() - t0
     return rec
 
@@ -609,43 +622,21 @@ def _own_basis_refine(model, rec, *, budget, tol, maxiter):
                             f"component {rec.grad_max:.3g})")
 
 
-def _own_basis_start(model, rec, *, budget, tol, maxiter):
-    """The extra start at the natural scale (:func:`alternative_starts`) in the model's own
-    basis, for a fit made in the well-scaled one (:func:`_fit_conditioned`): every variance
-    parameter at half its natural size there is another point than in the working basis,
-    and a basin the working fit's starts all miss can lie below it. Quasi-Newton steps in
-    scaled parameters (within ``budget`` evaluations), then :func:`refine` (same budget)
-    where they end below the fit; the lower fit is kept (``rec`` updated in place)."""
+def _own_natural_start(model, work, A):
+    """The extra start at the natural scale (:func:`alternative_starts`: every variance
+    parameter at half its natural size) of the model's own basis, as a theta of the
+    well-scaled working model (:func:`conditioned_model`, Sigma~_l = A_l^-1 Sigma_l
+    A_l^-T): another point than the working basis's own natural start, and a basin the
+    working fit's other starts all miss can lie below it."""
     scale = theta_scale(model)
-    lower, upper = model.lower, model.upper
-    start = np.clip(np.where(lower == 0.0, 0.5 * scale, 0.0), lower, upper)
-    f = rec.deviance
-    th, fq, n, _ = quasi_newton(model, start, f, lower=lower, upper=upper, scale=scale,
-                                maxiter=1000, max_evals=budget)
-    rec.n_evals += n
-    label = "natural scale in the model's basis, quasi-Newton"
-    rec.candidates.append((label, fq, th.copy(), False))
-    margin = 1e-7 * max(1.0, abs(f))
-    if not (np.isfinite(fq) and fq < f - margin):
-        return
-    w = Work()
-    th, fc, cc, _ = refine(model, th, fq, False, w, lower=lower, upper=upper, tol=tol,
-                           maxiter=maxiter, max_evals=budget, scale=scale)
-    rec.n_evals += w.evals
-    th, fc, cc = _representable(model, th, fc, cc, lower=lower, upper=upper)
-    if not (np.isfinite(fc) and fc < f - margin):
-        return
-    rec.candidates.append((f"{label} (continued)", fc, th.copy(), cc))
-    f_main = next((fm for lab, fm, *_ in rec.candidates if lab == "EM start"), f)
-    rec.messages = [m for m in rec.messages if "did not converge" not in m
-                    and not m.startswith("the optimisation from the default start")]
-    rec.messages.append(
-        f"the optimisation from the default start stopped at a local optimum "
-        f"({model.ll_label.lower()} {-0.5 * f_main:.8g}); a higher optimum ({-0.5 * fc:.8g}) was "
-        f"found from another start and is reported")
-    rec.theta, rec.deviance, rec.converged = th, fc, cc
-    rec.better_optimum = True
-    rec.grad_max = _gmax(model, th, lower, upper)
-    if not cc:
-        rec.messages.append(f"gradient-based optimisation did not converge (largest gradient "
-                            f"component {rec.grad_max:.3g})")
+    start = np.clip(np.where(model.lower == 0.0, 0.5 * scale, 0.0), model.lower, model.upper)
+    out = np.empty(work.n_theta)
+    for s, sl, sl_w, Al, S in zip(model.structs, model.theta_slices, work.theta_slices, A,
+                                  model.Sigma_list(start)):
+        if np.array_equal(Al, np.eye(Al.shape[0])):
+            out[sl_w] = start[sl]
+        else:
+            Ai = np.linalg.inv(Al)
+            St = Ai @ S @ Ai.T
+            out[sl_w] = s.from_Sigma(0.5 * (St + St.T))
+    return np.clip(out, work.lower, work.upper)

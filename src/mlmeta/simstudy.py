@@ -42,7 +42,7 @@ import pandas as pd
 
 from mlmeta import _dist
 from mlmeta import _executor
-from mlmeta._threads import blas_threads
+from mlmeta._threads import blas_threads, fit_threads
 
 __all__ = ["run", "cells", "replicate", "summarize", "plot", "STRATEGIES", "ESSAY_GRID",
            "ESSAY_STRATEGIES"]
@@ -246,7 +246,7 @@ def replicate(cell, rep, seed, strategies=STRATEGIES, options=None, detail=False
 def _run_chunk(cell, reps, seed, strategies, options, detail):
     """One unit of work: some replicates of one cell (module-level so it pickles)."""
     out = []
-    with blas_threads(dict(OPTIONS, **(options or {}))["blas_threads"]):
+    with blas_threads(dict(OPTIONS, **(options or {}))["blas_threads"]), fit_threads(1):
         for rep, strats in reps:
             out.extend(replicate(cell, rep, seed, strats or strategies, options, detail))
     return out
