@@ -160,3 +160,52 @@ def test_uncentred_independent_slope_reaches_dense_optimum(schoolcal, method):
     assert res.llf >= ref["llf"] - 1e-7
     assert res.llf == pytest.approx(ref["llf"], abs=1e-7)
 
+
+
+def test_auto_runs_the_starts_away_from_the_em_path_only_where_the_fit_is_exposed(schoolcal):
+    """schoolcal's two-level optimum is interior: "auto" leaves out the starts at the
+    natural scale and the random ones (the record names them) and reaches the optimum that
+    every start reaches; True runs them all."""
+    from mlmeta.starts import WIDE, on_boundary
+
+    model, _, _ = build_model("stdmdiff ~ 1 + (1 | district) + (1 | district:school)", schoolcal,
+                              variance="var")
+    auto = fit_nested(model, safeguard="auto")
+    full = fit_nested(model, safeguard=True)
+    assert not on_boundary(model, auto.theta, model.lower, model.upper, np.ones(2))
+    assert auto.skipped_starts and all(lab.startswith(WIDE) for lab in auto.skipped_starts)
+    assert not any(c[0].startswith(WIDE) for c in auto.candidates)
+    assert not full.skipped_starts
+    assert {c[0] for c in full.candidates} >= set(auto.skipped_starts)
+    assert auto.deviance == pytest.approx(full.deviance, abs=1e-9)
+    assert auto.n_evals < full.n_evals
+
+
+def test_auto_runs_every_start_from_a_fit_on_the_boundary(schoolcal):
+    """An optimum whose correlation of intercept and slope is +-1 (a zero on the diagonal of
+    the level's factor: on the boundary): "auto" runs every start."""
+    from mlmeta.starts import on_boundary
+
+    model, _, _ = build_model("stdmdiff ~ year_c + (1 + year_c | district) + (1 | district:school)",
+                              schoolcal, variance="var")
+    rec = fit_nested(model, safeguard="auto")
+    assert on_boundary(model, rec.theta, model.lower, model.upper, np.ones(model.n_theta))
+    assert not rec.skipped_starts
+    assert any(c[0] == "natural scale" for c in rec.candidates)
+
+
+def test_on_boundary_sees_zero_variances_bounds_and_pd_edges():
+    from mlmeta.starts import on_boundary
+
+    class Flat:                     # no custom level
+        structs, theta_slices = [], []
+
+    lower, upper = np.array([0.0, -1.0]), np.array([np.inf, 1.0])
+    scale = np.array([2.0, 1.0])
+    assert not on_boundary(Flat, np.array([0.5, 0.2]), lower, upper, scale)
+    assert on_boundary(Flat, np.array([1e-5, 0.2]), lower, upper, scale)
+    assert on_boundary(Flat, np.array([0.5, 1.0 - 1e-6]), lower, upper, scale)
+    assert on_boundary(Flat, np.array([0.5, -1.0]), lower, upper, scale)
+    # a parameter held fixed at its bound does not count
+    assert not on_boundary(Flat, np.array([0.0, 0.2]), np.array([0.0, -1.0]),
+                           np.array([0.0, 1.0]), scale)

@@ -338,8 +338,11 @@ def meregress(formula, data, *, se=None, variance=None, V=None, method="reml", c
         Limits of the Newton optimiser; ``tol`` bounds the largest free gradient
         component relative to max(1, \|deviance\|).
     safeguard : {"auto", True, False}
-        Extra starts that guard against local optima ("auto": on up to 50,000 effect
-        sizes).
+        Extra starts that guard against local optima (:mod:`mlmeta.starts`). "auto": on
+        up to 50,000 effect sizes, and those away from the EM path (every variance at
+        half its natural size, pseudo-random points) only where the fit ends on the
+        boundary of the parameter space, did not converge, or a start near the EM path
+        found a higher optimum; True: every start; False: none.
     verbose : bool
         Print the EM and iteration log.
     R : dict, optional

@@ -41,8 +41,8 @@ from mlmeta.accuracy import (ROUNDING_C, ROUNDING_TOL, across_groups, c_conditio
 from mlmeta.model import NestedModel
 from mlmeta.pdedge import finish_on_edge
 from mlmeta.refine import (DECREMENT_TOL, EM_SWITCH, Work, custom_correlations, deviances,
-                           differenced, mirrored_correlations, off_pd_boundary, quasi_newton,
-                           refine, rounds, run_engine, theta_scale)
+                           differenced, quasi_newton, refine, run_engine, theta_scale)
+from mlmeta.starts import alternative_starts, on_boundary, run_starts, screened
 from mlmeta.validate import safeguard as _safeguard
 
 __all__ = ["FitRecord", "fit_nested", "fit_model", "start_theta", "alternative_starts",
@@ -78,6 +78,7 @@ class FitRecord:
     seconds: float = 0.0
     eval_budget: int = 0                              # evaluations allowed per extra start
     cut_short: list = field(default_factory=list)     # (label, evaluations) of starts stopped
+    skipped_starts: list = field(default_factory=list)  # labels of the starts screened out
 
 
 def fit_model(model: NestedModel, **options) -> FitRecord:
@@ -162,10 +163,14 @@ def start_theta(model: NestedModel) -> np.ndarray:
 AUTO_SAFEGUARD_MAX_OBS = 50_000
 
 
-def extra_starts(model: NestedModel, safeguard) -> bool:
-    """Whether a fit runs the extra starts: ``safeguard`` True, or "auto" and at most
-    :data:`AUTO_SAFEGUARD_MAX_OBS` observations."""
-    return safeguard is True or (safeguard == "auto" and model.n_obs <= AUTO_SAFEGUARD_MAX_OBS)
+def extra_starts(model: NestedModel, safeguard) -> bool | str:
+    """Which extra starts a fit runs: all of them (True) for ``safeguard`` True; for "auto"
+    and at most :data:`AUTO_SAFEGUARD_MAX_OBS` observations "auto": those away from the EM
+    path only where the fit is exposed to another optimum (:mod:`mlmeta.starts`); else
+    none (False)."""
+    if safeguard is True:
+        return True
+    return "auto" if safeguard == "auto" and model.n_obs <= AUTO_SAFEGUARD_MAX_OBS else False
 
 
 def _feasible_start(model, theta, lower, upper):
@@ -177,69 +182,6 @@ def _feasible_start(model, theta, lower, upper):
     devs = deviances(model, np.clip(np.array(cand), lower, upper), lower=lower, upper=upper)
     ok = np.flatnonzero(np.isfinite(devs))
     return np.clip(cand[ok[0]], lower, upper) if ok.size else theta
-
-
-#: pseudo-random extra starts (seeded by the model's size: the same starts every time)
-N_RANDOM_STARTS = 2
-
-
-def alternative_starts(model: NestedModel, theta_em, theta_best, scale=None):
-    """Cheap extra starts: the EM start shrunk and inflated, the optimum with each
-    level (and each variance of a multi-effect level) pushed to zero (and a spatial
-    level's range at quantiles of the distances, ``Spatial.range_starts``), and starts away
-    from the EM path: every variance parameter at half its natural size (``scale``,
-    :func:`theta_scale`; the others at 0), so again with each level at zero, and
-    N_RANDOM_STARTS pseudo-random ones (variance
-    parameters at 0.05 .. 2 times their natural size, correlations in (-0.5, 0.5), other
-    parameters in (-1, 1) times their natural size)."""
-    starts = [("EM start x 0.1", theta_em * 0.1), ("EM start x 3", theta_em * 3.0)]
-    if scale is not None:
-        # off a zero variance by 1 and 10 % of its natural size (a narrow basin nearby that
-        # the steps of _off_bounds, one parameter at a time, can step over)
-        for i in np.flatnonzero((model.lower == 0.0) & (theta_best <= 0.0) & (model.upper > 0.0)):
-            for c in (0.01, 0.1):
-                t = theta_best.copy()
-                t[i] = c * scale[i]
-                starts.append((f"parameter {i} off zero x {c:g}", t))
-        for j, t in enumerate(off_pd_boundary(model, theta_best)):
-            starts.append((f"custom correlations off the edge {j + 1}", t))
-        for j, t in enumerate(mirrored_correlations(model, theta_best)):
-            starts.append((f"correlation at the opposite edge {j + 1}", t))
-        k = model.n_theta
-        sd_like = model.lower == 0.0
-        corr_like = np.isfinite(model.lower) & (model.lower < 0.0)
-        natural = np.where(sd_like, 0.5 * scale, 0.0)
-        starts.append(("natural scale", natural))
-        if len(model.structs) > 1:      # which level carries a variance can be multimodal
-            for lvl, sl in enumerate(model.theta_slices):
-                t = natural.copy()
-                t[sl] = 0.0
-                starts.append((f"natural scale, level {lvl + 1} at zero", t))
-        rng = np.random.default_rng([model.n_obs, k, 17])
-        for r in range(N_RANDOM_STARTS):
-            t = np.where(sd_like, rng.uniform(0.05, 2.0, k),
-                         np.where(corr_like, rng.uniform(-0.5, 0.5, k), rng.uniform(-1.0, 1.0, k)))
-            t = np.clip(t * np.where(corr_like, 1.0, scale), model.lower, model.upper)
-            starts.append((f"random start {r + 1}", t))
-    for lvl, (s, sl) in enumerate(zip(model.structs, model.theta_slices)):
-        if s.kind == "spatial":      # the likelihood is often multimodal in the range
-            for p, rho in s.range_starts():
-                t = theta_best.copy()
-                t[sl.start + 1] = rho
-                starts.append((f"level {lvl + 1} range at the {p:.0%} quantile of distances", t))
-        t = theta_best.copy()
-        t[sl] = 0.0
-        starts.append((f"level {lvl + 1} at zero", t))
-        if s.n_theta > 1:
-            for i in range(sl.start, sl.stop):
-                if model.lower[i] == 0.0:
-                    t = theta_best.copy()
-                    t[i] = 0.0
-                    # restart the other parameters of the level from the EM start
-                    others = [j for j in range(sl.start, sl.stop) if j != i]
-                    t[others] = theta_em[others]
-                    starts.append((f"parameter {i} at zero", t))
-    return starts
 
 
 def _print_log(model, run, theta_em):
@@ -308,19 +250,28 @@ def _fit(model, *, theta0, em_iter, em_tol, em_only, maxiter, tol, safeguard, ve
             raise ValueError("fixed= needs theta0 with the values to hold")
         lower[mask] = upper[mask] = theta[mask]
     theta = np.clip(theta, lower, upper)
-    if theta0 is None:
-        theta = _feasible_start(model, theta, lower, upper)
-    rec = FitRecord(theta_start=theta.copy())
     if model.n_theta == 0:
+        rec = FitRecord(theta_start=theta.copy())
         ev = model.evaluate(theta)
         rec.theta, rec.theta_em, rec.deviance, rec.converged = theta, theta, ev.deviance, True
         rec.grad_max, rec.n_evals = 0.0, 1
         rec.seconds = time.perf_counter() - t0
         return rec
     n_em = 10 * maxiter if em_only else em_iter
-    run = run_engine(model, theta, lower=lower, upper=upper, em_iter=n_em, em_tol=em_tol,
-                     em_only=em_only, maxiter=min(maxiter, MAIN_ITER), tol=tol, log=verbose,
-                     em_switch=EM_SWITCH)
+
+    def main_run(theta):
+        return run_engine(model, theta, lower=lower, upper=upper, em_iter=n_em, em_tol=em_tol,
+                          em_only=em_only, maxiter=min(maxiter, MAIN_ITER), tol=tol, log=verbose,
+                          em_switch=EM_SWITCH)
+
+    run = main_run(theta)
+    if theta0 is None and not np.isfinite(run["deviance"][0]):
+        # the objective may be undefined at the moment start itself: shrink it, run again
+        start = _feasible_start(model, theta, lower, upper)
+        if not np.array_equal(start, theta):
+            theta = start
+            run = main_run(theta)
+    rec = FitRecord(theta_start=theta.copy())
     rec.n_em = int(run["n_em"][0])
     rec.theta_em = run["theta_em"][0].copy()
     rec.n_evals = int(run["n_evals"][0])
@@ -408,37 +359,16 @@ def _search(model, rec, theta, f, conv, *, lower, upper, maxiter, tol, safeguard
     starts = alternative_starts(model, rec.theta_em, theta, scale) + list(more_starts)
     rec.eval_budget = budget = int(max(EXTRA_EVALS_FACTOR * rec.n_evals,
                                        EXTRA_MIN_EVALS * (model.n_theta + 1)))
-    threads = start_threads(model.n_obs)
-    # starts right next to the optimum (off a zero, off a custom level's edge) may not stop
-    # on coming near it: the engine's "near" is measured on the sampling scale, wider than
-    # the basins they look for
-    # starts away from the EM path (natural scale, random) run full Newton steps: the
-    # BFGS-updated exploration can settle short of the basin such a start is in
-    local = np.array([" off " in label for label, _ in starts])
-    wide = np.array([label.startswith(("natural scale", "random")) for label, _ in starts])
-    runs = [None] * len(starts)
-    for sel, known in ((~local, (theta, f)), (local, None)):
-        idx = np.flatnonzero(sel)
-        if idx.size:
-            got = rounds(model, [starts[i][1] for i in idx], lower=lower, upper=upper, tol=tol,
-                         maxiter=maxiter, budget=budget, quasi=True, known=known, Yw=Yw,
-                         threads=threads)
-            for i, r in zip(idx, got):
-                runs[i] = r
-    # the starts away from the EM path that end neither with the optimum nor below it go on
-    # by full Newton steps: a BFGS model can settle short of the basin such a start is in
+    opts = dict(lower=lower, upper=upper, tol=tol, maxiter=maxiter, budget=budget, Yw=Yw,
+                threads=start_threads(model.n_obs))
+    first = screened(starts) if safeguard == "auto" else np.ones(len(starts), dtype=bool)
+    got = run_starts(model, starts, np.flatnonzero(first), theta, f, **opts)
     margin = 1e-7 * max(1.0, abs(f))
-    idx = [i for i in np.flatnonzero(wide) if not runs[i]["joined"]
-           and not runs[i]["dev"] < f - margin and runs[i]["evals"] < budget
-           and np.isfinite(runs[i]["dev"])]
-    if idx:
-        got = rounds(model, [runs[i]["theta"] for i in idx], lower=lower, upper=upper, tol=tol,
-                     maxiter=maxiter, budget=budget - min(runs[i]["evals"] for i in idx),
-                     quasi=False, known=(theta, f), Yw=Yw, threads=threads)
-        for i, r in zip(idx, got):
-            q = runs[i]
-            runs[i] = dict(r if np.isfinite(r["dev"]) else q, evals=q["evals"] + r["evals"],
-                           iters=q["iters"] + r["iters"])
+    if not first.all() and (not conv or on_boundary(model, theta, lower, upper, scale)
+                            or any(r["dev"] < f - margin for r in got.values())):
+        got.update(run_starts(model, starts, np.flatnonzero(~first), theta, f, **opts))
+    rec.skipped_starts = [starts[i][0] for i in range(len(starts)) if i not in got]
+    starts, runs = [starts[i] for i in sorted(got)], [got[i] for i in sorted(got)]
     # with a custom level's free correlations, whose feasible set is not a box, the engine's
     # Newton stops at the edge of the positive definite set: from the starts away from the
     # EM path, scipy's quasi-Newton steps in scaled parameters too (they get along it)
@@ -495,7 +425,7 @@ def finish_outcome(model: NestedModel, Yw, theta, f, conv, theta_em, *, maxiter,
                     theta_em=np.asarray(theta_em, dtype=float).copy(), n_iter=int(n_iter))
     theta, f, conv = _finish(model, rec, np.asarray(theta, dtype=float).copy(), float(f), bool(conv),
                              lower=model.lower, upper=model.upper, maxiter=maxiter, tol=tol,
-                             safeguard=bool(safeguard), Yw=Yw, certified=bool(certified))
+                             safeguard=safeguard, Yw=Yw, certified=bool(certified))
     return theta, f, conv, rec.n_evals, rec.n_iter
 
 

@@ -108,9 +108,9 @@ def fit_outcomes(model: NestedModel, Y, *, theta0=None, em_iter=20, maxiter=1000
     if model.problem.new_outcomes:
         Yw = np.ascontiguousarray((Y[d.perm] * d.weights[:, None]).T)
         out = _fit_new_outcomes(model, Yw, None if own_starts else theta0, em_iter, maxiter, tol,
-                                n_jobs, bool(safeguard))
+                                n_jobs, safeguard)
     else:
-        out = _fit_rebuilt(model, Y, theta0, em_iter, maxiter, tol, bool(safeguard))
+        out = _fit_rebuilt(model, Y, theta0, em_iter, maxiter, tol, safeguard)
     if model.problem.new_outcomes:     # the kernel's basis: beta = B beta~ (no shift: new y)
         B = d.B
         out["beta"] = out["beta"] @ B.T
@@ -120,7 +120,7 @@ def fit_outcomes(model: NestedModel, Y, *, theta0=None, em_iter=20, maxiter=1000
         # a failed fit's H^-1 is undefined: NaN, not the square root of whatever it holds
         ok = np.isfinite(out["deviance"])[:, None] & (var >= 0)
         out["se"] = np.sqrt(np.where(ok, var, np.nan))
-        _refit_unconverged(model, Y, out, em_iter, maxiter, tol, bool(safeguard))
+        _refit_unconverged(model, Y, out, em_iter, maxiter, tol, safeguard)
     failed = ~np.isfinite(out["deviance"])
     sigma2 = np.where(failed, np.nan, out["sigma2"] if model.residual == "profiled" else 1.0)
     out["sigma2"] = np.where(failed, np.nan, out["sigma2"])

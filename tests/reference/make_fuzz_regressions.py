@@ -64,6 +64,12 @@ CASES = {
               "reached -98.86019 (the optimum on a custom level's PD edge: -98.65513)",
     "1:5751": "an exchangeable 2 x 2 level at correlation +1 (llf -697.85177) for one row order "
               "and at -1 (llf -697.85068, the optimum) for another",
+    "1:789": "llf -67.75066 where the optimum is -64.05842: the starts at the natural scale, "
+             "explored by BFGS updates, settled in another basin than full Newton steps reach",
+    "1:4122": "an interior fit (llf 0.91 below the optimum) whose better optimum only a "
+              "level at zero and the starts away from the EM path reach",
+    "1:41": "an interior fit of a random intercept with a full V, 4.8 below the optimum that "
+            "the EM start shrunk and inflated reach",
 }
 #: cases whose answer must not depend on the row order (the tests refit them reordered)
 INVARIANT = ("1:142", "1:4857", "1:2234", "1:5849", "1:5751")
