@@ -240,7 +240,8 @@ def fit_nested(model: NestedModel, *, theta0=None, em_iter=20, em_tol=1e-10, em_
 def _fit(model, *, theta0, em_iter, em_tol, em_only, maxiter, tol, safeguard, verbose, fixed,
          t0, more_starts=()) -> FitRecord:
     """The fit of :func:`fit_nested` in the model's own basis (arguments checked);
-    ``more_starts``: (label, theta) extra starts besides :func:`alternative_starts`."""
+    ``more_starts``: (label, theta) extra starts besides :func:`alternative_starts`, or a
+    function returning them (called only where the extra starts run)."""
     theta = start_theta(model) if theta0 is None else np.asarray(theta0, dtype=float)
     lower, upper = model.lower.copy(), model.upper.copy()
     if fixed is not None:
@@ -356,7 +357,8 @@ def _search(model, rec, theta, f, conv, *, lower, upper, maxiter, tol, safeguard
     rec.candidates.append(("EM start", f, theta.copy(), conv))
     if not safeguard:
         return theta, f, conv
-    starts = alternative_starts(model, rec.theta_em, theta, scale) + list(more_starts)
+    more = more_starts() if callable(more_starts) else more_starts
+    starts = alternative_starts(model, rec.theta_em, theta, scale) + list(more)
     rec.eval_budget = budget = int(max(EXTRA_EVALS_FACTOR * rec.n_evals,
                                        EXTRA_MIN_EVALS * (model.n_theta + 1)))
     opts = dict(lower=lower, upper=upper, tol=tol, maxiter=maxiter, budget=budget, Yw=Yw,
@@ -493,8 +495,8 @@ def _fit_conditioned(model, A, *, t0, **options):
     deviance is recomputed on the model as given and must agree to 1e-8."""
     work, back = conditioned_model(model, A)
     rec_w = _fit(work, theta0=None, em_only=False, fixed=None, t0=t0, **options,
-                 more_starts=[("natural scale in the model's basis",
-                               _own_natural_start(model, work, A))])
+                 more_starts=lambda: [("natural scale in the model's basis",
+                                       _own_natural_start(model, work, A))])
     theta = back(rec_w.theta)
     rec = rec_w
     try:
