@@ -9,8 +9,9 @@ DECREMENT_TOL / 2, and where they do Newton goes on from there. The main run get
 MAIN_ITER Newton iterations; a run still going by then is crawling, and the
 refinement takes it on (charged to ``maxiter``).
 
-Extra starts (:func:`alternative_starts`) run in rounds of ROUND_ITER iterations (BFGS
-updates of one differenced Hessian near the EM path, full Newton steps away from it); a
+Extra starts (:mod:`mlmeta.starts`) run in rounds of ROUND_ITER iterations (BFGS
+updates of one differenced Hessian near the EM path, full Newton steps away from it, and
+with ``safeguard="auto"`` those only where the fit is exposed to another optimum); a
 start stops when it converges, joins the known optimum, stalls (a round that does not
 lower its deviance) or has spent its evaluation budget,
 ``max(EXTRA_EVALS_FACTOR x the main fit's evaluations, EXTRA_MIN_EVALS x (n_theta + 1))``,
@@ -42,7 +43,8 @@ from mlmeta.model import NestedModel
 from mlmeta.pdedge import finish_on_edge
 from mlmeta.refine import (DECREMENT_TOL, EM_SWITCH, Work, custom_correlations, deviances,
                            differenced, quasi_newton, refine, run_engine, theta_scale)
-from mlmeta.starts import alternative_starts, on_boundary, run_starts, screened
+from mlmeta.starts import (alternative_starts, away_from_em, natural_start, on_boundary,
+                           run_starts)
 from mlmeta.validate import safeguard as _safeguard
 
 __all__ = ["FitRecord", "fit_nested", "fit_model", "start_theta", "alternative_starts",
@@ -238,10 +240,10 @@ def fit_nested(model: NestedModel, *, theta0=None, em_iter=20, em_tol=1e-10, em_
 
 
 def _fit(model, *, theta0, em_iter, em_tol, em_only, maxiter, tol, safeguard, verbose, fixed,
-         t0, more_starts=()) -> FitRecord:
+         t0, more_starts=None) -> FitRecord:
     """The fit of :func:`fit_nested` in the model's own basis (arguments checked);
-    ``more_starts``: (label, theta) extra starts besides :func:`alternative_starts`, or a
-    function returning them (called only where the extra starts run)."""
+    ``more_starts``: a function returning (label, theta) extra starts besides
+    :func:`alternative_starts` (called only where the extra starts run)."""
     theta = start_theta(model) if theta0 is None else np.asarray(theta0, dtype=float)
     lower, upper = model.lower.copy(), model.upper.copy()
     if fixed is not None:
@@ -307,7 +309,7 @@ def _fit(model, *, theta0, em_iter, em_tol, em_only, maxiter, tol, safeguard, ve
 
 
 def _finish(model, rec, theta, f, conv, *, lower, upper, maxiter, tol, safeguard, Yw=None,
-            certified=False, more_starts=()):
+            certified=False, more_starts=None):
     """After the main engine run: refine it to a certified stationary point (:func:`refine`),
     run the extra starts (``safeguard``) and continue the promising ones, and end where
     the covariance structures can be written out (:func:`_representable`). Updates
@@ -344,7 +346,7 @@ def _representable(model, theta, f, conv, *, lower, upper, Yw=None):
 
 
 def _search(model, rec, theta, f, conv, *, lower, upper, maxiter, tol, safeguard, Yw=None,
-            certified=False, more_starts=()):
+            certified=False, more_starts=None):
     """:func:`_finish` but the last step."""
     scale = theta_scale(model, theta if Yw is None else None)
     work = Work(rec.n_iter, rec.n_evals)
@@ -357,13 +359,13 @@ def _search(model, rec, theta, f, conv, *, lower, upper, maxiter, tol, safeguard
     rec.candidates.append(("EM start", f, theta.copy(), conv))
     if not safeguard:
         return theta, f, conv
-    more = more_starts() if callable(more_starts) else more_starts
-    starts = alternative_starts(model, rec.theta_em, theta, scale) + list(more)
+    starts = alternative_starts(model, rec.theta_em, theta, scale)
+    starts += more_starts() if more_starts is not None else []
     rec.eval_budget = budget = int(max(EXTRA_EVALS_FACTOR * rec.n_evals,
                                        EXTRA_MIN_EVALS * (model.n_theta + 1)))
     opts = dict(lower=lower, upper=upper, tol=tol, maxiter=maxiter, budget=budget, Yw=Yw,
                 threads=start_threads(model.n_obs))
-    first = screened(starts) if safeguard == "auto" else np.ones(len(starts), dtype=bool)
+    first = ~away_from_em(starts) if safeguard == "auto" else np.ones(len(starts), dtype=bool)
     got = run_starts(model, starts, np.flatnonzero(first), theta, f, **opts)
     margin = 1e-7 * max(1.0, abs(f))
     if not first.all() and (not conv or on_boundary(model, theta, lower, upper, scale)
@@ -561,7 +563,7 @@ def _own_natural_start(model, work, A):
     A_l^-T): another point than the working basis's own natural start, and a basin the
     working fit's other starts all miss can lie below it."""
     scale = theta_scale(model)
-    start = np.clip(np.where(model.lower == 0.0, 0.5 * scale, 0.0), model.lower, model.upper)
+    start = np.clip(natural_start(model, scale), model.lower, model.upper)
     out = np.empty(work.n_theta)
     for s, sl, sl_w, Al, S in zip(model.structs, model.theta_slices, work.theta_slices, A,
                                   model.Sigma_list(start)):

@@ -9,7 +9,7 @@ pseudo-random points). :func:`run_starts` runs a selection of them in the engine
 (quasi-Newton rounds, with the known optimum to join).
 
 With ``safeguard="auto"`` the starts away from the EM path run only where the fit is
-exposed to another optimum (:func:`screened`): it ends on the boundary of the parameter
+exposed to another optimum (:func:`away_from_em`): it ends on the boundary of the parameter
 space (:func:`on_boundary`: a variance at zero, a bounded parameter at its bound, a custom
 level at the edge of its positive definite set), it did not converge, or a start near the
 EM path found a lower deviance. Of the 232 optima higher than the main fit's that the
@@ -25,8 +25,8 @@ import numpy as np
 from mlmeta.model import NestedModel
 from mlmeta.refine import (custom_correlations, mirrored_correlations, off_pd_boundary, rounds)
 
-__all__ = ["N_RANDOM_STARTS", "WIDE", "alternative_starts", "on_boundary", "screened",
-           "run_starts", "BOUNDARY_TOL"]
+__all__ = ["N_RANDOM_STARTS", "WIDE", "natural_start", "alternative_starts", "on_boundary",
+           "away_from_em", "run_starts", "BOUNDARY_TOL"]
 
 #: labels of the starts away from the EM path
 WIDE = ("natural scale", "random")
@@ -37,6 +37,12 @@ BOUNDARY_TOL = 1e-4
 
 #: pseudo-random extra starts (seeded by the model's size: the same starts every time)
 N_RANDOM_STARTS = 2
+
+
+def natural_start(model: NestedModel, scale) -> np.ndarray:
+    """Every variance parameter at half its natural size (``scale``,
+    :func:`mlmeta.refine.theta_scale`), the other parameters at 0."""
+    return np.where(model.lower == 0.0, 0.5 * scale, 0.0)
 
 
 def alternative_starts(model: NestedModel, theta_em, theta_best, scale=None):
@@ -64,7 +70,7 @@ def alternative_starts(model: NestedModel, theta_em, theta_best, scale=None):
         k = model.n_theta
         sd_like = model.lower == 0.0
         corr_like = np.isfinite(model.lower) & (model.lower < 0.0)
-        natural = np.where(sd_like, 0.5 * scale, 0.0)
+        natural = natural_start(model, scale)
         starts.append(("natural scale", natural))
         if len(model.structs) > 1:      # which level carries a variance can be multimodal
             for lvl, sl in enumerate(model.theta_slices):
@@ -113,10 +119,10 @@ def on_boundary(model: NestedModel, theta, lower, upper, scale) -> bool:
     return any(w <= BOUNDARY_TOL for _, w in custom_correlations(model, theta))
 
 
-def screened(starts) -> np.ndarray:
-    """Which starts run first under ``safeguard="auto"``: all but those away from the EM
-    path (labels in :data:`WIDE`)."""
-    return np.array([not label.startswith(WIDE) for label, _ in starts], dtype=bool)
+def away_from_em(starts) -> np.ndarray:
+    """Which of the (label, theta) starts lie away from the EM path (labels in
+    :data:`WIDE`): under ``safeguard="auto"`` they run only where the fit is exposed."""
+    return np.array([label.startswith(WIDE) for label, _ in starts], dtype=bool)
 
 
 def run_starts(model, starts, which, theta, f, *, lower, upper, tol, maxiter, budget, Yw=None,
@@ -131,7 +137,7 @@ def run_starts(model, starts, which, theta, f, *, lower, upper, tol, maxiter, bu
     steps can lead into another basin than the start's own."""
     which = np.asarray(which, dtype=np.intp)
     local = np.array([" off " in starts[i][0] for i in which], dtype=bool)
-    wide = np.array([starts[i][0].startswith(WIDE) for i in which], dtype=bool)
+    wide = away_from_em([starts[i] for i in which])
     runs = {}
     for sel, known, quasi in ((~local & ~wide, (theta, f), True), (local, None, True),
                               (wide, (theta, f), False)):
