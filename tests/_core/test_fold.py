@@ -24,6 +24,8 @@ def _data(n_top=40, per_top=5, seed=0, depth=1):
                        "v": rng.uniform(0.02, 0.2, n)})
     u = rng.normal(0, 0.3, n_top)[a] + rng.normal(0, 0.2, n)
     df["y"] = 0.2 + 0.1 * df.x + u + rng.normal(size=n) * np.sqrt(df.v)
+    for k in range(3, 7):       # more moderators: [X, y] wider than the unrolled kernels
+        df[f"x{k}"] = rng.normal(size=n)
     return df.sort_values(["a", "m"]).reset_index(drop=True) if depth > 1 else df
 
 
@@ -33,6 +35,8 @@ CASES = [
     ("y ~ x + x2 + (1 | a) + (1 | a:m) + (1 | a:m:b)", {}, 2),
     ("y ~ x + (1 | a) + (1 + x || a:m) + (0 + x | a:m:b)", {}, 2),
     ("y ~ 1 + (1 | a) + (1 | a:b)", {"method": "ml"}, 1),
+    ("y ~ x + x2 + x3 + x4 + x5 + x6 + (1 | a) + (1 | a:b)", {}, 1),
+    ("y ~ x + x2 + x3 + (1 | a) + (1 | a:b)", {"method": "ml"}, 1),
 ]
 
 

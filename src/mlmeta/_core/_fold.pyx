@@ -29,7 +29,7 @@ level L. The rows of a node of the tree are contiguous (``node_r0 .. node_r1``);
 ``W.Ar`` holds the rows of A = [X, y] (row-major, the current outcome).
 """
 
-from libc.math cimport log
+from libc.math cimport log, sqrt
 from mlmeta._core._linalg cimport zero
 from mlmeta._core._problem cimport Prob, Work
 
@@ -357,3 +357,191 @@ cdef void fold_pieces(const Prob* P, Work* W, const double* Phi) noexcept nogil:
             el += 1.0 - tt * z2 * h
     W.G[P.t_off[L]] += gl
     W.E[P.t_off[L]] += el
+
+
+# Two levels, the deeper one folded: every node is a top-level cluster carrying one
+# effect (``(1 | study) + (1 | study:es)`` with one effect per es). Factor and solve run
+# as one pass over each cluster's rows with the per-cluster algebra in scalars (no tree
+# kernels): with s = sum w z0^2, b = sum w z0 a, C = 1 + t0^2 s,
+#
+#     log|C''| = sum log C,   S = A'WA - sum t0^2 b b' / C,   W_a = t0 b / C,  Sig = 1 / C,
+#     K_a = b - s t0 W_a,     G_0 = sum_a [s t0 Sig - K_a Phi W_a'],
+#     E_0 = sum_a [Sig + W_a Phi W_a'],
+#
+# and the folded level's pieces per row as in :func:`pieces_two`. The row loops are
+# written once (:func:`factor_two_nc`, :func:`solve_two_nc`) and inlined with a constant
+# column count for ncol <= 5, so the compiler keeps the sums in registers.
+
+cdef bint two_level(const Prob* P) noexcept nogil:
+    """Whether the folded problem is the two-level scalar case above."""
+    return P.fold == 1 and P.tree.scalar and P.nb == 0 and P.n_nodes == P.n_clusters
+
+
+cdef inline Py_ssize_t factor_two_nc(const Prob* P, Work* W, double* logdet,
+                                     const int nc) noexcept nogil:
+    cdef Py_ssize_t a, r, i, j, ra
+    cdef double t = W.Tlev[P.t_off[P.fold]]
+    cdef double tt = t * t
+    cdef double t0, zr, z0, d, wr, wz, wa, s, c, inv, y_i
+    cdef double prod = 1.0
+    cdef double b[64]
+    cdef double aa[64 * 64]
+    cdef double yy[64 * 64]
+    cdef const double* Z0 = P.Zw + P.zw_off[0]
+    cdef const double* Zl = P.Zw + P.zw_off[P.fold]
+    cdef const double* ar
+    cdef double* wrow = W.wr
+    for j in range(nc):
+        for i in range(nc):
+            aa[i + j * nc] = 0.0
+            yy[i + j * nc] = 0.0
+    for a in range(P.n_nodes):
+        t0 = W.Tn[P.tree.tn_ptr[a]]
+        s = 0.0
+        for i in range(nc):
+            b[i] = 0.0
+        for r in range(P.node_r0[a], P.node_r1[a]):
+            zr = Zl[r]
+            d = 1.0 + tt * zr * zr
+            prod *= d
+            if prod > 1e150:
+                logdet[0] += log(prod)
+                prod = 1.0
+            wr = 1.0 / d
+            wrow[r] = wr
+            z0 = Z0[r]
+            wz = wr * z0
+            s += wz * z0
+            ar = W.Ar + r * nc
+            for j in range(nc):
+                b[j] += wz * ar[j]
+                wa = wr * ar[j]
+                for i in range(j + 1):
+                    aa[i + j * nc] += wa * ar[i]
+        c = 1.0 + t0 * t0 * s
+        if not c > 0.0:
+            return a + 1
+        prod *= c
+        if prod > 1e150:
+            logdet[0] += log(prod)
+            prod = 1.0
+        W.ZZf[P.tree.zz_ptr[a]] = s
+        ra = P.tree.za_ptr[a]
+        inv = t0 * t0 / c
+        for j in range(nc):
+            W.ZA[ra + j] = b[j]
+            y_i = inv * b[j]
+            for i in range(j + 1):
+                yy[i + j * nc] += y_i * b[i]
+        d = sqrt(c)
+        W.WB[P.tree.zz_ptr[a]] = d
+        for j in range(nc):
+            W.WR[ra + j] = t0 * b[j] / d
+    logdet[0] += log(prod)
+    for j in range(nc):
+        for i in range(j + 1):
+            W.AA[i + j * nc] = aa[i + j * nc]
+            W.AA[j + i * nc] = aa[i + j * nc]
+            W.S[i + j * nc] = aa[i + j * nc] - yy[i + j * nc]
+            W.S[j + i * nc] = W.S[i + j * nc]
+    return 0
+
+
+cdef Py_ssize_t factor_two(const Prob* P, Work* W, double* logdet) noexcept nogil:
+    """The weights W.wr, log|V''| + sum log d_r into logdet, W.S = A'V^-1A, and the
+    clusters' ZZf, ZA, WB (sqrt C) and WR (Y); 0, or 1 + the node whose C failed."""
+    cdef int nc = P.ncol
+    if nc == 1:
+        return factor_two_nc(P, W, logdet, 1)
+    if nc == 2:
+        return factor_two_nc(P, W, logdet, 2)
+    if nc == 3:
+        return factor_two_nc(P, W, logdet, 3)
+    if nc == 4:
+        return factor_two_nc(P, W, logdet, 4)
+    if nc == 5:
+        return factor_two_nc(P, W, logdet, 5)
+    return factor_two_nc(P, W, logdet, nc)
+
+
+cdef inline void solve_two_nc(const Prob* P, Work* W, const double* Phi,
+                              const int nc) noexcept nogil:
+    cdef Py_ssize_t a, r, i, j, ra, z
+    cdef double t = W.Tlev[P.t_off[P.fold]]
+    cdef double tt = t * t
+    cdef double t0, s, c, sig, u, wr, zr, h, acc, f, e0, kq
+    cdef double g0 = 0.0, em0 = 0.0, g = 0.0, gz = 0.0, n_rows = 0.0
+    cdef double ph[64 * 64]
+    cdef double wa[64]
+    cdef double pw[64]
+    cdef double kv[64]
+    cdef const double* Z0 = P.Zw + P.zw_off[0]
+    cdef const double* Zl = P.Zw + P.zw_off[P.fold]
+    cdef const double* ar
+    for j in range(nc):
+        for i in range(nc):
+            ph[i + j * nc] = Phi[i + j * nc]
+    for a in range(P.n_nodes):
+        t0 = W.Tn[P.tree.tn_ptr[a]]
+        z = P.tree.zz_ptr[a]
+        ra = P.tree.za_ptr[a]
+        s = W.ZZf[z]
+        c = W.WB[z] * W.WB[z]
+        sig = 1.0 / c
+        for i in range(nc):
+            wa[i] = t0 * W.ZA[ra + i] * sig
+        # Phi W_a', then G_0 and E_0 of the node
+        f = 0.0
+        e0 = 0.0
+        for j in range(nc):
+            acc = 0.0
+            for i in range(nc):
+                acc += ph[j + i * nc] * wa[i]
+            pw[j] = acc
+            f += (W.ZA[ra + j] - s * t0 * wa[j]) * acc
+            e0 += wa[j] * acc
+        g0 += s * t0 * sig - f
+        em0 += sig + e0
+        W.SB[z] = sig
+        for i in range(nc):
+            W.WW[ra + i] = wa[i]
+        # the folded level: h_r = w - w^2 Sig u^2 - k Phi k', k = w (a - u W_a)
+        for r in range(P.node_r0[a], P.node_r1[a]):
+            u = Z0[r] * t0
+            wr = W.wr[r]
+            ar = W.Ar + r * nc
+            for i in range(nc):
+                kv[i] = wr * (ar[i] - u * wa[i])
+            kq = 0.0
+            for j in range(nc):
+                acc = 0.5 * ph[j + j * nc] * kv[j]
+                for i in range(j):
+                    acc += ph[i + j * nc] * kv[i]
+                kq += acc * kv[j]
+            zr = Zl[r]
+            h = wr - wr * wr * sig * u * u - 2.0 * kq
+            gz += zr * zr * h
+            n_rows += 1.0
+    g = t * gz
+    W.G[P.t_off[0]] += g0
+    W.E[P.t_off[0]] += em0
+    W.G[P.t_off[P.fold]] += g
+    W.E[P.t_off[P.fold]] += n_rows - tt * gz
+
+
+cdef void solve_two(const Prob* P, Work* W, const double* Phi) noexcept nogil:
+    """After :func:`factor_two`: the node solutions W.WW, Sig (W.SB), and both levels'
+    gradient pieces and EM moments added into W.G and W.E."""
+    cdef int nc = P.ncol
+    if nc == 1:
+        solve_two_nc(P, W, Phi, 1)
+    elif nc == 2:
+        solve_two_nc(P, W, Phi, 2)
+    elif nc == 3:
+        solve_two_nc(P, W, Phi, 3)
+    elif nc == 4:
+        solve_two_nc(P, W, Phi, 4)
+    elif nc == 5:
+        solve_two_nc(P, W, Phi, 5)
+    else:
+        solve_two_nc(P, W, Phi, nc)

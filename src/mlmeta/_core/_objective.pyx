@@ -30,7 +30,7 @@ from mlmeta._core._nested cimport (Tree, factor_cluster, invert_cluster, accumul
 from mlmeta._core._problem cimport Prob, Work, ST_OK, ST_H, ST_SIGMA, WIDE_NC
 from mlmeta._core._structures cimport set_factors
 from mlmeta._core._border cimport factor_crossed, solve_crossed
-from mlmeta._core._fold cimport fold_prepare, fold_pieces
+from mlmeta._core._fold cimport fold_prepare, fold_pieces, two_level, factor_two, solve_two
 
 cdef double LOG2PI = 1.8378770664093453
 
@@ -82,6 +82,8 @@ cdef Py_ssize_t factor_all(const Prob* P, Work* W, double* logdet) noexcept nogi
     zero(W.Tn, P.tn_len)
     assemble_factors(&P.sb, W.Tlev, W.Tn)
     if P.fold >= 0:
+        if two_level(P):
+            return factor_two(P, W, logdet)
         fold_prepare(P, W, logdet)
         t.ZZ = W.ZZf
     if P.nb > 0:
@@ -193,6 +195,9 @@ cdef void solve_all(const Prob* P, Work* W, const double* Phi, bint want_G,
     zero(W.G, P.t_len)
     zero(W.E, P.t_len)
     zero(W.Gx, P.n_theta)
+    if P.fold >= 0 and two_level(P):
+        solve_two(P, W, Phi)
+        return
     if P.nb > 0:     # the border's levels go straight into G and E
         solve_crossed(P, W, &t, Phi)
     elif wide_scalar(P):
