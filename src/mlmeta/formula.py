@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -147,7 +147,7 @@ class ModelFrame:
     Z: list[np.ndarray]
     re_names: list[list[str]]
     groups: list[np.ndarray]
-    group_labels: list[list]
+    group_labels: list[GroupLabels]
     terms: tuple[RandomTerm, ...]
     response: str
     sample: np.ndarray
@@ -479,7 +479,42 @@ def _factorize(values) -> tuple[np.ndarray, int]:
     return codes.astype(np.int64, copy=False), len(uniques)
 
 
-def _group_codes(coded: list) -> tuple[np.ndarray, list, np.ndarray]:
+class GroupLabels(Sequence):
+    """The label of each group code: the group variables' values at the group's first
+    row (a scalar, or a tuple for several variables). Taken from the data at once (copies),
+    made into Python objects on first use (a fit with 10^6 groups never needs them)."""
+
+    def __init__(self, values: list, first: np.ndarray):
+        self._cols = [v[first] if isinstance(v, np.ndarray) else v.iloc[first] for v in values]
+        self._n, self._list = int(first.shape[0]), None
+
+    def _labels(self) -> list:
+        if self._list is None:
+            cols = [c.tolist() for c in self._cols]
+            self._list = cols[0] if len(cols) == 1 else list(zip(*cols))
+            self._cols = None
+        return self._list
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i):
+        return self._labels()[i]
+
+    def __iter__(self):
+        return iter(self._labels())
+
+    def __eq__(self, other):
+        return list(self) == list(other) if isinstance(other, (Sequence, GroupLabels)) else NotImplemented
+
+    def __repr__(self) -> str:
+        return f"GroupLabels({self._labels()!r})"
+
+    def __getstate__(self):
+        return {"_cols": None, "_n": self._n, "_list": self._labels()}
+
+
+def _group_codes(coded: list) -> tuple[np.ndarray, GroupLabels, np.ndarray]:
     """Codes 0..G-1 for the combinations of the group variables, labels, first row of
     each group; ``coded`` holds (values, codes, count) per variable (see :func:`_factorize`)."""
     _, codes, n_groups = coded[0]
@@ -488,8 +523,7 @@ def _group_codes(coded: list) -> tuple[np.ndarray, list, np.ndarray]:
     n_obs = codes.shape[0]
     first = np.empty(n_groups, dtype=np.int64)
     first[codes[::-1]] = np.arange(n_obs - 1, -1, -1, dtype=np.int64)
-    labels = [(v[first] if isinstance(v, np.ndarray) else v.iloc[first]).tolist() for v, _, _ in coded]
-    return codes, labels[0] if len(coded) == 1 else list(zip(*labels)), first
+    return codes, GroupLabels([v for v, _, _ in coded], first), first
 
 
 def _plain_columns(formula: Formula, columns: Mapping) -> list | None:
