@@ -462,3 +462,19 @@ def test_quoted_bar_is_not_a_random_term():
     parsed = parse_formula("y ~ C(f, levels=['a|b', 'c']) + (1 | g)")
     assert parsed.fixed_rhs == "C(f, levels=['a|b', 'c'])"
     assert len(parsed.random) == 1
+
+
+def test_group_labels_are_copied_at_once_and_listed_on_first_use():
+    import pickle
+
+    df = pd.DataFrame({"y": [1.0, 2.0, 3.0, 4.0, 5.0], "v": [0.1] * 5,
+                       "a": [3, 3, 1, 1, 2], "b": ["x", "y", "x", "x", "y"]})
+    f = build_model_frame(parse_formula("y ~ 1 + (1 | a) + (1 | a:b)"), df)
+    labels = f.group_labels
+    assert len(labels[1]) == 4 and labels[1]._list is None       # counted, not yet listed
+    df.loc[:, "a"] = [9, 9, 9, 9, 9]                              # the data changes afterwards
+    assert list(labels[0]) == [1, 2, 3]
+    assert labels[1] == [(1, "x"), (2, "y"), (3, "x"), (3, "y")]
+    assert labels[1][2] == (3, "x") and labels[1][-1] == (3, "y")
+    again = pickle.loads(pickle.dumps(labels[1]))
+    assert again == labels[1] and len(again) == 4
