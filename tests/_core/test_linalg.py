@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from mlmeta._core._linalg import py_gemm, py_potrf_lower, py_trsm_left_lower
+from mlmeta._core._linalg import py_gemm, py_potrf_lower, py_sym_eigen, py_trsm_left_lower
 
 
 @pytest.mark.parametrize("ta,tb", [("N", "N"), ("T", "N"), ("N", "T"), ("T", "T")])
@@ -42,3 +42,31 @@ def test_potrf_reports_failure():
     assert info > 0
     _, info = py_potrf_lower(np.array([[-1.0]]))
     assert info == 1
+
+
+@pytest.mark.parametrize("jacobi", [False, True])
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 8, 12])
+def test_sym_eigen_matches_numpy(n, jacobi):
+    """sym_eigen (Jacobi's method up to SMALL_EIGEN, dsyev above) and Jacobi's method at
+    every order: eigenvalues ascending, orthonormal eigenvectors, A = V diag(w) V', from
+    the lower triangle only; scaled and nearly singular matrices included."""
+    rng = np.random.default_rng(n)
+    for scale in (1e-8, 1.0, 1e8):
+        B = rng.normal(size=(n, n))
+        for A in (scale * (B + B.T), scale * (B @ B.T + 1e-12 * np.eye(n))):
+            w, V, info = py_sym_eigen(np.tril(A) + np.triu(rng.normal(size=(n, n)), 1), jacobi)
+            assert info == 0
+            big = np.abs(A).max()
+            np.testing.assert_allclose(w, np.linalg.eigvalsh(A), rtol=0, atol=1e-13 * big)
+            assert np.all(np.diff(w) >= 0)
+            np.testing.assert_allclose(V.T @ V, np.eye(n), atol=1e-13)
+            np.testing.assert_allclose(V @ np.diag(w) @ V.T, A, atol=1e-13 * big)
+
+
+def test_jacobi_eigen_of_a_diagonal_and_a_repeated_eigenvalue():
+    w, V, info = py_sym_eigen(np.diag([3.0, 1.0, 2.0]), jacobi=True)
+    assert info == 0 and list(w) == [1.0, 2.0, 3.0]
+    np.testing.assert_array_equal(np.abs(V), np.eye(3)[:, [1, 2, 0]])
+    w, V, info = py_sym_eigen(np.full((4, 4), 2.0), jacobi=True)
+    np.testing.assert_allclose(w, [0, 0, 0, 8], atol=1e-14)
+    np.testing.assert_allclose(V.T @ V, np.eye(4), atol=1e-14)

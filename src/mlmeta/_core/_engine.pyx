@@ -350,7 +350,7 @@ cdef class Problem:
         sizes = [P.zz_len, P.zz_len, P.za_len, P.za_len, P.za_len, P.tn_len, P.tn_len, P.tn_len,
                  P.za_len, nc * nc, nc * nc, P.scratch_len, P.t_len, P.t_len, P.t_len,
                  max(p * p, 1), max(p * p, 1), max(p, 1), nc * nc, max(P.t_len * k, 1),
-                 5 * ms * ms + ms + 8, 19 * k + 2 * k * k + 32 + p * p + p]
+                 5 * ms * ms + ms + 8, 19 * k + 4 * k * k + 32 + p * p + p]
         nb = P.nb
         bw = nb + nc if nb else 0
         wide = P.ny * bw if P.wide else 0

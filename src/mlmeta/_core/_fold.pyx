@@ -370,7 +370,7 @@ cdef void fold_pieces(const Prob* P, Work* W, const double* Phi) noexcept nogil:
 #
 # and the folded level's pieces per row as in :func:`pieces_two`. The row loops are
 # written once (:func:`factor_two_nc`, :func:`solve_two_nc`) and inlined with a constant
-# column count for ncol <= 5, so the compiler keeps the sums in registers.
+# column count for ncol = 2, 3, 4 (one to three fixed effects), so the compiler keeps the sums in registers.
 
 cdef bint two_level(const Prob* P) noexcept nogil:
     """Whether the folded problem is the two-level scalar case above."""
@@ -451,16 +451,12 @@ cdef Py_ssize_t factor_two(const Prob* P, Work* W, double* logdet) noexcept nogi
     """The weights W.wr, log|V''| + sum log d_r into logdet, W.S = A'V^-1A, and the
     clusters' ZZf, ZA, WB (sqrt C) and WR (Y); 0, or 1 + the node whose C failed."""
     cdef int nc = P.ncol
-    if nc == 1:
-        return factor_two_nc(P, W, logdet, 1)
     if nc == 2:
         return factor_two_nc(P, W, logdet, 2)
     if nc == 3:
         return factor_two_nc(P, W, logdet, 3)
     if nc == 4:
         return factor_two_nc(P, W, logdet, 4)
-    if nc == 5:
-        return factor_two_nc(P, W, logdet, 5)
     return factor_two_nc(P, W, logdet, nc)
 
 
@@ -533,15 +529,11 @@ cdef void solve_two(const Prob* P, Work* W, const double* Phi) noexcept nogil:
     """After :func:`factor_two`: the node solutions W.WW, Sig (W.SB), and both levels'
     gradient pieces and EM moments added into W.G and W.E."""
     cdef int nc = P.ncol
-    if nc == 1:
-        solve_two_nc(P, W, Phi, 1)
-    elif nc == 2:
+    if nc == 2:
         solve_two_nc(P, W, Phi, 2)
     elif nc == 3:
         solve_two_nc(P, W, Phi, 3)
     elif nc == 4:
         solve_two_nc(P, W, Phi, 4)
-    elif nc == 5:
-        solve_two_nc(P, W, Phi, 5)
     else:
         solve_two_nc(P, W, Phi, nc)

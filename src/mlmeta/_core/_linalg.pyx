@@ -37,3 +37,21 @@ def py_potrf_lower(A):
     cdef double[::1, :] a = out
     info = potrf_lower(a.shape[0], &a[0, 0], a.shape[0])
     return np.tril(out), info
+
+
+def py_sym_eigen(A, bint jacobi=False):
+    """Test twin of :func:`sym_eigen` (or, with ``jacobi``, of :func:`jacobi_eigen` at any
+    order): returns (w, V, info) for the symmetric A (its lower triangle read)."""
+    out = np.array(A, dtype=np.float64, order="F", copy=True)
+    cdef int n = out.shape[0]
+    cdef double[::1, :] a = out
+    w = np.zeros(max(n, 1))
+    cdef double[::1] wv = w
+    cdef int lw = max(3 * n * n + 64, 1)
+    work = np.zeros(lw)
+    cdef double[::1] wk = work
+    if jacobi:
+        info = jacobi_eigen(n, &a[0, 0], &wv[0], &wk[0])
+    else:
+        info = sym_eigen(n, &a[0, 0], &wv[0], &wk[0], lw)
+    return w[:n], out, info

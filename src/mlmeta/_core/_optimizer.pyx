@@ -12,9 +12,8 @@ optimum already known.
 """
 
 from libc.math cimport sqrt, fabs, INFINITY, NAN
-from scipy.linalg.cython_lapack cimport dsyev
 
-from mlmeta._core._linalg cimport zero, copy
+from mlmeta._core._linalg cimport zero, copy, sym_eigen
 from mlmeta._core._problem cimport Prob, Work, ST_OK
 from mlmeta._core._structures cimport em_update
 from mlmeta._core._objective cimport set_response, evaluate, inverse_H
@@ -88,11 +87,9 @@ cdef double eigen_decrement(int nf, const int* idx, double* H, double* w, const 
     """The Newton decrement g'H^-1g over the free parameters idx, H replaced by its
     eigenvectors (eigenvalues in w); INFINITY unless H is positive definite with a
     condition number below 1e8."""
-    cdef int j, m, info = 0
+    cdef int j, m, info
     cdef double tt, wmax = 0.0, dec = 0.0
-    cdef char jobv = b'V'
-    cdef char lo = b'L'
-    dsyev(&jobv, &lo, &nf, H, &nf, w, work, &lw, &info)
+    info = sym_eigen(nf, H, w, work, lw)
     if info != 0 or not w[0] > 0:
         return INFINITY
     for m in range(nf):
@@ -226,8 +223,6 @@ cdef int fit_one(const Prob* P, Work* W, const double* y, double* th, const Opti
     cdef double f, fc, fx, fscale, gmax, dec, h, wmax, big, smax, tt, armijo, stop, near, reach
     cdef double mult
     cdef bint clipped
-    cdef char jobv = b'V'
-    cdef char lo = b'L'
     cdef double* g = W.tmp
     cdef double* gc = g + k
     cdef double* cand = gc + k
@@ -237,8 +232,8 @@ cdef int fit_one(const Prob* P, Work* W, const double* y, double* th, const Opti
     cdef double* H = gp + k
     cdef double* w = H + k * k
     cdef double* work = w + k
-    cdef int* idx = <int*>(work + 4 * k + 8)
-    cdef double* Hq = work + 5 * k + 8
+    cdef int* idx = <int*>(work + 2 * k * k + 4 * k + 8)     # work: sym_eigen's (dsyev or Jacobi)
+    cdef double* Hq = work + 2 * k * k + 5 * k + 8
     cdef double* Hs = Hq + k * k
     cdef double* hk = Hs + k          # 1 where Hq holds a differenced (or updated) row
     cdef double* kept = hk + k        # keep_state: f, sigma2, beta (p), Hc (p x p)
@@ -246,7 +241,7 @@ cdef int fit_one(const Prob* P, Work* W, const double* y, double* th, const Opti
     cdef double* cx = was_free + k    # an expanded step's theta and gradient
     cdef double* gx = cx + k
     cdef int have_kept = 0, h_ready = 0, have_pair = 0, same
-    lw = 4 * k + 8
+    lw = 2 * k * k + 4 * k + 8
     W.n_evals = 0
     joined = 0
     have_h = 0
@@ -356,7 +351,7 @@ cdef int fit_one(const Prob* P, Work* W, const double* y, double* th, const Opti
             else:
                 difference_hessian(P, W, th, g, idx, nf, H, tp, gp)
             if not h_ready:
-                dsyev(&jobv, &lo, &nf, H, &nf, w, work, &lw, &info)
+                info = sym_eigen(nf, H, w, work, lw)
                 if info != 0:
                     break
             pd = 1 if w[0] > 0 else 0
