@@ -16,6 +16,7 @@ from scipy import stats
 
 import mlmeta
 import mlmeta.formula as fm
+import mlmeta.groups as grp
 from mlmeta.design import build_design
 
 
@@ -181,7 +182,7 @@ def test_integer_codes_match_pandas(values, dtype, narrow):
     if narrow:
         raw = raw % 7
     a = np.array([min(max(int(v), info.min), info.max) for v in raw], dtype=dtype)
-    codes, count = fm._factorize(a)
+    codes, count = grp.factorize(a)
     want, want_count = _pandas_codes(a)
     assert codes.dtype == np.int64 and count == want_count
     np.testing.assert_array_equal(codes, want)
@@ -193,10 +194,10 @@ def test_group_codes_numpy_and_series_inputs_agree():
     inner = rng.integers(0, 4, 60)
     labels = rng.choice(["p", "q", "r"], size=60).astype(object)
     for columns in ([outer], [outer, inner], [outer, labels, inner]):
-        coded_np = [(c, *fm._factorize(c)) for c in columns]
+        coded_np = [(c, *grp.factorize(c)) for c in columns]
         series = [pd.Series(c) for c in columns]
         coded_pd = [(s, *_pandas_codes(s)) for s in series]
-        a, b = fm._group_codes(coded_np), fm._group_codes(coded_pd)
+        a, b = grp.group_codes(coded_np), grp.group_codes(coded_pd)
         np.testing.assert_array_equal(a[0], b[0])
         np.testing.assert_array_equal(a[2], b[2])
         assert a[1] == b[1]

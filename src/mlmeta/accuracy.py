@@ -70,22 +70,27 @@ def c_condition(model: NestedModel, theta) -> float:
 def largest_group_traces(model: NestedModel) -> list:
     """Per level, the largest trace of a group's Z_g'Lambda^-1 Z_g."""
     d = model.design
-    K = d.kernel
-    ZZ = np.asarray(K.ZZ)
     out = []
     for lvl, s in enumerate(model.structs):
         q = s.q
         r = np.arange(q)
-        if lvl >= d.n_tree:
+        if lvl < d.n_tree and d.Lambda is None:
+            # diagonal whitening: a group's trace is the sum of its rows' |Z~_r|^2
+            Zw = d.Z[lvl] * d.weights[:, None]
+            rows = np.einsum("ij,ij->i", Zw, Zw)
+            starts = d.group_start[lvl]
+            tr = np.add.reduceat(rows, starts[:-1]) if starts.size > 1 else rows[:0]
+        elif lvl >= d.n_tree:
             S0 = d.border["S0"]
             o = d.border["b_off"][lvl] + np.arange(d.n_groups[lvl]) * q
             tr = np.diag(S0)[o[:, None] + r[None, :]].sum(axis=1)
         else:
+            K = d.kernel
             nodes = d.node_of_group[lvl]
             o = d.offset_of_group[lvl]
             na = K.nq[nodes]
             base = K.zz_ptr[nodes] + K.diag_offset(nodes)
-            tr = ZZ[base[:, None] + (o[:, None] + r) * (1 + na[:, None])].sum(axis=1)
+            tr = np.asarray(K.ZZ)[base[:, None] + (o[:, None] + r) * (1 + na[:, None])].sum(axis=1)
         out.append(float(tr.max()) if tr.size else 0.0)
     return out
 

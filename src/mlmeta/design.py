@@ -41,7 +41,13 @@ class NestedDesign:
     node_of_group : per level, global node index of each group.
     offset_of_group : per level, where the group's effects start inside its node
         (0 except inside the dense node of a cluster with coupled sampling errors).
-    kernel : the :class:`NestedKernel` holding ZZ, ZA, A'A and workspaces.
+    kernel : the :class:`NestedKernel` holding ZZ, ZA, A'A and workspaces. When the
+        deepest level has one row and one effect per group (and the whitening is diagonal,
+        no crossed terms), it and ``node_of_group`` / ``offset_of_group`` are built on
+        first use: a model that folds that level into the diagonal never needs them.
+    upper : then, the node index of the levels above the deepest (``level``, ``parent``,
+        ``nq``, ``cluster_ptr``, ``node_of_group``; the order of the full tree's nodes of
+        those levels); None otherwise.
     logdet_Lambda : log|Lambda|.
     logdet_XtX : log|X'X| (unweighted), used by the REML constant.
     Lambda : the known sampling covariance (scipy.sparse, sorted rows) when one was
@@ -68,12 +74,12 @@ class NestedDesign:
     groups: list
     n_groups: list
     group_start: list
-    node_of_group: list
-    kernel: NestedKernel
+    _node_of_group: list | None
+    _kernel: NestedKernel | None
     logdet_Lambda: float
     logdet_XtX: float
     q: list = field(default_factory=list)
-    offset_of_group: list = field(default_factory=list)
+    _offset_of_group: list | None = None
     Lambda: object = None
     Xw: np.ndarray | None = None
     yw: np.ndarray | None = None
@@ -82,6 +88,35 @@ class NestedDesign:
     logdet_XtX_work: float = 0.0
     n_tree: int = 0
     border: dict | None = None
+    upper: dict | None = None
+    _lazy: tuple | None = None
+
+    def _build_tree(self):
+        if self._kernel is None and self._lazy is not None:
+            fn, kw = self._lazy
+            self._kernel, self._node_of_group, self._offset_of_group, _ = fn(**kw)
+            self._lazy = None
+
+    @property
+    def kernel(self) -> NestedKernel:
+        self._build_tree()
+        return self._kernel
+
+    @property
+    def node_of_group(self) -> list:
+        self._build_tree()
+        return self._node_of_group
+
+    @property
+    def offset_of_group(self) -> list:
+        self._build_tree()
+        return self._offset_of_group
+
+    @property
+    def tree_built(self) -> bool:
+        """Whether the kernel's blocks of every tree level exist (else they are built on
+        first use of ``kernel``, ``node_of_group`` or ``offset_of_group``)."""
+        return self._kernel is not None
 
     @property
     def n_obs(self) -> int:
@@ -416,7 +451,34 @@ def build_design(y, X, Z, groups, variance=None, V=None, n_tree=None, known_R=No
             A[:, :p] = Qw
             logdet_XtX_work = logdet_CXXC - 2.0 * float(np.sum(np.log(dR)))
 
-    # nodes: cluster-major, deepest level first; a merged cluster is one node
+    tree = dict(q=q, L=L, L_all=L_all, n=n, starts=starts, codes=codes, top_of_row=top_of_row,
+                merged=merged, n_groups=n_groups, Zw=Zw, A=A, Z_s=Z_s, w=w, var_s=var_s,
+                factors=factors, groups=groups, in_order=in_order, perm=perm, known_R=known_R)
+    upper, lazy = None, None
+    if Vs is None and L == L_all and L >= 2 and q[L - 1] == 1 and n_groups[L - 1] == n:
+        # one row and one effect per deepest group: the tree's blocks wait for first use
+        idx = _node_index(L - 1, starts, codes, top_of_row, merged, n_groups)
+        upper = dict(level=idx["level"], parent=idx["parent"], cluster_ptr=idx["cluster_ptr"],
+                     nq=np.asarray(q, dtype=np.intp)[idx["level"]],
+                     node_of_group=idx["node_of_group"])
+        kernel, node_of_group, offset_of_group, border = None, None, None, None
+        lazy = (_tree_blocks, tree)
+    else:
+        kernel, node_of_group, offset_of_group, border = _tree_blocks(**tree)
+    return NestedDesign(perm=perm, y=y_s, X=X_s, Z=Z_s, variance=var_s, weights=w,
+                        groups=codes, n_groups=n_groups, group_start=starts,
+                        _node_of_group=node_of_group, _kernel=kernel,
+                        logdet_Lambda=logdet_Lambda, logdet_XtX=float(logdet_XtX), q=q,
+                        _offset_of_group=offset_of_group, Lambda=Vs, Xw=Xw, yw=yw, B=B_fe,
+                        b0=b0_fe, logdet_XtX_work=logdet_XtX_work, n_tree=L, border=border,
+                        upper=upper, _lazy=lazy)
+
+
+def _node_index(L, starts, codes, top_of_row, merged, n_groups) -> dict:
+    """The nodes of the first ``L`` tree levels: cluster-major, deepest level first inside
+    a cluster (a merged cluster is one node). Returns level, parent, cluster_ptr (per
+    node), node_of_group and offset_of_group (per level), and node_code, keep (the group
+    codes behind each level's nodes; the groups outside merged clusters) and n_nodes."""
     keep = [~merged[top_of_row[starts[lvl][:-1]]] for lvl in range(L)]
     node_cluster, node_level, node_code = [], [], []
     for lvl in range(L):
@@ -447,6 +509,21 @@ def build_design(y, X, Z, groups, variance=None, V=None, n_tree=None, known_R=No
     cluster_of_node = cl[order]
     cluster_ptr = np.searchsorted(cluster_of_node, np.arange(n_groups[0] + 1)).astype(np.intp)
 
+    return dict(level=level, parent=parent, cluster_ptr=cluster_ptr, node_of_group=node_of_group,
+                offset_of_group=offset_of_group, node_code=node_code, keep=keep, n_nodes=n_nodes,
+                cluster_of_node=cluster_of_node)
+
+
+def _tree_blocks(*, q, L, L_all, n, starts, codes, top_of_row, merged, n_groups, Zw, A, Z_s, w,
+                 var_s, factors, groups, in_order, perm, known_R):
+    """The kernel of the tree (every node's ZZ and ZA blocks, A'A) and the border of the
+    crossed levels: (kernel, node_of_group, offset_of_group, border). The crossed levels'
+    codes, counts and (None) starts are appended to ``codes``, ``n_groups``, ``starts``."""
+    idx = _node_index(L, starts, codes, top_of_row, merged, n_groups)
+    level, parent, cluster_ptr = idx["level"], idx["parent"], idx["cluster_ptr"]
+    node_of_group, offset_of_group = idx["node_of_group"], idx["offset_of_group"]
+    node_code, keep, n_nodes = idx["node_code"], idx["keep"], idx["n_nodes"]
+    cluster_of_node = idx["cluster_of_node"]
     # merged clusters: every group of the cluster is a sub-block of the top node
     nq = np.asarray(q, dtype=np.intp)[level].copy()
     sub_node = [np.arange(n_nodes, dtype=np.intp)]
@@ -474,7 +551,7 @@ def build_design(y, X, Z, groups, variance=None, V=None, n_tree=None, known_R=No
 
     # crossed levels: the border's columns and each cluster's local columns
     border = None
-    ncol = X.shape[1] + 1
+    ncol = A.shape[1]
     width = np.full(n_groups[0], ncol, dtype=np.intp)
     if L < L_all:
         codes_c = [np.unique(np.asarray(g) if in_order else np.asarray(g)[perm], return_inverse=True)[1]
@@ -561,9 +638,4 @@ def build_design(y, X, Z, groups, variance=None, V=None, n_tree=None, known_R=No
                           cluster_ptr, ZZ, ZA, AA, nq=nq,
                           sub_node=np.concatenate(sub_node), sub_level=np.concatenate(sub_level),
                           sub_off=np.concatenate(sub_off))
-    return NestedDesign(perm=perm, y=y_s, X=X_s, Z=Z_s, variance=var_s, weights=w,
-                        groups=codes, n_groups=n_groups, group_start=starts,
-                        node_of_group=node_of_group, kernel=kernel,
-                        logdet_Lambda=logdet_Lambda, logdet_XtX=float(logdet_XtX), q=q,
-                        offset_of_group=offset_of_group, Lambda=Vs, Xw=Xw, yw=yw, B=B_fe, b0=b0_fe,
-                        logdet_XtX_work=logdet_XtX_work, n_tree=L, border=border)
+    return kernel, node_of_group, offset_of_group, border

@@ -141,26 +141,19 @@ class NestedModel:
         """The problem with the deepest level ``L`` folded into the diagonal: the kernel
         keeps the nodes of the levels above (cross-products rebuilt per evaluation)."""
         d = self.design
-        K = d.kernel
-        level = np.asarray(K.level)
-        keep = level < L
-        index = np.cumsum(keep) - 1
-        parent = np.asarray(K.parent)[keep]
-        parent = np.where(parent >= 0, index[np.maximum(parent, 0)], -1)
-        q = np.asarray(K.q)
-        nq = np.asarray(K.nq)[keep]
-        lv = level[keep]
+        q = np.asarray(d.q, dtype=np.intp)
+        up = self._upper_nodes(L)
+        lv, parent, nq, cluster_ptr = up["level"], up["parent"], up["nq"], up["cluster_ptr"]
         anc_sum = np.concatenate([[0], np.cumsum(q)])
         ncol = d.n_fe + 1
         zz_ptr = np.concatenate([[0], np.cumsum(nq * (anc_sum[lv] + nq))]).astype(np.intp)
         za_ptr = np.concatenate([[0], np.cumsum(nq * ncol)]).astype(np.intp)
-        cluster_ptr = np.concatenate([[0], np.cumsum(keep)])[np.asarray(K.cluster_ptr)]
         kernel = NestedKernel(q, lv, parent, zz_ptr, za_ptr, cluster_ptr, np.zeros(zz_ptr[-1]),
                               np.zeros(za_ptr[-1]), np.zeros((ncol, ncol)))
         node_r0 = np.zeros(kernel.n_nodes, dtype=np.intp)
         node_r1 = np.zeros(kernel.n_nodes, dtype=np.intp)
         for lvl in range(L):
-            nodes = index[d.node_of_group[lvl]]
+            nodes = up["node_of_group"][lvl]
             node_r0[nodes] = d.group_start[lvl][:-1]
             node_r1[nodes] = d.group_start[lvl][1:]
         w = d.weights
@@ -169,6 +162,24 @@ class NestedModel:
                        self.residual == "profiled", float(d.logdet_Lambda),
                        float(d.logdet_XtX_work), self.scale, Zw=[z * w[:, None] for z in d.Z],
                        Xw=d.Xw, node_rows=(node_r0, node_r1), fold=dict(level=L, yw=d.yw))
+
+    def _upper_nodes(self, L) -> dict:
+        """The nodes of the levels above ``L`` (the folded level) in the full tree's order:
+        level, parent, nq, cluster_ptr and node_of_group (per level < L), renumbered
+        0.. over those nodes; from the design's ``upper`` when it has one (then the full
+        tree is never built)."""
+        d = self.design
+        if d.upper is not None and len(d.upper["node_of_group"]) == L:
+            return d.upper
+        K = d.kernel
+        level = np.asarray(K.level)
+        keep = level < L
+        index = np.cumsum(keep) - 1
+        parent = np.asarray(K.parent)[keep]
+        return dict(level=level[keep], parent=np.where(parent >= 0, index[np.maximum(parent, 0)], -1),
+                    nq=np.asarray(K.nq)[keep],
+                    cluster_ptr=np.concatenate([[0], np.cumsum(keep)])[np.asarray(K.cluster_ptr)],
+                    node_of_group=[index[d.node_of_group[lvl]] for lvl in range(L)])
 
     def _tree_problem(self) -> Problem:
         """The problem on the design's own kernel (every level's nodes)."""
@@ -271,13 +282,13 @@ class NestedModel:
         failed factorisation."""
         status = int(status)
         if status > 0:
-            K = self.design.kernel
             node = status - 1
             L = self._fold_level()
-            if L is not None:       # a node of the folded problem's tree: the design's index
-                node = int(np.flatnonzero(np.asarray(K.level) < L)[node])
-            cluster = int(np.searchsorted(K.cluster_ptr, node, side="right") - 1)
-            lvl = int(K.level[node])
+            # a node of the folded problem's tree is numbered over the levels above L
+            K = self._upper_nodes(L) if L is not None else self.design.kernel
+            cluster = int(np.searchsorted(K["cluster_ptr"] if L is not None else K.cluster_ptr,
+                                          node, side="right") - 1)
+            lvl = int((K["level"] if L is not None else K.level)[node])
             label = self.cluster_label(cluster)
             return (f"the random-effects factorisation failed in top-level cluster {label} "
                     f"(level {lvl + 1}): a block is not positive definite or not finite")

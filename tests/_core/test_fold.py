@@ -85,6 +85,7 @@ def test_folded_fits_agree_with_the_tree_fit_and_its_blups():
         res = mlmeta.meregress(f, df, variance="v")
     m = res.model
     assert m._fold_level() == 1
+    assert not m.design.tree_built      # the fit never needed the deepest level's nodes
     tree = m.tree_problem.fit(res.theta[None, :], em_iter=0, maxiter=50)
     assert -0.5 * tree["deviance"][0] == pytest.approx(res.llf, abs=1e-9)
     np.testing.assert_allclose(tree["theta"][0], res.theta, rtol=1e-5, atol=1e-8)
@@ -119,3 +120,52 @@ def test_which_models_fold():
     V = np.diag(df.v.to_numpy())
     V[0, 1] = V[1, 0] = 0.5 * np.sqrt(V[0, 0] * V[1, 1])
     assert fold("y ~ x + (1 | a) + (1 | a:b)", V=V) is None
+
+
+@pytest.mark.parametrize("formula,kw,depth", CASES)
+def test_the_full_tree_built_on_first_use_is_the_eager_one(formula, kw, depth):
+    """A design whose deepest level has one-row groups builds its tree on first use: the
+    same kernel blocks, node numbering and the same upper-level index as built at once."""
+    from mlmeta.design import _node_index, _tree_blocks
+
+    m, _ = _models(formula, kw, depth)
+    d = m.design
+    assert d.upper is not None and not d.tree_built
+    fn, kw_tree = d._lazy
+    K_eager, nog, _, border = _tree_blocks(**{**kw_tree, "codes": list(kw_tree["codes"]),
+                                              "n_groups": list(kw_tree["n_groups"]),
+                                              "starts": list(kw_tree["starts"])})
+    K = d.kernel                          # built now
+    assert d.tree_built and border is None
+    for name in ("level", "parent", "nq", "zz_ptr", "za_ptr", "cluster_ptr", "ZZ", "ZA", "AA"):
+        np.testing.assert_array_equal(np.asarray(getattr(K, name)), np.asarray(getattr(K_eager, name)))
+    for a, b in zip(d.node_of_group, nog):
+        np.testing.assert_array_equal(a, b)
+    # the upper index is the full tree's restricted to the levels above the deepest
+    L = d.n_levels - 1
+    up = m._upper_nodes(L)
+    keep = np.asarray(K.level) < L
+    np.testing.assert_array_equal(up["level"], np.asarray(K.level)[keep])
+    np.testing.assert_array_equal(up["cluster_ptr"],
+                                  np.concatenate([[0], np.cumsum(keep)])[np.asarray(K.cluster_ptr)])
+    idx = _node_index(L, d.group_start, d.groups, d.groups[0], np.zeros(d.n_clusters, bool), d.n_groups)
+    np.testing.assert_array_equal(up["parent"], idx["parent"])
+
+
+def test_group_traces_from_the_rows_match_the_kernel_blocks():
+    """The largest trace of Z_g'Lambda^-1 Z_g per level, from the rows (diagonal
+    whitening) and from the kernel's ZZ blocks."""
+    from mlmeta.accuracy import largest_group_traces
+
+    for formula, kw, depth in CASES:
+        m, _ = _models(formula, kw, depth)
+        d = m.design
+        K = d.kernel
+        ZZ = np.asarray(K.ZZ)
+        for lvl, got in enumerate(largest_group_traces(m)):
+            nodes = d.node_of_group[lvl]
+            na = np.asarray(K.nq)[nodes]
+            base = np.asarray(K.zz_ptr)[nodes] + K.diag_offset(nodes)
+            r = np.arange(d.q[lvl])
+            want = ZZ[base[:, None] + r * (1 + na[:, None])].sum(axis=1).max()
+            assert got == pytest.approx(want, rel=1e-12)
