@@ -209,3 +209,31 @@ def test_on_boundary_sees_zero_variances_bounds_and_pd_edges():
     # a parameter held fixed at its bound does not count
     assert not on_boundary(Flat, np.array([0.0, 0.2]), np.array([0.0, -1.0]),
                            np.array([0.0, 1.0]), scale)
+
+
+def test_the_hand_over_to_newton_scales_with_large_data(monkeypatch):
+    """EM hands over to Newton where the remaining deviance is at most switch_dec / 2:
+    30 up to 10^4 rows, growing with the rows above; a 30,000-row fit ends at the same
+    optimum with the scaled and with the fixed bound, in fewer EM iterations."""
+    import pandas as pd
+
+    from mlmeta import refine
+
+    assert refine.switch_dec(56) == refine.switch_dec(10_000) == 30.0
+    assert refine.switch_dec(10**6) == pytest.approx(3000.0)
+    rng = np.random.default_rng(3)
+    n_a = 6000
+    a = np.repeat(np.arange(n_a), 5)
+    n = a.size
+    v = rng.uniform(0.01, 0.1, n)
+    x = rng.normal(size=n)
+    y = 0.2 + 0.1 * x + rng.normal(0, 0.3, n_a)[a] + rng.normal(0, 0.2, n) + rng.normal(size=n) * np.sqrt(v)
+    df = pd.DataFrame({"y": y, "x": x, "v": v, "a": a, "b": np.arange(n)})
+    f = "y ~ x + (1 | a) + (1 | a:b)"
+    scaled = mlmeta.meregress(f, df, variance="v", safeguard=False)
+    monkeypatch.setattr(refine, "SWITCH_OBS", 10**9)
+    fixed = mlmeta.meregress(f, df, variance="v", safeguard=False)
+    assert scaled.converged and fixed.converged
+    assert scaled.llf == pytest.approx(fixed.llf, abs=1e-8)
+    np.testing.assert_allclose(scaled.theta, fixed.theta, rtol=1e-6)
+    assert scaled.fit_record.n_em < fixed.fit_record.n_em

@@ -26,7 +26,7 @@ from mlmeta.model import NestedModel
 from mlmeta.accuracy import ROUNDING_C, ROUNDING_TOL, largest_group_traces
 from mlmeta.optimize import (MAIN_ITER, conditioned_model, conditioning, extra_starts,
                              finish_outcome, fit_model, start_theta)
-from mlmeta.refine import _PROBES, EM_SWITCH, SWITCH_DEC, theta_scale
+from mlmeta.refine import _PROBES, EM_SWITCH, switch_dec, theta_scale
 
 __all__ = ["simulate_outcomes", "fit_outcomes", "column_starts"]
 
@@ -83,7 +83,7 @@ def fit_outcomes(model: NestedModel, Y, *, theta0=None, em_iter=20, maxiter=1000
 
     The main runs of all columns are one engine call, each from the start of its single
     fit (:func:`column_starts`; ``theta0`` replaces them) and with EM handing over to
-    Newton where it may (EM_SWITCH, SWITCH_DEC); each fit is then finished as a single
+    Newton where it may (EM_SWITCH, switch_dec); each fit is then finished as a single
     fit is (:func:`mlmeta.optimize.finish_outcome`: the stationarity check and, with
     ``safeguard`` True, "auto" (n_obs <= 50,000) or False, the extra starts), except
     those the finishing would leave as they are (:func:`_settled`).
@@ -163,7 +163,8 @@ def _fit_new_outcomes(model, Yw, theta0, em_iter, maxiter, tol, n_jobs, safeguar
             theta0 = column_starts(model, model, Yw)
         out = model.problem.fit(theta0, Yw, em_iter=int(em_iter),
                                 maxiter=min(int(maxiter), MAIN_ITER), tol=float(tol),
-                                em_switch=EM_SWITCH, switch_dec=SWITCH_DEC, n_threads=int(n_jobs))
+                                em_switch=EM_SWITCH, switch_dec=switch_dec(model.n_obs),
+                                n_threads=int(n_jobs))
         _finish(model, Yw, out, maxiter, tol, safeguard)
         out["inaccurate"] = _inaccurate(model, Yw, out)
         return out
@@ -178,7 +179,7 @@ def _fit_new_outcomes(model, Yw, theta0, em_iter, maxiter, tol, n_jobs, safeguar
                             for t in starts])[np.ravel(which)]
     theta_w = np.ascontiguousarray(theta_w)
     out = work.problem.fit(theta_w, Yw, em_iter=int(em_iter), maxiter=min(int(maxiter), MAIN_ITER),
-                           tol=float(tol), em_switch=EM_SWITCH, switch_dec=SWITCH_DEC,
+                           tol=float(tol), em_switch=EM_SWITCH, switch_dec=switch_dec(model.n_obs),
                            n_threads=int(n_jobs))
     _finish(work, Yw, out, maxiter, tol, safeguard)
     ok = np.flatnonzero(np.isfinite(out["deviance"]))
