@@ -191,3 +191,50 @@ def test_repeated_evaluation_is_kept_and_owned_by_the_caller():
     other = m.evaluate(theta * 1.1)
     assert other.deviance != first.deviance
     assert m.evaluate(theta, sigma2=1.0).deviance == first.deviance    # not kept, same value
+
+
+def _designs_for_with_Z():
+    """(design, Z of the same rows, known_R): nested with slopes, a folded deepest level,
+    crossed levels, a crossed level with a known correlation, and Lambda = I."""
+    rng = np.random.default_rng(11)
+    n = 120
+    a = np.repeat(np.arange(12), 10)
+    b = np.arange(n) // 2
+    c = rng.integers(0, 7, n)
+    x = rng.normal(size=n)
+    X = np.column_stack([np.ones(n), x])
+    y = rng.normal(size=n)
+    v = rng.uniform(0.05, 0.2, n)
+    one = np.ones((n, 1))
+    R = np.corrcoef(rng.normal(size=(7, 20)))
+    yield build_design(y, X, [np.column_stack([one, x]), one], [a, b], v), None
+    yield build_design(y, X, [one, one], [a, np.arange(n)], v), None
+    yield build_design(y, X, [one, one, np.column_stack([one, x])], [a, b, c], v, n_tree=2), None
+    yield build_design(y, X, [one, one], [a, c], v, n_tree=1, known_R={1: R}), {1: R}
+    yield build_design(y, X, [np.column_stack([one, x]), one], [a, b], None), None
+
+
+@pytest.mark.parametrize("k", range(5))
+def test_with_Z_is_the_design_built_again(k):
+    """with_Z keeps the sort, whitening, working basis and codes and builds the blocks for
+    the new Z: the same kernel, border and node index as building the design again."""
+    from mlmeta.design import with_Z
+
+    d, known = list(_designs_for_with_Z())[k]
+    rng = np.random.default_rng(k)
+    Z = [z @ (np.triu(rng.normal(size=(z.shape[1],) * 2)) + 2 * np.eye(z.shape[1])) for z in d.Z]
+    got = with_Z(d, Z, known_R=known)
+    want = build_design(d.y, d.X, Z, d.groups, d.variance, n_tree=d.n_tree, known_R=known)
+    assert got.tree_built == want.tree_built
+    for name in ("level", "parent", "nq", "zz_ptr", "za_ptr", "cluster_ptr", "ZZ", "ZA", "AA"):
+        np.testing.assert_allclose(np.asarray(getattr(got.kernel, name)),
+                                   np.asarray(getattr(want.kernel, name)), rtol=1e-13, atol=1e-13)
+    for u, w in zip(got.node_of_group + got.groups, want.node_of_group + want.groups):
+        if u is not None or w is not None:
+            np.testing.assert_array_equal(u, w)
+    assert got.n_groups == want.n_groups and got.q == want.q
+    if want.border is not None:
+        np.testing.assert_allclose(got.border["S0"], want.border["S0"], rtol=1e-13, atol=1e-13)
+        for key in ("b_off", "cmap_ptr", "bmap"):
+            np.testing.assert_array_equal(got.border[key], want.border[key])
+    np.testing.assert_array_equal(d.Z[0], list(_designs_for_with_Z())[k][0].Z[0])   # d untouched

@@ -120,7 +120,7 @@ def second_opinion(model: NestedModel, theta) -> float:
     the difference measures the error of the engine's factorisation there (inf where
     either computation fails)."""
     from mlmeta.covstruct import Unstructured
-    from mlmeta.design import build_design
+    from mlmeta.design import with_Z
 
     d = model.design
     A = []
@@ -142,9 +142,7 @@ def second_opinion(model: NestedModel, theta) -> float:
                     a[icol, j] = -(mean[j] / mean[icol]) / sd[j]
         A.append(a)
     try:
-        work = NestedModel(build_design(d.y, d.X, [Z @ a for Z, a in zip(d.Z, A)], d.groups,
-                                        d.variance, V=d.Lambda, n_tree=d.n_tree,
-                                        known_R=known_R_of(d)),
+        work = NestedModel(with_Z(d, [Z @ a for Z, a in zip(d.Z, A)], known_R=known_R_of(d)),
                            [s if lvl in keep else Unstructured(s.effect_names)
                             for lvl, s in enumerate(model.structs)], model.method,
                            residual=model.residual)

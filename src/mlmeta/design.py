@@ -15,6 +15,7 @@ Everything here is vectorised: building a design costs O(n q^2 L^2).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,7 +23,7 @@ from scipy import linalg, sparse
 
 from mlmeta._core._nested import NestedKernel
 
-__all__ = ["NestedDesign", "build_design"]
+__all__ = ["NestedDesign", "build_design", "with_Z"]
 
 
 @dataclass
@@ -90,6 +91,7 @@ class NestedDesign:
     border: dict | None = None
     upper: dict | None = None
     _lazy: tuple | None = None
+    _tree_args: dict | None = field(default=None, repr=False)
 
     def _build_tree(self):
         if self._kernel is None and self._lazy is not None:
@@ -454,24 +456,52 @@ def build_design(y, X, Z, groups, variance=None, V=None, n_tree=None, known_R=No
     tree = dict(q=q, L=L, L_all=L_all, n=n, starts=starts, codes=codes, top_of_row=top_of_row,
                 merged=merged, n_groups=n_groups, Zw=Zw, A=A, Z_s=Z_s, w=w, var_s=var_s,
                 factors=factors, groups=groups, in_order=in_order, perm=perm, known_R=known_R)
-    upper, lazy = None, None
-    if Vs is None and L == L_all and L >= 2 and q[L - 1] == 1 and n_groups[L - 1] == n:
-        # one row and one effect per deepest group: the tree's blocks wait for first use
-        idx = _node_index(L - 1, starts, codes, top_of_row, merged, n_groups)
-        upper = dict(level=idx["level"], parent=idx["parent"], cluster_ptr=idx["cluster_ptr"],
-                     nq=np.asarray(q, dtype=np.intp)[idx["level"]],
-                     node_of_group=idx["node_of_group"])
-        kernel, node_of_group, offset_of_group, border = None, None, None, None
-        lazy = (_tree_blocks, tree)
-    else:
-        kernel, node_of_group, offset_of_group, border = _tree_blocks(**tree)
+    kernel, node_of_group, offset_of_group, border, upper, lazy = _tree(tree, coupled=Vs is not None)
     return NestedDesign(perm=perm, y=y_s, X=X_s, Z=Z_s, variance=var_s, weights=w,
                         groups=codes, n_groups=n_groups, group_start=starts,
                         _node_of_group=node_of_group, _kernel=kernel,
                         logdet_Lambda=logdet_Lambda, logdet_XtX=float(logdet_XtX), q=q,
                         _offset_of_group=offset_of_group, Lambda=Vs, Xw=Xw, yw=yw, B=B_fe,
                         b0=b0_fe, logdet_XtX_work=logdet_XtX_work, n_tree=L, border=border,
-                        upper=upper, _lazy=lazy)
+                        upper=upper, _lazy=lazy, _tree_args=tree)
+
+
+def _tree(tree: dict, coupled: bool):
+    """(kernel, node_of_group, offset_of_group, border, upper, lazy) of the tree described
+    by ``tree`` (:func:`_tree_blocks`' arguments): built at once, or, for a deepest level of
+    one row and one effect per group under a diagonal whitening (no crossed levels), only
+    the node index of the levels above (``upper``) with the rest deferred (``lazy``)."""
+    L, q, n_groups = tree["L"], tree["q"], tree["n_groups"]
+    if not coupled and L == tree["L_all"] and L >= 2 and q[L - 1] == 1 and n_groups[L - 1] == tree["n"]:
+        idx = _node_index(L - 1, tree["starts"], tree["codes"], tree["top_of_row"], tree["merged"],
+                          n_groups)
+        upper = dict(level=idx["level"], parent=idx["parent"], cluster_ptr=idx["cluster_ptr"],
+                     nq=np.asarray(q, dtype=np.intp)[idx["level"]],
+                     node_of_group=idx["node_of_group"])
+        return None, None, None, None, upper, (_tree_blocks, tree)
+    return (*_tree_blocks(**tree), None, None)
+
+
+def with_Z(d: NestedDesign, Z: list, known_R=None) -> NestedDesign:
+    """The design ``d`` with each level's random design replaced by ``Z[l]`` (rows in
+    ``d``'s sorted order, any number of columns): the sort, the whitening, the working
+    basis of the fixed part and the group codes are kept, the kernel's blocks are built
+    for the new Z. Equal to ``build_design`` of the sorted data with these Z. A design
+    with a coupled sampling covariance (``Lambda``) is built again in full."""
+    args = d._tree_args
+    if d.Lambda is not None or args is None:
+        return build_design(d.y, d.X, Z, d.groups, d.variance, V=d.Lambda, n_tree=d.n_tree,
+                            known_R=known_R)
+    L = args["L"]
+    Z_s = [np.asfortranarray(np.asarray(z, dtype=np.float64)) for z in Z]
+    tree = {**args, "q": [z.shape[1] for z in Z_s], "Z_s": Z_s,
+            "Zw": [z * d.weights[:, None] for z in Z_s], "codes": list(d.groups[:L]),
+            "n_groups": list(d.n_groups[:L]), "starts": list(d.group_start[:L]), "known_R": known_R}
+    kernel, node_of_group, offset_of_group, border, upper, lazy = _tree(tree, coupled=False)
+    return dataclasses.replace(d, Z=Z_s, q=tree["q"], groups=tree["codes"], n_groups=tree["n_groups"],
+                               group_start=tree["starts"], _node_of_group=node_of_group,
+                               _kernel=kernel, _offset_of_group=offset_of_group, border=border,
+                               upper=upper, _lazy=lazy, _tree_args=tree)
 
 
 def _node_index(L, starts, codes, top_of_row, merged, n_groups) -> dict:

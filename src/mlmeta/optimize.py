@@ -472,11 +472,10 @@ def conditioned_model(model: NestedModel, A):
     """(work, back): the model with each level's design Z_l A_l (:func:`conditioning`),
     the same likelihood in a better-scaled basis, and the map of its theta to the model's,
     ``Sigma_l = A_l Sigma~_l A_l'``."""
-    from mlmeta.design import build_design
+    from mlmeta.design import with_Z
 
     d = model.design
-    work_design = build_design(d.y, d.X, [Z @ Al for Z, Al in zip(d.Z, A)], d.groups,
-                               d.variance, V=d.Lambda, n_tree=d.n_tree, known_R=known_R_of(d))
+    work_design = with_Z(d, [Z @ Al for Z, Al in zip(d.Z, A)], known_R=known_R_of(d))
     work = NestedModel(work_design, model.structs, model.method, residual=model.residual,
                        fe_constraints=model.fe_constraints, cluster_labels=model.cluster_labels)
 
