@@ -55,6 +55,8 @@ class NestedDesign:
         given instead of variances; None otherwise.
     Xw, yw : the whitened fixed design and response in the working basis the kernel
         uses: Xw = Lambda^-1/2 X B (orthonormal columns) and yw = Lambda^-1/2 (y - X b0).
+    orthonormal : whether Xw's columns are orthonormal (B from a well-conditioned QR; else
+        B = I, b0 = 0).
     B, b0 : the working basis: the coefficients of X are beta = B beta~ + b0 where
         beta~ are those of (Xw, yw) (for another outcome, not shifted by X b0: B beta~).
     logdet_XtX_work : log|B' X'X B|, the REML constant in the working basis.
@@ -90,6 +92,7 @@ class NestedDesign:
     n_tree: int = 0
     border: dict | None = None
     upper: dict | None = None
+    orthonormal: bool = False
     _lazy: tuple | None = None
     _tree_args: dict | None = field(default=None, repr=False)
 
@@ -113,6 +116,14 @@ class NestedDesign:
     def offset_of_group(self) -> list:
         self._build_tree()
         return self._offset_of_group
+
+    def least_squares(self, yw=None) -> np.ndarray:
+        """The least-squares coefficients of the whitened outcome ``yw`` (the design's own
+        by default) on Xw, in the working basis: Xw'yw when Xw has orthonormal columns."""
+        yw = self.yw if yw is None else yw
+        if self.orthonormal:
+            return self.Xw.T @ yw
+        return np.linalg.lstsq(self.Xw, yw, rcond=None)[0]
 
     @property
     def tree_built(self) -> bool:
@@ -441,6 +452,7 @@ def build_design(y, X, Z, groups, variance=None, V=None, n_tree=None, known_R=No
     logdet_CXXC = _logdet_gram(X_s @ C) if p <= n else 0.0
     logdet_XtX = logdet_CXXC - 2.0 * float(np.linalg.slogdet(C)[1]) if p <= n else 0.0
     logdet_XtX_work = logdet_XtX
+    orthonormal = False
     if 0 < p <= n:
         Xc = A[:, :p] @ C
         Qw, Rw = np.linalg.qr(Xc)
@@ -452,6 +464,7 @@ def build_design(y, X, Z, groups, variance=None, V=None, n_tree=None, known_R=No
             A[:, -1] -= Qw @ qty
             A[:, :p] = Qw
             logdet_XtX_work = logdet_CXXC - 2.0 * float(np.sum(np.log(dR)))
+            orthonormal = True
 
     tree = dict(q=q, L=L, L_all=L_all, n=n, starts=starts, codes=codes, top_of_row=top_of_row,
                 merged=merged, n_groups=n_groups, Zw=Zw, A=A, Z_s=Z_s, w=w, var_s=var_s,
@@ -463,7 +476,7 @@ def build_design(y, X, Z, groups, variance=None, V=None, n_tree=None, known_R=No
                         logdet_Lambda=logdet_Lambda, logdet_XtX=float(logdet_XtX), q=q,
                         _offset_of_group=offset_of_group, Lambda=Vs, Xw=Xw, yw=yw, B=B_fe,
                         b0=b0_fe, logdet_XtX_work=logdet_XtX_work, n_tree=L, border=border,
-                        upper=upper, _lazy=lazy, _tree_args=tree)
+                        upper=upper, orthonormal=orthonormal, _lazy=lazy, _tree_args=tree)
 
 
 def _tree(tree: dict, coupled: bool):

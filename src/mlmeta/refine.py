@@ -83,7 +83,7 @@ def _scale_parts(model: NestedModel):
         return got
     d = model.design
     if d.n_fe:
-        beta, *_ = np.linalg.lstsq(d.Xw, d.yw, rcond=None)
+        beta = d.least_squares()
         r = d.yw - d.Xw @ beta
     else:
         r = d.yw

@@ -245,9 +245,9 @@ def column_starts(model, work, Yw) -> np.ndarray:
     r_own = d.y
     orthonormal = False
     if d.n_fe:
-        b_own, *_ = np.linalg.lstsq(d.Xw, d.yw, rcond=None)
+        b_own = d.least_squares()
         r_own = d.y - d.X @ (d.B @ b_own + d.b0)
-        orthonormal = np.allclose(d.Xw.T @ d.Xw, np.eye(d.n_fe), rtol=0.0, atol=1e-12)
+        orthonormal = d.orthonormal
     t2 = np.concatenate([tau2(residuals(Yw[a:a + 256])) for a in range(0, m, 256)])
     ratio = np.sqrt(t2 / tau2(r_own[None, :])[0])
     return np.ascontiguousarray(ratio[:, None] * base[None, :])
