@@ -265,7 +265,7 @@ def _fit(model, *, theta0, em_iter, em_tol, em_only, maxiter, tol, safeguard, ve
     def main_run(theta):
         return run_engine(model, theta, lower=lower, upper=upper, em_iter=n_em, em_tol=em_tol,
                           em_only=em_only, maxiter=min(maxiter, MAIN_ITER), tol=tol, log=verbose,
-                          em_switch=EM_SWITCH)
+                          em_switch=EM_SWITCH, threads=start_threads(model.n_obs))
 
     run = main_run(theta)
     if theta0 is None and not np.isfinite(run["deviance"][0]):

@@ -169,3 +169,31 @@ def test_group_traces_from_the_rows_match_the_kernel_blocks():
             r = np.arange(d.q[lvl])
             want = ZZ[base[:, None] + r * (1 + na[:, None])].sum(axis=1).max()
             assert got == pytest.approx(want, rel=1e-12)
+
+
+def test_a_large_two_level_fold_is_split_in_halves_on_one_thread_or_two():
+    """From TWO_SPLIT_ROWS rows the two-level kernels sum two halves of the clusters (on
+    two threads when a single run has them): the tree's numbers, and the same bits on
+    one thread and on two."""
+    rng = np.random.default_rng(8)
+    n_top = 16_000
+    sizes = rng.integers(1, 9, n_top)
+    a = np.repeat(np.arange(n_top), sizes)
+    n = a.size
+    assert n >= 65_536
+    df = pd.DataFrame({"a": a, "b": np.arange(n), "x": rng.normal(size=n),
+                       "v": rng.uniform(0.02, 0.2, n)})
+    df["y"] = 0.1 * df.x + rng.normal(0, 0.3, n_top)[a] + rng.normal(0, 0.2, n) \
+        + rng.normal(size=n) * np.sqrt(df.v)
+    m = build_model("y ~ x + (1 | a) + (1 | a:b)", df, variance="v")[0]
+    assert m._fold_level() == 1
+    th = np.array([0.4, 0.3])
+    a_ = m.problem.evaluate(th, gradient=True, em=True)
+    b_ = m.tree_problem.evaluate(th, gradient=True, em=True)
+    assert a_["deviance"] == pytest.approx(b_["deviance"], rel=1e-12)
+    np.testing.assert_allclose(a_["grad"], b_["grad"], rtol=1e-8)
+    np.testing.assert_allclose(a_["E"], b_["E"], rtol=1e-9)
+    one = m.problem.fit(th[None, :], n_threads=1, em_iter=5, maxiter=20)
+    two = m.problem.fit(th[None, :], n_threads=2, em_iter=5, maxiter=20)
+    for key in ("theta", "deviance", "beta", "Hinv", "n_evals"):
+        np.testing.assert_array_equal(one[key], two[key])

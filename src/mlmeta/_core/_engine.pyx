@@ -313,6 +313,7 @@ cdef class Problem:
         P.sp_scratch = sp_scratch
         P.has_spatial = bool((kind == K_SPATIAL).any())
         P.fold = fold_level
+        P.eval_threads = 1
         P.yw = &v_yw[0]
         # the kernels' scratch, and (EM) Sigma, a product and the projections' q x q room
         P.scratch_len = 3 * P.maxq * max(P.maxq, maxw) + 3 * P.maxq * P.maxq + 16
@@ -640,7 +641,9 @@ cdef class Problem:
         ``em_switch`` > 0: EM may hand over to Newton from that iterate on, where an EM
         step and the Newton decrement are at most ``switch_dec`` with a well-conditioned
         positive definite Hessian (``fit_one``).
-        Runs are shared out over ``n_threads`` threads, each with its own workspace.
+        Runs are shared out over ``n_threads`` threads, each with its own workspace; a
+        single run may split a large evaluation over two of them (the numbers do not
+        depend on it).
         Returns a dict of arrays: theta, theta_em (after EM), deviance, beta, se, Hinv
         ((X'V^-1X)^-1 per fit; beta, se and Hinv in the design's working basis, see
         :class:`mlmeta.design.NestedDesign`), converged, n_iter (Newton), n_em, n_evals,
@@ -700,6 +703,8 @@ cdef class Problem:
             kn = known
             O.known = &kn[0]
         cdef int nt = max(1, min(n_threads, m))
+        # threads left over by a single run go to its evaluations (two-level folds)
+        P.eval_threads = 2 if nt == 1 and n_threads >= 2 else 1
         runner = _Runner.__new__(_Runner)
         with self._lock:
             self._ensure_slots(nt)

@@ -372,18 +372,70 @@ cdef void fold_pieces(const Prob* P, Work* W, const double* Phi) noexcept nogil:
 # written once (:func:`factor_two_nc`, :func:`solve_two_nc`) and inlined with a constant
 # column count for ncol = 2, 3, 4 (one to three fixed effects), so the compiler keeps the sums in registers.
 
+cdef enum:
+    TWO_MAX_NCOL = 16        # the two-level kernels' partial sums hold ncol^2 numbers
+
+
 cdef bint two_level(const Prob* P) noexcept nogil:
-    """Whether the folded problem is the two-level scalar case above."""
-    return P.fold == 1 and P.tree.scalar and P.nb == 0 and P.n_nodes == P.n_clusters
+    """Whether the folded problem is the two-level scalar case above (with at most
+    TWO_MAX_NCOL columns in [X, y]; wider ones take the general fold)."""
+    return (P.fold == 1 and P.tree.scalar and P.nb == 0 and P.n_nodes == P.n_clusters
+            and P.ncol <= TWO_MAX_NCOL)
 
 
-cdef inline Py_ssize_t factor_two_nc(const Prob* P, Work* W, double* logdet,
-                                     const int nc) noexcept nogil:
+cdef extern from *:
+    """
+    /* Run fn(a) on a new thread and fn(b) on this one, then join; serially where
+       threads are not available (or cannot be started). */
+    #if defined(_WIN32)
+    static int mlmeta_pair(void (*fn)(void*), void* a, void* b) { fn(b); fn(a); return 1; }
+    #else
+    #include <pthread.h>
+    typedef struct { void (*fn)(void*); void* arg; } mlmeta_job;
+    static void* mlmeta_job_run(void* p) { mlmeta_job* j = (mlmeta_job*)p; j->fn(j->arg); return NULL; }
+    static int mlmeta_pair(void (*fn)(void*), void* a, void* b) {
+        pthread_t t;
+        mlmeta_job j;
+        j.fn = fn;
+        j.arg = a;
+        if (pthread_create(&t, NULL, mlmeta_job_run, &j) != 0) { fn(b); fn(a); return 1; }
+        fn(b);
+        pthread_join(t, NULL);
+        return 0;
+    }
+    #endif
+    """
+    int mlmeta_pair(void (*fn)(void*) noexcept nogil, void* a, void* b) nogil
+
+
+cdef enum:
+    # a two-level folded problem of at least this many rows is evaluated as two halves of
+    # its clusters (each with its own partial sums, added in a fixed order: the same
+    # numbers on one thread or two), on two threads where P.eval_threads allows
+    TWO_SPLIT_ROWS = 65536
+
+
+cdef struct TwoPart:
+    const Prob* P
+    Work* W
+    const double* Phi
+    Py_ssize_t a0, a1
+    Py_ssize_t status
+    double logdet, g0, em0, gz, n_rows
+    double aa[256]          # A'WA and sum t0^2 b b' / C (upper triangles, ncol <= 16)
+    double yy[256]
+
+
+cdef inline void factor_two_nc(TwoPart* T, const int nc) noexcept nogil:
+    """One pass over the rows of clusters a0..a1: weights, log-determinant, the clusters'
+    ZZf, ZA, WB, WR and the partial A'WA (aa) and sum t0^2 b b' / C (yy)."""
+    cdef const Prob* P = T.P
+    cdef Work* W = T.W
     cdef Py_ssize_t a, r, i, j, ra
     cdef double t = W.Tlev[P.t_off[P.fold]]
     cdef double tt = t * t
     cdef double t0, zr, z0, d, wr, wz, wa, s, c, inv, y_i
-    cdef double prod = 1.0
+    cdef double prod = 1.0, logdet = 0.0
     cdef double b[64]
     cdef double aa[64 * 64]
     cdef double yy[64 * 64]
@@ -391,11 +443,12 @@ cdef inline Py_ssize_t factor_two_nc(const Prob* P, Work* W, double* logdet,
     cdef const double* Zl = P.Zw + P.zw_off[P.fold]
     cdef const double* ar
     cdef double* wrow = W.wr
+    T.status = 0
     for j in range(nc):
         for i in range(nc):
             aa[i + j * nc] = 0.0
             yy[i + j * nc] = 0.0
-    for a in range(P.n_nodes):
+    for a in range(T.a0, T.a1):
         t0 = W.Tn[P.tree.tn_ptr[a]]
         s = 0.0
         for i in range(nc):
@@ -405,7 +458,7 @@ cdef inline Py_ssize_t factor_two_nc(const Prob* P, Work* W, double* logdet,
             d = 1.0 + tt * zr * zr
             prod *= d
             if prod > 1e150:
-                logdet[0] += log(prod)
+                logdet += log(prod)
                 prod = 1.0
             wr = 1.0 / d
             wrow[r] = wr
@@ -420,10 +473,11 @@ cdef inline Py_ssize_t factor_two_nc(const Prob* P, Work* W, double* logdet,
                     aa[i + j * nc] += wa * ar[i]
         c = 1.0 + t0 * t0 * s
         if not c > 0.0:
-            return a + 1
+            T.status = a + 1
+            return
         prod *= c
         if prod > 1e150:
-            logdet[0] += log(prod)
+            logdet += log(prod)
             prod = 1.0
         W.ZZf[P.tree.zz_ptr[a]] = s
         ra = P.tree.za_ptr[a]
@@ -437,36 +491,34 @@ cdef inline Py_ssize_t factor_two_nc(const Prob* P, Work* W, double* logdet,
         W.WB[P.tree.zz_ptr[a]] = d
         for j in range(nc):
             W.WR[ra + j] = t0 * b[j] / d
-    logdet[0] += log(prod)
+    T.logdet = logdet + log(prod)
     for j in range(nc):
         for i in range(j + 1):
-            W.AA[i + j * nc] = aa[i + j * nc]
-            W.AA[j + i * nc] = aa[i + j * nc]
-            W.S[i + j * nc] = aa[i + j * nc] - yy[i + j * nc]
-            W.S[j + i * nc] = W.S[i + j * nc]
-    return 0
+            T.aa[i + j * nc] = aa[i + j * nc]
+            T.yy[i + j * nc] = yy[i + j * nc]
 
 
-cdef Py_ssize_t factor_two(const Prob* P, Work* W, double* logdet) noexcept nogil:
-    """The weights W.wr, log|V''| + sum log d_r into logdet, W.S = A'V^-1A, and the
-    clusters' ZZf, ZA, WB (sqrt C) and WR (Y); 0, or 1 + the node whose C failed."""
-    cdef int nc = P.ncol
+cdef void factor_part(void* arg) noexcept nogil:
+    cdef TwoPart* T = <TwoPart*>arg
+    cdef int nc = T.P.ncol
     if nc == 2:
-        return factor_two_nc(P, W, logdet, 2)
-    if nc == 3:
-        return factor_two_nc(P, W, logdet, 3)
-    if nc == 4:
-        return factor_two_nc(P, W, logdet, 4)
-    return factor_two_nc(P, W, logdet, nc)
+        factor_two_nc(T, 2)
+    elif nc == 3:
+        factor_two_nc(T, 3)
+    elif nc == 4:
+        factor_two_nc(T, 4)
+    else:
+        factor_two_nc(T, nc)
 
 
-cdef inline void solve_two_nc(const Prob* P, Work* W, const double* Phi,
-                              const int nc) noexcept nogil:
+cdef inline void solve_two_nc(TwoPart* T, const int nc) noexcept nogil:
+    """The clusters a0..a1's node solutions W.WW and Sig (W.SB), and the partial sums of
+    G_0, E_0 and the folded level's sum z^2 h and row count."""
+    cdef const Prob* P = T.P
+    cdef Work* W = T.W
     cdef Py_ssize_t a, r, i, j, ra, z
-    cdef double t = W.Tlev[P.t_off[P.fold]]
-    cdef double tt = t * t
     cdef double t0, s, c, sig, u, wr, zr, h, acc, f, e0, kq
-    cdef double g0 = 0.0, em0 = 0.0, g = 0.0, gz = 0.0, n_rows = 0.0
+    cdef double g0 = 0.0, em0 = 0.0, gz = 0.0, n_rows = 0.0
     cdef double ph[64 * 64]
     cdef double wa[64]
     cdef double pw[64]
@@ -476,8 +528,8 @@ cdef inline void solve_two_nc(const Prob* P, Work* W, const double* Phi,
     cdef const double* ar
     for j in range(nc):
         for i in range(nc):
-            ph[i + j * nc] = Phi[i + j * nc]
-    for a in range(P.n_nodes):
+            ph[i + j * nc] = T.Phi[i + j * nc]
+    for a in range(T.a0, T.a1):
         t0 = W.Tn[P.tree.tn_ptr[a]]
         z = P.tree.zz_ptr[a]
         ra = P.tree.za_ptr[a]
@@ -518,22 +570,92 @@ cdef inline void solve_two_nc(const Prob* P, Work* W, const double* Phi,
             h = wr - wr * wr * sig * u * u - 2.0 * kq
             gz += zr * zr * h
             n_rows += 1.0
-    g = t * gz
-    W.G[P.t_off[0]] += g0
-    W.E[P.t_off[0]] += em0
-    W.G[P.t_off[P.fold]] += g
-    W.E[P.t_off[P.fold]] += n_rows - tt * gz
+    T.g0 = g0
+    T.em0 = em0
+    T.gz = gz
+    T.n_rows = n_rows
+
+
+cdef void solve_part(void* arg) noexcept nogil:
+    cdef TwoPart* T = <TwoPart*>arg
+    cdef int nc = T.P.ncol
+    if nc == 2:
+        solve_two_nc(T, 2)
+    elif nc == 3:
+        solve_two_nc(T, 3)
+    elif nc == 4:
+        solve_two_nc(T, 4)
+    else:
+        solve_two_nc(T, nc)
+
+
+cdef int two_parts(const Prob* P, Work* W, const double* Phi, TwoPart* T,
+                   void (*fn)(void*) noexcept nogil) noexcept nogil:
+    """Run ``fn`` over the clusters as one part or, from TWO_SPLIT_ROWS rows, as two
+    halves of the rows (on two threads where P.eval_threads >= 2); the number of parts."""
+    cdef Py_ssize_t mid, half
+    T[0].P = P
+    T[0].W = W
+    T[0].Phi = Phi
+    T[0].a0 = 0
+    T[0].a1 = P.n_nodes
+    if P.n_obs < TWO_SPLIT_ROWS or P.n_nodes < 2:
+        fn(&T[0])
+        return 1
+    half = P.node_r1[P.n_nodes - 1] // 2
+    mid = 1
+    while mid < P.n_nodes - 1 and P.node_r0[mid] < half:
+        mid += 1
+    T[1] = T[0]
+    T[0].a1 = mid
+    T[1].a0 = mid
+    if P.eval_threads >= 2:
+        mlmeta_pair(fn, &T[1], &T[0])
+    else:
+        fn(&T[0])
+        fn(&T[1])
+    return 2
+
+
+cdef Py_ssize_t factor_two(const Prob* P, Work* W, double* logdet) noexcept nogil:
+    """The weights W.wr, log|V''| + sum log d_r into logdet, W.AA, W.S = A'V^-1A, and the
+    clusters' ZZf, ZA, WB (sqrt C) and WR (Y); 0, or 1 + the node whose C failed."""
+    cdef TwoPart T[2]
+    cdef int nc = P.ncol
+    cdef int k, m, i, j
+    m = two_parts(P, W, NULL, T, factor_part)
+    for k in range(m):
+        if T[k].status != 0:
+            return T[k].status
+    for j in range(nc):
+        for i in range(j + 1):
+            W.AA[i + j * nc] = T[0].aa[i + j * nc]
+            W.S[i + j * nc] = T[0].yy[i + j * nc]
+            for k in range(1, m):
+                W.AA[i + j * nc] += T[k].aa[i + j * nc]
+                W.S[i + j * nc] += T[k].yy[i + j * nc]
+            W.S[i + j * nc] = W.AA[i + j * nc] - W.S[i + j * nc]
+            W.AA[j + i * nc] = W.AA[i + j * nc]
+            W.S[j + i * nc] = W.S[i + j * nc]
+    for k in range(m):
+        logdet[0] += T[k].logdet
+    return 0
 
 
 cdef void solve_two(const Prob* P, Work* W, const double* Phi) noexcept nogil:
     """After :func:`factor_two`: the node solutions W.WW, Sig (W.SB), and both levels'
     gradient pieces and EM moments added into W.G and W.E."""
-    cdef int nc = P.ncol
-    if nc == 2:
-        solve_two_nc(P, W, Phi, 2)
-    elif nc == 3:
-        solve_two_nc(P, W, Phi, 3)
-    elif nc == 4:
-        solve_two_nc(P, W, Phi, 4)
-    else:
-        solve_two_nc(P, W, Phi, nc)
+    cdef TwoPart T[2]
+    cdef int k, m
+    cdef double t = W.Tlev[P.t_off[P.fold]]
+    cdef double g0 = 0.0, em0 = 0.0, gz = 0.0, n_rows = 0.0
+    m = two_parts(P, W, Phi, T, solve_part)
+    for k in range(m):
+        g0 += T[k].g0
+        em0 += T[k].em0
+        gz += T[k].gz
+        n_rows += T[k].n_rows
+    W.G[P.t_off[0]] += g0
+    W.E[P.t_off[0]] += em0
+    W.G[P.t_off[P.fold]] += t * gz
+    W.E[P.t_off[P.fold]] += n_rows - t * t * gz

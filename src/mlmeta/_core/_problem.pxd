@@ -88,6 +88,8 @@ cdef struct Prob:
     # design's own whitened outcome (rows of A are rebuilt from Xw and it)
     Py_ssize_t fold
     const double* yw
+    # threads one evaluation may use (the two-level fold's halves, _fold.pyx): set per fit
+    int eval_threads
     int n_theta, p, ncol, reml, profiled, has_custom
     double logdet_Lambda, logdet_XtX, scale
 
