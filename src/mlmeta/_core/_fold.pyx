@@ -182,42 +182,6 @@ cdef void fold_prepare(const Prob* P, Work* W, double* logdet) noexcept nogil:
             AA[j + i * nc] = AA[i + j * nc]
 
 
-cdef void pieces_two(const Prob* P, Work* W, const double* z0, const double* ph,
-                     double* g_out, double* e_out) noexcept nogil:
-    """:func:`pieces_scalar` for a tree of one level (the folded level sits right under the
-    top-level clusters): per cluster its factor t_0, Sig_00 and W_0 once; per row
-    s = Sig_00 u^2, k = w (a - u W_0), k Phi k' over Phi's upper triangle."""
-    cdef Py_ssize_t a, r, i
-    cdef int nc = P.ncol
-    cdef double t = W.Tlev[P.t_off[P.fold]]
-    cdef double tt = t * t
-    cdef double t0, sig, u, wr, h, z2, zr, g = 0.0, e = 0.0
-    cdef double wc[64]
-    cdef double kv[64]
-    cdef const double* Zl = P.Zw + P.zw_off[P.fold]
-    cdef const double* Ar = W.Ar
-    cdef const double* w = W.wr
-    cdef const double* ar
-    for a in range(P.n_nodes):
-        t0 = W.Tn[P.tree.tn_ptr[a]]
-        sig = W.SB[P.tree.zz_ptr[a]]
-        for i in range(nc):
-            wc[i] = W.WW[P.tree.za_ptr[a] + i]
-        for r in range(P.node_r0[a], P.node_r1[a]):
-            u = z0[r] * t0
-            wr = w[r]
-            ar = Ar + r * nc
-            for i in range(nc):
-                kv[i] = wr * (ar[i] - u * wc[i])
-            zr = Zl[r]
-            z2 = zr * zr
-            h = wr - wr * wr * sig * u * u - quad(ph, kv, nc)
-            g += t * z2 * h
-            e += 1.0 - tt * z2 * h
-    g_out[0] += g
-    e_out[0] += e
-
-
 cdef void pieces_scalar(const Prob* P, Work* W, const double* Phi, double* gl,
                         double* el) noexcept nogil:
     """:func:`fold_pieces` for a tree of one effect per node: each chain's factors,
@@ -245,9 +209,6 @@ cdef void pieces_scalar(const Prob* P, Work* W, const double* Phi, double* gl,
         zk[k] = P.Zw + P.zw_off[k]
     for i in range(nc * nc):
         ph[i] = Phi[i]
-    if deep == 0:
-        pieces_two(P, W, zk[0], ph, g_out=gl, e_out=el)
-        return
     for a in range(P.n_nodes):
         if P.tree.level[a] != deep:
             continue
@@ -368,9 +329,11 @@ cdef void fold_pieces(const Prob* P, Work* W, const double* Phi) noexcept nogil:
 #     K_a = b - s t0 W_a,     G_0 = sum_a [s t0 Sig - K_a Phi W_a'],
 #     E_0 = sum_a [Sig + W_a Phi W_a'],
 #
-# and the folded level's pieces per row as in :func:`pieces_two`. The row loops are
-# written once (:func:`factor_two_nc`, :func:`solve_two_nc`) and inlined with a constant
-# column count for ncol = 2, 3, 4 (one to three fixed effects), so the compiler keeps the sums in registers.
+# and the folded level's pieces per row as in :func:`pieces_scalar`. The row loops are
+# written once (:func:`factor_two_nc`, :func:`solve_two_nc`) and specialised by the
+# compiler for ncol = 2, 3, 4 (one to three fixed effects), which keeps the sums in
+# registers. From TWO_SPLIT_ROWS rows the clusters are taken in two halves, each with
+# its own partial sums (:func:`two_parts`), on two threads where the run may use them.
 
 cdef enum:
     TWO_MAX_NCOL = 16        # the two-level kernels' partial sums hold ncol^2 numbers
