@@ -262,10 +262,14 @@ def _fit(model, *, theta0, em_iter, em_tol, em_only, maxiter, tol, safeguard, ve
         return rec
     n_em = 10 * maxiter if em_only else em_iter
 
+    # a single run's threads split its evaluations (a large two-level fold); a crossed
+    # border's dense algebra takes the cores through BLAS instead (border_blas_threads)
+    main_threads = start_threads(model.n_obs) if model.problem.nb == 0 else 1
+
     def main_run(theta):
         return run_engine(model, theta, lower=lower, upper=upper, em_iter=n_em, em_tol=em_tol,
                           em_only=em_only, maxiter=min(maxiter, MAIN_ITER), tol=tol, log=verbose,
-                          em_switch=EM_SWITCH, threads=start_threads(model.n_obs))
+                          em_switch=EM_SWITCH, threads=main_threads)
 
     run = main_run(theta)
     if theta0 is None and not np.isfinite(run["deviance"][0]):
