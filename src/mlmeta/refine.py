@@ -113,7 +113,8 @@ SWITCH_DEC = 30.0
 #: ... per this many observations, from as many on (the deviance, and its decrement at a
 #: given relative distance from the optimum, grow with the data; below, the hand-over
 #: stays where the reference fits were checked: with 75 instead of 30 at 2,500 rows,
-#: Newton took over the essay's 4-effect model early and ended 2e-4 below lme4's optimum)
+#: Newton took over the essay's 4-effect model early and ended 2e-4 (ML) and 2e-3 (REML)
+#: below lme4's log-likelihood)
 SWITCH_OBS = 10_000
 
 
