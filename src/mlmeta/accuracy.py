@@ -76,7 +76,7 @@ def largest_group_traces(model: NestedModel) -> list:
         r = np.arange(q)
         if lvl < d.n_tree and d.Lambda is None:
             # diagonal whitening: a group's trace is the sum of its rows' |Z~_r|^2
-            Zw = d.Z[lvl] * d.weights[:, None]
+            Zw = d.Zw[lvl]
             rows = np.einsum("ij,ij->i", Zw, Zw)
             starts = d.group_start[lvl]
             tr = np.add.reduceat(rows, starts[:-1]) if starts.size > 1 else rows[:0]

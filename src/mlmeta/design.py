@@ -117,6 +117,14 @@ class NestedDesign:
         self._build_tree()
         return self._offset_of_group
 
+    @property
+    def Zw(self) -> list:
+        """Per level, the whitened random design Lambda^-1/2 Z_l (the one the kernel's
+        blocks were built from; for a coupled Lambda, whitened block by block)."""
+        if self._tree_args is not None:
+            return self._tree_args["Zw"]
+        return [z * self.weights[:, None] for z in self.Z]
+
     def least_squares(self, yw=None) -> np.ndarray:
         """The least-squares coefficients of the whitened outcome ``yw`` (the design's own
         by default) on Xw, in the working basis: Xw'yw when Xw has orthonormal columns."""

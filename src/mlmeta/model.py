@@ -142,7 +142,7 @@ class NestedModel:
         keeps the nodes of the levels above (cross-products rebuilt per evaluation)."""
         d = self.design
         q = np.asarray(d.q, dtype=np.intp)
-        up = self._upper_nodes(L)
+        up = d.upper          # a design that folds keeps the node index of the levels above
         lv, parent, nq, cluster_ptr = up["level"], up["parent"], up["nq"], up["cluster_ptr"]
         anc_sum = np.concatenate([[0], np.cumsum(q)])
         ncol = d.n_fe + 1
@@ -156,30 +156,11 @@ class NestedModel:
             nodes = up["node_of_group"][lvl]
             node_r0[nodes] = d.group_start[lvl][:-1]
             node_r1[nodes] = d.group_start[lvl][1:]
-        w = d.weights
         return Problem(kernel, [s.engine_spec() for s in self.structs], self.lower, self.upper,
                        np.asarray(d.n_groups, dtype=float), d.n_obs, self.method == "reml",
                        self.residual == "profiled", float(d.logdet_Lambda),
-                       float(d.logdet_XtX_work), self.scale, Zw=[z * w[:, None] for z in d.Z],
+                       float(d.logdet_XtX_work), self.scale, Zw=d.Zw,
                        Xw=d.Xw, node_rows=(node_r0, node_r1), fold=dict(level=L, yw=d.yw))
-
-    def _upper_nodes(self, L) -> dict:
-        """The nodes of the levels above ``L`` (the folded level) in the full tree's order:
-        level, parent, nq, cluster_ptr and node_of_group (per level < L), renumbered
-        0.. over those nodes; from the design's ``upper`` when it has one (then the full
-        tree is never built)."""
-        d = self.design
-        if d.upper is not None and len(d.upper["node_of_group"]) == L:
-            return d.upper
-        K = d.kernel
-        level = np.asarray(K.level)
-        keep = level < L
-        index = np.cumsum(keep) - 1
-        parent = np.asarray(K.parent)[keep]
-        return dict(level=level[keep], parent=np.where(parent >= 0, index[np.maximum(parent, 0)], -1),
-                    nq=np.asarray(K.nq)[keep],
-                    cluster_ptr=np.concatenate([[0], np.cumsum(keep)])[np.asarray(K.cluster_ptr)],
-                    node_of_group=[index[d.node_of_group[lvl]] for lvl in range(L)])
 
     def _tree_problem(self) -> Problem:
         """The problem on the design's own kernel (every level's nodes)."""
@@ -194,13 +175,12 @@ class NestedModel:
         if d.crossed:
             new = dict(border={**d.border, "spatial": spatial})
         elif d.Lambda is None:     # a diagonal whitening: new outcomes can be whitened alike
-            w = d.weights
             node_r0 = np.zeros(K.n_nodes, dtype=np.intp)
             node_r1 = np.zeros(K.n_nodes, dtype=np.intp)
             for lvl in range(d.n_levels):
                 node_r0[d.node_of_group[lvl]] = d.group_start[lvl][:-1]
                 node_r1[d.node_of_group[lvl]] = d.group_start[lvl][1:]
-            new = dict(Zw=[z * w[:, None] for z in d.Z], Xw=d.Xw, node_rows=(node_r0, node_r1))
+            new = dict(Zw=d.Zw, Xw=d.Xw, node_rows=(node_r0, node_r1))
         return Problem(K, [s.engine_spec() for s in self.structs], self.lower, self.upper,
                        np.asarray(d.n_groups, dtype=float), d.n_obs, self.method == "reml",
                        self.residual == "profiled", float(d.logdet_Lambda), float(d.logdet_XtX_work),
@@ -285,10 +265,12 @@ class NestedModel:
             node = status - 1
             L = self._fold_level()
             # a node of the folded problem's tree is numbered over the levels above L
-            K = self._upper_nodes(L) if L is not None else self.design.kernel
-            cluster = int(np.searchsorted(K["cluster_ptr"] if L is not None else K.cluster_ptr,
-                                          node, side="right") - 1)
-            lvl = int((K["level"] if L is not None else K.level)[node])
+            if L is not None:
+                cluster_ptr, level = self.design.upper["cluster_ptr"], self.design.upper["level"]
+            else:
+                cluster_ptr, level = self.design.kernel.cluster_ptr, self.design.kernel.level
+            cluster = int(np.searchsorted(cluster_ptr, node, side="right") - 1)
+            lvl = int(level[node])
             label = self.cluster_label(cluster)
             return (f"the random-effects factorisation failed in top-level cluster {label} "
                     f"(level {lvl + 1}): a block is not positive definite or not finite")

@@ -235,19 +235,18 @@ def column_starts(model, work, Yw) -> np.ndarray:
     def residuals(Yb):      # a block of whitened outcomes -> residuals, outcome scale
         R = Yb / d.weights[None, :]
         if d.n_fe:
-            if orthonormal:      # Xw's least squares is Xw'y
+            # row by row (einsum's loops, not a BLAS product whose sums depend on the block's
+            # shape): a chunk of columns gets the starts of the whole batch, bit for bit
+            if d.orthonormal:      # Xw's least squares is Xw'y
                 beta = np.einsum("mn,np->mp", Yb, d.Xw)
             else:
-                beta = np.array([np.linalg.lstsq(d.Xw, yw, rcond=None)[0] for yw in Yb])
+                beta = np.array([d.least_squares(yw) for yw in Yb])
             R -= np.einsum("mq,pq,np->mn", beta, d.B, d.X, optimize=False)
         return R
 
     r_own = d.y
-    orthonormal = False
     if d.n_fe:
-        b_own = d.least_squares()
-        r_own = d.y - d.X @ (d.B @ b_own + d.b0)
-        orthonormal = d.orthonormal
+        r_own = d.y - d.X @ (d.B @ d.least_squares() + d.b0)
     t2 = np.concatenate([tau2(residuals(Yw[a:a + 256])) for a in range(0, m, 256)])
     ratio = np.sqrt(t2 / tau2(r_own[None, :])[0])
     return np.ascontiguousarray(ratio[:, None] * base[None, :])

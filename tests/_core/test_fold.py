@@ -143,7 +143,7 @@ def test_the_full_tree_built_on_first_use_is_the_eager_one(formula, kw, depth):
         np.testing.assert_array_equal(a, b)
     # the upper index is the full tree's restricted to the levels above the deepest
     L = d.n_levels - 1
-    up = m._upper_nodes(L)
+    up = d.upper
     keep = np.asarray(K.level) < L
     np.testing.assert_array_equal(up["level"], np.asarray(K.level)[keep])
     np.testing.assert_array_equal(up["cluster_ptr"],
