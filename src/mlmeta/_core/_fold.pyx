@@ -29,7 +29,7 @@ level L. The rows of a node of the tree are contiguous (``node_r0 .. node_r1``);
 ``W.Ar`` holds the rows of A = [X, y] (row-major, the current outcome).
 """
 
-from libc.math cimport log, sqrt
+from libc.math cimport log
 from mlmeta._core._linalg cimport zero
 from mlmeta._core._problem cimport Prob, Work
 
@@ -391,7 +391,8 @@ cdef struct TwoPart:
 
 cdef inline void factor_two_nc(TwoPart* T, const int nc) noexcept nogil:
     """One pass over the rows of clusters a0..a1: weights, log-determinant, the clusters'
-    ZZf, ZA, WB, WR and the partial A'WA (aa) and sum t0^2 b b' / C (yy)."""
+    s (ZZf), b (ZA) and Sig = 1 / C (SB), and the partial A'WA (aa) and sum t0^2 b b' / C
+    (yy)."""
     cdef const Prob* P = T.P
     cdef Work* W = T.W
     cdef Py_ssize_t a, r, i, j, ra
@@ -443,6 +444,7 @@ cdef inline void factor_two_nc(TwoPart* T, const int nc) noexcept nogil:
             logdet += log(prod)
             prod = 1.0
         W.ZZf[P.tree.zz_ptr[a]] = s
+        W.SB[P.tree.zz_ptr[a]] = 1.0 / c         # Sig = C^-1 (the solve's)
         ra = P.tree.za_ptr[a]
         inv = t0 * t0 / c
         for j in range(nc):
@@ -450,10 +452,6 @@ cdef inline void factor_two_nc(TwoPart* T, const int nc) noexcept nogil:
             y_i = inv * b[j]
             for i in range(j + 1):
                 yy[i + j * nc] += y_i * b[i]
-        d = sqrt(c)
-        W.WB[P.tree.zz_ptr[a]] = d
-        for j in range(nc):
-            W.WR[ra + j] = t0 * b[j] / d
     T.logdet = logdet + log(prod)
     for j in range(nc):
         for i in range(j + 1):
@@ -475,12 +473,13 @@ cdef void factor_part(void* arg) noexcept nogil:
 
 
 cdef inline void solve_two_nc(TwoPart* T, const int nc) noexcept nogil:
-    """The clusters a0..a1's node solutions W.WW and Sig (W.SB), and the partial sums of
-    G_0, E_0 and the folded level's sum z^2 h and row count."""
+    """The clusters a0..a1's node solutions W.WW (Sig = 1 / C from the factor pass in
+    W.SB), and the partial sums of G_0, E_0 and the folded level's sum z^2 h and row
+    count."""
     cdef const Prob* P = T.P
     cdef Work* W = T.W
     cdef Py_ssize_t a, r, i, j, ra, z
-    cdef double t0, s, c, sig, u, wr, zr, h, acc, f, e0, kq
+    cdef double t0, s, sig, u, wr, zr, h, acc, f, e0, kq
     cdef double g0 = 0.0, em0 = 0.0, gz = 0.0, n_rows = 0.0
     cdef double ph[64 * 64]
     cdef double wa[64]
@@ -497,8 +496,7 @@ cdef inline void solve_two_nc(TwoPart* T, const int nc) noexcept nogil:
         z = P.tree.zz_ptr[a]
         ra = P.tree.za_ptr[a]
         s = W.ZZf[z]
-        c = W.WB[z] * W.WB[z]
-        sig = 1.0 / c
+        sig = W.SB[z]
         for i in range(nc):
             wa[i] = t0 * W.ZA[ra + i] * sig
         # Phi W_a', then G_0 and E_0 of the node
@@ -513,7 +511,6 @@ cdef inline void solve_two_nc(TwoPart* T, const int nc) noexcept nogil:
             e0 += wa[j] * acc
         g0 += s * t0 * sig - f
         em0 += sig + e0
-        W.SB[z] = sig
         for i in range(nc):
             W.WW[ra + i] = wa[i]
         # the folded level: h_r = w - w^2 Sig u^2 - k Phi k', k = w (a - u W_a)
@@ -582,7 +579,7 @@ cdef int two_parts(const Prob* P, Work* W, const double* Phi, TwoPart* T,
 
 cdef Py_ssize_t factor_two(const Prob* P, Work* W, double* logdet) noexcept nogil:
     """The weights W.wr, log|V''| + sum log d_r into logdet, W.AA, W.S = A'V^-1A, and the
-    clusters' ZZf, ZA, WB (sqrt C) and WR (Y); 0, or 1 + the node whose C failed."""
+    clusters' s (ZZf), b (ZA) and Sig = 1 / C (SB); 0, or 1 + the node whose C failed."""
     cdef TwoPart T[2]
     cdef int nc = P.ncol
     cdef int k, m, i, j
