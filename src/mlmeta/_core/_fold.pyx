@@ -553,7 +553,7 @@ cdef int two_parts(const Prob* P, Work* W, const double* Phi, TwoPart* T,
                    void (*fn)(void*) noexcept nogil) noexcept nogil:
     """Run ``fn`` over the clusters as one part or, from TWO_SPLIT_ROWS rows, as two
     halves of the rows (on two threads where P.eval_threads >= 2); the number of parts."""
-    cdef Py_ssize_t mid, half
+    cdef Py_ssize_t mid, half, lo, hi
     T[0].P = P
     T[0].W = W
     T[0].Phi = Phi
@@ -562,10 +562,18 @@ cdef int two_parts(const Prob* P, Work* W, const double* Phi, TwoPart* T,
     if P.n_obs < TWO_SPLIT_ROWS or P.n_nodes < 2:
         fn(&T[0])
         return 1
+    # the first cluster starting at or after the middle row (bisection: the clusters'
+    # rows are in order), at least one cluster in each half
     half = P.node_r1[P.n_nodes - 1] // 2
-    mid = 1
-    while mid < P.n_nodes - 1 and P.node_r0[mid] < half:
-        mid += 1
+    lo = 1
+    hi = P.n_nodes - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if P.node_r0[mid] < half:
+            lo = mid + 1
+        else:
+            hi = mid
+    mid = lo
     T[1] = T[0]
     T[0].a1 = mid
     T[1].a0 = mid
