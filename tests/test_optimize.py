@@ -164,21 +164,49 @@ def test_uncentred_independent_slope_reaches_dense_optimum(schoolcal, method):
 
 def test_auto_runs_the_starts_away_from_the_em_path_only_where_the_fit_is_exposed(schoolcal):
     """schoolcal's two-level optimum is interior: "auto" leaves out the starts at the
-    natural scale and the random ones (the record names them) and reaches the optimum that
-    every start reaches; True runs them all."""
-    from mlmeta.starts import WIDE, on_boundary
+    natural scale and the random ones, and the EM start shrunk and inflated, which lie
+    downhill of the optimum (the record names them all), runs each level at zero and
+    reaches the optimum that every start reaches; True runs them all."""
+    from mlmeta.starts import SCALED, WIDE, on_boundary
 
     model, _, _ = build_model("stdmdiff ~ 1 + (1 | district) + (1 | district:school)", schoolcal,
                               variance="var")
     auto = fit_nested(model, safeguard="auto")
     full = fit_nested(model, safeguard=True)
     assert not on_boundary(model, auto.theta, model.lower, model.upper, np.ones(2))
-    assert auto.skipped_starts and all(lab.startswith(WIDE) for lab in auto.skipped_starts)
-    assert not any(c[0].startswith(WIDE) for c in auto.candidates)
+    assert sorted(auto.skipped_starts) == sorted(
+        c[0] for c in full.candidates if c[0].startswith(WIDE + (SCALED,)))
+    assert [c[0] for c in auto.candidates] == ["EM start", "level 1 at zero", "level 2 at zero"]
     assert not full.skipped_starts
-    assert {c[0] for c in full.candidates} >= set(auto.skipped_starts)
     assert auto.deviance == pytest.approx(full.deviance, abs=1e-9)
     assert auto.n_evals < full.n_evals
+
+
+def test_the_scaled_em_starts_run_where_they_do_not_descend_to_the_optimum(schoolcal):
+    """descends: a start is downhill of the optimum when the deviance falls along the
+    segment at t = 0, 1/3, 2/3 and to f; a start beyond a rise (the optimum itself
+    pretended to lie elsewhere), an undefined deviance or a flat segment (the start is
+    the optimum) is not."""
+    from mlmeta.starts import SEGMENT_POINTS, descends
+
+    model, _, _ = build_model("stdmdiff ~ 1 + (1 | district) + (1 | district:school)", schoolcal,
+                              variance="var")
+    rec = fit_nested(model, safeguard=False)
+    lo, up = model.lower, model.upper
+    t = rec.theta
+    starts = [("shrunk", 0.1 * t), ("inflated", 3.0 * t), ("here", t.copy()),
+              ("beyond", 3.0 * t)]
+    ok = descends(model, starts, [0, 1, 2], t, rec.deviance, lower=lo, upper=up)
+    assert ok.tolist() == [True, True, False]
+    # seen from a point that is not the optimum, the far start's segment rises again
+    f_mid = float(model.evaluate(2.0 * t).deviance)
+    assert descends(model, starts, [3], 2.0 * t, f_mid, lower=lo, upper=up).tolist() == [True]
+    assert descends(model, starts, [0], 2.0 * t, f_mid, lower=lo, upper=up).tolist() == [False]
+    # the deviances it compares are the model's own
+    seg = [0.1 * t + k / SEGMENT_POINTS * (t - 0.1 * t) for k in range(SEGMENT_POINTS)]
+    devs = [float(model.evaluate(p).deviance) for p in seg] + [rec.deviance]
+    assert all(a > b for a, b in zip(devs[:-1], devs[1:]))
+    assert descends(model, starts, [], t, rec.deviance, lower=lo, upper=up).shape == (0,)
 
 
 def test_auto_runs_every_start_from_a_fit_on_the_boundary(schoolcal):

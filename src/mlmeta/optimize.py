@@ -11,7 +11,9 @@ refinement takes it on (charged to ``maxiter``).
 
 Extra starts (:mod:`mlmeta.starts`) run in rounds of ROUND_ITER iterations (BFGS
 updates of one differenced Hessian near the EM path, full Newton steps away from it, and
-with ``safeguard="auto"`` those only where the fit is exposed to another optimum); a
+with ``safeguard="auto"`` those only where the fit is exposed to another optimum, and at
+an interior optimum the EM start's multiples only where they do not lie downhill of it,
+:func:`mlmeta.starts.descends`); a
 start stops when it converges, joins the known optimum, stalls (a round that does not
 lower its deviance) or has spent its evaluation budget,
 ``max(EXTRA_EVALS_FACTOR x the main fit's evaluations, EXTRA_MIN_EVALS x (n_theta + 1))``,
@@ -43,8 +45,8 @@ from mlmeta.model import NestedModel
 from mlmeta.pdedge import finish_on_edge
 from mlmeta.refine import (DECREMENT_TOL, EM_SWITCH, Work, custom_correlations, deviances,
                            differenced, quasi_newton, refine, run_engine, theta_scale)
-from mlmeta.starts import (alternative_starts, away_from_em, natural_start, on_boundary,
-                           run_starts)
+from mlmeta.starts import (SEGMENT_POINTS, alternative_starts, away_from_em, descends,
+                           natural_start, on_boundary, run_starts, scaled_em)
 from mlmeta.validate import safeguard as _safeguard
 
 __all__ = ["FitRecord", "fit_nested", "fit_model", "start_theta", "alternative_starts",
@@ -370,10 +372,18 @@ def _search(model, rec, theta, f, conv, *, lower, upper, maxiter, tol, safeguard
     opts = dict(lower=lower, upper=upper, tol=tol, maxiter=maxiter, budget=budget, Yw=Yw,
                 threads=start_threads(model.n_obs))
     first = ~away_from_em(starts) if safeguard == "auto" else np.ones(len(starts), dtype=bool)
-    got = run_starts(model, starts, np.flatnonzero(first), theta, f, **opts)
+    exposed = not conv or on_boundary(model, theta, lower, upper, scale)
+    run_now = first.copy()
+    if safeguard == "auto" and not exposed:
+        # an interior optimum: the EM start shrunk and inflated are left out where they lie
+        # downhill of it along a straight line
+        which = np.flatnonzero(first & scaled_em(starts))
+        run_now[which[descends(model, starts, which, theta, f, lower=lower, upper=upper, Yw=Yw,
+                               threads=opts["threads"])]] = False
+        rec.n_evals += SEGMENT_POINTS * which.size
+    got = run_starts(model, starts, np.flatnonzero(run_now), theta, f, **opts)
     margin = 1e-7 * max(1.0, abs(f))
-    if not first.all() and (not conv or on_boundary(model, theta, lower, upper, scale)
-                            or any(r["dev"] < f - margin for r in got.values())):
+    if not first.all() and (exposed or any(r["dev"] < f - margin for r in got.values())):
         got.update(run_starts(model, starts, np.flatnonzero(~first), theta, f, **opts))
     rec.skipped_starts = [starts[i][0] for i in range(len(starts)) if i not in got]
     starts, runs = [starts[i] for i in sorted(got)], [got[i] for i in sorted(got)]
