@@ -232,6 +232,39 @@ def test_single_column_rank_check_matches_qr(column):
         assert fm._dependent_columns(X) == _qr_dependent(X)
 
 
+def _tall(kind, n=400, seed=3):
+    rng = np.random.default_rng(seed)
+    x1, x2 = rng.standard_normal(n), rng.standard_normal(n)
+    one = np.ones(n)
+    return {
+        "independent": np.column_stack([x1, x2, one]),
+        "offset 1e7": np.column_stack([x1 + 1e7, x2, one]),        # badly conditioned, full rank
+        "exact combination": np.column_stack([x1, x2, x1 - 2 * x2]),
+        "combination + 1e-9": np.column_stack([x1, x2, x1 - 2 * x2 + 1e-9 * rng.standard_normal(n)]),
+        "combination + 1e-4": np.column_stack([x1, x2, x1 - 2 * x2 + 1e-4 * rng.standard_normal(n)]),
+        "combination + 0.5": np.column_stack([x1, x2, x1 - 2 * x2 + 0.5 * rng.standard_normal(n)]),
+        "constant twice": np.column_stack([x1, one, 3 * one]),
+        "zero column": np.column_stack([x1, np.zeros(n), one]),
+        "huge": np.column_stack([1e200 * x1, x2, one]),
+        "tiny": np.column_stack([1e-200 * x1, x2, one]),
+    }[kind]
+
+
+@pytest.mark.parametrize("kind", ["independent", "offset 1e7", "exact combination",
+                                  "combination + 1e-9", "combination + 1e-4", "combination + 0.5",
+                                  "constant twice",
+                                  "zero column", "huge", "tiny"])
+def test_tall_rank_check_matches_qr(kind):
+    """Tall designs may be cleared by the Gram matrix's test instead of a QR factorisation:
+    the answer is the pivoted QR's, and the test clears only clearly independent columns."""
+    X = _tall(kind)
+    with np.errstate(over="ignore", invalid="ignore"):
+        assert fm._dependent_columns(X) == _qr_dependent(X)
+        clear = fm._clearly_independent(X)
+    # near-dependent (condition above 1e3) or underflowing columns are left to the QR
+    assert clear == (kind in ("independent", "combination + 0.5"))
+
+
 # --------------------------------------------------------------------------- #
 # results
 # --------------------------------------------------------------------------- #

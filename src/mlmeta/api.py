@@ -110,8 +110,8 @@ def _check_tiny_variances(v, frame, data):
     """ValueError naming the rows whose sampling variance v_i is below
     median(v) / :data:`TINY_VARIANCE_RATIO`."""
     v = np.asarray(v, dtype=float)
-    if not v.size:
-        return
+    if not v.size or v.min() >= v.max() / TINY_VARIANCE_RATIO:
+        return          # (the median is at most the largest variance)
     spread = float(np.median(v))
     tiny = np.flatnonzero(v < spread / TINY_VARIANCE_RATIO)
     if tiny.size:
