@@ -232,7 +232,7 @@ def test_single_column_rank_check_matches_qr(column):
         assert fm._dependent_columns(X) == _qr_dependent(X)
 
 
-def _tall(kind, n=400, seed=3):
+def _tall(kind, n=5000, seed=3):
     rng = np.random.default_rng(seed)
     x1, x2 = rng.standard_normal(n), rng.standard_normal(n)
     one = np.ones(n)

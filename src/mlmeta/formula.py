@@ -525,8 +525,9 @@ def _intercept_last(M: np.ndarray, names: list[str]) -> tuple[np.ndarray, list[s
 
 
 #: the Gram matrix's test (:func:`_clearly_independent`) is tried from this many rows per
-#: column on (where it costs a fraction of the QR factorisation)
+#: column and in all on (where it costs a fraction of the QR factorisation)
 _GRAM_ROWS = 8
+_GRAM_MIN_ROWS = 4096
 
 
 def _clearly_independent(X: np.ndarray) -> bool:
@@ -556,7 +557,7 @@ def _dependent_columns(X: np.ndarray) -> list[int]:
     n_obs, n_fe = X.shape
     if n_fe == 0:
         return []
-    if n_obs >= _GRAM_ROWS * n_fe and _clearly_independent(X):
+    if n_fe > 1 and n_obs >= max(_GRAM_ROWS * n_fe, _GRAM_MIN_ROWS) and _clearly_independent(X):
         return []
     norms = np.linalg.norm(X, axis=0)
     if n_fe == 1 and 0 < norms[0] < np.inf:
