@@ -32,9 +32,46 @@ def test_settled_fits_are_those_the_finishing_leaves_alone(schoolcal, formula, m
     fast = refit.fit_outcomes(M.model, Y)
     monkeypatch.setattr(refit, "_settled", lambda model, out, safeguard, rows:
                         np.zeros(len(rows), dtype=bool))
+    monkeypatch.setattr(refit, "_settled_off_bounds", lambda model, Yw, out, safeguard, rows:
+                        np.zeros(len(rows), dtype=bool))
     slow = refit.fit_outcomes(M.model, Y)
     for key in ("deviance", "theta", "beta", "se", "converged", "n_iter", "n_evals"):
         np.testing.assert_array_equal(fast[key], slow[key], err_msg=key)
+
+
+def test_fits_settled_off_the_bounds_are_those_the_finishing_leaves_alone(schoolcal):
+    """The steps off the bounds of many boundary fits in one engine call: a fit it settles
+    is one finish_outcome leaves as it is; a fit that a step off its bound improves (an
+    interior optimum with a variance set to zero, called certified) is not settled."""
+    from mlmeta.optimize import finish_outcome
+
+    M = Model(FORMULAS[0], schoolcal, variance="var")
+    Y = M.simulate(200, seed=7, theta=np.array([0.05, 0.05]))     # small variances: zeros
+    model = M.model
+    d = model.design
+    Yw = np.ascontiguousarray((Y[d.perm] * d.weights[:, None]).T)
+    out = model.problem.fit(refit.column_starts(model, model, Yw), Yw, em_switch=3,
+                            switch_dec=30.0)
+    rows = np.flatnonzero(~refit._settled(model, out, False, np.arange(Y.shape[1])))
+    assert rows.size >= 10                      # boundary fits among the 200
+    quiet = refit._settled_off_bounds(model, Yw, out, False, rows)
+    assert quiet.any()
+    for j in rows[quiet]:
+        th, f, conv, _, _ = finish_outcome(model, Yw[j], out["theta"][j], out["deviance"][j],
+                                           out["converged"][j], out["theta_em"][j], maxiter=1000,
+                                           tol=1e-6, safeguard=False, certified=True)
+        np.testing.assert_array_equal(th, out["theta"][j])
+        assert conv
+    # an interior fit pushed to a zero variance: the step off it lowers the deviance
+    j = int(np.flatnonzero(refit._settled(model, out, False, np.arange(Y.shape[1])))[0])
+    pushed = {key: np.array(v[j:j + 1], copy=True) for key, v in out.items()
+              if isinstance(v, np.ndarray) and v.shape[:1] == (Y.shape[1],)}
+    pushed["theta"][0, 0] = 0.0
+    pushed["deviance"] = model.problem.fit(pushed["theta"], Yw[j:j + 1], em_iter=0,
+                                           maxiter=0)["deviance"]
+    assert not refit._settled_off_bounds(model, Yw[j:j + 1], pushed, False, np.arange(1)).any()
+    # extra starts or a custom level: never settled here
+    assert not refit._settled_off_bounds(model, Yw, out, "auto", rows).any()
 
 
 def test_settled_needs_a_certificate_and_the_interior(schoolcal):

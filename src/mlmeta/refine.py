@@ -35,8 +35,8 @@ from mlmeta._threads import blas_threads, border_blas_threads
 from mlmeta.model import NestedModel
 
 __all__ = ["DECREMENT_TOL", "ROUND_ITER", "theta_scale", "run_engine", "noise", "rounds",
-           "deviances", "custom_correlations", "off_pd_boundary", "quasi_newton", "Work",
-           "refine"]
+           "deviances", "custom_correlations", "off_pd_boundary", "off_bound_probes",
+           "quasi_newton", "Work", "refine"]
 
 
 #: twice the largest decrease of the deviance that quasi-Newton steps may still find
@@ -190,12 +190,26 @@ def deviances(model, thetas, *, lower, upper, Yw=None):
 
 
 def _off_bounds(model, theta, f, *, lower, upper, scale, Yw=None):
-    """The best point one step off a bound that lowers the deviance below f, or None:
-    each parameter at or near a (free) bound (within 1e-8 of its natural size: a
-    variance parameter's gradient vanishes at zero, so nothing else moves it away) is
-    set to the bound plus _PROBES times its natural size (for a bounded parameter, at
-    most half its range); each within _SNAP of its natural size of a bound is set to
-    that bound. Returns (theta, deviance, evaluations)."""
+    """The best point one step off a bound (:func:`off_bound_probes`) that lowers the
+    deviance below f by more than 10 noise(f), or None. Returns (theta, deviance,
+    evaluations)."""
+    probes = off_bound_probes(model, theta, lower=lower, upper=upper, scale=scale)
+    if not probes:
+        return None
+    devs = deviances(model, np.array(probes), lower=lower, upper=upper, Yw=Yw)
+    k = int(np.argmin(np.where(np.isfinite(devs), devs, np.inf)))
+    if devs[k] < f - 10 * noise(f):
+        return probes[k], float(devs[k]), len(probes)
+    return None
+
+
+def off_bound_probes(model, theta, *, lower, upper, scale) -> list:
+    """The points one step off a bound: each parameter at or near a (free) bound (within
+    1e-8 of its natural size: a variance parameter's gradient vanishes at zero, so nothing
+    else moves it away) set to the bound plus _PROBES times its natural size (for a
+    bounded parameter, at most half its range); each within _SNAP of its natural size of
+    a bound set to that bound; a custom level's points off the edge of its positive
+    definite set."""
     probes = []
     for i in range(theta.shape[0]):
         if lower[i] == upper[i]:
@@ -227,14 +241,7 @@ def _off_bounds(model, theta, f, *, lower, upper, scale, Yw=None):
                 probes.append(tc)
             for c in (-0.9, 0.9) if rotate is not None else ():
                 probes.append(rotate(t, c))
-    probes += off_pd_boundary(model, theta)
-    if not probes:
-        return None
-    devs = deviances(model, np.array(probes), lower=lower, upper=upper, Yw=Yw)
-    k = int(np.argmin(np.where(np.isfinite(devs), devs, np.inf)))
-    if devs[k] < f - 10 * noise(f):
-        return probes[k], float(devs[k]), len(probes)
-    return None
+    return probes + off_pd_boundary(model, theta)
 
 
 def custom_correlations(model, theta):
