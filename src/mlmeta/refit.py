@@ -95,10 +95,11 @@ def fit_outcomes(model: NestedModel, Y, *, theta0=None, em_iter=20, maxiter=1000
     Y = np.asarray(Y, dtype=float)
     m = Y.shape[1]
     own_starts = theta0 is None
-    if own_starts:
-        theta0 = start_theta(model)
-    theta0 = np.ascontiguousarray(np.broadcast_to(np.asarray(theta0, dtype=float),
-                                                  (m, model.n_theta)))
+    if own_starts and not model.problem.new_outcomes:
+        theta0 = start_theta(model)     # a design rebuilt per column starts where the model does
+    if theta0 is not None:
+        theta0 = np.ascontiguousarray(np.broadcast_to(np.asarray(theta0, dtype=float),
+                                                      (m, model.n_theta)))
     if executor is not None:
         parts = [(Y[:, a:b], None if own_starts else theta0[a:b])
                  for a, b in _executor.chunks(m, executor)]
