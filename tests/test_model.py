@@ -238,3 +238,21 @@ def test_with_Z_is_the_design_built_again(k):
         for key in ("b_off", "cmap_ptr", "bmap"):
             np.testing.assert_array_equal(got.border[key], want.border[key])
     np.testing.assert_array_equal(d.Z[0], list(_designs_for_with_Z())[k][0].Z[0])   # d untouched
+
+
+@pytest.mark.parametrize("n", [200, 5000])
+def test_start_coefficients_are_the_least_squares_fit(n):
+    """The start's least squares: NumPy's lstsq below LSTSQ_SVD_ROWS rows (bit for bit),
+    the projection on the orthonormal Xw from there on; the same coefficients to rounding."""
+    from mlmeta.design import LSTSQ_SVD_ROWS
+
+    rng = np.random.default_rng(5)
+    g = np.arange(n) // 5
+    X = np.column_stack([rng.standard_normal(n) + 3.0, np.ones(n)])
+    y = X @ [0.5, 1.0] + rng.standard_normal(n)
+    d = build_design(y, X, [np.ones((n, 1))], [g], rng.uniform(0.5, 2.0, n))
+    assert d.orthonormal
+    b = d.start_coefficients()
+    exact = np.linalg.lstsq(d.Xw, d.yw, rcond=None)[0]
+    np.testing.assert_array_equal(b, d.least_squares() if n >= LSTSQ_SVD_ROWS else exact)
+    np.testing.assert_allclose(b, exact, rtol=0, atol=1e-12 * np.abs(d.yw).max())

@@ -144,7 +144,7 @@ def start_theta(model: NestedModel) -> np.ndarray:
     share, so each level starts at variance 1 relative to the residual."""
     d = model.design
     if d.n_fe:
-        beta, *_ = np.linalg.lstsq(d.Xw, d.yw, rcond=None)
+        beta = d.start_coefficients()
         r = d.y - d.X @ (d.B @ beta + d.b0)
     else:
         r = d.y.copy()

@@ -83,7 +83,7 @@ def _scale_parts(model: NestedModel):
         return got
     d = model.design
     if d.n_fe:
-        beta = d.least_squares()
+        beta = d.start_coefficients()
         r = d.yw - d.Xw @ beta
     else:
         r = d.yw

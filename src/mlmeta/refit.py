@@ -247,7 +247,7 @@ def column_starts(model, work, Yw) -> np.ndarray:
 
     r_own = d.y
     if d.n_fe:
-        r_own = d.y - d.X @ (d.B @ d.least_squares() + d.b0)
+        r_own = d.y - d.X @ (d.B @ d.start_coefficients() + d.b0)
     t2 = np.concatenate([tau2(residuals(Yw[a:a + 256])) for a in range(0, m, 256)])
     ratio = np.sqrt(t2 / tau2(r_own[None, :])[0])
     return np.ascontiguousarray(ratio[:, None] * base[None, :])
