@@ -17,7 +17,7 @@ import numpy as np
 from scipy import linalg, sparse
 
 from mlmeta._core._engine import Problem
-from mlmeta._threads import blas_threads, border_blas_threads
+from mlmeta._threads import blas_threads, border_blas_threads, start_threads
 from mlmeta._core._nested import NestedKernel
 from mlmeta.covstruct import CovStruct
 from mlmeta.design import NestedDesign
@@ -239,8 +239,8 @@ class NestedModel:
                 and (last[2] or not em)):
             return last[3].copy()
         with blas_threads(border_blas_threads(self.problem.nb)):
-            out = self.problem.evaluate(theta, gradient=gradient,
-                                        em=em, sigma2=sigma2, y=y)
+            out = self.problem.evaluate(theta, gradient=gradient, em=em, sigma2=sigma2, y=y,
+                                        n_threads=self._eval_threads())
             if not np.isfinite(out["deviance"]):
                 raise FloatingPointError(self.failure_message(out["status"]))
             d = self.design
@@ -256,6 +256,12 @@ class NestedModel:
         if key is not None:
             self._last = (key, gradient, em, ev.copy())
         return ev
+
+    def _eval_threads(self) -> int:
+        """Threads for one evaluation (a large two-level fold splits it in two halves): the
+        extra starts' (:func:`mlmeta._threads.start_threads`), one with a crossed border
+        (its dense algebra takes the cores through BLAS)."""
+        return start_threads(self.n_obs) if self.problem.nb == 0 else 1
 
     def failure_message(self, status) -> str:
         """What an engine status code means, naming the top-level cluster and level of a

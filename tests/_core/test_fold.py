@@ -197,3 +197,7 @@ def test_a_large_two_level_fold_is_split_in_halves_on_one_thread_or_two():
     two = m.problem.fit(th[None, :], n_threads=2, em_iter=5, maxiter=20)
     for key in ("theta", "deviance", "beta", "Hinv", "n_evals"):
         np.testing.assert_array_equal(one[key], two[key])
+    # a single evaluation too
+    two = m.problem.evaluate(th, gradient=True, em=True, n_threads=2)
+    for key in ("deviance", "grad", "E", "beta", "Hinv"):
+        np.testing.assert_array_equal(a_[key], two[key])

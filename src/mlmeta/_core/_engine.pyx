@@ -451,14 +451,17 @@ cdef class Problem:
             raise ValueError(f"theta must have {self.n_theta} elements, got shape {th.shape}")
         return th
 
-    def evaluate(self, theta, bint gradient=False, bint em=False, sigma2=None, y=None):
+    def evaluate(self, theta, bint gradient=False, bint em=False, sigma2=None, y=None,
+                 int n_threads=1):
         """The objective at theta (the design's own outcome). Returns a dict with
         deviance (inf where undefined, with ``status`` saying why), beta, Hinv
         (= (X'V^-1X)^-1, relative to sigma^2), rss, logdet_C, logdet_H, sigma2, and
         ``grad`` (d deviance / d theta) and ``E`` (per-level EM moments, flattened like
         T) when asked for. ``sigma2``: evaluate a profiled-residual model at this
         residual variance (the deviance not profiled over it). ``y``: another outcome
-        (whitened, rows sorted as the design's; a problem built for new outcomes)."""
+        (whitened, rows sorted as the design's; a problem built for new outcomes).
+        ``n_threads``: 2 or more lets a large two-level fold split the evaluation in two
+        halves on two threads (the same numbers as on one)."""
         th = self._check_theta(theta)
         cdef const double[::1] yv
         cdef const double* yp = NULL
@@ -480,6 +483,7 @@ cdef class Problem:
         cdef int p = self.p
         cdef double* gptr = &gv[0] if (gradient and self.n_theta) else NULL
         with self._lock:
+            self.P.eval_threads = 2 if n_threads >= 2 else 1
             dev = self._eval(tv, gptr, em, s2, yp)
             W = &self.Ws[0]
             out = dict(deviance=dev, status=W.status, sigma2=W.sigma2, rss=W.rss,
