@@ -17,11 +17,13 @@ extra starts found in 10,000 random designs (``tools/fuzz.py``), 209 were reache
 ending on the boundary; of the other 23, all but two (deviances lower by 4e-5 and 9e-6) were
 reached from starts near the EM path too. At an interior optimum the EM start shrunk and
 inflated run only where they do not lie downhill of it along a straight line
-(:func:`descends`, three deviances each): in 4,000 random designs the better optima of
-interior fits were all reached from a level at zero (the EM start's multiples reached
-some of them too, never alone), and a level at zero must run: its run explores the slice
-of the parameter space where the level vanishes, which a straight line does not see.
-``safeguard=True`` runs every start.
+(:func:`descends`, three deviances each; 3,867 of 3,882 such starts did in 4,000 random
+designs). Of the 1,941 fits of those designs (batch columns included) that ended at an
+interior optimum, 18 had a better one that an extra start found; the EM start's multiples
+were among the starts that found it in 11, never without a level or a variance at zero.
+Those must run: a run from a level at zero explores the slice of the parameter space
+where the level vanishes (its gradient there is zero), which a straight line does not
+see, and left out they lost better optima. ``safeguard=True`` runs every start.
 """
 
 from __future__ import annotations
