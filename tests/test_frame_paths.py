@@ -18,6 +18,7 @@ import mlmeta
 import mlmeta.formula as fm
 import mlmeta.groups as grp
 from mlmeta.design import build_design
+from mlmeta.gram import is_tall, well_conditioned_gram
 
 
 @pytest.fixture(scope="module")
@@ -260,7 +261,7 @@ def test_tall_rank_check_matches_qr(kind):
     X = _tall(kind)
     with np.errstate(over="ignore", invalid="ignore"):
         assert fm._dependent_columns(X) == _qr_dependent(X)
-        clear = fm._clearly_independent(X)
+        clear = is_tall(X) and well_conditioned_gram(X) is not None
     # near-dependent (condition above 1e3) or underflowing columns are left to the QR
     assert clear == (kind in ("independent", "combination + 0.5"))
 
@@ -309,3 +310,16 @@ def test_design_local_inner_ids_split_by_parent():
         np.testing.assert_array_equal(u, w)
     assert a.logdet_Lambda == b.logdet_Lambda
     np.testing.assert_array_equal(a.Xw, b.Xw)
+
+
+@pytest.mark.parametrize("kind", ["independent", "offset 1e7", "combination + 0.5"])
+def test_log_det_of_a_tall_design_matches_its_qr(kind):
+    """log|X'X| of a tall design from the Gram matrix's Cholesky factor where it is well
+    conditioned, from the QR factorisation otherwise: the same to 1e-12 (relative)."""
+    from mlmeta.design import _logdet_gram
+
+    X = _tall(kind)
+    R = np.linalg.qr(X, mode="r")
+    exact = 2.0 * float(np.sum(np.log(np.abs(np.diag(R)))))
+    assert _logdet_gram(X) == pytest.approx(exact, rel=1e-12, abs=1e-10)
+    assert (well_conditioned_gram(X) is not None) == (kind != "offset 1e7")

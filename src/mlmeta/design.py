@@ -22,6 +22,7 @@ import numpy as np
 from scipy import linalg, sparse
 
 from mlmeta._core._nested import NestedKernel
+from mlmeta.gram import is_tall, well_conditioned_gram
 
 __all__ = ["NestedDesign", "build_design", "with_Z"]
 
@@ -279,9 +280,13 @@ def _centring(X) -> np.ndarray:
 
 
 def _logdet_gram(X) -> float:
-    """log|X'X| from the R factor of X (no squared condition number)."""
+    """log|X'X| from the R factor of X (no squared condition number), or for a tall,
+    well-conditioned X (:mod:`mlmeta.gram`) from the Cholesky factor of X'X."""
     if X.shape[1] == 0:
         return 0.0
+    G = well_conditioned_gram(X) if is_tall(X) else None
+    if G is not None:
+        return 2.0 * float(np.sum(np.log(np.diag(np.linalg.cholesky(G)))))
     R = np.linalg.qr(X, mode="r")
     return 2.0 * float(np.sum(np.log(np.abs(np.diag(R)))))
 

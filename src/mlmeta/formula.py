@@ -30,6 +30,7 @@ from formulaic.transforms import TRANSFORMS
 from formulaic.utils.variables import get_required_variables
 
 from mlmeta._errors import MissingDataWarning, warn
+from mlmeta.gram import is_tall, well_conditioned_gram
 from mlmeta.groups import GroupLabels, factorize, group_codes
 from mlmeta.nesting import arrange_terms
 from mlmeta.validate import aligned, reserved_name
@@ -524,28 +525,6 @@ def _intercept_last(M: np.ndarray, names: list[str]) -> tuple[np.ndarray, list[s
     return np.asfortranarray(M[:, order]), renamed
 
 
-#: the Gram matrix's test (:func:`_clearly_independent`) is tried from this many rows per
-#: column and in all on (where it costs a fraction of the QR factorisation)
-_GRAM_ROWS = 8
-_GRAM_MIN_ROWS = 4096
-
-
-def _clearly_independent(X: np.ndarray) -> bool:
-    """Whether the columns of X are independent by a margin that no rank test at
-    tolerance 1e-10 can miss, from the Gram matrix of the unit-norm columns, Xs'Xs: its
-    smallest eigenvalue at least 1e-6 of its largest (the condition number of Xs at most
-    1e3) and beyond the rounding of the Gram matrix (10 p n eps; every R_kk of a QR of Xs
-    is then at least sigma_min(Xs) > 1e-3 sigma_max(Xs)). One pass over X instead of a
-    QR factorisation; False (undecided) for anything else."""
-    n_obs, n_fe = X.shape
-    G = X.T @ X
-    d = np.sqrt(np.diag(G))
-    if not (np.all(np.isfinite(G)) and np.all(d > 0)):
-        return False
-    w = np.linalg.eigvalsh(G / np.outer(d, d))
-    return bool(w[0] >= 1e-6 * w[-1] and w[0] > 10.0 * n_fe * n_obs * np.finfo(float).eps)
-
-
 def _dependent_columns(X: np.ndarray) -> list[int]:
     """Columns of X that are (numerically) linear combinations of earlier columns.
 
@@ -557,8 +536,8 @@ def _dependent_columns(X: np.ndarray) -> list[int]:
     n_obs, n_fe = X.shape
     if n_fe == 0:
         return []
-    if n_fe > 1 and n_obs >= max(_GRAM_ROWS * n_fe, _GRAM_MIN_ROWS) and _clearly_independent(X):
-        return []
+    if is_tall(X) and well_conditioned_gram(X) is not None:
+        return []       # clearly independent: no rank test at tolerance 1e-10 can miss it
     norms = np.linalg.norm(X, axis=0)
     if n_fe == 1 and 0 < norms[0] < np.inf:
         return []  # one column of positive norm is independent (unit |R_00| in the QR below)
