@@ -12,7 +12,7 @@ refinement takes it on (charged to ``maxiter``).
 Extra starts (:mod:`mlmeta.starts`) run in rounds of ROUND_ITER iterations (BFGS
 updates of one differenced Hessian near the EM path, full Newton steps away from it, and
 with ``safeguard="auto"`` those only where the fit is exposed to another optimum, and at
-an interior optimum the EM start's multiples only where they do not lie downhill of it,
+a certified interior optimum the EM start's multiples only where they do not lie downhill of it,
 :func:`mlmeta.starts.descends`); a
 start stops when it converges, joins the known optimum, stalls (a round that does not
 lower its deviance) or has spent its evaluation budget,
@@ -356,9 +356,13 @@ def _search(model, rec, theta, f, conv, *, lower, upper, maxiter, tol, safeguard
     """:func:`_finish` but the last step."""
     scale = theta_scale(model, theta if Yw is None else None)
     work = Work(rec.n_iter, rec.n_evals)
+    theta_main = np.array(theta, dtype=float)
     theta, f, conv, note = refine(model, theta, f, conv, work, lower=lower, upper=upper, tol=tol,
                                   maxiter=maxiter, max_evals=np.inf, scale=scale, Yw=Yw,
                                   certified=certified)
+    # the engine's certificate (a positive definite Hessian, condition below 1e8, and a
+    # vanishing decrement) still describes the fit
+    certified = certified and np.array_equal(theta, theta_main)
     rec.n_iter, rec.n_evals = work.iters, work.evals
     if note:
         rec.messages.append(note)
@@ -374,9 +378,10 @@ def _search(model, rec, theta, f, conv, *, lower, upper, maxiter, tol, safeguard
     first = ~away_from_em(starts) if safeguard == "auto" else np.ones(len(starts), dtype=bool)
     exposed = not conv or on_boundary(model, theta, lower, upper, scale)
     run_now = first.copy()
-    if safeguard == "auto" and not exposed:
-        # an interior optimum: the EM start shrunk and inflated are left out where they lie
-        # downhill of it along a straight line
+    if safeguard == "auto" and not exposed and certified:
+        # a certified interior optimum: the EM start shrunk and inflated are left out where
+        # they lie downhill of it along a straight line (not where the optimum is uncertified:
+        # it may lie on a flat ridge, where runs along it end at other heights)
         which = np.flatnonzero(first & scaled_em(starts))
         run_now[which[descends(model, starts, which, theta, f, lower=lower, upper=upper, Yw=Yw,
                                threads=opts["threads"])]] = False

@@ -15,15 +15,18 @@ level at the edge of its positive definite set), it did not converge, or a start
 EM path found a lower deviance. Of the 232 optima higher than the main fit's that the
 extra starts found in 10,000 random designs (``tools/fuzz.py``), 209 were reached from fits
 ending on the boundary; of the other 23, all but two (deviances lower by 4e-5 and 9e-6) were
-reached from starts near the EM path too. At an interior optimum the EM start shrunk and
+reached from starts near the EM path too. At an interior optimum that the engine certified
+(a positive definite Hessian and a vanishing Newton decrement) the EM start shrunk and
 inflated run only where they do not lie downhill of it along a straight line
-(:func:`descends`, three deviances each; 3,867 of 3,882 such starts did in 4,000 random
-designs). Of the 1,941 fits of those designs (batch columns included) that ended at an
-interior optimum, 18 had a better one that an extra start found; the EM start's multiples
-were among the starts that found it in 11, never without a level or a variance at zero.
-Those must run: a run from a level at zero explores the slice of the parameter space
-where the level vanishes (its gradient there is zero), which a straight line does not
-see, and left out they lost better optima. ``safeguard=True`` runs every start.
+(:func:`descends`, three deviances each; 3,867 of 3,882 such starts did at the interior
+optima of 4,000 random designs). An uncertified optimum may lie on a nearly flat ridge,
+where runs along it end at other heights: there they run. Of the 1,941 fits of those
+designs (batch columns included) that ended at an interior optimum, 18 had a better one
+that an extra start found; the EM start's multiples were among the starts that found it
+in 11, never without a level or a variance at zero. Those must run: a run from a level
+at zero explores the slice of the parameter space where the level vanishes (its gradient
+there is zero), which a straight line does not see, and left out they lost better
+optima. ``safeguard=True`` runs every start.
 """
 
 from __future__ import annotations
@@ -133,7 +136,7 @@ def on_boundary(model: NestedModel, theta, lower, upper, scale) -> bool:
 
 def scaled_em(starts) -> np.ndarray:
     """Which of the (label, theta) starts are the EM start shrunk or inflated (labels
-    starting with :data:`SCALED`): under ``safeguard="auto"``, at an interior optimum, they
+    starting with :data:`SCALED`): under ``safeguard="auto"``, at a certified interior optimum, they
     run only where they do not lie downhill of it (:func:`descends`)."""
     return np.array([label.startswith(SCALED) for label, _ in starts], dtype=bool)
 
