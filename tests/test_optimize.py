@@ -163,11 +163,11 @@ def test_uncentred_independent_slope_reaches_dense_optimum(schoolcal, method):
 
 
 def test_auto_runs_the_starts_away_from_the_em_path_only_where_the_fit_is_exposed(schoolcal):
-    """schoolcal's two-level optimum is interior: "auto" leaves out the starts at the
-    natural scale and the random ones, and the EM start shrunk and inflated, which lie
-    downhill of the optimum (the record names them all), runs each level at zero and
-    reaches the optimum that every start reaches; True runs them all."""
-    from mlmeta.starts import SCALED, WIDE, on_boundary
+    """schoolcal's two-level optimum is interior (and certified): "auto" leaves out the
+    starts at the natural scale and the random ones, and the EM start inflated, which lies
+    downhill of the optimum (the record names them all), runs the EM start shrunk and each
+    level at zero and reaches the optimum that every start reaches; True runs them all."""
+    from mlmeta.starts import INFLATED, WIDE, on_boundary
 
     model, _, _ = build_model("stdmdiff ~ 1 + (1 | district) + (1 | district:school)", schoolcal,
                               variance="var")
@@ -175,14 +175,15 @@ def test_auto_runs_the_starts_away_from_the_em_path_only_where_the_fit_is_expose
     full = fit_nested(model, safeguard=True)
     assert not on_boundary(model, auto.theta, model.lower, model.upper, np.ones(2))
     assert sorted(auto.skipped_starts) == sorted(
-        c[0] for c in full.candidates if c[0].startswith(WIDE + (SCALED,)))
-    assert [c[0] for c in auto.candidates] == ["EM start", "level 1 at zero", "level 2 at zero"]
+        c[0] for c in full.candidates if c[0].startswith(WIDE) or c[0] == INFLATED)
+    assert [c[0] for c in auto.candidates] == ["EM start", "EM start x 0.1", "level 1 at zero",
+                                               "level 2 at zero"]
     assert not full.skipped_starts
     assert auto.deviance == pytest.approx(full.deviance, abs=1e-9)
     assert auto.n_evals < full.n_evals
 
 
-def test_the_scaled_em_starts_run_where_they_do_not_descend_to_the_optimum(schoolcal):
+def test_the_inflated_em_start_runs_where_it_does_not_descend_to_the_optimum(schoolcal):
     """descends: a start is downhill of the optimum when the deviance falls along the
     segment at t = 0, 1/3, 2/3 and to f; a start beyond a rise (the optimum itself
     pretended to lie elsewhere), an undefined deviance or a flat segment (the start is

@@ -12,7 +12,7 @@ refinement takes it on (charged to ``maxiter``).
 Extra starts (:mod:`mlmeta.starts`) run in rounds of ROUND_ITER iterations (BFGS
 updates of one differenced Hessian near the EM path, full Newton steps away from it, and
 with ``safeguard="auto"`` those only where the fit is exposed to another optimum, and at
-a certified interior optimum the EM start's multiples only where they do not lie downhill of it,
+a certified interior optimum the inflated EM start only where it does not lie downhill of it,
 :func:`mlmeta.starts.descends`); a
 start stops when it converges, joins the known optimum, stalls (a round that does not
 lower its deviance) or has spent its evaluation budget,
@@ -46,7 +46,7 @@ from mlmeta.pdedge import finish_on_edge
 from mlmeta.refine import (DECREMENT_TOL, EM_SWITCH, Work, custom_correlations, deviances,
                            differenced, quasi_newton, refine, run_engine, theta_scale)
 from mlmeta.starts import (SEGMENT_POINTS, alternative_starts, away_from_em, descends,
-                           natural_start, on_boundary, run_starts, scaled_em)
+                           natural_start, on_boundary, run_starts, inflated_em)
 from mlmeta.validate import safeguard as _safeguard
 
 __all__ = ["FitRecord", "fit_nested", "fit_model", "start_theta", "alternative_starts",
@@ -379,10 +379,10 @@ def _search(model, rec, theta, f, conv, *, lower, upper, maxiter, tol, safeguard
     exposed = not conv or on_boundary(model, theta, lower, upper, scale)
     run_now = first.copy()
     if safeguard == "auto" and not exposed and certified:
-        # a certified interior optimum: the EM start shrunk and inflated are left out where
-        # they lie downhill of it along a straight line (not where the optimum is uncertified:
-        # it may lie on a flat ridge, where runs along it end at other heights)
-        which = np.flatnonzero(first & scaled_em(starts))
+        # a certified interior optimum: the EM start inflated is left out where it lies
+        # downhill of it along a straight line (not where the optimum is uncertified: it may
+        # lie on a flat ridge, where runs along it end at other heights)
+        which = np.flatnonzero(first & inflated_em(starts))
         run_now[which[descends(model, starts, which, theta, f, lower=lower, upper=upper, Yw=Yw,
                                threads=opts["threads"])]] = False
         rec.n_evals += SEGMENT_POINTS * which.size
