@@ -240,7 +240,7 @@ class NestedModel:
             return last[3].copy()
         with blas_threads(border_blas_threads(self.problem.nb)):
             out = self.problem.evaluate(theta, gradient=gradient, em=em, sigma2=sigma2, y=y,
-                                        n_threads=self._eval_threads())
+                                        n_threads=self.eval_threads())
             if not np.isfinite(out["deviance"]):
                 raise FloatingPointError(self.failure_message(out["status"]))
             d = self.design
@@ -257,10 +257,10 @@ class NestedModel:
             self._last = (key, gradient, em, ev.copy())
         return ev
 
-    def _eval_threads(self) -> int:
-        """Threads for one evaluation (a large two-level fold splits it in two halves): the
-        extra starts' (:func:`mlmeta._threads.start_threads`), one with a crossed border
-        (its dense algebra takes the cores through BLAS)."""
+    def eval_threads(self) -> int:
+        """Threads for the evaluations of one run or one evaluation (a large two-level fold
+        splits each in two halves): the extra starts' (:func:`mlmeta._threads.start_threads`),
+        one with a crossed border (its dense algebra takes the cores through BLAS)."""
         return start_threads(self.n_obs) if self.problem.nb == 0 else 1
 
     def failure_message(self, status) -> str:

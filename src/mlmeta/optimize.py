@@ -266,7 +266,7 @@ def _fit(model, *, theta0, em_iter, em_tol, em_only, maxiter, tol, safeguard, ve
 
     # a single run's threads split its evaluations (a large two-level fold); a crossed
     # border's dense algebra takes the cores through BLAS instead (border_blas_threads)
-    main_threads = start_threads(model.n_obs) if model.problem.nb == 0 else 1
+    main_threads = model.eval_threads()
 
     def main_run(theta):
         return run_engine(model, theta, lower=lower, upper=upper, em_iter=n_em, em_tol=em_tol,

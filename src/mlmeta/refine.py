@@ -36,6 +36,7 @@ from mlmeta.model import NestedModel
 
 __all__ = ["DECREMENT_TOL", "ROUND_ITER", "theta_scale", "run_engine", "noise", "rounds",
            "deviances", "custom_correlations", "off_pd_boundary", "off_bound_probes",
+           "off_bound_gain",
            "quasi_newton", "Work", "refine"]
 
 
@@ -140,6 +141,12 @@ def run_engine(model, thetas, *, lower, upper, em_iter=0, em_tol=0.0, em_only=Fa
                                  n_threads=int(threads), log=log)
 
 
+def off_bound_gain(dev, f):
+    """Whether a deviance ``dev`` one step off a bound improves on f: by more than
+    10 noise(f) (elementwise for arrays)."""
+    return dev < f - 10 * (1e-10 * np.maximum(1.0, np.abs(f)))
+
+
 def noise(f) -> float:
     """A change of the deviance below rounding: 1e-10 max(1, |f|)."""
     return 1e-10 * max(1.0, abs(float(f)))
@@ -198,7 +205,7 @@ def _off_bounds(model, theta, f, *, lower, upper, scale, Yw=None):
         return None
     devs = deviances(model, np.array(probes), lower=lower, upper=upper, Yw=Yw)
     k = int(np.argmin(np.where(np.isfinite(devs), devs, np.inf)))
-    if devs[k] < f - 10 * noise(f):
+    if off_bound_gain(devs[k], f):
         return probes[k], float(devs[k]), len(probes)
     return None
 

@@ -26,7 +26,8 @@ from mlmeta.model import NestedModel
 from mlmeta.accuracy import ROUNDING_C, ROUNDING_TOL, largest_group_traces
 from mlmeta.optimize import (MAIN_ITER, conditioned_model, conditioning, extra_starts,
                              finish_outcome, fit_model, start_theta)
-from mlmeta.refine import _PROBES, EM_SWITCH, noise, off_bound_probes, switch_dec, theta_scale
+from mlmeta.refine import (_PROBES, EM_SWITCH, off_bound_gain, off_bound_probes, switch_dec,
+                           theta_scale)
 
 __all__ = ["simulate_outcomes", "fit_outcomes", "column_starts"]
 
@@ -306,7 +307,8 @@ def _settled_off_bounds(model, Yw, out, safeguard, rows) -> np.ndarray:
     engine call: for a certified, converged fit without extra starts and custom levels
     the finishing is :func:`mlmeta.refine.refine`'s look off the bounds alone, which moves
     the fit only where a point off a bound (:func:`mlmeta.refine.off_bound_probes`) lowers
-    the deviance by more than 10 noise(f); the others need :func:`finish_outcome`."""
+    the deviance (:func:`mlmeta.refine.off_bound_gain`); the others need
+    :func:`finish_outcome`."""
     quiet = np.zeros(len(rows), dtype=bool)
     if safeguard or any(s.kind == "custom" for s in model.structs) or not len(rows):
         return quiet
@@ -321,7 +323,7 @@ def _settled_off_bounds(model, Yw, out, safeguard, rows) -> np.ndarray:
                                 lower=lower, upper=upper, em_iter=0, maxiter=0)["deviance"]
         low = np.zeros(len(rows), dtype=bool)
         f = out["deviance"][rows[owner]]
-        np.logical_or.at(low, owner, dev < f - 10 * np.vectorize(noise)(f))
+        np.logical_or.at(low, owner, off_bound_gain(dev, f))
         quiet[cand] = ~low[cand]
     else:
         quiet[cand] = True
