@@ -14,7 +14,7 @@ from dense import DenseDeviance
 from mlmeta.covstruct import Custom
 from mlmeta.pdedge import (CorrelationMap, _Coordinates, _objective, _pivot_order,
                            correlation_maps)
-from references import REFERENCE, load
+from references import REFERENCE, load, read_exact
 
 PATTERNS = {
     "all free": [[None, None, None], [None, None, None], [None, None, None]],
@@ -116,7 +116,7 @@ CASES = load("fuzz_regressions")
 
 def _stored(name):
     spec = CASES[name]
-    data = pd.read_csv(REFERENCE.parent.parent / spec["data"])
+    data = read_exact(REFERENCE.parent.parent / spec["data"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", mlmeta.BoundaryWarning)
         return mlmeta.mixed(spec["formula"], data, method=spec["method"],
@@ -178,7 +178,7 @@ def test_an_optimum_on_the_edge_is_certified_against_the_dense_likelihood():
 
 def test_edge_answers_do_not_depend_on_the_row_order():
     spec = CASES["case_1_4857"]
-    data = pd.read_csv(REFERENCE.parent.parent / spec["data"])
+    data = read_exact(REFERENCE.parent.parent / spec["data"])
     V = np.loadtxt(REFERENCE.parent.parent / spec["V"], delimiter=",")
     perm = np.random.default_rng(2).permutation(len(data))
     kw = dict(method=spec["method"], covariance=spec["covariance"])

@@ -24,6 +24,7 @@ import numpy as np
 from mlmeta._threads import parallel_calls
 from libc.math cimport INFINITY
 from libc.stdlib cimport malloc, free
+from libc.string cimport memcpy
 
 from mlmeta._core._linalg cimport copy
 from mlmeta._core._nested cimport NestedKernel
@@ -32,6 +33,28 @@ from mlmeta._core._problem cimport (Prob, Work, WIDE_NC, K_IDENTITY, K_INDEPENDE
 from mlmeta._core._structures cimport set_factors, em_project, em_update
 from mlmeta._core._objective cimport set_response, factor_all, solve_all, evaluate, inverse_H
 from mlmeta._core._optimizer cimport Options, Out, fit_one
+
+cdef extern from *:
+    """
+    /* The row counter of a batch shared by its threads: fetch and add, atomically. */
+    #if defined(_MSC_VER)
+    #include <intrin.h>
+    #if defined(_WIN64)
+    static Py_ssize_t mlmeta_fetch_add(Py_ssize_t* p, Py_ssize_t v) {
+        return (Py_ssize_t)_InterlockedExchangeAdd64((volatile __int64*)p, (__int64)v); }
+    #else
+    static Py_ssize_t mlmeta_fetch_add(Py_ssize_t* p, Py_ssize_t v) {
+        return (Py_ssize_t)_InterlockedExchangeAdd((volatile long*)p, (long)v); }
+    #endif
+    #else
+    static Py_ssize_t mlmeta_fetch_add(Py_ssize_t* p, Py_ssize_t v) {
+        return __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }
+    #endif
+    """
+    Py_ssize_t mlmeta_fetch_add(Py_ssize_t* p, Py_ssize_t v) nogil
+
+cdef enum:
+    RUN_CHUNK = 16       # the most rows a thread of a batch takes at a time (_Runner)
 
 KINDS = {"identity": K_IDENTITY, "independent": K_INDEPENDENT, "exchangeable": K_EXCHANGEABLE,
          "unstructured": K_UNSTRUCTURED, "custom": K_CUSTOM, "spatial": K_SPATIAL}
@@ -340,7 +363,9 @@ cdef class Problem:
         return bool(self.P.wide)
 
     cdef void _ensure_slots(self, int n) except *:
-        """Workspaces for n simultaneous fits (kept; grown when more are asked for)."""
+        """Workspaces for n simultaneous fits (kept; grown when more are asked for: the
+        slots already made keep their buffers and state, the new ones get a buffer of their
+        own)."""
         if n <= self.n_slots:
             return
         cdef Prob* P = &self.P
@@ -364,64 +389,67 @@ cdef class Problem:
         sizes += [P.n_obs * nc if folded else 1, P.n_obs if folded else 1,
                   max(P.zz_len, 1) if folded else 1, (P.t_len + 1) * (nc + 1)]
         offs = np.concatenate([[0], np.cumsum(sizes)]).astype(np.intp)
-        buf = np.zeros((n, int(offs[-1])), dtype=np.float64)
+        cdef int n0 = self.n_slots
+        buf = np.zeros((n - n0, int(offs[-1])), dtype=np.float64)
         cdef double[:, ::1] B = buf
         cdef Py_ssize_t[::1] o = offs
         cdef Work* Ws = <Work*>malloc(n * sizeof(Work))
         if Ws == NULL:
             raise MemoryError()
         cdef int c
-        for c in range(n):
-            Ws[c].WB = &B[c, o[0]]
-            Ws[c].SB = &B[c, o[1]]
-            Ws[c].WR = &B[c, o[2]]
-            Ws[c].WW = &B[c, o[3]]
-            Ws[c].KK = &B[c, o[4]]
-            Ws[c].Tn = &B[c, o[5]]
-            Ws[c].GN = &B[c, o[6]]
-            Ws[c].EN = &B[c, o[7]]
-            Ws[c].ZA = &B[c, o[8]]
-            Ws[c].AA = &B[c, o[9]]
-            Ws[c].S = &B[c, o[10]]
-            Ws[c].scratch = &B[c, o[11]]
-            Ws[c].Tlev = &B[c, o[12]]
-            Ws[c].G = &B[c, o[13]]
-            Ws[c].E = &B[c, o[14]]
-            Ws[c].Hc = &B[c, o[15]]
-            Ws[c].Hinv = &B[c, o[16]]
-            Ws[c].beta = &B[c, o[17]]
-            Ws[c].Phi = &B[c, o[18]]
-            Ws[c].D = &B[c, o[19]]
-            Ws[c].cs = &B[c, o[20]]
-            Ws[c].tmp = &B[c, o[21]]
-            Ws[c].Sb = &B[c, o[22]]
-            Ws[c].Cb = &B[c, o[23]]
-            Ws[c].Pb = &B[c, o[24]]
-            Ws[c].Sg = &B[c, o[25]]
-            Ws[c].Wb = &B[c, o[26]]
-            Ws[c].Kb = &B[c, o[27]]
-            Ws[c].PhiB = &B[c, o[28]]
-            Ws[c].Sl = &B[c, o[29]]
-            Ws[c].Ym = &B[c, o[30]]
-            Ws[c].Yp = &B[c, o[31]]
-            Ws[c].PWn = &B[c, o[32]]
-            Ws[c].bL = &B[c, o[33]]
-            Ws[c].dR = &B[c, o[34]]
-            Ws[c].Gx = &B[c, o[35]]
-            Ws[c].sp = &B[c, o[36]]
-            Ws[c].Ar = &B[c, o[37]]
-            Ws[c].wr = &B[c, o[38]]
-            Ws[c].ZZf = &B[c, o[39]]
-            Ws[c].fu = &B[c, o[40]]
-            copy(P.bL, Ws[c].bL, P.bl_len)
+        if n0:
+            memcpy(Ws, self.Ws, n0 * sizeof(Work))
+        for c in range(n - n0):
+            Ws[n0 + c].WB = &B[c, o[0]]
+            Ws[n0 + c].SB = &B[c, o[1]]
+            Ws[n0 + c].WR = &B[c, o[2]]
+            Ws[n0 + c].WW = &B[c, o[3]]
+            Ws[n0 + c].KK = &B[c, o[4]]
+            Ws[n0 + c].Tn = &B[c, o[5]]
+            Ws[n0 + c].GN = &B[c, o[6]]
+            Ws[n0 + c].EN = &B[c, o[7]]
+            Ws[n0 + c].ZA = &B[c, o[8]]
+            Ws[n0 + c].AA = &B[c, o[9]]
+            Ws[n0 + c].S = &B[c, o[10]]
+            Ws[n0 + c].scratch = &B[c, o[11]]
+            Ws[n0 + c].Tlev = &B[c, o[12]]
+            Ws[n0 + c].G = &B[c, o[13]]
+            Ws[n0 + c].E = &B[c, o[14]]
+            Ws[n0 + c].Hc = &B[c, o[15]]
+            Ws[n0 + c].Hinv = &B[c, o[16]]
+            Ws[n0 + c].beta = &B[c, o[17]]
+            Ws[n0 + c].Phi = &B[c, o[18]]
+            Ws[n0 + c].D = &B[c, o[19]]
+            Ws[n0 + c].cs = &B[c, o[20]]
+            Ws[n0 + c].tmp = &B[c, o[21]]
+            Ws[n0 + c].Sb = &B[c, o[22]]
+            Ws[n0 + c].Cb = &B[c, o[23]]
+            Ws[n0 + c].Pb = &B[c, o[24]]
+            Ws[n0 + c].Sg = &B[c, o[25]]
+            Ws[n0 + c].Wb = &B[c, o[26]]
+            Ws[n0 + c].Kb = &B[c, o[27]]
+            Ws[n0 + c].PhiB = &B[c, o[28]]
+            Ws[n0 + c].Sl = &B[c, o[29]]
+            Ws[n0 + c].Ym = &B[c, o[30]]
+            Ws[n0 + c].Yp = &B[c, o[31]]
+            Ws[n0 + c].PWn = &B[c, o[32]]
+            Ws[n0 + c].bL = &B[c, o[33]]
+            Ws[n0 + c].dR = &B[c, o[34]]
+            Ws[n0 + c].Gx = &B[c, o[35]]
+            Ws[n0 + c].sp = &B[c, o[36]]
+            Ws[n0 + c].Ar = &B[c, o[37]]
+            Ws[n0 + c].wr = &B[c, o[38]]
+            Ws[n0 + c].ZZf = &B[c, o[39]]
+            Ws[n0 + c].fu = &B[c, o[40]]
+            copy(P.bL, Ws[n0 + c].bL, P.bl_len)
             if k:
-                copy(P.M, Ws[c].D, P.t_len * k)
-            Ws[c].n_evals = 0
-            Ws[c].status = 0
-            Ws[c].own = 0
+                copy(P.M, Ws[n0 + c].D, P.t_len * k)
+            Ws[n0 + c].n_evals = 0
+            Ws[n0 + c].status = 0
+            Ws[n0 + c].own = 0
         free(self.Ws)
         self.Ws = Ws
-        self._bufs = (buf, offs)
+        self._bufs = (self._bufs or []) + [buf]
         self.n_slots = n
 
     cdef Work* _slot0(self) except NULL:
@@ -712,7 +740,9 @@ cdef class Problem:
         runner = _Runner.__new__(_Runner)
         with self._lock:
             self._ensure_slots(nt)
-            (<_Runner>runner).setup(self, P, O, Yw, res, log)
+            # runs of rows per take: about 8 takes per thread, at most RUN_CHUNK rows
+            (<_Runner>runner).setup(self, P, O, Yw, res, log,
+                                    max(1, min(RUN_CHUNK, m // (8 * nt))) if nt > 1 else m)
             parallel_calls((<_Runner>runner).run, [(c, nt) for c in range(nt)], nt)
         res["certified"] = res["converged"] == 2
         for key in ("converged", "joined"):
@@ -727,10 +757,12 @@ cdef class Problem:
 
 
 cdef class _Runner:
-    """Runs fit_one over the rows of a batch: ``run(slot, n_slots)`` fits rows slot,
-    slot + n_slots, ... (interleaved, so threads get an even share of easy and hard
-    fits) with workspace ``slot`` and its own copy of theta, the GIL released
-    throughout."""
+    """Runs fit_one over the rows of a batch: ``run(slot, n_slots)`` takes the next
+    ``chunk`` rows not yet taken, until none are left (so a thread that drew easy fits
+    takes more of them), and fits them with workspace ``slot`` and its own copy of
+    theta, the GIL released throughout. A row's numbers do not depend on the thread
+    that fits it; rows taken in runs of ``chunk`` keep each thread's writes to the
+    result arrays off the other's cache lines."""
     cdef Prob P
     cdef Options O
     cdef Problem prob
@@ -740,9 +772,9 @@ cdef class _Runner:
     cdef double[:, :, ::1] hv
     cdef double[::1] dv, s2
     cdef int[::1] cv, itv, ev, jv, emv, stv
-    cdef Py_ssize_t n_rows
+    cdef Py_ssize_t n_rows, next_row, chunk
 
-    cdef setup(self, Problem prob, Prob P, Options O, Yw, dict res, bint log):
+    cdef setup(self, Problem prob, Prob P, Options O, Yw, dict res, bint log, Py_ssize_t chunk):
         self.prob = prob
         self.P = P
         self.O = O
@@ -757,35 +789,41 @@ cdef class _Runner:
         self.cv, self.itv, self.ev = res["converged"], res["n_iter"], res["n_evals"]
         self.jv, self.emv, self.stv = res["joined"], res["n_em"], res["status"]
         self.n_rows = self.th.shape[0]
+        self.next_row = 0
+        self.chunk = max(chunk, 1)
         # each thread's theta while it fits a row, a cache line (8 doubles) apart from the
         # next thread's: the rows of the result, written at every step, would share lines
         k = max(P.n_theta, 1)
         self.here = np.zeros((prob.n_slots, 8 * (k // 8 + 2)))
 
     def run(self, int slot, int n_slots):
-        cdef Py_ssize_t r = slot
+        cdef Py_ssize_t r, r0, r1
         cdef Out R
         cdef Work* W = &self.prob.Ws[slot]
         cdef double dummy = 0.0
         with nogil:
-            while r < self.n_rows:
-                R.dev = &self.dv[r]
-                R.beta = &self.bt[r, 0]
-                R.se = &self.sv[r, 0]
-                R.Hinv = &self.hv[r, 0, 0]
-                R.sig2 = &self.s2[r]
-                R.theta_em = &self.tem[r, 0] if self.P.n_theta else &dummy
-                R.log_em = &self.lem[r, 0] if self.log else NULL
-                R.log_newton = &self.lnt[r, 0] if self.log else NULL
-                R.n_iter = &self.itv[r]
-                R.n_em = &self.emv[r]
-                R.joined = &self.jv[r]
-                R.status = &self.stv[r]
-                if self.P.n_theta:
-                    copy(&self.th[r, 0], &self.here[slot, 8], self.P.n_theta)
-                self.cv[r] = fit_one(&self.P, W, NULL if self.own else &self.Yw[r, 0],
-                                     &self.here[slot, 8], &self.O, R)
-                if self.P.n_theta:
-                    copy(&self.here[slot, 8], &self.th[r, 0], self.P.n_theta)
-                self.ev[r] = W.n_evals
-                r += n_slots
+            while True:
+                r0 = mlmeta_fetch_add(&self.next_row, self.chunk)
+                if r0 >= self.n_rows:
+                    break
+                r1 = min(r0 + self.chunk, self.n_rows)
+                for r in range(r0, r1):
+                    R.dev = &self.dv[r]
+                    R.beta = &self.bt[r, 0]
+                    R.se = &self.sv[r, 0]
+                    R.Hinv = &self.hv[r, 0, 0]
+                    R.sig2 = &self.s2[r]
+                    R.theta_em = &self.tem[r, 0] if self.P.n_theta else &dummy
+                    R.log_em = &self.lem[r, 0] if self.log else NULL
+                    R.log_newton = &self.lnt[r, 0] if self.log else NULL
+                    R.n_iter = &self.itv[r]
+                    R.n_em = &self.emv[r]
+                    R.joined = &self.jv[r]
+                    R.status = &self.stv[r]
+                    if self.P.n_theta:
+                        copy(&self.th[r, 0], &self.here[slot, 8], self.P.n_theta)
+                    self.cv[r] = fit_one(&self.P, W, NULL if self.own else &self.Yw[r, 0],
+                                         &self.here[slot, 8], &self.O, R)
+                    if self.P.n_theta:
+                        copy(&self.here[slot, 8], &self.th[r, 0], self.P.n_theta)
+                    self.ev[r] = W.n_evals
