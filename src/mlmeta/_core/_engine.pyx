@@ -28,30 +28,13 @@ from libc.string cimport memcpy
 
 from mlmeta._core._linalg cimport copy
 from mlmeta._core._nested cimport NestedKernel
-from mlmeta._core._problem cimport (Prob, Work, WIDE_NC, K_IDENTITY, K_INDEPENDENT, K_EXCHANGEABLE,
+from mlmeta._core._problem cimport (Prob, Work, bind_work, WIDE_NC, K_IDENTITY, K_INDEPENDENT, K_EXCHANGEABLE,
                                     K_UNSTRUCTURED, K_CUSTOM, K_SPATIAL, ST_OK)
 from mlmeta._core._structures cimport set_factors, em_project, em_update
 from mlmeta._core._objective cimport set_response, factor_all, solve_all, evaluate, inverse_H
 from mlmeta._core._optimizer cimport Options, Out, fit_one
 
-cdef extern from *:
-    """
-    /* The row counter of a batch shared by its threads: fetch and add, atomically. */
-    #if defined(_MSC_VER)
-    #include <intrin.h>
-    #if defined(_WIN64)
-    static Py_ssize_t mlmeta_fetch_add(Py_ssize_t* p, Py_ssize_t v) {
-        return (Py_ssize_t)_InterlockedExchangeAdd64((volatile __int64*)p, (__int64)v); }
-    #else
-    static Py_ssize_t mlmeta_fetch_add(Py_ssize_t* p, Py_ssize_t v) {
-        return (Py_ssize_t)_InterlockedExchangeAdd((volatile long*)p, (long)v); }
-    #endif
-    #else
-    static Py_ssize_t mlmeta_fetch_add(Py_ssize_t* p, Py_ssize_t v) {
-        return __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }
-    #endif
-    """
-    Py_ssize_t mlmeta_fetch_add(Py_ssize_t* p, Py_ssize_t v) nogil
+from mlmeta._core._atomic cimport mlmeta_fetch_add
 
 cdef enum:
     RUN_CHUNK = 16       # the most rows a thread of a batch takes at a time (_Runner)
@@ -400,47 +383,7 @@ cdef class Problem:
         if n0:
             memcpy(Ws, self.Ws, n0 * sizeof(Work))
         for c in range(n - n0):
-            Ws[n0 + c].WB = &B[c, o[0]]
-            Ws[n0 + c].SB = &B[c, o[1]]
-            Ws[n0 + c].WR = &B[c, o[2]]
-            Ws[n0 + c].WW = &B[c, o[3]]
-            Ws[n0 + c].KK = &B[c, o[4]]
-            Ws[n0 + c].Tn = &B[c, o[5]]
-            Ws[n0 + c].GN = &B[c, o[6]]
-            Ws[n0 + c].EN = &B[c, o[7]]
-            Ws[n0 + c].ZA = &B[c, o[8]]
-            Ws[n0 + c].AA = &B[c, o[9]]
-            Ws[n0 + c].S = &B[c, o[10]]
-            Ws[n0 + c].scratch = &B[c, o[11]]
-            Ws[n0 + c].Tlev = &B[c, o[12]]
-            Ws[n0 + c].G = &B[c, o[13]]
-            Ws[n0 + c].E = &B[c, o[14]]
-            Ws[n0 + c].Hc = &B[c, o[15]]
-            Ws[n0 + c].Hinv = &B[c, o[16]]
-            Ws[n0 + c].beta = &B[c, o[17]]
-            Ws[n0 + c].Phi = &B[c, o[18]]
-            Ws[n0 + c].D = &B[c, o[19]]
-            Ws[n0 + c].cs = &B[c, o[20]]
-            Ws[n0 + c].tmp = &B[c, o[21]]
-            Ws[n0 + c].Sb = &B[c, o[22]]
-            Ws[n0 + c].Cb = &B[c, o[23]]
-            Ws[n0 + c].Pb = &B[c, o[24]]
-            Ws[n0 + c].Sg = &B[c, o[25]]
-            Ws[n0 + c].Wb = &B[c, o[26]]
-            Ws[n0 + c].Kb = &B[c, o[27]]
-            Ws[n0 + c].PhiB = &B[c, o[28]]
-            Ws[n0 + c].Sl = &B[c, o[29]]
-            Ws[n0 + c].Ym = &B[c, o[30]]
-            Ws[n0 + c].Yp = &B[c, o[31]]
-            Ws[n0 + c].PWn = &B[c, o[32]]
-            Ws[n0 + c].bL = &B[c, o[33]]
-            Ws[n0 + c].dR = &B[c, o[34]]
-            Ws[n0 + c].Gx = &B[c, o[35]]
-            Ws[n0 + c].sp = &B[c, o[36]]
-            Ws[n0 + c].Ar = &B[c, o[37]]
-            Ws[n0 + c].wr = &B[c, o[38]]
-            Ws[n0 + c].ZZf = &B[c, o[39]]
-            Ws[n0 + c].fu = &B[c, o[40]]
+            bind_work(&Ws[n0 + c], &B[c, 0], &o[0])
             copy(P.bL, Ws[n0 + c].bL, P.bl_len)
             if k:
                 copy(P.M, Ws[n0 + c].D, P.t_len * k)
