@@ -24,9 +24,6 @@ KNOWN_FAILURES = {
                    "set; with the rows permuted the fit reaches the optimum (llf equal to "
                    "7e-9) but the finishing on the edge does not certify it (converged=False, "
                    "largest gradient component 0.0186)",
-    "case_1_1894": "fit_batch: the second column's optimum (a single fit reaches it, "
-                   "llf 357.965382, without certifying it) is flagged as inaccurate by the "
-                   "batch's rounding bound and reported as NaN",
 }
 
 

@@ -163,3 +163,31 @@ def test_conditioned_batch_is_not_refitted_where_another_basis_confirms(schoolca
         ref = M.fit(Y[:, j], safeguard=False)
         assert -0.5 * out["deviance"][j] == pytest.approx(ref.llf, rel=1e-8)
         np.testing.assert_allclose(out["beta"][j], ref.params.values, rtol=1e-5)
+
+
+def test_batch_column_failing_at_its_start_is_fitted_from_the_start_shrunk():
+    """A column whose moment start leaves the objective undefined (stored fuzz case
+    1:1894, an exchangeable level over uncentred years) is fitted again from that start
+    shrunk, as the single fit of that outcome is: the same log-likelihood, not NaN."""
+    import warnings
+
+    import mlmeta
+    from references import REFERENCE, load, read_exact
+
+    spec = load("fuzz_regressions")["case_1_1894"]
+    data = read_exact(REFERENCE.parent.parent / spec["data"])
+    Y = np.loadtxt(REFERENCE.parent.parent / spec["Y"], delimiter=",")
+    M = Model(spec["formula"], data, method=spec["method"], covariance=spec["covariance"],
+              **spec["sampling"])
+    model = M.model
+    work, _ = conditioned_model(model, conditioning(model))
+    Yw = np.ascontiguousarray((Y[model.design.perm] * model.design.weights[:, None]).T)
+    starts = refit.column_starts(model, work, Yw)          # as fit_outcomes makes them
+    assert not np.isfinite(work.problem.fit(starts, Yw, maxiter=0, em_iter=0)["deviance"][1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        batch = mlmeta.fit_batch(M, Y, n_jobs=1)
+        single = Model(spec["formula"], data.assign(y=Y[:, 1]), method=spec["method"],
+                       covariance=spec["covariance"], **spec["sampling"]).fit()
+    assert np.isfinite(batch.llf[1])
+    assert batch.llf[1] == pytest.approx(single.llf, abs=1e-8)

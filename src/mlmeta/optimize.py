@@ -51,7 +51,7 @@ from mlmeta.validate import safeguard as _safeguard
 
 __all__ = ["FitRecord", "fit_nested", "fit_model", "start_theta", "alternative_starts",
            "conditioning", "conditioned_model", "theta_scale", "finish_outcome", "rounding_error",
-           "c_condition", "second_opinion", "extra_starts",
+           "c_condition", "second_opinion", "extra_starts", "feasible_start",
            "DECREMENT_TOL", "ROUNDING_TOL", "MAIN_ITER"]
 
 #: budget of one extra start: this many times the main fit's evaluations ...
@@ -177,13 +177,16 @@ def extra_starts(model: NestedModel, safeguard) -> bool | str:
     return "auto" if safeguard == "auto" and model.n_obs <= AUTO_SAFEGUARD_MAX_OBS else False
 
 
-def _feasible_start(model, theta, lower, upper):
+def feasible_start(model, theta, lower, upper, Yw=None):
     """The start itself, or shrunk by powers of 10 (then zero) until the objective is
-    defined there (huge variances of badly scaled effects can defeat the factorisation)."""
-    if np.isfinite(deviances(model, np.clip(theta, lower, upper), lower=lower, upper=upper)[0]):
+    defined there (huge variances of badly scaled effects can defeat the factorisation),
+    for the design's own outcome or the whitened outcome ``Yw``."""
+    if np.isfinite(deviances(model, np.clip(theta, lower, upper), lower=lower, upper=upper,
+                             Yw=Yw)[0]):
         return np.clip(theta, lower, upper)
     cand = [theta * 10.0 ** -k for k in range(2, 13, 2)] + [np.zeros_like(theta)]
-    devs = deviances(model, np.clip(np.array(cand), lower, upper), lower=lower, upper=upper)
+    devs = deviances(model, np.clip(np.array(cand), lower, upper), lower=lower, upper=upper,
+                     Yw=Yw)
     ok = np.flatnonzero(np.isfinite(devs))
     return np.clip(cand[ok[0]], lower, upper) if ok.size else theta
 
@@ -276,7 +279,7 @@ def _fit(model, *, theta0, em_iter, em_tol, em_only, maxiter, tol, safeguard, ve
     run = main_run(theta)
     if theta0 is None and not np.isfinite(run["deviance"][0]):
         # the objective may be undefined at the moment start itself: shrink it, run again
-        start = _feasible_start(model, theta, lower, upper)
+        start = feasible_start(model, theta, lower, upper)
         if not np.array_equal(start, theta):
             theta = start
             run = main_run(theta)

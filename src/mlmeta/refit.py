@@ -25,7 +25,7 @@ from mlmeta.design import build_design
 from mlmeta.model import NestedModel
 from mlmeta.accuracy import ROUNDING_C, ROUNDING_TOL, largest_group_traces
 from mlmeta.optimize import (MAIN_ITER, conditioned_model, conditioning, extra_starts,
-                             finish_outcome, fit_model, start_theta)
+                             feasible_start, finish_outcome, fit_model, start_theta)
 from mlmeta.refine import (_PROBES, EM_SWITCH, off_bound_gain, off_bound_probes, switch_dec,
                            theta_scale)
 
@@ -161,17 +161,17 @@ def _fit_new_outcomes(model, Yw, theta0, em_iter, maxiter, tol, n_jobs, safeguar
     whose deviance the batch computation cannot give accurately (:func:`_inaccurate`)."""
     A = conditioning(model)
     if A is None:
-        if theta0 is None:
+        own = theta0 is None
+        if own:
             theta0 = column_starts(model, model, Yw)
-        out = model.problem.fit(theta0, Yw, em_iter=int(em_iter),
-                                maxiter=min(int(maxiter), MAIN_ITER), tol=float(tol),
-                                em_switch=EM_SWITCH, switch_dec=switch_dec(model.n_obs),
-                                n_threads=int(n_jobs))
+        out = _main_runs(model, Yw, theta0, em_iter, maxiter, tol, n_jobs, shrink=own)
+        out.pop("start")
         _finish(model, Yw, out, maxiter, tol, safeguard)
         out["inaccurate"] = _inaccurate(model, Yw, out)
         return out
     work, back = conditioned_model(model, A)
-    if theta0 is None:      # each column's start as its single fit makes it: in the work basis
+    own = theta0 is None
+    if own:      # each column's start as its single fit makes it: in the work basis
         theta_w = column_starts(model, work, Yw)
     else:
         inv = [np.linalg.inv(Al) for Al in A]
@@ -180,9 +180,8 @@ def _fit_new_outcomes(model, Yw, theta0, em_iter, maxiter, tol, n_jobs, safeguar
                                                     zip(inv, model.Sigma_list(t))])
                             for t in starts])[np.ravel(which)]
     theta_w = np.ascontiguousarray(theta_w)
-    out = work.problem.fit(theta_w, Yw, em_iter=int(em_iter), maxiter=min(int(maxiter), MAIN_ITER),
-                           tol=float(tol), em_switch=EM_SWITCH, switch_dec=switch_dec(model.n_obs),
-                           n_threads=int(n_jobs))
+    out = _main_runs(work, Yw, theta_w, em_iter, maxiter, tol, n_jobs, shrink=own)
+    theta_w = out.pop("start")
     _finish(work, Yw, out, maxiter, tol, safeguard)
     ok = np.flatnonzero(np.isfinite(out["deviance"]))
     theta = out["theta"].copy()
@@ -206,6 +205,29 @@ def _fit_new_outcomes(model, Yw, theta0, em_iter, maxiter, tol, n_jobs, safeguar
             out["certified"][redo] = False
             _finish(model, Yw, out, maxiter, tol, False, rows=redo)
     out["inaccurate"] = _inaccurate(model, Yw, out, confirmed)
+    return out
+
+
+def _main_runs(model, Yw, theta0, em_iter, maxiter, tol, n_jobs, shrink) -> dict:
+    """The engine's main runs of the whitened outcomes Yw (rows) from ``theta0``; with
+    ``shrink`` (the starts are the columns' own moment starts), a run that fails from its
+    start is made again from the start shrunk until the objective is defined there
+    (:func:`mlmeta.optimize.feasible_start`), as a single fit does. ``out["start"]``:
+    the start each run took."""
+    opts = dict(em_iter=int(em_iter), maxiter=min(int(maxiter), MAIN_ITER), tol=float(tol),
+                em_switch=EM_SWITCH, switch_dec=switch_dec(model.n_obs))
+    out = model.problem.fit(theta0, Yw, n_threads=int(n_jobs), **opts)
+    out["start"] = np.array(theta0, dtype=float)
+    failed = np.flatnonzero(~np.isfinite(out["deviance"])) if shrink else []
+    starts = {j: feasible_start(model, out["start"][j], model.lower, model.upper, Yw=Yw[j])
+              for j in failed}
+    redo = np.array([j for j, t in starts.items() if not np.array_equal(t, out["start"][j])],
+                    dtype=np.intp)
+    if redo.size:
+        out["start"][redo] = [starts[j] for j in redo]
+        again = model.problem.fit(out["start"][redo], Yw[redo], n_threads=int(n_jobs), **opts)
+        for key, value in again.items():
+            out[key][redo] = value
     return out
 
 
