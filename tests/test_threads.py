@@ -138,7 +138,7 @@ def test_eight_threads_fitting_one_model_match_serial_fits():
 def test_extra_starts_share_out_over_the_cores_only_where_they_pay(monkeypatch):
     from mlmeta import _threads
 
-    monkeypatch.setattr(_threads.os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(_threads, "n_cpus", lambda: 4)
     n = _threads.START_THREADS_MIN_OBS
     assert _threads.start_threads(n - 1) == 1
     assert _threads.start_threads(n) == 4
@@ -163,7 +163,7 @@ def test_a_fit_whose_extra_starts_run_on_two_threads_matches_one_thread(monkeypa
     data, _, _ = lmm(40, 2, 30, seed=3)
     formula = "DV ~ IV1 + IV2 + (IV1 + IV2 | Group)"
     assert len(data) >= _threads.START_THREADS_MIN_OBS
-    monkeypatch.setattr(_threads.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(_threads, "n_cpus", lambda: 2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         two = mlmeta.mixed(formula, data)

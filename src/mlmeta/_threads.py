@@ -37,6 +37,12 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_pool)
 
 
+@functools.cache
+def n_cpus() -> int:
+    """The number of CPUs (``os.cpu_count()``, read once: it costs microseconds a call)."""
+    return os.cpu_count() or 1
+
+
 def _get_pool(n: int) -> ThreadPoolExecutor:
     global _pool, _pool_size
     with _pool_lock:
@@ -152,7 +158,7 @@ def border_blas_threads(nb: int, kernel_threads: int = 1) -> int:
     keeps one thread."""
     if nb < BORDER_THREADS_MIN_NB or kernel_threads > 1:
         return 1
-    return max(1, min(4, os.cpu_count() or 1))
+    return max(1, min(4, n_cpus()))
 
 
 #: a fit's extra starts are shared out over the cores from this many observations
@@ -182,7 +188,7 @@ def start_threads(n_obs: int) -> int:
     by side."""
     if n_obs < START_THREADS_MIN_OBS or threading.current_thread() is not threading.main_thread():
         return 1
-    n = os.cpu_count() or 1
+    n = n_cpus()
     limit = _fit_threads.get()
     return max(1, min(n, limit) if limit is not None else n)
 
