@@ -15,23 +15,10 @@ from references import REFERENCE, load, read_exact
 
 CASES = load("fuzz_regressions")
 
-#: stored cases that fail on their data as stored (parsed exactly, see :func:`_fit`): with
-#: pandas before 3.1, whose C parser read some of their 17-digit values one unit in the
-#: last place off, they passed; the optimiser's decisions on them follow the last digits.
-#: Strict: a case that passes again fails here, and leaves this list.
-KNOWN_FAILURES = {
-    "case_1_2234": "a custom level's correlations end at the edge of the positive definite "
-                   "set; with the rows permuted the fit reaches the optimum (llf equal to "
-                   "7e-9) but the finishing on the edge does not certify it (converged=False, "
-                   "largest gradient component 0.0186)",
-}
-
 
 def _cases(api_batch):
-    """The stored cases of the batch API (or of the others), the known failures marked."""
-    names = sorted(n for n in CASES if (CASES[n]["api"] == "batch") == api_batch)
-    return [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=KNOWN_FAILURES[n]))
-            if n in KNOWN_FAILURES else n for n in names]
+    """The names of the stored cases of the batch API (or of the others)."""
+    return sorted(n for n in CASES if (CASES[n]["api"] == "batch") == api_batch)
 
 
 def _fit(spec, perm=None):

@@ -490,7 +490,11 @@ def finish_on_edge(model, rec, theta, f, conv, *, lower, upper, Yw=None):
         rec.n_evals += got[3]
         spent += got[3]
         tried += got[3] > 0
-        if got[4] is None or not got[1] < best[1] - 1e-7 * max(1.0, abs(best[1])):
+        higher = got[1] < best[1] - 1e-7 * max(1.0, abs(best[1]))
+        # where the fit is not certified, a point on the edge as low (to rounding) may be:
+        # Newton steps from there say (the same optimum, reached from another side)
+        closer = not best[2] and got[1] <= best[1] + 10 * noise(best[1])
+        if got[4] is None or not (higher or closer):
             continue
         # a lower optimum: certified by Newton steps from there (kept uncertified where
         # they do not apply: it ended inside the set)
@@ -502,6 +506,8 @@ def finish_on_edge(model, rec, theta, f, conv, *, lower, upper, Yw=None):
         if got[1] < best[1] - 1e-7 * max(1.0, abs(best[1])):
             best = (got[0], got[1], got[2], got[4])
             other = label != "EM start"
+        elif closer and got[2] and got[1] <= best[1] + 10 * noise(best[1]):
+            best = (got[0], got[1], got[2], got[4])
     theta, f, conv, ended = best
     _higher_optimum(model, rec, f, other)
     if ended:
