@@ -28,8 +28,8 @@ from libc.string cimport memcpy
 
 from mlmeta._core._linalg cimport copy
 from mlmeta._core._nested cimport NestedKernel
-from mlmeta._core._problem cimport (Prob, Work, bind_work, WIDE_NC, K_IDENTITY, K_INDEPENDENT, K_EXCHANGEABLE,
-                                    K_UNSTRUCTURED, K_CUSTOM, K_SPATIAL, ST_OK)
+from mlmeta._core._problem cimport (Prob, Work, bind_work, WIDE_NC, K_IDENTITY, K_INDEPENDENT,
+                                    K_EXCHANGEABLE, K_UNSTRUCTURED, K_CUSTOM, K_SPATIAL, ST_OK)
 from mlmeta._core._structures cimport set_factors, em_project, em_update
 from mlmeta._core._objective cimport set_response, factor_all, solve_all, evaluate, inverse_H
 from mlmeta._core._optimizer cimport Options, Out, fit_one
@@ -686,7 +686,7 @@ cdef class Problem:
             # runs of rows per take: about 8 takes per thread, at most RUN_CHUNK rows
             (<_Runner>runner).setup(self, P, O, Yw, res, log,
                                     max(1, min(RUN_CHUNK, m // (8 * nt))) if nt > 1 else m)
-            parallel_calls((<_Runner>runner).run, [(c, nt) for c in range(nt)], nt)
+            parallel_calls((<_Runner>runner).run, [(c,) for c in range(nt)], nt)
         res["certified"] = res["converged"] == 2
         for key in ("converged", "joined"):
             res[key] = res[key].astype(bool)
@@ -700,7 +700,7 @@ cdef class Problem:
 
 
 cdef class _Runner:
-    """Runs fit_one over the rows of a batch: ``run(slot, n_slots)`` takes the next
+    """Runs fit_one over the rows of a batch: ``run(slot)`` takes the next
     ``chunk`` rows not yet taken, until none are left (so a thread that drew easy fits
     takes more of them), and fits them with workspace ``slot`` and its own copy of
     theta, the GIL released throughout. A row's numbers do not depend on the thread
@@ -739,7 +739,7 @@ cdef class _Runner:
         k = max(P.n_theta, 1)
         self.here = np.zeros((prob.n_slots, 8 * (k // 8 + 2)))
 
-    def run(self, int slot, int n_slots):
+    def run(self, int slot):
         cdef Py_ssize_t r, r0, r1
         cdef Out R
         cdef Work* W = &self.prob.Ws[slot]
