@@ -5,7 +5,8 @@ tests never need R).
 and shared by every caller: treat it as read-only. ``data_path(name)`` is a file under
 ``tests/reference/data/``; ``case_data(spec)`` the data a stored case names (a bundled
 data set, or a CSV under ``tests/reference/data/`` by its repository-relative path);
-``read_exact(path)`` a CSV with its floating-point columns parsed exactly.
+``read_exact(path)`` a CSV with its floating-point columns parsed exactly (every
+stored CSV a case names is read so).
 """
 
 from __future__ import annotations
@@ -36,8 +37,6 @@ def data_path(name: str) -> Path:
 def case_data(spec: str):
     """The data a stored case names: ``"tests/reference/data/<file>.csv"`` (as the JSON
     stores it, relative to the repository root) or the name of a bundled data set."""
-    import pandas as pd
-
     import mlmeta
 
     if "/" not in spec:
@@ -45,7 +44,7 @@ def case_data(spec: str):
     path = Path(spec)
     if path.parent != _STORED_PREFIX:
         raise ValueError(f"reference data must live in {_STORED_PREFIX}/, got {spec!r}")
-    return pd.read_csv(data_path(path.name))
+    return read_exact(data_path(path.name))
 
 
 def read_exact(path):

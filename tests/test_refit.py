@@ -1,13 +1,17 @@
 """The batch's checks made for all columns at once (mlmeta.refit) against the per-column
 computations they replace."""
 
+import warnings
+
 import numpy as np
 import pytest
 
+import mlmeta
 from mlmeta import refit
 from mlmeta.batch import Model
 from mlmeta.optimize import (c_condition, conditioned_model, conditioning, rounding_error,
                              start_theta)
+from references import REFERENCE, load, read_exact
 
 FORMULAS = [
     "stdmdiff ~ 1 + (1 | district/school)",
@@ -169,11 +173,6 @@ def test_batch_column_failing_at_its_start_is_fitted_from_the_start_shrunk():
     """A column whose moment start leaves the objective undefined (stored fuzz case
     1:1894, an exchangeable level over uncentred years) is fitted again from that start
     shrunk, as the single fit of that outcome is: the same log-likelihood, not NaN."""
-    import warnings
-
-    import mlmeta
-    from references import REFERENCE, load, read_exact
-
     spec = load("fuzz_regressions")["case_1_1894"]
     data = read_exact(REFERENCE.parent.parent / spec["data"])
     Y = np.loadtxt(REFERENCE.parent.parent / spec["Y"], delimiter=",")

@@ -164,8 +164,7 @@ def _fit_new_outcomes(model, Yw, theta0, em_iter, maxiter, tol, n_jobs, safeguar
         own = theta0 is None
         if own:
             theta0 = column_starts(model, model, Yw)
-        out = _main_runs(model, Yw, theta0, em_iter, maxiter, tol, n_jobs, shrink=own)
-        out.pop("start")
+        out, _ = _main_runs(model, Yw, theta0, em_iter, maxiter, tol, n_jobs, shrink=own)
         _finish(model, Yw, out, maxiter, tol, safeguard)
         out["inaccurate"] = _inaccurate(model, Yw, out)
         return out
@@ -180,8 +179,7 @@ def _fit_new_outcomes(model, Yw, theta0, em_iter, maxiter, tol, n_jobs, safeguar
                                                     zip(inv, model.Sigma_list(t))])
                             for t in starts])[np.ravel(which)]
     theta_w = np.ascontiguousarray(theta_w)
-    out = _main_runs(work, Yw, theta_w, em_iter, maxiter, tol, n_jobs, shrink=own)
-    theta_w = out.pop("start")
+    out, theta_w = _main_runs(work, Yw, theta_w, em_iter, maxiter, tol, n_jobs, shrink=own)
     _finish(work, Yw, out, maxiter, tol, safeguard)
     ok = np.flatnonzero(np.isfinite(out["deviance"]))
     theta = out["theta"].copy()
@@ -208,27 +206,27 @@ def _fit_new_outcomes(model, Yw, theta0, em_iter, maxiter, tol, n_jobs, safeguar
     return out
 
 
-def _main_runs(model, Yw, theta0, em_iter, maxiter, tol, n_jobs, shrink) -> dict:
+def _main_runs(model, Yw, theta0, em_iter, maxiter, tol, n_jobs, shrink) -> tuple:
     """The engine's main runs of the whitened outcomes Yw (rows) from ``theta0``; with
     ``shrink`` (the starts are the columns' own moment starts), a run that fails from its
     start is made again from the start shrunk until the objective is defined there
-    (:func:`mlmeta.optimize.feasible_start`), as a single fit does. ``out["start"]``:
-    the start each run took."""
+    (:func:`mlmeta.optimize.feasible_start`), as a single fit does. Returns (the engine's
+    dict of per-run arrays, the start each run took)."""
     opts = dict(em_iter=int(em_iter), maxiter=min(int(maxiter), MAIN_ITER), tol=float(tol),
-                em_switch=EM_SWITCH, switch_dec=switch_dec(model.n_obs))
-    out = model.problem.fit(theta0, Yw, n_threads=int(n_jobs), **opts)
-    out["start"] = np.array(theta0, dtype=float)
-    failed = np.flatnonzero(~np.isfinite(out["deviance"])) if shrink else []
-    starts = {j: feasible_start(model, out["start"][j], model.lower, model.upper, Yw=Yw[j])
-              for j in failed}
-    redo = np.array([j for j, t in starts.items() if not np.array_equal(t, out["start"][j])],
-                    dtype=np.intp)
-    if redo.size:
-        out["start"][redo] = [starts[j] for j in redo]
-        again = model.problem.fit(out["start"][redo], Yw[redo], n_threads=int(n_jobs), **opts)
+                em_switch=EM_SWITCH, switch_dec=switch_dec(model.n_obs), n_threads=int(n_jobs))
+    out = model.problem.fit(theta0, Yw, **opts)
+    starts = np.array(theta0, dtype=float)
+    redo = []
+    for j in np.flatnonzero(~np.isfinite(out["deviance"])) if shrink else []:
+        t = feasible_start(model, starts[j], model.lower, model.upper, Yw=Yw[j])
+        if not np.array_equal(t, starts[j]):
+            starts[j] = t
+            redo.append(j)
+    if redo:
+        again = model.problem.fit(starts[redo], Yw[redo], **opts)
         for key, value in again.items():
             out[key][redo] = value
-    return out
+    return out, starts
 
 
 #: structures whose theta at a diagonal Sigma scales with the square root of Sigma

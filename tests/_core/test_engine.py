@@ -170,7 +170,6 @@ def test_problem_is_safe_to_share_between_threads():
         np.testing.assert_array_equal(ev.beta, ref.beta)
 
 
-
 @pytest.mark.parametrize("n_rows", [3, 200])
 def test_rows_shared_out_over_threads_give_the_serial_fits(n_rows):
     """A batch of fits shared out over 2 or 3 threads (rows taken one at a time, or in
@@ -190,6 +189,7 @@ def test_rows_shared_out_over_threads_give_the_serial_fits(n_rows):
     after = P.evaluate(theta0[0], gradient=True)
     for key in ("deviance", "grad", "beta", "Hinv"):
         np.testing.assert_array_equal(after[key], before[key], err_msg=key)
+
 
 # ---- metafor's structures over a factor's levels: R_ij = rho^(d_ij) ---------------------
 LEVELS = ["C(t)[0.5]", "C(t)[1.0]", "C(t)[2.5]"]     # CAR lags 0.5, 1.5, 2: one below 1
