@@ -42,6 +42,13 @@ def data():
         "s": np.tile(np.repeat([1, 2, 3], 4), 4),
         "ds": np.repeat(["u", "w", "v", "t"], 12),
         "v": rng.uniform(0.1, 1.0, n),
+        "fo": np.tile(np.array(["b", "a", "Z", "ä", "10", "9"], dtype=object), 8),
+        "fc": pd.Categorical(np.tile(["lo", "hi", "mid", "hi"], 12), categories=["mid", "lo", "none", "hi"]),
+        "fs": pd.Series(np.tile(["q", "p"], 24), dtype="str"),
+        "fS": pd.Series(np.tile(["q", "p"], 24), dtype="string"),
+        "one": np.full(n, "k", dtype=object),
+        "fv": np.where(np.isin(np.arange(n), [0, 9]), "gone", np.tile(["b", "a"], 24)).astype(object),
+        "mixed": np.tile(np.array(["a", 1], dtype=object), 24),
     }).assign(xdup=lambda df: 2 * df.x)
 
 
@@ -52,6 +59,8 @@ def _with_missing(df):
     out.loc[[30], "v"] = np.nan
     out["d"] = out["d"].astype(float)
     out.loc[[17], "d"] = np.nan
+    out.loc[[1, 2], "fo"] = None
+    out.loc[[3], "fc"] = np.nan
     out.index = np.arange(len(out))[::-1] * 3
     return out
 
@@ -69,19 +78,32 @@ PLAIN = [
     "y ~ x + xdup + (1 | d)",
     "y ~ 1 + 1 + (0 + x | d)",
     "y ~ `x` + (1 | d)",
+    "y ~ f + (1 | d)",
+    "y ~ x + (0 + f | d:s)",
+    "y ~ 0 + f + (1 | d)",
+    "y ~ x + f + ds + (1 | d)",
+    "y ~ 0 + x + fo + f + (1 | d)",
+    "y ~ 0 + fc + x + fs + (1 | d)",
+    "y ~ fc - 1 + (1 | d)",
+    "y ~ fs + fo + (0 + ds | d)",
+    "y ~ ds + xdup + x + (1 | d)",
+    "y ~ fv + (0 + fv | d)",         # with missing values, level 'gone' is in dropped rows only
 ]
 GENERAL = [
-    "y ~ f + (1 | d)",
     "y ~ b + (1 | d)",
     "y ~ x:xi + (1 | d)",
     "y ~ np.log(v) + (1 | d)",
-    "y ~ x + (0 + f | d:s)",
     "y ~ C(xi) + x + (1 + x | d)",
+    "y ~ f:x + (1 | d)",
+    "y ~ C(f) + (1 | d)",
 ]
+# categorical columns formulaic evaluates: one level, levels that are not all strings
+# and pandas' string dtype with pd.NA (which formulaic does not take for categorical)
+FALLBACK = ["y ~ x + one + (1 | d)", "y ~ 0 + one + (1 | d)", "y ~ mixed + (1 | d)", "y ~ fS + (1 | d)"]
 
 
 def _general(monkeypatch):
-    monkeypatch.setattr(fm, "_plain_columns", lambda formula, columns: None)
+    monkeypatch.setattr(fm, "plain_columns", lambda formula, columns: None)
 
 
 def _build(formula, df, **kwargs):
@@ -117,10 +139,16 @@ def _assert_same_frame(a, b, df):
 
 
 @pytest.mark.parametrize("missing", [False, True])
-@pytest.mark.parametrize("formula", PLAIN + GENERAL)
+@pytest.mark.parametrize("formula", PLAIN + GENERAL + FALLBACK)
 def test_numpy_design_matches_formulaic(formula, missing, data, monkeypatch):
     df = _with_missing(data) if missing else data
     fast, fast_warnings = _build(formula, df)
+    if not isinstance(fast, tuple):     # numpy built the specs' parts exactly where it should
+        specs = [fast.__dict__["_fixed_spec"], *fast.__dict__["_re_specs"]]
+        parts = [formula.split("~")[1].split("(")[0]] + [f"({t.rhs} |" for t in fast.terms]
+        for spec, part in zip(specs, parts):
+            expected = formula in PLAIN or (formula in GENERAL + FALLBACK and part.startswith("("))
+            assert isinstance(spec, fm.DeferredSpec) == expected, part
     _general(monkeypatch)
     slow, slow_warnings = _build(formula, df)
     assert fast_warnings == slow_warnings
@@ -144,14 +172,14 @@ def test_which_formulas_skip_formulaic(data):
     for formula in PLAIN:
         parsed = fm.parse_formula(formula)
         for rhs in [parsed.fixed_rhs] + [t.rhs for t in parsed.random]:
-            assert fm._plain_columns(fm._parse_rhs(rhs, "test"), cols) is not None, rhs
-    for rhs in ["f", "b", "x:xi", "np.log(v)", "C(xi)", "x + f"]:
-        assert fm._plain_columns(fm._parse_rhs(rhs, "test"), cols) is None, rhs
+            assert fm.plain_columns(fm._parse_rhs(rhs, "test"), cols) is not None, rhs
+    for rhs in ["b", "x:xi", "np.log(v)", "C(xi)", "f:x", "C(f)"]:
+        assert fm.plain_columns(fm._parse_rhs(rhs, "test"), cols) is None, rhs
 
 
 def test_specs_built_on_first_use(data):
     mf = fm.build_model_frame(fm.parse_formula("y ~ x + xi + (1 + x | d)"), data)
-    assert isinstance(mf.__dict__["_fixed_spec"], fm._DeferredSpec)
+    assert isinstance(mf.__dict__["_fixed_spec"], fm.DeferredSpec)
     copy = pickle.loads(pickle.dumps(mf))
     replaced = dataclasses.replace(mf, y=mf.y * 2)
     spec = mf.fixed_spec

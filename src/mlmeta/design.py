@@ -22,6 +22,7 @@ import numpy as np
 from scipy import linalg, sparse
 
 from mlmeta._core._nested import NestedKernel
+from mlmeta._core._whiten import block_factors, solve_blocks
 from mlmeta.gram import is_tall, well_conditioned_gram
 
 __all__ = ["NestedDesign", "build_design", "with_Z"]
@@ -217,47 +218,72 @@ def _cross_sums(U: np.ndarray, W: np.ndarray, starts: np.ndarray, gsel: np.ndarr
 PIVOT_TOL = 1e-10
 
 
-def _block_cholesky(B):
-    """(L, reason): the Cholesky factor of a sampling covariance block, or None and why not.
-
-    The block is scaled to a correlation matrix R = D^-1/2 B D^-1/2 first; the squared
-    pivots of chol(R), ``1 - R^2`` of each row on the rows before it, must exceed
-    :data:`PIVOT_TOL` (a relative threshold: the same answer at any scale of B)."""
-    sd = np.sqrt(np.diag(B))
-    R = B / np.outer(sd, sd)
+def _block_problem(B, code: int, row: int, pivot: float) -> str:
+    """Why block B of V cannot whiten (:func:`mlmeta._core._whiten.block_factors`' verdict:
+    code 1, its correlation matrix R = D^-1/2 B D^-1/2 has no Cholesky factor; code 2, the
+    squared pivot of ``row``, ``1 - R^2`` of the row on the rows before it, is at most
+    :data:`PIVOT_TOL`, a relative threshold: the same answer at any scale of B)."""
     singular = ("numerically singular (e.g. a correlation of 1 between two estimates, or an "
                 "estimate entered twice)")
-    try:
-        Lr = np.linalg.cholesky(R)
-    except np.linalg.LinAlgError:
-        w = np.linalg.eigvalsh(R)
-        if w[0] >= -R.shape[0] * PIVOT_TOL:
-            return None, singular
-        return None, f"not positive definite (its correlation matrix has eigenvalue {w[0]:.3g})"
-    piv = np.diag(Lr) ** 2
-    if not np.all(piv > PIVOT_TOL):
-        k = int(np.argmin(piv))
-        return None, (f"{singular}: row {k + 1} of the block is a linear combination of the rows "
-                      f"before it up to a relative pivot of {piv[k]:.1e} (at most {PIVOT_TOL:g})")
-    return sd[:, None] * Lr, ""
+    if code == 2:
+        return (f"{singular}: row {row + 1} of the block is a linear combination of the rows "
+                f"before it up to a relative pivot of {pivot:.1e} (at most {PIVOT_TOL:g})")
+    sd = np.sqrt(np.diag(B))
+    w = np.linalg.eigvalsh(B / np.outer(sd, sd))
+    if w[0] >= -B.shape[0] * PIVOT_TOL:
+        return singular
+    return f"not positive definite (its correlation matrix has eigenvalue {w[0]:.3g})"
 
 
-def _whiten_blocks(Vs, starts, rows_sel, Zs, Xs, ys, factors=None):
-    """Whiten rows ``starts[g]:starts[g+1]`` for each selected block g by L^-1,
-    L = chol(V block); returns the sum of log|V block| and (the failing block, why) or
-    (-1, ""). ``factors`` (a list) collects (first row, last row + 1, L) of each block."""
-    logdet = 0.0
-    for g in rows_sel:
+class BlockFactors:
+    """The Cholesky factors of V's whitened blocks, packed as :func:`block_factors`
+    returns them; iterating gives (first row, last row + 1, L) per block."""
+
+    def __init__(self):
+        self._parts = []
+        self._first = None
+
+    def add(self, packed, ptr, starts, sel):
+        self._parts.append((packed, ptr, starts, sel))
+        self._first = None
+
+    def of_block(self, a: int, b: int) -> np.ndarray:
+        """L of the block of rows a:b."""
+        if self._first is None:     # first row -> (part, position), built on first use
+            self._first = {int(starts[g]): (j, i) for j, (_, _, starts, sel) in enumerate(self._parts)
+                           for i, g in enumerate(sel)}
+        j, i = self._first[a]
+        packed, ptr, starts, sel = self._parts[j]
+        assert int(starts[sel[i] + 1]) == b
+        return packed[ptr[i]:ptr[i + 1]].reshape(b - a, b - a, order="F")
+
+    def __bool__(self):
+        return any(sel.size for _, _, _, sel in self._parts)
+
+    def __iter__(self):
+        for packed, ptr, starts, sel in self._parts:
+            for i, g in enumerate(sel):
+                a, b = int(starts[g]), int(starts[g + 1])
+                yield a, b, packed[ptr[i]:ptr[i + 1]].reshape(b - a, b - a, order="F")
+
+
+def _whiten_blocks(Vs, starts, sel, mats, factors: BlockFactors):
+    """Whiten rows ``starts[g]:starts[g+1]`` of each matrix in ``mats`` (F order, in place)
+    by L^-1, L = chol(V block), for each block g in ``sel`` (compiled loops); returns the
+    sum of log|V block| and (the failing block, why) or (-1, ""). The factors go to
+    ``factors``."""
+    sel = np.ascontiguousarray(sel, dtype=np.intp)
+    starts = np.ascontiguousarray(starts, dtype=np.intp)
+    packed, ptr, logdet, fail, code, row, pivot = block_factors(
+        Vs.indptr.astype(np.int64, copy=False), Vs.indices.astype(np.int64, copy=False),
+        np.asarray(Vs.data, dtype=np.float64), starts, sel, PIVOT_TOL)
+    if fail >= 0:
+        g = int(sel[fail])
         a, b = int(starts[g]), int(starts[g + 1])
-        B = Vs[a:b, a:b].toarray()
-        Lc, why = _block_cholesky(B)
-        if Lc is None:
-            return logdet, (g, why)
-        logdet += 2.0 * float(np.sum(np.log(np.diag(Lc))))
-        if factors is not None:
-            factors.append((a, b, Lc))
-        for M in Zs + [Xs, ys]:
-            M[a:b] = linalg.solve_triangular(Lc, M[a:b], lower=True)
+        return logdet, (g, _block_problem(Vs[a:b, a:b].toarray(), code, row, pivot))
+    for M in mats:
+        solve_blocks(packed, ptr, starts, sel, M)
+    factors.add(packed, ptr, starts, sel)
     return logdet, (-1, "")
 
 
@@ -404,9 +430,9 @@ def build_design(y, X, Z, groups, variance=None, V=None, n_tree=None, known_R=No
 
     # whitening: diagonal rows scaled; coupled blocks by their Cholesky factor
     Vs = None
-    factors = []          # (a, b, L) of the coupled blocks
+    factors = BlockFactors()          # (a, b, L) of the coupled blocks
     merged = np.zeros(n_groups[0], dtype=bool)
-    Zw = [z.copy() for z in Z_s]
+    Zw = [z.copy(order="F") for z in Z_s]
     A = np.empty((n, X_s.shape[1] + 1), order="F")      # A = [Xw, yw] (whitened), one buffer
     A[:, :-1] = X_s
     A[:, -1] = y_s
@@ -452,11 +478,11 @@ def build_design(y, X, Z, groups, variance=None, V=None, n_tree=None, known_R=No
             yw[plain] *= w[plain]
             logdet_Lambda = float(np.sum(np.log(var_s[plain])))
         if Vs is not None:
-            ld, (fail, why) = _whiten_blocks(Vs, starts[-1], coupled_leaf, Zw, Xw, yw, factors)
+            ld, (fail, why) = _whiten_blocks(Vs, starts[-1], coupled_leaf, Zw + [A], factors)
             bad_top = top_of_row[starts[-1][fail]] if fail >= 0 else -1
             if bad_top < 0:
-                ld2, (bad_top, why) = _whiten_blocks(Vs, starts[0], np.flatnonzero(merged), Zw, Xw,
-                                                     yw, factors)
+                ld2, (bad_top, why) = _whiten_blocks(Vs, starts[0], np.flatnonzero(merged), Zw + [A],
+                                                     factors)
                 ld += ld2
             if bad_top >= 0:
                 j = int(bad_top)
@@ -695,7 +721,7 @@ def _tree_blocks(*, q, L, L_all, n, starts, codes, top_of_row, merged, n_groups,
         for lvl, g, pos in cols:
             r0, r1 = (a0, b0) if lvl == 0 else (int(starts[lvl][g]), int(starts[lvl][g + 1]))
             Zf[r0 - a0:r1 - a0, pos:pos + q[lvl]] = Z_s[lvl][r0:r1]
-        Lc = next(Lf for fa, fb, Lf in factors if fa == a0 and fb == b0)   # validated above
+        Lc = factors.of_block(a0, b0)   # validated above
         Zt = linalg.solve_triangular(Lc, Zf, lower=True)
         ZZ[zz_ptr[a]:zz_ptr[a + 1]] = (Zt.T @ Zt).ravel(order="F")
         Mj = A[a0:b0]

@@ -33,15 +33,15 @@ from mlmeta._errors import MissingDataWarning, warn
 from mlmeta.gram import is_tall, well_conditioned_gram
 from mlmeta.groups import GroupLabels, factorize, group_codes
 from mlmeta.nesting import arrange_terms
+from mlmeta.plain_terms import CONTEXT, FORMULAIC_INTERCEPT, DeferredSpec, plain_columns, plain_design
 from mlmeta.validate import aligned, reserved_name
 
 __all__ = ["RandomTerm", "ParsedFormula", "ModelFrame", "parse_formula", "build_model_frame"]
 
 INTERCEPT = "_cons"
-_FORMULAIC_INTERCEPT = "Intercept"
-_CONTEXT = {"np": np, "numpy": np}
+_FORMULAIC_INTERCEPT = FORMULAIC_INTERCEPT
+_CONTEXT = CONTEXT
 _RANK_TOL = 1e-10
-_PLAIN_NAME = re.compile(r"[^\W\d]\w*")  # identifiers, non-ASCII letters included
 _NAME = re.compile(r"(?:[^\W\d]|\.)[\w.]*|`[^`]+`")
 _Q_CALL = re.compile(r"""(?<![\w.])Q\(\s*(['"])(.*?)\1\s*\)""")  # Q('my x') reads column 'my x'
 _OPEN, _CLOSE = "([{", ")]}"
@@ -74,25 +74,9 @@ class ParsedFormula:
     random: tuple[RandomTerm, ...]
 
 
-class _DeferredSpec:
-    """A formulaic ModelSpec built once, on first use, by evaluating ``formula`` on one stored
-    data row; for formulas of plain numeric columns, whose specs depend on dtypes, not values."""
-
-    __slots__ = ("formula", "row", "spec")
-
-    def __init__(self, formula: Formula, row: dict):
-        self.formula, self.row, self.spec = formula, row, None
-
-    def build(self):
-        if self.spec is None:
-            data = pd.DataFrame(self.row, index=pd.RangeIndex(1))
-            self.spec = self.formula.get_model_matrix(data, context=_CONTEXT, na_action="ignore").model_spec
-        return self.spec
-
-
 class _SpecSlot:
     """Dataclass field holding a ModelSpec (or a list of them) that may still be a
-    :class:`_DeferredSpec`; it is built, and stored, when the field is read."""
+    :class:`~mlmeta.plain_terms.DeferredSpec`; it is built, and stored, when the field is read."""
 
     def __set_name__(self, owner, name):
         self.key = "_" + name
@@ -101,10 +85,10 @@ class _SpecSlot:
         if obj is None:
             return None  # the field's default
         value = obj.__dict__[self.key]
-        if isinstance(value, _DeferredSpec):
+        if isinstance(value, DeferredSpec):
             value = obj.__dict__[self.key] = value.build()
-        elif isinstance(value, list) and any(isinstance(v, _DeferredSpec) for v in value):
-            value = obj.__dict__[self.key] = [v.build() if isinstance(v, _DeferredSpec) else v for v in value]
+        elif isinstance(value, list) and any(isinstance(v, DeferredSpec) for v in value):
+            value = obj.__dict__[self.key] = [v.build() if isinstance(v, DeferredSpec) else v for v in value]
         return value
 
     def __set__(self, obj, value):
@@ -461,44 +445,6 @@ def _used_values(column: pd.Series, rows: np.ndarray | None):
     return column
 
 
-def _plain_columns(formula: Formula, columns: Mapping) -> list | None:
-    """The column read by each term of a formula made only of the intercept (None)
-    and plain numeric columns (numpy integer or float dtype, no transform), in
-    formulaic's column order; None when formulaic must evaluate the formula."""
-    out = []
-    for term in formula:
-        if len(term.factors) != 1:
-            return None
-        factor = term.factors[0]
-        name, method = str(factor.expr), factor.eval_method.value
-        if method == "literal" and name == "1" and str(term) == "1":
-            out.append(None)
-            continue
-        if (method != "lookup" or str(term) != name or name == _FORMULAIC_INTERCEPT
-                or not _PLAIN_NAME.fullmatch(name) or name not in columns):
-            return None
-        dtype = columns[name].dtype
-        if not (isinstance(dtype, np.dtype) and dtype.kind in "iuf"):
-            return None
-        out.append(name)
-    return out
-
-
-def _plain_design(formula: Formula, plain: list, columns: Mapping, rows: np.ndarray, n_dropped: int):
-    """:func:`_design` for a formula of :func:`_plain_columns`, without formulaic."""
-    M = np.empty((rows.shape[0], len(plain)), order="F")
-    row = {}
-    for j, name in enumerate(plain):
-        if name is None:
-            M[:, j] = 1.0
-        else:
-            values = columns[name].to_numpy()
-            M[:, j] = values[rows] if n_dropped else values
-            row[name] = values[rows[:1]]
-    names = [_FORMULAIC_INTERCEPT if n is None else n for n in plain]
-    return M, names, _DeferredSpec(formula, row), None in plain
-
-
 def _design(formula: Formula, sub: pd.DataFrame, where: str):
     """Evaluate a formulaic formula; return (float matrix, names, spec, has_intercept)."""
     try:
@@ -704,9 +650,10 @@ def build_model_frame(parsed: ParsedFormula, data, extra: Mapping | None = None,
 
     def design(formula: Formula, where: str):
         nonlocal sub
-        plain = _plain_columns(formula, cols)
-        if plain is not None:
-            return _plain_design(formula, plain, cols, rows, n_dropped)
+        plain = plain_columns(formula, cols)
+        built = None if plain is None else plain_design(formula, plain, cols, rows, n_dropped)
+        if built is not None:
+            return built
         if sub is None:  # the used columns over the used rows, on a fresh index
             sub = (frame[used] if not n_dropped else frame[used].iloc[rows]).reset_index(drop=True)
             for name in used:

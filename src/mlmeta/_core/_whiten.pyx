@@ -1,0 +1,103 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""Whitening by the blocks of a known sampling covariance V, in compiled loops.
+
+Block g holds rows and columns ``starts[g]:starts[g + 1]`` of V (CSR, rows sorted by
+cluster). Its factor is checked on the correlation scale: with D = diag(B),
+R = D^-1/2 B D^-1/2 = L_R L_R', the block is numerically singular when a squared pivot
+L_R[k, k]^2 (the share of row k's variance not explained by the rows before it) is at
+most ``pivot_tol``; then L = D^1/2 L_R, log|B| = 2 sum_k log L[k, k], and rows of a
+matrix M are whitened by M[block] <- L^-1 M[block].
+"""
+
+import numpy as np
+
+from libc.math cimport sqrt, log
+from libc.string cimport memset
+
+from mlmeta._core._linalg cimport potrf_lower, trsm_left_lower
+
+
+def block_factors(const long long[::1] indptr, const long long[::1] indices,
+                  const double[::1] data, const Py_ssize_t[::1] starts,
+                  const Py_ssize_t[::1] sel, double pivot_tol):
+    """The Cholesky factors L of the blocks ``sel`` of V (CSR: indptr, indices, data).
+
+    Returns (packed, ptr, logdet, fail, code, row, pivot): block sel[i]'s L (column-major,
+    upper part zero) at ``packed[ptr[i]:ptr[i + 1]]``; logdet = sum of log|B| over the
+    blocks factored; fail = -1, or the position in ``sel`` of the first block that is not
+    positive definite (code 1: the factorisation broke down at ``row``) or numerically
+    singular (code 2: the smallest squared pivot ``pivot`` at ``row``), the blocks after
+    it not factored.
+    """
+    cdef Py_ssize_t m = sel.shape[0]
+    ptr_arr = np.zeros(m + 1, dtype=np.intp)
+    cdef Py_ssize_t[::1] ptr = ptr_arr
+    cdef Py_ssize_t i, g, a, b, nb, r, c, kk, big = 1
+    for i in range(m):
+        nb = starts[sel[i] + 1] - starts[sel[i]]
+        ptr[i + 1] = ptr[i] + nb * nb
+        if nb > big:
+            big = nb
+    packed_arr = np.zeros(ptr[m])
+    sd_arr = np.empty(big)
+    cdef double[::1] packed = packed_arr
+    cdef double[::1] sd = sd_arr
+    cdef double* L
+    cdef double logdet = 0.0, piv, pmin = 0.0
+    cdef int info, fail = -1, code = 0, row = -1
+    with nogil:
+        for i in range(m):
+            g = sel[i]
+            a = starts[g]
+            b = starts[g + 1]
+            nb = b - a
+            L = &packed[ptr[i]] if nb else NULL
+            if nb == 0:
+                continue
+            memset(L, 0, nb * nb * sizeof(double))
+            for r in range(a, b):
+                for kk in range(indptr[r], indptr[r + 1]):
+                    c = indices[kk]
+                    if a <= c < b:
+                        L[(r - a) + (c - a) * nb] += data[kk]   # duplicates add up
+            for r in range(nb):
+                sd[r] = sqrt(L[r + r * nb])
+            for c in range(nb):
+                for r in range(nb):
+                    L[r + c * nb] = L[r + c * nb] / (sd[r] * sd[c])
+            info = potrf_lower(<int>nb, L, <int>nb)
+            if info != 0:
+                fail, code, row = <int>i, 1, info - 1
+                break
+            kk = 0
+            pmin = L[0] * L[0]
+            for r in range(1, nb):
+                piv = L[r + r * nb] * L[r + r * nb]
+                if piv < pmin:
+                    pmin = piv
+                    kk = r
+            if not pmin > pivot_tol:
+                fail, code, row = <int>i, 2, <int>kk
+                break
+            for c in range(nb):
+                for r in range(nb):
+                    L[r + c * nb] = sd[r] * L[r + c * nb] if r >= c else 0.0
+                logdet += 2.0 * log(L[c + c * nb])
+    return packed_arr, ptr_arr, logdet, fail, code, row, pmin
+
+
+def solve_blocks(const double[::1] packed, const Py_ssize_t[::1] ptr,
+                 const Py_ssize_t[::1] starts, const Py_ssize_t[::1] sel, double[::1, :] M):
+    """M[block] <- L^-1 M[block] for each block sel[i] (rows starts[g]:starts[g + 1]),
+    L its factor at ``packed[ptr[i]:ptr[i + 1]]`` (:func:`block_factors`); in place."""
+    cdef Py_ssize_t i, a, nb
+    cdef int ncol = <int>M.shape[1]
+    cdef int ld = <int>M.shape[0]
+    if ncol == 0 or ld == 0:
+        return
+    with nogil:
+        for i in range(sel.shape[0]):
+            a = starts[sel[i]]
+            nb = starts[sel[i] + 1] - a
+            if nb:
+                trsm_left_lower(b'N', <int>nb, ncol, &packed[ptr[i]], <int>nb, &M[a, 0], ld)
