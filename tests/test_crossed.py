@@ -165,12 +165,14 @@ def test_border_em_step_does_not_lower_the_likelihood():
     assert all(b <= a + 1e-9 for a, b in zip(devs, devs[1:]))
 
 
-def test_border_with_a_full_sampling_covariance_matches_dense():
+@pytest.mark.parametrize("coupled", ["leaf", "top"])
+def test_border_with_a_full_sampling_covariance_matches_dense(coupled):
     y, X, Z, groups, v, structs, n_tree = _crossed_problem(11, 2, 1)
     n = y.shape[0]
-    # effects of one tree leaf share a correlated sampling error (rho = 0.4)
-    leaf = groups[1]
-    same = leaf[:, None] == leaf[None, :]
+    # effects of one tree leaf (or of one top-level cluster: whitened as one node) share a
+    # correlated sampling error (rho = 0.4)
+    key = groups[1] if coupled == "leaf" else groups[0]
+    same = key[:, None] == key[None, :]
     V = np.where(same, 0.4 * np.sqrt(np.outer(v, v)), 0.0) + np.diag(0.6 * v)
     from scipy import sparse
     d = build_design(y, X, Z, groups, V=sparse.csr_matrix(V), n_tree=n_tree)
@@ -178,7 +180,7 @@ def test_border_with_a_full_sampling_covariance_matches_dense():
     theta = np.full(m.n_theta, 0.5)
     ll, beta, _ = dense_loglik(y, X, dense_V(Z, groups, m.Sigma_list(theta), V), "reml")
     assert -0.5 * m.deviance(theta) == pytest.approx(ll, rel=1e-11)
-    assert n == d.n_obs
+    assert n == d.n_obs and d._tree_args["merged"].any() == (coupled == "top")
 
 
 # --------------------------------------------------------------------------- #

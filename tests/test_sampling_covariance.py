@@ -183,6 +183,20 @@ def test_singular_V_block_is_refused_naming_its_cluster(schoolcal, scale, across
         mlmeta.meregress(formula, df, V=V)
 
 
+@pytest.mark.parametrize("across", [False, True])
+def test_V_block_below_the_pivot_threshold_names_its_row(schoolcal, across):
+    """A correlation of 1 - 1e-12 leaves the second row a relative pivot 1 - rho^2 of
+    2e-12, below the threshold (1e-10): refused, naming the row and its pivot."""
+    d = schoolcal.district.to_numpy()
+    rows = np.flatnonzero(d == d[20])[:2]
+    V = _correlated_V(schoolcal, 1.0 - 1e-12, rows)
+    formula = ("stdmdiff ~ 1 + (1 | district) + (1 | district:school)" if across
+               else "stdmdiff ~ 1 + (1 | district)")
+    with pytest.raises(ValueError, match=r"row 2 of the block is a linear combination of the rows "
+                                         r"before it up to a relative pivot of 2\.0e-12 \(at most 1e-10\)"):
+        mlmeta.meregress(formula, schoolcal, V=V)
+
+
 @pytest.mark.parametrize("one_minus_rho", [1e-4, 1e-8])
 def test_nearly_singular_V_block_fits_the_dense_likelihood(schoolcal, one_minus_rho):
     """Correlations just below 1 are legal: the fit's log-likelihood is the dense one at its

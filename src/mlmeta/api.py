@@ -42,17 +42,22 @@ def _sampling_covariance(frame, data, V):
         if len(V) != len(labels):
             raise ValueError(f"V has {len(V)} blocks but {term.group!r} has {len(labels)} groups "
                              f"in the data; give one block per group, in sorted label order")
-        blocks_rows = [np.flatnonzero(codes == g) for g in range(len(labels))]
-        ri, ci, vals = [], [], []
-        for g, (B, r) in enumerate(zip(V, blocks_rows)):
-            B = np.atleast_2d(np.asarray(B, dtype=float))
-            if B.shape != (r.size, r.size):
+        sizes = np.bincount(codes, minlength=len(labels))
+        blocks = [np.atleast_2d(np.asarray(B, dtype=float)) for B in V]
+        for g, (B, size) in enumerate(zip(blocks, sizes)):
+            if B.shape != (size, size):
                 raise ValueError(f"V block {g} (group {labels[g]!r}) is {B.shape[0]} x {B.shape[1]} "
-                                 f"but the group has {r.size} rows")
-            ri.append(np.repeat(r, r.size))
-            ci.append(np.tile(r, r.size))
-            vals.append(B.ravel())
-        M = sparse.csr_matrix((np.concatenate(vals), (np.concatenate(ri), np.concatenate(ci))),
+                                 f"but the group has {size} rows")
+        # entry (i, j) of block g sits at the group's i-th and j-th rows (data order)
+        rows_of = np.argsort(codes, kind="stable")
+        first = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        sq = sizes * sizes
+        block = np.repeat(np.arange(len(labels)), sq)
+        at = np.arange(int(sq.sum())) - np.repeat(np.cumsum(sq) - sq, sq)
+        width = sizes[block]
+        ri = rows_of[first[block] + at // width]
+        ci = rows_of[first[block] + at % width]
+        M = sparse.csr_matrix((np.concatenate([B.ravel() for B in blocks]), (ri, ci)),
                               shape=(n_data, n_data))
     elif sparse.issparse(V):
         M = sparse.csr_matrix(V, dtype=float)

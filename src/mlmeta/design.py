@@ -22,7 +22,7 @@ import numpy as np
 from scipy import linalg, sparse
 
 from mlmeta._core._nested import NestedKernel
-from mlmeta._core._whiten import block_factors, solve_blocks
+from mlmeta._core._whiten import block_factors, merged_products, solve_blocks
 from mlmeta.gram import is_tall, well_conditioned_gram
 
 __all__ = ["NestedDesign", "build_design", "with_Z"]
@@ -241,21 +241,29 @@ class BlockFactors:
 
     def __init__(self):
         self._parts = []
-        self._first = None
+        self._index = None
 
     def add(self, packed, ptr, starts, sel):
         self._parts.append((packed, ptr, starts, sel))
-        self._first = None
+        self._index = None
+
+    def packed_at(self, first_rows):
+        """(packed factors, the offset of the block starting at each of ``first_rows``)."""
+        if self._index is None:     # (first rows sorted, their offsets, all factors)
+            rows = np.concatenate([starts[sel] for _, _, starts, sel in self._parts])
+            base = np.cumsum([0] + [p.size for p, _, _, _ in self._parts])
+            offs = np.concatenate([ptr[:-1] + b for (_, ptr, _, _), b in zip(self._parts, base)])
+            order = np.argsort(rows, kind="stable")
+            packed = (self._parts[0][0] if len(self._parts) == 1
+                      else np.concatenate([p for p, _, _, _ in self._parts]))
+            self._index = (rows[order], offs[order].astype(np.intp), packed)
+        rows, offs, packed = self._index
+        return packed, offs[np.searchsorted(rows, first_rows)]
 
     def of_block(self, a: int, b: int) -> np.ndarray:
         """L of the block of rows a:b."""
-        if self._first is None:     # first row -> (part, position), built on first use
-            self._first = {int(starts[g]): (j, i) for j, (_, _, starts, sel) in enumerate(self._parts)
-                           for i, g in enumerate(sel)}
-        j, i = self._first[a]
-        packed, ptr, starts, sel = self._parts[j]
-        assert int(starts[sel[i] + 1]) == b
-        return packed[ptr[i]:ptr[i + 1]].reshape(b - a, b - a, order="F")
+        packed, (o,) = self.packed_at([a])
+        return packed[o:o + (b - a) ** 2].reshape(b - a, b - a, order="F")
 
     def __bool__(self):
         return any(sel.size for _, _, _, sel in self._parts)
@@ -628,25 +636,34 @@ def _tree_blocks(*, q, L, L_all, n, starts, codes, top_of_row, merged, n_groups,
     sub_node = [np.arange(n_nodes, dtype=np.intp)]
     sub_level = [level.copy()]
     sub_off = [np.zeros(n_nodes, dtype=np.intp)]
-    merged_layout = {}
-    for j in np.flatnonzero(merged):
-        a = node_of_group[0][j]
-        a0, b0 = int(starts[0][j]), int(starts[0][j + 1])
-        pos = q[0]
-        cols = [(0, j, 0)]
-        for lvl in range(1, L):
-            g_lo = int(codes[lvl][a0])
-            g_hi = int(codes[lvl][b0 - 1])
-            for g in range(g_lo, g_hi + 1):
-                node_of_group[lvl][g] = a
-                offset_of_group[lvl][g] = pos
-                cols.append((lvl, g, pos))
-                sub_node.append(np.array([a]))
-                sub_level.append(np.array([lvl]))
-                sub_off.append(np.array([pos]))
-                pos += q[lvl]
-        nq[a] = pos
-        merged_layout[a] = (a0, b0, cols)
+    # a merged cluster's columns: level 0's, then each level's groups in order
+    tops = np.flatnonzero(merged)
+    top_node = node_of_group[0][tops]
+    first, last = starts[0][tops], starts[0][tops + 1]
+    colpos = np.zeros((n, L), dtype=np.intp, order="F")    # of each row's group, per level
+    pos = np.full(tops.size, q[0], dtype=np.intp)
+    cl, lv, off = [], [], []
+    rows = np.flatnonzero(merged[top_of_row]) if tops.size else np.zeros(0, dtype=np.intp)
+    for lvl in range(1, L):
+        g_lo = codes[lvl][first]
+        count = codes[lvl][last - 1] - g_lo + 1
+        c = np.repeat(np.arange(tops.size), count)
+        k = np.arange(int(count.sum())) - np.repeat(np.cumsum(count) - count, count)
+        g = g_lo[c] + k
+        node_of_group[lvl][g] = top_node[c]
+        offset_of_group[lvl][g] = pos[c] + k * q[lvl]
+        cl.append(c)
+        lv.append(np.full(c.size, lvl, dtype=level.dtype))
+        off.append(offset_of_group[lvl][g])
+        pos += count * q[lvl]
+        colpos[rows, lvl] = offset_of_group[lvl][codes[lvl][rows]]
+    nq[top_node] = pos
+    if cl:      # sub-blocks in the order of the cluster, then the level, then the group
+        cl, lv, off = (np.concatenate(v) for v in (cl, lv, off))
+        order = np.lexsort((off, cl))
+        sub_node.append(top_node[cl[order]])
+        sub_level.append(lv[order])
+        sub_off.append(off[order])
 
     # crossed levels: the border's columns and each cluster's local columns
     border = None
@@ -716,19 +733,23 @@ def _tree_blocks(*, q, L, L_all, n, starts, codes, top_of_row, merged, n_groups,
             node = node_of_group[lvl][g]
             j = top_of_row[starts[lvl][g]]
             ZA[za_ptr[node] + i + local_pos(j, c) * ql] = v
-    for a, (a0, b0, cols) in merged_layout.items():
+    if tops.size and border is None:
+        packed, loff = factors.packed_at(first)
+        Zcat = np.asfortranarray(np.hstack(Z_s[:L]))
+        qoff = np.concatenate([[0], np.cumsum(q[:L])[:-1]]).astype(np.intp)
+        merged_products(packed, loff, first, last, nq[top_node], Zcat, qoff,
+                        np.asarray(q[:L], dtype=np.intp), colpos, A, ZZ, zz_ptr[top_node], ZA,
+                        za_ptr[top_node])
+    for a, a0, b0 in zip(top_node if border is not None else (), first, last):
         Zf = np.zeros((b0 - a0, nq[a]))
-        for lvl, g, pos in cols:
-            r0, r1 = (a0, b0) if lvl == 0 else (int(starts[lvl][g]), int(starts[lvl][g + 1]))
-            Zf[r0 - a0:r1 - a0, pos:pos + q[lvl]] = Z_s[lvl][r0:r1]
-        Lc = factors.of_block(a0, b0)   # validated above
-        Zt = linalg.solve_triangular(Lc, Zf, lower=True)
+        for lvl in range(L):
+            Zf[np.arange(b0 - a0)[:, None], colpos[a0:b0, lvl][:, None] + np.arange(q[lvl])] = \
+                Z_s[lvl][a0:b0]
+        Zt = linalg.solve_triangular(factors.of_block(a0, b0), Zf, lower=True)
         ZZ[zz_ptr[a]:zz_ptr[a + 1]] = (Zt.T @ Zt).ravel(order="F")
-        Mj = A[a0:b0]
-        if border is not None:
-            j = int(top_of_row[a0])
-            mine = bmap[cmap_ptr[j]:cmap_ptr[j + 1] - ncol]
-            Mj = np.hstack([Zc[a0:b0][:, mine].toarray(), Mj])
+        j = int(top_of_row[a0])
+        mine = bmap[cmap_ptr[j]:cmap_ptr[j + 1] - ncol]
+        Mj = np.hstack([Zc[a0:b0][:, mine].toarray(), A[a0:b0]])
         ZA[za_ptr[a]:za_ptr[a + 1]] = (Zt.T @ Mj).ravel(order="F")
     if border is not None:
         border["S0"] = _gram(Zc, A)

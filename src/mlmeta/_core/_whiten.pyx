@@ -14,7 +14,7 @@ import numpy as np
 from libc.math cimport sqrt, log
 from libc.string cimport memset
 
-from mlmeta._core._linalg cimport potrf_lower, trsm_left_lower
+from mlmeta._core._linalg cimport gemm, potrf_lower, trsm_left_lower
 
 
 def block_factors(const long long[::1] indptr, const long long[::1] indices,
@@ -101,3 +101,44 @@ def solve_blocks(const double[::1] packed, const Py_ssize_t[::1] ptr,
             nb = starts[sel[i] + 1] - a
             if nb:
                 trsm_left_lower(b'N', <int>nb, ncol, &packed[ptr[i]], <int>nb, &M[a, 0], ld)
+
+
+def merged_products(const double[::1] packed, const Py_ssize_t[::1] loff,
+                    const Py_ssize_t[::1] first, const Py_ssize_t[::1] last,
+                    const Py_ssize_t[::1] nq, const double[::1, :] Zcat,
+                    const Py_ssize_t[::1] qoff, const Py_ssize_t[::1] q,
+                    const Py_ssize_t[::1, :] colpos, const double[::1, :] A,
+                    double[::1] ZZ, const Py_ssize_t[::1] zz_at, double[::1] ZA,
+                    const Py_ssize_t[::1] za_at):
+    """The products of clusters whitened as one block (rows first[c]:last[c], factor L at
+    ``packed[loff[c]:]``): with Zf the cluster's random-effects columns (row r's
+    columns of level l, ``Zcat[r, qoff[l]:qoff[l] + q[l]]``, at columns
+    ``colpos[r, l]:colpos[r, l] + q[l]`` of the nq[c] columns) and Zt = L^-1 Zf,
+    ZZ[zz_at[c]:] <- Zt'Zt (nq x nq) and ZA[za_at[c]:] <- Zt'A[rows] (nq x A's columns,
+    A whitened already), column-major."""
+    cdef Py_ssize_t m = first.shape[0], n_levels = q.shape[0]
+    cdef Py_ssize_t c, r, l, t, a, nb, big = 1
+    cdef int ncol = <int>A.shape[1], lda = <int>A.shape[0], k
+    for c in range(m):
+        if (last[c] - first[c]) * nq[c] > big:
+            big = (last[c] - first[c]) * nq[c]
+    work_arr = np.empty(big)
+    cdef double[::1] work = work_arr
+    cdef double* Zf = &work[0]
+    with nogil:
+        for c in range(m):
+            a = first[c]
+            nb = last[c] - a
+            k = <int>nq[c]
+            if nb == 0 or k == 0:
+                continue
+            memset(Zf, 0, nb * k * sizeof(double))
+            for l in range(n_levels):
+                for t in range(q[l]):
+                    for r in range(nb):
+                        Zf[r + (colpos[a + r, l] + t) * nb] = Zcat[a + r, qoff[l] + t]
+            trsm_left_lower(b'N', <int>nb, k, &packed[loff[c]], <int>nb, Zf, <int>nb)
+            gemm(b'T', b'N', k, k, <int>nb, 1.0, Zf, <int>nb, Zf, <int>nb, 0.0, &ZZ[zz_at[c]], k)
+            if ncol:
+                gemm(b'T', b'N', k, ncol, <int>nb, 1.0, Zf, <int>nb, &A[a, 0], lda, 0.0,
+                     &ZA[za_at[c]], k)
