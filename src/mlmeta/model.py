@@ -85,6 +85,8 @@ class NestedModel:
         constrained coefficients), or None.
     cluster_labels : (grouping term, labels of the top-level groups in code order),
         used to name a cluster in error messages; or None.
+    scale : as above; given, it replaces the median's (a model standing in for another
+        takes the other's, so its steps and probes are the same).
     problem : the engine's :class:`~mlmeta._core._engine.Problem` (objective,
         optimiser and workspaces), built once here.
 
@@ -93,7 +95,8 @@ class NestedModel:
     """
 
     def __init__(self, design: NestedDesign, structs: list[CovStruct], method: str = "reml",
-                 residual: str = "known", fe_constraints=None, cluster_labels=None):
+                 residual: str = "known", fe_constraints=None, cluster_labels=None,
+                 scale: float | None = None):
         method = str(method).lower()
         if residual not in ("known", "profiled"):
             raise ValueError("residual must be 'known' (sampling variances) or 'profiled'")
@@ -118,7 +121,10 @@ class NestedModel:
         self.n_theta = int(offs[-1])
         self.lower = np.concatenate([s.lower for s in structs]) if structs else np.zeros(0)
         self.upper = np.concatenate([s.upper for s in structs]) if structs else np.zeros(0)
-        self.scale = float(np.sqrt(np.median(design.variance))) if design.variance is not None else 1.0
+        if scale is not None:
+            self.scale = float(scale)
+        else:
+            self.scale = float(np.sqrt(np.median(design.variance))) if design.variance is not None else 1.0
         self.problem = self._problem()
         self._last = None        # the last evaluation of the design's own outcome (evaluate)
 

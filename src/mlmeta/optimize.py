@@ -45,6 +45,7 @@ from mlmeta.model import NestedModel
 from mlmeta.pdedge import finish_on_edge
 from mlmeta.refine import (DECREMENT_TOL, EM_SWITCH, Work, custom_correlations, deviances,
                            differenced, quasi_newton, refine, run_engine, theta_scale)
+from mlmeta.rotation import rotated_twin
 from mlmeta.starts import (SEGMENT_POINTS, alternative_starts, away_from_em, descends,
                            natural_start, on_boundary, run_starts, inflated_em)
 from mlmeta.validate import safeguard as _safeguard
@@ -241,6 +242,9 @@ def fit_nested(model: NestedModel, *, theta0=None, em_iter=20, em_tol=1e-10, em_
         A = conditioning(model)
         if A is not None:
             return _fit_conditioned(model, A, t0=t0, **options)
+        twin = rotated_twin(model)
+        if twin is not None:
+            return _fit_working(model, twin, lambda theta: theta, t0=t0, **options)
     return _fit(model, theta0=theta0, em_only=em_only, fixed=fixed, t0=t0, **options)
 
 
@@ -513,13 +517,22 @@ def conditioned_model(model: NestedModel, A):
 
 def _fit_conditioned(model, A, *, t0, **options):
     """Fit the model with each level's design Z_l A_l (:func:`conditioning`) and map the
-    optimum back (Sigma_l = A_l Sigma~_l A_l'). The likelihood is the same, so the working
-    fit's convergence check holds (it is made where the Hessian is well scaled); the
-    deviance is recomputed on the model as given and must agree to 1e-8."""
+    optimum back (Sigma_l = A_l Sigma~_l A_l'): :func:`_fit_working`, with the natural
+    start of the model's own basis among the extra starts."""
     work, back = conditioned_model(model, A)
+    return _fit_working(model, work, back, t0=t0, **options,
+                        more_starts=lambda: [("natural scale in the model's basis",
+                                              _own_natural_start(model, work, A))])
+
+
+def _fit_working(model, work, back, *, t0, more_starts=None, **options):
+    """Fit ``work``, a model with the same likelihood as ``model`` (in a better-scaled
+    basis, :func:`conditioned_model`, or with V rotated away, :func:`rotated_twin`), and map
+    the optimum to the model's theta by ``back``. The likelihood is the same, so the
+    working fit's convergence check holds; the deviance is recomputed on the model as
+    given and must agree to 1e-8, else the fit is finished on the model itself."""
     rec_w = _fit(work, theta0=None, em_only=False, fixed=None, t0=t0, **options,
-                 more_starts=lambda: [("natural scale in the model's basis",
-                                       _own_natural_start(model, work, A))])
+                 more_starts=more_starts)
     theta = back(rec_w.theta)
     rec = rec_w
     try:

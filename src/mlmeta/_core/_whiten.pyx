@@ -14,7 +14,7 @@ import numpy as np
 from libc.math cimport sqrt, log
 from libc.string cimport memset
 
-from mlmeta._core._linalg cimport gemm, potrf_lower, trsm_left_lower
+from mlmeta._core._linalg cimport gemm, jacobi_eigen, potrf_lower, trsm_left_lower
 
 
 def block_factors(const long long[::1] indptr, const long long[::1] indices,
@@ -142,3 +142,59 @@ def merged_products(const double[::1] packed, const Py_ssize_t[::1] loff,
             if ncol:
                 gemm(b'T', b'N', k, ncol, <int>nb, 1.0, Zf, <int>nb, &A[a, 0], lda, 0.0,
                      &ZA[za_at[c]], k)
+
+
+def rotate_blocks(const long long[::1] indptr, const long long[::1] indices,
+                  const double[::1] data, const Py_ssize_t[::1] starts,
+                  const Py_ssize_t[::1] sel, double[::1, :] M, double[::1] lam,
+                  double max_cond):
+    """Each block g in ``sel`` (rows and columns starts[g]:starts[g + 1] of V) as
+    B = Q diag(w) Q' (Jacobi's method: eigenvalues of a positive definite B to high
+    relative accuracy): M[block] <- Q'M[block] and lam[block] <- w (ascending), in place.
+
+    Returns -1, or the position in ``sel`` of the first block whose decomposition failed
+    or whose eigenvalues are not all positive with w_max <= max_cond w_min (the blocks
+    before it rotated, the rest not)."""
+    cdef Py_ssize_t m = sel.shape[0]
+    cdef Py_ssize_t i, g, a, nb, r, c, kk, j, big = 1
+    cdef int ncol = <int>M.shape[1], ld = <int>M.shape[0]
+    for i in range(m):
+        nb = starts[sel[i] + 1] - starts[sel[i]]
+        if nb > big:
+            big = nb
+    B_arr = np.empty(big * big)
+    T_arr = np.empty(big * max(ncol, 1))
+    W_arr = np.empty(2 * big * big)
+    cdef double[::1] Bv = B_arr
+    cdef double[::1] Tv = T_arr
+    cdef double[::1] Wv = W_arr
+    cdef double* B = &Bv[0]
+    cdef double* T = &Tv[0]
+    cdef int fail = -1
+    with nogil:
+        for i in range(m):
+            g = sel[i]
+            a = starts[g]
+            nb = starts[g + 1] - a
+            if nb == 0:
+                continue
+            memset(B, 0, nb * nb * sizeof(double))
+            for r in range(a, a + nb):
+                for kk in range(indptr[r], indptr[r + 1]):
+                    c = indices[kk]
+                    if a <= c < a + nb:
+                        B[(r - a) + (c - a) * nb] += data[kk]   # duplicates add up
+            if jacobi_eigen(<int>nb, B, &lam[a], &Wv[0]) != 0:
+                fail = <int>i
+                break
+            if not (lam[a] > 0.0 and lam[a + nb - 1] <= max_cond * lam[a]):
+                fail = <int>i
+                break
+            if ncol == 0:
+                continue
+            gemm(b'T', b'N', <int>nb, ncol, <int>nb, 1.0, B, <int>nb, &M[a, 0], ld, 0.0,
+                 T, <int>nb)
+            for j in range(ncol):
+                for r in range(nb):
+                    M[a + r, j] = T[r + j * nb]
+    return fail

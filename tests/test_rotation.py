@@ -1,0 +1,123 @@
+"""V rotated away (mlmeta.rotation): the rotated model's likelihood is the model's, the
+fits through it equal the fits without it, and it stands aside where it does not apply."""
+
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import sparse
+
+import mlmeta
+import mlmeta.optimize as opt
+from dense import dense_loglik, dense_V
+from mlmeta.api import build_model as _build
+from mlmeta.rotation import MAX_COND, rotated_twin
+
+
+def _studies(n_studies=30, seed=0, rho=0.6, slope=False):
+    """Effects within studies (1 to 6 per study), V with correlation rho within a study."""
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(1, 7, n_studies)
+    study = np.repeat(np.arange(n_studies), sizes)
+    n = study.size
+    x = rng.normal(size=n)
+    v = rng.uniform(0.02, 0.3, n)
+    blocks = []
+    for s in range(n_studies):
+        sd = np.sqrt(v[study == s])
+        B = rho * np.outer(sd, sd)
+        np.fill_diagonal(B, sd ** 2)
+        blocks.append(B)
+    u = np.repeat(rng.normal(scale=0.4, size=n_studies), sizes)
+    y = 0.3 + 0.2 * x + u + rng.normal(scale=0.2, size=n) + rng.normal(size=n) * np.sqrt(v)
+    order = rng.permutation(n)          # rows in any order
+    df = pd.DataFrame({"y": y, "x": x, "study": study, "es": np.arange(n)}).iloc[order]
+    df = df.reset_index(drop=True)
+    return df, blocks
+
+
+def build_model(formula, df, **kwargs):
+    return _build(formula, df, **kwargs)[0]
+
+
+FORMULAS = ["y ~ x + (1 | study) + (1 | study:es)",
+            "y ~ 1 + (1 + x | study) + (1 | study:es)",
+            "y ~ x + (1 | study/es)"]
+
+
+@pytest.mark.parametrize("formula", FORMULAS)
+@pytest.mark.parametrize("method", ["reml", "ml"])
+def test_rotated_model_has_the_models_likelihood(formula, method):
+    df, blocks = _studies(seed=1)
+    model = build_model(formula, df, V=blocks, method=method)
+    twin = rotated_twin(model)
+    assert twin is not None and twin.design.Lambda is None
+    assert twin._fold_level() == 1                # one effect per lower group, folded
+    assert twin.scale == model.scale
+    rng = np.random.default_rng(3)
+    d = model.design
+    for _ in range(4):
+        theta = np.clip(rng.uniform(0.05, 0.8, model.n_theta), model.lower, model.upper)
+        a, b = model.evaluate(theta, gradient=True), twin.evaluate(theta, gradient=True)
+        assert b.deviance == pytest.approx(a.deviance, rel=1e-11)
+        np.testing.assert_allclose(b.beta, a.beta, rtol=1e-9, atol=1e-11)
+        np.testing.assert_allclose(b.cov_beta, a.cov_beta, rtol=1e-9)
+        np.testing.assert_allclose(b.grad, a.grad, rtol=1e-7, atol=1e-8)
+        # and both are the dense likelihood
+        Vfull = dense_V(d.Z, d.groups, model.Sigma_list(theta), d.Lambda.toarray())
+        ll = dense_loglik(d.y, d.X, Vfull, method)[0]
+        assert -0.5 * b.deviance == pytest.approx(ll, rel=1e-10)
+
+
+@pytest.mark.parametrize("formula", FORMULAS[:2])
+@pytest.mark.parametrize("safeguard", ["auto", False])
+def test_fit_through_the_rotated_model_equals_the_fit_without(formula, safeguard, monkeypatch):
+    df, blocks = _studies(seed=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        used = []
+        monkeypatch.setattr(opt, "rotated_twin", lambda m: used.append(rotated_twin(m)) or used[-1])
+        fast = mlmeta.meregress(formula, df, V=blocks, safeguard=safeguard)
+        assert used and used[0] is not None             # fitted through the rotated model
+        calls = []
+        monkeypatch.setattr(opt, "rotated_twin", lambda m: calls.append(m) or None)
+        slow = mlmeta.meregress(formula, df, V=blocks, safeguard=safeguard)
+    assert calls and fast.converged and slow.converged
+    assert fast.llf == pytest.approx(slow.llf, rel=1e-10, abs=1e-9)
+    np.testing.assert_allclose(fast.params, slow.params, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(fast.bse, slow.bse, rtol=1e-5)
+    np.testing.assert_allclose(fast.theta, slow.theta, rtol=1e-5, atol=1e-6)
+
+
+def test_rotation_stands_aside_where_it_does_not_apply():
+    df, blocks = _studies(seed=4)
+    assert rotated_twin(build_model(FORMULAS[0], df, V=blocks)) is not None
+    # sampling variances only; V diagonal; a three-level model; a lower level with a slope
+    assert rotated_twin(build_model(FORMULAS[0], df.assign(v=0.1), variance="v")) is None
+    diag = [np.diag(np.diag(B)) for B in blocks]
+    assert rotated_twin(build_model(FORMULAS[0], df, V=diag)) is None
+    three = df.assign(arm=df.es % 2)
+    assert rotated_twin(build_model("y ~ x + (1 | study) + (1 | study:arm) + (1 | study:arm:es)",
+                                    three, V=blocks)) is None
+    assert rotated_twin(build_model("y ~ 1 + (1 | study) + (0 + x | study:es)", df, V=blocks)) is None
+    # one badly conditioned block keeps the Cholesky whitening
+    worst = next(i for i, B in enumerate(blocks) if B.shape[0] >= 2)
+    sd = np.sqrt(np.diag(blocks[worst]))
+    bad = list(blocks)
+    bad[worst] = (1 - 1e-7) * np.outer(sd, sd) + 1e-7 * np.diag(sd ** 2)
+    assert np.linalg.cond(bad[worst]) > MAX_COND
+    assert rotated_twin(build_model(FORMULAS[0], df, V=bad)) is None
+
+
+def test_sparse_V_in_data_order_is_rotated_alike():
+    df, blocks = _studies(seed=5)
+    rows = [np.flatnonzero(df.study.to_numpy() == s) for s in range(len(blocks))]
+    V = sparse.lil_matrix((len(df), len(df)))
+    for r, B in zip(rows, blocks):
+        V[np.ix_(r, r)] = B
+    a = build_model(FORMULAS[0], df, V=blocks)
+    b = build_model(FORMULAS[0], df, V=V.tocsr())
+    theta = np.array([0.3, 0.2])
+    assert rotated_twin(b).deviance(theta) == pytest.approx(rotated_twin(a).deviance(theta), rel=1e-12)
+    assert rotated_twin(b).deviance(theta) == pytest.approx(a.deviance(theta), rel=1e-11)
