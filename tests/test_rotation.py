@@ -121,3 +121,24 @@ def test_sparse_V_in_data_order_is_rotated_alike():
     theta = np.array([0.3, 0.2])
     assert rotated_twin(b).deviance(theta) == pytest.approx(rotated_twin(a).deviance(theta), rel=1e-12)
     assert rotated_twin(b).deviance(theta) == pytest.approx(a.deviance(theta), rel=1e-11)
+
+
+@pytest.mark.parametrize("safeguard", [False, True])
+def test_fit_batch_with_V_fits_the_rotated_outcomes_as_single_fits(safeguard):
+    """fit_batch of a model whose V rotates away takes the engine's batch path (the
+    rotated outcomes on the rotated model) and gives each column's single fit."""
+    df, blocks = _studies(seed=6, n_studies=25)
+    formula = FORMULAS[0]
+    model = mlmeta.Model(formula, df, V=blocks)
+    assert mlmeta.batch._batchable(model) is None
+    Y = model.simulate(6, seed=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        batch = mlmeta.fit_batch(model, Y, safeguard=safeguard)
+        for j in range(Y.shape[1]):
+            one = mlmeta.meregress(formula, df.assign(y=Y[:, j]), V=blocks, safeguard=safeguard)
+            assert batch.llf[j] == pytest.approx(one.llf, rel=1e-9, abs=1e-8)
+            np.testing.assert_allclose(batch.params.values[j], one.params.values, rtol=1e-5, atol=1e-7)
+            np.testing.assert_allclose(batch.bse.values[j], one.bse.values, rtol=1e-5, atol=1e-7)
+            np.testing.assert_allclose(batch.theta[j], one.theta, rtol=1e-4, atol=1e-6)
+            assert bool(batch.converged[j]) == one.converged

@@ -27,6 +27,7 @@ from mlmeta.mixed import MixedResults, build_mixed_model, check_outcome
 from mlmeta.model import NestedModel
 from mlmeta.optimize import fit_model
 from mlmeta.refit import concat_fits, fit_outcomes, simulate_outcomes
+from mlmeta.rotation import rotated_twin
 from mlmeta.summary import confidence_level
 from mlmeta.results import MeregressResults
 from mlmeta.validate import aligned
@@ -328,7 +329,7 @@ class BatchResults:
 
 def _batchable(model: Model):
     """None when new outcome vectors can be fitted on the model's own problem, else why not."""
-    if not model.model.problem.new_outcomes:
+    if not model.model.problem.new_outcomes and rotated_twin(model.model) is None:
         return "a full sampling covariance V"
     if model.model.fe_constraints is not None:
         return "fixed-effect constraints"

@@ -9,7 +9,9 @@ nothing is parsed or re-sorted per outcome:
 * :func:`fit_outcomes` fits every column with the engine (:meth:`Problem.fit
   <mlmeta._core._engine.Problem.fit>`), the columns shared out over threads; a design
   whitened by a full sampling covariance V cannot take a new outcome in its
-  precomputed problem, so it is rebuilt per column (the same engine fits it). With an
+  precomputed problem, so it is rebuilt per column (the same engine fits it), unless it
+  can be rotated away (:mod:`mlmeta.rotation`: the rotated outcomes are fitted on the
+  rotated model's problem). With an
   ``executor`` the columns are fitted in chunks on it (see :mod:`mlmeta._executor`).
 
 Outcomes are in the model frame's row order (the rows used by the fit) and in the
@@ -26,6 +28,7 @@ from mlmeta.model import NestedModel
 from mlmeta.accuracy import ROUNDING_C, ROUNDING_TOL, largest_group_traces
 from mlmeta.optimize import (MAIN_ITER, conditioned_model, conditioning, extra_starts,
                              feasible_start, finish_outcome, fit_model, start_theta)
+from mlmeta.rotation import rotated_twin
 from mlmeta.refine import (_PROBES, EM_SWITCH, off_bound_gain, off_bound_probes, switch_dec,
                            theta_scale)
 
@@ -96,6 +99,13 @@ def fit_outcomes(model: NestedModel, Y, *, theta0=None, em_iter=20, maxiter=1000
     Y = np.asarray(Y, dtype=float)
     m = Y.shape[1]
     own_starts = theta0 is None
+    twin = None if model.problem.new_outcomes else rotated_twin(model)
+    if twin is not None:
+        # V rotated away (mlmeta.rotation): the same likelihood for the rotated outcomes,
+        # whose fits the engine makes on the rotated model's own problem
+        return fit_outcomes(twin, twin.rotation.apply(Y[d.perm]), theta0=theta0, em_iter=em_iter,
+                            maxiter=maxiter, tol=tol, n_jobs=n_jobs, executor=executor,
+                            safeguard=safeguard)
     if own_starts and not model.problem.new_outcomes:
         theta0 = start_theta(model)     # a design rebuilt per column starts where the model does
     if theta0 is not None:

@@ -24,17 +24,33 @@ from __future__ import annotations
 
 import numpy as np
 
-from mlmeta._core._whiten import rotate_blocks
+from mlmeta._core._whiten import rotate_blocks, rotate_by
 from mlmeta.design import build_design
 from mlmeta.model import NestedModel
 from mlmeta.refine import _scale_parts
 
-__all__ = ["MAX_COND", "rotated_twin"]
+__all__ = ["MAX_COND", "Rotation", "rotated_twin"]
 
 #: clusters whose block of V has a condition number above this keep the Cholesky
 #: whitening (the eigenvalues' rounding, about eps times the condition, would show in
 #: the deviance)
 MAX_COND = 1e6
+
+
+class Rotation:
+    """The clusters' eigenvectors Q_c of a rotated model: :meth:`apply` takes outcomes in
+    the model's sorted row order to the rotated model's (Q_c' per cluster)."""
+
+    def __init__(self, Q, qptr, starts, sel):
+        self.Q, self.qptr, self.starts, self.sel = Q, qptr, starts, sel
+
+    def apply(self, Y) -> np.ndarray:
+        """Q'Y per cluster, for Y (n_obs x m) in the sorted order of the model's design."""
+        out = np.array(Y, dtype=np.float64, order="F", copy=True)
+        if out.ndim == 1:
+            out = out[:, None]
+        rotate_by(self.Q, self.qptr, self.starts, self.sel, out)
+        return out.reshape(np.shape(Y))
 
 
 def rotated_twin(model: NestedModel) -> NestedModel | None:
@@ -43,7 +59,16 @@ def rotated_twin(model: NestedModel) -> NestedModel | None:
     (or crossed ones), a lower level other than one intercept per effect with a linear
     structure, or a cluster's block of V with a condition number above :data:`MAX_COND`.
     It takes the model's sampling scale and natural parameter sizes, so that its steps,
-    probes and extra starts are the model's own."""
+    probes and extra starts are the model's own, and holds the rotation (``rotation``, a
+    :class:`Rotation`). Made once per model (kept on it)."""
+    if "_rotated_twin" in model.__dict__:
+        return model.__dict__["_rotated_twin"]
+    twin = _rotated_twin(model)
+    model.__dict__["_rotated_twin"] = twin
+    return twin
+
+
+def _rotated_twin(model):
     d = model.design
     args = d._tree_args
     if (d.Lambda is None or args is None or d.crossed or d.n_levels != 2 or d.q[1] != 1
@@ -55,11 +80,14 @@ def rotated_twin(model: NestedModel) -> NestedModel | None:
     n, p = d.n_obs, d.X.shape[1]
     M = np.asfortranarray(np.column_stack([d.y, d.X, d.Z[0]]))
     lam = np.array(d.variance, dtype=np.float64)
+    starts = np.ascontiguousarray(d.group_start[0], dtype=np.intp)
     sel = np.flatnonzero(args["merged"]).astype(np.intp)
+    sizes = starts[sel + 1] - starts[sel]
+    qptr = np.concatenate([[0], np.cumsum(sizes * sizes)]).astype(np.intp)
+    Q = np.empty(qptr[-1])
     fail = rotate_blocks(Vs.indptr.astype(np.int64), Vs.indices.astype(np.int64),
-                         np.asarray(Vs.data, dtype=np.float64),
-                         np.ascontiguousarray(d.group_start[0], dtype=np.intp), sel, M, lam,
-                         MAX_COND)
+                         np.asarray(Vs.data, dtype=np.float64), starts, sel, M, lam, MAX_COND,
+                         Q, qptr)
     if fail >= 0:
         return None
     design = build_design(M[:, 0], M[:, 1:1 + p], [M[:, 1 + p:], np.ones((n, 1))],
@@ -67,4 +95,5 @@ def rotated_twin(model: NestedModel) -> NestedModel | None:
     twin = NestedModel(design, model.structs, model.method, fe_constraints=model.fe_constraints,
                        cluster_labels=model.cluster_labels, scale=model.scale)
     twin.__dict__["_theta_scale_parts"] = _scale_parts(model)
+    twin.rotation = Rotation(Q, qptr, starts, sel)
     return twin

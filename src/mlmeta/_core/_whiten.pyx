@@ -147,29 +147,24 @@ def merged_products(const double[::1] packed, const Py_ssize_t[::1] loff,
 def rotate_blocks(const long long[::1] indptr, const long long[::1] indices,
                   const double[::1] data, const Py_ssize_t[::1] starts,
                   const Py_ssize_t[::1] sel, double[::1, :] M, double[::1] lam,
-                  double max_cond):
-    """Each block g in ``sel`` (rows and columns starts[g]:starts[g + 1] of V) as
-    B = Q diag(w) Q' (Jacobi's method: eigenvalues of a positive definite B to high
-    relative accuracy): M[block] <- Q'M[block] and lam[block] <- w (ascending), in place.
+                  double max_cond, double[::1] Q, const Py_ssize_t[::1] qptr):
+    """Each block g = sel[i] of V (rows and columns starts[g]:starts[g + 1]) as
+    B = Q_i diag(w) Q_i' (Jacobi's method: eigenvalues of a positive definite B to high
+    relative accuracy): M[block] <- Q_i'M[block] and lam[block] <- w (ascending), in
+    place, Q_i (column-major) kept at ``Q[qptr[i]:qptr[i + 1]]``.
 
     Returns -1, or the position in ``sel`` of the first block whose decomposition failed
     or whose eigenvalues are not all positive with w_max <= max_cond w_min (the blocks
     before it rotated, the rest not)."""
     cdef Py_ssize_t m = sel.shape[0]
-    cdef Py_ssize_t i, g, a, nb, r, c, kk, j, big = 1
-    cdef int ncol = <int>M.shape[1], ld = <int>M.shape[0]
+    cdef Py_ssize_t i, g, a, nb, r, c, kk, big = 1
     for i in range(m):
         nb = starts[sel[i] + 1] - starts[sel[i]]
         if nb > big:
             big = nb
-    B_arr = np.empty(big * big)
-    T_arr = np.empty(big * max(ncol, 1))
     W_arr = np.empty(2 * big * big)
-    cdef double[::1] Bv = B_arr
-    cdef double[::1] Tv = T_arr
     cdef double[::1] Wv = W_arr
-    cdef double* B = &Bv[0]
-    cdef double* T = &Tv[0]
+    cdef double* B
     cdef int fail = -1
     with nogil:
         for i in range(m):
@@ -178,6 +173,7 @@ def rotate_blocks(const long long[::1] indptr, const long long[::1] indices,
             nb = starts[g + 1] - a
             if nb == 0:
                 continue
+            B = &Q[qptr[i]]
             memset(B, 0, nb * nb * sizeof(double))
             for r in range(a, a + nb):
                 for kk in range(indptr[r], indptr[r + 1]):
@@ -190,11 +186,35 @@ def rotate_blocks(const long long[::1] indptr, const long long[::1] indices,
             if not (lam[a] > 0.0 and lam[a + nb - 1] <= max_cond * lam[a]):
                 fail = <int>i
                 break
-            if ncol == 0:
+    if fail < 0:
+        rotate_by(Q, qptr, starts, sel, M)
+    return fail
+
+
+def rotate_by(const double[::1] Q, const Py_ssize_t[::1] qptr, const Py_ssize_t[::1] starts,
+              const Py_ssize_t[::1] sel, double[::1, :] M):
+    """M[block] <- Q_i'M[block] for each block g = sel[i] (rows starts[g]:starts[g + 1]),
+    Q_i at ``Q[qptr[i]:qptr[i + 1]]`` (:func:`rotate_blocks`); in place."""
+    cdef Py_ssize_t m = sel.shape[0]
+    cdef Py_ssize_t i, a, nb, r, j, big = 1
+    cdef int ncol = <int>M.shape[1], ld = <int>M.shape[0]
+    if ncol == 0 or ld == 0:
+        return
+    for i in range(m):
+        nb = starts[sel[i] + 1] - starts[sel[i]]
+        if nb > big:
+            big = nb
+    T_arr = np.empty(big * ncol)
+    cdef double[::1] Tv = T_arr
+    cdef double* T = &Tv[0]
+    with nogil:
+        for i in range(m):
+            a = starts[sel[i]]
+            nb = starts[sel[i] + 1] - a
+            if nb == 0:
                 continue
-            gemm(b'T', b'N', <int>nb, ncol, <int>nb, 1.0, B, <int>nb, &M[a, 0], ld, 0.0,
-                 T, <int>nb)
+            gemm(b'T', b'N', <int>nb, ncol, <int>nb, 1.0, &Q[qptr[i]], <int>nb, &M[a, 0], ld,
+                 0.0, T, <int>nb)
             for j in range(ncol):
                 for r in range(nb):
                     M[a + r, j] = T[r + j * nb]
-    return fail
