@@ -324,6 +324,33 @@ cat(sprintf('{"seconds": %.9g, "reps": %d, "llf": %.10g, "sigma2": [%s]}\n', med
 """
 
 
+def _mlmeta_v_rows(tag, f, data, blocks, repeat, sigma2):
+    """The rows of mlmeta's fits with ``V=blocks`` (default and ``safeguard=False``);
+    ``sigma2(res)``: the variances to show."""
+    rows = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for label, sg in (("mlmeta", "auto"), ("mlmeta (safeguard=False)", False)):
+            mlmeta.meregress(f, data, V=blocks, safeguard=sg)
+            t, res = median_time(lambda sg=sg: mlmeta.meregress(f, data, V=blocks, safeguard=sg),
+                                 repeat)
+            rows.append({**tag, "tool": label, "seconds": t, "reps": repeat, "llf": res.llf,
+                         "sigma2": sigma2(res)})
+    return rows
+
+
+def _r_json(script_text, name, args, workdir):
+    """Run an R script (written to ``workdir``/name) with ``args``; its JSON line as a dict,
+    or {"error": the last line of its messages}."""
+    script = Path(workdir) / name
+    script.write_text(script_text)
+    p = subprocess.run(["Rscript", "--vanilla", str(script), *map(str, args)],
+                       capture_output=True, text=True, timeout=1800)
+    line = [x for x in p.stdout.splitlines() if x.startswith("{")]
+    return json.loads(line[0]) if line else {"error": (p.stderr.strip().splitlines()
+                                                       or ["no output"])[-1]}
+
+
 def run_berkey(repeat, has_r, workdir):
     """berkey (two correlated outcomes per trial, the known 2 x 2 sampling covariance
     blocks as V, an unstructured trial-level covariance): mlmeta vs metafor."""
@@ -333,24 +360,10 @@ def run_berkey(repeat, has_r, workdir):
     blocks = [g[["v1i", "v2i"]].to_numpy() for _, g in dat.groupby("trial", sort=False)]
     f = "yi ~ 0 + outcome + (0 + outcome | trial)"
     tag = {"data": "berkey V", "n": len(dat)}
-    rows = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for label, sg in (("mlmeta", "auto"), ("mlmeta (safeguard=False)", False)):
-            mlmeta.meregress(f, dat, V=blocks, safeguard=sg)
-            t, res = median_time(lambda sg=sg: mlmeta.meregress(f, dat, V=blocks, safeguard=sg),
-                                 repeat)
-            S = next(iter(res.re_cov.values())).values
-            rows.append({**tag, "tool": label, "seconds": t, "reps": repeat, "llf": res.llf,
-                         "sigma2": [float(S[0, 0]), float(S[1, 1])]})
+    rows = _mlmeta_v_rows(tag, f, dat, blocks, repeat,
+                          lambda res: [float(v) for v in np.diag(res.re_cov["trial"].values)])
     if has_r:
-        script = Path(workdir) / "berkey.R"
-        script.write_text(BERKEY_R)
-        p = subprocess.run(["Rscript", "--vanilla", str(script), str(max(repeat, 5))],
-                           capture_output=True, text=True, timeout=600)
-        line = [x for x in p.stdout.splitlines() if x.startswith("{")]
-        r = json.loads(line[0]) if line else {"error": (p.stderr.strip().splitlines()
-                                                        or ["no output"])[-1]}
+        r = _r_json(BERKEY_R, "berkey.R", [max(repeat, 5)], workdir)
         rows.append({**tag, "tool": "metafor rma.mv (dense)", **r})
     return rows
 
@@ -391,25 +404,12 @@ def run_v_multilevel(repeat, seed, has_r, workdir, n=1000):
         blocks.append(B)
     f = "y ~ x + (1 | a) + (1 | a:b)"
     tag = {"data": "5 per study, V", "n": len(d)}
-    rows = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for label, sg in (("mlmeta", "auto"), ("mlmeta (safeguard=False)", False)):
-            mlmeta.meregress(f, d, V=blocks, safeguard=sg)
-            t, res = median_time(lambda sg=sg: mlmeta.meregress(f, d, V=blocks, safeguard=sg),
-                                 repeat)
-            rows.append({**tag, "tool": label, "seconds": t, "reps": repeat, "llf": res.llf,
-                         "sigma2": [float(S.values[0, 0]) for S in res.re_cov.values()]})
+    rows = _mlmeta_v_rows(tag, f, d, blocks, repeat,
+                          lambda res: [float(S.values[0, 0]) for S in res.re_cov.values()])
     if has_r:
         csv = Path(workdir) / "v_multilevel.csv"
         d.to_csv(csv, index=False)
-        script = Path(workdir) / "v_multilevel.R"
-        script.write_text(V_MULTILEVEL_R)
-        p = subprocess.run(["Rscript", "--vanilla", str(script), str(csv), str(repeat), str(V_RHO)],
-                           capture_output=True, text=True, timeout=1800)
-        line = [x for x in p.stdout.splitlines() if x.startswith("{")]
-        r = json.loads(line[0]) if line else {"error": (p.stderr.strip().splitlines()
-                                                        or ["no output"])[-1]}
+        r = _r_json(V_MULTILEVEL_R, "v_multilevel.R", [csv, repeat, V_RHO], workdir)
         rows.append({**tag, "tool": "metafor rma.mv sparse=TRUE", **r})
     return rows
 
