@@ -210,3 +210,17 @@ def test_nearly_singular_V_block_fits_the_dense_likelihood(schoolcal, one_minus_
                                           dd.Lambda.toarray()), "reml")[0]
     assert res.llf == pytest.approx(ll, abs=1e-6)
     assert "Random-effects" in str(res.summary()) or res.re_params().shape[0] == 2
+
+
+def test_V_blocks_of_the_wrong_size_are_named():
+    import pandas as pd
+
+    df = pd.DataFrame({"y": [1.0, 2, 3, 4, 5, 6], "g": [1, 1, 2, 2, 3, 3]})
+    with pytest.raises(ValueError, match=r"V block 1 \(group 2\) is 3 x 3 but the group has 2 rows"):
+        mlmeta.meregress("y ~ 1 + (1 | g)", df, V=[np.eye(2), np.eye(3), np.eye(2)])
+    with pytest.raises(ValueError, match=r"V has 2 blocks but 'g' has 3 groups"):
+        mlmeta.meregress("y ~ 1 + (1 | g)", df, V=[np.eye(2), np.eye(2)])
+    # lists, integers and scalars are blocks too
+    res = mlmeta.meregress("y ~ 1 + (1 | g)", df, V=[np.eye(2), [[1, 0], [0, 1]], 0.5 * np.eye(2)])
+    same = mlmeta.meregress("y ~ 1 + (1 | g)", df, V=np.diag([1.0, 1, 1, 1, 0.5, 0.5]))
+    assert res.llf == pytest.approx(same.llf, rel=1e-12)

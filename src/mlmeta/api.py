@@ -43,11 +43,13 @@ def _sampling_covariance(frame, data, V):
             raise ValueError(f"V has {len(V)} blocks but {term.group!r} has {len(labels)} groups "
                              f"in the data; give one block per group, in sorted label order")
         sizes = np.bincount(codes, minlength=len(labels))
-        blocks = [np.atleast_2d(np.asarray(B, dtype=float)) for B in V]
-        for g, (B, size) in enumerate(zip(blocks, sizes)):
-            if B.shape != (size, size):
-                raise ValueError(f"V block {g} (group {labels[g]!r}) is {B.shape[0]} x {B.shape[1]} "
-                                 f"but the group has {size} rows")
+        blocks = [B if type(B) is np.ndarray and B.ndim == 2 and B.dtype == np.float64
+                  else np.atleast_2d(np.asarray(B, dtype=float)) for B in V]
+        shapes = np.array([B.shape for B in blocks]).reshape(-1, 2)
+        for g in np.flatnonzero((shapes[:, 0] != sizes) | (shapes[:, 1] != sizes))[:1]:
+            label = labels[g].item() if isinstance(labels[g], np.generic) else labels[g]
+            raise ValueError(f"V block {g} (group {label!r}) is {shapes[g, 0]} x {shapes[g, 1]} "
+                             f"but the group has {sizes[g]} rows")
         # entry (i, j) of block g sits at the group's i-th and j-th rows (data order)
         rows_of = np.argsort(codes, kind="stable")
         first = np.concatenate([[0], np.cumsum(sizes)[:-1]])
