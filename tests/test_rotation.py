@@ -142,3 +142,71 @@ def test_fit_batch_with_V_fits_the_rotated_outcomes_as_single_fits(safeguard):
             np.testing.assert_allclose(batch.bse.values[j], one.bse.values, rtol=1e-5, atol=1e-7)
             np.testing.assert_allclose(batch.theta[j], one.theta, rtol=1e-4, atol=1e-6)
             assert bool(batch.converged[j]) == one.converged
+
+
+def _schools(seed=7):
+    """Effects within schools within districts, V correlated (0.5) within a school."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for dist in range(12):
+        for school in range(int(rng.integers(1, 4))):
+            rows += [(dist, school)] * int(rng.integers(1, 5))
+    codes = np.array(rows)
+    n = len(codes)
+    v = rng.uniform(0.05, 0.3, n)
+    key = codes[:, 0] * 10 + codes[:, 1]
+    blocks = []
+    for k in np.unique(key):
+        sd = np.sqrt(v[key == k])
+        B = 0.5 * np.outer(sd, sd)
+        np.fill_diagonal(B, sd ** 2)
+        blocks.append(B)
+    x = rng.normal(size=n)
+    y = (0.2 * x + np.repeat(rng.normal(scale=0.4, size=12), np.bincount(codes[:, 0]))
+         + rng.normal(scale=0.3, size=n) + rng.normal(size=n) * np.sqrt(v))
+    df = pd.DataFrame({"y": y, "x": x, "district": codes[:, 0], "school": codes[:, 1],
+                       "es": np.arange(n), "ds": key})
+    return df, blocks
+
+
+def test_three_levels_with_V_within_the_middle_groups():
+    """V coupling the effects of a school (the level above the lowest) rotates away too:
+    the same likelihood, the same fit; V coupling schools of a district does not."""
+    df, blocks = _schools()
+    f = "y ~ x + (1 | district) + (1 | district:school) + (1 | district:school:es)"
+    # V as a sparse matrix over the data rows (blocks by school)
+    V = sparse.block_diag(blocks).tocsr()
+    order = np.argsort(df.ds.to_numpy(), kind="stable")
+    assert np.array_equal(order, np.arange(len(df)))     # rows already by school
+    model = build_model(f, df, V=V)
+    twin = rotated_twin(model)
+    assert twin is not None and twin._fold_level() == 2
+    d = model.design
+    for theta in ([0.3, 0.2, 0.1], [0.0, 0.5, 0.05], [1.0, 0.0, 0.0]):
+        theta = np.array(theta)
+        a, b = model.evaluate(theta, gradient=True), twin.evaluate(theta, gradient=True)
+        assert b.deviance == pytest.approx(a.deviance, rel=1e-11)
+        np.testing.assert_allclose(b.grad, a.grad, rtol=1e-7, atol=1e-8)
+        ll = dense_loglik(d.y, d.X, dense_V(d.Z, d.groups, model.Sigma_list(theta),
+                                            d.Lambda.toarray()), "reml")[0]
+        assert -0.5 * b.deviance == pytest.approx(ll, rel=1e-10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fast = mlmeta.meregress(f, df, V=V)
+        import mlmeta.optimize as o
+        keep = o.rotated_twin
+        o.rotated_twin = lambda m: None
+        try:
+            slow = mlmeta.meregress(f, df, V=V)
+        finally:
+            o.rotated_twin = keep
+    assert fast.llf == pytest.approx(slow.llf, rel=1e-10)
+    np.testing.assert_allclose(fast.theta, slow.theta, rtol=1e-5, atol=1e-6)
+    # sampling errors correlated across the schools of a district: the Cholesky whitening
+    dist = df.district.to_numpy()
+    Vd = np.zeros((len(df), len(df)))
+    for k in np.unique(dist):
+        r = np.flatnonzero(dist == k)
+        sd = np.sqrt(np.diag(V.toarray())[r])
+        Vd[np.ix_(r, r)] = 0.3 * np.outer(sd, sd) + np.diag(0.7 * sd ** 2)
+    assert rotated_twin(build_model(f, df, V=Vd)) is None
