@@ -1,4 +1,4 @@
-# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+# cython: language_level=3
 """Whitening by the blocks of a known sampling covariance V, in compiled loops.
 
 Block g holds rows and columns ``starts[g]:starts[g + 1]`` of V (CSR, rows sorted by
