@@ -210,3 +210,58 @@ def test_three_levels_with_V_within_the_middle_groups():
         sd = np.sqrt(np.diag(V.toarray())[r])
         Vd[np.ix_(r, r)] = 0.3 * np.outer(sd, sd) + np.diag(0.7 * sd ** 2)
     assert rotated_twin(build_model(f, df, V=Vd)) is None
+
+
+def _random_design(seed):
+    """Random effects within studies (two levels) or within schools within districts
+    (three), V correlated within a study / school (rho up to 0.99), variances at zero or
+    not, sampling variances over four orders of magnitude."""
+    rng = np.random.default_rng(seed)
+    three = bool(seed % 2)
+    rows = []
+    for a in range(int(rng.integers(3, 25))):
+        for b in range(int(rng.integers(1, 4)) if three else 1):
+            rows += [(a, b)] * int(rng.integers(1, 6))
+    codes = np.array(rows)
+    n = len(codes)
+    v = rng.uniform(0.01, 1.0, n) * 10 ** rng.uniform(-2, 2)
+    key = codes[:, 0] * 10 + codes[:, 1]
+    rho = rng.choice([0.3, 0.6, 0.9, 0.99])
+    V = np.diag(v)
+    for k in np.unique(key):
+        r = np.flatnonzero(key == k)
+        sd = np.sqrt(v[r])
+        V[np.ix_(r, r)] = rho * np.outer(sd, sd) + np.diag((1 - rho) * sd ** 2)
+    t = rng.choice([0.0, 0.3, 1.0, 3.0], 3) * np.sqrt(np.median(v))
+    x = rng.normal(size=n)
+    y = (0.3 * x + rng.normal(scale=t[0] + 1e-12, size=codes[:, 0].max() + 1)[codes[:, 0]]
+         + rng.normal(scale=t[1] + 1e-12, size=key.max() + 1)[key]
+         + rng.normal(scale=t[2] + 1e-12, size=n) + np.linalg.cholesky(V) @ rng.normal(size=n))
+    df = pd.DataFrame({"y": y, "x": x, "a": codes[:, 0], "b": codes[:, 1], "es": np.arange(n)})
+    f = ("y ~ x + (1 | a) + (1 | a:b) + (1 | a:b:es)" if three else
+         ["y ~ x + (1 | a) + (1 | a:es)", "y ~ 1 + (1 + x | a) + (1 | a:es)"][seed % 4 // 2])
+    return df, V, f, ["reml", "ml"][seed % 3 == 0]
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_random_designs_fit_alike_with_and_without_the_rotation(seed, monkeypatch):
+    df, V, f, method = _random_design(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        used = []
+        monkeypatch.setattr(opt, "rotated_twin", lambda m: used.append(rotated_twin(m)) or used[-1])
+        try:
+            fast = mlmeta.meregress(f, df, V=V, method=method)
+        except ValueError as exc:
+            fast = str(exc)
+        assert used and used[0] is not None          # fitted through the rotated model
+        monkeypatch.setattr(opt, "rotated_twin", lambda m: None)
+        try:
+            slow = mlmeta.meregress(f, df, V=V, method=method)
+        except ValueError as exc:
+            slow = str(exc)
+    assert type(fast) is type(slow)
+    if isinstance(fast, str):
+        return
+    assert fast.llf == pytest.approx(slow.llf, rel=1e-9, abs=1e-8)
+    assert fast.converged == slow.converged
