@@ -88,6 +88,7 @@ PLAIN = [
     "y ~ fs + fo + (0 + ds | d)",
     "y ~ ds + xdup + x + (1 | d)",
     "y ~ fv + (0 + fv | d)",         # with missing values, level 'gone' is in dropped rows only
+    "y ~ fS + x + (1 | d)",          # pandas' string dtype (pd.NA): categorical too
 ]
 GENERAL = [
     "y ~ b + (1 | d)",
@@ -96,10 +97,10 @@ GENERAL = [
     "y ~ C(xi) + x + (1 + x | d)",
     "y ~ f:x + (1 | d)",
     "y ~ C(f) + (1 | d)",
+    "y ~ C(f) + fS + (1 | d)",
 ]
 # categorical columns formulaic evaluates: one level, levels that are not all strings
-# and pandas' string dtype with pd.NA (which formulaic does not take for categorical)
-FALLBACK = ["y ~ x + one + (1 | d)", "y ~ 0 + one + (1 | d)", "y ~ mixed + (1 | d)", "y ~ fS + (1 | d)"]
+FALLBACK = ["y ~ x + one + (1 | d)", "y ~ 0 + one + (1 | d)", "y ~ mixed + (1 | d)"]
 
 
 def _general(monkeypatch):
@@ -117,7 +118,8 @@ def _build(formula, df, **kwargs):
 
 
 def _spec_matrix(spec, df):
-    return spec.get_model_matrix(df.iloc[5:9], na_action="ignore")
+    """A spec re-applied to a few rows, as predictions do."""
+    return spec.get_model_matrix(fm.for_formulaic(df.iloc[5:9]), na_action="ignore")
 
 
 def _assert_same_frame(a, b, df):
@@ -351,3 +353,24 @@ def test_log_det_of_a_tall_design_matches_its_qr(kind):
     exact = 2.0 * float(np.sum(np.log(np.abs(np.diag(R)))))
     assert _logdet_gram(X) == pytest.approx(exact, rel=1e-12, abs=1e-10)
     assert (well_conditioned_gram(X) is not None) == (kind != "offset 1e7")
+
+
+def test_pandas_string_columns_fit_and_predict_as_categorical():
+    """pandas' ``string`` dtype (missing values pd.NA) is a categorical column like ``str``
+    or object ones: the same fit, predictions on new data of any of these dtypes, the same
+    ANOVA (formulaic alone reads such a column as numbers and fails)."""
+    dat = mlmeta.datasets.load("berkey")
+    f = "yi ~ 0 + outcome + (0 + outcome | trial)"
+    base = mlmeta.meregress(f, dat.astype({"outcome": object}), variance="vi")
+    new = dat.head(4)
+    for dtype in ("string", "str"):
+        res = mlmeta.meregress(f, dat.astype({"outcome": dtype}), variance="vi")
+        assert list(res.params.index) == list(base.params.index)
+        np.testing.assert_array_equal(res.params.values, base.params.values)
+        for nd in (new.astype({"outcome": dtype}), new.astype({"outcome": object})):
+            np.testing.assert_allclose(res.predict(newdata=nd).values,
+                                       base.predict(newdata=new).values, rtol=1e-14)
+    mixed = dat.assign(arm=np.repeat(["a", "b"], len(dat) // 2)).astype({"arm": "string"})
+    res = mlmeta.meregress("yi ~ outcome + arm + (1 | trial)", mixed, variance="vi")
+    assert "arm[T.b]" in res.params.index
+    assert res.anova().shape[0] == 2

@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 
 from mlmeta.fixed_terms import column_index, fixed_terms, used_data
+from mlmeta.plain_terms import for_formulaic
 
 __all__ = ["anova", "type1_contrasts", "type3_contrasts", "zapsmall"]
 
@@ -102,7 +103,7 @@ def type3_contrasts(res, data=None) -> dict:
     spec = res.frame.fixed_spec
     try:
         full = ModelSpec(formula=spec.formula, ensure_full_rank=False).get_model_matrix(
-            sub, context=_CONTEXT, na_action="ignore")
+            for_formulaic(sub), context=_CONTEXT, na_action="ignore")
     except Exception as exc:   # formulaic raises several types
         raise ValueError(f"cannot rebuild the fixed part on the data: {exc}") from None
     rdX = full.to_numpy(dtype=float)

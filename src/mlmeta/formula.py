@@ -33,7 +33,8 @@ from mlmeta._errors import MissingDataWarning, warn
 from mlmeta.gram import is_tall, well_conditioned_gram
 from mlmeta.groups import GroupLabels, factorize, group_codes
 from mlmeta.nesting import arrange_terms
-from mlmeta.plain_terms import CONTEXT, FORMULAIC_INTERCEPT, DeferredSpec, plain_columns, plain_design
+from mlmeta.plain_terms import (CONTEXT, FORMULAIC_INTERCEPT, DeferredSpec, for_formulaic, plain_columns,
+                                plain_design)
 from mlmeta.validate import aligned, reserved_name
 
 __all__ = ["RandomTerm", "ParsedFormula", "ModelFrame", "parse_formula", "build_model_frame"]
@@ -659,6 +660,7 @@ def build_model_frame(parsed: ParsedFormula, data, extra: Mapping | None = None,
             for name in used:
                 if isinstance(sub[name].dtype, pd.CategoricalDtype):
                     sub[name] = sub[name].cat.remove_unused_categories()
+            sub = for_formulaic(sub)
         return _design(formula, sub, where)
 
     y = y_all[rows] if n_dropped else y_all

@@ -6,11 +6,13 @@ strings), each term a single column read as is, is evaluated here instead of by
 formulaic, with formulaic's columns, names and order:
 
 * a numeric column ``x`` gives the column ``x``;
-* a categorical column ``f`` with levels l_1 < ... < l_m (sorted strings, or the
-  used categories in their order) gives the indicator columns ``f[T.l_2]`` ...
-  ``f[T.l_m]`` (treatment contrasts, l_1 the reference) when the intercept is
-  already spanned by an earlier term (the intercept itself, or an earlier
-  categorical term), and ``f[l_1]`` ... ``f[l_m]`` (all levels) otherwise;
+* a categorical column ``f`` (pandas' ``string`` dtype included, which formulaic reads
+  as categorical once it holds objects: :func:`for_formulaic`) with levels
+  l_1 < ... < l_m (sorted strings, or the used categories in their order) gives the
+  indicator columns ``f[T.l_2]`` ... ``f[T.l_m]`` (treatment contrasts, l_1 the
+  reference) when the intercept is already spanned by an earlier term (the intercept
+  itself, or an earlier categorical term), and ``f[l_1]`` ... ``f[l_m]`` (all levels)
+  otherwise;
 * terms in formulaic's order (the intercept first, then the terms as written).
 
 The formulaic ModelSpec (re-applied by predictions) is built only when it is read,
@@ -27,7 +29,8 @@ import numpy as np
 import pandas as pd
 from formulaic import Formula
 
-__all__ = ["FORMULAIC_INTERCEPT", "CONTEXT", "DeferredSpec", "plain_columns", "plain_design"]
+__all__ = ["FORMULAIC_INTERCEPT", "CONTEXT", "DeferredSpec", "for_formulaic", "plain_columns",
+           "plain_design"]
 
 FORMULAIC_INTERCEPT = "Intercept"
 CONTEXT = {"np": np, "numpy": np}
@@ -52,12 +55,22 @@ class DeferredSpec:
         return self.spec
 
 
+def _na_strings(dtype) -> bool:
+    """pandas' ``string`` dtype (missing values pd.NA), which formulaic takes for numbers."""
+    return isinstance(dtype, pd.StringDtype) and dtype.na_value is pd.NA
+
+
+def for_formulaic(data: pd.DataFrame) -> pd.DataFrame:
+    """``data`` with its pandas ``string`` columns (pd.NA) as object columns, which
+    formulaic reads as categorical, as it reads pandas' ``str`` columns."""
+    cols = [c for c in data.columns if _na_strings(data[c].dtype)]
+    return data.astype({c: object for c in cols}) if cols else data
+
+
 def _is_categorical(dtype) -> bool:
-    """Objects, pandas' ``str`` strings or a pandas categorical: formulaic's categorical kind
-    (pandas' ``string`` dtype, missing values pd.NA, formulaic takes for numbers)."""
-    if isinstance(dtype, pd.StringDtype):
-        return dtype.na_value is not pd.NA
-    return isinstance(dtype, pd.CategoricalDtype) or (isinstance(dtype, np.dtype) and dtype.kind == "O")
+    """Objects, strings or a pandas categorical: formulaic's categorical kind."""
+    return isinstance(dtype, (pd.CategoricalDtype, pd.StringDtype)) or (
+        isinstance(dtype, np.dtype) and dtype.kind == "O")
 
 
 def plain_columns(formula: Formula, columns: Mapping) -> list | None:
@@ -106,7 +119,7 @@ def _levels(column: pd.Series, rows: np.ndarray | None):
     if pd.api.types.infer_dtype(values, skipna=False) != "string":
         return None
     codes, levels = pd.factorize(values, sort=True)
-    return codes, levels.tolist(), pd.Series(levels.tolist(), dtype=dtype)
+    return codes, levels.tolist(), pd.Series(levels.tolist(), dtype=object if _na_strings(dtype) else dtype)
 
 
 def plain_design(formula: Formula, plain: list, columns: Mapping, rows: np.ndarray, n_dropped: int):

@@ -29,6 +29,7 @@ import pandas as pd
 
 from mlmeta import _dist
 from mlmeta.constraints import linear_hypotheses
+from mlmeta.plain_terms import for_formulaic
 from mlmeta.reports import Heterogeneity, StoredResults, TTestTable, WaldTest, hypothesis_label
 from mlmeta.summary import confidence_level
 from mlmeta.vcomp import corr_to_eta, dcorr_deta, variance_components
@@ -92,7 +93,7 @@ class PostestimationMixin:
         if not isinstance(newdata, pd.DataFrame):
             newdata = pd.DataFrame(newdata)
         try:
-            mm = spec.get_model_matrix(newdata, na_action="ignore")
+            mm = spec.get_model_matrix(for_formulaic(newdata), na_action="ignore")
         except Exception as exc:  # formulaic raises several types
             raise ValueError(f"cannot evaluate the {what} on newdata: {exc}") from None
         cols = {("_cons" if str(c) == "Intercept" else str(c)): j for j, c in enumerate(mm.columns)}
