@@ -224,3 +224,43 @@ def test_V_blocks_of_the_wrong_size_are_named():
     res = mlmeta.meregress("y ~ 1 + (1 | g)", df, V=[np.eye(2), [[1, 0], [0, 1]], 0.5 * np.eye(2)])
     same = mlmeta.meregress("y ~ 1 + (1 | g)", df, V=np.diag([1.0, 1, 1, 1, 0.5, 0.5]))
     assert res.llf == pytest.approx(same.llf, rel=1e-12)
+
+
+def test_the_callers_sparse_V_is_left_as_given():
+    """A sparse V with unsorted column indices: the fit reads it, and the caller's arrays
+    stay as they were (the model works on its own copy)."""
+    import pandas as pd
+
+    df = pd.DataFrame({"y": [1.0, 2, 3, 4, 5, 6.5], "g": [1, 1, 2, 2, 3, 3]})
+    dense = np.kron(np.eye(3), [[1.0, 0.3], [0.3, 1.0]])
+    C = sparse.csr_matrix(dense)
+    # each row's two entries stored in reverse column order
+    indices = np.concatenate([C.indices[a:b][::-1] for a, b in zip(C.indptr[:-1], C.indptr[1:])])
+    data = np.concatenate([C.data[a:b][::-1] for a, b in zip(C.indptr[:-1], C.indptr[1:])])
+    V = sparse.csr_matrix((data, indices, C.indptr.copy()), shape=C.shape)
+    V.has_sorted_indices = False
+    before = (V.data.copy(), V.indices.copy(), V.indptr.copy())
+    res = mlmeta.meregress("y ~ 1 + (1 | g)", df, V=V)
+    same = mlmeta.meregress("y ~ 1 + (1 | g)", df, V=dense)
+    assert res.llf == pytest.approx(same.llf, rel=1e-12)
+    for a, b in zip(before, (V.data, V.indices, V.indptr)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_V_over_all_rows_is_restricted_to_the_rows_used(schoolcal):
+    """A row dropped for a missing value takes its row and column of V with it: the fit
+    equals the fit of the remaining rows with V restricted to them."""
+    from mlmeta import MissingDataWarning
+
+    d = schoolcal.district.to_numpy()
+    rows = np.flatnonzero(d == d[20])[:3]
+    V = _correlated_V(schoolcal, 0.5, rows)
+    df = schoolcal.copy()
+    df.loc[rows[1], "stdmdiff"] = np.nan
+    f = "stdmdiff ~ 1 + (1 | district) + (1 | district:school)"
+    with pytest.warns(MissingDataWarning, match="dropped 1 of 56 rows"):
+        res = mlmeta.meregress(f, df, V=V)
+    keep = np.setdiff1d(np.arange(len(df)), [rows[1]])
+    same = mlmeta.meregress(f, df.iloc[keep], V=V[np.ix_(keep, keep)])
+    assert res.llf == pytest.approx(same.llf, rel=1e-12)
+    np.testing.assert_allclose(res.params.values, same.params.values, rtol=1e-10)

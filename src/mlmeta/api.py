@@ -45,7 +45,8 @@ def _sampling_covariance(frame, data, V):
         sizes = np.bincount(codes, minlength=len(labels))
         blocks = [B if type(B) is np.ndarray and B.ndim == 2 and B.dtype == np.float64
                   else np.atleast_2d(np.asarray(B, dtype=float)) for B in V]
-        shapes = np.array([B.shape for B in blocks]).reshape(-1, 2)
+        shapes = np.fromiter((k for B in blocks for k in B.shape), dtype=np.intp,
+                             count=2 * len(blocks)).reshape(-1, 2)
         for g in np.flatnonzero((shapes[:, 0] != sizes) | (shapes[:, 1] != sizes))[:1]:
             label = labels[g].item() if isinstance(labels[g], np.generic) else labels[g]
             raise ValueError(f"V block {g} (group {label!r}) is {shapes[g, 0]} x {shapes[g, 1]} "
@@ -62,7 +63,7 @@ def _sampling_covariance(frame, data, V):
         M = sparse.csr_matrix((np.concatenate([B.ravel() for B in blocks]), (ri, ci)),
                               shape=(n_data, n_data))
     elif sparse.issparse(V):
-        M = sparse.csr_matrix(V, dtype=float)
+        M = sparse.csr_matrix(V, dtype=float, copy=True)      # never the caller's arrays
     else:
         M = np.asarray(V, dtype=float)
         if M.ndim != 2:
@@ -70,7 +71,7 @@ def _sampling_covariance(frame, data, V):
         M = sparse.csr_matrix(M)
     if M.shape != (n_data, n_data):
         raise ValueError(f"V is {M.shape[0]} x {M.shape[1]} but the data have {n_data} rows")
-    M = M[rows][:, rows].tocsr()
+    M = M[rows][:, rows].tocsr() if rows.size < n_data else M
     if not np.all(np.isfinite(M.data)):
         raise ValueError("V has missing or infinite values in rows used by the model")
     asym = abs(M - M.T)
