@@ -306,6 +306,20 @@ def _mixed_rows(name, d, f, group, repeat, has_r, workdir):
     return rows
 
 
+def _r_timed(variances):
+    """R lines timing ``fit()`` ``reps`` times (a garbage collection before each) and
+    printing one JSON line: the median seconds, the log-likelihood and ``res$<variances>``."""
+    return f"""times <- c()
+for (i in seq_len(reps)) {{
+  invisible(gc())
+  times <- c(times, system.time(res <- fit())["elapsed"])
+}}
+cat(sprintf('{{"seconds": %.9g, "reps": %d, "llf": %.10g, "sigma2": [%s]}}\\n', median(times),
+            length(times), as.numeric(logLik(res)), paste(sprintf("%.10g", res${variances}),
+            collapse = ", ")))
+"""
+
+
 BERKEY_R = r"""
 suppressPackageStartupMessages(library(metafor))
 reps <- as.integer(commandArgs(trailingOnly = TRUE)[1])
@@ -313,15 +327,7 @@ dat <- dat.berkey1998
 V <- bldiag(lapply(split(dat[, c("v1i", "v2i")], dat$trial), as.matrix))
 fit <- function() rma.mv(yi, V, mods = ~ outcome - 1, random = ~ outcome | trial,
                          struct = "UN", data = dat, method = "REML")
-times <- c()
-for (i in seq_len(reps)) {
-  invisible(gc())
-  times <- c(times, system.time(res <- fit())["elapsed"])
-}
-cat(sprintf('{"seconds": %.9g, "reps": %d, "llf": %.10g, "sigma2": [%s]}\n', median(times),
-            length(times), as.numeric(logLik(res)), paste(sprintf("%.10g", res$tau2),
-            collapse = ", ")))
-"""
+""" + _r_timed("tau2")
 
 
 def _mlmeta_v_rows(tag, f, data, blocks, repeat, sigma2):
@@ -377,15 +383,7 @@ rho <- as.numeric(args[3])
 V <- vcalc(v, cluster = a, obs = b, rho = rho, data = dat, sparse = TRUE)
 fit <- function() rma.mv(y, V, mods = ~ x, random = ~ 1 | a/b, data = dat, method = "REML",
                          sparse = TRUE)
-times <- c()
-for (i in seq_len(reps)) {
-  invisible(gc())
-  times <- c(times, system.time(res <- fit())["elapsed"])
-}
-cat(sprintf('{"seconds": %.9g, "reps": %d, "llf": %.10g, "sigma2": [%s]}\n', median(times),
-            length(times), as.numeric(logLik(res)), paste(sprintf("%.10g", res$sigma2),
-            collapse = ", ")))
-"""
+""" + _r_timed("sigma2")
 
 #: the sampling errors' correlation within a study in the "5 per study, V" data
 V_RHO = 0.6

@@ -31,13 +31,12 @@ import numpy as np
 import pandas as pd
 
 from mlmeta.fixed_terms import column_index, fixed_terms, used_data
-from mlmeta.plain_terms import for_formulaic
+from mlmeta.plain_terms import CONTEXT, for_formulaic
 
 __all__ = ["anova", "type1_contrasts", "type3_contrasts", "zapsmall"]
 
 _DDF = {"satterthwaite": "satterthwaite", "kenward-roger": "kenward-roger", "kr": "kenward-roger",
         "kenward_roger": "kenward-roger"}
-_CONTEXT = {"np": np, "numpy": np}
 
 
 def zapsmall(x, digits: int = 7) -> np.ndarray:
@@ -103,7 +102,7 @@ def type3_contrasts(res, data=None) -> dict:
     spec = res.frame.fixed_spec
     try:
         full = ModelSpec(formula=spec.formula, ensure_full_rank=False).get_model_matrix(
-            for_formulaic(sub), context=_CONTEXT, na_action="ignore")
+            for_formulaic(sub), context=CONTEXT, na_action="ignore")
     except Exception as exc:   # formulaic raises several types
         raise ValueError(f"cannot rebuild the fixed part on the data: {exc}") from None
     rdX = full.to_numpy(dtype=float)

@@ -640,11 +640,12 @@ def _tree_blocks(*, q, L, L_all, n, starts, codes, top_of_row, merged, n_groups,
     tops = np.flatnonzero(merged)
     top_node = node_of_group[0][tops]
     first, last = starts[0][tops], starts[0][tops + 1]
-    colpos = np.zeros((n, L), dtype=np.intp, order="F")    # of each row's group, per level
+    # the column of each row's group, per level (rows of merged clusters only)
+    colpos = np.zeros((n, L) if tops.size else (0, L), dtype=np.intp, order="F")
     pos = np.full(tops.size, q[0], dtype=np.intp)
     cl, lv, off = [], [], []
     rows = np.flatnonzero(merged[top_of_row]) if tops.size else np.zeros(0, dtype=np.intp)
-    for lvl in range(1, L):
+    for lvl in range(1, L if tops.size else 1):
         g_lo = codes[lvl][first]
         count = codes[lvl][last - 1] - g_lo + 1
         c = np.repeat(np.arange(tops.size), count)

@@ -40,8 +40,6 @@ from mlmeta.validate import aligned, reserved_name
 __all__ = ["RandomTerm", "ParsedFormula", "ModelFrame", "parse_formula", "build_model_frame"]
 
 INTERCEPT = "_cons"
-_FORMULAIC_INTERCEPT = FORMULAIC_INTERCEPT
-_CONTEXT = CONTEXT
 _RANK_TOL = 1e-10
 _NAME = re.compile(r"(?:[^\W\d]|\.)[\w.]*|`[^`]+`")
 _Q_CALL = re.compile(r"""(?<![\w.])Q\(\s*(['"])(.*?)\1\s*\)""")  # Q('my x') reads column 'my x'
@@ -377,7 +375,7 @@ def _formula_columns(formula: Formula, columns: pd.Index, where: str) -> list[st
                 reserved_name(name, where)
                 if name in columns:
                     names.append(name)
-                elif name.split(".", 1)[0] not in _CONTEXT and name.split(".", 1)[0] not in TRANSFORMS:
+                elif name.split(".", 1)[0] not in CONTEXT and name.split(".", 1)[0] not in TRANSFORMS:
                     raise _unknown_column(name, columns, where)
     return list(dict.fromkeys(names))
 
@@ -449,7 +447,7 @@ def _used_values(column: pd.Series, rows: np.ndarray | None):
 def _design(formula: Formula, sub: pd.DataFrame, where: str):
     """Evaluate a formulaic formula; return (float matrix, names, spec, has_intercept)."""
     try:
-        mm = formula.get_model_matrix(sub, context=_CONTEXT, na_action="ignore")
+        mm = formula.get_model_matrix(sub, context=CONTEXT, na_action="ignore")
     except Exception as exc:  # formulaic/pandas raise many types
         raise ValueError(f"cannot evaluate {where}: {_clean_message(exc)}") from None
     names = [str(c) for c in mm.columns]
@@ -461,14 +459,14 @@ def _design(formula: Formula, sub: pd.DataFrame, where: str):
     if bad.any():
         cols = ", ".join(repr(n) for n, b in zip(names, bad) if b)
         raise ValueError(f"{where} produced non-finite values in column(s) {cols}")
-    return M, names, mm.model_spec, _FORMULAIC_INTERCEPT in names
+    return M, names, mm.model_spec, FORMULAIC_INTERCEPT in names
 
 
 def _intercept_last(M: np.ndarray, names: list[str]) -> tuple[np.ndarray, list[str]]:
     """Rename formulaic's intercept to ``_cons`` and move it to the last column (F order)."""
-    order = [j for j, n in enumerate(names) if n != _FORMULAIC_INTERCEPT]
-    order += [j for j, n in enumerate(names) if n == _FORMULAIC_INTERCEPT]
-    renamed = [INTERCEPT if names[j] == _FORMULAIC_INTERCEPT else names[j] for j in order]
+    order = [j for j, n in enumerate(names) if n != FORMULAIC_INTERCEPT]
+    order += [j for j, n in enumerate(names) if n == FORMULAIC_INTERCEPT]
+    renamed = [INTERCEPT if names[j] == FORMULAIC_INTERCEPT else names[j] for j in order]
     return np.asfortranarray(M[:, order]), renamed
 
 
@@ -504,8 +502,8 @@ def _rank_problems(X: np.ndarray, names: list[str], has_intercept: bool) -> list
     """(column, reason) for each column that is a linear combination of earlier ones."""
     out = []
     for j in _dependent_columns(X):
-        name = INTERCEPT if names[j] == _FORMULAIC_INTERCEPT else names[j]
-        if has_intercept and names[j] != _FORMULAIC_INTERCEPT and np.ptp(X[:, j]) == 0:
+        name = INTERCEPT if names[j] == FORMULAIC_INTERCEPT else names[j]
+        if has_intercept and names[j] != FORMULAIC_INTERCEPT and np.ptp(X[:, j]) == 0:
             out.append((j, f"{name!r} is constant"))
         else:
             out.append((j, f"{name!r} is a linear combination of earlier columns"))
@@ -525,7 +523,7 @@ def _check_fixed_rank(X: np.ndarray, names: list[str], has_intercept: bool, coll
             f"collinear moderator(s).")
     drop = [j for j, _ in problems]
     keep = [j for j in range(X.shape[1]) if j not in drop]
-    omitted = [INTERCEPT if names[j] == _FORMULAIC_INTERCEPT else names[j] for j in drop]
+    omitted = [INTERCEPT if names[j] == FORMULAIC_INTERCEPT else names[j] for j in drop]
     notes = [f"{nm} omitted because of collinearity ({why.split(' is ', 1)[1]})"
              for nm, (_, why) in zip(omitted, problems)]
     return np.asfortranarray(X[:, keep]), [names[j] for j in keep], omitted, notes

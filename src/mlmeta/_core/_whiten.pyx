@@ -17,6 +17,20 @@ from libc.string cimport memset
 from mlmeta._core._linalg cimport gemm, jacobi_eigen, potrf_lower, trsm_left_lower
 
 
+cdef inline void dense_block(const long long[::1] indptr, const long long[::1] indices,
+                             const double[::1] data, Py_ssize_t a, Py_ssize_t nb,
+                             double* B) noexcept nogil:
+    """B (nb x nb, column-major) <- rows and columns a:a + nb of the CSR matrix (entries
+    stored twice add up)."""
+    cdef Py_ssize_t r, c, kk
+    memset(B, 0, nb * nb * sizeof(double))
+    for r in range(a, a + nb):
+        for kk in range(indptr[r], indptr[r + 1]):
+            c = indices[kk]
+            if a <= c < a + nb:
+                B[(r - a) + (c - a) * nb] += data[kk]
+
+
 def block_factors(const long long[::1] indptr, const long long[::1] indices,
                   const double[::1] data, const Py_ssize_t[::1] starts,
                   const Py_ssize_t[::1] sel, double pivot_tol):
@@ -54,12 +68,7 @@ def block_factors(const long long[::1] indptr, const long long[::1] indices,
             L = &packed[ptr[i]] if nb else NULL
             if nb == 0:
                 continue
-            memset(L, 0, nb * nb * sizeof(double))
-            for r in range(a, b):
-                for kk in range(indptr[r], indptr[r + 1]):
-                    c = indices[kk]
-                    if a <= c < b:
-                        L[(r - a) + (c - a) * nb] += data[kk]   # duplicates add up
+            dense_block(indptr, indices, data, a, nb, L)
             for r in range(nb):
                 sd[r] = sqrt(L[r + r * nb])
             for c in range(nb):
@@ -157,7 +166,7 @@ def rotate_blocks(const long long[::1] indptr, const long long[::1] indices,
     or whose eigenvalues are not all positive with w_max <= max_cond w_min (the blocks
     before it rotated, the rest not)."""
     cdef Py_ssize_t m = sel.shape[0]
-    cdef Py_ssize_t i, g, a, nb, r, c, kk, big = 1
+    cdef Py_ssize_t i, g, a, nb, big = 1
     for i in range(m):
         nb = starts[sel[i] + 1] - starts[sel[i]]
         if nb > big:
@@ -174,12 +183,7 @@ def rotate_blocks(const long long[::1] indptr, const long long[::1] indices,
             if nb == 0:
                 continue
             B = &Q[qptr[i]]
-            memset(B, 0, nb * nb * sizeof(double))
-            for r in range(a, a + nb):
-                for kk in range(indptr[r], indptr[r + 1]):
-                    c = indices[kk]
-                    if a <= c < a + nb:
-                        B[(r - a) + (c - a) * nb] += data[kk]   # duplicates add up
+            dense_block(indptr, indices, data, a, nb, B)
             if jacobi_eigen(<int>nb, B, &lam[a], &Wv[0]) != 0:
                 fail = <int>i
                 break
