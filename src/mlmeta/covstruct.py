@@ -29,6 +29,10 @@ __all__ = ["CovStruct", "Custom", "AR", "HAR", "CAR", "HCS", "make_structure", "
 STRUCTURES = ("independent", "exchangeable", "identity", "unstructured")
 
 
+#: CovStruct.dT's constant derivatives per (structure type, q, n_theta)
+_LINEAR_DT: dict = {}
+
+
 class CovStruct:
     """Base class. Subclasses define ``n_theta``, ``T``, ``dT``, ``from_Sigma``,
     ``lower``/``upper`` and ``report_params``."""
@@ -47,13 +51,20 @@ class CovStruct:
         raise NotImplementedError
 
     def dT(self, theta):
-        """(n_theta, q, q) derivatives; every structure here is linear in theta."""
-        out = np.zeros((self.n_theta, self.q, self.q))
-        zero = np.zeros(self.n_theta)
-        for i in range(self.n_theta):
-            e = zero.copy()
-            e[i] = 1.0
-            out[i] = self.T(e) - self.T(zero)
+        """(n_theta, q, q) derivatives; every structure using this method is linear in
+        theta with T a function of theta and the number of effects only, so the constant
+        derivatives are made once per structure type and size (a read-only array)."""
+        key = (type(self), self.q, self.n_theta)
+        out = _LINEAR_DT.get(key)
+        if out is None:
+            out = np.zeros((self.n_theta, self.q, self.q))
+            zero = np.zeros(self.n_theta)
+            for i in range(self.n_theta):
+                e = zero.copy()
+                e[i] = 1.0
+                out[i] = self.T(e) - self.T(zero)
+            out.flags.writeable = False
+            _LINEAR_DT[key] = out
         return out
 
     def Sigma(self, theta):

@@ -102,6 +102,8 @@ class NestedDesign:
     orthonormal: bool = False
     _lazy: tuple | None = None
     _tree_args: dict | None = field(default=None, repr=False)
+    # start_coefficients' result (not an init field: a replaced design computes its own)
+    _start_beta: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
 
     def _build_tree(self):
         if self._kernel is None and self._lazy is not None:
@@ -139,10 +141,14 @@ class NestedDesign:
         orthonormal Xw) from there on. The two differ in the last digits, and a fit whose
         optimum depends on those starts from the digits it always started from: with
         Xw'yw everywhere, two of the random designs of ``tools/fuzz.py`` ended at lower
-        optima."""
-        if self.n_obs >= LSTSQ_SVD_ROWS:
-            return self.least_squares()
-        return np.linalg.lstsq(self.Xw, self.yw, rcond=None)[0]
+        optima. Computed once per design (the moment start and the natural sizes both
+        use it); a copy is returned."""
+        if self._start_beta is None:
+            if self.n_obs >= LSTSQ_SVD_ROWS:
+                self._start_beta = self.least_squares()
+            else:
+                self._start_beta = np.linalg.lstsq(self.Xw, self.yw, rcond=None)[0]
+        return self._start_beta.copy()
 
     def least_squares(self, yw=None) -> np.ndarray:
         """The least-squares coefficients of the whitened outcome ``yw`` (the design's own

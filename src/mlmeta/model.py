@@ -65,6 +65,16 @@ class Evaluation:
 FOLD_MAX_NCOL = 16
 
 
+def _median(v: np.ndarray) -> float:
+    """np.median of a 1-d array without NaN (the same number: the middle value, or the
+    mean of the two middle values), from one partition."""
+    k = v.size // 2
+    if v.size % 2:
+        return float(np.partition(v, k)[k])
+    part = np.partition(v, (k - 1, k))
+    return float((part[k - 1] + part[k]) / 2.0)
+
+
 class NestedModel:
     """A nested linear mixed model with known sampling variances.
 
@@ -124,7 +134,7 @@ class NestedModel:
         if scale is not None:
             self.scale = float(scale)
         else:
-            self.scale = float(np.sqrt(np.median(design.variance))) if design.variance is not None else 1.0
+            self.scale = float(np.sqrt(_median(design.variance))) if design.variance is not None else 1.0
         self.problem = self._problem()
         self._last = None        # the last evaluation of the design's own outcome (evaluate)
 

@@ -32,6 +32,8 @@ heights: there the inflated start runs too. ``safeguard=True`` runs every start.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from mlmeta.model import NestedModel
@@ -59,6 +61,22 @@ def natural_start(model: NestedModel, scale) -> np.ndarray:
     """Every variance parameter at half its natural size (``scale``,
     :func:`mlmeta.refine.theta_scale`), the other parameters at 0."""
     return np.where(model.lower == 0.0, 0.5 * scale, 0.0)
+
+
+@functools.lru_cache(maxsize=64)
+def _random_draws(n_obs: int, k: int) -> tuple:
+    """The uniform draws of the N_RANDOM_STARTS pseudo-random starts of a model with
+    ``n_obs`` observations and ``k`` parameters (seeded by both: the same starts every
+    time), per start (variance parameters in (0.05, 2), correlations in (-0.5, 0.5), others
+    in (-1, 1)); read-only arrays, kept for the next fit of the same size."""
+    rng = np.random.default_rng([n_obs, k, 17])
+    out = []
+    for _ in range(N_RANDOM_STARTS):
+        draws = (rng.uniform(0.05, 2.0, k), rng.uniform(-0.5, 0.5, k), rng.uniform(-1.0, 1.0, k))
+        for a in draws:
+            a.flags.writeable = False
+        out.append(draws)
+    return tuple(out)
 
 
 def alternative_starts(model: NestedModel, theta_em, theta_best, scale=None):
@@ -93,10 +111,8 @@ def alternative_starts(model: NestedModel, theta_em, theta_best, scale=None):
                 t = natural.copy()
                 t[sl] = 0.0
                 starts.append((f"natural scale, level {lvl + 1} at zero", t))
-        rng = np.random.default_rng([model.n_obs, k, 17])
-        for r in range(N_RANDOM_STARTS):
-            t = np.where(sd_like, rng.uniform(0.05, 2.0, k),
-                         np.where(corr_like, rng.uniform(-0.5, 0.5, k), rng.uniform(-1.0, 1.0, k)))
+        for r, (u_sd, u_corr, u_other) in enumerate(_random_draws(model.n_obs, k)):
+            t = np.where(sd_like, u_sd, np.where(corr_like, u_corr, u_other))
             t = np.clip(t * np.where(corr_like, 1.0, scale), model.lower, model.upper)
             starts.append((f"random start {r + 1}", t))
     for lvl, (s, sl) in enumerate(zip(model.structs, model.theta_slices)):

@@ -371,6 +371,9 @@ cdef class Problem:
         folded = P.fold >= 0
         sizes += [P.n_obs * nc if folded else 1, P.n_obs if folded else 1,
                   max(P.zz_len, 1) if folded else 1, (P.t_len + 1) * (nc + 1)]
+        # a gap of two cache lines after the last array: the buffers of the slots are the
+        # rows of one array, each written by its own thread
+        sizes.append(16)
         offs = np.concatenate([[0], np.cumsum(sizes)]).astype(np.intp)
         cdef int n0 = self.n_slots
         buf = np.zeros((n - n0, int(offs[-1])), dtype=np.float64)

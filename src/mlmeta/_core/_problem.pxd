@@ -144,6 +144,10 @@ cdef struct Work:
     double sigma2, rss, logdet_C, logdet_H
     int n_evals, status
     bint own         # ZA and AA hold the design's own outcome (set_response(NULL))
+    # the fields above are written at every evaluation; the workspaces of a batch's threads
+    # lie side by side in one array: two cache lines apart, no thread's writes land on the
+    # line another thread reads its pointers from
+    double pad[16]
 
 
 cdef inline void bind_work(Work* W, double* buf, const Py_ssize_t* o) noexcept nogil:
