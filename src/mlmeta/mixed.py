@@ -69,7 +69,8 @@ OUTCOME_RANGE = (1e-140, 1e140)
 def check_outcome(y, X, response):
     """The residual variance cannot be estimated when the fixed effects fit ``y`` exactly
     (a constant outcome, or an exact linear function of the moderators: the residual
-    norm at most 1e-12 of the outcome's, both computed after scaling y by max |y|), and
+    norm at most 1e-12 of the outcome's, both computed after scaling y by max |y|; the
+    residual is that of the projection on X's columns, from their QR factorisation), and
     cannot be computed when max |y| is outside :data:`OUTCOME_RANGE` (its squares would
     overflow or underflow double precision)."""
     top = float(np.max(np.abs(y))) if y.size else 0.0
@@ -78,7 +79,11 @@ def check_outcome(y, X, response):
                          f"would {'overflow' if top > 1 else 'underflow'} double precision; rescale it "
                          f"(multiply by a power of ten: the estimates scale with it)")
     ys = y / top if top > 0 else y
-    r = ys - X @ np.linalg.lstsq(X, ys, rcond=None)[0] if X.shape[1] else ys
+    if X.shape[1]:      # X has full column rank here: the residual of ys's projection on it
+        Q = np.linalg.qr(X)[0]
+        r = ys - Q @ (Q.T @ ys)
+    else:
+        r = ys
     if np.linalg.norm(r) <= 1e-12 * np.linalg.norm(ys):
         what = f"is constant ({y[0]:.8g})" if np.ptp(y) == 0 else "is fitted exactly by the fixed effects"
         raise ValueError(f"the outcome {response!r} {what}: the residual variance cannot be estimated")

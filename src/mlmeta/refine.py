@@ -97,10 +97,10 @@ def _scale_parts(model: NestedModel):
         if s.kind == "custom":
             parts += [(sl.start + k, rms[where]) for k, where in enumerate(s._sd_free)]
             continue
-        dT = s.dT(np.zeros(s.n_theta))
-        for k in range(s.n_theta):
-            rows = np.flatnonzero(np.any(dT[k] != 0, axis=1))
-            if rows.size:
+        touches = np.any(s.dT(np.zeros(s.n_theta)) != 0, axis=2).tolist()   # (n_theta, q)
+        for k, row in enumerate(touches):
+            rows = [e for e, t in enumerate(row) if t]
+            if rows:
                 parts.append((sl.start + k, rms[rows]))
     model.__dict__["_theta_scale_parts"] = (sd_r, parts)
     return sd_r, parts
