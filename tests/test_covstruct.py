@@ -192,3 +192,17 @@ def test_custom_lags_validation_and_rho_range():
     assert lo == pytest.approx(-0.5, abs=1e-9) and lo > -0.5 and hi == s.CORR_BOUND
     car = make_structure("CAR", LEVELS)
     assert car.rho_range([1.0, 0.5], 1) == (0.0, car.CORR_BOUND)
+
+
+@pytest.mark.parametrize("kind", STRUCTURES)
+def test_constant_dT_is_made_once_per_type_and_size(kind):
+    """The linear structures' dT does not depend on theta: one read-only array per type and
+    number of effects, the same numbers as T's differences, another size another array."""
+    s, t = make_structure(kind, _names(3)), make_structure(kind, _names(3))
+    assert s.dT(np.zeros(s.n_theta)) is t.dT(np.ones(t.n_theta))
+    assert not s.dT(np.zeros(s.n_theta)).flags.writeable
+    e = np.eye(s.n_theta)
+    want = np.array([s.T(e[i]) - s.T(np.zeros(s.n_theta)) for i in range(s.n_theta)])
+    np.testing.assert_array_equal(s.dT(np.zeros(s.n_theta)), want)
+    u = make_structure(kind, _names(2))
+    assert u.dT(np.zeros(u.n_theta)).shape == (u.n_theta, 2, 2)

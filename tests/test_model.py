@@ -256,3 +256,34 @@ def test_start_coefficients_are_the_least_squares_fit(n):
     exact = np.linalg.lstsq(d.Xw, d.yw, rcond=None)[0]
     np.testing.assert_array_equal(b, d.least_squares() if n >= LSTSQ_SVD_ROWS else exact)
     np.testing.assert_allclose(b, exact, rtol=0, atol=1e-12 * np.abs(d.yw).max())
+
+
+def test_start_coefficients_are_computed_once_and_handed_out_as_copies():
+    """The design keeps its start coefficients (the moment start and the natural sizes
+    both ask for them); a caller's changes to the copy it got leave them, and a design
+    replaced with another outcome computes its own."""
+    import dataclasses
+
+    rng = np.random.default_rng(2)
+    n = 60
+    X = np.column_stack([rng.standard_normal(n), np.ones(n)])
+    y = X @ [0.5, 1.0] + rng.standard_normal(n)
+    d = build_design(y, X, [np.ones((n, 1))], [np.arange(n) // 4], rng.uniform(0.5, 2.0, n))
+    b = d.start_coefficients()
+    b[:] = 7.0
+    np.testing.assert_array_equal(d.start_coefficients(),
+                                  np.linalg.lstsq(d.Xw, d.yw, rcond=None)[0])
+    e = dataclasses.replace(d, yw=d.yw + d.Xw @ [1.0, -2.0])
+    np.testing.assert_allclose(e.start_coefficients(), d.start_coefficients() + [1.0, -2.0],
+                               rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 55, 56, 1000, 1001])
+def test_median_sampling_sd_is_numpys_median(n):
+    """The model's scale (the median sampling SD) from one partition: np.median's number,
+    bit for bit, for odd and even counts."""
+    from mlmeta.model import _median
+
+    v = np.random.default_rng(n).uniform(1e-3, 1.0, n) ** 3
+    assert _median(v) == float(np.median(v))
+    assert _median(np.full(n, 0.25)) == 0.25

@@ -266,3 +266,28 @@ def test_the_hand_over_to_newton_scales_with_large_data(monkeypatch):
     assert scaled.llf == pytest.approx(fixed.llf, abs=1e-8)
     np.testing.assert_allclose(scaled.theta, fixed.theta, rtol=1e-6)
     assert scaled.fit_record.n_em < fixed.fit_record.n_em
+
+
+def test_random_starts_are_the_seeded_draws_kept_per_model_size():
+    """The pseudo-random starts: the generator seeded by the model's size gives them (the
+    same points as drawn afresh), their draws kept read-only for the next fit of that size."""
+    from mlmeta.refine import theta_scale
+    from mlmeta.starts import N_RANDOM_STARTS, _random_draws, alternative_starts
+
+    df = mlmeta.datasets.load("schoolcal")
+    model, _, _ = build_model("stdmdiff ~ 1 + (1 | district) + (1 | district:school)", df,
+                              variance="var")
+    theta = np.array([0.25, 0.18])
+    scale = theta_scale(model, theta)
+    got = [t for label, t in alternative_starts(model, theta, theta, scale)
+           if label.startswith("random start")]
+    k = model.n_theta
+    rng = np.random.default_rng([model.n_obs, k, 17])
+    assert len(got) == N_RANDOM_STARTS
+    for t in got:
+        u = (rng.uniform(0.05, 2.0, k), rng.uniform(-0.5, 0.5, k), rng.uniform(-1.0, 1.0, k))
+        want = np.clip(np.where(model.lower == 0.0, u[0], u[2]) * scale, model.lower, model.upper)
+        np.testing.assert_array_equal(t, want)
+    draws = _random_draws(model.n_obs, k)
+    assert draws is _random_draws(model.n_obs, k)
+    assert not any(a.flags.writeable for d in draws for a in d)
