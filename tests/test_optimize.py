@@ -291,3 +291,17 @@ def test_random_starts_are_the_seeded_draws_kept_per_model_size():
     draws = _random_draws(model.n_obs, k)
     assert draws is _random_draws(model.n_obs, k)
     assert not any(a.flags.writeable for d in draws for a in d)
+
+
+def test_moment_start_is_kept_on_the_model_and_handed_out_as_copies():
+    """start_theta computes the moment start once per model (fit_batch, refits and
+    Model.fit ask for it again); changing the copy a caller got changes nothing."""
+    from mlmeta.optimize import _moment_start, start_theta
+
+    df = mlmeta.datasets.load("schoolcal")
+    model, _, _ = build_model("stdmdiff ~ 1 + (1 | district) + (1 | district:school)", df,
+                              variance="var")
+    t = start_theta(model)
+    np.testing.assert_array_equal(t, _moment_start(model))
+    t[:] = -1.0
+    np.testing.assert_array_equal(start_theta(model), _moment_start(model))

@@ -142,7 +142,16 @@ def start_theta(model: NestedModel) -> np.ndarray:
     """Moment start: split the residual heterogeneity of a fixed-effects fit evenly
     over the levels; slopes' variances scaled by the variance of their covariate. With
     a profiled residual variance (theta relative to it) the residual takes an equal
-    share, so each level starts at variance 1 relative to the residual."""
+    share, so each level starts at variance 1 relative to the residual. Computed once per
+    model (kept on it, like the natural sizes); a copy is returned."""
+    got = model.__dict__.get("_start_theta")
+    if got is None:
+        got = model.__dict__["_start_theta"] = _moment_start(model)
+    return got.copy()
+
+
+def _moment_start(model: NestedModel) -> np.ndarray:
+    """:func:`start_theta`, computed."""
     d = model.design
     if d.n_fe:
         beta = d.start_coefficients()
