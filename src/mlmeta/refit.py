@@ -376,7 +376,7 @@ def _inaccurate(model, Yw, out, confirmed=None) -> np.ndarray:
     bad = np.zeros(Yw.shape[0], dtype=bool)
     if not ok.any():
         return bad
-    yy = np.maximum(np.einsum("ij,ij->i", Yw[ok], Yw[ok]), 0.0)
+    yy = np.maximum(np.einsum("ij,ij->i", Yw, Yw)[ok], 0.0)      # row by row: no copies of Yw
     beta = out["beta"][ok]
     b = np.sqrt(np.einsum("ij,ij->i", beta, beta)) if beta.shape[1] else 0.0
     s2 = out["sigma2"][ok] if model.residual == "profiled" else 1.0
