@@ -57,10 +57,13 @@ from timing import fmt_time, median_time  # noqa: E402
 
 import mlmeta  # noqa: E402
 
-R_SCRIPT = r"""
+#: the opening of the metafor scripts that read a data set from the CSV file args[1]
+METAFOR_CSV = r"""
 suppressPackageStartupMessages(library(metafor))
 args <- commandArgs(trailingOnly = TRUE)
-dat <- read.csv(args[1])
+dat <- read.csv(args[1])"""
+
+R_SCRIPT = METAFOR_CSV + r"""
 mods <- as.formula(args[2])
 random <- as.formula(args[3])
 reps <- as.integer(args[4])
@@ -374,10 +377,7 @@ def run_berkey(repeat, has_r, workdir):
     return rows
 
 
-V_MULTILEVEL_R = r"""
-suppressPackageStartupMessages(library(metafor))
-args <- commandArgs(trailingOnly = TRUE)
-dat <- read.csv(args[1])
+V_MULTILEVEL_R = METAFOR_CSV + r"""
 reps <- as.integer(args[2])
 rho <- as.numeric(args[3])
 V <- vcalc(v, cluster = a, obs = b, rho = rho, data = dat, sparse = TRUE)

@@ -10,17 +10,19 @@ import numpy as np
 
 __all__ = ["TALL_ROWS", "GRAM_COND", "is_tall", "well_conditioned_gram"]
 
-#: a matrix is tall from this many rows, and 8 per column, on (below, a QR factorisation
-#: costs less than the Gram matrix's test)
+#: log|X'X| of the fixed part comes from the Gram matrix from this many rows, and 8 per
+#: column, on (below, its QR factorisation gives the number it always gave; the number
+#: enters the REML constant). A yes/no test of full rank takes the Gram matrix at any
+#: height (``min_rows=0``): the test costs less than a pivoted QR from 56 rows on.
 TALL_ROWS = 4096
 #: the largest condition number of the unit-norm columns taken through the Gram matrix
 GRAM_COND = 1e3
 
 
-def is_tall(M) -> bool:
-    """At least :data:`TALL_ROWS` rows and 8 per column, and two columns or more."""
+def is_tall(M, min_rows: int = TALL_ROWS) -> bool:
+    """At least ``min_rows`` rows and 8 per column, and two columns or more."""
     n, p = M.shape
-    return p > 1 and n >= max(TALL_ROWS, 8 * p)
+    return p > 1 and n >= max(min_rows, 8 * p)
 
 
 def well_conditioned_gram(M) -> np.ndarray | None:
