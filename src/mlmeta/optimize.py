@@ -287,7 +287,7 @@ def _fit(model, *, theta0, em_iter, em_tol, em_only, maxiter, tol, safeguard, ve
     def main_run(theta):
         return run_engine(model, theta, lower=lower, upper=upper, em_iter=n_em, em_tol=em_tol,
                           em_only=em_only, maxiter=min(maxiter, MAIN_ITER), tol=tol, log=verbose,
-                          em_switch=EM_SWITCH, threads=main_threads)
+                          em_switch=EM_SWITCH, threads=main_threads, hessian=True)
 
     run = main_run(theta)
     if theta0 is None and not np.isfinite(run["deviance"][0]):
@@ -318,7 +318,7 @@ def _fit(model, *, theta0, em_iter, em_tol, em_only, maxiter, tol, safeguard, ve
     use_safeguard = extra_starts(model, safeguard)
     theta, f, conv = _finish(model, rec, theta, f, conv, lower=lower, upper=upper, maxiter=maxiter,
                              tol=tol, safeguard=use_safeguard, certified=certified,
-                             more_starts=more_starts)
+                             more_starts=more_starts, hess=run["hess"][0])
     rec.grad_max = _gmax(model, theta, lower, upper)
     if not conv:
         rec.messages.append(f"gradient-based optimisation did not converge (largest gradient "
@@ -331,14 +331,14 @@ def _fit(model, *, theta0, em_iter, em_tol, em_only, maxiter, tol, safeguard, ve
 
 
 def _finish(model, rec, theta, f, conv, *, lower, upper, maxiter, tol, safeguard, Yw=None,
-            certified=False, more_starts=None):
+            certified=False, more_starts=None, hess=None):
     """After the main engine run: refine it to a certified stationary point (:func:`refine`),
     run the extra starts (``safeguard``) and continue the promising ones, and end where
     the covariance structures can be written out (:func:`_representable`). Updates
     ``rec`` (iterations, evaluations, candidates, messages); returns (theta, f, conv)."""
     theta, f, conv = _search(model, rec, theta, f, conv, lower=lower, upper=upper, maxiter=maxiter,
                              tol=tol, safeguard=safeguard, Yw=Yw, certified=certified,
-                             more_starts=more_starts)
+                             more_starts=more_starts, hess=hess)
     theta, f, conv = finish_on_edge(model, rec, theta, f, conv, lower=lower, upper=upper, Yw=Yw)
     return _representable(model, theta, f, conv, lower=lower, upper=upper, Yw=Yw)
 
@@ -368,7 +368,7 @@ def _representable(model, theta, f, conv, *, lower, upper, Yw=None):
 
 
 def _search(model, rec, theta, f, conv, *, lower, upper, maxiter, tol, safeguard, Yw=None,
-            certified=False, more_starts=None):
+            certified=False, more_starts=None, hess=None):
     """:func:`_finish` but the last step."""
     scale = theta_scale(model, theta if Yw is None else None)
     work = Work(rec.n_iter, rec.n_evals)
@@ -378,7 +378,8 @@ def _search(model, rec, theta, f, conv, *, lower, upper, maxiter, tol, safeguard
                                   certified=certified)
     # the engine's certificate (a positive definite Hessian, condition below 1e8, and a
     # vanishing decrement) still describes the fit
-    certified = certified and np.array_equal(theta, theta_main)
+    moved = not np.array_equal(theta, theta_main)
+    certified = certified and not moved
     rec.n_iter, rec.n_evals = work.iters, work.evals
     if note:
         rec.messages.append(note)
@@ -390,7 +391,7 @@ def _search(model, rec, theta, f, conv, *, lower, upper, maxiter, tol, safeguard
     rec.eval_budget = budget = int(max(EXTRA_EVALS_FACTOR * rec.n_evals,
                                        EXTRA_MIN_EVALS * (model.n_theta + 1)))
     opts = dict(lower=lower, upper=upper, tol=tol, maxiter=maxiter, budget=budget, Yw=Yw,
-                threads=start_threads(model.n_obs))
+                threads=start_threads(model.n_obs), hess=None if moved else hess)
     first = ~away_from_em(starts) if safeguard == "auto" else np.ones(len(starts), dtype=bool)
     exposed = not conv or on_boundary(model, theta, lower, upper, scale)
     run_now = first.copy()
@@ -455,7 +456,7 @@ def _search(model, rec, theta, f, conv, *, lower, upper, maxiter, tol, safeguard
 
 
 def finish_outcome(model: NestedModel, Yw, theta, f, conv, theta_em, *, maxiter, tol,
-                   safeguard, n_iter=0, certified=False) -> tuple:
+                   safeguard, n_iter=0, certified=False, hess=None) -> tuple:
     """The finishing steps of a fit (:func:`_finish`: continuation, stationarity check,
     extra starts) for the whitened outcome row ``Yw`` of a batch whose main engine run
     ended at (theta, f, conv) after ``n_iter`` iterations. Returns (theta, deviance,
@@ -464,7 +465,7 @@ def finish_outcome(model: NestedModel, Yw, theta, f, conv, theta_em, *, maxiter,
                     theta_em=np.asarray(theta_em, dtype=float).copy(), n_iter=int(n_iter))
     theta, f, conv = _finish(model, rec, np.asarray(theta, dtype=float).copy(), float(f), bool(conv),
                              lower=model.lower, upper=model.upper, maxiter=maxiter, tol=tol,
-                             safeguard=safeguard, Yw=Yw, certified=bool(certified))
+                             safeguard=safeguard, Yw=Yw, certified=bool(certified), hess=hess)
     return theta, f, conv, rec.n_evals, rec.n_iter
 
 

@@ -126,19 +126,21 @@ def switch_dec(n_obs: int) -> float:
 
 def run_engine(model, thetas, *, lower, upper, em_iter=0, em_tol=0.0, em_only=False,
                maxiter=1000, tol=1e-6, quasi=False, known=None, threads=1, log=False, Yw=None,
-               em_switch=0):
+               em_switch=0, hessian=False):
     """Engine runs from each row of ``thetas`` (for the design's own outcome, or for the
     whitened outcome ``Yw``); the engine's dict of per-run arrays. ``em_switch``: EM may
     hand over to Newton from that iterate on (:data:`EM_SWITCH`, :data:`SWITCH_DEC`)."""
     kt, kd = (None, np.inf) if known is None else (known[0], float(known[1]))
+    kh = None if known is None or len(known) < 3 else known[2]
     thetas = np.atleast_2d(thetas)
     Y = None if Yw is None else np.repeat(np.asarray(Yw, dtype=float)[None, :], len(thetas), axis=0)
     with blas_threads(border_blas_threads(model.problem.nb, threads)):
         return model.problem.fit(thetas, Y, lower=lower, upper=upper, em_iter=int(em_iter),
                                  em_tol=float(em_tol), em_only=em_only, maxiter=int(maxiter),
                                  tol=float(tol), quasi=quasi, known_theta=kt, known_dev=kd,
+                                 known_hess=kh,
                                  em_switch=int(em_switch), switch_dec=switch_dec(model.n_obs),
-                                 n_threads=int(threads), log=log)
+                                 n_threads=int(threads), log=log, hessian=hessian)
 
 
 def off_bound_gain(dev, f):

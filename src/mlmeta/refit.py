@@ -176,6 +176,7 @@ def _fit_new_outcomes(model, Yw, theta0, em_iter, maxiter, tol, n_jobs, safeguar
             theta0 = column_starts(model, model, Yw)
         out, _ = _main_runs(model, Yw, theta0, em_iter, maxiter, tol, n_jobs, shrink=own)
         _finish(model, Yw, out, maxiter, tol, safeguard)
+        del out["hess"]
         out["inaccurate"] = _inaccurate(model, Yw, out)
         return out
     work, back = conditioned_model(model, A)
@@ -191,6 +192,7 @@ def _fit_new_outcomes(model, Yw, theta0, em_iter, maxiter, tol, n_jobs, safeguar
     theta_w = np.ascontiguousarray(theta_w)
     out, theta_w = _main_runs(work, Yw, theta_w, em_iter, maxiter, tol, n_jobs, shrink=own)
     _finish(work, Yw, out, maxiter, tol, safeguard)
+    del out["hess"]
     ok = np.flatnonzero(np.isfinite(out["deviance"]))
     theta = out["theta"].copy()
     for j in range(theta.shape[0]):
@@ -223,7 +225,8 @@ def _main_runs(model, Yw, theta0, em_iter, maxiter, tol, n_jobs, shrink) -> tupl
     (:func:`mlmeta.optimize.feasible_start`), as a single fit does. Returns (the engine's
     dict of per-run arrays, the start each run took)."""
     opts = dict(em_iter=int(em_iter), maxiter=min(int(maxiter), MAIN_ITER), tol=float(tol),
-                em_switch=EM_SWITCH, switch_dec=switch_dec(model.n_obs), n_threads=int(n_jobs))
+                em_switch=EM_SWITCH, switch_dec=switch_dec(model.n_obs), n_threads=int(n_jobs),
+                hessian=True)
     out = model.problem.fit(theta0, Yw, **opts)
     starts = np.array(theta0, dtype=float)
     redo = []
@@ -293,11 +296,13 @@ def _finish(model, Yw, out, maxiter, tol, safeguard, rows=None):
     rows = rows[~_settled(model, out, safeguard, rows)]
     rows = rows[~_settled_off_bounds(model, Yw, out, safeguard, rows)]
     moved = []
+    hess = out.get("hess")        # the main runs' Hessians (seeds of the extra starts)
     for j in rows:
         th, _, conv, n, n_iter = finish_outcome(
             model, Yw[j], out["theta"][j], out["deviance"][j], out["converged"][j],
             out["theta_em"][j], maxiter=maxiter, tol=tol, safeguard=safeguard,
-            n_iter=out["n_iter"][j], certified=out["certified"][j])
+            n_iter=out["n_iter"][j], certified=out["certified"][j],
+            hess=None if hess is None else hess[j])
         out["n_evals"][j] += n
         out["n_iter"][j] = n_iter
         out["converged"][j] = conv

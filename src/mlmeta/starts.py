@@ -191,7 +191,7 @@ def descends(model, starts, which, theta, f, *, lower, upper, Yw=None, threads=1
 
 
 def run_starts(model, starts, which, theta, f, *, lower, upper, tol, maxiter, budget, Yw=None,
-               threads=1) -> dict:
+               threads=1, hess=None) -> dict:
     """Engine runs from the starts ``which`` (indices into ``starts``, (label, theta)
     pairs) in rounds of at most ``budget`` evaluations each; {index: run}
     (:func:`mlmeta.refine.rounds`). Starts near the EM path explore by quasi-Newton steps
@@ -204,8 +204,12 @@ def run_starts(model, starts, which, theta, f, *, lower, upper, tol, maxiter, bu
     local = np.array([" off " in starts[i][0] for i in which], dtype=bool)
     wide = away_from_em([starts[i] for i in which])
     runs = {}
-    for sel, known, quasi in ((~local & ~wide, (theta, f), True), (local, None, True),
-                              (wide, (theta, f), False)):
+    near = np.array([starts[i][0].startswith("parameter ") and starts[i][0].endswith(" at zero")
+                     for i in which], dtype=bool)
+    near &= hess is not None
+    kn = (theta, f) if hess is None else (theta, f, hess)
+    for sel, known, quasi in ((~local & ~wide & ~near, (theta, f), True), (near, kn, True),
+                              (local, None, True), (wide, (theta, f), False)):
         idx = which[sel]
         if idx.size:
             got = rounds(model, [starts[i][1] for i in idx], lower=lower, upper=upper, tol=tol,

@@ -611,7 +611,8 @@ cdef class Problem:
     def fit(self, theta0, Yw=None, lower=None, upper=None, *, int em_iter=20, double em_tol=0.0,
             int maxiter=1000, double tol=1e-6, bint quasi=False, bint em_only=False,
             int em_switch=0, double switch_dec=1.0, known_theta=None,
-            double known_dev=INFINITY, int n_threads=1, bint log=False):
+            double known_dev=INFINITY, known_hess=None, int n_threads=1, bint log=False,
+            bint hessian=False):
         """Fit the rows of ``theta0`` (m x n_theta starts) to the design's own outcome
         (``Yw`` None) or to the rows of ``Yw`` (m x n whitened, sorted outcomes).
 
@@ -661,7 +662,8 @@ cdef class Problem:
                    n_iter=np.zeros(m, dtype=np.intc), n_em=np.zeros(m, dtype=np.intc),
                    n_evals=np.zeros(m, dtype=np.intc), joined=np.zeros(m, dtype=np.intc),
                    status=np.zeros(m, dtype=np.intc),
-                   log_em=np.full((m, n_log_em), np.nan), log_newton=np.full((m, n_log_nt), np.nan))
+                   log_em=np.full((m, n_log_em), np.nan), log_newton=np.full((m, n_log_nt), np.nan),
+                   hess=np.full((m, max(k, 1) * max(k, 1)) if hessian else (1, 1), np.nan))
         cdef Options O
         O.em_iter = em_iter
         O.maxiter = maxiter
@@ -680,6 +682,14 @@ cdef class Problem:
                 raise ValueError("known_theta has the wrong length")
             kn = known
             O.known = &kn[0]
+        O.known_H = NULL
+        cdef double[::1] kh
+        if known_hess is not None:
+            kh_arr = np.ascontiguousarray(known_hess, dtype=np.float64).ravel()
+            if kh_arr.shape[0] != k * k:
+                raise ValueError("known_hess must be n_theta x n_theta")
+            kh = kh_arr
+            O.known_H = &kh[0]
         cdef int nt = max(1, min(n_threads, m))
         # threads left over by a single run go to its evaluations (two-level folds)
         P.eval_threads = 2 if nt == 1 and n_threads >= 2 else 1
@@ -688,7 +698,8 @@ cdef class Problem:
             self._ensure_slots(nt)
             # runs of rows per take: about 8 takes per thread, at most RUN_CHUNK rows
             (<_Runner>runner).setup(self, P, O, Yw, res, log,
-                                    max(1, min(RUN_CHUNK, m // (8 * nt))) if nt > 1 else m)
+                                    max(1, min(RUN_CHUNK, m // (8 * nt))) if nt > 1 else m,
+                                    hessian)
             parallel_calls((<_Runner>runner).run, [(c,) for c in range(nt)], nt)
         res["certified"] = res["converged"] == 2
         for key in ("converged", "joined"):
@@ -699,6 +710,10 @@ cdef class Problem:
         res["Hinv"] = np.ascontiguousarray(res["Hinv"][:, :p, :p].transpose(0, 2, 1))
         if not log:
             del res["log_em"], res["log_newton"]
+        if hessian:
+            res["hess"] = res["hess"][:, :k * k].reshape(m, k, k).transpose(0, 2, 1).copy()
+        else:
+            del res["hess"]
         return res
 
 
@@ -714,13 +729,15 @@ cdef class _Runner:
     cdef Problem prob
     cdef const double[:, ::1] Yw
     cdef bint own, log
-    cdef double[:, ::1] th, bt, sv, tem, lem, lnt, here
+    cdef double[:, ::1] th, bt, sv, tem, lem, lnt, here, hs
+    cdef bint hessian
     cdef double[:, :, ::1] hv
     cdef double[::1] dv, s2
     cdef int[::1] cv, itv, ev, jv, emv, stv
     cdef Py_ssize_t n_rows, next_row, chunk
 
-    cdef setup(self, Problem prob, Prob P, Options O, Yw, dict res, bint log, Py_ssize_t chunk):
+    cdef setup(self, Problem prob, Prob P, Options O, Yw, dict res, bint log, Py_ssize_t chunk,
+               bint hessian=False):
         self.prob = prob
         self.P = P
         self.O = O
@@ -731,6 +748,8 @@ cdef class _Runner:
         self.th, self.bt, self.sv, self.tem = res["theta"], res["beta"], res["se"], res["theta_em"]
         self.hv = res["Hinv"]
         self.lem, self.lnt = res["log_em"], res["log_newton"]
+        self.hs = res["hess"]
+        self.hessian = hessian and P.n_theta > 0
         self.dv, self.s2 = res["deviance"], res["sigma2"]
         self.cv, self.itv, self.ev = res["converged"], res["n_iter"], res["n_evals"]
         self.jv, self.emv, self.stv = res["joined"], res["n_em"], res["status"]
@@ -762,6 +781,7 @@ cdef class _Runner:
                     R.theta_em = &self.tem[r, 0] if self.P.n_theta else &dummy
                     R.log_em = &self.lem[r, 0] if self.log else NULL
                     R.log_newton = &self.lnt[r, 0] if self.log else NULL
+                    R.hess = &self.hs[r, 0] if self.hessian else NULL
                     R.n_iter = &self.itv[r]
                     R.n_em = &self.emv[r]
                     R.joined = &self.jv[r]

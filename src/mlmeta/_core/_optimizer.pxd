@@ -10,6 +10,7 @@ cdef struct Options:
     double switch_dec       # ... when the Newton decrement there is at most this max(1, |f|)
     const double* known     # an optimum found already (NULL: none) ...
     double known_dev        # ... and its deviance
+    const double* known_H   # its Hessian (k x k; NULL: none): an exploring run's first model
 
 
 cdef struct Out:
@@ -21,6 +22,7 @@ cdef struct Out:
     double* theta_em
     double* log_em       # deviance after each EM iteration (NULL: not kept)
     double* log_newton   # deviance after each Newton iteration (NULL: not kept)
+    double* hess         # the last Newton iteration's Hessian (k x k; NULL: not kept)
     int* n_iter
     int* n_em
     int* joined

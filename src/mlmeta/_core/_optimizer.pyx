@@ -153,6 +153,34 @@ cdef int secant_certifies(int nf, const int* idx, double* H, double* w, const do
     return eigen_decrement(nf, idx, H, w, g, work, lw) <= stop
 
 
+cdef inline bint known_rows(const double* Hk, const int* idx, int nf, int k) noexcept nogil:
+    """Whether Hk (k x k, NULL: none) is known (not NaN) in the rows of idx[:nf]."""
+    cdef int j
+    if Hk == NULL:
+        return 0
+    for j in range(nf):
+        if Hk[idx[j] + idx[j] * k] != Hk[idx[j] + idx[j] * k]:
+            return 0
+    return 1
+
+
+cdef void record_hessian(const double* H, const double* w, const int* idx, int nf, int k,
+                         double wmax, double* out) noexcept nogil:
+    """out (k x k) <- U max(|w|, 1e-10 max|w|) U' over the free parameters idx[:nf] (U
+    the eigenvectors in H, eigenvalues in w), NaN in the rows and columns of the others."""
+    cdef int i, j, m
+    cdef double tt, h
+    for i in range(k * k):
+        out[i] = NAN
+    for m in range(nf):
+        for j in range(nf):
+            tt = 0.0
+            for i in range(nf):
+                h = fabs(w[i]) if fabs(w[i]) > 1e-10 * wmax else 1e-10 * wmax
+                tt = tt + H[j + i * nf] * h * H[m + i * nf]
+            out[idx[j] + idx[m] * k] = tt
+
+
 cdef inline void keep_state(const Prob* P, const Work* W, double* kept, double f) noexcept nogil:
     """kept <- (f, sigma^2, beta, the Cholesky factor of H) of the evaluation just made."""
     kept[0] = f
@@ -245,6 +273,9 @@ cdef int fit_one(const Prob* P, Work* W, const double* y, double* th, const Opti
     W.n_evals = 0
     joined = 0
     have_h = 0
+    if R.hess != NULL:
+        for i in range(k * k):
+            R.hess[i] = NAN
     set_response(P, W, y)
     fc = INFINITY
     R.n_em[0] = 0
@@ -331,6 +362,9 @@ cdef int fit_one(const Prob* P, Work* W, const double* y, double* th, const Opti
             dec = 0.0
             pd = 1
             hess_ok = 1
+            if R.hess != NULL:
+                for i in range(k * k):
+                    R.hess[i] = NAN
         else:
             same = have_pair
             for i in range(k):
@@ -344,7 +378,17 @@ cdef int fit_one(const Prob* P, Work* W, const double* y, double* th, const Opti
                 # is positive definite and the decrement vanishes: certified (the decrement
                 # is then far below what a Hessian's error of a step's size could change)
                 h_ready = 1
-            elif O.quasi and have_h:
+            elif O.quasi and (have_h or (it == 1 and known_rows(O.known_H, idx, nf, k))):
+                if not have_h:
+                    # the run's first model Hessian: the known optimum's (no differences);
+                    # its unknown rows (parameters at a bound there) as the updates' start
+                    for i in range(k):
+                        hk[i] = 1.0 if O.known_H[i + i * k] == O.known_H[i + i * k] else 0.0
+                    for j in range(k):
+                        for i in range(k):
+                            Hq[i + j * k] = (O.known_H[i + j * k] if hk[i] != 0.0 and hk[j] != 0.0
+                                             else (1.0 if i == j else 0.0))
+                    have_h = 1
                 for m in range(nf):
                     for j in range(nf):
                         H[j + m * nf] = Hq[idx[j] + idx[m] * k]
@@ -362,6 +406,8 @@ cdef int fit_one(const Prob* P, Work* W, const double* y, double* th, const Opti
             # a certificate needs the Newton step unregularised (no eigenvalue raised to
             # 1e-10 of the largest: along such flat directions the decrement says little)
             hess_ok = pd and not O.quasi and w[0] > 1e-8 * wmax
+            if R.hess != NULL:
+                record_hessian(H, w, idx, nf, k, wmax, R.hess)
             if O.quasi and not have_h:
                 # start the updates from the differenced Hessian made positive definite
                 # (U max(|w|, 1e-10 max|w|) U'); BFGS keeps it so
