@@ -3,6 +3,7 @@
 import warnings
 
 import numpy as np
+import pandas as pd
 import pytest
 
 import mlmeta
@@ -305,3 +306,59 @@ def test_moment_start_is_kept_on_the_model_and_handed_out_as_copies():
     np.testing.assert_array_equal(t, _moment_start(model))
     t[:] = -1.0
     np.testing.assert_array_equal(start_theta(model), _moment_start(model))
+
+
+def test_the_main_run_returns_the_hessian_it_ended_with(schoolcal):
+    """``hessian=True``: the Hessian of the free parameters at the run's last Newton
+    iteration, as differenced there (the central differences of the gradient agree); a
+    parameter that is not free (held by equal bounds) has NaN in its row and column."""
+    model, _, _ = build_model(SLOPE, schoolcal, variance="var")
+    P = model.problem
+    rec = fit_nested(model, safeguard=False)
+    run = P.fit(rec.theta_start[None, :], hessian=True)
+    theta, H = run["theta"][0], run["hess"][0]
+    assert run["certified"][0] and H.shape == (3, 3)
+    np.testing.assert_array_equal(H, H.T)
+    num = np.empty((3, 3))
+    for i in range(3):
+        h = 1e-5 * max(abs(theta[i]), 1e-2)
+        up, down = theta.copy(), theta.copy()
+        up[i] += h
+        down[i] -= h
+        num[:, i] = (model.gradient(up) - model.gradient(down)) / (2 * h)
+    np.testing.assert_allclose(H, 0.5 * (num + num.T), rtol=1e-4, atol=1e-6 * np.abs(num).max())
+    assert "hess" not in P.fit(rec.theta_start[None, :])
+    lower, upper = model.lower.copy(), model.upper.copy()
+    lower[1] = upper[1] = 0.05
+    held = P.fit(rec.theta_start[None, :], lower=lower, upper=upper, hessian=True)["hess"][0]
+    assert np.isnan(held[1]).all() and np.isnan(held[:, 1]).all()
+    assert np.isfinite(np.delete(np.delete(held, 1, 0), 1, 1)).all()
+
+
+def test_runs_from_a_parameter_at_zero_start_from_the_known_hessian():
+    """An exploring run seeded with the known optimum's Hessian (``known_hess``) takes it
+    as its first model instead of differencing one: from a parameter of sleepstudy's
+    optimum at zero it joins the optimum in fewer evaluations. A seed unknown in a free
+    parameter's row is not used (the run is the unseeded one, bit for bit)."""
+    from references import load
+
+    data = pd.DataFrame(load("df_reference")["data"]["sleepstudy"])
+    model = mlmeta.mixed("Reaction ~ Days + (1 + Days | Subject)", data).model
+    P = model.problem
+    rec = fit_nested(model, safeguard=False)
+    H = P.fit(rec.theta_start[None, :], hessian=True)["hess"][0]
+    assert np.isfinite(H).all()
+    start = rec.theta.copy()
+    start[0] = 0.0
+    known = dict(quasi=True, known_theta=rec.theta, known_dev=rec.deviance)
+    plain = P.fit(start[None, :], em_iter=0, **known)
+    seeded = P.fit(start[None, :], em_iter=0, known_hess=H, **known)
+    assert plain["joined"][0] and seeded["joined"][0]
+    assert seeded["n_evals"][0] < plain["n_evals"][0]
+    unknown = H.copy()
+    unknown[2, :] = unknown[:, 2] = np.nan
+    again = P.fit(start[None, :], em_iter=0, known_hess=unknown, **known)
+    np.testing.assert_array_equal(again["theta"], plain["theta"])
+    assert again["n_evals"][0] == plain["n_evals"][0]
+    with pytest.raises(ValueError, match="known_hess"):
+        P.fit(start[None, :], known_hess=H[:2, :2], **known)

@@ -378,8 +378,7 @@ def _search(model, rec, theta, f, conv, *, lower, upper, maxiter, tol, safeguard
                                   certified=certified)
     # the engine's certificate (a positive definite Hessian, condition below 1e8, and a
     # vanishing decrement) still describes the fit
-    moved = not np.array_equal(theta, theta_main)
-    certified = certified and not moved
+    certified = certified and np.array_equal(theta, theta_main)
     rec.n_iter, rec.n_evals = work.iters, work.evals
     if note:
         rec.messages.append(note)
@@ -391,7 +390,7 @@ def _search(model, rec, theta, f, conv, *, lower, upper, maxiter, tol, safeguard
     rec.eval_budget = budget = int(max(EXTRA_EVALS_FACTOR * rec.n_evals,
                                        EXTRA_MIN_EVALS * (model.n_theta + 1)))
     opts = dict(lower=lower, upper=upper, tol=tol, maxiter=maxiter, budget=budget, Yw=Yw,
-                threads=start_threads(model.n_obs), hess=None if moved else hess)
+                threads=start_threads(model.n_obs), hess=hess if certified else None)
     first = ~away_from_em(starts) if safeguard == "auto" else np.ones(len(starts), dtype=bool)
     exposed = not conv or on_boundary(model, theta, lower, upper, scale)
     run_now = first.copy()

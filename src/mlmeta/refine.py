@@ -129,7 +129,10 @@ def run_engine(model, thetas, *, lower, upper, em_iter=0, em_tol=0.0, em_only=Fa
                em_switch=0, hessian=False):
     """Engine runs from each row of ``thetas`` (for the design's own outcome, or for the
     whitened outcome ``Yw``); the engine's dict of per-run arrays. ``em_switch``: EM may
-    hand over to Newton from that iterate on (:data:`EM_SWITCH`, :data:`SWITCH_DEC`)."""
+    hand over to Newton from that iterate on (:data:`EM_SWITCH`, :data:`SWITCH_DEC`).
+    ``known``: (theta, deviance) of an optimum found already, optionally with its
+    Hessian as a third item (the exploring runs' first model Hessian); ``hessian``:
+    return each run's last Hessian (``hess``)."""
     kt, kd = (None, np.inf) if known is None else (known[0], float(known[1]))
     kh = None if known is None or len(known) < 3 else known[2]
     thetas = np.atleast_2d(thetas)

@@ -174,9 +174,10 @@ def _fit_new_outcomes(model, Yw, theta0, em_iter, maxiter, tol, n_jobs, safeguar
         own = theta0 is None
         if own:
             theta0 = column_starts(model, model, Yw)
-        out, _ = _main_runs(model, Yw, theta0, em_iter, maxiter, tol, n_jobs, shrink=own)
+        out, _ = _main_runs(model, Yw, theta0, em_iter, maxiter, tol, n_jobs, shrink=own,
+                            hessian=bool(safeguard))
         _finish(model, Yw, out, maxiter, tol, safeguard)
-        del out["hess"]
+        out.pop("hess", None)
         out["inaccurate"] = _inaccurate(model, Yw, out)
         return out
     work, back = conditioned_model(model, A)
@@ -190,9 +191,10 @@ def _fit_new_outcomes(model, Yw, theta0, em_iter, maxiter, tol, n_jobs, safeguar
                                                     zip(inv, model.Sigma_list(t))])
                             for t in starts])[np.ravel(which)]
     theta_w = np.ascontiguousarray(theta_w)
-    out, theta_w = _main_runs(work, Yw, theta_w, em_iter, maxiter, tol, n_jobs, shrink=own)
+    out, theta_w = _main_runs(work, Yw, theta_w, em_iter, maxiter, tol, n_jobs, shrink=own,
+                              hessian=bool(safeguard))
     _finish(work, Yw, out, maxiter, tol, safeguard)
-    del out["hess"]
+    out.pop("hess", None)
     ok = np.flatnonzero(np.isfinite(out["deviance"]))
     theta = out["theta"].copy()
     for j in range(theta.shape[0]):
@@ -218,15 +220,16 @@ def _fit_new_outcomes(model, Yw, theta0, em_iter, maxiter, tol, n_jobs, safeguar
     return out
 
 
-def _main_runs(model, Yw, theta0, em_iter, maxiter, tol, n_jobs, shrink) -> tuple:
+def _main_runs(model, Yw, theta0, em_iter, maxiter, tol, n_jobs, shrink, hessian=False) -> tuple:
     """The engine's main runs of the whitened outcomes Yw (rows) from ``theta0``; with
     ``shrink`` (the starts are the columns' own moment starts), a run that fails from its
     start is made again from the start shrunk until the objective is defined there
-    (:func:`mlmeta.optimize.feasible_start`), as a single fit does. Returns (the engine's
-    dict of per-run arrays, the start each run took)."""
+    (:func:`mlmeta.optimize.feasible_start`), as a single fit does; with ``hessian`` each
+    run's last Hessian too (``hess``, the extra starts' seed). Returns (the engine's dict
+    of per-run arrays, the start each run took)."""
     opts = dict(em_iter=int(em_iter), maxiter=min(int(maxiter), MAIN_ITER), tol=float(tol),
                 em_switch=EM_SWITCH, switch_dec=switch_dec(model.n_obs), n_threads=int(n_jobs),
-                hessian=True)
+                hessian=hessian)
     out = model.problem.fit(theta0, Yw, **opts)
     starts = np.array(theta0, dtype=float)
     redo = []

@@ -620,6 +620,11 @@ cdef class Problem:
         ``em_switch`` > 0: EM may hand over to Newton from that iterate on, where an EM
         step and the Newton decrement are at most ``switch_dec`` with a well-conditioned
         positive definite Hessian (``fit_one``).
+        ``known_hess`` (n_theta x n_theta, NaN rows unknown): the Hessian at
+        ``known_theta``, the first model Hessian of the exploring runs (``quasi``) where
+        it is known in every free parameter's row; ``hessian``: return each run's last
+        Hessian of its Newton iterations (``hess``, n_theta x n_theta per run, NaN rows
+        for parameters not free then; ``fit_one``).
         Runs are shared out over ``n_threads`` threads, each with its own workspace; a
         single run may split a large evaluation over two of them (the numbers do not
         depend on it).

@@ -10,7 +10,8 @@ cdef struct Options:
     double switch_dec       # ... when the Newton decrement there is at most this max(1, |f|)
     const double* known     # an optimum found already (NULL: none) ...
     double known_dev        # ... and its deviance
-    const double* known_H   # its Hessian (k x k; NULL: none): an exploring run's first model
+    const double* known_H   # its Hessian (k x k, NaN rows unknown; NULL: none): an
+                            # exploring run's first model Hessian where it knows every free row
 
 
 cdef struct Out:
@@ -22,7 +23,7 @@ cdef struct Out:
     double* theta_em
     double* log_em       # deviance after each EM iteration (NULL: not kept)
     double* log_newton   # deviance after each Newton iteration (NULL: not kept)
-    double* hess         # the last Newton iteration's Hessian (k x k; NULL: not kept)
+    double* hess         # the last Hessian of the Newton iterations (k x k; NULL: not kept)
     int* n_iter
     int* n_em
     int* joined

@@ -173,12 +173,13 @@ cdef void record_hessian(const double* H, const double* w, const int* idx, int n
     for i in range(k * k):
         out[i] = NAN
     for m in range(nf):
-        for j in range(nf):
+        for j in range(m + 1):
             tt = 0.0
             for i in range(nf):
                 h = fabs(w[i]) if fabs(w[i]) > 1e-10 * wmax else 1e-10 * wmax
                 tt = tt + H[j + i * nf] * h * H[m + i * nf]
             out[idx[j] + idx[m] * k] = tt
+            out[idx[m] + idx[j] * k] = tt
 
 
 cdef inline void keep_state(const Prob* P, const Work* W, double* kept, double f) noexcept nogil:
@@ -226,6 +227,13 @@ cdef int fit_one(const Prob* P, Work* W, const double* y, double* th, const Opti
     by BFGS; such runs stop at a decrement of 1e-10 max(1, |f|) and serve to explore,
     not to certify. With ``O.known`` a run that comes within 5 % of that optimum
     without a lower deviance stops there (``joined``), since it would only find it again.
+    An exploring run given the known optimum's Hessian (``O.known_H``) takes it as the
+    model Hessian of its first iteration instead of differencing one, where it is known
+    in the rows of every free parameter (BFGS updates follow as usual).
+    With ``R.hess`` the run leaves there the Hessian of the free parameters of its last
+    Newton iteration that had one (differenced, handed over by EM or carried by the BFGS
+    update of the certificate), eigenvalues taken positive as for a step, NaN in the rows
+    and columns of the other parameters (all NaN if no iteration had one).
     Such exploring runs (``O.quasi`` or ``O.known``) also lengthen a full step 4, 16, ...
     times while the deviance falls, where the step lowered it by more than twice what
     the quadratic model predicts (a variance parameter crawling off zero).
@@ -362,9 +370,6 @@ cdef int fit_one(const Prob* P, Work* W, const double* y, double* th, const Opti
             dec = 0.0
             pd = 1
             hess_ok = 1
-            if R.hess != NULL:
-                for i in range(k * k):
-                    R.hess[i] = NAN
         else:
             same = have_pair
             for i in range(k):
