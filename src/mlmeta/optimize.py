@@ -458,8 +458,9 @@ def finish_outcome(model: NestedModel, Yw, theta, f, conv, theta_em, *, maxiter,
                    safeguard, n_iter=0, certified=False, hess=None) -> tuple:
     """The finishing steps of a fit (:func:`_finish`: continuation, stationarity check,
     extra starts) for the whitened outcome row ``Yw`` of a batch whose main engine run
-    ended at (theta, f, conv) after ``n_iter`` iterations. Returns (theta, deviance,
-    converged, evaluations spent here, iterations in all)."""
+    ended at (theta, f, conv) after ``n_iter`` iterations (``hess``: the Hessian it ended
+    with, :func:`mlmeta.starts.run_starts`). Returns (theta, deviance, converged,
+    evaluations spent here, iterations in all)."""
     rec = FitRecord(theta_start=np.asarray(theta_em, dtype=float).copy(),
                     theta_em=np.asarray(theta_em, dtype=float).copy(), n_iter=int(n_iter))
     theta, f, conv = _finish(model, rec, np.asarray(theta, dtype=float).copy(), float(f), bool(conv),

@@ -10,8 +10,7 @@ cdef struct Options:
     double switch_dec       # ... when the Newton decrement there is at most this max(1, |f|)
     const double* known     # an optimum found already (NULL: none) ...
     double known_dev        # ... and its deviance
-    const double* known_H   # its Hessian (k x k, NaN rows unknown; NULL: none): an
-                            # exploring run's first model Hessian where it knows every free row
+    const double* known_H   # its Hessian (k x k, NaN rows unknown; NULL: none)
 
 
 cdef struct Out:
