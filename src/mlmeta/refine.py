@@ -34,7 +34,7 @@ import numpy as np
 from mlmeta._threads import blas_threads, border_blas_threads
 from mlmeta.model import NestedModel
 
-__all__ = ["DECREMENT_TOL", "ROUND_ITER", "theta_scale", "run_engine", "noise", "rounds",
+__all__ = ["DECREMENT_TOL", "ROUND_ITER", "theta_scale", "parameter_rms", "run_engine", "noise", "rounds",
            "deviances", "custom_correlations", "off_pd_boundary", "off_bound_probes",
            "off_bound_gain",
            "quasi_newton", "Work", "refine"]
@@ -74,6 +74,12 @@ def theta_scale(model: NestedModel, theta=None) -> np.ndarray:
     for i, rms in parts:
         out[i] = float(np.exp(np.mean(np.log(sd_r / rms))))
     return out
+
+
+def parameter_rms(model: NestedModel) -> dict:
+    """{variance parameter index: rms(z_e) of the effects it scales} (the design's part
+    of :func:`theta_scale`, kept on the model)."""
+    return dict(_scale_parts(model)[1])
 
 
 def _scale_parts(model: NestedModel):

@@ -38,7 +38,7 @@ import numpy as np
 
 from mlmeta.model import NestedModel
 from mlmeta.refine import (custom_correlations, mirrored_correlations, noise, off_pd_boundary,
-                           rounds, run_engine)
+                           parameter_rms, rounds, run_engine)
 
 __all__ = ["N_RANDOM_STARTS", "WIDE", "natural_start", "alternative_starts", "on_boundary",
            "away_from_em", "run_starts", "BOUNDARY_TOL", "SEGMENT_POINTS", "descends",
@@ -123,6 +123,7 @@ def alternative_starts(model: NestedModel, theta_em, theta_best, scale=None):
                 starts.append((f"level {lvl + 1} range at the {p:.0%} quantile of distances", t))
         t = theta_best.copy()
         t[sl] = 0.0
+        _absorb(model, t, theta_best, lvl)
         starts.append((f"level {lvl + 1} at zero", t))
         if s.n_theta > 1:
             for i in range(sl.start, sl.stop):
@@ -134,6 +135,33 @@ def alternative_starts(model: NestedModel, theta_em, theta_best, scale=None):
                     t[others] = theta_em[others]
                     starts.append((f"parameter {i} at zero", t))
     return starts
+
+
+def _absorb(model: NestedModel, t, theta, lvl) -> None:
+    """The start ``t`` with the scalar level ``lvl`` at zero: its variance moved to the scalar
+    level nested directly in it, if any (``t`` in place). The level's effects then still
+    add, on average, what they add at the optimum ``theta``: the nested parameter becomes
+    sqrt(theta_n^2 + theta_l^2 rms(z_l)^2 / rms(z_n)^2) (rms: the natural sizes' root mean
+    squares of the effects' design columns, :func:`mlmeta.refine.theta_scale`). That is
+    about where the slice of the level at zero has its optimum (with random intercepts,
+    where the observations' variances stay as they were), and the run spends fewer
+    iterations crossing the slice: schoolcal's run from its districts at zero 9 instead of
+    14 evaluations before it leaves the slice."""
+    structs, slices = model.structs, model.theta_slices
+    n_tree = min(getattr(model.design, "n_tree", len(structs)), len(structs))
+
+    def scalar(j):
+        return (0 <= j < n_tree and structs[j].q == 1 and structs[j].n_theta == 1
+                and structs[j].kind != "custom")
+
+    if not (scalar(lvl) and scalar(lvl + 1)):
+        return
+    rms = parameter_rms(model)
+    i, a = slices[lvl].start, slices[lvl + 1].start
+    if i not in rms or a not in rms:
+        return
+    ratio = float(rms[i][0]) / float(rms[a][0])
+    t[a] = np.sqrt(theta[a] ** 2 + (theta[i] * ratio) ** 2)
 
 
 def on_boundary(model: NestedModel, theta, lower, upper, scale) -> bool:

@@ -153,6 +153,64 @@ cdef int secant_certifies(int nf, const int* idx, double* H, double* w, const do
     return eigen_decrement(nf, idx, H, w, g, work, lw) <= stop
 
 
+cdef inline bint lone_parameter(const Prob* P, int i) noexcept nogil:
+    """Whether theta_i is its level's only parameter (a scalar variance)."""
+    cdef Py_ssize_t l
+    for l in range(P.n_levels):
+        if P.th_off[l] <= i < P.th_off[l] + P.n_th[l]:
+            return P.n_th[l] == 1
+    return 0
+
+
+cdef double off_saddle(const Prob* P, Work* W, const Options* O, double* th, double* g,
+                       double f, int i, double* cx, double* gx, double* kept) noexcept nogil:
+    """An exploring run just off a saddle at theta_i = 0 (th: theta_i = d small, where the
+    deviance F falls): a secant step along theta_i in the variance s = theta_i^2, where F
+    is much nearer quadratic than in theta_i. F'(s) at d^2 is g_i / 2d; a trial at
+    theta_i = c (the known optimum's theta_i, else the sampling scale) gives F'(c^2), and
+    where F' rises between them the secant's zero s* is tried too (within
+    (10 max(c, scale))^2). th, g, f and the kept state move to the lowest of the points;
+    returns f. One or two evaluations instead of the Newton steps whose model, quadratic
+    in theta_i, doubles theta_i per step."""
+    cdef int k = P.n_theta
+    cdef double d = th[i], s0, g0, c, sc, gs, ss, fx, top
+    s0 = d * d
+    g0 = g[i] / (2.0 * d)
+    c = O.known[i] if O.known != NULL and O.known[i] > 2.0 * d else P.scale
+    if c > P.upper[i]:
+        c = P.upper[i]
+    if not c > 2.0 * d:
+        return f
+    copy(th, cx, k)
+    cx[i] = c
+    fx = evaluate(P, W, cx, gx, False, 0.0)
+    if not fx < INFINITY:
+        return f
+    sc = c * c
+    gs = gx[i] / (2.0 * c)
+    if fx < f:
+        copy(cx, th, k)
+        copy(gx, g, k)
+        f = fx
+        keep_state(P, W, kept, f)
+    if not gs > g0:
+        return f
+    ss = s0 - g0 * (sc - s0) / (gs - g0)
+    top = 10.0 * (c if c > P.scale else P.scale)
+    if ss > top * top:
+        ss = top * top
+    if not (ss > s0 and fabs(sqrt(ss) - c) > 1e-3 * c) or sqrt(ss) > P.upper[i]:
+        return f
+    cx[i] = sqrt(ss)
+    fx = evaluate(P, W, cx, gx, False, 0.0)
+    if fx < f:
+        copy(cx, th, k)
+        copy(gx, g, k)
+        f = fx
+        keep_state(P, W, kept, f)
+    return f
+
+
 cdef inline bint known_rows(const double* Hk, const int* idx, int nf, int k) noexcept nogil:
     """Whether Hk (k x k, NULL: none) is known (not NaN) in the rows of idx[:nf]."""
     cdef int j
@@ -253,6 +311,7 @@ cdef int fit_one(const Prob* P, Work* W, const double* y, double* th, const Opti
     cdef int k = P.n_theta
     cdef int it, i, j, m, nf, lw, info = 0, n_half, accepted, moved, pd, converged, have_h, joined
     cdef int hess_ok = 0
+    cdef int left = 0, n_zero, probed = 0
     cdef int em_done = 0
     cdef bint switch, tried = 0
     cdef double fl = INFINITY, fl2 = INFINITY
@@ -444,9 +503,11 @@ cdef int fit_one(const Prob* P, Work* W, const double* y, double* th, const Opti
                 dec = dec - g[idx[j]] * step[j]
         if dec <= stop and pd:
             moved = 0
+            n_zero = 0
             for i in range(k):
                 if (P.lower[i] == 0.0 and P.upper[i] > 0.0 and th[i] <= 0.0
                         and fabs(g[i]) * P.scale <= 1e-10 * fscale):
+                    n_zero += 1
                     copy(th, tp, k)
                     tp[i] = 1e-3 * P.scale
                     fc = evaluate(P, W, tp, gp, False, 0.0)
@@ -454,10 +515,18 @@ cdef int fit_one(const Prob* P, Work* W, const double* y, double* th, const Opti
                         copy(tp, th, k)
                         copy(gp, g, k)
                         f = fc
-                        moved = 1
+                        moved = moved + 1
                         have_h = 0
                         have_pair = 0
                         keep_state(P, W, kept, f)
+                        left = i
+            if (n_zero == 1 and moved and not probed and (O.quasi or O.known != NULL)
+                    and lone_parameter(P, left)):
+                # the run's first probe (a start with a scalar level at zero, its slice
+                # explored) took the one variance at zero off it: on along it in the
+                # variance scale
+                f = off_saddle(P, W, O, th, g, f, left, cx, gx, kept)
+            probed = 1
             if not moved:
                 converged = 2 if hess_ok else 1
                 if R.log_newton != NULL:
