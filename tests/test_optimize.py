@@ -362,3 +362,50 @@ def test_runs_from_a_parameter_at_zero_start_from_the_known_hessian():
     assert again["n_evals"][0] == plain["n_evals"][0]
     with pytest.raises(ValueError, match="known_hess"):
         P.fit(start[None, :], known_hess=H[:2, :2], **known)
+
+
+def test_a_scalar_level_at_zero_starts_with_its_variance_on_the_nested_level(schoolcal):
+    """The extra start with the districts at zero gives their variance to the schools
+    nested in them (an observation's variance as at the optimum); the start with the
+    deepest level at zero, and levels with more than one parameter, are the optimum with
+    the level zeroed."""
+    from mlmeta.optimize import alternative_starts
+
+    model, _, _ = build_model("stdmdiff ~ 1 + (1 | district) + (1 | district:school)", schoolcal,
+                              variance="var")
+    rec = fit_nested(model, safeguard=False)
+    th = rec.theta
+    starts = dict(alternative_starts(model, rec.theta_em, th))
+    np.testing.assert_allclose(starts["level 1 at zero"], [0.0, np.hypot(th[0], th[1])],
+                               rtol=1e-15)
+    np.testing.assert_array_equal(starts["level 2 at zero"], [th[0], 0.0])
+    slope, _, _ = build_model("stdmdiff ~ 1 + (1 + year_c | district) + (1 | district:school)",
+                              schoolcal, variance="var")
+    rs = fit_nested(slope, safeguard=False)
+    got = dict(alternative_starts(slope, rs.theta_em, rs.theta))["level 1 at zero"]
+    np.testing.assert_array_equal(got, np.r_[0.0, 0.0, 0.0, rs.theta[3]])
+
+
+def test_a_run_off_a_scalar_variance_at_zero_steps_in_the_variance_scale(schoolcal):
+    """From the optimum of the slice where the districts' variance is zero, an exploring
+    run's probe finds the deviance falling off zero and goes on by a secant step in the
+    variance theta^2 (where the deviance is nearly quadratic): within one iteration the
+    districts' parameter is near its optimum, not 1e-3 of the sampling scale (Newton in
+    theta doubles it per step), and the run joins the optimum. A main run (not
+    exploring) keeps the probe's small step."""
+    model, _, _ = build_model("stdmdiff ~ 1 + (1 | district) + (1 | district:school)", schoolcal,
+                              variance="var")
+    P = model.problem
+    rec = fit_nested(model, safeguard=False)
+    lower, upper = model.lower.copy(), model.upper.copy()
+    upper[0] = 0.0                             # the slice: districts at zero
+    edge = P.fit(np.array([[0.0, rec.theta[1]]]), em_iter=0, lower=lower, upper=upper)
+    slice_opt = edge["theta"]
+    known = dict(known_theta=rec.theta, known_dev=rec.deviance)
+    one = P.fit(slice_opt, em_iter=0, maxiter=1, quasi=True, **known)
+    assert 0.3 * rec.theta[0] < one["theta"][0, 0] < 3.0 * rec.theta[0]
+    assert one["deviance"][0] < edge["deviance"][0] - 1.0
+    main = P.fit(slice_opt, em_iter=0, maxiter=1)
+    assert 0.0 < main["theta"][0, 0] < 1e-2 * rec.theta[0]
+    run = P.fit(slice_opt, em_iter=0, quasi=True, **known)
+    assert run["joined"][0] and run["deviance"][0] == pytest.approx(rec.deviance, abs=1e-9)

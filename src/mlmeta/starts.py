@@ -28,6 +28,12 @@ fall again between sampled points: screened by the same line, it missed an optim
 zero variances 2.9 higher in log-likelihood in one of 10,000 random designs. An
 uncertified optimum may lie on a nearly flat ridge, where runs along it end at other
 heights: there the inflated start runs too. ``safeguard=True`` runs every start.
+
+A scalar level at zero starts with its variance on the scalar level nested in it
+(:func:`_absorb`), near the optimum of its slice; the engine's exploring runs take the
+one variance at zero off it by a secant step in the variance (``off_saddle`` in
+:mod:`mlmeta._core._optimizer`). On schoolcal the three runs take 47 evaluations
+instead of 70; 5 per study at 10,000 effect sizes 37 instead of 60.
 """
 
 from __future__ import annotations
@@ -145,8 +151,8 @@ def _absorb(model: NestedModel, t, theta, lvl) -> None:
     squares of the effects' design columns, :func:`mlmeta.refine.theta_scale`). That is
     about where the slice of the level at zero has its optimum (with random intercepts,
     where the observations' variances stay as they were), and the run spends fewer
-    iterations crossing the slice: schoolcal's run from its districts at zero 9 instead of
-    14 evaluations before it leaves the slice."""
+    iterations crossing the slice: schoolcal's run from its districts at zero reaches the
+    slice's optimum in 4 iterations (6 evaluations) instead of 7 (9)."""
     structs, slices = model.structs, model.theta_slices
     n_tree = min(getattr(model.design, "n_tree", len(structs)), len(structs))
 

@@ -285,6 +285,8 @@ cdef int fit_one(const Prob* P, Work* W, const double* y, double* th, const Opti
     by BFGS; such runs stop at a decrement of 1e-10 max(1, |f|) and serve to explore,
     not to certify. With ``O.known`` a run that comes within 5 % of that optimum
     without a lower deviance stops there (``joined``), since it would only find it again.
+    An exploring run whose first probe takes a scalar level's variance off zero, the only
+    one at zero, goes on along it by a secant step in the variance (``off_saddle``).
     An exploring run given the known optimum's Hessian (``O.known_H``) takes it as the
     model Hessian of its first iteration instead of differencing one, where it is known
     in the rows of every free parameter (BFGS updates follow as usual).
