@@ -6,7 +6,7 @@ import gc
 import statistics
 import time
 
-__all__ = ["median_time", "fmt_time"]
+__all__ = ["median_time", "back_to_back", "fmt_time"]
 
 
 def median_time(fn, repeat: int, batch: float = 0.0):
@@ -27,6 +27,30 @@ def median_time(fn, repeat: int, batch: float = 0.0):
         for _ in range(number):
             out = fn()
         times.append((time.perf_counter() - t0) / number)
+    return statistics.median(times), out
+
+
+def back_to_back(fn, repeat: int, seconds: float = 0.3):
+    """Median time of one ``fn()`` call in loops of calls lasting about ``seconds`` each,
+    ``repeat`` loops, the garbage collector paused within a loop (as timeit does): the
+    time of a call made right after the one before, with warm caches. Returns (time, the
+    last result)."""
+    out = fn()
+    times = []
+    for _ in range(repeat):
+        gc.collect()
+        gc.disable()
+        try:
+            n, t0 = 0, time.perf_counter()
+            while True:
+                out = fn()
+                n += 1
+                elapsed = time.perf_counter() - t0
+                if elapsed >= seconds:
+                    break
+        finally:
+            gc.enable()
+        times.append(elapsed / n)
     return statistics.median(times), out
 
 
