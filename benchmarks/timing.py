@@ -6,14 +6,15 @@ import gc
 import statistics
 import time
 
-__all__ = ["median_time", "back_to_back", "fmt_time"]
+__all__ = ["median_time", "fmt_time"]
 
 
-def median_time(fn, repeat: int, batch: float = 0.0):
+def median_time(fn, repeat: int, batch: float = 0.0, pause_gc: bool = False):
     """Median wall time of one ``fn()`` call over ``repeat`` samples, and the last result.
     With ``batch`` > 0 each sample times a loop of calls lasting about ``batch`` seconds
     (as timeit does), so microsecond calls are timed with warm caches and without
-    timer noise."""
+    timer noise; with ``pause_gc`` the garbage collector is paused within a sample (as
+    timeit does too): calls back to back. Each sample follows a full collection."""
     number, out = 1, None
     if batch > 0:
         t0 = time.perf_counter()
@@ -23,34 +24,16 @@ def median_time(fn, repeat: int, batch: float = 0.0):
     times = []
     for _ in range(repeat):
         gc.collect()
-        t0 = time.perf_counter()
-        for _ in range(number):
-            out = fn()
-        times.append((time.perf_counter() - t0) / number)
-    return statistics.median(times), out
-
-
-def back_to_back(fn, repeat: int, seconds: float = 0.3):
-    """Median time of one ``fn()`` call in loops of calls lasting about ``seconds`` each,
-    ``repeat`` loops, the garbage collector paused within a loop (as timeit does): the
-    time of a call made right after the one before, with warm caches. Returns (time, the
-    last result)."""
-    out = fn()
-    times = []
-    for _ in range(repeat):
-        gc.collect()
-        gc.disable()
+        if pause_gc:
+            gc.disable()
         try:
-            n, t0 = 0, time.perf_counter()
-            while True:
+            t0 = time.perf_counter()
+            for _ in range(number):
                 out = fn()
-                n += 1
-                elapsed = time.perf_counter() - t0
-                if elapsed >= seconds:
-                    break
+            times.append((time.perf_counter() - t0) / number)
         finally:
-            gc.enable()
-        times.append(elapsed / n)
+            if pause_gc:
+                gc.enable()
     return statistics.median(times), out
 
 

@@ -283,11 +283,14 @@ def _fit(model, *, theta0, em_iter, em_tol, em_only, maxiter, tol, safeguard, ve
     # a single run's threads split its evaluations (a large two-level fold); a crossed
     # border's dense algebra takes the cores through BLAS instead (border_blas_threads)
     main_threads = model.eval_threads()
+    use_safeguard = extra_starts(model, safeguard)
 
     def main_run(theta):
+        # the Hessian the run ends with seeds extra starts (run_starts): kept only for them
         return run_engine(model, theta, lower=lower, upper=upper, em_iter=n_em, em_tol=em_tol,
                           em_only=em_only, maxiter=min(maxiter, MAIN_ITER), tol=tol, log=verbose,
-                          em_switch=EM_SWITCH, threads=main_threads, hessian=True)
+                          em_switch=EM_SWITCH, threads=main_threads,
+                          hessian=bool(use_safeguard))
 
     run = main_run(theta)
     if theta0 is None and not np.isfinite(run["deviance"][0]):
@@ -315,10 +318,10 @@ def _fit(model, *, theta0, em_iter, em_tol, em_only, maxiter, tol, safeguard, ve
         rec.seconds = time.perf_counter() - t0
         return rec
     rec.n_iter = int(run["n_iter"][0])
-    use_safeguard = extra_starts(model, safeguard)
     theta, f, conv = _finish(model, rec, theta, f, conv, lower=lower, upper=upper, maxiter=maxiter,
                              tol=tol, safeguard=use_safeguard, certified=certified,
-                             more_starts=more_starts, hess=run["hess"][0])
+                             more_starts=more_starts,
+                             hess=run["hess"][0] if "hess" in run else None)
     rec.grad_max = _gmax(model, theta, lower, upper)
     if not conv:
         rec.messages.append(f"gradient-based optimisation did not converge (largest gradient "

@@ -154,10 +154,9 @@ def _absorb(model: NestedModel, t, theta, lvl) -> None:
     iterations crossing the slice: schoolcal's run from its districts at zero reaches the
     slice's optimum in 4 iterations (6 evaluations) instead of 7 (9)."""
     structs, slices = model.structs, model.theta_slices
-    n_tree = min(getattr(model.design, "n_tree", len(structs)), len(structs))
 
-    def scalar(j):
-        return (0 <= j < n_tree and structs[j].q == 1 and structs[j].n_theta == 1
+    def scalar(j):      # a level of the nested tree with one variance
+        return (0 <= j < model.design.n_tree and structs[j].q == 1 and structs[j].n_theta == 1
                 and structs[j].kind != "custom")
 
     if not (scalar(lvl) and scalar(lvl + 1)):

@@ -222,22 +222,34 @@ cdef inline bint known_rows(const double* Hk, const int* idx, int nf, int k) noe
     return 1
 
 
-cdef void record_hessian(const double* H, const double* w, const int* idx, int nf, int k,
-                         double wmax, double* out) noexcept nogil:
-    """out (k x k) <- U max(|w|, 1e-10 max|w|) U' over the free parameters idx[:nf] (U
-    the eigenvectors in H, eigenvalues in w), NaN in the rows and columns of the others."""
+cdef void positive_hessian(const double* H, const double* w, const int* idx, int nf, int k,
+                           double wmax, double* out) noexcept nogil:
+    """out[idx, idx] (k x k) <- U max(|w|, 1e-10 max|w|) U' (U the eigenvectors of the free
+    parameters idx[:nf] in H, eigenvalues in w): the Hessian made positive definite, as a
+    step takes it; the other entries of out are left as they are."""
     cdef int i, j, m
     cdef double tt, h
-    for i in range(k * k):
-        out[i] = NAN
     for m in range(nf):
-        for j in range(m + 1):
+        for j in range(nf):
             tt = 0.0
             for i in range(nf):
                 h = fabs(w[i]) if fabs(w[i]) > 1e-10 * wmax else 1e-10 * wmax
                 tt = tt + H[j + i * nf] * h * H[m + i * nf]
             out[idx[j] + idx[m] * k] = tt
-            out[idx[m] + idx[j] * k] = tt
+
+
+cdef void record_hessian(const double* H, const double* w, const int* idx, int nf, int k,
+                         double wmax, double* out) noexcept nogil:
+    """out (k x k) <- :func:`positive_hessian` over the free parameters idx[:nf], exactly
+    symmetric (the upper triangle in idx's order mirrored), NaN in the rows and columns of
+    the others."""
+    cdef int i, j, m
+    for i in range(k * k):
+        out[i] = NAN
+    positive_hessian(H, w, idx, nf, k, wmax, out)
+    for m in range(nf):
+        for j in range(m):
+            out[idx[m] + idx[j] * k] = out[idx[j] + idx[m] * k]
 
 
 cdef inline void keep_state(const Prob* P, const Work* W, double* kept, double f) noexcept nogil:
@@ -483,12 +495,7 @@ cdef int fit_one(const Prob* P, Work* W, const double* y, double* th, const Opti
                     Hq[i + i * k] = 1.0
                 for m in range(nf):
                     hk[idx[m]] = 1.0
-                    for j in range(nf):
-                        tt = 0.0
-                        for i in range(nf):
-                            h = fabs(w[i]) if fabs(w[i]) > 1e-10 * wmax else 1e-10 * wmax
-                            tt = tt + H[j + i * nf] * h * H[m + i * nf]
-                        Hq[idx[j] + idx[m] * k] = tt
+                positive_hessian(H, w, idx, nf, k, wmax, Hq)
                 have_h = 1
             for m in range(nf):
                 tt = 0.0
